@@ -1,0 +1,114 @@
+"""Build models from configs with seeded random weights, save them, load them back.
+
+There is no model hub here: every model is made from a config (a preset or a
+``config.json``), saved with ``save_pretrained`` and read back through the real
+``from_pretrained(path)`` code path.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from noodle.errors import ModelError
+
+__all__ = ["PRESETS", "load_config", "build_model", "init_model", "load_model"]
+
+# name -> (model_type, config kwargs). Full-size presets follow the published configs.
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "gpt2": ("gpt2", dict(n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257)),
+    "gpt2-tiny": ("gpt2", dict(n_layer=4, n_embd=64, n_head=4, n_positions=256, vocab_size=512, bos_token_id=1, eos_token_id=2)),
+    "llama-small": (
+        "llama",
+        dict(
+            num_hidden_layers=8, hidden_size=512, intermediate_size=1376, num_attention_heads=8,
+            num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048,
+        ),
+    ),
+    "llama-tiny": (
+        "llama",
+        dict(
+            num_hidden_layers=4, hidden_size=64, intermediate_size=172, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=512, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+        ),
+    ),
+}
+
+
+def load_config(source: str | Path | dict[str, Any]) -> Any:
+    """A transformers ``PretrainedConfig`` from a preset name, a config.json path, a folder or a dict."""
+    from transformers import AutoConfig
+
+    if isinstance(source, dict):
+        data = dict(source)
+    elif isinstance(source, str) and source in PRESETS:
+        model_type, kwargs = PRESETS[source]
+        data = {"model_type": model_type, **kwargs}
+    else:
+        path = Path(source)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            valid = ", ".join(PRESETS)
+            raise ModelError(f"{source}: not a preset ({valid}) and no config.json there")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ModelError(f"{path}: not a readable JSON config ({exc})") from None
+    model_type = data.pop("model_type", None)
+    if not model_type:
+        raise ModelError(f"{source}: config has no 'model_type'")
+    try:
+        return AutoConfig.for_model(model_type, **data)
+    except (ValueError, KeyError) as exc:
+        raise ModelError(f"{source}: model_type {model_type!r} is not known to transformers ({exc})") from None
+
+
+def build_model(config: Any, *, seed: int = 0, dtype: Any = None) -> Any:
+    """A causal LM from ``config`` with seeded random weights, in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    try:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except ValueError as exc:
+        raise ModelError(
+            f"model_type {config.model_type!r} has no causal-LM class in transformers; noodle runs decoder-only LMs"
+        ) from exc
+    from noodle.models.adapter import layout_of
+
+    layout_of(model)  # refuse unsupported layouts before anything is written
+    return model.eval()
+
+
+def init_model(source: str | Path | dict[str, Any], out: str | Path, *, seed: int = 0) -> Path:
+    """Build a model from a preset/config with seeded weights and ``save_pretrained`` it to ``out``."""
+    out = Path(out)
+    model = build_model(load_config(source), seed=seed)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    (out / "noodle_init.json").write_text(json.dumps({"source": str(source), "seed": seed}) + "\n")
+    return out
+
+
+def load_model(path: str | Path, *, dtype: Any = None) -> Any:
+    """Load a local model folder through ``from_pretrained`` (no network), in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelError(f"{path}: no such model folder")
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path}: not a model folder (no config.json)")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise ModelError(f"{path}: not a model folder (no *.safetensors weights)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"{path}: cannot load model ({str(exc).splitlines()[0]})") from None
+    from noodle.models.adapter import layout_of
+
+    layout_of(model)
+    return model.eval()

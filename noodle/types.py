@@ -1,0 +1,194 @@
+"""Frozen core types shared by planning and execution.
+
+Ranges are half-open everywhere: a stage ``[start, end)`` holds units
+``start, start+1, ..., end-1`` of the model's unit chain.
+
+A *placement unit* is the smallest thing a stage can hold: ``embed`` (token and
+position embeddings), ``block.<i>`` (one decoder block) and ``lm_head`` (final
+norm + LM head). Units form a chain in that order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = [
+    "GIB",
+    "Objective",
+    "Unit",
+    "Node",
+    "Link",
+    "Cluster",
+    "Workload",
+    "Pin",
+    "Constraints",
+    "Problem",
+    "Stage",
+    "Plan",
+    "unit_names",
+]
+
+GIB = 2**30
+Objective = Literal["throughput", "latency"]
+OBJECTIVES: tuple[str, ...] = ("throughput", "latency")
+
+
+def unit_names(num_blocks: int) -> list[str]:
+    """Chain of placement-unit names for a decoder with ``num_blocks`` blocks."""
+    return ["embed", *(f"block.{i}" for i in range(num_blocks)), "lm_head"]
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One placement unit with its per-token costs on the reference device.
+
+    Attributes:
+        name: unit name (``embed``, ``block.3``, ``lm_head``).
+        latency_ms: one decode step on the reference device (compute_score 1.0).
+        param_bytes: bytes of weights the unit holds.
+        activation_bytes: bytes the unit hands to the next one per decoded token.
+        kv_bytes_per_token: KV-cache bytes per token of context (per sequence).
+        prefill_ms_per_token: prefill cost per prompt token, when known (informational).
+    """
+
+    name: str
+    latency_ms: float
+    param_bytes: int
+    activation_bytes: int
+    kv_bytes_per_token: int = 0
+    prefill_ms_per_token: float | None = None
+
+
+@dataclass(frozen=True)
+class Node:
+    """A machine (or device) that can host one contiguous stage."""
+
+    id: str
+    device: str
+    memory_gb: float
+    compute_score: float
+    address: str | None = None
+
+    @property
+    def memory_bytes(self) -> int:
+        return int(self.memory_gb * GIB)
+
+
+@dataclass(frozen=True)
+class Link:
+    """A symmetric network link."""
+
+    bandwidth_gbps: float
+    latency_ms: float
+
+    def transfer_ms(self, nbytes: float) -> float:
+        """Latency plus serialisation time of ``nbytes`` over this link, in ms."""
+        return self.latency_ms + nbytes * 8.0 / (self.bandwidth_gbps * 1e9) * 1e3
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """Nodes plus links; a pair without its own link uses ``default_link``."""
+
+    nodes: tuple[Node, ...]
+    default_link: Link
+    pair_links: tuple[tuple[str, str, Link], ...] = ()
+    _lookup: Mapping[frozenset[str], Link] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        lookup = {frozenset((a, b)): link for a, b, link in self.pair_links}
+        object.__setattr__(self, "_lookup", lookup)
+
+    def link(self, a: str, b: str) -> Link:
+        return self._lookup.get(frozenset((a, b)), self.default_link)
+
+    def node(self, node_id: str) -> Node:
+        for n in self.nodes:
+            if n.id == node_id:
+                return n
+        raise KeyError(node_id)
+
+    @property
+    def node_ids(self) -> list[str]:
+        return [n.id for n in self.nodes]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one run decodes: the KV cache must hold ``context_tokens`` per sequence."""
+
+    prompt_tokens: int = 128
+    max_new_tokens: int = 64
+    batch_size: int = 1
+
+    @property
+    def context_tokens(self) -> int:
+        return self.prompt_tokens + self.max_new_tokens
+
+
+@dataclass(frozen=True)
+class Pin:
+    """Units ``[start, end)`` must all sit on ``node`` (possibly with others)."""
+
+    start: int
+    end: int
+    node: str
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """User constraints every solver honours."""
+
+    pins: tuple[Pin, ...] = ()
+    exclude: frozenset[str] = frozenset()
+    max_stages: int | None = None
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Everything a solver needs: a unit chain, a cluster, a workload, an objective."""
+
+    units: tuple[Unit, ...]
+    cluster: Cluster
+    workload: Workload = Workload()
+    objective: str = "throughput"
+    constraints: Constraints = Constraints()
+    name: str = "problem"
+
+    @property
+    def num_units(self) -> int:
+        return len(self.units)
+
+    def usable_nodes(self) -> list[Node]:
+        return [n for n in self.cluster.nodes if n.id not in self.constraints.exclude]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Units ``[start, end)`` on ``node``."""
+
+    node: str
+    start: int
+    end: int
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Stages in pipeline order; they cover ``[0, num_units)`` exactly."""
+
+    stages: tuple[Stage, ...]
+
+    @classmethod
+    def from_cuts(cls, nodes: Iterable[str], cuts: Iterable[int]) -> Plan:
+        """Build from node order and the boundaries ``0 = c0 < c1 < ... < cS = n``."""
+        c = list(cuts)
+        return cls(tuple(Stage(node, c[i], c[i + 1]) for i, node in enumerate(nodes)))
+
+    @property
+    def nodes(self) -> list[str]:
+        return [s.node for s in self.stages]
