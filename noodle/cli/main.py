@@ -20,6 +20,7 @@ __all__ = ["app", "main"]
 COMMAND_MODULES = (
     "noodle.cli.solve",
     "noodle.cli.plot",
+    "noodle.cli.bench",
 )
 
 app = typer.Typer(
