@@ -16,8 +16,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from noodle.errors import SpecError
+from noodle.graph.costmodel import CostModel, DefaultCostModel, Evaluation, evaluate
+from noodle.solvers.base import SolveResult
+from noodle.types import GIB, Problem
 
-__all__ = ["SolverInfo", "Predicted", "StageDoc", "NodeDoc", "LinkDoc", "PlanDoc", "load_plan", "dump_plan"]
+__all__ = ["SolverInfo", "Predicted", "StageDoc", "NodeDoc", "LinkDoc", "PlanDoc", "load_plan", "dump_plan", "build_plan_doc"]
 
 
 class _Frozen(BaseModel):
@@ -112,3 +115,94 @@ def load_plan(path: str | Path) -> PlanDoc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
         raise SpecError(f"{path}: {where}: {err['msg']}") from None
+
+
+def _rationale(problem: Problem, ev: Evaluation, k: int, cm: CostModel) -> str:
+    st = ev.stages[k]
+    node = problem.cluster.node(st.node)
+    usable = sorted(problem.usable_nodes(), key=lambda n: -n.compute_score)
+    rank = next(i for i, n in enumerate(usable) if n.id == node.id) + 1
+    speed = "the fastest" if rank == 1 else f"#{rank} by speed"
+    first, last = problem.units[st.start].name, problem.units[st.end - 1].name
+    span = first if st.end - st.start == 1 else f"{first}..{last}"
+    parts = [
+        f"{node.id} (compute_score {node.compute_score:g}, {speed} of {len(usable)} usable nodes) runs {span} "
+        f"({st.end - st.start} units): {st.compute_ms:.3f} ms compute + {st.out_ms:.3f} ms out"
+    ]
+    if problem.objective == "throughput":
+        share = st.total_ms / ev.bottleneck_ms if ev.bottleneck_ms else 1.0
+        parts.append("the bottleneck stage" if share >= 0.999 else f"{share:.0%} of the bottleneck")
+    else:
+        share = st.total_ms / ev.token_latency_ms if ev.token_latency_ms else 1.0
+        parts.append(f"{share:.0%} of the token latency")
+    used = st.memory_bytes / st.memory_capacity_bytes if st.memory_capacity_bytes else 0.0
+    mem = f"memory {st.memory_bytes / GIB:.2f} of {node.memory_gb:g} GiB ({used:.0%})"
+    if st.end < problem.num_units:
+        more = cm.stage_memory_bytes(problem, node, st.start, st.end + 1)
+        if more > node.memory_bytes:
+            mem += f"; memory binds: adding {problem.units[st.end].name} would need {more / GIB:.2f} GiB"
+    parts.append(mem)
+    pins = [p for p in problem.constraints.pins if p.node == node.id]
+    if pins:
+        parts.append("pinned by constraints")
+    return "; ".join(parts)
+
+
+def build_plan_doc(problem: Problem, result: SolveResult, cost_model: CostModel | None = None) -> PlanDoc:
+    """The plan file for a solved problem (``result.plan`` must be set)."""
+    if result.plan is None:
+        raise SpecError("no plan to write")
+    cm = cost_model or DefaultCostModel()
+    ev = evaluate(problem, result.plan, cm)
+    stages = []
+    for k, (stage, sc) in enumerate(zip(result.plan.stages, ev.stages)):
+        node = problem.cluster.node(stage.node)
+        stages.append(
+            StageDoc(
+                stage_id=k,
+                node=node.id,
+                device=node.device,
+                layers=[u.name for u in problem.units[stage.start:stage.end]],
+                start=stage.start,
+                end=stage.end,
+                compute_ms=sc.compute_ms,
+                hop_ms=sc.out_ms,
+                expected_latency_ms=sc.total_ms,
+                memory_required_mb=sc.memory_bytes / 2**20,
+                memory_available_mb=sc.memory_capacity_bytes / 2**20,
+                rationale=_rationale(problem, ev, k, cm),
+            )
+        )
+    plan_nodes = result.plan.nodes
+    links = []
+    for a, b in zip(plan_nodes, [*plan_nodes[1:], plan_nodes[0]] if len(plan_nodes) > 1 else []):
+        link = problem.cluster.link(a, b)
+        links.append(LinkDoc(a=a, b=b, bandwidth_gbps=link.bandwidth_gbps, latency_ms=link.latency_ms))
+    w = problem.workload
+    return PlanDoc(
+        name=problem.name,
+        objective=problem.objective,
+        objective_ms=ev.objective_ms,
+        cost_model=getattr(cm, "name", type(cm).__name__),
+        solver=SolverInfo(
+            name=result.solver,
+            status=result.status,
+            solve_time_s=result.solve_time_s,
+            gap=result.gap,
+            bound_ms=result.bound_ms,
+            note=result.note,
+        ),
+        predicted=Predicted(
+            token_latency_ms=ev.token_latency_ms,
+            bottleneck_ms=ev.bottleneck_ms,
+            tokens_per_s=ev.tokens_per_s,
+        ),
+        stages=stages,
+        units=[u.name for u in problem.units],
+        workload={"prompt_tokens": w.prompt_tokens, "max_new_tokens": w.max_new_tokens, "batch_size": w.batch_size},
+        nodes=[
+            NodeDoc(id=n.id, device=n.device, memory_gb=n.memory_gb, compute_score=n.compute_score, address=n.address)
+            for n in problem.cluster.nodes
+        ],
+        links=links,
+    )

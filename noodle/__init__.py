@@ -1,0 +1,30 @@
+"""noodle: run one large language model across several unequal machines.
+
+The library API: describe a :class:`Problem` (or load a spec), call :func:`solve`,
+turn the result into a plan file with :func:`plan_document`.
+
+>>> from noodle import load_spec, solve, plan_document
+>>> spec, problem = load_spec("specs/gpt2-home-lab.yaml")        # doctest: +SKIP
+>>> result = solve(problem, solver="auto", time_limit_s=10)      # doctest: +SKIP
+>>> print(plan_document(problem, result).objective_ms)           # doctest: +SKIP
+"""
+
+from noodle.errors import ExecutorError, InfeasibleError, ModelError, NoodleError, SolverUnavailable, SpecError
+from noodle.graph import CostModel, DefaultCostModel, Evaluation, build_cost_graph, evaluate
+from noodle.plandoc import PlanDoc, build_plan_doc, dump_plan, load_plan
+from noodle.solvers import SOLVERS, SolveResult, solve
+from noodle.spec import Spec, load_spec, parse_spec
+from noodle.types import Cluster, Constraints, Link, Node, Pin, Plan, Problem, Stage, Unit, Workload
+
+plan_document = build_plan_doc
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NoodleError", "SpecError", "InfeasibleError", "SolverUnavailable", "ExecutorError", "ModelError",
+    "CostModel", "DefaultCostModel", "Evaluation", "evaluate", "build_cost_graph",
+    "PlanDoc", "plan_document", "build_plan_doc", "dump_plan", "load_plan",
+    "SOLVERS", "SolveResult", "solve",
+    "Spec", "load_spec", "parse_spec",
+    "Unit", "Node", "Link", "Cluster", "Workload", "Pin", "Constraints", "Problem", "Stage", "Plan",
+]

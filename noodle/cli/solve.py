@@ -1,0 +1,94 @@
+"""``noodle solve spec.yaml``: plan a spec and print or write the plan."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from noodle.errors import SpecError
+from noodle.graph.build import build_cost_graph
+from noodle.plandoc import PlanDoc, build_plan_doc, dump_plan
+from noodle.solvers import SOLVERS, solve
+from noodle.spec import load_spec
+
+__all__ = ["register", "render_table"]
+
+FORMATS = ("table", "json", "yaml")
+
+
+def render_table(doc: PlanDoc, console: Console) -> None:
+    """The human view of a plan: stages, predictions, solver status."""
+    table = Table(title=f"plan for {doc.name} (objective: {doc.objective})", show_lines=False)
+    for col in ("stage", "node", "device", "units", "compute ms", "out ms", "total ms", "memory MiB"):
+        table.add_column(col, justify="right" if "ms" in col or "MiB" in col else "left")
+    for s in doc.stages:
+        units = s.layers[0] if len(s.layers) == 1 else f"{s.layers[0]}..{s.layers[-1]} ({len(s.layers)})"
+        table.add_row(
+            str(s.stage_id), s.node, s.device, units, f"{s.compute_ms:.3f}", f"{s.hop_ms:.3f}",
+            f"{s.expected_latency_ms:.3f}", f"{s.memory_required_mb:.0f} / {s.memory_available_mb:.0f}",
+        )
+    console.print(table)
+    p, sv = doc.predicted, doc.solver
+    gap = "n/a" if sv.gap is None else f"{sv.gap:.2%}"
+    console.print(
+        f"token latency {p.token_latency_ms:.3f} ms | bottleneck {p.bottleneck_ms:.3f} ms | "
+        f"{p.tokens_per_s:.1f} tokens/s | objective {doc.objective_ms:.4f} ms"
+    )
+    console.print(f"solver {sv.name}: {sv.status}, gap {gap}, {sv.solve_time_s:.2f} s" + (f" - {sv.note}" if sv.note else ""))
+    for s in doc.stages:
+        console.print(f"  stage {s.stage_id}: {s.rationale}", style="dim")
+
+
+def solve_cmd(
+    spec: Path = typer.Argument(..., help="spec file (YAML)"),
+    out: Path | None = typer.Option(None, "--out", "-o", help="write the plan here (.json or .yaml)"),
+    fmt: str = typer.Option("table", "--format", "-f", help="stdout format: table | json | yaml"),
+    solver: str | None = typer.Option(None, "--solver", "-s", help="override solver.name from the spec"),
+    time_limit: float | None = typer.Option(None, "--time-limit", "-t", help="override solver.time_limit_s (seconds)"),
+    objective: str | None = typer.Option(None, "--objective", help="override objective: throughput | latency"),
+    graph: Path | None = typer.Option(None, "--graph", help="also write the cost graph as GraphML"),
+) -> None:
+    """Solve a placement spec: which node runs which layers."""
+    if fmt not in FORMATS:
+        raise SpecError(f"--format: {fmt!r} is not a format; use one of {', '.join(FORMATS)}")
+    if objective is not None and objective not in ("throughput", "latency"):
+        raise SpecError(f"--objective: {objective!r}; use throughput or latency")
+    if time_limit is not None and time_limit <= 0:
+        raise SpecError(f"--time-limit: must be > 0 seconds, got {time_limit:g}")
+    if solver is not None and solver not in SOLVERS:
+        raise SpecError(f"--solver: unknown solver {solver!r}; valid names: {', '.join(SOLVERS.names())}")
+    err = Console(stderr=True)
+    spec_obj, problem = load_spec(spec)
+    if objective:
+        problem = replace(problem, objective=objective)
+    name = solver or spec_obj.solver.name
+    if name not in SOLVERS:
+        raise SpecError(f"{spec}: solver.name: unknown solver {name!r}; valid names: {', '.join(SOLVERS.names())}")
+    limit = time_limit or spec_obj.solver.time_limit_s
+    with err.status(f"solving {problem.name}: {problem.num_units} units on {len(problem.cluster.nodes)} nodes "
+                    f"with {name} (limit {limit:g} s)"):
+        result = solve(problem, solver=name, time_limit_s=limit)
+    doc = build_plan_doc(problem, result)
+    if graph is not None:
+        import networkx as nx
+
+        g = build_cost_graph(problem.units, problem.cluster, problem.workload)
+        g.graph.clear()  # GraphML holds scalar attributes only
+        nx.write_graphml(nx.relabel_nodes(g, lambda k: f"{k[0]}:{k[1]}"), graph)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(dump_plan(doc, "yaml" if out.suffix in (".yaml", ".yml") else "json"))
+        err.print(f"plan written to {out}")
+    if fmt == "table":
+        render_table(doc, Console())
+    else:
+        sys.stdout.write(dump_plan(doc, fmt))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("solve")(solve_cmd)

@@ -1,0 +1,125 @@
+"""Analytic unit profiles from a transformers config, without weights.
+
+The model is instantiated on PyTorch's ``meta`` device (no memory, no weights),
+mapped onto placement units by :func:`noodle.models.layout_of`, and each unit's
+parameters are counted exactly. Per decode step, for a workload with ``B`` sequences
+and an average context of ``T = prompt_tokens + max_new_tokens / 2`` tokens:
+
+* ``param_bytes``   = parameters of the unit x dtype bytes (a tied ``lm_head`` is
+  charged in full: a head stage on another node needs its own copy);
+* ``kv_bytes_per_token`` = 2 x kv_heads x head_dim x dtype bytes per block;
+* ``activation_bytes`` = B x hidden_size x dtype bytes (8 x B for the sampled token ids
+  that ``lm_head`` hands back);
+* ``latency_ms`` = max(FLOPs / peak, bytes moved / bandwidth) on the reference device
+  (a roofline), where FLOPs = 2 x B x matmul params (+ 4 x B x T x heads x head_dim for
+  attention) and bytes moved = weights read + KV cache read + activations.
+
+The reference device is the one with ``compute_score: 1.0`` in the cluster.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from noodle.errors import ModelError
+from noodle.types import Unit, Workload
+
+__all__ = ["ReferenceDevice", "AnalyticModel", "analytic_units", "DTYPE_BYTES"]
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "float8": 1}
+
+
+@dataclass(frozen=True)
+class ReferenceDevice:
+    """The device whose ``compute_score`` is 1.0 (default: a desktop CPU)."""
+
+    tflops: float = 1.0
+    mem_bandwidth_gbps: float = 50.0  # GB/s
+
+    def time_ms(self, flops: float, nbytes: float) -> float:
+        return max(flops / (self.tflops * 1e12), nbytes / (self.mem_bandwidth_gbps * 1e9)) * 1e3
+
+
+@dataclass(frozen=True)
+class AnalyticModel:
+    """What the analytic profile found: units plus model facts for reports."""
+
+    units: tuple[Unit, ...]
+    model_type: str
+    num_parameters: int  # unique parameters (tied weights once), as published
+    dtype: str
+    tied_lm_head: bool
+
+
+def _config_dtype(config: Any) -> str:
+    raw = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
+    return str(raw).removeprefix("torch.")
+
+
+def analytic_units(
+    config: Any,
+    workload: Workload,
+    *,
+    dtype: str | None = None,
+    reference: ReferenceDevice = ReferenceDevice(),
+) -> AnalyticModel:
+    """Build the unit chain of ``config`` (a transformers ``PretrainedConfig``) for ``workload``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from noodle.models.adapter import layout_of
+
+    dtype = dtype or _config_dtype(config)
+    if dtype not in DTYPE_BYTES:
+        raise ModelError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPE_BYTES)}")
+    nbytes = DTYPE_BYTES[dtype]
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except ValueError as exc:
+        raise ModelError(
+            f"model_type {getattr(config, 'model_type', '?')!r} has no causal-LM class; noodle plans decoder-only LMs"
+        ) from exc
+    layout = layout_of(model)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = int(text.hidden_size)
+    heads = int(text.num_attention_heads)
+    head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
+    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+    kv_per_token = 2 * kv_heads * head_dim * nbytes
+    batch = workload.batch_size
+    avg_ctx = workload.prompt_tokens + workload.max_new_tokens / 2
+
+    def count(paths: tuple[str, ...]) -> int:
+        return sum(p.numel() for path in paths for p in model.get_submodule(path).parameters())
+
+    units: list[Unit] = []
+    for name, paths in layout.unit_modules().items():
+        params = count(paths)
+        if name == "embed":
+            # A lookup reads B rows of each table, no matmul.
+            flops = 0.0
+            moved = batch * hidden * nbytes * max(1, len(paths))
+            act, kv = batch * hidden * nbytes, 0
+        elif name == "lm_head":
+            flops = 2.0 * batch * params
+            moved = params * nbytes + batch * hidden * nbytes
+            act, kv = 8 * batch, 0
+        else:
+            attn = 4.0 * batch * avg_ctx * heads * head_dim
+            flops = 2.0 * batch * params + attn
+            moved = params * nbytes + kv_per_token * avg_ctx * batch + 2 * batch * hidden * nbytes
+            act, kv = batch * hidden * nbytes, kv_per_token
+        units.append(
+            Unit(
+                name=name,
+                latency_ms=reference.time_ms(flops, moved),
+                param_bytes=params * nbytes,
+                activation_bytes=act,
+                kv_bytes_per_token=kv,
+                prefill_ms_per_token=reference.time_ms(flops / batch, 0.0) if flops else 0.0,
+            )
+        )
+    unique = sum(p.numel() for p in model.parameters())  # parameters() skips tied duplicates
+    return AnalyticModel(tuple(units), str(config.model_type), unique, dtype, layout.tied)

@@ -1,0 +1,151 @@
+"""The cost model: what a stage, a hop and a plan cost.
+
+The default model (:class:`DefaultCostModel`) is, for stages ``k = 1..S`` in
+pipeline order, stage ``k`` holding units ``[s_k, e_k)`` on node ``v_k``::
+
+    c_k   = sum(latency_ms of its units) / compute_score(v_k)             # compute
+    h_k   = link(v_k, v_k+1).latency_ms
+            + activation_bytes(unit e_k - 1) * 8 / (bandwidth_gbps * 1e9) * 1e3   # hop, k < S
+    r     = link(v_S, v_1).latency_ms if S >= 2 else 0                   # token returns
+    out_k = h_k for k < S, r for k = S
+    latency    = sum_k c_k + sum_{k<S} h_k + r          (ms per decoded token)
+    throughput = max_k (c_k + out_k)                      (bottleneck, ms)
+    memory_k   = sum(param_bytes) + sum(kv_bytes_per_token) * context_tokens * batch_size
+                 <= memory_gb(v_k) * 2**30
+
+Any object with the four methods of :class:`CostModel` can replace it; exact
+solvers precompute every (node, range) cost from it, so a custom model needs no
+special structure (see ``examples/custom_cost_model.py``).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from noodle.types import Node, Plan, Problem
+
+__all__ = ["CostModel", "DefaultCostModel", "StageCost", "Evaluation", "evaluate"]
+
+
+@runtime_checkable
+class CostModel(Protocol):
+    """What the planner needs to know about costs. All times in ms, memory in bytes."""
+
+    name: str
+
+    def stage_compute_ms(self, problem: Problem, node: Node, start: int, end: int) -> float:
+        """Compute time per decoded token of units ``[start, end)`` on ``node``."""
+        ...
+
+    def stage_memory_bytes(self, problem: Problem, node: Node, start: int, end: int) -> int:
+        """Memory that units ``[start, end)`` need on ``node`` for the workload."""
+        ...
+
+    def hop_ms(self, problem: Problem, src: Node, dst: Node, cut: int) -> float:
+        """Time to hand the output of unit ``cut - 1`` from ``src`` to ``dst``."""
+        ...
+
+    def return_ms(self, problem: Problem, last: Node, first: Node) -> float:
+        """Time for the sampled token to travel from the last stage back to the first."""
+        ...
+
+
+class DefaultCostModel:
+    """The documented default: additive compute and memory, link latency + bandwidth hops."""
+
+    name = "default"
+
+    def __init__(self) -> None:
+        self._cached: tuple[object, object] | None = None
+        self._lat: list[float] = []
+        self._mem: list[int] = []
+
+    def _prefix(self, problem: Problem) -> None:
+        """Prefix sums over the unit chain, cached for the last problem seen."""
+        if self._cached is not None and self._cached[0] is problem.units and self._cached[1] == problem.workload:
+            return
+        per_token = problem.workload.context_tokens * problem.workload.batch_size
+        self._lat = [0.0, *itertools.accumulate(u.latency_ms for u in problem.units)]
+        self._mem = [0, *itertools.accumulate(u.param_bytes + u.kv_bytes_per_token * per_token for u in problem.units)]
+        self._cached = (problem.units, problem.workload)
+
+    def stage_compute_ms(self, problem: Problem, node: Node, start: int, end: int) -> float:
+        self._prefix(problem)
+        return (self._lat[end] - self._lat[start]) / node.compute_score
+
+    def stage_memory_bytes(self, problem: Problem, node: Node, start: int, end: int) -> int:
+        self._prefix(problem)
+        return self._mem[end] - self._mem[start]
+
+    def hop_ms(self, problem: Problem, src: Node, dst: Node, cut: int) -> float:
+        return problem.cluster.link(src.id, dst.id).transfer_ms(problem.units[cut - 1].activation_bytes)
+
+    def return_ms(self, problem: Problem, last: Node, first: Node) -> float:
+        return problem.cluster.link(last.id, first.id).latency_ms
+
+
+@dataclass(frozen=True)
+class StageCost:
+    """Costs of one stage of a plan under a cost model."""
+
+    node: str
+    start: int
+    end: int
+    compute_ms: float
+    out_ms: float  # hop to the next stage, or the token's return for the last one
+    memory_bytes: int
+    memory_capacity_bytes: int
+
+    @property
+    def total_ms(self) -> float:
+        return self.compute_ms + self.out_ms
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A plan re-evaluated under a cost model."""
+
+    stages: tuple[StageCost, ...]
+    token_latency_ms: float
+    bottleneck_ms: float
+    objective: str
+
+    @property
+    def objective_ms(self) -> float:
+        return self.bottleneck_ms if self.objective == "throughput" else self.token_latency_ms
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Steady-state tokens/s of a full pipeline (throughput) or of one sequence (latency)."""
+        ms = self.bottleneck_ms if self.objective == "throughput" else self.token_latency_ms
+        return 1e3 / ms if ms > 0 else float("inf")
+
+
+def evaluate(problem: Problem, plan: Plan, cost_model: CostModel | None = None) -> Evaluation:
+    """Cost of ``plan`` for ``problem`` under ``cost_model`` (default: :class:`DefaultCostModel`)."""
+    cm = cost_model or DefaultCostModel()
+    nodes = [problem.cluster.node(s.node) for s in plan.stages]
+    stages: list[StageCost] = []
+    for k, (stage, node) in enumerate(zip(plan.stages, nodes)):
+        if k + 1 < len(nodes):
+            out = cm.hop_ms(problem, node, nodes[k + 1], stage.end)
+        elif len(nodes) >= 2:
+            out = cm.return_ms(problem, node, nodes[0])
+        else:
+            out = 0.0
+        stages.append(
+            StageCost(
+                node=stage.node,
+                start=stage.start,
+                end=stage.end,
+                compute_ms=cm.stage_compute_ms(problem, node, stage.start, stage.end),
+                out_ms=out,
+                memory_bytes=cm.stage_memory_bytes(problem, node, stage.start, stage.end),
+                memory_capacity_bytes=node.memory_bytes,
+            )
+        )
+    latency = sum(s.total_ms for s in stages)
+    bottleneck = max((s.total_ms for s in stages), default=0.0)
+    return Evaluation(tuple(stages), latency, bottleneck, problem.objective)

@@ -1,0 +1,111 @@
+"""The Solver protocol, its result type, and the solver registry.
+
+Statuses: ``optimal`` (proven), ``feasible`` (a plan with a bound and gap, not
+proven), ``infeasible`` (proven: no plan exists), ``heuristic`` (a plan with no
+proof), ``baseline`` (a plan from a reference strategy, for comparison).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from noodle.errors import InfeasibleError, NoodleError
+from noodle.graph.costmodel import CostModel, DefaultCostModel, evaluate
+from noodle.registry import Registry
+from noodle.solvers.tables import CostTables, build_tables, check_feasible, explain_infeasible
+from noodle.types import Plan, Problem
+
+__all__ = ["STATUSES", "SolveResult", "Solver", "SOLVERS", "solve", "plan_from_segments", "relative_gap"]
+
+STATUSES = ("optimal", "feasible", "infeasible", "heuristic", "baseline")
+
+
+@dataclass(frozen=True)
+class SolveResult:
+    """What a solver returns; ``objective_ms`` is the plan re-evaluated under the cost model."""
+
+    solver: str
+    status: str
+    plan: Plan | None
+    objective_ms: float | None
+    bound_ms: float | None
+    solve_time_s: float
+    note: str = ""
+
+    @property
+    def gap(self) -> float | None:
+        if self.objective_ms is None or self.bound_ms is None:
+            return None
+        return relative_gap(self.objective_ms, self.bound_ms)
+
+
+def relative_gap(objective: float, bound: float) -> float:
+    """``(objective - bound) / objective``, clipped at 0."""
+    if objective <= 0:
+        return 0.0
+    return max(0.0, (objective - bound) / objective)
+
+
+class Solver(Protocol):
+    """A placement solver. ``solve`` never mutates its inputs."""
+
+    name: str
+
+    def solve(
+        self, problem: Problem, tables: CostTables, *, time_limit_s: float, hint: Plan | None = None
+    ) -> SolveResult:
+        """Solve ``problem`` whose costs are ``tables``; ``hint`` is a feasible plan to warm-start from."""
+        ...
+
+
+SOLVERS: Registry[Solver] = Registry("solver")
+
+
+def plan_from_segments(tables: CostTables, segments: list[tuple[int, int, int]]) -> Plan:
+    """Plan from chosen (node index, start, end) segments, ordered along the chain."""
+    ordered = sorted(segments, key=lambda t: t[1])
+    return Plan.from_cuts([tables.nodes[j].id for j, _, _ in ordered], [0, *(e for _, _, e in ordered)])
+
+
+def solve(
+    problem: Problem,
+    *,
+    solver: str = "auto",
+    time_limit_s: float = 10.0,
+    cost_model: CostModel | None = None,
+) -> SolveResult:
+    """Place ``problem``'s units on its nodes.
+
+    Args:
+        problem: units, cluster, workload, objective and constraints.
+        solver: a registered solver name (``auto``, ``cpsat``, ``milp``, ``heuristic``, baselines).
+        time_limit_s: wall-clock budget for the search.
+        cost_model: replaces :class:`~noodle.graph.DefaultCostModel`.
+
+    Returns:
+        A :class:`SolveResult` whose ``objective_ms`` re-evaluates the plan under ``cost_model``.
+
+    Raises:
+        InfeasibleError: no plan satisfies memory, pins and stage cap (the message names why).
+        SolverUnavailable: unknown solver name or missing optional dependency.
+    """
+    cm = cost_model or DefaultCostModel()
+    impl = SOLVERS.get(solver)
+    start = time.perf_counter()
+    tables = build_tables(problem, cm)
+    check_feasible(problem, tables)
+    hint = None
+    if getattr(impl, "exact", False):
+        from noodle.solvers.heuristic import HeuristicSolver
+
+        hint = HeuristicSolver().solve(problem, tables, time_limit_s=min(1.0, 0.25 * time_limit_s)).plan
+    remaining = max(0.05, time_limit_s - (time.perf_counter() - start))
+    result = impl.solve(problem, tables, time_limit_s=remaining, hint=hint)
+    if result.status == "infeasible":
+        raise InfeasibleError(result.note or explain_infeasible(problem, tables))
+    if result.plan is None:
+        raise NoodleError(f"solver {result.solver!r}: {result.note or 'no plan found'} (raise the time limit?)")
+    ev = evaluate(problem, result.plan, cm)
+    return replace(result, objective_ms=ev.objective_ms, solve_time_s=time.perf_counter() - start)
