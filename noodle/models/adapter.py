@@ -31,6 +31,8 @@ class UnitLayout:
         lm_head: path of the output projection.
         shared: helpers without weights that every stage needs (rotary embedding).
         tied: whether ``lm_head`` shares its weight with an input embedding.
+        input_embedding: path of the token embedding (one of ``embed``); a last
+            stage of a tied model without it loads this weight for its head.
     """
 
     base: str
@@ -40,6 +42,7 @@ class UnitLayout:
     lm_head: str
     shared: tuple[str, ...]
     tied: bool
+    input_embedding: str = ""
 
     @property
     def num_blocks(self) -> int:
@@ -119,6 +122,9 @@ def layout_of(model: nn.Module) -> UnitLayout:
     get_in = getattr(model, "get_input_embeddings", None)
     emb_in = get_in() if callable(get_in) else None
     tied = emb_in is not None and getattr(emb_in, "weight", None) is getattr(head, "weight", object())
+    input_embedding = _path_of(model, emb_in) if isinstance(emb_in, nn.Module) else ""
+    if input_embedding not in embed:
+        raise ModelError(f"{type(model).__name__}: the input embedding is not before the decoder blocks")
     return UnitLayout(
         base=prefix,
         embed=tuple(embed),
@@ -127,4 +133,5 @@ def layout_of(model: nn.Module) -> UnitLayout:
         lm_head=_path_of(model, head),
         shared=tuple(shared),
         tied=tied,
+        input_embedding=input_embedding,
     )

@@ -1,0 +1,238 @@
+"""``local``: the reference executor. Every stage of the plan runs in this process.
+
+Stages hand their :class:`~noodle.executors.messages.StageOutput` on as Python
+objects (no copy), so what ``local`` measures is the stages' own compute. With
+``emulate=True`` it stretches each stage to its planned node (the stage's
+measured time divided by the node's ``compute_score``, this machine counting as
+1.0) and sleeps each hop for the planned link's latency plus the bytes actually
+handed on at its bandwidth.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import TracebackType
+
+import torch
+
+from noodle.errors import ExecutorError
+from noodle.executors.base import RunReport, RunResult, StageReport, check_plan, check_workload
+from noodle.executors.generation import Sampling, generate, new_session_id
+from noodle.executors.messages import StageInput
+from noodle.executors.slicing import read_config, unit_names_of, weight_index
+from noodle.executors.stage import Stage
+from noodle.plandoc import PlanDoc
+from noodle.types import Link
+
+__all__ = ["LocalExecutor", "percentile", "token_ids_of"]
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank-interpolated percentile (``q`` in 0..100); 0.0 for no values."""
+    if not values:
+        return 0.0
+    if len(values) == 1:
+        return float(values[0])
+    return float(statistics.quantiles(values, n=100, method="inclusive")[max(0, min(98, round(q) - 1))])
+
+
+def token_ids_of(config: object) -> tuple[int | list[int] | None, int]:
+    """``(eos_token_id, pad_token_id)`` of a config the way ``generate`` falls back: pad = eos when unset."""
+    eos = getattr(config, "eos_token_id", None)
+    pad = getattr(config, "pad_token_id", None)
+    if pad is None:
+        pad = eos[0] if isinstance(eos, list) and eos else eos
+    return eos, int(pad) if pad is not None else 0
+
+
+class LocalExecutor:
+    """Runs every stage of ``plan`` in this process.
+
+    Args:
+        plan: the plan document (``noodle.plandoc.load_plan``).
+        model_dir: the model folder the plan was made for.
+        emulate: sleep to stretch stages and hops to the plan's nodes and links.
+        log: where to say that it is emulating (stderr by default).
+    """
+
+    name = "local"
+
+    def __init__(
+        self,
+        plan: PlanDoc,
+        model_dir: str | Path,
+        *,
+        emulate: bool = False,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.plan = plan
+        self.model_dir = Path(model_dir)
+        self.emulate = emulate
+        self._log = log or (lambda line: print(line, file=sys.stderr))
+        self.stages: list[Stage] = []
+        config = read_config(self.model_dir)
+        weight_index(self.model_dir)  # no weights -> ModelError now, not mid-load
+        check_plan(plan, unit_names_of(self.model_dir))
+        self.eos_token_id, self.pad_token_id = token_ids_of(config)
+        self._scores = {n.id: n.compute_score for n in plan.nodes}
+        self._links = {frozenset((ln.a, ln.b)): Link(ln.bandwidth_gbps, ln.latency_ms) for ln in plan.links}
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def __enter__(self) -> LocalExecutor:
+        if not self.stages:
+            self.stages = [Stage(self.model_dir, s.start, s.end, name=s.node) for s in self.plan.stages]
+            if self.emulate:
+                self._log(self._emulation_note())
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.stages = []
+
+    # -- emulation -----------------------------------------------------------------------------
+    def _emulation_note(self) -> str:
+        parts = []
+        for s in self.plan.stages:
+            score = self._scores.get(s.node, 1.0)
+            parts.append(f"{s.node} x{1 / score:.2f}" if score > 0 else s.node)
+        faster = [n for n, sc in self._scores.items() if sc > 1.0]
+        note = f"; nodes faster than this one ({', '.join(faster)}) run at this machine's speed" if faster else ""
+        return (
+            "emulating the plan's cluster by sleeping: stage time x 1/compute_score "
+            f"(this machine = 1.0): {', '.join(parts)}; hops sleep their link's latency + bytes/bandwidth{note}"
+        )
+
+    def _hop_ms(self, i: int, nbytes: int) -> float:
+        stages = self.plan.stages
+        a = stages[i].node
+        b = stages[(i + 1) % len(stages)].node
+        link = self._links.get(frozenset((a, b)))
+        if link is not None:
+            return link.transfer_ms(nbytes)
+        return 0.0 if a == b else stages[i].hop_ms
+
+    # -- running -------------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        sampling: Sampling = Sampling(),
+        keep_logits: bool = False,
+        on_step: Callable[[int], None] | None = None,
+    ) -> RunResult:
+        """Generate up to ``max_new_tokens`` for each prompt; see :class:`~noodle.executors.base.Executor`."""
+        if not self.stages:
+            raise ExecutorError("local executor: use it as a context manager (`with LocalExecutor(...) as ex:`)")
+        check_workload(self.plan, prompts, max_new_tokens)
+        n = len(self.stages)
+        compute: list[list[float]] = [[] for _ in range(n)]
+        hops: list[list[float]] = [[] for _ in range(n)]
+        nbytes: list[list[int]] = [[] for _ in range(n)]
+        steps: list[float] = []
+        session = new_session_id("local")
+
+        def forward(msg: StageInput) -> torch.Tensor:
+            t_step = time.perf_counter()
+            x = msg
+            for i, stage in enumerate(self.stages):
+                t0 = time.perf_counter()
+                out = stage.step(x)
+                dt = time.perf_counter() - t0
+                if self.emulate:
+                    score = self._scores.get(stage.name, 1.0)
+                    if 0 < score < 1.0:
+                        time.sleep(dt / score - dt)
+                        dt = dt / score
+                compute[i].append(dt * 1e3)
+                sent = out.nbytes() if i < n - 1 else 8 * msg.batch_size  # last: token ids back
+                nbytes[i].append(sent)
+                hop = self._hop_ms(i, sent) if self.emulate else 0.0
+                if hop > 0:
+                    time.sleep(hop / 1e3)
+                hops[i].append(hop)
+                x = out.next_input(prefill=msg.prefill, all_logits=msg.all_logits)
+            steps.append((time.perf_counter() - t_step) * 1e3)
+            if on_step is not None:
+                on_step(len(steps))
+            return out.data[:, -1, :]
+
+        t0 = time.perf_counter()
+        try:
+            gen = generate(
+                forward,
+                prompts,
+                max_new_tokens=max_new_tokens,
+                sampling=sampling,
+                eos_token_id=self.eos_token_id,
+                pad_token_id=self.pad_token_id,
+                session=session,
+                keep_logits=keep_logits,
+            )
+        finally:
+            kv = [stage.cache_bytes(session) for stage in self.stages]
+            for stage in self.stages:
+                stage.end_session(session)
+        wall = time.perf_counter() - t0
+        report = self._report(prompts, gen.steps, wall, steps, compute, hops, nbytes, kv)
+        return RunResult(tokens=gen.tokens, report=report, logits=tuple(gen.logits))
+
+    def _report(
+        self,
+        prompts: Sequence[Sequence[int]],
+        n_steps: int,
+        wall: float,
+        steps: list[float],
+        compute: list[list[float]],
+        hops: list[list[float]],
+        nbytes: list[list[int]],
+        kv: list[int],
+    ) -> RunReport:
+        batch = len(prompts)
+        decode = steps[1:]
+        stage_reports = []
+        for i, (stage, doc) in enumerate(zip(self.stages, self.plan.stages)):
+            dec = compute[i][1:]
+            stage_reports.append(
+                StageReport(
+                    stage_id=doc.stage_id,
+                    node=doc.node,
+                    start=doc.start,
+                    end=doc.end,
+                    units=f"{stage.units[0]}..{stage.units[-1]}" if len(stage.units) > 1 else stage.units[0],
+                    param_bytes=stage.param_bytes(),
+                    kv_cache_bytes=kv[i],
+                    prefill_ms=compute[i][0] if compute[i] else 0.0,
+                    decode_ms_p50=percentile(dec, 50),
+                    decode_ms_p95=percentile(dec, 95),
+                    hop_ms_p50=percentile(hops[i][1:], 50),
+                    bytes_out=sum(nbytes[i]),
+                    bytes_out_per_decode=nbytes[i][-1] if len(nbytes[i]) > 1 else 0,
+                    predicted_compute_ms=doc.compute_ms,
+                    predicted_latency_ms=doc.expected_latency_ms,
+                )
+            )
+        decode_s = sum(decode) / 1e3
+        return RunReport(
+            backend=self.name,
+            emulated=self.emulate,
+            batch_size=batch,
+            prompt_tokens=max(len(p) for p in prompts),
+            new_tokens=n_steps,
+            wall_s=wall,
+            prefill_ms=steps[0] if steps else 0.0,
+            decode_ms_p50=percentile(decode, 50),
+            decode_ms_p95=percentile(decode, 95),
+            tokens_per_s=batch * n_steps / wall if wall > 0 else 0.0,
+            decode_tokens_per_s=batch * len(decode) / decode_s if decode_s > 0 else 0.0,
+            stages=tuple(stage_reports),
+            predicted_token_latency_ms=self.plan.predicted.token_latency_ms,
+        )

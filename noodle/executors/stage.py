@@ -1,0 +1,229 @@
+"""A stage: a contiguous slice of a decoder-only model plus one KV cache per session.
+
+Every executor runs stages; only the way messages travel between them differs.
+A stage takes a :class:`~noodle.executors.messages.StageInput` (token ids for the
+first stage, hidden states for the others) and returns a
+:class:`~noodle.executors.messages.StageOutput` (hidden states, or logits from
+the stage holding ``lm_head``). It recomputes what the blocks need besides the
+hidden states from the session's 2-D padding mask:
+
+- position ids ``cumsum(mask) - 1`` (padding positions set to 0), as
+  ``generate`` makes them under left padding;
+- the 4-D causal mask per attention kind (full, sliding, chunked), built
+  against this stage's *first* layer of that kind: the session's
+  ``DynamicCache`` is indexed by global layer numbers, and sizing the mask
+  against layer 0 (which another stage holds) is silently wrong under padding;
+- rotary embeddings from the stage's own rotary copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from noodle.errors import ExecutorError, ModelError
+from noodle.executors.messages import StageInput, StageOutput
+from noodle.executors.slicing import ModelSlice, load_slice
+
+__all__ = ["Stage", "Session"]
+
+_MASK_FUNCS = {
+    "full_attention": "create_causal_mask",
+    "sliding_attention": "create_sliding_window_causal_mask",
+    "chunked_attention": "create_chunked_causal_mask",
+}
+
+
+@dataclass
+class Session:
+    """One generation's state on one stage: its KV cache and 2-D padding mask."""
+
+    cache: Any
+    mask: torch.Tensor | None  # (batch, seen) 0/1; None while there is no padding
+    seen: int = 0
+
+
+def _layer_kind(config: Any, layer: int) -> str:
+    types = getattr(config, "layer_types", None)
+    if types:
+        return str(types[layer])
+    return "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
+
+
+class Stage:
+    """Units ``[start, end)`` of the model in ``folder``, with a KV cache per session.
+
+    Args:
+        folder: a model folder (``config.json`` + safetensors).
+        start, end: the half-open unit range (0 is ``embed``, the last is ``lm_head``).
+        name: a label for reports and errors (the plan's node id).
+    """
+
+    def __init__(self, folder: str | Path, start: int, end: int, *, name: str = "") -> None:
+        self.folder = Path(folder)
+        self.slice: ModelSlice = load_slice(self.folder, start, end)
+        self.start, self.end = start, end
+        self.name = name or f"stage[{start},{end})"
+        cfg = self.slice.config
+        self.config = cfg
+        self.num_units = len(self.slice.layout.unit_names)
+        self.layers = [i for i, _ in self.slice.blocks]
+        self._kinds: dict[str, int] = {}  # attention kind -> first global layer of that kind here
+        self._block_kinds: list[str] = []
+        for i in self.layers:
+            kind = _layer_kind(cfg, i)
+            if kind not in _MASK_FUNCS:
+                raise ModelError(f"layer {i} uses {kind!r} attention; stages support {', '.join(_MASK_FUNCS)}")
+            self._kinds.setdefault(kind, i)
+            self._block_kinds.append(kind)
+        self._sessions: dict[str, Session] = {}
+
+    # -- facts ---------------------------------------------------------------------------------
+    @property
+    def is_first(self) -> bool:
+        return self.start == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.end == self.num_units
+
+    @property
+    def units(self) -> list[str]:
+        return self.slice.layout.unit_names[self.start : self.end]
+
+    def param_bytes(self) -> int:
+        """Bytes of weights this stage holds."""
+        return self.slice.param_bytes()
+
+    def cache_bytes(self, session: str) -> int:
+        """Bytes of KV cache held for ``session`` (0 if unknown)."""
+        state = self._sessions.get(session)
+        if state is None:
+            return 0
+        total = 0
+        for layer in state.cache.layers:
+            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                if isinstance(t, torch.Tensor):
+                    total += t.numel() * t.element_size()
+        return total
+
+    def sessions(self) -> list[str]:
+        return list(self._sessions)
+
+    def end_session(self, session: str) -> None:
+        """Drop a session's KV cache (unknown ids are ignored)."""
+        self._sessions.pop(session, None)
+
+    # -- running -------------------------------------------------------------------------------
+    def _begin(self, msg: StageInput) -> Session:
+        from transformers import DynamicCache
+
+        state = Session(cache=DynamicCache(config=self.config), mask=None)
+        self._sessions[msg.session] = state
+        return state
+
+    def _check(self, msg: StageInput) -> Session:
+        data = msg.data
+        want = 2 if self.is_first else 3
+        if data.dim() != want:
+            what = "token ids (batch, tokens)" if self.is_first else "hidden states (batch, tokens, hidden)"
+            raise ExecutorError(f"{self.name}: expects {what}, got a tensor of shape {tuple(data.shape)}")
+        if msg.attention_mask is not None and tuple(msg.attention_mask.shape) != tuple(data.shape[:2]):
+            raise ExecutorError(
+                f"{self.name}: attention_mask shape {tuple(msg.attention_mask.shape)} does not match "
+                f"the input's (batch, tokens) {tuple(data.shape[:2])}"
+            )
+        if msg.prefill:
+            return self._begin(msg)
+        state = self._sessions.get(msg.session)
+        if state is None:
+            raise ExecutorError(f"{self.name}: unknown session {msg.session!r}; start it with a prefill step")
+        if state.mask is not None and state.mask.shape[0] != msg.batch_size:
+            raise ExecutorError(f"{self.name}: session {msg.session!r} has batch {state.mask.shape[0]}, got {msg.batch_size}")
+        return state
+
+    @staticmethod
+    def _grow_mask(state: Session, new: torch.Tensor | None, batch: int, tokens: int) -> None:
+        if new is None and state.mask is None:
+            return
+        if new is None:
+            new = torch.ones(batch, tokens, dtype=torch.long)
+        new = new.to(torch.long)
+        if state.mask is None:
+            old = torch.ones(batch, state.seen, dtype=torch.long)
+            state.mask = torch.cat([old, new], dim=1)
+        else:
+            state.mask = torch.cat([state.mask, new], dim=1)
+
+    def _positions(self, state: Session, batch: int, tokens: int) -> torch.Tensor:
+        if state.mask is None:
+            return torch.arange(state.seen, state.seen + tokens).unsqueeze(0)
+        pos = state.mask.cumsum(-1) - 1
+        pos = pos.masked_fill(state.mask == 0, 0)
+        return pos[:, -tokens:]
+
+    def _embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden: torch.Tensor | None = None
+        for kind, mod in self.slice.embed:
+            if kind == "tokens":
+                hidden = mod(ids)
+            elif hidden is None:
+                raise ModelError(f"{self.name}: the token embedding must come first in the embed unit")
+            elif kind == "positions":
+                hidden = hidden + mod(positions)
+            else:
+                hidden = mod(hidden)
+        assert hidden is not None  # layout_of guarantees a token embedding
+        return hidden
+
+    @torch.inference_mode()
+    def step(self, msg: StageInput) -> StageOutput:
+        """Run this stage on one step (prefill or decode) of a session."""
+        state = self._check(msg)
+        batch, tokens = msg.batch_size, msg.new_tokens
+        self._grow_mask(state, msg.attention_mask, batch, tokens)
+        positions = self._positions(state, batch, tokens)
+        hidden = self._embed(msg.data, positions) if self.is_first else msg.data
+
+        if self.slice.blocks:
+            import transformers.masking_utils as mu
+
+            masks = {
+                kind: getattr(mu, _MASK_FUNCS[kind])(
+                    config=self.config,
+                    inputs_embeds=hidden,
+                    attention_mask=state.mask,
+                    cache=state.cache,
+                    position_ids=positions,
+                    layer_idx=first,
+                )
+                for kind, first in self._kinds.items()
+            }
+            extra: dict[str, Any] = {}
+            if self.slice.rotary is not None:
+                extra["position_embeddings"] = self.slice.rotary(hidden, positions)
+            for (_, block), kind in zip(self.slice.blocks, self._block_kinds):
+                hidden = block(
+                    hidden,
+                    attention_mask=masks[kind],
+                    position_ids=positions,
+                    cache=state.cache,
+                    use_cache=True,
+                    **extra,
+                )
+        state.seen += tokens
+
+        if not self.is_last:
+            return StageOutput(msg.session, hidden, msg.attention_mask, is_logits=False)
+        if not msg.all_logits:
+            hidden = hidden[:, -1:, :]
+        for mod in self.slice.final:
+            hidden = mod(hidden)
+        assert self.slice.head is not None
+        return StageOutput(msg.session, self.slice.head(hidden), msg.attention_mask, is_logits=True)
+
+    def __repr__(self) -> str:
+        return f"Stage({self.name!r}, units=[{self.start}, {self.end}), layers={self.layers})"
