@@ -44,7 +44,7 @@ class AutoSolver:
         if exact.status == "infeasible":
             return SolveResult(f"auto/{exact.solver}", "infeasible", None, None, None, elapsed, exact.note)
         if exact.plan is not None and (heur.plan is None or exact.objective_ms <= heur.objective_ms):
-            note = f"{exact.solver} stopped at the {time_limit_s:g} s limit without a proof ({h_txt})"
+            note = f"{exact.solver} stopped at the time limit without a proof ({h_txt})"
             return SolveResult(f"auto/{exact.solver}", "feasible", exact.plan, exact.objective_ms, exact.bound_ms, elapsed, note)
         if heur.plan is not None:
             why = f"{exact.solver} found nothing better within {time_limit_s:g} s; heuristic plan"

@@ -81,29 +81,30 @@ def dp_order(tables: CostTables, order: list[int], objective: str) -> tuple[floa
     return best_val, segments[::-1]
 
 
-def _start_orders(tables: CostTables) -> list[list[int]]:
-    idx = list(range(len(tables.nodes)))
-    by_speed = sorted(idx, key=lambda j: (-tables.nodes[j].compute_score, -tables.nodes[j].memory_gb))
-    by_mem = sorted(idx, key=lambda j: (-tables.nodes[j].memory_gb, -tables.nodes[j].compute_score))
-    orders = [by_speed]
-    if by_mem != by_speed:
-        orders.append(by_mem)
-    # Pinned nodes must be used: put them first so the prefix contains them.
-    return orders
+def _start_orders(tables: CostTables, pinned: list[int]) -> list[list[int]]:
+    """Speed-sorted and memory-sorted orders, pinned nodes first (they must be in the prefix)."""
+    rest = [j for j in range(len(tables.nodes)) if j not in pinned]
+    by_speed = pinned + sorted(rest, key=lambda j: (-tables.nodes[j].compute_score, -tables.nodes[j].memory_gb))
+    by_mem = pinned + sorted(rest, key=lambda j: (-tables.nodes[j].memory_gb, -tables.nodes[j].compute_score))
+    return [by_speed] if by_mem == by_speed else [by_speed, by_mem]
 
 
 def search_orders(
-    tables: CostTables, objective: str, *, time_limit_s: float, seed_orders: list[list[int]] | None = None
+    tables: CostTables,
+    objective: str,
+    *,
+    time_limit_s: float,
+    pinned: list[int] | None = None,
+    seed_orders: list[list[int]] | None = None,
 ) -> tuple[float, list[tuple[int, int, int]]]:
     """First-improvement local search over node orders (swap and move)."""
     deadline = time.perf_counter() + time_limit_s
-    best_val, best_seg, best_order = INF, [], []
-    for order in seed_orders or _start_orders(tables):
+    seeds = seed_orders or _start_orders(tables, pinned or [])
+    best_val, best_seg, best_order = INF, [], seeds[0]
+    for order in seeds:
         val, seg = dp_order(tables, order, objective)
         if val < best_val:
             best_val, best_seg, best_order = val, seg, order
-    if not best_order:
-        return INF, []
     m = len(best_order)
     improved = True
     while improved and time.perf_counter() < deadline:
@@ -136,7 +137,9 @@ class HeuristicSolver:
     ) -> SolveResult:
         t0 = time.perf_counter()
         budget = min(time_limit_s, 0.5 + 0.02 * len(tables.nodes) ** 2)
-        val, seg = search_orders(tables, problem.objective, time_limit_s=budget)
+        pos = {nd.id: j for j, nd in enumerate(tables.nodes)}
+        pinned = list(dict.fromkeys(pos[p.node] for p in sorted(problem.constraints.pins, key=lambda p: p.start)))
+        val, seg = search_orders(tables, problem.objective, time_limit_s=budget, pinned=pinned)
         elapsed = time.perf_counter() - t0
         if not seg:
             return SolveResult(self.name, "heuristic", None, None, None, elapsed, "the heuristic found no plan")

@@ -1,0 +1,94 @@
+"""Random heterogeneous placement problems and an independent brute-force optimum."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+from noodle.graph.costmodel import CostModel, DefaultCostModel, evaluate
+from noodle.types import GIB, Cluster, Constraints, Link, Node, Plan, Problem, Unit, Workload
+
+
+def random_problem(
+    seed: int,
+    *,
+    n_units: int = 6,
+    n_nodes: int = 3,
+    objective: str = "throughput",
+    tight: bool = True,
+    constraints: Constraints = Constraints(),
+) -> Problem:
+    rng = random.Random(seed)
+    units = []
+    for i in range(n_units):
+        units.append(
+            Unit(
+                name=f"u{i}",
+                latency_ms=rng.uniform(0.2, 3.0),
+                param_bytes=int(rng.uniform(0.05, 0.6) * GIB),
+                activation_bytes=rng.choice([4096, 65536, 1 << 20, 8 << 20]),
+                kv_bytes_per_token=rng.choice([0, 1024, 4096]),
+            )
+        )
+    total = sum(u.param_bytes for u in units) / GIB
+    nodes = []
+    for j in range(n_nodes):
+        mem = rng.uniform(0.3, 0.9) * total if tight else 2 * total
+        nodes.append(
+            Node(
+                id=f"n{j}",
+                device=rng.choice(["gpu", "igpu", "cpu"]),
+                memory_gb=round(mem, 3),
+                compute_score=round(rng.uniform(0.5, 6.0), 2),
+            )
+        )
+    pairs = []
+    for a, b in itertools.combinations(range(n_nodes), 2):
+        if rng.random() < 0.5:
+            pairs.append((f"n{a}", f"n{b}", Link(rng.uniform(0.5, 20.0), rng.uniform(0.05, 2.0))))
+    cluster = Cluster(tuple(nodes), Link(1.0, 0.5), tuple(pairs))
+    return Problem(tuple(units), cluster, Workload(64, 32, 1), objective, constraints, f"random-{seed}")
+
+
+def all_plans(problem: Problem):
+    """Every ordered sequence of distinct usable nodes with every split of the chain."""
+    n = problem.num_units
+    nodes = [nd.id for nd in problem.cluster.nodes if nd.id not in problem.constraints.exclude]
+    cap = problem.constraints.max_stages or len(nodes)
+    for k in range(1, min(cap, len(nodes), n) + 1):
+        for seq in itertools.permutations(nodes, k):
+            for cuts in itertools.combinations(range(1, n), k - 1):
+                yield Plan.from_cuts(seq, [0, *cuts, n])
+
+
+def is_feasible(problem: Problem, plan: Plan, cm: CostModel | None = None) -> bool:
+    cm = cm or DefaultCostModel()
+    n = problem.num_units
+    st = plan.stages
+    if not st or st[0].start != 0 or st[-1].end != n:
+        return False
+    if any(a.end != b.start for a, b in zip(st, st[1:])) or any(s.end <= s.start for s in st):
+        return False
+    if len({s.node for s in st}) != len(st) or any(s.node in problem.constraints.exclude for s in st):
+        return False
+    if problem.constraints.max_stages and len(st) > problem.constraints.max_stages:
+        return False
+    for s in st:
+        node = problem.cluster.node(s.node)
+        if cm.stage_memory_bytes(problem, node, s.start, s.end) > node.memory_bytes:
+            return False
+    for pin in problem.constraints.pins:
+        if not any(s.node == pin.node and s.start <= pin.start and pin.end <= s.end for s in st):
+            return False
+    return True
+
+
+def brute_force(problem: Problem, cm: CostModel | None = None) -> float | None:
+    """Optimal objective by enumeration (None when infeasible)."""
+    best = None
+    for plan in all_plans(problem):
+        if is_feasible(problem, plan, cm):
+            value = evaluate(problem, plan, cm).objective_ms
+            if best is None or value < best:
+                best = value
+    return best
