@@ -1,0 +1,100 @@
+"""`noodle solve` and `noodle plot`: outputs, exit codes, no tracebacks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from noodle.cli.main import main
+from noodle.plandoc import load_plan
+
+ROOT = Path(__file__).resolve().parents[2]
+SPECS = ROOT / "specs"
+
+
+def test_solve_writes_the_plan_contract(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["solve", str(SPECS / "gpt2-home-lab.yaml"), "--out", str(out), "--format", "json"]) == 0
+    stdout = capsys.readouterr().out
+    printed = json.loads(stdout)  # stdout holds only the plan
+    written = json.loads(out.read_text())
+    assert printed["stages"] == written["stages"]
+    for key in ("objective", "objective_ms", "solver", "predicted", "stages"):
+        assert key in written
+    assert written["solver"]["status"] == "optimal" and written["solver"]["gap"] == 0.0
+    assert set(written["predicted"]) == {"token_latency_ms", "bottleneck_ms", "tokens_per_s"}
+    stage = written["stages"][0]
+    for key in ("stage_id", "node", "device", "layers", "expected_latency_ms", "memory_required_mb", "rationale"):
+        assert key in stage
+    layers = [name for s in written["stages"] for name in s["layers"]]
+    assert layers == written["units"] and layers[0] == "embed" and layers[-1] == "lm_head"
+    assert load_plan(out).objective_ms == written["objective_ms"]
+
+
+def test_yaml_format_and_objective_override(capsys):
+    assert main(["solve", str(SPECS / "inline-pins.yaml"), "-f", "yaml", "--objective", "throughput"]) == 0
+    doc = yaml.safe_load(capsys.readouterr().out)
+    assert doc["objective"] == "throughput"
+    assert doc["stages"][0]["node"] == "desktop-gpu" and doc["stages"][0]["layers"][:2] == ["embed", "block.0"]
+    assert all(s["node"] != "nas-cpu" for s in doc["stages"]) and len(doc["stages"]) <= 2
+
+
+def test_table_format_shows_status_gap_and_time(capsys):
+    assert main(["solve", str(SPECS / "inline-pins.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "tokens/s" in out and "optimal" in out and "gap 0.00%" in out and "bottleneck" in out
+
+
+def test_infeasible_exit_code_and_message(capsys):
+    assert main(["solve", str(SPECS / "infeasible.yaml")]) == 3
+    err = capsys.readouterr().err
+    assert "the model needs 24.49 GiB" in err and "offer 20.00 GiB" in err
+
+
+def test_invalid_spec_exit_code(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {layers: []}\ncluster: {nodes: []}\n")
+    assert main(["solve", str(bad)]) == 2
+    assert f"{bad}: model.layers" in capsys.readouterr().err
+
+
+def test_unknown_solver_lists_valid_names(capsys):
+    assert main(["solve", str(SPECS / "inline-pins.yaml"), "--solver", "gurobi"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown solver 'gurobi'" in err and "auto, cpsat, milp, heuristic" in err
+
+
+def test_bad_flag_values(capsys):
+    assert main(["solve", str(SPECS / "inline-pins.yaml"), "--format", "xml"]) == 2
+    assert main(["solve", str(SPECS / "inline-pins.yaml"), "--time-limit", "-1"]) == 2
+
+
+def test_plot_writes_a_png(tmp_path):
+    plan = tmp_path / "plan.json"
+    assert main(["solve", str(SPECS / "inline-pins.yaml"), "--out", str(plan)]) == 0
+    png = tmp_path / "plan.png"
+    assert main(["plot", str(plan), "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_plot_rejects_a_non_plan(tmp_path, capsys):
+    bogus = tmp_path / "x.json"
+    bogus.write_text('{"stages": 3}')
+    assert main(["plot", str(bogus)]) == 2
+    assert "x.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_console_script_never_prints_a_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("cluster: {nodes: [{id: a}]}\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "noodle.cli.main", "solve", str(bad)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1

@@ -1,0 +1,122 @@
+"""Spec validation: every bad input names the file, the field and what is wrong."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from noodle import SpecError, load_spec
+from noodle.spec import spec_json_schema
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BASE = {
+    "name": "t",
+    "model": {
+        "layers": [
+            {"name": "embed", "latency_ms": 0.05, "param_bytes": 1000, "activation_bytes": 64},
+            {"name": "block.0", "latency_ms": 1.0, "param_bytes": 1000, "activation_bytes": 64, "kv_bytes_per_token": 8},
+            {"name": "lm_head", "latency_ms": 0.5, "param_bytes": 1000, "activation_bytes": 4},
+        ]
+    },
+    "cluster": {
+        "nodes": [
+            {"id": "a", "device": "gpu", "memory_gb": 1, "compute_score": 2},
+            {"id": "b", "device": "cpu", "memory_gb": 1, "compute_score": 1},
+        ],
+        "links": {"default": {"bandwidth_gbps": 1, "latency_ms": 0.5}, "pairs": []},
+    },
+}
+
+
+def _write(tmp_path: Path, data) -> Path:
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _mutate(fn):
+    data = copy.deepcopy(BASE)
+    fn(data)
+    return data
+
+
+def test_valid_spec_resolves_to_a_problem(tmp_path):
+    spec, problem = load_spec(_write(tmp_path, BASE))
+    assert spec.objective == "throughput" and spec.solver.name == "auto"
+    assert [u.name for u in problem.units] == ["embed", "block.0", "lm_head"]
+    assert problem.workload.context_tokens == 128 + 64
+
+
+BAD = [
+    (lambda d: d["cluster"]["nodes"][1].update(memory_gb=-1), r"cluster\.nodes\[1\]\.memory_gb: Input should be greater than 0"),
+    (lambda d: d["cluster"]["nodes"][0].pop("compute_score"), r"cluster\.nodes\[0\]\.compute_score: required key is missing"),
+    (lambda d: d["cluster"]["nodes"][0].update(speed=3), r"cluster\.nodes\[0\]\.speed: unknown key"),
+    (lambda d: d.update(objective="cheapest"), r"objective: Input should be 'throughput' or 'latency'"),
+    (lambda d: d["model"].update(profile="x.jsonl"), r"model: give exactly one of layers, profile, hf_config \(got layers, profile\)"),
+    (lambda d: d["cluster"]["nodes"].append({"id": "a", "memory_gb": 1, "compute_score": 1}), r"cluster\.nodes\[2\]\.id: duplicate node id 'a'"),
+    (lambda d: d["cluster"]["links"]["pairs"].append({"a": "a", "b": "zz", "bandwidth_gbps": 1, "latency_ms": 1}), r"cluster\.links\.pairs\[0\]\.b: unknown node 'zz'; nodes are a, b"),
+    (lambda d: d.update(constraints={"exclude": ["q"]}), r"constraints\.exclude\[0\]: unknown node 'q'"),
+    (lambda d: d.update(constraints={"exclude": ["a", "b"]}), r"constraints\.exclude: all 2 nodes are excluded"),
+    (lambda d: d.update(constraints={"pins": [{"node": "a", "from": "block.9"}]}), r"constraints\.pins\[0\]\.from: unknown unit 'block.9'"),
+    (lambda d: d.update(constraints={"pins": [{"node": "a", "from": "lm_head", "to": "embed"}]}), r"'to' \(embed\) comes before 'from' \(lm_head\)"),
+    (lambda d: d.update(constraints={"pins": [{"node": "a", "from": "embed"}], "exclude": ["a"]}), r"pinned and excluded at once"),
+    (lambda d: d.update(constraints={"max_stages": 0}), r"constraints\.max_stages: Input should be greater than or equal to 1"),
+    (lambda d: d["model"]["layers"].append(dict(d["model"]["layers"][0])), r"model\.layers: duplicate unit names embed"),
+    (lambda d: d.update(workload={"prompt_tokens": 0}), r"workload\.prompt_tokens: Input should be greater than or equal to 1"),
+]
+
+
+@pytest.mark.parametrize("mutate, message", BAD)
+def test_invalid_specs_name_file_field_and_problem(tmp_path, mutate, message):
+    path = _write(tmp_path, _mutate(mutate))
+    with pytest.raises(SpecError, match=message) as info:
+        load_spec(path)
+    assert str(info.value).startswith(f"{path}: ")
+    assert "\n" not in str(info.value)
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\ncluster: [\n  nodes\n")
+    with pytest.raises(SpecError, match=r"bad\.yaml: line \d+: not valid YAML"):
+        load_spec(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(SpecError, match="cannot read spec"):
+        load_spec(tmp_path / "nope.yaml")
+
+
+def test_top_level_not_a_mapping(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(SpecError, match=r"\(top level\): expected a mapping"):
+        load_spec(path)
+
+
+def test_hf_config_path_is_relative_to_the_spec():
+    spec, problem = load_spec(ROOT / "specs" / "gpt2-home-lab.yaml")
+    assert problem.num_units == 14 and spec.model.hf_config == "models/gpt2-small.json"
+
+
+def test_missing_hf_config_is_a_spec_error(tmp_path):
+    data = _mutate(lambda d: d.update(model={"hf_config": "missing.json"}))
+    with pytest.raises(SpecError, match=r"model\.hf_config: .*missing\.json"):
+        load_spec(_write(tmp_path, data))
+
+
+def test_published_schema_matches_the_models():
+    committed = json.loads((ROOT / "specs" / "spec.schema.json").read_text())
+    assert committed == spec_json_schema(), "regenerate: python -m noodle.spec > specs/spec.schema.json"
+
+
+@pytest.mark.parametrize("name", ["gpt2-home-lab", "llama-70b-mixed", "infeasible", "inline-pins"])
+def test_example_specs_validate_against_the_schema(name):
+    jsonschema = pytest.importorskip("jsonschema")
+    data = yaml.safe_load((ROOT / "specs" / f"{name}.yaml").read_text())
+    jsonschema.validate(data, spec_json_schema())
