@@ -16,6 +16,7 @@ from typing import Literal
 
 __all__ = [
     "GIB",
+    "OBJECTIVES",
     "Objective",
     "Unit",
     "Node",
@@ -156,6 +157,16 @@ class Problem:
     objective: str = "throughput"
     constraints: Constraints = Constraints()
     name: str = "problem"
+
+    def __post_init__(self) -> None:
+        from noodle.errors import SpecError
+
+        if self.objective not in OBJECTIVES:
+            raise SpecError(f"objective: {self.objective!r} is not one of {', '.join(OBJECTIVES)}")
+        if not self.units:
+            raise SpecError("units: a problem needs at least one unit")
+        if not self.cluster.nodes:
+            raise SpecError("cluster.nodes: a problem needs at least one node")
 
     @property
     def num_units(self) -> int:
