@@ -21,6 +21,9 @@ COMMAND_MODULES = (
     "noodle.cli.solve",
     "noodle.cli.plot",
     "noodle.cli.bench",
+    "noodle.cli.model",
+    "noodle.cli.profile",
+    "noodle.cli.bench_profile",
 )
 
 app = typer.Typer(

@@ -1,0 +1,44 @@
+"""``noodle model init``: make a local model folder from a preset or a config, with seeded weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from noodle.errors import SpecError
+
+__all__ = ["register", "model_app"]
+
+model_app = typer.Typer(help="Local model folders built from presets or configs (no model hub).", no_args_is_help=True)
+
+
+@model_app.command("init")
+def init_cmd(
+    out: Path = typer.Option(..., "--out", "-o", help="folder to save_pretrained the model into"),
+    preset: str | None = typer.Option(None, "--preset", help="preset name: gpt2, gpt2-tiny, llama-small, llama-tiny"),
+    config: Path | None = typer.Option(None, "--config", help="a transformers config.json (decoder-only LM)"),
+    seed: int = typer.Option(0, "--seed", help="seed of the random weights"),
+) -> None:
+    """Build a model with seeded random weights and save it as a local folder."""
+    from noodle.cli.profile import quiet_transformers
+    from noodle.models import init_model, layout_of, load_model
+
+    if (preset is None) == (config is None):
+        raise SpecError("model init: give exactly one of --preset NAME or --config FILE.json")
+    if seed < 0:
+        raise SpecError(f"--seed: must be >= 0, got {seed}")
+    quiet_transformers()
+    path = init_model(preset if preset is not None else config, out, seed=seed)  # type: ignore[arg-type]
+    model = load_model(path)
+    n_params = sum(p.numel() for p in model.parameters())
+    layout = layout_of(model)
+    Console().print(
+        f"wrote {path}: {type(model).__name__}, {n_params / 1e6:.1f}M parameters, "
+        f"{layout.num_blocks} blocks ({layout.num_blocks + 2} placement units), seed {seed}"
+    )
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(model_app, name="model")

@@ -1,0 +1,116 @@
+"""``noodle profile``: time each placement unit of a model and write the profile folder."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from noodle.errors import SpecError
+
+__all__ = ["register", "open_model", "quiet_transformers"]
+
+_MB = 1024.0**2
+
+
+def quiet_transformers() -> None:
+    """Keep transformers' warnings and progress bars off the CLI's output (errors still show)."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def open_model(model: Path | None, config: Path | None, preset: str | None, seed: int) -> tuple[Any, str, str]:
+    """(model, name, source) from exactly one of a model folder, a config file or a preset.
+
+    Raises:
+        SpecError: not exactly one source was given.
+        ModelError: the folder, config or preset cannot be used.
+    """
+    from noodle.models import build_model, load_config, load_model
+
+    given = [x for x in (model, config, preset) if x is not None]
+    if len(given) != 1:
+        raise SpecError("profile: give exactly one of --model PATH, --config FILE.json or --preset NAME")
+    if model is not None:
+        return load_model(model), model.name, str(model)
+    if config is not None:
+        if not config.is_file():
+            raise SpecError(f"--config: {config}: no such file")
+        return build_model(load_config(config), seed=seed), config.stem, str(config)
+    return build_model(load_config(str(preset)), seed=seed), str(preset), f"preset:{preset}"
+
+
+def _render(report: Any, out: Path, console: Console) -> None:
+    s = report.summary
+    table = Table(title=f"profile of {s['model']} on {s['reference_device']['description']}")
+    for col in ("unit", "type", "decode p50 ms", "decode p95 ms", "prefill ms/token", "params MiB", "KV B/token"):
+        table.add_column(col, justify="left" if col in ("unit", "type") else "right")
+    prefill = {r["name"]: r for r in report.rows_of("unit", "prefill")}
+    prompt = s["workload"]["prompt_tokens"]
+    for r in report.rows_of("unit", "decode"):
+        p = prefill[r["name"]]
+        table.add_row(
+            r["name"], r["module_type"], f"{r['latency_ms_p50']:.3f}", f"{r['latency_ms_p95']:.3f}",
+            f"{p['latency_ms_p50'] / prompt:.4f}", f"{r['param_bytes'] / _MB:.1f}", str(r["kv_bytes_per_token"]),
+        )
+    console.print(table)
+    tops = ", ".join(f"{b['name']} {b['latency_ms']:.3f} ms ({100 * b['share']:.1f}%)" for b in s["bottlenecks"])
+    cov = s["coverage"]
+    console.print(f"top-3 decode bottlenecks: {tops}")
+    console.print(
+        f"coverage: units {cov['units']['measured']}/{cov['units']['total']} ({cov['units']['percent']}%), "
+        f"leaf modules {cov['leaf_modules']['timed']}/{cov['leaf_modules']['total']} ({cov['leaf_modules']['percent']}%)"
+    )
+    console.print(f"memory: {s['memory_source']}", style="dim")
+    console.print(f"wrote {out}/ (metrics.jsonl, summary.json, units.json, system_info.json, profile_config.json"
+                  + (", dashboard.html, summary.png)" if (out / "dashboard.html").exists() else ")"))
+
+
+def profile_cmd(
+    model: Path | None = typer.Option(None, "--model", "-m", help="local model folder (from_pretrained)"),
+    config: Path | None = typer.Option(None, "--config", help="config.json: build with seeded random weights"),
+    preset: str | None = typer.Option(None, "--preset", help="preset: gpt2, gpt2-tiny, llama-small, llama-tiny"),
+    out: Path | None = typer.Option(None, "--out", "-o", help="output folder (default runs/profile/<model>)"),
+    seed: int = typer.Option(0, "--seed", help="seed of random weights and prompt"),
+    prompt_tokens: int = typer.Option(128, "--prompt-tokens", help="prompt length of the prefill"),
+    decode_tokens: int = typer.Option(16, "--decode-tokens", help="decode steps per iteration"),
+    batch_size: int = typer.Option(1, "--batch-size", help="sequences per forward"),
+    warmup: int = typer.Option(10, "--warmup", help="warm-up iterations (not counted)"),
+    iterations: int = typer.Option(100, "--iterations", "-n", help="profiled iterations"),
+    hooks: str = typer.Option("specialized", "--hooks", help="specialized (units, low overhead) | generic (every module)"),
+    module_iterations: int = typer.Option(5, "--module-iterations", help="extra generic-hook iterations for the module breakdown (0: none)"),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda | auto"),
+    dashboard: bool = typer.Option(True, "--dashboard/--no-dashboard", help="write dashboard.html and summary.png"),
+    name: str | None = typer.Option(None, "--name", help="model name in the outputs"),
+) -> None:
+    """Profile a model unit by unit (prefill and decode) and write the profile the planner reads."""
+    from noodle.profile import ObservabilityEngine, ProfileConfig
+
+    cfg = ProfileConfig(  # validates the numbers before the model is built
+        model_name=name or "model", strategy=hooks, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens,
+        batch_size=batch_size, warmup=warmup, iterations=iterations, module_iterations=module_iterations,
+        device=device, seed=seed, progress=True,
+    )
+    quiet_transformers()
+    lm, model_name, source = open_model(model, config, preset, seed)
+    cfg = replace(cfg, model_name=name or model_name, source=source)
+    out = out or Path("runs") / "profile" / cfg.model_name
+    console = Console()
+    engine = ObservabilityEngine(lm, out, cfg)
+    with engine:
+        inputs = engine.make_inputs()
+        engine.warmup(inputs)
+        report = engine.profile(inputs)
+        if dashboard:
+            engine.save_dashboard(f"noodle profile: {cfg.model_name}")
+    _render(report, out, console)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("profile")(profile_cmd)
