@@ -1,0 +1,224 @@
+"""The coordinator's side of one worker: channel, token, clock offset, per-session streams, deadlines.
+
+A :class:`WorkerClient` owns one channel to one worker address. A
+:class:`ForwardStream` is one bidirectional ``ForwardStream`` call (one per
+stage session): a request goes in, the reply to it comes out, in order. The sync
+gRPC API has no per-message deadline on a stream, so a :class:`Watchdog` thread
+cancels a stream whose reply is overdue; the caller then sees
+:class:`WorkerGone` like for a dead connection.
+
+:func:`translate` sorts a ``grpc.RpcError`` into "the worker may be gone, retry
+or fail over" (:class:`WorkerGone`) and "the worker answered no" (an
+:class:`~noodle.errors.ExecutorError` carrying the worker's traceback, if any).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+
+from noodle.errors import ExecutorError, SpecError
+from noodle.executors.grpc import stage_service_pb2 as pb
+from noodle.executors.grpc import stage_service_pb2_grpc as pb_grpc
+from noodle.executors.grpc.worker import DEFAULT_MAX_MESSAGE_BYTES, TRACEBACK_KEY
+
+__all__ = ["WorkerGone", "WorkerClient", "ForwardStream", "Watchdog", "translate", "parse_workers", "parse_address"]
+
+# Codes that say "no answer" rather than "the worker refused": retry, then fail over.
+_GONE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN}
+_END = object()
+
+
+class WorkerGone(Exception):
+    """A worker did not answer (connection lost, deadline passed); the call may be retried elsewhere."""
+
+
+def parse_address(text: str, *, field: str) -> str:
+    """``host:port`` with a numeric port, checked."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SpecError(f"{field}: {text!r} is not HOST:PORT (e.g. 127.0.0.1:50051)")
+    return f"{host}:{int(port)}"
+
+
+def parse_workers(text: str, *, field: str = "--workers") -> dict[str, str]:
+    """``node=host:port,node2=host:port`` -> ``{node: address}``."""
+    out: dict[str, str] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        node, sep, addr = part.partition("=")
+        if not sep or not node.strip():
+            raise SpecError(f"{field}: {part!r} is not NODE=HOST:PORT (e.g. desktop-gpu=127.0.0.1:50051)")
+        if node.strip() in out:
+            raise SpecError(f"{field}: node {node.strip()!r} is given twice")
+        out[node.strip()] = parse_address(addr, field=f"{field} {node.strip()}")
+    return out
+
+
+def translate(exc: grpc.RpcError, where: str) -> Exception:
+    """:class:`WorkerGone` for a lost worker, else an :class:`ExecutorError` with the remote traceback."""
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    trailing = dict(exc.trailing_metadata() or ()) if hasattr(exc, "trailing_metadata") else {}
+    tb = trailing.get(TRACEBACK_KEY)
+    if tb is None and (code in _GONE or code == grpc.StatusCode.INTERNAL):
+        return WorkerGone(f"{where}: {code.name}: {details}")
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return ExecutorError(f"{where}: refused: {details}; give the worker's token with --token or NOODLE_TOKEN")
+    text = tb.decode(errors="replace") if isinstance(tb, bytes) else tb
+    return ExecutorError(f"{where}: {code.name}: {details}", remote_traceback=text)
+
+
+class Watchdog:
+    """Cancels streams whose reply is overdue (the sync API has no per-message deadline)."""
+
+    def __init__(self, tick_s: float = 0.02) -> None:
+        self._streams: set[ForwardStream] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._tick = tick_s
+        self._thread = threading.Thread(target=self._loop, name="noodle-grpc-watchdog", daemon=True)
+        self._thread.start()
+
+    def watch(self, stream: ForwardStream) -> None:
+        with self._lock:
+            self._streams.add(stream)
+
+    def forget(self, stream: ForwardStream) -> None:
+        with self._lock:
+            self._streams.discard(stream)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._tick):
+            now = time.monotonic()
+            with self._lock:
+                late = [s for s in self._streams if 0 < s.deadline < now]
+            for s in late:
+                s.expire()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+
+
+class ForwardStream:
+    """One ``ForwardStream`` call: :meth:`call` sends a request and returns its reply."""
+
+    def __init__(self, client: WorkerClient, watchdog: Watchdog, where: str) -> None:
+        self._q: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._where = where
+        self._watchdog = watchdog
+        self.deadline = 0.0
+        self.expired = False
+        requests: Iterator[pb.ForwardRequest] = iter(self._q.get, _END)  # type: ignore[arg-type]
+        self._call = client.stub.ForwardStream(requests, metadata=client.metadata)
+        watchdog.watch(self)
+
+    def call(self, request: pb.ForwardRequest, timeout_s: float) -> pb.ForwardReply:
+        self.deadline = time.monotonic() + timeout_s
+        self._q.put(request)
+        try:
+            reply: pb.ForwardReply = next(self._call)
+        except grpc.RpcError as exc:
+            if self.expired:
+                raise WorkerGone(f"{self._where}: no reply within {timeout_s:g} s (hung or overloaded)") from None
+            raise translate(exc, self._where) from None
+        except StopIteration:
+            raise WorkerGone(f"{self._where}: the worker ended the stream") from None
+        finally:
+            self.deadline = 0.0
+        return reply
+
+    def expire(self) -> None:
+        self.expired = True
+        self._call.cancel()
+
+    def close(self) -> None:
+        self._watchdog.forget(self)
+        self._q.put(_END)
+        self._call.cancel()
+
+
+class WorkerClient:
+    """A channel to one worker, with its token and an estimate of its clock's offset.
+
+    Args:
+        address: ``host:port``.
+        token: sent as ``authorization: Bearer <token>`` on every call.
+        tls_ca: PEM file of the CA (or self-signed certificate) to trust; enables TLS.
+        tls_server_name: name to check the certificate against, when it is not ``host``.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        token: str | None = None,
+        tls_ca: Path | None = None,
+        tls_server_name: str | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        self.address = address
+        options: list[tuple[str, object]] = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+        ]
+        if tls_ca is not None:
+            try:
+                ca = Path(tls_ca).read_bytes()
+            except OSError as exc:
+                raise SpecError(f"--tls-ca: cannot read {tls_ca} ({exc.strerror})") from None
+            if tls_server_name:
+                options.append(("grpc.ssl_target_name_override", tls_server_name))
+            self.channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=ca), options=options)
+        else:
+            self.channel = grpc.insecure_channel(address, options=options)
+        self.stub = pb_grpc.StageServiceStub(self.channel)
+        self.metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
+        self.clock_offset_ns = 0
+        self.ping_ms: float | None = None
+
+    def health(self, timeout_s: float) -> pb.HealthReply:
+        """One health check; raises :class:`WorkerGone` or :class:`ExecutorError`."""
+        try:
+            return self.stub.Health(pb.HealthRequest(), timeout=timeout_s, metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise translate(exc, f"worker {self.address}: Health") from None
+
+    def sync_clock(self, timeout_s: float, rounds: int = 5) -> None:
+        """Estimate the worker's monotonic-clock offset from the fastest of ``rounds`` pings."""
+        best: tuple[int, int] | None = None
+        for _ in range(rounds):
+            t0 = time.monotonic_ns()
+            reply = self.health(timeout_s)
+            t1 = time.monotonic_ns()
+            if best is None or t1 - t0 < best[0]:
+                best = (t1 - t0, reply.clock_ns - (t0 + t1) // 2)
+        assert best is not None
+        self.ping_ms = best[0] / 1e6
+        self.clock_offset_ns = best[1]
+
+    def alive(self, timeout_s: float) -> bool:
+        try:
+            self.health(timeout_s)
+        except (WorkerGone, ExecutorError):
+            return False
+        return True
+
+    def unary(self, method: str, request: object, timeout_s: float, what: str) -> object:
+        """Call a unary method by name; errors translated (see :func:`translate`)."""
+        try:
+            return getattr(self.stub, method)(request, timeout=timeout_s, metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise translate(exc, f"{what} ({self.address}): {method}") from None
+
+    def close(self) -> None:
+        self.channel.close()

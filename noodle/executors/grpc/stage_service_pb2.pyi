@@ -1,0 +1,153 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Tensor(_message.Message):
+    __slots__ = ("dtype", "shape", "data")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class HealthRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StageInfo(_message.Message):
+    __slots__ = ("stage_id", "start", "end", "param_bytes", "device")
+    STAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    PARAM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    stage_id: str
+    start: int
+    end: int
+    param_bytes: int
+    device: str
+    def __init__(self, stage_id: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., param_bytes: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
+
+class HealthReply(_message.Message):
+    __slots__ = ("status", "stages", "sessions", "max_sessions", "clock_ns", "version")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_NS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    status: str
+    stages: _containers.RepeatedCompositeFieldContainer[StageInfo]
+    sessions: int
+    max_sessions: int
+    clock_ns: int
+    version: str
+    def __init__(self, status: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., clock_ns: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
+
+class LoadStageRequest(_message.Message):
+    __slots__ = ("start", "end", "device", "name")
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    start: int
+    end: int
+    device: str
+    name: str
+    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., device: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class LoadStageReply(_message.Message):
+    __slots__ = ("stage", "units", "load_s")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    UNITS_FIELD_NUMBER: _ClassVar[int]
+    LOAD_S_FIELD_NUMBER: _ClassVar[int]
+    stage: StageInfo
+    units: _containers.RepeatedScalarFieldContainer[str]
+    load_s: float
+    def __init__(self, stage: _Optional[_Union[StageInfo, _Mapping]] = ..., units: _Optional[_Iterable[str]] = ..., load_s: _Optional[float] = ...) -> None: ...
+
+class UnloadStageRequest(_message.Message):
+    __slots__ = ("stage_id",)
+    STAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    stage_id: str
+    def __init__(self, stage_id: _Optional[str] = ...) -> None: ...
+
+class UnloadStageReply(_message.Message):
+    __slots__ = ("closed_sessions",)
+    CLOSED_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    closed_sessions: int
+    def __init__(self, closed_sessions: _Optional[int] = ...) -> None: ...
+
+class CreateSessionRequest(_message.Message):
+    __slots__ = ("stage_id", "session")
+    STAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    stage_id: str
+    session: str
+    def __init__(self, stage_id: _Optional[str] = ..., session: _Optional[str] = ...) -> None: ...
+
+class CreateSessionReply(_message.Message):
+    __slots__ = ("session",)
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    def __init__(self, session: _Optional[str] = ...) -> None: ...
+
+class ForwardRequest(_message.Message):
+    __slots__ = ("session", "data", "attention_mask", "prefill", "all_logits", "top1", "seq")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_FIELD_NUMBER: _ClassVar[int]
+    ALL_LOGITS_FIELD_NUMBER: _ClassVar[int]
+    TOP1_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    data: Tensor
+    attention_mask: Tensor
+    prefill: bool
+    all_logits: bool
+    top1: bool
+    seq: int
+    def __init__(self, session: _Optional[str] = ..., data: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., prefill: _Optional[bool] = ..., all_logits: _Optional[bool] = ..., top1: _Optional[bool] = ..., seq: _Optional[int] = ...) -> None: ...
+
+class ForwardReply(_message.Message):
+    __slots__ = ("session", "data", "is_logits", "is_top1", "seq", "t_in_ns", "t_out_ns", "decode_ns", "encode_ns", "kv_cache_bytes")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    IS_LOGITS_FIELD_NUMBER: _ClassVar[int]
+    IS_TOP1_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    T_IN_NS_FIELD_NUMBER: _ClassVar[int]
+    T_OUT_NS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_NS_FIELD_NUMBER: _ClassVar[int]
+    ENCODE_NS_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    data: Tensor
+    is_logits: bool
+    is_top1: bool
+    seq: int
+    t_in_ns: int
+    t_out_ns: int
+    decode_ns: int
+    encode_ns: int
+    kv_cache_bytes: int
+    def __init__(self, session: _Optional[str] = ..., data: _Optional[_Union[Tensor, _Mapping]] = ..., is_logits: _Optional[bool] = ..., is_top1: _Optional[bool] = ..., seq: _Optional[int] = ..., t_in_ns: _Optional[int] = ..., t_out_ns: _Optional[int] = ..., decode_ns: _Optional[int] = ..., encode_ns: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ...) -> None: ...
+
+class CloseSessionRequest(_message.Message):
+    __slots__ = ("session",)
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    def __init__(self, session: _Optional[str] = ...) -> None: ...
+
+class CloseSessionReply(_message.Message):
+    __slots__ = ("kv_cache_bytes",)
+    KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    kv_cache_bytes: int
+    def __init__(self, kv_cache_bytes: _Optional[int] = ...) -> None: ...

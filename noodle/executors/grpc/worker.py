@@ -1,0 +1,410 @@
+"""The gRPC stage worker: serves whichever stages a coordinator asks it to load.
+
+``noodle worker --port 50051 --model PATH`` runs :func:`serve`. A coordinator
+calls ``LoadStage(start, end)`` (only those units' weights are read), then per
+generation ``CreateSession``, one ``ForwardStream`` (or unary ``Forward`` calls)
+and ``CloseSession``.
+
+Who may call: with a token (``--token`` / ``NOODLE_TOKEN``) every call must carry
+``authorization: Bearer <token>`` or is refused with ``UNAUTHENTICATED``; with
+``--tls-cert/--tls-key`` the port speaks TLS only. A worker refuses to listen on
+a non-loopback address without a token unless told ``--insecure``.
+
+What it refuses, and keeps serving: a tensor with an unknown dtype, a shape that
+does not match its bytes, more bytes than ``max_tensor_bytes``, token ids outside
+the vocabulary, a hidden size or dtype the stage does not take ->
+``INVALID_ARGUMENT``; an unknown session or stage -> ``NOT_FOUND``; more than
+``max_sessions`` open sessions -> ``RESOURCE_EXHAUSTED``. Sessions idle for
+``idle_timeout_s`` are closed by a reaper thread. Anything else that goes wrong
+inside a stage is ``INTERNAL`` with the worker's traceback in the trailing
+metadata key ``noodle-traceback-bin``, which the coordinator re-raises.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+
+from noodle.errors import ExecutorError, ModelError, SpecError
+from noodle.executors.devices import make_stage, parse_device
+from noodle.executors.grpc import stage_service_pb2 as pb
+from noodle.executors.grpc import stage_service_pb2_grpc as pb_grpc
+from noodle.executors.grpc.wire import DEFAULT_MAX_TENSOR_BYTES, from_proto, to_proto
+from noodle.executors.messages import StageInput
+from noodle.executors.slicing import read_config, unit_names_of, weight_index
+from noodle.executors.stage import Stage
+
+__all__ = ["WorkerConfig", "StageServicer", "serve", "TRACEBACK_KEY", "DEFAULT_MAX_MESSAGE_BYTES"]
+
+TRACEBACK_KEY = "noodle-traceback-bin"
+DEFAULT_MAX_MESSAGE_BYTES = 512 * 2**20
+_VERSION = "noodle.stage.v1"
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """How a worker serves. See the module docstring for what each limit refuses."""
+
+    model_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 50051
+    token: str | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    device: str = "cpu"
+    max_sessions: int = 16
+    max_stages: int = 4
+    idle_timeout_s: float = 600.0
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES
+    insecure: bool = False
+
+    def check(self) -> None:
+        """Refuse settings that cannot work or that would expose the worker."""
+        if not 0 <= self.port <= 65535:
+            raise SpecError(f"--port: {self.port} is not a TCP port (0-65535; 0 picks a free one)")
+        if self.max_sessions < 1:
+            raise SpecError(f"--max-sessions: must be >= 1, got {self.max_sessions}")
+        if self.max_stages < 1:
+            raise SpecError(f"--max-stages: must be >= 1, got {self.max_stages}")
+        if self.idle_timeout_s <= 0:
+            raise SpecError(f"--idle-timeout: must be > 0 seconds, got {self.idle_timeout_s}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise SpecError("--tls-cert/--tls-key: give both (certificate chain and private key) or neither")
+        if self.token is not None and not self.token.strip():
+            raise SpecError("--token: empty token; give a long random string or leave it unset")
+        if self.token is None and not self.insecure and not _is_loopback(self.host):
+            raise SpecError(
+                f"--host: {self.host} is reachable from other machines and no --token (or NOODLE_TOKEN) is set; "
+                "anyone who can reach the port could run the model: set a token, or pass --insecure on a trusted network"
+            )
+        if self.max_tensor_bytes > self.max_message_bytes:
+            raise SpecError(
+                f"max tensor bytes {self.max_tensor_bytes} exceed the message limit {self.max_message_bytes}"
+            )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _Refuse(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class _SessionEntry:
+    stage_id: str
+    last_used: float
+
+
+class StageServicer(pb_grpc.StageServiceServicer):
+    """The stage service; thread-safe (stage compute is serialized by one lock)."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.model_dir = Path(config.model_dir)
+        model_config = read_config(self.model_dir)
+        weight_index(self.model_dir)
+        self.units = unit_names_of(self.model_dir)
+        self.vocab_size = int(model_config.vocab_size)
+        self.default_device = parse_device(config.device, field="--device")
+        self.stages: dict[str, Stage] = {}
+        self.sessions: dict[str, _SessionEntry] = {}
+        self._lock = threading.Lock()  # stages and sessions dicts
+        self._compute = threading.Lock()  # one stage step at a time: torch threads do the parallel work
+        self._load = threading.Lock()
+        self._stop = threading.Event()
+        self._reaper = threading.Thread(target=self._reap_loop, name="noodle-session-reaper", daemon=True)
+        self._reaper.start()
+
+    # -- housekeeping ------------------------------------------------------------------------
+    def close(self) -> None:
+        self._stop.set()
+
+    def reap(self, now: float | None = None) -> list[str]:
+        """Close sessions idle longer than ``idle_timeout_s``; returns their ids."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            idle = [s for s, e in self.sessions.items() if now - e.last_used > self.config.idle_timeout_s]
+            for sid in idle:
+                entry = self.sessions.pop(sid)
+                stage = self.stages.get(entry.stage_id)
+                if stage is not None:
+                    stage.end_session(sid)
+        return idle
+
+    def _reap_loop(self) -> None:
+        interval = min(max(self.config.idle_timeout_s / 4, 0.05), 30.0)
+        while not self._stop.wait(interval):
+            self.reap()
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _stage_info(self, sid: str, stage: Stage) -> pb.StageInfo:
+        device = str(getattr(stage, "device", "cpu"))
+        return pb.StageInfo(stage_id=sid, start=stage.start, end=stage.end, param_bytes=stage.param_bytes(), device=device)
+
+    def _entry(self, session: str) -> tuple[_SessionEntry, Stage]:
+        with self._lock:
+            entry = self.sessions.get(session)
+            if entry is None:
+                raise _Refuse(grpc.StatusCode.NOT_FOUND, f"session: unknown session {session!r}; create it first")
+            entry.last_used = time.monotonic()
+            stage = self.stages.get(entry.stage_id)
+        if stage is None:
+            raise _Refuse(grpc.StatusCode.NOT_FOUND, f"session {session!r}: its stage {entry.stage_id} was unloaded")
+        return entry, stage
+
+    def _check_input(self, stage: Stage, data: torch.Tensor, mask: torch.Tensor | None) -> None:
+        bad = grpc.StatusCode.INVALID_ARGUMENT
+        if stage.is_first:
+            if data.dtype not in (torch.int64, torch.int32) or data.dim() != 2:
+                raise _Refuse(bad, f"data: the first stage takes int64 token ids (batch, tokens), got {data.dtype} {list(data.shape)}")
+            if data.numel() and (int(data.min()) < 0 or int(data.max()) >= self.vocab_size):
+                raise _Refuse(bad, f"data: token ids must lie in [0, {self.vocab_size}), got [{int(data.min())}, {int(data.max())}]")
+        else:
+            hidden = int(stage.config.hidden_size)
+            want = next((p.dtype for m in stage.slice.modules() for p in m.parameters()), torch.float32)
+            if data.dim() != 3 or data.shape[-1] != hidden:
+                raise _Refuse(bad, f"data: stage takes hidden states (batch, tokens, {hidden}), got {list(data.shape)}")
+            if data.dtype != want:
+                raise _Refuse(bad, f"data.dtype: stage computes in {str(want).removeprefix('torch.')}, got {str(data.dtype).removeprefix('torch.')}")
+        if data.shape[0] < 1 or data.shape[1] < 1:
+            raise _Refuse(bad, f"data: empty batch or no tokens, shape {list(data.shape)}")
+        if mask is not None:
+            if mask.dtype not in (torch.int64, torch.int32) or tuple(mask.shape) != tuple(data.shape[:2]):
+                raise _Refuse(bad, f"attention_mask: expected int64 {list(data.shape[:2])}, got {mask.dtype} {list(mask.shape)}")
+            if bool(((mask != 0) & (mask != 1)).any()):
+                raise _Refuse(bad, "attention_mask: values must be 0 or 1")
+
+    def _forward(self, req: pb.ForwardRequest) -> pb.ForwardReply:
+        t0 = time.monotonic_ns()
+        entry, stage = self._entry(req.session)
+        limit = self.config.max_tensor_bytes
+        try:
+            data = from_proto(req.data, field="data", max_bytes=limit)
+            mask = from_proto(req.attention_mask, field="attention_mask", max_bytes=limit) if req.HasField("attention_mask") else None
+        except SpecError as exc:
+            raise _Refuse(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        self._check_input(stage, data, mask)
+        if not req.prefill and req.session not in stage.sessions():
+            raise _Refuse(grpc.StatusCode.FAILED_PRECONDITION, f"session {req.session!r}: the first step must be a prefill")
+        msg = StageInput(req.session, data.to(torch.long) if stage.is_first else data, mask, req.prefill, req.all_logits)
+        t_in = time.monotonic_ns()
+        with self._compute:
+            try:
+                out = stage.step(msg)
+            except ExecutorError as exc:  # Stage's own checks on the message
+                raise _Refuse(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+            result = out.data
+            top1 = req.top1 and out.is_logits
+            if top1:
+                result = result[:, -1, :].argmax(dim=-1)
+            kv = stage.cache_bytes(req.session)
+        t_out = time.monotonic_ns()
+        reply = pb.ForwardReply(
+            session=req.session, data=to_proto(result), is_logits=out.is_logits and not top1, is_top1=top1,
+            seq=req.seq, t_in_ns=t_in, t_out_ns=t_out, decode_ns=t_in - t0, kv_cache_bytes=kv,
+        )  # fmt: skip
+        reply.encode_ns = time.monotonic_ns() - t_out
+        return reply
+
+    # -- the service ---------------------------------------------------------------------------
+    def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
+        with self._lock:
+            stages = [self._stage_info(sid, st) for sid, st in self.stages.items()]
+            n = len(self.sessions)
+        return pb.HealthReply(
+            status="serving", stages=stages, sessions=n, max_sessions=self.config.max_sessions,
+            clock_ns=time.monotonic_ns(), version=_VERSION,
+        )  # fmt: skip
+
+    def LoadStage(self, request: pb.LoadStageRequest, context: grpc.ServicerContext) -> pb.LoadStageReply:
+        return _guard(context, lambda: self._load_stage(request))
+
+    def _load_stage(self, request: pb.LoadStageRequest) -> pb.LoadStageReply:
+        n = len(self.units)
+        if not 0 <= request.start < request.end <= n:
+            raise _Refuse(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"start/end: unit range [{request.start}, {request.end}) is not inside this model's [0, {n})",
+            )
+        try:
+            device = parse_device(request.device, field="device") if request.device else self.default_device
+        except SpecError as exc:
+            raise _Refuse(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from None
+        sid = f"{request.start}-{request.end}@{device}"
+        t0 = time.perf_counter()
+        with self._load:
+            with self._lock:
+                stage = self.stages.get(sid)
+            if stage is None:
+                self._evict_for_one_more()
+                try:
+                    stage = make_stage(self.model_dir, request.start, request.end, name=request.name or sid, device=device)
+                except ModelError as exc:
+                    raise _Refuse(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from None
+                with self._lock:
+                    self.stages[sid] = stage
+        return pb.LoadStageReply(stage=self._stage_info(sid, stage), units=self.units, load_s=time.perf_counter() - t0)
+
+    def _evict_for_one_more(self) -> None:
+        """Drop the oldest stages without open sessions until one more fits under ``max_stages``."""
+        with self._lock:
+            busy = {e.stage_id for e in self.sessions.values()}
+            for sid in [s for s in self.stages if s not in busy]:
+                if len(self.stages) < self.config.max_stages:
+                    break
+                del self.stages[sid]
+            if len(self.stages) >= self.config.max_stages:
+                raise _Refuse(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"start/end: this worker holds {len(self.stages)} stages with open sessions, its limit (--max-stages)",
+                )
+
+    def UnloadStage(self, request: pb.UnloadStageRequest, context: grpc.ServicerContext) -> pb.UnloadStageReply:
+        def run() -> pb.UnloadStageReply:
+            with self._lock:
+                if self.stages.pop(request.stage_id, None) is None:
+                    raise _Refuse(grpc.StatusCode.NOT_FOUND, f"stage_id: no stage {request.stage_id!r} is loaded")
+                gone = [s for s, e in self.sessions.items() if e.stage_id == request.stage_id]
+                for s in gone:
+                    del self.sessions[s]
+            return pb.UnloadStageReply(closed_sessions=len(gone))
+
+        return _guard(context, run)
+
+    def CreateSession(self, request: pb.CreateSessionRequest, context: grpc.ServicerContext) -> pb.CreateSessionReply:
+        def run() -> pb.CreateSessionReply:
+            if not request.session or len(request.session) > 128:
+                raise _Refuse(grpc.StatusCode.INVALID_ARGUMENT, "session: give an id of 1 to 128 characters")
+            self.reap()
+            with self._lock:
+                if request.stage_id not in self.stages:
+                    raise _Refuse(grpc.StatusCode.NOT_FOUND, f"stage_id: no stage {request.stage_id!r} is loaded; call LoadStage")
+                if request.session in self.sessions:
+                    raise _Refuse(grpc.StatusCode.ALREADY_EXISTS, f"session: {request.session!r} already exists")
+                if len(self.sessions) >= self.config.max_sessions:
+                    raise _Refuse(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"session: this worker holds {len(self.sessions)} sessions, its limit (--max-sessions)",
+                    )
+                self.sessions[request.session] = _SessionEntry(request.stage_id, time.monotonic())
+            return pb.CreateSessionReply(session=request.session)
+
+        return _guard(context, run)
+
+    def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext) -> pb.ForwardReply:
+        return _guard(context, lambda: self._forward(request))
+
+    def ForwardStream(self, request_iterator: Iterator[pb.ForwardRequest], context: grpc.ServicerContext) -> Iterator[pb.ForwardReply]:
+        for req in request_iterator:
+            yield _guard(context, lambda: self._forward(req))
+
+    def CloseSession(self, request: pb.CloseSessionRequest, context: grpc.ServicerContext) -> pb.CloseSessionReply:
+        def run() -> pb.CloseSessionReply:
+            with self._lock:
+                entry = self.sessions.pop(request.session, None)
+                if entry is None:
+                    raise _Refuse(grpc.StatusCode.NOT_FOUND, f"session: unknown session {request.session!r}")
+                stage = self.stages.get(entry.stage_id)
+            kv = 0
+            if stage is not None:
+                kv = stage.cache_bytes(request.session)
+                stage.end_session(request.session)
+            return pb.CloseSessionReply(kv_cache_bytes=kv)
+
+        return _guard(context, run)
+
+
+def _guard(context: grpc.ServicerContext, fn: Callable[[], Any]) -> Any:
+    """Run ``fn``; refusals become their status, anything unexpected INTERNAL with the traceback."""
+    try:
+        return fn()
+    except _Refuse as exc:
+        context.abort(exc.code, str(exc))
+    except Exception as exc:  # noqa: BLE001 - reported to the caller with its traceback
+        context.set_trailing_metadata(((TRACEBACK_KEY, traceback.format_exc().encode()),))
+        context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+
+class _TokenAuth(grpc.ServerInterceptor):
+    """Refuse every call whose ``authorization`` metadata is not ``Bearer <token>``."""
+
+    def __init__(self, token: str) -> None:
+        self._want = f"Bearer {token}".encode()
+
+    def intercept_service(self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails) -> Any:
+        got = dict(details.invocation_metadata or ()).get("authorization", "")
+        got_b = got.encode() if isinstance(got, str) else bytes(got)
+        handler = continuation(details)
+        if hmac.compare_digest(got_b, self._want) or handler is None:
+            return handler
+
+        def deny(_request: Any, context: grpc.ServicerContext) -> None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token (authorization: Bearer <token>)")
+
+        if handler.request_streaming and handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(deny)
+        if handler.request_streaming:
+            return grpc.stream_unary_rpc_method_handler(deny)
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(deny)
+        return grpc.unary_unary_rpc_method_handler(deny)
+
+
+def serve(config: WorkerConfig) -> tuple[grpc.Server, StageServicer, int]:
+    """Start a worker; returns ``(server, servicer, bound port)``. Stop it with ``server.stop(grace)``.
+
+    Raises:
+        SpecError: a setting is refused (see :meth:`WorkerConfig.check`) or the port cannot be bound.
+        ModelError: the model folder cannot be used.
+    """
+    config.check()
+    servicer = StageServicer(config)
+    interceptors = [_TokenAuth(config.token)] if config.token else []
+    options = [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.max_sessions + 4, thread_name_prefix="noodle-worker"),
+        interceptors=interceptors,
+        options=options,
+        maximum_concurrent_rpcs=config.max_sessions + 4,
+    )
+    pb_grpc.add_StageServiceServicer_to_server(servicer, server)
+    address = f"[{config.host}]:{config.port}" if ":" in config.host else f"{config.host}:{config.port}"
+    try:
+        if config.tls_cert is not None and config.tls_key is not None:
+            creds = grpc.ssl_server_credentials([(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())])
+            port = server.add_secure_port(address, creds)
+        else:
+            port = server.add_insecure_port(address)
+    except OSError as exc:
+        raise SpecError(f"--tls-cert/--tls-key: cannot read ({exc.strerror}: {exc.filename})") from None
+    except RuntimeError as exc:
+        raise SpecError(f"--port: cannot listen on {address} ({exc})") from None
+    if port == 0:
+        raise SpecError(f"--port: cannot listen on {address} (in use, or not an address of this machine)")
+    server.start()
+    return server, servicer, port
