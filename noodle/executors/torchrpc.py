@@ -1,0 +1,436 @@
+"""``torchrpc``: a coordinator and one worker process per stage on torch.distributed.
+
+Data path: pure c10d point-to-point, no ``torch.distributed.rpc``. Measured on
+this machine (torch 2.13 CPU, loopback) an ``rpc_sync`` round trip with a
+1x1x768 tensor took 440-615 us, a Gloo ``send``/``recv`` round trip 118-226 us,
+and a 3-hop ring 176-315 us. RPC is also in maintenance mode, and it executes
+pickled callables sent by peers (CVE-2024-5480 was remote code execution
+through it). So every message, control included, is a small int64 header
+followed by raw tensors, passed around the ring ``coordinator -> stage 0 -> ...
+-> stage S-1 -> coordinator`` (:mod:`noodle.executors.torchdist`); activations
+go straight from stage to stage, once. The process groups are our own objects
+(``ProcessGroupGloo``/``ProcessGroupNCCL`` on a ``TCPStore``), not the global
+default group, so several executors can live in one process. With CUDA on every
+rank and every stage on a GPU the group is NCCL and tensors stay on the devices;
+otherwise Gloo carries CPU tensors and GPU stages copy in and out.
+
+Failures: torch.distributed cannot survive a lost rank. Its process group is
+fixed at creation; when a peer dies, every later ``send``/``recv`` involving it
+fails or times out, and there is no way to swap a new process in. What the
+executor does instead:
+
+- workers it spawned itself (one machine, the default): the call fails fast
+  (connection reset) or after ``step_timeout_s`` (a hung worker); the whole
+  world is torn down, respawned on a new port, the stages reloaded and the
+  session's steps replayed, and generation continues with the same tokens
+  (``restarts`` times at most);
+- workers started elsewhere (``noodle worker --backend torchrpc`` or torchrun on
+  several machines): a clear :class:`~noodle.errors.ExecutorError` naming the
+  rank that was lost, within the deadline, and nothing left hanging. Restart the
+  workers (torchrun ``--max-restarts``) and the run, or use ``--backend grpc``,
+  which fails over to spares.
+
+The ports (``MASTER_PORT`` and Gloo's) take unauthenticated connections: keep
+them on a trusted network or a VPN.
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import torch
+
+from noodle.errors import ExecutorError, SpecError
+from noodle.executors.base import RunResult, check_plan, check_workload
+from noodle.executors.failover import RetryPolicy
+from noodle.executors.generation import Sampling, generate
+from noodle.executors.local import token_ids_of
+from noodle.executors.messages import StageInput
+from noodle.executors.netreport import FailoverEvent, StepTrace, TraceBook
+from noodle.executors.slicing import read_config, unit_names_of
+from noodle.executors.torchdist import (
+    F_ALL_LOGITS, F_PREFILL, F_TOP1, OP_END, OP_ERROR, OP_LOAD, OP_PING, OP_SHUTDOWN, OP_STEP, Ring, make_group, slot,
+    units_hash, world_from_env,
+)  # fmt: skip
+from noodle.plandoc import PlanDoc
+
+__all__ = ["TorchRpcExecutor"]
+
+_GPU_WORDS = ("gpu", "cuda")
+
+
+class _Lost(Exception):
+    """The ring broke: a rank died, hung, or the network dropped."""
+
+
+class TorchRpcExecutor:
+    """Runs each stage of ``plan`` in its own process on a torch.distributed ring.
+
+    Args:
+        plan: the plan document.
+        model_dir: the model folder (every worker loads its own stage from its own copy).
+        spawn: start the workers here (default unless ``WORLD_SIZE`` is set, which means
+            joining a world of ``noodle worker --backend torchrpc`` processes as rank 0).
+        backend: ``auto`` (NCCL when every rank and stage has a GPU, else Gloo), ``gloo`` or ``nccl``.
+        policy: ``step_timeout_s`` bounds each step (and the ring's recv); ``attempts``/``backoff_s`` unused here.
+        restarts: spawned worlds rebuilt after a lost rank before giving up.
+        threads: torch threads per spawned worker (0: this machine's cores shared out).
+        host: address the spawned world listens on.
+    """
+
+    name = "torchrpc"
+
+    def __init__(
+        self,
+        plan: PlanDoc,
+        model_dir: str | Path,
+        *,
+        emulate: bool = False,
+        spawn: bool | None = None,
+        backend: str = "auto",
+        policy: RetryPolicy | None = None,
+        restarts: int = 1,
+        threads: int = 0,
+        host: str = "127.0.0.1",
+        startup_timeout_s: float = 300.0,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        if emulate:
+            raise SpecError("--emulate: the torchrpc backend measures real processes; emulation is for --backend local")
+        if backend not in ("auto", "gloo", "nccl"):
+            raise SpecError(f"torchrpc backend: {backend!r}; use auto, gloo or nccl")
+        self.plan = plan
+        self.model_dir = Path(model_dir)
+        config = read_config(self.model_dir)
+        self.units = unit_names_of(self.model_dir)
+        check_plan(plan, self.units)
+        self.eos_token_id, self.pad_token_id = token_ids_of(config)
+        self.vocab_size = int(config.vocab_size)
+        self.spawn = ("WORLD_SIZE" not in os.environ) if spawn is None else spawn
+        self.policy = policy or RetryPolicy()
+        self.restarts = restarts
+        self.host = host
+        self.startup_timeout_s = startup_timeout_s
+        self._log = log or (lambda line: print(line, file=sys.stderr))
+        n = len(plan.stages)
+        self.world = n + 1
+        self.threads = threads or max(1, (os.cpu_count() or 1) // n)
+        self.devices = self._devices()
+        gpu_all = all(d >= 0 for d in self.devices) and torch.cuda.is_available()
+        self.backend = ("nccl" if gpu_all and torch.distributed.is_nccl_available() else "gloo") if backend == "auto" else backend
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self._logs: list[Any] = []
+        self._ring: Ring | None = None
+        self._store: Any = None
+        self._sessions = itertools.count(1)
+        self.param_bytes = [0] * n
+        self.ping_ms: float | None = None
+        self.failovers: list[FailoverEvent] = []
+
+    def _devices(self) -> list[int]:
+        """CUDA index per stage for GPU nodes when spawning on a CUDA machine, else -1 (the worker's own)."""
+        if not self.spawn or not torch.cuda.is_available():
+            return [-1] * len(self.plan.stages)
+        count = torch.cuda.device_count()
+        out, k = [], 0
+        for st in self.plan.stages:
+            if any(w in st.device.lower() for w in _GPU_WORDS):
+                out.append(k % count)
+                k += 1
+            else:
+                out.append(-1)
+        return out
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def __enter__(self) -> TorchRpcExecutor:
+        if self._ring is None:
+            try:
+                self._start()
+            except BaseException:
+                self.close()
+                raise
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _start(self) -> None:
+        import torch.distributed as dist
+
+        timeout = datetime.timedelta(seconds=self.startup_timeout_s)
+        if self.spawn:
+            master = dist.TCPStore(self.host, 0, self.world, is_master=True, wait_for_workers=False, timeout=timeout)
+            self._spawn(master.port)
+            host = self.host
+        else:
+            addr, port, rank, world = world_from_env()
+            if rank != 0 or world != self.world:
+                raise SpecError(
+                    f"torchrpc: the coordinator must be RANK 0 of WORLD_SIZE {self.world} (1 + {self.world - 1} stages); "
+                    f"got RANK {rank}, WORLD_SIZE {world}"
+                )
+            agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            master = dist.TCPStore(addr, port, world, is_master=not agent, timeout=timeout)
+            host = None
+        self._store = master
+        store = dist.PrefixStore("noodle", master)
+        self._wait_ready(store)
+        comm = torch.device("cuda", 0) if self.backend == "nccl" else torch.device("cpu")
+        group = make_group(store, 0, self.world, self.backend, self.policy.step_timeout_s * 4, host)
+        self._ring = Ring(group, 0, self.world, comm)
+        self._load()
+
+    def _spawn(self, port: int) -> None:
+        env = dict(os.environ, MASTER_ADDR=self.host, MASTER_PORT=str(port), WORLD_SIZE=str(self.world),
+                   NOODLE_PARENT_PID=str(os.getpid()), OMP_NUM_THREADS=str(self.threads))  # fmt: skip
+        env.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+        for rank in range(1, self.world):
+            device = "cpu" if self.devices[rank - 1] < 0 else f"cuda:{self.devices[rank - 1]}"
+            cmd = [sys.executable, "-m", "noodle.executors.torchdist", "--model", str(self.model_dir),
+                   "--device", device, "--backend", self.backend, "--host", self.host,
+                   "--threads", str(self.threads), "--timeout", str(self.policy.step_timeout_s * 4)]  # fmt: skip
+            log = tempfile.TemporaryFile()
+            self._logs.append(log)
+            self._procs.append(subprocess.Popen(cmd, env=dict(env, RANK=str(rank)), stdout=log, stderr=log))
+
+    def _wait_ready(self, store: Any) -> None:
+        keys = [f"ready/{r}" for r in range(1, self.world)]
+        deadline = time.monotonic() + self.startup_timeout_s
+        while True:
+            if store.check(keys):
+                return
+            for rank, proc in enumerate(self._procs, 1):
+                if proc.poll() is not None:
+                    raise ExecutorError(f"torchrpc: worker rank {rank} exited with code {proc.returncode} while starting",
+                                        remote_traceback=self._log_tail(rank))  # fmt: skip
+            if time.monotonic() > deadline:
+                missing = [k.split("/")[1] for k in keys if not store.check([k])]
+                raise ExecutorError(
+                    f"torchrpc: rank(s) {', '.join(missing)} did not join within {self.startup_timeout_s:g} s; "
+                    "start `noodle worker --backend torchrpc` there with the same MASTER_ADDR/MASTER_PORT and WORLD_SIZE"
+                )
+            time.sleep(0.05)
+
+    def _log_tail(self, rank: int) -> str | None:
+        if not 1 <= rank <= len(self._logs):
+            return None
+        f = self._logs[rank - 1]
+        f.seek(0)
+        return f.read()[-4000:].decode(errors="replace") or None
+
+    def _load(self) -> None:
+        ring = self._ring
+        assert ring is not None
+        hdr = ring.new_header()
+        hdr[0], hdr[13] = OP_LOAD, units_hash(self.units)
+        for k, st in enumerate(self.plan.stages):
+            hdr[slot(k, 0)], hdr[slot(k, 1)], hdr[slot(k, 2)] = st.start, st.end, self.devices[k]
+        back = self._roundtrip(hdr, self.startup_timeout_s)
+        self.param_bytes = [int(back[slot(k, 2)]) for k in range(len(self.plan.stages))]
+        pings = []
+        for _ in range(5):
+            ping = ring.new_header()
+            ping[0] = OP_PING
+            t0 = time.perf_counter()
+            self._roundtrip(ping, self.policy.step_timeout_s)
+            pings.append((time.perf_counter() - t0) * 1e3)
+        self.ping_ms = min(pings)
+
+    def _roundtrip(self, hdr: torch.Tensor, timeout_s: float) -> torch.Tensor:
+        """Send a data-less header around the ring and return it (raising a stage's error)."""
+        ring = self._ring
+        assert ring is not None
+        try:
+            ring.send([hdr], 1)
+            back = ring.recv_header(self.world - 1, timeout_s)
+            if int(back[0]) == OP_ERROR:
+                raise self._remote_error(back)
+        except RuntimeError as exc:
+            raise _Lost(str(exc).splitlines()[0]) from None
+        return back
+
+    def _remote_error(self, hdr: torch.Tensor) -> ExecutorError:
+        assert self._ring is not None
+        text = self._ring.recv_error(hdr, self.world - 1, self.policy.step_timeout_s)
+        rank = int(hdr[12])
+        node = self.plan.stages[rank - 1].node if 1 <= rank < self.world else "?"
+        first = text.strip().splitlines()[-1] if text.strip() else "error"
+        return ExecutorError(f"torchrpc: stage on {node} (rank {rank}) failed: {first}", remote_traceback=text)
+
+    def close(self) -> None:
+        ring, self._ring = self._ring, None
+        if ring is not None and all(p.poll() is None for p in self._procs):
+            try:
+                hdr = ring.new_header()
+                hdr[0] = OP_SHUTDOWN
+                ring.send([hdr], 1)
+                ring.recv_header(self.world - 1, 5.0)
+            except RuntimeError:
+                pass
+        self._stop_procs()
+        self._store = None
+
+    def _stop_procs(self) -> None:
+        for proc in self._procs:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+        self._procs = []
+        for f in self._logs:
+            f.close()
+        self._logs = []
+
+    def _kill_world(self) -> None:
+        for proc in self._procs:
+            if proc.poll() is None:
+                proc.kill()
+        for proc in self._procs:
+            proc.wait(timeout=10)
+        self._ring = None
+        self._stop_procs()
+        self._store = None
+
+    def _lost_ranks(self) -> str:
+        dead = [f"rank {r} ({self.plan.stages[r - 1].node}) exited with code {p.returncode}"
+                for r, p in enumerate(self._procs, 1) if p.poll() is not None]  # fmt: skip
+        return "; ".join(dead) or "every worker process is alive: one hung or the network dropped"
+
+    # -- running ---------------------------------------------------------------------------------
+    def _step(self, msg: StageInput, session: int, top1: bool) -> tuple[torch.Tensor, bool, torch.Tensor, int, int]:
+        ring = self._ring
+        assert ring is not None
+        hdr = ring.new_header()
+        hdr[0], hdr[1] = OP_STEP, session
+        hdr[2] = (F_PREFILL if msg.prefill else 0) | (F_ALL_LOGITS if msg.all_logits else 0) | (F_TOP1 if top1 else 0)
+        start = time.monotonic_ns()
+        try:
+            ring.send_data(hdr, msg.data, msg.attention_mask, 1)
+            back = ring.recv_header(self.world - 1, self.policy.step_timeout_s)
+            if int(back[0]) == OP_ERROR:
+                raise self._remote_error(back)
+            data, _ = ring.recv_data(back, self.world - 1, self.policy.step_timeout_s)
+        except RuntimeError as exc:
+            raise _Lost(str(exc).splitlines()[0]) from None
+        return data.cpu(), bool(int(back[2]) & F_TOP1 and data.dim() == 1), back, start, time.monotonic_ns()
+
+    def _restart(self, reason: str, step: int, history: list[StageInput], session: int, t0: float) -> None:
+        lost = self._lost_ranks()
+        self._kill_world()
+        self._log(f"noodle: torchrpc lost the ring at step {step} ({reason}; {lost}); respawning {self.world - 1} workers")
+        self._start()
+        for x in history:
+            self._step(x, session, top1=True)
+        ev = FailoverEvent(step=step, node=lost, reason=reason, action="restarted",
+                           detail=f"respawned {self.world - 1} workers on a new world and replayed {len(history)} steps",
+                           replayed_steps=len(history), seconds=time.perf_counter() - t0)  # fmt: skip
+        self.failovers.append(ev)
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        sampling: Sampling = Sampling(),
+        keep_logits: bool = False,
+        on_step: Callable[[int], None] | None = None,
+    ) -> RunResult:
+        """Generate up to ``max_new_tokens`` for each prompt; see :class:`~noodle.executors.base.Executor`."""
+        if self._ring is None:
+            raise ExecutorError("torchrpc executor: use it as a context manager (`with TorchRpcExecutor(...) as ex:`)")
+        check_workload(self.plan, prompts, max_new_tokens)
+        top1 = sampling.greedy and not keep_logits
+        book = TraceBook(self.plan, relayed=False)
+        first_event = len(self.failovers)
+        history: list[StageInput] = []
+        session = next(self._sessions)
+        restarts_left = self.restarts if self.spawn else 0
+        kv = [0] * len(self.plan.stages)
+
+        def forward(msg: StageInput) -> torch.Tensor:
+            nonlocal session, restarts_left
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    data, is_top1, back, start, done = self._step(msg, session, top1)
+                    break
+                except _Lost as exc:
+                    if restarts_left <= 0:
+                        lost = self._lost_ranks() if self.spawn else "a rank died, hung or was cut off"
+                        self._kill_world()
+                        raise ExecutorError(
+                            f"torchrpc: the ring broke at step {len(history) + 1} ({exc}); {lost}. torch.distributed "
+                            "cannot replace a lost rank: restart the workers and the run, or use --backend grpc "
+                            "with --spare workers to fail over"
+                        ) from None
+                    restarts_left -= 1
+                    session = next(self._sessions)
+                    self._restart(str(exc), len(history) + 1, history, session, t0)
+                    continue
+            history.append(msg)
+            logits = self._one_hot(data) if is_top1 else data[:, -1, :]
+            done = time.monotonic_ns()
+            book.add(self._trace(msg.prefill, back, start, done, msg.nbytes()))
+            for k in range(len(kv)):
+                kv[k] = int(back[slot(k, 2)])
+            if on_step is not None:
+                on_step(len(history))
+            return logits
+
+        t0 = time.perf_counter()
+        try:
+            gen = generate(forward, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
+                           eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id, keep_logits=keep_logits)  # fmt: skip
+        finally:
+            if self._ring is not None:
+                try:
+                    end = self._ring.new_header()
+                    end[0], end[1] = OP_END, session  # drop the session's KV caches
+                    self._roundtrip(end, self.policy.step_timeout_s)
+                except (_Lost, ExecutorError):
+                    pass
+        wall = time.perf_counter() - t0
+        book.failovers = self.failovers[first_event:]
+        facts = [(_units(self.plan, k), self.param_bytes[k], kv[k]) for k in range(len(self.plan.stages))]
+        report = book.build(backend=self.name, emulated=False, prompts=prompts, n_steps=gen.steps, wall_s=wall,
+                            stage_facts=facts, rtt_extra={"ring": (self.ping_ms, 0.0)},
+                            data_path=f"c10d point-to-point over {self.backend}, ring coordinator -> stages -> coordinator")  # fmt: skip
+        return RunResult(tokens=gen.tokens, report=report, logits=tuple(gen.logits))
+
+    def _one_hot(self, ids: torch.Tensor) -> torch.Tensor:
+        logits = torch.full((ids.shape[0], self.vocab_size), float("-inf"))
+        return logits.scatter_(1, ids.view(-1, 1).to(torch.long), 0.0)
+
+    def _trace(self, prefill: bool, back: torch.Tensor, start: int, done: int, first_bytes: int) -> StepTrace:
+        n = len(self.plan.stages)
+        t_in = [int(back[slot(k, 0)]) for k in range(n)]
+        t_out = [int(back[slot(k, 1)]) for k in range(n)]
+        tr = StepTrace(prefill=prefill, step_ms=(done - start) / 1e6)
+        tr.compute_ms = [(b - a) / 1e6 for a, b in zip(t_in, t_out)]
+        ready = [start, *t_out]
+        arrive = [*t_in, done]
+        tr.transit_ms = [(b - a) / 1e6 for a, b in zip(ready, arrive)]
+        hlen = 8 * len(back)
+        tr.bytes = [hlen + first_bytes, *(hlen + int(back[slot(k, 3)]) for k in range(n))]
+        tr.serialize_ms = [0.0] * (n + 1)
+        tr.rtt_ms = {"ring": (done - start) / 1e6 - sum(tr.compute_ms)}
+        return tr
+
+
+def _units(plan: PlanDoc, k: int) -> str:
+    st = plan.stages[k]
+    names = plan.units[st.start : st.end]
+    return f"{names[0]}..{names[-1]}" if len(names) > 1 else names[0]
