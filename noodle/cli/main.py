@@ -21,6 +21,8 @@ COMMAND_MODULES = (
     "noodle.cli.solve",
     "noodle.cli.plot",
     "noodle.cli.bench",
+    "noodle.cli.exec",
+    "noodle.cli.bench_exec",
     "noodle.cli.model",
     "noodle.cli.profile",
     "noodle.cli.bench_profile",

@@ -11,7 +11,7 @@ produces on the same plan. Use one as a context manager::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
@@ -149,8 +149,13 @@ class Executor(Protocol):
         max_new_tokens: int,
         sampling: Sampling = Sampling(),
         keep_logits: bool = False,
+        on_step: Callable[[int], None] | None = None,
     ) -> RunResult:
-        """Generate up to ``max_new_tokens`` for each prompt (left-padded into one batch)."""
+        """Generate up to ``max_new_tokens`` for each prompt (left-padded into one batch).
+
+        ``keep_logits`` returns every step's last-position logits in ``RunResult.logits``;
+        ``on_step(n)`` is called after step ``n`` (1-based) for progress displays.
+        """
         ...
 
 

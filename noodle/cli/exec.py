@@ -1,0 +1,196 @@
+"""``noodle exec plan.json --model DIR``: run a plan's stages and report what they measured."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from noodle.errors import ModelError, SpecError
+from noodle.executors import EXECUTORS, RunReport, Sampling, check_plan, check_workload
+from noodle.plandoc import load_plan
+
+__all__ = ["register", "render_report", "read_prompts"]
+
+FORMATS = ("table", "json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def _tokenizer(model: Path) -> Any | None:
+    if not any((model / f).is_file() for f in _TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{model}: tokenizer files present but unreadable ({str(exc).splitlines()[0]})") from None
+
+
+def _parse_ids(text: str, where: str) -> list[int]:
+    parts = [p for p in text.replace(",", " ").split() if p]
+    try:
+        ids = [int(p) for p in parts]
+    except ValueError:
+        raise SpecError(f"{where}: expected comma-separated token ids like 1,2,3, got {text.strip()!r}") from None
+    if not ids:
+        raise SpecError(f"{where}: no token ids")
+    return ids
+
+
+def read_prompts(
+    prompt: str | None, prompt_ids: str | None, batch: Path | None, tokenizer: Any | None, vocab_size: int
+) -> list[list[int]]:
+    """Token ids of every prompt given on the command line, checked against the vocabulary."""
+    given = [name for name, v in (("--prompt", prompt), ("--prompt-ids", prompt_ids), ("--batch", batch)) if v is not None]
+    if len(given) != 1:
+        raise SpecError(
+            "exec: give exactly one of --prompt TEXT, --prompt-ids 1,2,3 or --batch prompts.txt"
+            + (f" (got {', '.join(given)})" if given else "")
+        )
+    prompts: list[tuple[str, list[int]]] = []
+    if prompt is not None:
+        if tokenizer is None:
+            raise SpecError("--prompt: the model folder has no tokenizer; pass token ids with --prompt-ids 1,2,3")
+        prompts.append(("--prompt", list(tokenizer(prompt)["input_ids"])))
+    elif prompt_ids is not None:
+        prompts.append(("--prompt-ids", _parse_ids(prompt_ids, "--prompt-ids")))
+    else:
+        assert batch is not None
+        try:
+            lines = [ln for ln in batch.read_text().splitlines() if ln.strip()]
+        except OSError as exc:
+            raise SpecError(f"{batch}: cannot read prompts ({exc.strerror})") from None
+        if not lines:
+            raise SpecError(f"{batch}: no prompts (one per line)")
+        for i, line in enumerate(lines, 1):
+            where = f"{batch}: line {i}"
+            ids = list(tokenizer(line)["input_ids"]) if tokenizer is not None else _parse_ids(line, where)
+            prompts.append((where, ids))
+    for where, ids in prompts:
+        if not ids:
+            raise SpecError(f"{where}: the prompt encodes to no tokens")
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise SpecError(f"{where}: token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+    return [ids for _, ids in prompts]
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:+.0f}%"
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def render_report(report: RunReport, console: Console) -> None:
+    """Per-stage measured times and bytes beside the plan's predictions (times in ms)."""
+    title = f"run report ({report.backend}{', emulated' if report.emulated else ''}): ms per decode step"
+    table = Table(title=title, caption="planned: the plan's expected_latency_ms; measured: p50 + hop")
+    cols = ("#", "node", "units", "prefill", "p50", "p95", "hop", "out/step", "planned", "measured", "error")
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("#", "node", "units") else "right")
+    for s in report.stages:
+        table.add_row(
+            str(s.stage_id), s.node, f"[{s.start},{s.end})", f"{s.prefill_ms:.1f}", f"{s.decode_ms_p50:.2f}",
+            f"{s.decode_ms_p95:.2f}", f"{s.hop_ms_p50:.2f}", _bytes(s.bytes_out_per_decode),
+            "n/a" if s.predicted_latency_ms is None else f"{s.predicted_latency_ms:.2f}",
+            f"{s.measured_latency_ms:.2f}", _pct(s.latency_error_pct),
+        )  # fmt: skip
+    console.print(table)
+    console.print(
+        "units: " + "; ".join(f"{s.stage_id} {s.units}" for s in report.stages)
+        + " | bytes handed on: " + ", ".join(_bytes(s.bytes_out) for s in report.stages),
+        style="dim", highlight=False,
+    )  # fmt: skip
+    planned = report.predicted_token_latency_ms
+    console.print(
+        f"batch {report.batch_size}, prompt {report.prompt_tokens} tokens, {report.new_tokens} new | "
+        f"prefill {report.prefill_ms:.1f} ms | token latency p50 {report.decode_ms_p50:.2f} ms "
+        f"(p95 {report.decode_ms_p95:.2f}; planned {'n/a' if planned is None else f'{planned:.2f}'}, "
+        f"error {_pct(report.token_latency_error_pct)}) | {report.decode_tokens_per_s:.1f} decode tokens/s, "
+        f"{report.tokens_per_s:.1f} tokens/s overall, {report.wall_s:.2f} s",
+        highlight=False,
+    )
+
+
+def exec_cmd(
+    plan: Path = typer.Argument(..., help="plan file written by `noodle solve` (JSON or YAML)"),
+    model: Path = typer.Option(..., "--model", "-m", help="model folder the plan was made for"),
+    backend: str = typer.Option("local", "--backend", "-b", help="executor: " + ", ".join(EXECUTORS.names())),
+    prompt: str | None = typer.Option(None, "--prompt", help="prompt text (needs a tokenizer in the model folder)"),
+    prompt_ids: str | None = typer.Option(None, "--prompt-ids", help="prompt token ids, e.g. 1,2,3"),
+    batch: Path | None = typer.Option(None, "--batch", help="file with one prompt per line (text, or ids without a tokenizer)"),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", help="tokens to generate per prompt"),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 is greedy (the default); > 0 samples"),
+    top_k: int = typer.Option(0, "--top-k", help="sample among the k most likely tokens (0: all)"),
+    top_p: float = typer.Option(1.0, "--top-p", help="sample within this probability mass (1.0: all)"),
+    seed: int = typer.Option(0, "--seed", help="seed of the sampler"),
+    fmt: str = typer.Option("table", "--format", "-f", help="stdout format: table | json"),
+    emulate: bool = typer.Option(False, "--emulate", help="sleep to stretch stages and hops to the plan's nodes and links"),
+    threads: int = typer.Option(0, "--threads", help="torch CPU threads (0: torch's default)"),
+) -> None:
+    """Run a plan's stages on a model and report measured vs planned latency per stage."""
+    if fmt not in FORMATS:
+        raise SpecError(f"--format: {fmt!r} is not a format; use one of {', '.join(FORMATS)}")
+    if backend not in EXECUTORS:
+        raise SpecError(f"--backend: unknown executor {backend!r}; valid names: {', '.join(EXECUTORS.names())}")
+    if max_new_tokens < 1:
+        raise SpecError(f"--max-new-tokens: must be >= 1, got {max_new_tokens}")
+    if threads < 0:
+        raise SpecError(f"--threads: must be >= 0 (0: torch's default), got {threads}")
+    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    doc = load_plan(plan)
+    from noodle.executors.slicing import read_config, unit_names_of
+
+    config = read_config(model)
+    check_plan(doc, unit_names_of(model), where=str(plan))
+    tokenizer = _tokenizer(model)
+    prompts = read_prompts(prompt, prompt_ids, batch, tokenizer, int(config.vocab_size))
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    err = Console(stderr=True)
+    executor = EXECUTORS.get(backend)(doc, model, emulate=emulate)
+    check_workload(doc, prompts, max_new_tokens, where=str(plan))
+    with err.status(f"loading {len(doc.stages)} stage(s) of {model} ({backend})"):
+        executor.__enter__()
+    try:
+        progress = Progress(
+            TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=err, transient=True,
+        )  # fmt: skip
+        with progress:
+            task = progress.add_task("tokens", total=max_new_tokens)
+            result = executor.generate(
+                prompts, max_new_tokens=max_new_tokens, sampling=sampling,
+                on_step=lambda n: progress.update(task, completed=n),
+            )  # fmt: skip
+    finally:
+        executor.__exit__(None, None, None)
+    if fmt == "json":
+        sys.stdout.write(json.dumps({"tokens": result.tokens, "report": result.report.as_dict()}) + "\n")
+        return
+    out = Console()
+    for i, toks in enumerate(result.tokens):
+        line = f"[{i}] tokens: {toks}"
+        if tokenizer is not None:
+            line += f"\n    text: {tokenizer.decode(toks, skip_special_tokens=True)!r}"
+        out.print(line, highlight=False)
+    render_report(result.report, out)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("exec")(exec_cmd)

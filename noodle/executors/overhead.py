@@ -1,0 +1,217 @@
+"""Staged-execution overhead: the unsplit model's decode loop vs the local executor.
+
+One process, one model folder, every mode loaded at once; rounds are interleaved
+(each round runs every mode once, in a rotating order) so that the noise of a
+shared CPU falls on all modes alike. A step's time is the interval between two
+consecutive tokens coming out of greedy decoding, sampling included, in both the
+native loop (``model(input_ids, cache=DynamicCache)`` + argmax) and the executor
+(``on_step`` timestamps).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from noodle.errors import SpecError
+
+__all__ = ["even_cuts", "measure_exec_overhead", "write_exec_overhead", "run_exec_bench"]
+
+
+def even_cuts(num_units: int, stages: int) -> list[int]:
+    """Unit boundaries splitting the blocks evenly over ``stages`` (embed on the first, head on the last)."""
+    blocks = num_units - 2
+    if not 1 <= stages <= blocks:
+        raise SpecError(f"stages: must be between 1 and the {blocks} blocks, got {stages}")
+    return [0, *(1 + round(k * blocks / stages) for k in range(1, stages)), num_units]
+
+
+def _native_steps(model: Any, ids: torch.Tensor, decode_tokens: int) -> list[float]:
+    from transformers import DynamicCache
+
+    times: list[float] = []
+    with torch.inference_mode():
+        cache = DynamicCache(config=model.config)
+        out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+        nxt = out.logits[:, -1, :].argmax(-1, keepdim=True)
+        prev = time.perf_counter()
+        for _ in range(decode_tokens - 1):
+            out = model(input_ids=nxt, cache=cache, use_cache=True)
+            nxt = out.logits[:, -1, :].argmax(-1, keepdim=True)
+            now = time.perf_counter()
+            times.append(now - prev)
+            prev = now
+    return times
+
+
+def _staged_steps(executor: Any, prompt: list[int], decode_tokens: int) -> list[float]:
+    stamps: list[float] = []
+    executor.generate([prompt], max_new_tokens=decode_tokens, on_step=lambda _n: stamps.append(time.perf_counter()))
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def measure_exec_overhead(
+    model_dir: Path,
+    *,
+    max_stages: int = 4,
+    rounds: int = 5,
+    warmup: int = 1,
+    prompt_tokens: int = 32,
+    decode_tokens: int = 32,
+    seed: int = 0,
+    log: Any = None,
+) -> dict[str, Any]:
+    """Per-step decode times (ms) of the native loop and of 1..``max_stages`` stages; see module doc."""
+    from noodle.executors.local import LocalExecutor
+    from noodle.executors.slicing import read_config, unit_names_of
+    from noodle.models import load_model
+    from noodle.plandoc import NodeDoc, PlanDoc, Predicted, SolverInfo, StageDoc
+
+    units = unit_names_of(model_dir)
+    vocab = int(read_config(model_dir).vocab_size)
+    gen = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, vocab, (prompt_tokens,), generator=gen).tolist()
+    native = load_model(model_dir)
+
+    def plan(cuts: list[int]) -> PlanDoc:
+        stages = [
+            StageDoc(stage_id=i, node=f"n{i}", device="cpu", layers=units[a:b], start=a, end=b, compute_ms=0.0,
+                     hop_ms=0.0, expected_latency_ms=0.0, memory_required_mb=0.0, memory_available_mb=0.0,
+                     rationale="benchmark")
+            for i, (a, b) in enumerate(zip(cuts, cuts[1:]))
+        ]  # fmt: skip
+        return PlanDoc(
+            name="bench", objective="latency", objective_ms=0.0, cost_model="none",
+            solver=SolverInfo(name="even", status="baseline", solve_time_s=0.0),
+            predicted=Predicted(token_latency_ms=0.0, bottleneck_ms=0.0, tokens_per_s=0.0), stages=stages,
+            units=units, workload={"prompt_tokens": prompt_tokens, "max_new_tokens": decode_tokens, "batch_size": 1},
+            nodes=[NodeDoc(id=s.node, device="cpu", memory_gb=1.0, compute_score=1.0) for s in stages],
+        )  # fmt: skip
+
+    executors: dict[str, Any] = {}
+    cuts_of: dict[str, list[int]] = {}
+    for k in range(1, max_stages + 1):
+        cuts_of[f"{k} stage{'s' if k > 1 else ''}"] = even_cuts(len(units), k)
+    for name, cuts in cuts_of.items():
+        executors[name] = LocalExecutor(plan(cuts), model_dir).__enter__()
+    ids = torch.tensor([prompt])
+    modes = ["native", *executors]
+    steps: dict[str, list[float]] = {m: [] for m in modes}
+    try:
+        for r in range(warmup + rounds):
+            order = modes[r % len(modes) :] + modes[: r % len(modes)]
+            for mode in order:
+                t = (
+                    _native_steps(native, ids, decode_tokens)
+                    if mode == "native"
+                    else _staged_steps(executors[mode], prompt, decode_tokens)
+                )
+                if r >= warmup:
+                    steps[mode].extend(x * 1e3 for x in t)
+            if log is not None:
+                log(f"round {r + 1}/{warmup + rounds}{' (warm-up)' if r < warmup else ''}")
+    finally:
+        for ex in executors.values():
+            ex.__exit__(None, None, None)
+
+    base = statistics.median(steps["native"])
+    result_modes: dict[str, Any] = {}
+    for mode in modes:
+        p50 = statistics.median(steps[mode])
+        result_modes[mode] = {
+            "stages": 0 if mode == "native" else len(cuts_of[mode]) - 1,
+            "cuts": cuts_of.get(mode),
+            "step_ms_p50": p50,
+            "step_ms_mean": statistics.fmean(steps[mode]),
+            "tokens_per_s": 1e3 / p50,
+            "overhead_pct": (p50 / base - 1.0) * 100.0,
+            "steps": len(steps[mode]),
+        }
+    return {
+        "benchmark": "exec_overhead",
+        "torch_threads": torch.get_num_threads(),
+        "device": f"cpu ({platform.processor() or platform.machine()})",
+        "rounds": rounds,
+        "warmup": warmup,
+        "prompt_tokens": prompt_tokens,
+        "decode_tokens": decode_tokens,
+        "modes": result_modes,
+    }
+
+
+def write_exec_overhead(result: dict[str, Any], out: Path, stem: str = "exec_overhead") -> dict[str, Path]:
+    """Write ``<stem>.json``, ``.csv`` and ``.png`` under ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {ext: out / f"{stem}.{ext}" for ext in ("json", "csv", "png")}
+    paths["json"].write_text(json.dumps(result, indent=2) + "\n")
+    with paths["csv"].open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["mode", "stages", "step_ms_p50", "tokens_per_s", "overhead_pct"])
+        for mode, e in result["modes"].items():
+            w.writerow([mode, e["stages"], f"{e['step_ms_p50']:.4f}", f"{e['tokens_per_s']:.3f}", f"{e['overhead_pct']:.3f}"])
+    names = list(result["modes"])
+    tps = [result["modes"][m]["tokens_per_s"] for m in names]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bars = ax.bar(names, tps, color=["#888888"] + ["#3b7dd8"] * (len(names) - 1))
+    for bar, m in zip(bars, names):
+        pct = result["modes"][m]["overhead_pct"]
+        ax.annotate("baseline" if m == "native" else f"{pct:+.1f}%", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize=9)  # fmt: skip
+    ax.set_ylabel("decode tokens/s (batch 1)")
+    ax.set_title(f"staged execution overhead ({result['rounds']} interleaved rounds, {result['torch_threads']} threads)")
+    fig.tight_layout()
+    fig.savefig(paths["png"], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def run_exec_bench(
+    preset: str = "gpt2", max_stages: int = 4, rounds: int = 5, warmup: int = 1, prompt_tokens: int = 32,
+    decode_tokens: int = 32, threads: int = 0, out: Path = Path("bench/results"), seed: int = 0,
+) -> dict[str, Any]:  # fmt: skip
+    """Build ``preset`` with random weights, measure, print a table, write JSON/CSV/PNG to ``out``."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from noodle.models import init_model
+
+    for flag, value, least in (("--max-stages", max_stages, 1), ("--rounds", rounds, 1), ("--warmup", warmup, 0),
+                               ("--prompt-tokens", prompt_tokens, 1), ("--decode-tokens", decode_tokens, 3),
+                               ("--threads", threads, 0)):  # fmt: skip
+        if value < least:
+            raise SpecError(f"{flag}: must be at least {least}, got {value}")
+    if threads:
+        torch.set_num_threads(threads)
+    err = Console(stderr=True)
+    with tempfile.TemporaryDirectory(prefix="noodle-bench-") as tmp:
+        with err.status(f"building {preset} with random weights"):
+            model_dir = init_model(preset, Path(tmp) / preset, seed=seed)
+        result = measure_exec_overhead(
+            model_dir, max_stages=max_stages, rounds=rounds, warmup=warmup, prompt_tokens=prompt_tokens,
+            decode_tokens=decode_tokens, seed=seed, log=lambda line: err.print(line, style="dim"),
+        )  # fmt: skip
+    result["model"] = preset
+    paths = write_exec_overhead(result, out)
+    table = Table(title=f"staged execution overhead, {preset}, decode batch 1 ({rounds} interleaved rounds)")
+    for col in ("mode", "cuts", "step p50 ms", "tokens/s", "overhead"):
+        table.add_column(col, justify="left" if col in ("mode", "cuts") else "right")
+    for mode, e in result["modes"].items():
+        table.add_row(mode, "-" if e["cuts"] is None else str(e["cuts"]), f"{e['step_ms_p50']:.2f}",
+                      f"{e['tokens_per_s']:.1f}", "-" if mode == "native" else f"{e['overhead_pct']:+.2f}%")  # fmt: skip
+    console = Console()
+    console.print(table)
+    console.print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return result
