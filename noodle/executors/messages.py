@@ -102,6 +102,7 @@ def encode(msg: StageInput | StageOutput) -> bytes:
 
 def decode(blob: bytes) -> StageInput | StageOutput:
     """Inverse of :func:`encode`; malformed bytes raise :class:`SpecError`."""
+    from safetensors import SafetensorError
     from safetensors.torch import load
 
     try:
@@ -112,7 +113,7 @@ def decode(blob: bytes) -> StageInput | StageOutput:
             return StageInput(meta["session"], tensors["data"], mask, bool(meta["prefill"]), bool(meta["all_logits"]))
         if meta["kind"] == "output":
             return StageOutput(meta["session"], tensors["data"], mask, bool(meta["is_logits"]))
-    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+    except (SafetensorError, KeyError, ValueError, TypeError, RuntimeError) as exc:
         raise SpecError(f"stage message: malformed payload ({exc})") from None
     raise SpecError(f"stage message: unknown kind {meta.get('kind')!r}, expected 'input' or 'output'")
 

@@ -124,19 +124,20 @@ def reference(model_dir: str | Path, prompts: Sequence[Sequence[int]], max_new_t
 def check_executor(
     factory: Callable[..., Any],
     model_dir: str | Path,
-    cuts: Sequence[int],
+    cuts: Sequence[int] | PlanDoc,
     prompts: Sequence[Sequence[int]],
     *,
     max_new_tokens: int = 6,
     atol: float = 1e-5,
 ) -> None:
-    """Run ``factory(plan, model_dir)`` on a plan cut at ``cuts`` and compare with ``generate``."""
-    plan = plan_for(model_dir, cuts)
+    """Run ``factory(plan, model_dir)`` on a plan cut at ``cuts`` (or a given plan) and compare with ``generate``."""
+    plan = cuts if isinstance(cuts, PlanDoc) else plan_for(model_dir, cuts)
     want_tokens, want_logits = reference(model_dir, prompts, max_new_tokens)
     with factory(plan, model_dir) as ex:
         result = ex.generate(prompts, max_new_tokens=max_new_tokens, keep_logits=True)
-    assert result.tokens == want_tokens, f"cuts {list(cuts)}: tokens differ from generate()"
+    where = [(st.start, st.end) for st in plan.stages]
+    assert result.tokens == want_tokens, f"stages {where}: tokens differ from generate()"
     assert len(result.logits) == len(want_logits)
     for step, (got, want) in enumerate(zip(result.logits, want_logits)):
         torch.testing.assert_close(got, want, atol=atol, rtol=1e-5, msg=lambda m: f"step {step}: {m}")
-    assert len(result.report.stages) == len(cuts) - 1
+    assert len(result.report.stages) == len(plan.stages)
