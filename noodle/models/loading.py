@@ -83,12 +83,20 @@ def build_model(config: Any, *, seed: int = 0, dtype: Any = None) -> Any:
     return model.eval()
 
 
-def init_model(source: str | Path | dict[str, Any], out: str | Path, *, seed: int = 0) -> Path:
-    """Build a model from a preset/config with seeded weights and ``save_pretrained`` it to ``out``."""
+def init_model(source: str | Path | dict[str, Any], out: str | Path, *, seed: int = 0, tokenizer: bool = True) -> Path:
+    """Build a model from a preset/config with seeded weights and ``save_pretrained`` it to ``out``.
+
+    With ``tokenizer`` a small byte-level BPE tokenizer is trained and saved beside the weights
+    (see :mod:`noodle.models.tokenizer`), so ``noodle exec --prompt TEXT`` works on the folder.
+    """
     out = Path(out)
     model = build_model(load_config(source), seed=seed)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
+    if tokenizer:
+        from noodle.models.tokenizer import save_tokenizer
+
+        save_tokenizer(out, int(model.config.get_text_config().vocab_size))
     (out / "noodle_init.json").write_text(json.dumps({"source": str(source), "seed": seed}) + "\n")
     return out
 
