@@ -3,16 +3,33 @@
 Solvers never call the cost model themselves: they read these arrays, so any
 cost model (additive or not) is solved exactly. ``INF`` marks a segment that may
 not exist (over memory, or against a pin).
+
+For :class:`~noodle.graph.costmodel.DefaultCostModel` (exactly that class, not a
+subclass) the tables are built with numpy from prefix sums, in the same floating-point
+operations as the model's own methods, so the arrays are identical to the generic
+loop (``tests/solvers/test_tables.py`` checks it); any other cost model is called
+once per (node, range), hop and return.
+
+Structure the solvers may exploit is recorded, never assumed:
+
+* ``compute_prefix``/``memory_prefix`` are set when every allowed segment's cost is
+  the difference of per-node prefix sums (an *additive* model, e.g. the default); for
+  other cost models build_tables checks additivity numerically and leaves them ``None``
+  when it does not hold;
+* :meth:`CostTables.flat_hops` gives ``hop[j, k]`` when a hop does not depend on the
+  cut position.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import itertools
+
 import numpy as np
 
 from noodle.errors import InfeasibleError
-from noodle.graph.costmodel import CostModel
+from noodle.graph.costmodel import CostModel, DefaultCostModel
 from noodle.types import GIB, Node, Plan, Problem
 
 __all__ = [
@@ -34,6 +51,9 @@ class CostTables:
         hop: ``hop[j, k, p]`` ms to hand unit p-1's output from node j to node k (p in 1..n-1).
         ret: ``ret[j, k]`` ms for the token to return from last node j to first node k (0 on the diagonal).
         max_stages: cap on the number of stages (the number of usable nodes when unset).
+        compute_prefix: ``P[j, i]`` with ``compute[j, s, e] == P[j, e] - P[j, s]`` (up to rounding) on every
+            allowed segment, when the cost model is additive; else None.
+        memory_prefix: ``M[j, i]`` with ``memory[j, s, e] == M[j, e] - M[j, s]`` exactly, when additive; else None.
     """
 
     nodes: tuple[Node, ...]
@@ -43,6 +63,21 @@ class CostTables:
     hop: np.ndarray
     ret: np.ndarray
     max_stages: int
+    compute_prefix: np.ndarray | None = None
+    memory_prefix: np.ndarray | None = None
+
+    @property
+    def additive(self) -> bool:
+        return self.compute_prefix is not None and self.memory_prefix is not None
+
+    def flat_hops(self) -> np.ndarray | None:
+        """``H[j, k]`` when every hop ``hop[j, k, p]`` (0 < p < n) is the same for all p; else None."""
+        if self.n < 2:
+            return np.zeros((len(self.nodes), len(self.nodes)))
+        inner = self.hop[:, :, 1 : self.n]
+        if np.all(inner == inner[:, :, :1]):
+            return inner[:, :, 0].copy()
+        return None
 
     def segments(self) -> list[tuple[int, int, int]]:
         """All allowed (j, s, e), i.e. where compute is finite."""
@@ -52,6 +87,64 @@ class CostTables:
 
 def build_tables(problem: Problem, cost_model: CostModel) -> CostTables:
     """Evaluate the cost model on every (node, range), hop and return edge."""
+    if type(cost_model) is DefaultCostModel:
+        return _build_default(problem)
+    return _build_generic(problem, cost_model)
+
+
+def _allowed(problem: Problem, nodes: tuple[Node, ...], memory: np.ndarray) -> np.ndarray:
+    """``allowed[j, s, e]``: s < e, within memory, and consistent with the pins."""
+    n = problem.num_units
+    s_idx = np.arange(n + 1)[:, None]
+    e_idx = np.arange(n + 1)[None, :]
+    ok = np.broadcast_to(s_idx < e_idx, memory.shape).copy()
+    for j, node in enumerate(nodes):
+        ok[j] &= memory[j] <= node.memory_bytes
+        for pin in problem.constraints.pins:
+            if pin.node == node.id:
+                ok[j] &= (s_idx <= pin.start) & (e_idx >= pin.end)
+            else:
+                ok[j] &= ~((s_idx < pin.end) & (e_idx > pin.start))
+    return ok
+
+
+def _build_default(problem: Problem) -> CostTables:
+    """The default model in numpy: the same float operations as its methods, in bulk."""
+    nodes = tuple(problem.usable_nodes())
+    n, m = problem.num_units, len(nodes)
+    per_token = problem.workload.context_tokens * problem.workload.batch_size
+    lat = np.array([0.0, *itertools.accumulate(u.latency_ms for u in problem.units)])
+    mem = np.array(
+        [0, *itertools.accumulate(u.param_bytes + u.kv_bytes_per_token * per_token for u in problem.units)],
+        dtype=np.int64,
+    )
+    seg_lat = lat[None, :] - lat[:, None]  # [s, e] = lat[e] - lat[s]
+    seg_mem = mem[None, :] - mem[:, None]
+    memory = np.zeros((m, n + 1, n + 1), dtype=np.int64)
+    upper = np.triu(np.ones((n + 1, n + 1), dtype=bool), 1)
+    memory[:, upper] = seg_mem[upper]
+    ok = _allowed(problem, nodes, memory)
+    scores = np.array([nd.compute_score for nd in nodes], dtype=float)
+    compute = np.where(ok, seg_lat[None] / scores[:, None, None], INF)
+    act = np.array([0.0, *(float(u.activation_bytes) for u in problem.units)])  # act[p] = unit p-1's bytes
+    hop = np.zeros((m, m, n + 1))
+    ret = np.zeros((m, m))
+    for j, a in enumerate(nodes):
+        for k, b in enumerate(nodes):
+            if j != k:
+                link = problem.cluster.link(a.id, b.id)
+                ret[j, k] = link.latency_ms
+                if n > 1:
+                    hop[j, k, 1:n] = link.latency_ms + act[1:n] * 8.0 / (link.bandwidth_gbps * 1e9) * 1e3
+    cap = problem.constraints.max_stages or m
+    return CostTables(
+        nodes, n, compute, memory, hop, ret, min(cap, m),
+        compute_prefix=lat[None, :] / scores[:, None],
+        memory_prefix=np.broadcast_to(mem, (m, n + 1)).copy(),
+    )
+
+
+def _build_generic(problem: Problem, cost_model: CostModel) -> CostTables:
     nodes = tuple(problem.usable_nodes())
     n, m = problem.num_units, len(nodes)
     compute = np.full((m, n + 1, n + 1), INF)
@@ -80,7 +173,32 @@ def build_tables(problem: Problem, cost_model: CostModel) -> CostTables:
                 for p in range(1, n):
                     hop[j, k, p] = cost_model.hop_ms(problem, a, b, p)
     cap = problem.constraints.max_stages or m
-    return CostTables(nodes, n, compute, memory, hop, ret, min(cap, m))
+    cpre, mpre = _additive_prefixes(problem, cost_model, nodes, compute, memory)
+    return CostTables(nodes, n, compute, memory, hop, ret, min(cap, m), compute_prefix=cpre, memory_prefix=mpre)
+
+
+def _additive_prefixes(
+    problem: Problem, cost_model: CostModel, nodes: tuple[Node, ...], compute: np.ndarray, memory: np.ndarray
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Per-node prefix sums when the model is additive on every allowed segment (checked), else (None, None)."""
+    n, m = problem.num_units, len(nodes)
+    if n == 0 or m == 0:
+        return None, None
+    unit_c = np.array([[cost_model.stage_compute_ms(problem, nd, i, i + 1) for i in range(n)] for nd in nodes])
+    if not np.all(np.isfinite(unit_c)) or np.any(unit_c < 0):
+        return None, None
+    cpre = np.concatenate([np.zeros((m, 1)), np.cumsum(unit_c, axis=1)], axis=1)
+    mpre = np.concatenate([np.zeros((m, 1), dtype=np.int64), np.cumsum(memory[:, np.arange(n), np.arange(n) + 1], axis=1)],
+                          axis=1)
+    upper = np.triu(np.ones((n + 1, n + 1), dtype=bool), 1)
+    mem_sum = mpre[:, None, :] - mpre[:, :, None]
+    if not np.array_equal(memory[:, upper], mem_sum[:, upper]) or np.any(memory[:, upper] < 0):
+        return None, None
+    fin = np.isfinite(compute)
+    sums = (cpre[:, None, :] - cpre[:, :, None])
+    if not np.allclose(compute[fin], sums[fin], rtol=1e-9, atol=1e-12):
+        return None, None
+    return cpre, mpre
 
 
 def _gib(nbytes: float) -> str:
