@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "noodle.cli.model",
     "noodle.cli.profile",
     "noodle.cli.bench_profile",
+    "noodle.cli.worker",
 )
 
 app = typer.Typer(

@@ -171,8 +171,22 @@ def _local() -> ExecutorFactory:
     return LocalExecutor
 
 
+def _torchrpc() -> ExecutorFactory:
+    from noodle.executors.torchrpc import TorchRpcExecutor
+
+    return TorchRpcExecutor
+
+
+def _grpc() -> ExecutorFactory:
+    from noodle.executors.grpc.coordinator import GrpcExecutor
+
+    return GrpcExecutor
+
+
 EXECUTORS: Registry[ExecutorFactory] = Registry("executor", error=ExecutorError)
 EXECUTORS.register("local", _local)
+EXECUTORS.register("torchrpc", _torchrpc)
+EXECUTORS.register("grpc", _grpc)
 
 
 def check_plan(plan: PlanDoc, unit_names: list[str], *, where: str = "plan") -> None:

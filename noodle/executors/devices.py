@@ -19,7 +19,7 @@ from noodle.errors import SpecError
 from noodle.executors.messages import StageInput, StageOutput
 from noodle.executors.stage import Session, Stage
 
-__all__ = ["DeviceStage", "parse_device", "make_stage"]
+__all__ = ["DeviceStage", "parse_device", "make_stage", "warm_up"]
 
 
 def parse_device(text: str | None, *, field: str = "device") -> torch.device:
@@ -76,3 +76,14 @@ def make_stage(folder: str | Path, start: int, end: int, *, name: str = "", devi
     if device is None or device.type == "cpu":
         return Stage(folder, start, end, name=name)
     return DeviceStage(folder, start, end, name=name, device=device)
+
+
+def warm_up(stage: Stage) -> None:
+    """One throw-away prefill step, so the first real step does not pay one-off costs (as ``local`` does)."""
+    if stage.is_first:
+        data = torch.zeros(1, 1, dtype=torch.long)
+    else:
+        dtype = next((p.dtype for m in stage.slice.modules() for p in m.parameters()), torch.float32)
+        data = torch.zeros(1, 1, int(stage.config.hidden_size), dtype=dtype)
+    stage.step(StageInput("warm-up", data, None, prefill=True))
+    stage.end_session("warm-up")

@@ -37,13 +37,13 @@ from noodle.errors import ExecutorError, NoodleError, SpecError
 __all__ = [
     "OP_STEP", "OP_LOAD", "OP_END", "OP_SHUTDOWN", "OP_ERROR", "OP_PING",
     "F_PREFILL", "F_ALL_LOGITS", "F_TOP1", "F_MASK", "F_LOGITS",
-    "Ring", "header_len", "slot", "units_hash", "world_from_env", "make_group", "run_worker",
+    "Ring", "header_len", "slot", "units_hash", "world_from_env", "make_group", "run_worker", "short_error",
 ]  # fmt: skip
 
 OP_STEP, OP_LOAD, OP_END, OP_SHUTDOWN, OP_ERROR, OP_PING = 1, 2, 3, 4, 5, 6
 F_PREFILL, F_ALL_LOGITS, F_TOP1, F_MASK, F_LOGITS = 1, 2, 4, 8, 16
 # header: 0 op, 1 session, 2 flags, 3 dtype, 4 ndim, 5-7 shape, 8-9 mask shape, 10 seq,
-# 11 error bytes, 12 error rank, 13 units hash, 14-15 spare, then 4 slots per stage (see slot()).
+# 11 error bytes, 12 error rank (or the lost rank), 13 units hash, 14 lost-peer flag, 15 spare, then 4 slots per stage (see slot()).
 _BASE = 16
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8]
 
@@ -175,9 +175,17 @@ def make_group(store: Any, rank: int, world: int, backend: str, timeout_s: float
     return dist.ProcessGroupGloo(store, rank, world, opts)
 
 
+def short_error(exc: BaseException) -> str:
+    """The first sentence of a c10d/Gloo error, without its source path and advice."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if text.startswith("[") and "] " in text:
+        text = text.split("] ", 1)[1]
+    return text.split(". This is typically")[0]
+
+
 def _report_lost(ring: Ring, text: str) -> None:
     hdr = ring.new_header()
-    hdr[12] = ring.prev
+    hdr[12], hdr[14] = ring.prev, 1  # slot 14 = 1: a peer was lost, not a stage error
     try:
         ring.send_error(hdr, text, ring.next)
     except RuntimeError:
@@ -188,25 +196,33 @@ def _parent_watch(parent: int) -> None:
     """Exit when the spawning coordinator is gone (spawned workers only)."""
     while True:
         time.sleep(0.5)
-        if os.getppid() != parent:
+        try:
+            os.kill(parent, 0)
+        except ProcessLookupError:
             os._exit(3)
+        except PermissionError:
+            pass
 
 
 def run_worker(model_dir: str | Path, *, device: str = "cpu", backend: str = "gloo", timeout_s: float = 1800.0,
-               host: str | None = None, threads: int = 0) -> int:  # fmt: skip
-    """Join the world from the environment, serve one stage until ``SHUTDOWN``; returns an exit code."""
+               host: str | None = None, threads: int = 0, join: tuple[str, int, int, int] | None = None,
+               parent_pid: int | None = None) -> int:  # fmt: skip
+    """Join the world, serve one stage until ``SHUTDOWN``; returns an exit code.
+
+    ``join`` is ``(MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE)``, read from the environment
+    when not given; ``parent_pid`` makes a spawned worker exit when its coordinator is gone.
+    """
     import torch.distributed as dist
 
-    from noodle.executors.devices import make_stage, parse_device
+    from noodle.executors.devices import make_stage, parse_device, warm_up
     from noodle.executors.messages import StageInput
     from noodle.executors.slicing import unit_names_of
 
     if threads:
         torch.set_num_threads(threads)
-    parent = os.environ.get("NOODLE_PARENT_PID")
-    if parent:
-        threading.Thread(target=_parent_watch, args=(int(parent),), daemon=True).start()
-    addr, port, rank, world = world_from_env()
+    if parent_pid:
+        threading.Thread(target=_parent_watch, args=(parent_pid,), daemon=True).start()
+    addr, port, rank, world = join or world_from_env()
     if rank == 0:
         raise SpecError("torchrpc worker: RANK 0 is the coordinator (`noodle exec --backend torchrpc`); workers are 1..N")
     dev = parse_device(device, field="--device")
@@ -214,7 +230,8 @@ def run_worker(model_dir: str | Path, *, device: str = "cpu", backend: str = "gl
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     # workers are never the store's master, under torchrun (agent store) or not
-    store = dist.PrefixStore("noodle", dist.TCPStore(addr, port, world, is_master=False, timeout=datetime.timedelta(seconds=timeout_s)))
+    tcp = dist.TCPStore(addr, port, world, is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
+    store = dist.PrefixStore("noodle", tcp)
     units = unit_names_of(model_dir)
     store.set(f"ready/{rank}", str(os.getpid()))
     ring = Ring(make_group(store, rank, world, backend, timeout_s, host), rank, world, comm)
@@ -224,7 +241,7 @@ def run_worker(model_dir: str | Path, *, device: str = "cpu", backend: str = "gl
         try:
             hdr = ring.recv_header(ring.prev)
         except RuntimeError as exc:  # the previous rank is gone: say so downstream if we can, then leave
-            _report_lost(ring, f"rank {rank}: lost rank {ring.prev} ({str(exc).splitlines()[0]})")
+            _report_lost(ring, f"rank {rank} lost its connection to rank {ring.prev} ({short_error(exc)})")
             return 4
         op = int(hdr[0])
         if op == OP_ERROR:
@@ -270,6 +287,7 @@ def run_worker(model_dir: str | Path, *, device: str = "cpu", backend: str = "gl
                 start, end, want = int(hdr[slot(k, 0)]), int(hdr[slot(k, 1)]), int(hdr[slot(k, 2)])
                 stage_dev = dev if want < 0 else parse_device(f"cuda:{want}", field="plan device")
                 stage = make_stage(model_dir, start, end, name=f"rank{rank}", device=stage_dev)
+                warm_up(stage)
                 hdr[slot(k, 2)] = stage.param_bytes()
                 ring.send([hdr], ring.next)
             else:
@@ -278,27 +296,3 @@ def run_worker(model_dir: str | Path, *, device: str = "cpu", backend: str = "gl
             hdr[12] = rank
             ring.send_error(hdr, f"rank {rank} (stage {k}):\n{traceback.format_exc()}", ring.next)
 
-
-def _main(argv: Sequence[str] | None = None) -> int:
-    """Entry of the processes a spawning coordinator starts (``python -m noodle.executors.torchdist``)."""
-    import argparse
-    import sys
-
-    ap = argparse.ArgumentParser(prog="noodle.executors.torchdist")
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--backend", default="gloo", choices=("gloo", "nccl"))
-    ap.add_argument("--timeout", type=float, default=1800.0)
-    ap.add_argument("--host", default=None)
-    ap.add_argument("--threads", type=int, default=0)
-    args = ap.parse_args(argv)
-    try:
-        return run_worker(args.model, device=args.device, backend=args.backend, timeout_s=args.timeout,
-                          host=args.host, threads=args.threads)  # fmt: skip
-    except NoodleError as exc:
-        print(f"noodle worker: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-
-
-if __name__ == "__main__":
-    raise SystemExit(_main())

@@ -41,7 +41,6 @@ import itertools
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -59,9 +58,10 @@ from noodle.executors.messages import StageInput
 from noodle.executors.netreport import FailoverEvent, StepTrace, TraceBook
 from noodle.executors.slicing import read_config, unit_names_of
 from noodle.executors.torchdist import (
-    F_ALL_LOGITS, F_PREFILL, F_TOP1, OP_END, OP_ERROR, OP_LOAD, OP_PING, OP_SHUTDOWN, OP_STEP, Ring, make_group, slot,
-    units_hash, world_from_env,
+    F_ALL_LOGITS, F_PREFILL, F_TOP1, OP_END, OP_ERROR, OP_LOAD, OP_PING, OP_SHUTDOWN, OP_STEP, Ring, make_group,
+    run_worker, short_error, slot, units_hash, world_from_env,
 )  # fmt: skip
+from noodle.executors.spawner import WorkerProcess
 from noodle.plandoc import PlanDoc
 
 __all__ = ["TorchRpcExecutor"]
@@ -128,8 +128,7 @@ class TorchRpcExecutor:
         self.devices = self._devices()
         gpu_all = all(d >= 0 for d in self.devices) and torch.cuda.is_available()
         self.backend = ("nccl" if gpu_all and torch.distributed.is_nccl_available() else "gloo") if backend == "auto" else backend
-        self._procs: list[subprocess.Popen[bytes]] = []
-        self._logs: list[Any] = []
+        self._procs: list[WorkerProcess] = []
         self._ring: Ring | None = None
         self._store: Any = None
         self._sessions = itertools.count(1)
@@ -156,6 +155,10 @@ class TorchRpcExecutor:
         if self._ring is None:
             try:
                 self._start()
+            except _Lost as exc:
+                lost = self._lost_ranks()
+                self.close()
+                raise ExecutorError(f"torchrpc: the ring broke while loading the stages ({exc}); {lost}") from None
             except BaseException:
                 self.close()
                 raise
@@ -193,17 +196,16 @@ class TorchRpcExecutor:
         self._load()
 
     def _spawn(self, port: int) -> None:
-        env = dict(os.environ, MASTER_ADDR=self.host, MASTER_PORT=str(port), WORLD_SIZE=str(self.world),
-                   NOODLE_PARENT_PID=str(os.getpid()), OMP_NUM_THREADS=str(self.threads))  # fmt: skip
-        env.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+        from noodle.executors.spawner import spawn
+
+        preload = [type(read_config(self.model_dir)).__module__.replace("configuration_", "modeling_")]
         for rank in range(1, self.world):
             device = "cpu" if self.devices[rank - 1] < 0 else f"cuda:{self.devices[rank - 1]}"
-            cmd = [sys.executable, "-m", "noodle.executors.torchdist", "--model", str(self.model_dir),
-                   "--device", device, "--backend", self.backend, "--host", self.host,
-                   "--threads", str(self.threads), "--timeout", str(self.policy.step_timeout_s * 4)]  # fmt: skip
-            log = tempfile.TemporaryFile()
-            self._logs.append(log)
-            self._procs.append(subprocess.Popen(cmd, env=dict(env, RANK=str(rank)), stdout=log, stderr=log))
+            self._procs.append(
+                spawn(run_worker, str(self.model_dir), device=device, backend=self.backend, host=self.host,
+                      threads=self.threads, timeout_s=self.policy.step_timeout_s * 4, preload=preload,
+                      join=(self.host, port, rank, self.world), parent_pid=os.getpid())  # fmt: skip
+            )
 
     def _wait_ready(self, store: Any) -> None:
         keys = [f"ready/{r}" for r in range(1, self.world)]
@@ -224,11 +226,9 @@ class TorchRpcExecutor:
             time.sleep(0.05)
 
     def _log_tail(self, rank: int) -> str | None:
-        if not 1 <= rank <= len(self._logs):
+        if not 1 <= rank <= len(self._procs):
             return None
-        f = self._logs[rank - 1]
-        f.seek(0)
-        return f.read()[-4000:].decode(errors="replace") or None
+        return self._procs[rank - 1].log_text()[-4000:] or None
 
     def _load(self) -> None:
         ring = self._ring
@@ -258,14 +258,19 @@ class TorchRpcExecutor:
             if int(back[0]) == OP_ERROR:
                 raise self._remote_error(back)
         except RuntimeError as exc:
-            raise _Lost(str(exc).splitlines()[0]) from None
+            raise _Lost(short_error(exc)) from None
         return back
 
-    def _remote_error(self, hdr: torch.Tensor) -> ExecutorError:
+    def _node(self, rank: int) -> str:
+        return self.plan.stages[rank - 1].node if 1 <= rank < self.world else "the coordinator"
+
+    def _remote_error(self, hdr: torch.Tensor) -> Exception:
         assert self._ring is not None
         text = self._ring.recv_error(hdr, self.world - 1, self.policy.step_timeout_s)
         rank = int(hdr[12])
-        node = self.plan.stages[rank - 1].node if 1 <= rank < self.world else "?"
+        node = self._node(rank)
+        if int(hdr[14]):
+            return _Lost(f"{text.strip()}; rank {rank} held {node}")
         first = text.strip().splitlines()[-1] if text.strip() else "error"
         return ExecutorError(f"torchrpc: stage on {node} (rank {rank}) failed: {first}", remote_traceback=text)
 
@@ -289,10 +294,8 @@ class TorchRpcExecutor:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=10)
+            proc.close()
         self._procs = []
-        for f in self._logs:
-            f.close()
-        self._logs = []
 
     def _kill_world(self) -> None:
         for proc in self._procs:
@@ -304,8 +307,12 @@ class TorchRpcExecutor:
         self._stop_procs()
         self._store = None
 
-    def _lost_ranks(self) -> str:
-        dead = [f"rank {r} ({self.plan.stages[r - 1].node}) exited with code {p.returncode}"
+    def _lost_ranks(self, settle_s: float = 1.0) -> str:
+        # a killed process closes its sockets a moment before it can be reaped: give it that moment
+        deadline = time.monotonic() + settle_s
+        while self._procs and all(p.poll() is None for p in self._procs) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        dead = [f"rank {r} ({self._node(r)}) exited with code {p.returncode}"
                 for r, p in enumerate(self._procs, 1) if p.poll() is not None]  # fmt: skip
         return "; ".join(dead) or "every worker process is alive: one hung or the network dropped"
 
@@ -324,16 +331,21 @@ class TorchRpcExecutor:
                 raise self._remote_error(back)
             data, _ = ring.recv_data(back, self.world - 1, self.policy.step_timeout_s)
         except RuntimeError as exc:
-            raise _Lost(str(exc).splitlines()[0]) from None
+            raise _Lost(short_error(exc)) from None
         return data.cpu(), bool(int(back[2]) & F_TOP1 and data.dim() == 1), back, start, time.monotonic_ns()
 
     def _restart(self, reason: str, step: int, history: list[StageInput], session: int, t0: float) -> None:
         lost = self._lost_ranks()
         self._kill_world()
         self._log(f"noodle: torchrpc lost the ring at step {step} ({reason}; {lost}); respawning {self.world - 1} workers")
-        self._start()
-        for x in history:
-            self._step(x, session, top1=True)
+        try:
+            self._start()
+            for x in history:
+                self._step(x, session, top1=True)
+        except _Lost as exc:
+            lost = self._lost_ranks()
+            self._kill_world()
+            raise ExecutorError(f"torchrpc: the respawned ring broke too ({exc}); {lost}") from None
         ev = FailoverEvent(step=step, node=lost, reason=reason, action="restarted",
                            detail=f"respawned {self.world - 1} workers on a new world and replayed {len(history)} steps",
                            replayed_steps=len(history), seconds=time.perf_counter() - t0)  # fmt: skip

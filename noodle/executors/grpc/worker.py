@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import signal
+import sys
 import threading
 import time
 import traceback
@@ -37,7 +39,7 @@ import grpc
 import torch
 
 from noodle.errors import ExecutorError, ModelError, SpecError
-from noodle.executors.devices import make_stage, parse_device
+from noodle.executors.devices import make_stage, parse_device, warm_up
 from noodle.executors.grpc import stage_service_pb2 as pb
 from noodle.executors.grpc import stage_service_pb2_grpc as pb_grpc
 from noodle.executors.grpc.wire import DEFAULT_MAX_TENSOR_BYTES, from_proto, to_proto
@@ -45,7 +47,7 @@ from noodle.executors.messages import StageInput
 from noodle.executors.slicing import read_config, unit_names_of, weight_index
 from noodle.executors.stage import Stage
 
-__all__ = ["WorkerConfig", "StageServicer", "serve", "TRACEBACK_KEY", "DEFAULT_MAX_MESSAGE_BYTES"]
+__all__ = ["WorkerConfig", "StageServicer", "serve", "run_forever", "TRACEBACK_KEY", "DEFAULT_MAX_MESSAGE_BYTES"]
 
 TRACEBACK_KEY = "noodle-traceback-bin"
 DEFAULT_MAX_MESSAGE_BYTES = 512 * 2**20
@@ -260,6 +262,7 @@ class StageServicer(pb_grpc.StageServiceServicer):
                 self._evict_for_one_more()
                 try:
                     stage = make_stage(self.model_dir, request.start, request.end, name=request.name or sid, device=device)
+                    warm_up(stage)
                 except ModelError as exc:
                     raise _Refuse(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from None
                 with self._lock:
@@ -408,3 +411,21 @@ def serve(config: WorkerConfig) -> tuple[grpc.Server, StageServicer, int]:
         raise SpecError(f"--port: cannot listen on {address} (in use, or not an address of this machine)")
     server.start()
     return server, servicer, port
+
+
+def run_forever(config: WorkerConfig) -> int:
+    """Serve until SIGTERM/SIGINT (main thread only); the first stdout line says where it listens."""
+    server, servicer, port = serve(config)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    auth = "token required" if config.token else "no token"
+    tls = "TLS" if config.tls_cert else "plaintext"
+    print(f"noodle worker: serving grpc on {config.host}:{port} ({config.model_dir}, {auth}, {tls})", flush=True)
+    try:
+        stop.wait()
+    finally:
+        server.stop(grace=2).wait()
+        servicer.close()
+    print("noodle worker: stopped", file=sys.stderr, flush=True)
+    return 0
