@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 NOODLE := $(VENV)/bin/noodle
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo demo-plan test bench clean
 
 setup: $(VENV)/.installed
 
@@ -15,9 +15,21 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-demo: setup
-	$(NOODLE) solve specs/gpt2-home-lab.yaml --out out/plan.json
+# The whole loop on GPT-2 small (random weights): init, profile, solve, plot, execute.
+demo: setup out/models/gpt2/config.json
+	$(NOODLE) profile --model out/models/gpt2 --out out/profile/gpt2 --iterations 20 --warmup 3
+	$(NOODLE) solve specs/gpt2-profiled.yaml --out out/plan.json
 	$(NOODLE) plot out/plan.json --out out/plan.png
+	$(NOODLE) exec out/plan.json --model out/models/gpt2 --emulate \
+		--prompt "The planner measures every layer and" --max-new-tokens 16
+
+out/models/gpt2/config.json: | setup
+	$(NOODLE) model init --preset gpt2 --out out/models/gpt2
+
+# Planning only, in seconds: the analytic GPT-2 profile on the home lab.
+demo-plan: setup
+	$(NOODLE) solve specs/gpt2-home-lab.yaml --out out/plan-analytic.json
+	$(NOODLE) plot out/plan-analytic.json --out out/plan-analytic.png
 
 test: setup
 	$(PY) -m pytest

@@ -115,7 +115,7 @@ def test_published_schema_matches_the_models():
     assert committed == spec_json_schema(), "regenerate: python -m noodle.spec > specs/spec.schema.json"
 
 
-@pytest.mark.parametrize("name", ["gpt2-home-lab", "llama-70b-mixed", "infeasible", "inline-pins"])
+@pytest.mark.parametrize("name", ["gpt2-home-lab", "gpt2-profiled", "llama-70b-mixed", "infeasible", "inline-pins"])
 def test_example_specs_validate_against_the_schema(name):
     jsonschema = pytest.importorskip("jsonschema")
     data = yaml.safe_load((ROOT / "specs" / f"{name}.yaml").read_text())
