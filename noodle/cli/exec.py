@@ -140,8 +140,15 @@ def exec_cmd(
     fmt: str = typer.Option("table", "--format", "-f", help="stdout format: table | json"),
     emulate: bool = typer.Option(False, "--emulate", help="sleep to stretch stages and hops to the plan's nodes and links"),
     threads: int = typer.Option(0, "--threads", help="torch CPU threads (0: torch's default)"),
+    workers: str | None = typer.Option(None, "--workers", envvar="NOODLE_WORKERS", help="grpc: node=host:port,... (default: each plan node's address)"),
+    spare: str | None = typer.Option(None, "--spare", envvar="NOODLE_SPARE", help="grpc: host:port,... of idle workers to move a dead node's stage to"),
+    token: str | None = typer.Option(None, "--token", envvar="NOODLE_TOKEN", help="grpc: the workers' shared token"),
+    tls_ca: Path | None = typer.Option(None, "--tls-ca", envvar="NOODLE_TLS_CA", help="grpc: certificate to trust; turns TLS on"),
+    step_timeout: float | None = typer.Option(None, "--step-timeout", help="grpc/torchrpc: seconds a stage may take per step (default 60)"),
 ) -> None:
     """Run a plan's stages on a model and report measured vs planned latency per stage."""
+    from noodle.cli.network import backend_options, render_network
+
     if fmt not in FORMATS:
         raise SpecError(f"--format: {fmt!r} is not a format; use one of {', '.join(FORMATS)}")
     if backend not in EXECUTORS:
@@ -163,7 +170,8 @@ def exec_cmd(
 
         torch.set_num_threads(threads)
     err = Console(stderr=True)
-    executor = EXECUTORS.get(backend)(doc, model, emulate=emulate)
+    options = backend_options(backend, workers=workers, spare=spare, token=token, tls_ca=tls_ca, step_timeout=step_timeout)
+    executor = EXECUTORS.get(backend)(doc, model, emulate=emulate, **options)
     check_workload(doc, prompts, max_new_tokens, where=str(plan))
     with err.status(f"loading {len(doc.stages)} stage(s) of {model} ({backend})"):
         executor.__enter__()
@@ -190,6 +198,7 @@ def exec_cmd(
             line += f"\n    text: {tokenizer.decode(toks, skip_special_tokens=True)!r}"
         out.print(line, highlight=False)
     render_report(result.report, out)
+    render_network(result.report, out)
 
 
 def register(app: typer.Typer) -> None:

@@ -99,6 +99,17 @@ def test_cli_exec_with_workers_from_the_environment(tiny_models, pool, tmp_path,
     assert code == 0
     assert out["tokens"] == reference(model, [[5, 17, 99, 42]], 4)[0]
     assert out["report"]["backend"] == "grpc" and len(out["report"]["hops"]) == 3
+    monkeypatch.delenv("NOODLE_WORKERS")
+    monkeypatch.delenv("NOODLE_TOKEN")
+    monkeypatch.setenv("COLUMNS", "200")
+    workers = ",".join(f"node{i}={w.address}" for i, w in enumerate(pool.workers[:2]))
+    code = main(["exec", str(plan_file), "--model", str(model), "--backend", "grpc", "--prompt-ids", "5,17,99,42",
+                 "-n", "3", "--workers", workers, "--token", TOKEN, "--step-timeout", "30"])  # fmt: skip
+    table = capsys.readouterr().out
+    assert code == 0 and "node0->node1" in table and "planned hop ms" in table and "per decode step" in table
+    assert main(["exec", str(plan_file), "--model", str(model), "--backend", "grpc", "--prompt-ids", "5",
+                 "--workers", workers, "--token", TOKEN, "--step-timeout", "0"]) == 2  # fmt: skip
+    assert "--step-timeout: must be > 0" in capsys.readouterr().err
 
 
 def test_missing_token_or_address_is_refused(tiny_models, pool):
