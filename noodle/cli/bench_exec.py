@@ -12,11 +12,11 @@ __all__ = ["register", "bench_exec_cmd"]
 def bench_exec_cmd(
     preset: str = typer.Option("gpt2", "--preset", help="model preset to measure (random weights)"),
     max_stages: int = typer.Option(4, "--max-stages", help="measure plans of 1..N stages"),
-    rounds: int = typer.Option(5, "--rounds", help="interleaved rounds (each runs every mode once)"),
+    rounds: int = typer.Option(10, "--rounds", help="interleaved rounds (each runs every mode once)"),
     warmup: int = typer.Option(1, "--warmup", help="warm-up rounds, not counted"),
     prompt_tokens: int = typer.Option(32, "--prompt-tokens"),
     decode_tokens: int = typer.Option(32, "--decode-tokens"),
-    threads: int = typer.Option(0, "--threads", help="torch CPU threads (0: torch's default)"),
+    threads: int = typer.Option(1, "--threads", help="torch CPU threads (0: torch's default; 1 keeps a shared box quiet)"),
     out: Path = typer.Option(Path("bench/results"), "--out", "-o", help="results folder"),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:

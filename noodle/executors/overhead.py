@@ -34,28 +34,34 @@ def even_cuts(num_units: int, stages: int) -> list[int]:
     return [0, *(1 + round(k * blocks / stages) for k in range(1, stages)), num_units]
 
 
-def _native_steps(model: Any, ids: torch.Tensor, decode_tokens: int) -> list[float]:
+def _stamp() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def _deltas(stamps: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    return [(b[0] - a[0], b[1] - a[1]) for a, b in zip(stamps, stamps[1:])]
+
+
+def _native_steps(model: Any, ids: torch.Tensor, decode_tokens: int) -> list[tuple[float, float]]:
     from transformers import DynamicCache
 
-    times: list[float] = []
+    stamps: list[tuple[float, float]] = []
     with torch.inference_mode():
         cache = DynamicCache(config=model.config)
         out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
         nxt = out.logits[:, -1, :].argmax(-1, keepdim=True)
-        prev = time.perf_counter()
+        stamps.append(_stamp())
         for _ in range(decode_tokens - 1):
             out = model(input_ids=nxt, cache=cache, use_cache=True)
             nxt = out.logits[:, -1, :].argmax(-1, keepdim=True)
-            now = time.perf_counter()
-            times.append(now - prev)
-            prev = now
-    return times
+            stamps.append(_stamp())
+    return _deltas(stamps)
 
 
-def _staged_steps(executor: Any, prompt: list[int], decode_tokens: int) -> list[float]:
-    stamps: list[float] = []
-    executor.generate([prompt], max_new_tokens=decode_tokens, on_step=lambda _n: stamps.append(time.perf_counter()))
-    return [b - a for a, b in zip(stamps, stamps[1:])]
+def _staged_steps(executor: Any, prompt: list[int], decode_tokens: int) -> list[tuple[float, float]]:
+    stamps: list[tuple[float, float]] = []
+    executor.generate([prompt], max_new_tokens=decode_tokens, on_step=lambda _n: stamps.append(_stamp()))
+    return _deltas(stamps)
 
 
 def measure_exec_overhead(
@@ -105,6 +111,8 @@ def measure_exec_overhead(
     ids = torch.tensor([prompt])
     modes = ["native", *executors]
     steps: dict[str, list[float]] = {m: [] for m in modes}
+    cpu: dict[str, list[float]] = {m: [] for m in modes}
+    round_p50: dict[str, list[float]] = {m: [] for m in modes}
     try:
         for r in range(warmup + rounds):
             order = modes[r % len(modes) :] + modes[: r % len(modes)]
@@ -115,7 +123,9 @@ def measure_exec_overhead(
                     else _staged_steps(executors[mode], prompt, decode_tokens)
                 )
                 if r >= warmup:
-                    steps[mode].extend(x * 1e3 for x in t)
+                    steps[mode].extend(wall * 1e3 for wall, _ in t)
+                    cpu[mode].extend(c * 1e3 for _, c in t)
+                    round_p50[mode].append(statistics.median(wall for wall, _ in t) * 1e3)
             if log is not None:
                 log(f"round {r + 1}/{warmup + rounds}{' (warm-up)' if r < warmup else ''}")
     finally:
@@ -123,9 +133,11 @@ def measure_exec_overhead(
             ex.__exit__(None, None, None)
 
     base = statistics.median(steps["native"])
+    base_cpu = statistics.median(cpu["native"])
     result_modes: dict[str, Any] = {}
     for mode in modes:
         p50 = statistics.median(steps[mode])
+        cpu_p50 = statistics.median(cpu[mode])
         result_modes[mode] = {
             "stages": 0 if mode == "native" else len(cuts_of[mode]) - 1,
             "cuts": cuts_of.get(mode),
@@ -133,6 +145,12 @@ def measure_exec_overhead(
             "step_ms_mean": statistics.fmean(steps[mode]),
             "tokens_per_s": 1e3 / p50,
             "overhead_pct": (p50 / base - 1.0) * 100.0,
+            # median over rounds of this round's p50 / the native p50 of the same round
+            "overhead_pct_paired": (
+                statistics.median(a / b for a, b in zip(round_p50[mode], round_p50["native"])) - 1.0
+            ) * 100.0,
+            "cpu_ms_p50": cpu_p50,
+            "overhead_pct_cpu": (cpu_p50 / base_cpu - 1.0) * 100.0,
             "steps": len(steps[mode]),
         }
     return {
@@ -159,19 +177,23 @@ def write_exec_overhead(result: dict[str, Any], out: Path, stem: str = "exec_ove
     paths["json"].write_text(json.dumps(result, indent=2) + "\n")
     with paths["csv"].open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["mode", "stages", "step_ms_p50", "tokens_per_s", "overhead_pct"])
+        w.writerow(["mode", "stages", "step_ms_p50", "tokens_per_s", "overhead_pct", "overhead_pct_paired",
+                    "cpu_ms_p50", "overhead_pct_cpu"])  # fmt: skip
         for mode, e in result["modes"].items():
-            w.writerow([mode, e["stages"], f"{e['step_ms_p50']:.4f}", f"{e['tokens_per_s']:.3f}", f"{e['overhead_pct']:.3f}"])
+            w.writerow([mode, e["stages"], f"{e['step_ms_p50']:.4f}", f"{e['tokens_per_s']:.3f}",
+                        f"{e['overhead_pct']:.3f}", f"{e['overhead_pct_paired']:.3f}", f"{e['cpu_ms_p50']:.4f}",
+                        f"{e['overhead_pct_cpu']:.3f}"])  # fmt: skip
     names = list(result["modes"])
     tps = [result["modes"][m]["tokens_per_s"] for m in names]
     fig, ax = plt.subplots(figsize=(7, 4))
     bars = ax.bar(names, tps, color=["#888888"] + ["#3b7dd8"] * (len(names) - 1))
     for bar, m in zip(bars, names):
-        pct = result["modes"][m]["overhead_pct"]
-        ax.annotate("baseline" if m == "native" else f"{pct:+.1f}%", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                    ha="center", va="bottom", fontsize=9)  # fmt: skip
+        e = result["modes"][m]
+        label = "baseline" if m == "native" else f"CPU {e['overhead_pct_cpu']:+.1f}%\nwall {e['overhead_pct']:+.1f}%"
+        ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
+    ax.set_ylim(0, max(tps) * 1.25)
     ax.set_ylabel("decode tokens/s (batch 1)")
-    ax.set_title(f"staged execution overhead ({result['rounds']} interleaved rounds, {result['torch_threads']} threads)")
+    ax.set_title(f"staged execution overhead ({result['rounds']} interleaved rounds, {result['torch_threads']} thread{'' if result['torch_threads'] == 1 else 's'})")
     fig.tight_layout()
     fig.savefig(paths["png"], dpi=120)
     plt.close(fig)
@@ -179,8 +201,8 @@ def write_exec_overhead(result: dict[str, Any], out: Path, stem: str = "exec_ove
 
 
 def run_exec_bench(
-    preset: str = "gpt2", max_stages: int = 4, rounds: int = 5, warmup: int = 1, prompt_tokens: int = 32,
-    decode_tokens: int = 32, threads: int = 0, out: Path = Path("bench/results"), seed: int = 0,
+    preset: str = "gpt2", max_stages: int = 4, rounds: int = 10, warmup: int = 1, prompt_tokens: int = 32,
+    decode_tokens: int = 32, threads: int = 1, out: Path = Path("bench/results"), seed: int = 0,
 ) -> dict[str, Any]:  # fmt: skip
     """Build ``preset`` with random weights, measure, print a table, write JSON/CSV/PNG to ``out``."""
     from rich.console import Console
@@ -206,11 +228,13 @@ def run_exec_bench(
     result["model"] = preset
     paths = write_exec_overhead(result, out)
     table = Table(title=f"staged execution overhead, {preset}, decode batch 1 ({rounds} interleaved rounds)")
-    for col in ("mode", "cuts", "step p50 ms", "tokens/s", "overhead"):
+    for col in ("mode", "cuts", "step p50 ms", "tokens/s", "overhead", "paired", "cpu p50 ms", "cpu overhead"):
         table.add_column(col, justify="left" if col in ("mode", "cuts") else "right")
     for mode, e in result["modes"].items():
         table.add_row(mode, "-" if e["cuts"] is None else str(e["cuts"]), f"{e['step_ms_p50']:.2f}",
-                      f"{e['tokens_per_s']:.1f}", "-" if mode == "native" else f"{e['overhead_pct']:+.2f}%")  # fmt: skip
+                      f"{e['tokens_per_s']:.1f}", "-" if mode == "native" else f"{e['overhead_pct']:+.2f}%",
+                      "-" if mode == "native" else f"{e['overhead_pct_paired']:+.2f}%", f"{e['cpu_ms_p50']:.2f}",
+                      "-" if mode == "native" else f"{e['overhead_pct_cpu']:+.2f}%")  # fmt: skip
     console = Console()
     console.print(table)
     console.print(f"wrote {', '.join(str(p) for p in paths.values())}")

@@ -23,10 +23,10 @@ def _one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Family name -> folder of a 4-block model with seeded random weights."""
+    """Family name -> folder of a 4-block model with seeded random weights (no tokenizer)."""
     from noodle.models import init_model
 
     root = tmp_path_factory.mktemp("models")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return {name: init_model(src, root / name, seed=0) for name, src in FAMILIES.items()}
+        return {name: init_model(src, root / name, seed=0, tokenizer=False) for name, src in FAMILIES.items()}
