@@ -45,13 +45,19 @@ def _parse_ids(text: str, where: str) -> list[int]:
 
 
 def read_prompts(
-    prompt: str | None, prompt_ids: str | None, batch: Path | None, tokenizer: Any | None, vocab_size: int
+    prompt: str | None,
+    prompt_ids: str | None,
+    batch: Path | None,
+    tokenizer: Any | None,
+    vocab_size: int,
+    batch_ids: Path | None = None,
 ) -> list[list[int]]:
     """Token ids of every prompt given on the command line, checked against the vocabulary."""
-    given = [name for name, v in (("--prompt", prompt), ("--prompt-ids", prompt_ids), ("--batch", batch)) if v is not None]
+    flags = (("--prompt", prompt), ("--prompt-ids", prompt_ids), ("--batch", batch), ("--batch-ids", batch_ids))
+    given = [name for name, v in flags if v is not None]
     if len(given) != 1:
         raise SpecError(
-            "exec: give exactly one of --prompt TEXT, --prompt-ids 1,2,3 or --batch prompts.txt"
+            "exec: give exactly one of --prompt TEXT, --prompt-ids 1,2,3, --batch prompts.txt or --batch-ids ids.txt"
             + (f" (got {', '.join(given)})" if given else "")
         )
     prompts: list[tuple[str, list[int]]] = []
@@ -62,16 +68,18 @@ def read_prompts(
     elif prompt_ids is not None:
         prompts.append(("--prompt-ids", _parse_ids(prompt_ids, "--prompt-ids")))
     else:
-        assert batch is not None
+        path = batch if batch is not None else batch_ids
+        assert path is not None
         try:
-            lines = [ln for ln in batch.read_text().splitlines() if ln.strip()]
+            lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
         except OSError as exc:
-            raise SpecError(f"{batch}: cannot read prompts ({exc.strerror})") from None
+            raise SpecError(f"{path}: cannot read prompts ({exc.strerror})") from None
         if not lines:
-            raise SpecError(f"{batch}: no prompts (one per line)")
+            raise SpecError(f"{path}: no prompts (one per line)")
+        as_text = batch is not None and tokenizer is not None
         for i, line in enumerate(lines, 1):
-            where = f"{batch}: line {i}"
-            ids = list(tokenizer(line)["input_ids"]) if tokenizer is not None else _parse_ids(line, where)
+            where = f"{path}: line {i}"
+            ids = list(tokenizer(line)["input_ids"]) if as_text else _parse_ids(line, where)
             prompts.append((where, ids))
     for where, ids in prompts:
         if not ids:
@@ -132,6 +140,7 @@ def exec_cmd(
     prompt: str | None = typer.Option(None, "--prompt", help="prompt text (needs a tokenizer in the model folder)"),
     prompt_ids: str | None = typer.Option(None, "--prompt-ids", help="prompt token ids, e.g. 1,2,3"),
     batch: Path | None = typer.Option(None, "--batch", help="file with one prompt per line (text, or ids without a tokenizer)"),
+    batch_ids: Path | None = typer.Option(None, "--batch-ids", help="file with one prompt per line as token ids, e.g. 1,2,3"),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", help="tokens to generate per prompt"),
     temperature: float = typer.Option(0.0, "--temperature", help="0 is greedy (the default); > 0 samples"),
     top_k: int = typer.Option(0, "--top-k", help="sample among the k most likely tokens (0: all)"),
@@ -164,7 +173,7 @@ def exec_cmd(
     config = read_config(model)
     check_plan(doc, unit_names_of(model), where=str(plan))
     tokenizer = _tokenizer(model)
-    prompts = read_prompts(prompt, prompt_ids, batch, tokenizer, int(config.vocab_size))
+    prompts = read_prompts(prompt, prompt_ids, batch, tokenizer, int(config.vocab_size), batch_ids)
     if threads:
         import torch
 

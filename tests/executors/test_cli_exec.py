@@ -49,13 +49,14 @@ def test_json_output_is_tokens_and_report_only(tiny_models, tmp_path, capsys):
     assert rep["tokens_per_s"] > 0
 
 
-def test_table_output_with_batch_file_and_yaml_plan(tiny_models, tmp_path, capsys):
+@pytest.mark.parametrize("flag", ["--batch", "--batch-ids"])
+def test_table_output_with_batch_file_and_yaml_plan(tiny_models, tmp_path, capsys, flag):
     model = tiny_models["gpt2"]
     plan = _write(tmp_path, plan_for(model, [0, 1, 5, 6]), "plan.yaml")
     prompts = PROMPT_SETS["padded"]
     batch = tmp_path / "prompts.txt"
     batch.write_text("\n".join(",".join(map(str, p)) for p in prompts) + "\n")
-    rc = main(["exec", plan, "--model", str(model), "--batch", str(batch), "--max-new-tokens", "4"])
+    rc = main(["exec", plan, "--model", str(model), flag, str(batch), "--max-new-tokens", "4"])
     out = capsys.readouterr().out
     assert rc == 0
     want = reference(model, prompts, 4)[0]
