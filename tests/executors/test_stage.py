@@ -134,3 +134,18 @@ def test_folder_without_safetensors(tiny_models, tmp_path):
     shutil.copy(tiny_models["llama"] / "config.json", tmp_path / "config.json")
     with pytest.raises(ModelError, match="no \\*.safetensors"):
         Stage(tmp_path, 0, 2)
+
+
+def test_sharded_folder_loads_through_the_index(tiny_models, tmp_path):
+    full = load_model(tiny_models["llama"])
+    full.save_pretrained(tmp_path, max_shard_size="200KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1
+    ids = torch.tensor([PROMPT_SETS["batch1"][0]])
+    x = StageInput("s", ids, prefill=True)
+    for a, b in [(0, 3), (3, 6)]:
+        out = Stage(tmp_path, a, b).step(x)
+        x = out.next_input(prefill=True)
+    with torch.inference_mode():
+        want = full(input_ids=ids).logits[:, -1:]
+    torch.testing.assert_close(out.data, want)
