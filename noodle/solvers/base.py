@@ -33,6 +33,7 @@ class SolveResult:
     bound_ms: float | None
     solve_time_s: float
     note: str = ""
+    interrupted: bool = False  # Ctrl-C ended the search early; the plan is the best found so far
 
     @property
     def gap(self) -> float | None:
@@ -87,25 +88,41 @@ def solve(
     Returns:
         A :class:`SolveResult` whose ``objective_ms`` re-evaluates the plan under ``cost_model``.
 
+    Ctrl-C (KeyboardInterrupt) during the search returns the best plan found so far with
+    ``interrupted=True`` and a note; it propagates only when no plan exists yet.
+
     Raises:
         InfeasibleError: no plan satisfies memory, pins and stage cap (the message names why).
         SolverUnavailable: unknown solver name or missing optional dependency.
+        KeyboardInterrupt: Ctrl-C before any plan was found.
     """
     cm = cost_model or DefaultCostModel()
     impl = SOLVERS.get(solver)
     start = time.perf_counter()
     tables = build_tables(problem, cm)
     check_feasible(problem, tables)
-    hint = None
+    hint_result = None
     if getattr(impl, "exact", False):
         from noodle.solvers.heuristic import HeuristicSolver
 
-        hint = HeuristicSolver().solve(problem, tables, time_limit_s=min(1.0, 0.25 * time_limit_s)).plan
-    remaining = max(0.05, time_limit_s - (time.perf_counter() - start))
-    result = impl.solve(problem, tables, time_limit_s=remaining, hint=hint)
+        hint_result = HeuristicSolver().solve(problem, tables, time_limit_s=min(1.0, 0.25 * time_limit_s))
+    hint = hint_result.plan if hint_result is not None else None
+    if hint_result is not None and hint_result.interrupted:
+        result = replace(hint_result, solver=f"{impl.name}/heuristic")
+    else:
+        remaining = max(0.05, time_limit_s - (time.perf_counter() - start))
+        try:
+            result = impl.solve(problem, tables, time_limit_s=remaining, hint=hint)
+        except KeyboardInterrupt:
+            if hint_result is None or hint_result.plan is None:
+                raise
+            result = replace(hint_result, solver=f"{impl.name}/heuristic", interrupted=True,
+                             note="interrupted (Ctrl-C): the heuristic's start plan")
     if result.status == "infeasible":
         raise InfeasibleError(result.note or explain_infeasible(problem, tables))
     if result.plan is None:
+        if result.interrupted:
+            raise KeyboardInterrupt
         raise NoodleError(f"solver {result.solver!r}: {result.note or 'no plan found'} (raise the time limit?)")
     ev = evaluate(problem, result.plan, cm)
     return replace(result, objective_ms=ev.objective_ms, solve_time_s=time.perf_counter() - start)

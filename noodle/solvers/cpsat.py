@@ -1,20 +1,29 @@
-"""CP-SAT (OR-Tools) on the segment model of :mod:`noodle.solvers.segments`.
+"""CP-SAT (OR-Tools) on the reduced segment model of :mod:`noodle.solvers.segments`.
 
-Costs are scaled to integer nanoseconds (``SCALE`` per ms) because CP-SAT works
-on integers; the plan is re-evaluated in floating point afterwards. The search is
-warm-started with the heuristic's plan as a hint and runs on all cores.
+Costs are scaled to integer nanoseconds (``SCALE`` per ms) because CP-SAT works on
+integers; the plan is re-evaluated in floating point afterwards. The heuristic's plan
+is the hint and the incumbent that reduces the model; the typed-knapsack bound
+(:mod:`noodle.solvers.bounds`) is added as a constraint on the objective (lowered by
+the worst rounding, so it never cuts the optimum). Ctrl-C stops the search
+(``catch_sigint_signal``) and the best solution is returned, marked ``interrupted``
+when the stop came well before the time limit without a proof.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import time
+from collections import defaultdict
+
+import numpy as np
 
 from noodle.errors import SolverUnavailable
 from noodle.solvers.base import SolveResult, plan_from_segments
-from noodle.solvers.segments import index_segments
-from noodle.solvers.tables import CostTables
+from noodle.solvers.bounds import latency_bound, throughput_bound
+from noodle.solvers.segments import build_segment_model, plan_in_model
+from noodle.solvers.tables import INF, CostTables, plan_segments, segments_value
 from noodle.types import Plan, Problem
 
 __all__ = ["CpSatSolver", "SCALE"]
@@ -52,90 +61,109 @@ class CpSatSolver:
         from ortools.sat.python import cp_model
 
         t0 = time.perf_counter()
-        ix = index_segments(tables)
-        m, n = len(tables.nodes), tables.n
+        obj = problem.objective
+        hint_seg = plan_segments(tables, hint) if hint is not None else None
+        upper = segments_value(tables, hint_seg, obj) if hint_seg else INF
+        lower = 0.0
+        if hint_seg:
+            lower = (latency_bound(tables, upper=upper, time_limit_s=0.5) if obj == "latency"
+                     else throughput_bound(tables, upper=upper, time_limit_s=0.5))
+        model = build_segment_model(tables, obj, upper=upper, lower=lower)
+        m, n = model.m, model.n
         md = cp_model.CpModel()
-        u = [md.new_bool_var(f"u{i}") for i in range(len(ix.segs))]
-        h = {key: md.new_bool_var(f"h{key}") for key in ix.hops}
-        r = {(j, k): md.new_bool_var(f"r{j}_{k}") for j in range(m) for k in range(m)}
-
-        def start(j: int, p: int) -> list:
-            return [u[i] for i in ix.starts_at.get((j, p), [])]
-
-        def end(j: int, p: int) -> list:
-            return [u[i] for i in ix.ends_at.get((j, p), [])]
-
-        md.add(sum(v for j in range(m) for v in start(j, 0)) == 1)
-        md.add(sum(v for j in range(m) for v in end(j, n)) == 1)
-        for p in range(1, n):
-            md.add(sum(v for j in range(m) for v in end(j, p)) == sum(v for j in range(m) for v in start(j, p)))
+        u = [md.new_bool_var(f"u{i}") for i in range(len(model.seg))]
+        h = [md.new_bool_var(f"h{i}") for i in range(len(model.hop))]
+        r = [md.new_bool_var(f"r{i}") for i in range(len(model.ret))]
+        J, S, E = (model.seg[:, c].tolist() for c in range(3))
+        md.add_exactly_one([u[i] for i in range(len(u)) if S[i] == 0])
+        md.add_exactly_one([u[i] for i in range(len(u)) if E[i] == n])
+        by_node = defaultdict(list)
+        ends, starts = defaultdict(list), defaultdict(list)
+        for i, (j, s, e) in enumerate(zip(J, S, E)):
+            by_node[j].append(u[i])
+            ends[j, e].append(u[i])
+            starts[j, s].append(u[i])
         for j in range(m):
-            md.add_at_most_one(u[i] for i in ix.by_node.get(j, []))
-        md.add(sum(u) <= tables.max_stages)
-        out_h: dict[tuple[int, int], list] = {}
-        in_h: dict[tuple[int, int], list] = {}
-        for (j, k, p), var in h.items():
-            out_h.setdefault((j, p), []).append(var)
-            in_h.setdefault((k, p), []).append(var)
+            md.add_at_most_one(by_node[j])
+        if model.max_stages < m:
+            md.add(sum(u) <= model.max_stages)
+        outs, ins = defaultdict(list), defaultdict(list)
+        for i, (j, k, p) in enumerate(model.hop.tolist()):
+            outs[j, p].append(h[i])
+            ins[k, p].append(h[i])
         for p in range(1, n):
             for j in range(m):
-                md.add(sum(out_h.get((j, p), [])) == sum(end(j, p)))
-                md.add(sum(in_h.get((j, p), [])) == sum(start(j, p)))
+                if ends.get((j, p)) or outs.get((j, p)):
+                    md.add(sum(outs.get((j, p), [])) == sum(ends.get((j, p), [])))
+                if starts.get((j, p)) or ins.get((j, p)):
+                    md.add(sum(ins.get((j, p), [])) == sum(starts.get((j, p), [])))
+        r_out, r_in = defaultdict(list), defaultdict(list)
+        for i, (j, k) in enumerate(model.ret.tolist()):
+            r_out[j].append(r[i])
+            r_in[k].append(r[i])
         for j in range(m):
-            md.add(sum(r[j, k] for k in range(m)) == sum(end(j, n)))
-            md.add(sum(r[k, j] for k in range(m)) == sum(start(j, 0)))
-
-        h_from: dict[int, list] = {}
-        for (j, k, p), var in h.items():
-            h_from.setdefault(j, []).append(_ns(tables.hop[j, k, p]) * var)
-
-        def cost_of_node(j: int):
-            own = (_ns(tables.compute[ix.segs[i]]) * u[i] for i in ix.by_node.get(j, []))
-            return sum(own) + sum(h_from.get(j, [])) + sum(_ns(tables.ret[j, k]) * r[j, k] for k in range(m))
-
-        if problem.objective == "latency":
-            md.minimize(
-                sum(_ns(tables.compute[j, s, e]) * u[i] for i, (j, s, e) in enumerate(ix.segs))
-                + sum(_ns(tables.hop[j, k, p]) * var for (j, k, p), var in h.items())
-                + sum(_ns(tables.ret[j, k]) * var for (j, k), var in r.items())
+            md.add(sum(r_out.get(j, [])) == sum(ends.get((j, n), [])))
+            md.add(sum(r_in.get(j, [])) == sum(starts.get((j, 0), [])))
+        seg_c = [_ns(c) for c in model.seg_cost]
+        hop_c = [_ns(c) for c in model.hop_cost]
+        ret_c = [_ns(c) for c in model.ret_cost]
+        slack = 2 * m + 2  # worst rounding of a stage sum, in ns
+        low = max(0, math.floor(lower * SCALE) - slack)
+        if obj == "latency":
+            total = sum(c * v for c, v in zip(seg_c, u)) + sum(c * v for c, v in zip(hop_c, h)) + sum(
+                c * v for c, v in zip(ret_c, r)
             )
+            if low > 0:
+                md.add(total >= low)
+            md.minimize(total)
         else:
-            upper = _ns(max(tables.compute[seg] for seg in ix.segs) + tables.hop.max() + tables.ret.max()) + 1
-            t = md.new_int_var(0, max(upper, 1), "bottleneck")
+            load = defaultdict(list)
+            for i, j in enumerate(J):
+                load[j].append(seg_c[i] * u[i])
+            for i, (j, _k, _p) in enumerate(model.hop.tolist()):
+                load[j].append(hop_c[i] * h[i])
+            for i, (j, _k) in enumerate(model.ret.tolist()):
+                load[j].append(ret_c[i] * r[i])
+            top = max([*seg_c, 0]) + max([*hop_c, 0]) + max([*ret_c, 0]) + slack
+            if np.isfinite(upper):
+                top = min(top, _ns(upper) + slack)
+            t = md.new_int_var(min(low, top), max(top, 1), "bottleneck")
             for j in range(m):
-                md.add(t >= cost_of_node(j))
+                if load[j]:
+                    md.add(t >= sum(load[j]))
             md.minimize(t)
-
-        if hint is not None:
-            _add_hint(md, tables, ix, u, h, r, hint)
+        start = plan_in_model(model, hint_seg) if hint_seg else None
+        if start is not None:
+            for var, v in zip(u, start["u"]):
+                md.add_hint(var, bool(v))
+            for var, v in zip(h, start["h"]):
+                md.add_hint(var, bool(v))
+            for var, v in zip(r, start["r"]):
+                md.add_hint(var, bool(v))
         solver = cp_model.CpSolver()
-        solver.parameters.max_time_in_seconds = max(0.05, time_limit_s - (time.perf_counter() - t0))
+        limit = max(0.05, time_limit_s - (time.perf_counter() - t0))
+        solver.parameters.max_time_in_seconds = limit
         solver.parameters.num_workers = max(1, min(8, os.cpu_count() or 1))
         solver.parameters.catch_sigint_signal = True
+        s0 = time.perf_counter()
         code = solver.solve(md)
+        wall = time.perf_counter() - s0
         status = _status_map().get(code, "unknown")
         elapsed = time.perf_counter() - t0
+        interrupted = status in ("feasible", "unknown") and wall < 0.9 * limit
         if status == "infeasible":
+            if hint_seg:  # the reductions keep the hint, so this cannot happen; report the hint
+                return SolveResult(self.name, "optimal", hint, upper, upper, elapsed, "the start plan is optimal")
             return SolveResult(self.name, "infeasible", None, None, None, elapsed)
         if status not in ("optimal", "feasible"):
-            return SolveResult(self.name, status, None, None, None, elapsed, f"CP-SAT found no plan in {time_limit_s:g} s")
-        chosen = [ix.segs[i] for i, var in enumerate(u) if solver.value(var)]
+            if hint_seg:
+                return SolveResult(self.name, "feasible", hint, upper, lower, elapsed,
+                                   "CP-SAT found nothing better than the start plan", interrupted=interrupted)
+            return SolveResult(self.name, status, None, None, None, elapsed,
+                               f"CP-SAT found no plan in {time_limit_s:g} s", interrupted=interrupted)
+        chosen = [model.segments()[i] for i, var in enumerate(u) if solver.value(var)]
         plan = plan_from_segments(tables, chosen)
-        bound = solver.best_objective_bound / SCALE
-        obj = solver.objective_value / SCALE
-        return SolveResult(self.name, status, plan, obj, min(bound, obj), elapsed)
-
-
-def _add_hint(md, tables: CostTables, ix, u, h, r, hint: Plan) -> None:
-    pos = {nd.id: j for j, nd in enumerate(tables.nodes)}
-    want = {(pos[s.node], s.start, s.end) for s in hint.stages if s.node in pos}
-    for i, seg in enumerate(ix.segs):
-        md.add_hint(u[i], seg in want)
-    stages = hint.stages
-    pairs = {(pos[a.node], pos[b.node], a.end) for a, b in zip(stages, stages[1:]) if a.node in pos and b.node in pos}
-    for key, var in h.items():
-        md.add_hint(var, key in pairs)
-    last, first = pos.get(stages[-1].node), pos.get(stages[0].node)
-    for key, var in r.items():
-        md.add_hint(var, key == (last, first))
-
+        value = solver.objective_value / SCALE
+        bound = value if status == "optimal" else max(lower, solver.best_objective_bound / SCALE)
+        note = "interrupted (Ctrl-C): best plan so far" if interrupted else ""
+        return SolveResult(self.name, status, plan, value, min(bound, value), elapsed, note, interrupted=interrupted)

@@ -10,16 +10,24 @@ compute, ``H_jk[p]`` a hop and ``R_jk`` the token's return (see
 * throughput: ``G_i[p] = min_q max(G_{i-1}[q], C_{o_i}[q, p] + H_{o_i o_{i+1}}[p])`` for
   ``p < n``, and ``C_{o_i}[q, n] + R_{o_i o_1}`` in the last stage.
 
-Each DP layer is one vectorised ``min`` over an ``(n+1) x (n+1)`` array, so an order
-costs O(S n^2) flops. The order search starts from the nodes sorted by speed (and
-by memory), then applies first-improvement swaps and moves until no move helps or
-the time budget is spent. Any plan is the DP optimum of some order, so with enough
-search the heuristic reaches the optimum; it proves nothing.
+Each DP layer is one vectorised ``min`` over the rows ``q`` whose value is still below
+the best plan found (partial values never decrease, so the others cannot lead to a
+better plan), so an order costs at most ``O(S n^2)`` flops and usually far less.
+
+The search over orders starts from nodes sorted by speed, by memory, and grouped by
+cheap links (sites); it applies first-improvement swaps and moves until no move
+helps (a local optimum), then perturbs the best order (iterated local search, seeded,
+so runs are reproducible) until ``patience`` perturbations in a row bring nothing or
+the time budget is spent. Any plan is the DP optimum of some order, so the search can
+reach the optimum; it proves nothing. A ``KeyboardInterrupt`` ends the search early
+with the best plan so far.
 """
 
 from __future__ import annotations
 
+import random
 import time
+from typing import NamedTuple
 
 import numpy as np
 
@@ -27,66 +35,262 @@ from noodle.solvers.base import SolveResult, plan_from_segments
 from noodle.solvers.tables import INF, CostTables
 from noodle.types import Plan, Problem
 
-__all__ = ["HeuristicSolver", "dp_order", "search_orders"]
+__all__ = ["HeuristicSolver", "SearchResult", "dp_order", "dp_values", "search_orders", "start_orders", "default_budget"]
 
 
-def dp_order(tables: CostTables, order: list[int], objective: str) -> tuple[float, list[tuple[int, int, int]]]:
-    """Best plan whose stages use a prefix of ``order`` (node indices); (value, segments)."""
+class SearchResult(NamedTuple):
+    """Best value and segments found; ``interrupted`` when a KeyboardInterrupt ended the search."""
+
+    value: float
+    segments: list[tuple[int, int, int]]
+    interrupted: bool = False
+
+
+def default_budget(m: int, n: int) -> float:
+    """Seconds the heuristic searches by default: 50 ms up to ~8 nodes x 50 units, growing as m^3 n^2."""
+    return float(min(5.0, max(0.05, 4e-9 * m**3 * (n + 1) ** 2)))
+
+
+def dp_order(
+    tables: CostTables, order: list[int], objective: str, *, cutoff: float = INF
+) -> tuple[float, list[tuple[int, int, int]]]:
+    """Best plan whose stages use a prefix of ``order`` (node indices); (value, segments).
+
+    Plans worth ``cutoff`` or more are not reported (``(INF, [])`` when none is better).
+    """
     n = tables.n
     first = order[0]
-    best_val, best_end = INF, -1
-    # f[i][p]: best value covering [0, p) with stage i on order[i] ending at p; arg[i][p]: its start q.
-    f: list[np.ndarray] = []
-    arg: list[np.ndarray] = []
+    latency = objective == "latency"
     limit = min(len(order), tables.max_stages)
+    best_val, best_end = cutoff, -1
+    rows_hist: list[np.ndarray] = []
+    arg_hist: list[np.ndarray] = []
+    prev = np.full(n + 1, INF)
+    prev[0] = 0.0
     for i in range(limit):
         j = order[i]
-        c = tables.compute[j]  # [q, p]
-        if i == 0:
-            vals = c[0].copy()
-            starts = np.zeros(n + 1, dtype=np.int64)
-        else:
-            prev = f[i - 1]
-            hop_in = tables.hop[order[i - 1], j]  # indexed by q
-            if objective == "latency":
-                cand = (prev + hop_in)[:, None] + c
-            else:
-                nxt = order[i + 1] if i + 1 < limit else None
-                out = tables.hop[j, nxt] if nxt is not None else np.zeros(n + 1)
-                stage = c + out[None, :]
-                stage[:, n] = c[:, n] + tables.ret[j, first]
-                cand = np.maximum(prev[:, None], stage)
-            starts = np.argmin(cand, axis=0)
-            vals = cand[starts, np.arange(n + 1)]
-        if i == 0 and objective != "latency":
-            nxt = order[1] if limit > 1 else None
-            out = tables.hop[j, nxt] if nxt is not None else np.zeros(n + 1)
-            vals = vals + out
-            vals[n] = c[0, n]  # a single stage returns nothing
-        f.append(vals)
-        arg.append(starts)
-        total = vals[n] + (tables.ret[j, first] if (objective == "latency" and i > 0) else 0.0)
-        if total < best_val - 1e-12:
-            best_val, best_end = total, i
-        if not np.isfinite(vals[: n]).any():
+        rows = np.flatnonzero(prev[:n] < best_val)
+        if rows.size == 0:
             break
+        c = tables.compute[j][rows]  # (rows, n+1)
+        if latency:
+            base = prev[rows] + (tables.hop[order[i - 1], j, rows] if i else 0.0)
+            cand = base[:, None] + c
+        else:
+            if i + 1 < limit:
+                out = tables.hop[j, order[i + 1]]
+                stage = c + out[None, :]
+            else:
+                stage = c.copy()
+                stage[:, :n] = INF  # no next node: this stage must be the last
+            stage[:, n] = c[:, n] + (tables.ret[j, first] if i else 0.0)
+            cand = np.maximum(prev[rows][:, None], stage)
+        arg = np.argmin(cand, axis=0)
+        vals = cand[arg, np.arange(n + 1)]
+        rows_hist.append(rows)
+        arg_hist.append(arg)
+        total = vals[n] + (tables.ret[j, first] if (latency and i > 0) else 0.0)
+        if total < best_val - (1e-12 * abs(best_val) if np.isfinite(best_val) else 0.0):
+            best_val, best_end = float(total), i
+        prev = vals
     if best_end < 0:
         return INF, []
     segments: list[tuple[int, int, int]] = []
     p = n
     for i in range(best_end, -1, -1):
-        q = int(arg[i][p]) if i > 0 else 0
+        q = int(rows_hist[i][arg_hist[i][p]])
         segments.append((order[i], q, p))
         p = q
     return best_val, segments[::-1]
 
 
-def _start_orders(tables: CostTables, pinned: list[int]) -> list[list[int]]:
-    """Speed-sorted and memory-sorted orders, pinned nodes first (they must be in the prefix)."""
-    rest = [j for j in range(len(tables.nodes)) if j not in pinned]
-    by_speed = pinned + sorted(rest, key=lambda j: (-tables.nodes[j].compute_score, -tables.nodes[j].memory_gb))
-    by_mem = pinned + sorted(rest, key=lambda j: (-tables.nodes[j].memory_gb, -tables.nodes[j].compute_score))
-    return [by_speed] if by_mem == by_speed else [by_speed, by_mem]
+def dp_values(
+    tables: CostTables, orders: np.ndarray, objective: str, *, cutoff: float = INF, chunk_elems: int = 4_000_000
+) -> np.ndarray:
+    """Values of :func:`dp_order` for many orders at once (rows of ``orders``), vectorised across orders.
+
+    Values at or above ``cutoff`` may be reported as INF (orders and rows that cannot beat it are dropped).
+    """
+    orders = np.asarray(orders, dtype=np.int64)
+    k_all, m = orders.shape
+    n = tables.n
+    per = max(1, chunk_elems // ((n + 1) * (n + 1)))
+    if k_all > per:
+        return np.concatenate(
+            [dp_values(tables, orders[i : i + per], objective, cutoff=cutoff) for i in range(0, k_all, per)]
+        )
+    latency = objective == "latency"
+    limit = min(m, tables.max_stages)
+    best = np.full(k_all, INF)
+    live = np.arange(k_all)  # orders still able to beat the cutoff
+    prev = np.full((k_all, n + 1), INF)
+    prev[:, 0] = 0.0
+    for i in range(limit):
+        rows = np.flatnonzero((prev[:, :n] < cutoff).any(axis=0))
+        if rows.size == 0:
+            break
+        sub = orders[live]
+        j = sub[:, i]
+        first = sub[:, 0]
+        c = tables.compute[j[:, None], rows[None, :]]  # (K, q, p)
+        p_rows = prev[:, rows]
+        if latency:
+            base = p_rows + (tables.hop[sub[:, i - 1], j][:, rows] if i else 0.0)
+            cand = base[:, :, None] + c
+        else:
+            if i + 1 < limit:
+                stage = c + tables.hop[j, sub[:, i + 1]][:, None, :]
+            else:
+                stage = np.full_like(c, INF)
+            stage[:, :, n] = c[:, :, n] + (tables.ret[j, first][:, None] if i else 0.0)
+            cand = np.maximum(p_rows[:, :, None], stage)
+        vals = cand.min(axis=1)
+        total = vals[:, n] + (tables.ret[j, first] if (latency and i > 0) else 0.0)
+        best[live] = np.minimum(best[live], total)
+        vals[:, n] = INF
+        cutoff = min(cutoff, float(best.min()))
+        keep = (vals < cutoff).any(axis=1)
+        live, prev = live[keep], vals[keep]
+        if live.size == 0:
+            break
+    return best
+
+
+def _groups(tables: CostTables) -> list[list[int]]:
+    """Nodes grouped by cheap links: components of pairs whose hop both ways is at most twice the cheapest."""
+    m, n = len(tables.nodes), tables.n
+    if m < 2:
+        return [list(range(m))]
+    hop = tables.hop[:, :, 1:n].min(axis=2) if n > 1 else tables.ret
+    both = np.maximum(hop, hop.T)
+    off = both[~np.eye(m, dtype=bool)]
+    levels = np.unique(off)
+    cut = levels[0]
+    for lo, hi in zip(levels[:-1], levels[1:]):
+        if hi >= 2 * max(lo, 1e-9):
+            cut = lo
+            break
+    else:
+        return [list(range(m))]
+    seen = [False] * m
+    out = []
+    for v in range(m):
+        if seen[v]:
+            continue
+        comp, stack = [], [v]
+        seen[v] = True
+        while stack:
+            x = stack.pop()
+            comp.append(x)
+            for y in np.nonzero(both[x] <= cut)[0]:
+                if not seen[y]:
+                    seen[y] = True
+                    stack.append(int(y))
+        out.append(comp)
+    return out
+
+
+def start_orders(tables: CostTables, pinned: list[int], *, many: bool = False) -> list[list[int]]:
+    """Seed orders: by speed, by memory, sites (cheap-link groups) kept together.
+
+    Pinned nodes (``pinned``, in the order of their pins along the chain) are placed at the
+    front and also spread along the order where their pins fall. With ``many``, also every node
+    (and, up to 10 nodes, every pair) in front of the speed order: they are cheap to evaluate
+    together (:func:`dp_values`) and let the search start near plans that lead with a slow node
+    holding much memory, or with a particular pair.
+    """
+    nodes = tables.nodes
+    speed = lambda j: (-nodes[j].compute_score, -nodes[j].memory_gb)  # noqa: E731
+    rest = [j for j in range(len(nodes)) if j not in pinned]
+    by_speed = sorted(rest, key=speed)
+    bases = [by_speed, sorted(rest, key=lambda j: (-nodes[j].memory_gb, -nodes[j].compute_score))]
+    groups = _groups(tables)
+    if 1 < len(groups) < len(nodes):
+        power = lambda g: -sum(nodes[j].compute_score for j in g)  # noqa: E731
+        bases.append([j for g in sorted(groups, key=power) for j in sorted(g, key=speed) if j not in pinned])
+    if many:
+        for a in by_speed:
+            bases.append([a] + [j for j in by_speed if j != a])
+        if len(by_speed) <= 10:
+            for a in by_speed:
+                for b in by_speed:
+                    if a != b:
+                        bases.append([a, b] + [j for j in by_speed if j not in (a, b)])
+    orders = []
+    for base in bases:
+        orders.append(pinned + base)
+        if pinned:
+            spread = base.copy()
+            for i, j in enumerate(pinned):
+                spread.insert(min(len(spread), round(i * len(base) / len(pinned))), j)
+            orders.append(spread)
+            orders.append(base[:1] + pinned + base[1:])
+            orders.append(base + pinned)
+    unique: list[list[int]] = []
+    seen: set[tuple[int, ...]] = set()
+    for o in orders:
+        if tuple(o) not in seen:
+            seen.add(tuple(o))
+            unique.append(o)
+    return unique
+
+
+def _neighbours(order: list[int], used: int, frozen: int) -> np.ndarray:
+    """Orders one swap or one move away, skipping changes confined to the unused tail."""
+    m = len(order)
+    out = []
+    base = np.array(order)
+    for a in range(frozen, m):
+        for b in range(frozen, m):
+            if a == b or (a >= used and b >= used):
+                continue
+            if a < b:
+                cand = base.copy()
+                cand[a], cand[b] = cand[b], cand[a]
+                out.append(cand)
+            if abs(a - b) > 1 or a < b:  # adjacent moves equal swaps
+                cand = list(order)
+                cand.insert(b, cand.pop(a))
+                out.append(np.array(cand))
+    return np.array(out, dtype=np.int64).reshape(-1, m)
+
+
+def _local_search(
+    tables: CostTables,
+    objective: str,
+    order: list[int],
+    val: float,
+    seg: list,
+    deadline: float,
+    frozen: int,
+    rng: random.Random,
+) -> tuple[float, list, list[int]]:
+    """Swaps and moves until none helps: the neighbourhood is scanned in shuffled chunks, numpy-vectorised,
+    and the best improvement of the first improving chunk is taken (whole-neighbourhood best improvement
+    when it fits in one chunk)."""
+    n = tables.n
+    chunk = max(32, int(3e6 // ((n + 1) ** 2 * max(1, min(len(order), tables.max_stages)))))
+    while time.perf_counter() < deadline:
+        cands = _neighbours(order, len(seg), frozen)
+        if len(cands) == 0:
+            break
+        if len(cands) > chunk:
+            cands = cands[rng.sample(range(len(cands)), len(cands))]
+        moved = False
+        for lo in range(0, len(cands), chunk):
+            if time.perf_counter() >= deadline:
+                return val, seg, order
+            part = cands[lo : lo + chunk]
+            vals = dp_values(tables, part, objective, cutoff=val)
+            k = int(np.argmin(vals))
+            if vals[k] < val - 1e-9 * max(1.0, abs(val)):
+                v, s = dp_order(tables, part[k].tolist(), objective)
+                if s and v < val:
+                    val, seg, order, moved = v, s, part[k].tolist(), True
+                    break
+        if not moved:
+            break
+    return val, seg, order
 
 
 def search_orders(
@@ -96,39 +300,78 @@ def search_orders(
     time_limit_s: float,
     pinned: list[int] | None = None,
     seed_orders: list[list[int]] | None = None,
-) -> tuple[float, list[tuple[int, int, int]]]:
-    """First-improvement local search over node orders (swap and move)."""
+    patience: int | None = None,
+    ls_seeds: int = 1,
+    seed: int = 0,
+    target: float = -INF,
+) -> SearchResult:
+    """Local search over node orders from several seeds, then iterated local search.
+
+    ``patience`` perturbations in a row without improvement end the search (default: grows
+    with the number of nodes); so do the time limit, a KeyboardInterrupt, and reaching
+    ``target`` (a known lower bound).
+    """
     deadline = time.perf_counter() + time_limit_s
-    seeds = seed_orders or _start_orders(tables, pinned or [])
+    pinned = pinned or []
+    frozen = 0  # pinned nodes move too: the DP refuses orders that break a pin (INF)
+    seeds = seed_orders or start_orders(tables, pinned, many=True)
+    m = len(seeds[0])
+    patience = patience if patience is not None else 2 + m // 2
     best_val, best_seg, best_order = INF, [], seeds[0]
-    for order in seeds:
-        val, seg = dp_order(tables, order, objective)
-        if val < best_val:
-            best_val, best_seg, best_order = val, seg, order
-    m = len(best_order)
-    improved = True
-    while improved and time.perf_counter() < deadline:
-        improved = False
-        for a in range(m):
-            for b in range(m):
-                if a == b or time.perf_counter() >= deadline:
-                    continue
-                if a < b:
-                    cand = best_order.copy()
-                    cand[a], cand[b] = cand[b], cand[a]
-                    val, seg = dp_order(tables, cand, objective)
-                    if val < best_val - 1e-9:
-                        best_val, best_seg, best_order, improved = val, seg, cand, True
-                cand = best_order.copy()
-                cand.insert(b, cand.pop(a))
-                val, seg = dp_order(tables, cand, objective)
-                if val < best_val - 1e-9:
-                    best_val, best_seg, best_order, improved = val, seg, cand, True
-    return best_val, best_seg
+    rng = random.Random(seed)
+    interrupted = False
+    try:
+        vals = dp_values(tables, np.array(seeds), objective)
+        starts = []
+        for k in np.argsort(vals, kind="stable")[:ls_seeds]:
+            if np.isfinite(vals[k]):
+                v, s = dp_order(tables, seeds[k], objective)
+                starts.append((v, s, seeds[k]))
+        for val, seg, order in starts:
+            val, seg, order = _local_search(tables, objective, order, val, seg, deadline, frozen, rng)
+            if val < best_val:
+                best_val, best_seg, best_order = val, seg, order
+        stale = 0
+        reached = lambda: best_val <= target * (1 + 1e-9) + 1e-12  # noqa: E731
+        while best_seg and stale < patience and time.perf_counter() < deadline and m - frozen >= 3 and not reached():
+            cand = _perturb(best_order, len(best_seg), frozen, rng)
+            val, seg = dp_order(tables, cand, objective)
+            if not seg:
+                stale += 1
+                continue
+            val, seg, cand = _local_search(tables, objective, cand, val, seg, deadline, frozen, rng)
+            if val < best_val - 1e-9 * max(1.0, abs(best_val)):
+                best_val, best_seg, best_order, stale = val, seg, cand, 0
+            else:
+                stale += 1
+    except KeyboardInterrupt:
+        interrupted = True
+    return SearchResult(best_val, best_seg, interrupted)
+
+
+def _perturb(order: list[int], used: int, frozen: int, rng: random.Random) -> list[int]:
+    """A random kick: reverse a run of the used nodes and swap a used node with an unused one."""
+    cand = order.copy()
+    m = len(cand)
+    hi = max(frozen + 2, min(m, used + 1))
+    a, b = sorted(rng.sample(range(frozen, hi), 2))
+    cand[a : b + 1] = cand[a : b + 1][::-1]
+    if used < m:
+        x = rng.randrange(frozen, used)
+        y = rng.randrange(used, m)
+        cand[x], cand[y] = cand[y], cand[x]
+    else:
+        x, y = rng.sample(range(frozen, m), 2)
+        cand[x], cand[y] = cand[y], cand[x]
+    return cand
 
 
 class HeuristicSolver:
-    """Fixed-order DP + local search over orders; fast, no solver dependency, no proof."""
+    """Fixed-order DP + local search over orders; fast, no solver dependency, no proof.
+
+    Searches for ``min(time_limit_s, default_budget(m, n))`` seconds at most, fewer when the
+    iterated local search stops improving; ``hint`` (a plan) seeds the search.
+    """
 
     name = "heuristic"
 
@@ -136,12 +379,18 @@ class HeuristicSolver:
         self, problem: Problem, tables: CostTables, *, time_limit_s: float, hint: Plan | None = None
     ) -> SolveResult:
         t0 = time.perf_counter()
-        budget = min(time_limit_s, 0.5 + 0.02 * len(tables.nodes) ** 2)
         pos = {nd.id: j for j, nd in enumerate(tables.nodes)}
         pinned = list(dict.fromkeys(pos[p.node] for p in sorted(problem.constraints.pins, key=lambda p: p.start)))
-        val, seg = search_orders(tables, problem.objective, time_limit_s=budget, pinned=pinned)
+        seeds = start_orders(tables, pinned, many=True)
+        if hint is not None:
+            used = [pos[s.node] for s in hint.stages if s.node in pos]
+            seeds = [used + [j for j in range(len(tables.nodes)) if j not in used]] + seeds
+        budget = min(time_limit_s, default_budget(len(tables.nodes), tables.n))
+        res = search_orders(tables, problem.objective, time_limit_s=budget, pinned=pinned, seed_orders=seeds)
         elapsed = time.perf_counter() - t0
-        if not seg:
-            return SolveResult(self.name, "heuristic", None, None, None, elapsed, "the heuristic found no plan")
-        return SolveResult(self.name, "heuristic", plan_from_segments(tables, seg), val, None, elapsed)
-
+        note = "interrupted (Ctrl-C): best plan so far" if res.interrupted else ""
+        if not res.segments:
+            why = "interrupted before any plan was found" if res.interrupted else "the heuristic found no plan"
+            return SolveResult(self.name, "heuristic", None, None, None, elapsed, why, interrupted=res.interrupted)
+        plan = plan_from_segments(tables, res.segments)
+        return SolveResult(self.name, "heuristic", plan, res.value, None, elapsed, note, interrupted=res.interrupted)

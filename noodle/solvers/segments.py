@@ -1,4 +1,4 @@
-"""The segment model shared by the exact solvers (CP-SAT and MILP).
+"""The segment model shared by the exact solvers (CP-SAT and MILP), with its reductions.
 
 Indices: usable nodes ``j, k``; cut positions ``p = 0..n``; allowed segments
 ``(j, s, e)`` (memory and pins already applied, see :mod:`noodle.solvers.tables`).
@@ -11,57 +11,170 @@ Variables (all binary):
 
 Constraints, with ``end[j,p] = sum_s u[j,s,p]`` and ``start[k,p] = sum_e u[k,p,e]``:
 
-* flow along the chain: ``sum_j start[j,0] = 1``, ``sum_j end[j,n] = 1`` and, for
-  ``0 < p < n``, ``sum_j end[j,p] = sum_k start[k,p]``;
+* the chain starts and ends once: ``sum_j start[j,0] = 1``, ``sum_j end[j,n] = 1``;
 * one stage per node: ``sum_{s,e} u[j,s,e] <= 1``; at most K stages: ``sum u <= K``;
-* hops pair the stage that ends at p with the one that starts there:
+* hops pair the stage that ends at p with the one that starts there (this also makes
+  the chain flow: ``sum_j end[j,p] = sum_k start[k,p]``):
   ``sum_k h[j,k,p] = end[j,p]`` and ``sum_j h[j,k,p] = start[k,p]``;
 * the return pairs last and first: ``sum_k r[j,k] = end[j,n]``, ``sum_j r[j,k] = start[k,0]``.
 
 Objectives: latency ``min sum C u + sum H h + sum R r``; throughput ``min T`` with, for
 each node j (one stage at most, so its outgoing hop is unique),
 ``T >= sum_{s,e} C[j,s,e] u[j,s,e] + sum_{k,p} H[j,k,p] h[j,k,p] + sum_k R[j,k] r[j,k]``.
+
+Reductions, given an incumbent of value ``U`` (the heuristic's plan, passed as the
+hint) and a lower bound ``L`` (:mod:`noodle.solvers.bounds`); none removes a plan
+worth less than ``U``, and the incumbent itself survives, so the optimum is kept:
+
+* throughput: drop a segment when ``C[j,s,e] + min_k H[j,k,e] > U`` (its stage alone
+  would exceed the incumbent), a hop when the cheapest stage of j ending at p plus
+  ``H[j,k,p]`` exceeds U, a return likewise; add ``T >= L``;
+* latency: with ``P[s]`` the cheapest cover of ``[0, s)`` and ``Q[e]`` of ``[e, n)``
+  (node reuse allowed: a relaxation, ``O(m n^2)``), drop a segment when
+  ``P[s] + C[j,s,e] + Q[e] > U``; add ``objective >= L``.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 
-from noodle.solvers.tables import CostTables
+import numpy as np
 
-__all__ = ["SegmentIndex", "index_segments", "THROUGHPUT_TERMS"]
+from noodle.solvers.tables import INF, CostTables
+
+__all__ = ["SegmentModel", "build_segment_model", "THROUGHPUT_TERMS"]
 
 THROUGHPUT_TERMS = "compute + hop + return per node"
+_TOL = 1e-9
 
 
 @dataclass(frozen=True)
-class SegmentIndex:
-    """Allowed segments and the hop/return pairs they can form."""
+class SegmentModel:
+    """The reduced model as arrays: segments, hops and returns with their costs."""
 
-    segs: list[tuple[int, int, int]]
-    starts_at: dict[tuple[int, int], list[int]]  # (j, p) -> indices into segs
-    ends_at: dict[tuple[int, int], list[int]]
-    by_node: dict[int, list[int]]
-    hops: list[tuple[int, int, int]]  # (j, k, p) that can both end/start at p
+    n: int
+    m: int
+    seg: np.ndarray  # (S, 3) j, s, e
+    seg_cost: np.ndarray  # (S,)
+    hop: np.ndarray  # (H, 3) j, k, p
+    hop_cost: np.ndarray
+    ret: np.ndarray  # (R, 2) j, k  (j == k: single stage)
+    ret_cost: np.ndarray
+    max_stages: int
+    objective: str
+    lower: float  # valid lower bound on the optimum (0 when unknown)
+
+    def segments(self) -> list[tuple[int, int, int]]:
+        return [tuple(int(x) for x in row) for row in self.seg]  # type: ignore[misc]
 
 
-def index_segments(tables: CostTables) -> SegmentIndex:
-    segs = tables.segments()
-    starts_at: dict[tuple[int, int], list[int]] = defaultdict(list)
-    ends_at: dict[tuple[int, int], list[int]] = defaultdict(list)
-    by_node: dict[int, list[int]] = defaultdict(list)
-    for i, (j, s, e) in enumerate(segs):
-        starts_at[j, s].append(i)
-        ends_at[j, e].append(i)
-        by_node[j].append(i)
-    m = len(tables.nodes)
-    hops = [
-        (j, k, p)
-        for p in range(1, tables.n)
-        for j in range(m)
-        if (j, p) in ends_at
-        for k in range(m)
-        if k != j and (k, p) in starts_at
-    ]
-    return SegmentIndex(segs, dict(starts_at), dict(ends_at), dict(by_node), hops)
+def _cover_costs(tables: CostTables) -> tuple[np.ndarray, np.ndarray]:
+    """Cheapest cover of [0, s) (hop into s paid) and of [e, n) (return paid), node reuse allowed."""
+    m, n = len(tables.nodes), tables.n
+    hop = tables.hop.copy()
+    idx = np.arange(m)
+    hop[idx, idx, :] = INF
+    out_min = hop.min(axis=1)  # (m, p)
+    ret = tables.ret.copy()
+    ret[idx, idx] = INF
+    ret_min = ret.min(axis=1)  # (m,)
+    comp = tables.compute
+    P = np.full(n + 1, INF)
+    P[0] = 0.0
+    for e in range(1, n):  # P[e]: cover [0, e) and hand over at e
+        P[e] = float(np.min(P[:e][None, :] + comp[:, :e, e] + out_min[:, e][:, None]))
+    Q = np.full(n + 1, INF)  # Q[s]: cover [s, n) from a stage starting at s, return included
+    Q[n] = 0.0
+    # last stage: C[j,s,n] + ret (or nothing for a single stage, covered by P[0] = 0 and s = 0)
+    last = comp[:, :, n] + ret_min[:, None]  # (m, s)
+    for s in range(n - 1, -1, -1):
+        cand = float(np.min(last[:, s])) if s > 0 else float(np.min(comp[:, 0, n]))
+        if s + 1 < n:
+            mid = comp[:, s, s + 1 : n] + out_min[:, s + 1 : n] + Q[None, s + 1 : n]
+            cand = min(cand, float(np.min(mid)))
+        Q[s] = cand
+    return P, Q
+
+
+def build_segment_model(
+    tables: CostTables, objective: str, *, upper: float = INF, lower: float = 0.0
+) -> SegmentModel:
+    """The segment model of ``tables``, reduced with the incumbent value ``upper`` (see the module doc)."""
+    m, n = len(tables.nodes), tables.n
+    comp = tables.compute
+    allowed = np.isfinite(comp)
+    slack = upper * (1 + _TOL) + _TOL if np.isfinite(upper) else INF
+    idx = np.arange(m)
+    hop = tables.hop.copy()
+    hop[idx, idx, :] = INF
+    out_min = hop.min(axis=1)  # (m, p): cheapest hop from j at cut p
+    ret = tables.ret.copy()
+    ret_off = ret.copy()
+    ret_off[idx, idx] = INF
+    out_min[:, n] = ret_off.min(axis=1) if m > 1 else 0.0
+    if np.isfinite(slack):
+        if objective == "latency":
+            P, Q = _cover_costs(tables)
+            lb = P[None, :, None] + comp + out_min[:, None, :] + Q[None, None, :]
+            lb[:, 0, n] = comp[:, 0, n]
+            allowed &= lb <= slack
+        else:
+            stage = comp + out_min[:, None, :]
+            stage[:, 0, n] = comp[:, 0, n]  # a single stage returns nothing
+            allowed &= stage <= slack
+    J, S, E = np.nonzero(allowed)
+    seg = np.stack([J, S, E], axis=1).astype(np.int64)
+    seg_cost = comp[J, S, E]
+    # hops (j, k, p): some segment of j ends at p and some segment of k starts at p
+    ends = np.zeros((m, n + 1), dtype=bool)
+    starts = np.zeros((m, n + 1), dtype=bool)
+    ends[J, E] = True
+    starts[J, S] = True
+    min_end = np.where(allowed, comp, INF).min(axis=1)  # (m, p) cheapest kept stage of j ending at p
+    ok = ends[:, None, :] & starts[None, :, :]
+    ok[idx, idx, :] = False
+    ok[:, :, 0] = False
+    ok[:, :, n] = False
+    if objective != "latency" and np.isfinite(slack):
+        ok &= (min_end[:, None, :] + tables.hop) <= slack
+    HJ, HK, HP = np.nonzero(ok)
+    hops = np.stack([HJ, HK, HP], axis=1).astype(np.int64)
+    hop_cost = tables.hop[HJ, HK, HP]
+    rok = ends[:, n][:, None] & starts[:, 0][None, :]
+    single = np.zeros(m, dtype=bool)
+    single[J[(S == 0) & (E == n)]] = True
+    rok[idx, idx] = single
+    if objective != "latency" and np.isfinite(slack):
+        rr = min_end[:, n][:, None] + ret
+        rr[idx, idx] = 0.0
+        rok &= rr <= slack
+    RJ, RK = np.nonzero(rok)
+    rets = np.stack([RJ, RK], axis=1).astype(np.int64)
+    ret_cost = np.where(RJ == RK, 0.0, ret[RJ, RK])
+    return SegmentModel(n, m, seg, seg_cost, hops, hop_cost, rets, ret_cost, tables.max_stages, objective,
+                        max(0.0, float(lower)))
+
+
+def plan_in_model(model: SegmentModel, segments: list[tuple[int, int, int]]) -> dict[str, np.ndarray] | None:
+    """0/1 vectors (u, h, r) of a plan given as segments, or None if the model lost one of its pieces."""
+    seg_index = {tuple(int(x) for x in row): i for i, row in enumerate(model.seg)}
+    hop_index = {tuple(int(x) for x in row): i for i, row in enumerate(model.hop)}
+    ret_index = {tuple(int(x) for x in row): i for i, row in enumerate(model.ret)}
+    u = np.zeros(len(model.seg))
+    h = np.zeros(len(model.hop))
+    r = np.zeros(len(model.ret))
+    ordered = sorted(segments, key=lambda t: t[1])
+    for sg in ordered:
+        if tuple(sg) not in seg_index:
+            return None
+        u[seg_index[tuple(sg)]] = 1
+    for a, b in zip(ordered, ordered[1:]):
+        key = (a[0], b[0], a[2])
+        if key not in hop_index:
+            return None
+        h[hop_index[key]] = 1
+    key = (ordered[-1][0], ordered[0][0])
+    if key not in ret_index:
+        return None
+    r[ret_index[key]] = 1
+    return {"u": u, "h": h, "r": r}
