@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "noodle.cli.profile",
     "noodle.cli.bench_profile",
     "noodle.cli.worker",
+    "noodle.cli.bench_distributed",
 )
 
 app = typer.Typer(

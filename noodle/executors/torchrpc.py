@@ -58,8 +58,8 @@ from noodle.executors.messages import StageInput
 from noodle.executors.netreport import FailoverEvent, StepTrace, TraceBook
 from noodle.executors.slicing import read_config, unit_names_of
 from noodle.executors.torchdist import (
-    F_ALL_LOGITS, F_PREFILL, F_TOP1, OP_END, OP_ERROR, OP_LOAD, OP_PING, OP_SHUTDOWN, OP_STEP, Ring, make_group,
-    run_worker, short_error, slot, units_hash, world_from_env,
+    F_ALL_LOGITS, F_PREFILL, F_TOP1, OP_END, OP_ERROR, OP_LOAD, OP_PING, OP_SHUTDOWN, OP_STEP, Ring,
+    open_ring, run_worker, short_error, slot, units_hash, world_from_env,
 )  # fmt: skip
 from noodle.executors.spawner import WorkerProcess
 from noodle.plandoc import PlanDoc
@@ -126,6 +126,10 @@ class TorchRpcExecutor:
         self.world = n + 1
         self.threads = threads or max(1, (os.cpu_count() or 1) // n)
         self.devices = self._devices()
+        # one decode step of the planned batch travels inside its message (see torchdist.Ring)
+        batch = int(plan.workload.get("batch_size", 1) or 1)
+        self.inline_bytes = batch * int(config.hidden_size) * 4 + batch * 8 + 8
+        self._sent = 0
         gpu_all = all(d >= 0 for d in self.devices) and torch.cuda.is_available()
         self.backend = ("nccl" if gpu_all and torch.distributed.is_nccl_available() else "gloo") if backend == "auto" else backend
         self._procs: list[WorkerProcess] = []
@@ -189,10 +193,11 @@ class TorchRpcExecutor:
             host = None
         self._store = master
         store = dist.PrefixStore("noodle", master)
+        store.set("inline_bytes", str(self.inline_bytes))
         self._wait_ready(store)
         comm = torch.device("cuda", 0) if self.backend == "nccl" else torch.device("cpu")
-        group = make_group(store, 0, self.world, self.backend, self.policy.step_timeout_s * 4, host)
-        self._ring = Ring(group, 0, self.world, comm)
+        self._ring = open_ring(store, 0, self.world, self.backend, self.policy.step_timeout_s * 4, host, comm,
+                               self.inline_bytes)  # fmt: skip
         self._load()
 
     def _spawn(self, port: int) -> None:
@@ -233,30 +238,32 @@ class TorchRpcExecutor:
     def _load(self) -> None:
         ring = self._ring
         assert ring is not None
-        hdr = ring.new_header()
+        buf = ring.new()
+        hdr = ring.header(buf)
         hdr[0], hdr[13] = OP_LOAD, units_hash(self.units)
         for k, st in enumerate(self.plan.stages):
             hdr[slot(k, 0)], hdr[slot(k, 1)], hdr[slot(k, 2)] = st.start, st.end, self.devices[k]
-        back = self._roundtrip(hdr, self.startup_timeout_s)
+        back = self._roundtrip(buf, self.startup_timeout_s)
         self.param_bytes = [int(back[slot(k, 2)]) for k in range(len(self.plan.stages))]
         pings = []
         for _ in range(5):
-            ping = ring.new_header()
-            ping[0] = OP_PING
+            ping = ring.new()
+            ring.header(ping)[0] = OP_PING
             t0 = time.perf_counter()
             self._roundtrip(ping, self.policy.step_timeout_s)
             pings.append((time.perf_counter() - t0) * 1e3)
         self.ping_ms = min(pings)
 
-    def _roundtrip(self, hdr: torch.Tensor, timeout_s: float) -> torch.Tensor:
-        """Send a data-less header around the ring and return it (raising a stage's error)."""
+    def _roundtrip(self, buf: torch.Tensor, timeout_s: float) -> torch.Tensor:
+        """Send a data-less message around the ring and return its header (raising a stage's error)."""
         ring = self._ring
         assert ring is not None
         try:
-            ring.send([hdr], 1)
-            back = ring.recv_header(self.world - 1, timeout_s)
+            ring.send(buf, 1)
+            got = ring.recv(self.world - 1, timeout_s)
+            back = ring.header(got)
             if int(back[0]) == OP_ERROR:
-                raise self._remote_error(back)
+                raise self._remote_error(got)
         except RuntimeError as exc:
             raise _Lost(short_error(exc)) from None
         return back
@@ -264,9 +271,10 @@ class TorchRpcExecutor:
     def _node(self, rank: int) -> str:
         return self.plan.stages[rank - 1].node if 1 <= rank < self.world else "the coordinator"
 
-    def _remote_error(self, hdr: torch.Tensor) -> Exception:
+    def _remote_error(self, buf: torch.Tensor) -> Exception:
         assert self._ring is not None
-        text = self._ring.recv_error(hdr, self.world - 1, self.policy.step_timeout_s)
+        hdr = self._ring.header(buf)
+        text = self._ring.recv_error(buf, self.world - 1, self.policy.step_timeout_s)
         rank = int(hdr[12])
         node = self._node(rank)
         if int(hdr[14]):
@@ -278,10 +286,10 @@ class TorchRpcExecutor:
         ring, self._ring = self._ring, None
         if ring is not None and all(p.poll() is None for p in self._procs):
             try:
-                hdr = ring.new_header()
-                hdr[0] = OP_SHUTDOWN
-                ring.send([hdr], 1)
-                ring.recv_header(self.world - 1, 5.0)
+                buf = ring.new()
+                ring.header(buf)[0] = OP_SHUTDOWN
+                ring.send(buf, 1)
+                ring.recv(self.world - 1, 5.0)
             except RuntimeError:
                 pass
         self._stop_procs()
@@ -320,16 +328,18 @@ class TorchRpcExecutor:
     def _step(self, msg: StageInput, session: int, top1: bool) -> tuple[torch.Tensor, bool, torch.Tensor, int, int]:
         ring = self._ring
         assert ring is not None
-        hdr = ring.new_header()
+        buf = ring.new()
+        hdr = ring.header(buf)
         hdr[0], hdr[1] = OP_STEP, session
         hdr[2] = (F_PREFILL if msg.prefill else 0) | (F_ALL_LOGITS if msg.all_logits else 0) | (F_TOP1 if top1 else 0)
         start = time.monotonic_ns()
         try:
-            ring.send_data(hdr, msg.data, msg.attention_mask, 1)
-            back = ring.recv_header(self.world - 1, self.policy.step_timeout_s)
+            self._sent = ring.send_data(buf, msg.data, msg.attention_mask, 1)
+            got = ring.recv(self.world - 1, self.policy.step_timeout_s)
+            back = ring.header(got)
             if int(back[0]) == OP_ERROR:
-                raise self._remote_error(back)
-            data, _ = ring.recv_data(back, self.world - 1, self.policy.step_timeout_s)
+                raise self._remote_error(got)
+            data, _ = ring.recv_data(got, self.world - 1, self.policy.step_timeout_s)
         except RuntimeError as exc:
             raise _Lost(short_error(exc)) from None
         return data.cpu(), bool(int(back[2]) & F_TOP1 and data.dim() == 1), back, start, time.monotonic_ns()
@@ -395,7 +405,7 @@ class TorchRpcExecutor:
             history.append(msg)
             logits = self._one_hot(data) if is_top1 else data[:, -1, :]
             done = time.monotonic_ns()
-            book.add(self._trace(msg.prefill, back, start, done, msg.nbytes()))
+            book.add(self._trace(msg.prefill, back, start, done, self._sent))
             for k in range(len(kv)):
                 kv[k] = int(back[slot(k, 2)])
             if on_step is not None:
@@ -409,8 +419,8 @@ class TorchRpcExecutor:
         finally:
             if self._ring is not None:
                 try:
-                    end = self._ring.new_header()
-                    end[0], end[1] = OP_END, session  # drop the session's KV caches
+                    end = self._ring.new()
+                    self._ring.header(end)[0:2] = torch.tensor([OP_END, session])  # drop the session's KV caches
                     self._roundtrip(end, self.policy.step_timeout_s)
                 except (_Lost, ExecutorError):
                     pass
@@ -435,8 +445,7 @@ class TorchRpcExecutor:
         ready = [start, *t_out]
         arrive = [*t_in, done]
         tr.transit_ms = [(b - a) / 1e6 for a, b in zip(ready, arrive)]
-        hlen = 8 * len(back)
-        tr.bytes = [hlen + first_bytes, *(hlen + int(back[slot(k, 3)]) for k in range(n))]
+        tr.bytes = [first_bytes, *(int(back[slot(k, 3)]) for k in range(n))]
         tr.serialize_ms = [0.0] * (n + 1)
         tr.rtt_ms = {"ring": (done - start) / 1e6 - sum(tr.compute_ms)}
         return tr

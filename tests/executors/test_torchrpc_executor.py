@@ -47,10 +47,13 @@ def test_report_measures_the_ring(llama_ring):
     rep = llama_ring.generate(PROMPT_SETS["padded"], max_new_tokens=5).report
     assert llama_ring.backend == "gloo" and rep.backend == "torchrpc"
     assert [h.name for h in rep.hops] == ["coordinator->node0", "node0->node1", "node1->node2", "node2->coordinator"]
-    header = 8 * (16 + 4 * 3)
-    hidden = 3 * 1 * 64 * 4 + 3 * 1 * 8  # batch 3, one token, float32 + the int64 mask
-    assert [h.bytes_per_decode for h in rep.hops[1:3]] == [header + hidden, header + hidden]
-    assert rep.hops[-1].bytes_per_decode == header + 3 * 8  # greedy: token ids back, no mask
+    # every decode-step message is one fixed-size buffer: the int64 header (16 + 4 per stage) and
+    # room for a decode step of the planned batch (4 x 64 float32 + the int64 mask + 8)
+    msg = 8 * (16 + 4 * 3) + 4 * 64 * 4 + 4 * 8 + 8
+    assert llama_ring._ring.msg_bytes == msg
+    assert [h.bytes_per_decode for h in rep.hops] == [msg] * 4
+    prefill = 3 * 9 * 64 * 4 + 3 * 9 * 8  # batch 3 x 9 tokens: too big to go inline, a second message
+    assert rep.hops[1].bytes_total == msg * 5 + prefill
     assert all(not h.relayed and h.transit_ms_p50 > 0 for h in rep.hops)
     (rtt,) = rep.rtts
     assert rtt.peer == "ring" and rtt.rtt_ms_p50 > 0 and rtt.ping_ms is not None

@@ -2,9 +2,10 @@
 
 Topology: a star. For every step the coordinator sends stage ``i`` its input
 and gets the output back, then sends that to stage ``i+1`` (as Petals' clients
-do). Activations cross the network twice per hop instead of once, which on
-loopback costs one extra ~0.2 ms leg per hop and for decode steps a few KiB; in
-exchange the coordinator holds every stage's inputs of the running generation,
+do), passing the reply's tensor bytes on without decoding them. Activations
+cross the network twice per hop instead of once (for a decode step of GPT-2
+small, 2 x 3 KiB); in exchange the coordinator holds every stage's requests of
+the running generation,
 so when a worker dies only *its* stage has to be rebuilt: the replacement
 replays that stage's recorded inputs (same tensors, same order, hence the same
 KV cache bit for bit) and the generation continues with the very tokens a run
@@ -46,7 +47,7 @@ from noodle.executors.grpc.client import ForwardStream, Watchdog, WorkerClient, 
 from noodle.executors.grpc.wire import from_proto, to_proto
 from noodle.executors.grpc.worker import DEFAULT_MAX_MESSAGE_BYTES
 from noodle.executors.local import token_ids_of
-from noodle.executors.messages import StageInput, StageOutput
+from noodle.executors.messages import StageInput
 from noodle.executors.netreport import FailoverEvent, StepTrace, TraceBook
 from noodle.executors.slicing import read_config, unit_names_of
 from noodle.plandoc import PlanDoc, StageDoc
@@ -64,7 +65,7 @@ class _Slot:
     param_bytes: int = 0
     session: str = ""
     stream: ForwardStream | None = None
-    history: list[StageInput] = field(default_factory=list)
+    history: list[pb.ForwardRequest] = field(default_factory=list)  # this generation's requests, for replay
     kv: int = 0
 
     @property
@@ -74,7 +75,7 @@ class _Slot:
 
 @dataclass
 class _Call:
-    out: StageOutput
+    reply: pb.ForwardReply
     t_in: int
     t_out: int
     enc: int
@@ -273,29 +274,33 @@ class GrpcExecutor:
             slot.session = ""
 
     # -- one call --------------------------------------------------------------------------------
-    def _call(self, slot: _Slot, x: StageInput, *, top1: bool) -> _Call:
-        t0 = time.monotonic_ns()
-        req = pb.ForwardRequest(session=slot.session, data=to_proto(x.data), prefill=x.prefill,
-                                all_logits=x.all_logits, top1=top1)  # fmt: skip
-        if x.attention_mask is not None:
-            req.attention_mask.CopyFrom(to_proto(x.attention_mask))
+    def _call(self, slot: _Slot, req: pb.ForwardRequest, *, top1: bool, enc_ns: int = 0) -> _Call:
+        """Send ``req`` (its session and ``top1`` set here) to ``slot``; ``enc_ns`` is what building it cost."""
+        req.session = slot.session
+        req.top1 = top1
         t1 = time.monotonic_ns()
         if slot.stream is not None:
             reply = slot.stream.call(req, self.policy.step_timeout_s)
         else:
             reply = slot.client.unary("Forward", req, self.policy.step_timeout_s, slot.where)  # type: ignore[assignment]
         t2 = time.monotonic_ns()
-        data = from_proto(reply.data, field=f"{slot.where}: reply data", max_bytes=self.max_message_bytes)
-        out = StageOutput(x.session, data, x.attention_mask, is_logits=reply.is_logits or reply.is_top1)
-        t3 = time.monotonic_ns()
         off = slot.client.clock_offset_ns
         slot.kv = int(reply.kv_cache_bytes)
         compute = reply.t_out_ns - reply.t_in_ns
-        return _Call(out, reply.t_in_ns - off, reply.t_out_ns - off, t1 - t0, t3 - t2, int(reply.decode_ns),
+        return _Call(reply, reply.t_in_ns - off, reply.t_out_ns - off, enc_ns, 0, int(reply.decode_ns),
                      int(reply.encode_ns), req.ByteSize(), reply.ByteSize(), (t2 - t1) - compute)  # fmt: skip
 
+    @staticmethod
+    def _request(msg: StageInput, data: pb.Tensor | None, mask: pb.Tensor | None) -> pb.ForwardRequest:
+        """The request of one stage for step ``msg``: ``data`` is the previous stage's reply tensor, passed on as bytes."""
+        req = pb.ForwardRequest(prefill=msg.prefill, all_logits=msg.all_logits)
+        req.data.CopyFrom(data if data is not None else to_proto(msg.data))
+        if mask is not None:
+            req.attention_mask.CopyFrom(mask)
+        return req
+
     # -- failures --------------------------------------------------------------------------------
-    def _recover(self, i: int, x: StageInput, exc: Exception, step: int) -> tuple[int, StageInput]:
+    def _recover(self, i: int, x: pb.ForwardRequest, exc: Exception, step: int) -> tuple[int, pb.ForwardRequest]:
         """Bring stage ``i`` back (retry, spare, merge); returns where to resume and with what input."""
         slot = self._slots[i]
         t0 = time.perf_counter()
@@ -327,7 +332,7 @@ class GrpcExecutor:
             return i, x
         return self._merge(i, x, step, reason, t0)
 
-    def _merge(self, i: int, x: StageInput, step: int, reason: str, t0: float) -> tuple[int, StageInput]:
+    def _merge(self, i: int, x: pb.ForwardRequest, step: int, reason: str, t0: float) -> tuple[int, pb.ForwardRequest]:
         j = merge_target(self.plan, i)
         dead, nb = self._slots[i], self._slots[j]
         new_plan = merge_stage(self.plan, i, j)
@@ -386,25 +391,33 @@ class GrpcExecutor:
             nonlocal steps
             steps += 1
             start = time.monotonic_ns()
+            mask = None if msg.attention_mask is None else to_proto(msg.attention_mask)
+            x = self._request(msg, None, mask)
+            enc = time.monotonic_ns() - start
             calls: list[_Call] = []
-            clean = True
-            x, i = msg, 0
+            clean, i = True, 0
             while i < len(self._slots):
                 slot = self._slots[i]
                 last = i == len(self._slots) - 1
                 try:
-                    call = self._call(slot, x, top1=top1 and last)
+                    call = self._call(slot, x, top1=top1 and last, enc_ns=enc)
                 except WorkerGone as exc:
                     i, x = self._recover(i, x, exc, steps)
                     calls, clean = calls[:i], False
                     continue
                 slot.history.append(x)
                 calls.append(call)
-                x = call.out.next_input(prefill=msg.prefill, all_logits=msg.all_logits)
+                if not last:
+                    t0 = time.monotonic_ns()
+                    x = self._request(msg, call.reply.data, mask)  # the bytes as they came, not decoded
+                    enc = time.monotonic_ns() - t0
                 i += 1
-            out = calls[-1].out
-            logits = out.data[:, -1, :] if out.data.dim() == 3 else self._one_hot(out.data)
+            t0 = time.monotonic_ns()
+            reply = calls[-1].reply
+            out = from_proto(reply.data, field=f"{self._slots[-1].where}: reply data", max_bytes=self.max_message_bytes)
+            logits = out[:, -1, :] if out.dim() == 3 else self._one_hot(out)
             done = time.monotonic_ns()
+            calls[-1].dec = done - t0
             if clean:
                 book.add(self._trace(msg.prefill, start, done, calls))
             if on_step is not None:
@@ -445,7 +458,7 @@ class GrpcExecutor:
                 prev = calls[k - 1] if k else None
                 tr.transit_ms.append((c.t_in - ready) / 1e6)
                 tr.bytes.append(c.req_bytes + (prev.rep_bytes if prev else 0))
-                ser = c.enc + c.w_dec + ((prev.w_enc + prev.dec) if prev else 0)
+                ser = c.enc + c.w_dec + (prev.w_enc if prev else 0)  # relayed bytes are not decoded here
                 tr.serialize_ms.append(ser / 1e6)
                 ready = c.t_out
             else:

@@ -131,6 +131,7 @@ class StageServicer(pb_grpc.StageServiceServicer):
         self.default_device = parse_device(config.device, field="--device")
         self.stages: dict[str, Stage] = {}
         self.sessions: dict[str, _SessionEntry] = {}
+        self._dtypes: dict[int, torch.dtype] = {}
         self._lock = threading.Lock()  # stages and sessions dicts
         self._compute = threading.Lock()  # one stage step at a time: torch threads do the parallel work
         self._load = threading.Lock()
@@ -175,6 +176,13 @@ class StageServicer(pb_grpc.StageServiceServicer):
             raise _Refuse(grpc.StatusCode.NOT_FOUND, f"session {session!r}: its stage {entry.stage_id} was unloaded")
         return entry, stage
 
+    def _dtype_of(self, stage: Stage) -> torch.dtype:
+        dtype = self._dtypes.get(id(stage))
+        if dtype is None:
+            dtype = next((p.dtype for m in stage.slice.modules() for p in m.parameters()), torch.float32)
+            self._dtypes[id(stage)] = dtype
+        return dtype
+
     def _check_input(self, stage: Stage, data: torch.Tensor, mask: torch.Tensor | None) -> None:
         bad = grpc.StatusCode.INVALID_ARGUMENT
         if stage.is_first:
@@ -184,7 +192,7 @@ class StageServicer(pb_grpc.StageServiceServicer):
                 raise _Refuse(bad, f"data: token ids must lie in [0, {self.vocab_size}), got [{int(data.min())}, {int(data.max())}]")
         else:
             hidden = int(stage.config.hidden_size)
-            want = next((p.dtype for m in stage.slice.modules() for p in m.parameters()), torch.float32)
+            want = self._dtype_of(stage)
             if data.dim() != 3 or data.shape[-1] != hidden:
                 raise _Refuse(bad, f"data: stage takes hidden states (batch, tokens, {hidden}), got {list(data.shape)}")
             if data.dtype != want:
