@@ -199,6 +199,8 @@ def measure_distributed(
             "steps": len(steps[mode]),
         }  # fmt: skip
         rep = reports[mode]
+        entry["stage_compute_ms_p50"] = [st.decode_ms_p50 for st in rep.stages]  # each stage's own timer
+        entry["forward_ms_p50"] = rep.decode_ms_p50  # one step through the stages, sampling excluded
         if hasattr(rep, "hops"):
             entry.update(
                 network_ms_p50=rep.network_ms_p50, network_share=rep.network_share,
@@ -243,7 +245,12 @@ def write_distributed(result: dict[str, Any], out: Path, stem: str = "distribute
     left.set_title(f"{result.get('model', '')} in {result['stages']} stages, {result['rounds']} interleaved rounds")
     left.legend(fontsize=8)
     dist = names[1:]
-    right.bar(dist, [result["modes"][m]["added_ms_per_hop"] for m in dist], color="#3b7dd8", label="added vs local")
+    x = list(range(len(dist)))
+    right.bar([i - 0.2 for i in x], [result["modes"][m]["added_ms_per_hop"] for m in dist], width=0.4,
+              color="#3b7dd8", label="step time added vs local, per hop")  # fmt: skip
+    right.bar([i + 0.2 for i in x], [result["modes"][m].get("network_ms_per_hop", 0.0) for m in dist], width=0.4,
+              color="#7fb069", label="network: step - stage compute, per hop")  # fmt: skip
+    right.set_xticks(x, dist)
     right.axhline(1.0, color="#cc4444", ls="--", lw=1, label="1 ms target")
     floor = result["tcp_pingpong"]
     right.axhline(floor["rtt_us_p50"] / 1e3, color="#444444", ls=":", lw=1,

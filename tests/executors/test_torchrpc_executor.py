@@ -104,6 +104,34 @@ def test_gpt2_conformance_then_a_killed_worker_is_respawned(tiny_models, spawner
     assert not [c for c in children() if c.pid not in before]
 
 
+def test_joining_a_world_from_the_environment_and_losing_a_rank(tiny_models, spawner, monkeypatch):
+    """The several-machines path (RANK/WORLD_SIZE set, workers started elsewhere), on one machine."""
+    import socket
+
+    from noodle.executors.spawner import spawn
+    from noodle.executors.torchdist import run_worker
+
+    model = tiny_models["llama"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "3", "RANK": "0"}.items():
+        monkeypatch.setenv(key, value)
+    workers = [spawn(run_worker, str(model), threads=1, timeout_s=60.0, join=("127.0.0.1", port, r, 3)) for r in (1, 2)]
+    try:
+        ex = TorchRpcExecutor(plan_for(model, CUTS["rest|head"]), model, policy=POLICY, log=lambda _: None)
+        assert not ex.spawn
+        with ex:
+            assert ex.generate(PROMPT_SETS["batch1"], max_new_tokens=4).tokens == reference(model, PROMPT_SETS["batch1"], 4)[0]
+            with pytest.raises(ExecutorError, match="cannot replace a lost rank") as err:
+                ex.generate(PROMPT_SETS["batch1"], max_new_tokens=6, on_step=lambda n: n == 2 and workers[0].kill())
+        assert "lost its connection to rank 1" in str(err.value) and "node0" in str(err.value)
+        assert workers[1].wait(timeout=30) == 4  # the survivor reported the loss and left
+    finally:
+        for w in workers:
+            w.close()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_device_stage_on_cuda_matches_cpu(tiny_models):
