@@ -230,8 +230,9 @@ def _solve_highs(model: SegmentModel, time_limit: float, start: dict | None, upp
     h = highspy.Highs()
     h.silent()
     h.setOptionValue("time_limit", float(time_limit))
-    h.setOptionValue("mip_rel_gap", 1e-9)
+    h.setOptionValue("mip_rel_gap", 1e-8)
     h.setOptionValue("threads", 1)
+    h.setOptionValue("presolve", "off")  # measured: presolve's probing costs seconds and rarely pays here
     h.HandleKeyboardInterrupt = True
     h.passModel(lp)
     if start is not None:
