@@ -123,6 +123,7 @@ def solve(
     if result.plan is None:
         if result.interrupted:
             raise KeyboardInterrupt
-        raise NoodleError(f"solver {result.solver!r}: {result.note or 'no plan found'} (raise the time limit?)")
+        hint_txt = "" if result.status == "baseline" else " (raise the time limit?)"
+        raise NoodleError(f"solver {result.solver!r}: {result.note or 'no plan found'}{hint_txt}")
     ev = evaluate(problem, result.plan, cm)
     return replace(result, objective_ms=ev.objective_ms, solve_time_s=time.perf_counter() - start)

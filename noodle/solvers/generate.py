@@ -21,7 +21,10 @@ from dataclasses import dataclass
 
 from noodle.types import GIB, Cluster, Link, Node, Problem, Unit, Workload
 
-__all__ = ["ARCHITECTURES", "DEVICES", "DeviceType", "random_instance", "model_units", "bench_grid", "GridPoint"]
+__all__ = [
+    "ARCHITECTURES", "DEVICES", "DeviceType", "random_instance", "model_units", "bench_grid", "GridPoint",
+    "problem_to_spec",
+]
 
 # name -> (config source, overrides); config sources are files under specs/models or dicts.
 ARCHITECTURES: dict[str, dict] = {
@@ -160,3 +163,29 @@ def bench_grid(size: str = "default", seeds: int = 3) -> list[GridPoint]:
         for obj in ("throughput", "latency")
         for seed in range(seeds)
     ]
+
+
+def problem_to_spec(problem: Problem, *, solver: str = "auto", time_limit_s: float = 10.0) -> dict:
+    """A spec document (``noodle solve`` input) describing ``problem`` with inline layers."""
+    c = problem.cluster
+    return {
+        "name": problem.name,
+        "model": {"layers": [
+            {"name": u.name, "latency_ms": u.latency_ms, "param_bytes": u.param_bytes,
+             "activation_bytes": u.activation_bytes, "kv_bytes_per_token": u.kv_bytes_per_token}
+            for u in problem.units
+        ]},
+        "workload": {"prompt_tokens": problem.workload.prompt_tokens,
+                     "max_new_tokens": problem.workload.max_new_tokens, "batch_size": problem.workload.batch_size},
+        "cluster": {
+            "nodes": [{"id": nd.id, "device": nd.device, "memory_gb": nd.memory_gb, "compute_score": nd.compute_score}
+                      for nd in c.nodes],
+            "links": {
+                "default": {"bandwidth_gbps": c.default_link.bandwidth_gbps, "latency_ms": c.default_link.latency_ms},
+                "pairs": [{"a": a, "b": b, "bandwidth_gbps": ln.bandwidth_gbps, "latency_ms": ln.latency_ms}
+                          for a, b, ln in c.pair_links],
+            },
+        },
+        "objective": problem.objective,
+        "solver": {"name": solver, "time_limit_s": time_limit_s},
+    }

@@ -264,6 +264,7 @@ def _local_search(
     deadline: float,
     frozen: int,
     rng: random.Random,
+    record=None,
 ) -> tuple[float, list, list[int]]:
     """Swaps and moves until none helps: the neighbourhood is scanned in shuffled chunks, numpy-vectorised,
     and the best improvement of the first improving chunk is taken (whole-neighbourhood best improvement
@@ -287,6 +288,8 @@ def _local_search(
                 v, s = dp_order(tables, part[k].tolist(), objective)
                 if s and v < val:
                     val, seg, order, moved = v, s, part[k].tolist(), True
+                    if record is not None:
+                        record(val, seg, order)
                     break
         if not moved:
             break
@@ -317,7 +320,12 @@ def search_orders(
     seeds = seed_orders or start_orders(tables, pinned, many=True)
     m = len(seeds[0])
     patience = patience if patience is not None else 2 + m // 2
-    best_val, best_seg, best_order = INF, [], seeds[0]
+    best = {"val": INF, "seg": [], "order": seeds[0]}
+
+    def record(val: float, seg: list, order: list[int]) -> None:
+        if seg and val < best["val"] - 1e-9 * max(1.0, abs(best["val"]) if np.isfinite(best["val"]) else 1.0):
+            best.update(val=val, seg=seg, order=order)
+
     rng = random.Random(seed)
     interrupted = False
     try:
@@ -327,25 +335,21 @@ def search_orders(
             if np.isfinite(vals[k]):
                 v, s = dp_order(tables, seeds[k], objective)
                 starts.append((v, s, seeds[k]))
+                record(v, s, seeds[k])
         for val, seg, order in starts:
-            val, seg, order = _local_search(tables, objective, order, val, seg, deadline, frozen, rng)
-            if val < best_val:
-                best_val, best_seg, best_order = val, seg, order
+            record(*_local_search(tables, objective, order, val, seg, deadline, frozen, rng, record))
         stale = 0
-        reached = lambda: best_val <= target * (1 + 1e-9) + 1e-12  # noqa: E731
-        while best_seg and stale < patience and time.perf_counter() < deadline and m - frozen >= 3 and not reached():
-            cand = _perturb(best_order, len(best_seg), frozen, rng)
+        reached = lambda: best["val"] <= target * (1 + 1e-9) + 1e-12  # noqa: E731
+        while best["seg"] and stale < patience and time.perf_counter() < deadline and m >= 3 and not reached():
+            before = best["val"]
+            cand = _perturb(best["order"], len(best["seg"]), frozen, rng)
             val, seg = dp_order(tables, cand, objective)
-            if not seg:
-                stale += 1
-                continue
-            val, seg, cand = _local_search(tables, objective, cand, val, seg, deadline, frozen, rng)
-            if val < best_val - 1e-9 * max(1.0, abs(best_val)):
-                best_val, best_seg, best_order, stale = val, seg, cand, 0
-            else:
-                stale += 1
+            if seg:
+                record(*_local_search(tables, objective, cand, val, seg, deadline, frozen, rng, record))
+            stale = 0 if best["val"] < before else stale + 1
     except KeyboardInterrupt:
         interrupted = True
+    best_val, best_seg = best["val"], best["seg"]
     return SearchResult(best_val, best_seg, interrupted)
 
 
