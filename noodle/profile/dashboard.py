@@ -59,7 +59,7 @@ def dashboard_figures(report: ProfileReport) -> list[tuple[str, Any]]:
         y=[r["latency_ms_p50"] / prompt for r in prefill],
     )
     lat.update_layout(barmode="group", xaxis_title="placement unit", yaxis_title="ms",
-                      legend={"orientation": "h", "y": 1.12})
+                      legend={"orientation": "h", "y": -0.25})
     figs.append(("Latency per unit (decode p50, whisker to p95; prefill per token)", lat))
 
     mem = go.Figure()
@@ -74,10 +74,15 @@ def dashboard_figures(report: ProfileReport) -> list[tuple[str, Any]]:
     figs.append((f"Memory timeline ({report.summary['memory_source']})", mem))
 
     scatter = go.Figure()
-    scatter.add_scatter(
-        mode="markers+text", x=[r["num_parameters"] / 1e6 for r in decode], y=[r["latency_ms_p50"] for r in decode],
-        text=[r["name"] for r in decode], textposition="top center", marker={"size": 11},
-    )
+    groups = {"embed": ["embed"], "decoder blocks": [r["name"] for r in decode if r["name"].startswith("block.")],
+              "lm_head": ["lm_head"]}
+    for label, members in groups.items():
+        pts = [r for r in decode if r["name"] in members]
+        scatter.add_scatter(
+            name=label, mode="markers" if len(pts) > 1 else "markers+text", textposition="top center",
+            x=[r["num_parameters"] / 1e6 for r in pts], y=[r["latency_ms_p50"] for r in pts],
+            text=[r["name"] for r in pts], marker={"size": 11}, hovertemplate="%{text}: %{x:.2f}M params, %{y:.3f} ms",
+        )
     scatter.update_layout(xaxis_title="parameters (millions)", yaxis_title="decode step p50 (ms)")
     figs.append(("Parameters vs decode latency", scatter))
 

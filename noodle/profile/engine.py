@@ -187,6 +187,22 @@ class ObservabilityEngine:
         self.remove()
 
     # -- running -----------------------------------------------------------
+    def step(self, ids: Any, cache: Any, hooks: TimingHooks | TraceHooks | NullHooks) -> tuple[Any, Any, float, Any]:
+        """One forward of ``ids`` on ``cache`` (``None``: a prefill).
+
+        Returns ``(next_ids, cache, forward_ms, (unit_ms, module_ms))``: the greedy next token,
+        the updated KV cache, the wall time around ``model(...)`` and what ``hooks`` measured.
+        """
+        import torch
+
+        with torch.inference_mode():
+            hooks.start_forward()
+            t0 = self.clock.now()
+            out = self.model(input_ids=ids, **{self._cache_kw: cache}, **self._extra)
+            t1 = self.clock.now()
+            timings = hooks.finish_forward()
+            return out.logits[:, -1:].argmax(-1), out.get(self._cache_kw), self.clock.ms(t0, t1), timings
+
     def run_iteration(
         self, inputs: ProfileInputs, hooks: TimingHooks | TraceHooks | NullHooks, on_forward: Callable[..., None] | None
     ) -> None:
@@ -195,21 +211,11 @@ class ObservabilityEngine:
         ``hooks`` must already be installed; ``on_forward(phase, step, forward_ms, unit_ms,
         module_ms)`` is called after each forward with the wall time around ``model(...)``.
         """
-        import torch
-
         ids, cache = inputs.input_ids, None
-        now, ms = self.clock.now, self.clock.ms
-        with torch.inference_mode():
-            for step in range(inputs.decode_tokens + 1):
-                hooks.start_forward()
-                t0 = now()
-                out = self.model(input_ids=ids, **{self._cache_kw: cache}, **self._extra)
-                t1 = now()
-                units, modules = hooks.finish_forward()
-                if on_forward is not None:
-                    on_forward("prefill" if step == 0 else "decode", step, ms(t0, t1), units, modules)
-                cache = out.get(self._cache_kw)
-                ids = out.logits[:, -1:].argmax(-1)
+        for i in range(inputs.decode_tokens + 1):
+            ids, cache, ms, (units, modules) = self.step(ids, cache, hooks)
+            if on_forward is not None:
+                on_forward("prefill" if i == 0 else "decode", i, ms, units, modules)
 
     def _loop(self, inputs: ProfileInputs, n: int, label: str, hooks: Any, on_forward: Any) -> None:
         with progress_bar(self.config.progress, f"{self.config.model_name}: {label}", n) as advance:

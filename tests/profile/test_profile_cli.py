@@ -28,7 +28,7 @@ def test_model_init_then_profile_the_folder(tmp_path, capsys):
 def test_profile_preset_and_config_with_dashboard(tmp_path, capsys):
     out = tmp_path / "p"
     assert main(["profile", "--preset", "gpt2-tiny", "--out", str(out), "--hooks", "generic", *FAST]) == 0
-    assert (out / "dashboard.html").exists() and (out / "summary.png").exists()
+    assert (out / "dashboard.html").exists() and (out / "summary.png").exists()  # the CLI writes it by default
     assert json.loads((out / "summary.json").read_text())["strategy"] == "generic"
     cfg = tmp_path / "my-gpt2.json"
     cfg.write_text(json.dumps({"model_type": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64,
