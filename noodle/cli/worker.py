@@ -41,7 +41,8 @@ def worker_cmd(
     threads: int = typer.Option(0, "--threads", help="torch CPU threads (0: torch's default)"),
     insecure: bool = typer.Option(False, "--insecure", help="grpc: allow a non-loopback --host without a token"),
     timeout: float = typer.Option(1800.0, "--timeout", help="torchrpc: seconds a rank waits for its peers"),
-    dist_backend: str = typer.Option("gloo", "--dist-backend", help="torchrpc: gloo, or nccl when every rank has a GPU"),
+    dist_backend: str = typer.Option("gloo", "--dist-backend", envvar="NOODLE_DIST_BACKEND",
+                                     help="torchrpc: gloo, or nccl when every rank has a GPU (same on every rank)"),
 ) -> None:
     """Serve stages of a model to a coordinator (`noodle exec --backend grpc|torchrpc`)."""
     if backend not in BACKENDS:
@@ -61,7 +62,8 @@ def worker_cmd(
         raise typer.Exit(code)
     if max_message_mb < 1:
         raise SpecError(f"--max-message-mb: must be >= 1, got {max_message_mb}")
-    from noodle.executors.grpc.worker import WorkerConfig, run_forever
+    from noodle.executors.grpc.server import run_forever
+    from noodle.executors.grpc.worker import WorkerConfig
 
     limit = max_message_mb * 2**20
     config = WorkerConfig(

@@ -19,7 +19,7 @@ from noodle.errors import SpecError
 from noodle.executors.messages import StageInput, StageOutput
 from noodle.executors.stage import Session, Stage
 
-__all__ = ["DeviceStage", "parse_device", "make_stage", "warm_up"]
+__all__ = ["DeviceStage", "parse_device", "make_stage", "warm_up", "gpu_indices"]
 
 
 def parse_device(text: str | None, *, field: str = "device") -> torch.device:
@@ -87,3 +87,17 @@ def warm_up(stage: Stage) -> None:
         data = torch.zeros(1, 1, int(stage.config.hidden_size), dtype=dtype)
     stage.step(StageInput("warm-up", data, None, prefill=True))
     stage.end_session("warm-up")
+
+
+def gpu_indices(devices: list[str]) -> list[int]:
+    """CUDA index per stage for plan nodes whose device says gpu/cuda, round robin; -1 for the rest or without CUDA."""
+    if not torch.cuda.is_available():
+        return [-1] * len(devices)
+    count, k, out = torch.cuda.device_count(), 0, []
+    for dev in devices:
+        if any(word in dev.lower() for word in ("gpu", "cuda")):
+            out.append(k % count)
+            k += 1
+        else:
+            out.append(-1)
+    return out

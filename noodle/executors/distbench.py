@@ -88,7 +88,7 @@ def tcp_pingpong(nbytes: int = 3072, rounds: int = 2000) -> dict[str, float]:
 
 
 def _serve(config: Any, threads: int) -> int:
-    from noodle.executors.grpc.worker import run_forever
+    from noodle.executors.grpc.server import run_forever
 
     torch.set_num_threads(threads)
     return run_forever(config)

@@ -37,7 +37,7 @@ PRELOAD = [
     "noodle.executors.slicing",
     "noodle.executors.devices",
     "noodle.executors.torchdist",
-    "noodle.executors.grpc.worker",
+    "noodle.executors.grpc.server",
 ]
 _lock = threading.Lock()
 _ctx: Any = None

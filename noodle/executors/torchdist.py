@@ -33,20 +33,19 @@ from typing import Any
 
 import torch
 
-from noodle.errors import ExecutorError, NoodleError, SpecError
+from noodle.errors import ExecutorError, SpecError
 
 __all__ = [
-    "OP_STEP", "OP_LOAD", "OP_END", "OP_SHUTDOWN", "OP_ERROR", "OP_PING",
-    "F_PREFILL", "F_ALL_LOGITS", "F_TOP1", "F_MASK", "F_LOGITS",
-    "Ring", "header_len", "slot", "units_hash", "world_from_env", "make_group", "open_ring", "run_worker",
-    "short_error",
+    "OP_STEP", "OP_LOAD", "OP_END", "OP_SHUTDOWN", "OP_ERROR", "OP_PING", "F_PREFILL", "F_ALL_LOGITS", "F_TOP1",
+    "F_MASK", "F_LOGITS", "Ring", "header_len", "slot", "units_hash", "world_from_env", "make_group", "open_ring",
+    "run_worker", "short_error", "wait_ready",
 ]  # fmt: skip
 
 OP_STEP, OP_LOAD, OP_END, OP_SHUTDOWN, OP_ERROR, OP_PING = 1, 2, 3, 4, 5, 6
 F_PREFILL, F_ALL_LOGITS, F_TOP1, F_MASK, F_LOGITS = 1, 2, 4, 8, 16
-# header: 0 op, 1 session, 2 flags, 3 dtype, 4 ndim, 5-7 shape, 8-9 mask shape, 10 seq, 11 spare,
-# 12 error rank (or the lost rank), 13 units hash, 14 lost-peer flag, 15 bytes of the big payload
-# that follows on the second group (0: none, the data is inline), then 4 slots per stage (see slot()).
+# header: 0 op, 1 session, 2 flags, 3 dtype, 4 ndim, 5-7 shape, 8-9 mask shape, 10-11 spare, 12 error (or lost) rank,
+# 13 units hash, 14 lost-peer flag, 15 bytes of the payload that follows on the second group (0: inline), then
+# 4 slots per stage (see slot()).
 _BASE = 16
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8]
 
@@ -80,13 +79,12 @@ def _align8(n: int) -> int:
 class Ring:
     """Messages around the ring: a fixed-size uint8 buffer (int64 header + inline payload), plus big payloads.
 
-    Gloo holds back a second small write to the same peer until the first is
-    acknowledged (header then data took 15 ms around a 4-rank ring here, one
-    message 0.5 ms), so a step's data travels *inside* its header message when it
-    fits ``inline_bytes`` (sized for one decode step of the planned batch), and
-    anything larger (a prefill, full logits, a traceback) goes as one more
-    message on a second process group, ``big``, i.e. another connection.
-    On NCCL (``inline_bytes == 0``) payloads always take ``big``, from the device.
+    A second small message to the same Gloo peer waits for the first to be
+    acknowledged (header then data: 15 ms around a 4-rank ring here; one message:
+    0.5 ms), so a step's data travels inside its message when it fits
+    ``inline_bytes`` (one decode step of the planned batch); anything larger goes
+    as one more message on the second group, ``big`` (another connection).
+    NCCL (``inline_bytes == 0``) always sends payloads on ``big``, from the device.
     """
 
     def __init__(self, small: Any, big: Any, rank: int, world_size: int, device: torch.device, inline_bytes: int) -> None:
@@ -105,6 +103,14 @@ class Ring:
     @property
     def next(self) -> int:
         return (self.rank + 1) % self.world_size
+
+    def close(self, *, abort: bool = False) -> None:
+        """Release both groups; ``abort`` also drops their connections, so blocked peers fail at once."""
+        for group in (self.small, self.big):
+            try:
+                group.abort() if abort else group.shutdown()
+            except RuntimeError:
+                pass
 
     def new(self) -> torch.Tensor:
         """A zeroed message buffer (CPU); :meth:`header` is its int64 view."""
@@ -243,6 +249,24 @@ def short_error(exc: BaseException) -> str:
     if text.startswith("[") and "] " in text:
         text = text.split("] ", 1)[1]
     return text.split(". This is typically")[0]
+
+
+def wait_ready(store: Any, world: int, procs: Sequence[Any], timeout_s: float) -> None:
+    """Wait until ranks ``1..world-1`` said ready in ``store``; a spawned one that exits first is an error."""
+    keys = [f"ready/{r}" for r in range(1, world)]
+    deadline = time.monotonic() + timeout_s
+    while not store.check(keys):
+        for rank, proc in enumerate(procs, 1):
+            if proc.poll() is not None:
+                raise ExecutorError(f"torchrpc: worker rank {rank} exited with code {proc.returncode} while starting",
+                                    remote_traceback=proc.log_text()[-4000:] or None)  # fmt: skip
+        if time.monotonic() > deadline:
+            missing = [k.split("/")[1] for k in keys if not store.check([k])]
+            raise ExecutorError(
+                f"torchrpc: rank(s) {', '.join(missing)} did not join within {timeout_s:g} s; start "
+                "`noodle worker --backend torchrpc` there with the same MASTER_ADDR/MASTER_PORT and WORLD_SIZE"
+            )
+        time.sleep(0.05)
 
 
 def _report_lost(ring: Ring, text: str) -> None:

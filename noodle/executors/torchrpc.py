@@ -1,34 +1,26 @@
 """``torchrpc``: a coordinator and one worker process per stage on torch.distributed.
 
 Data path: pure c10d point-to-point, no ``torch.distributed.rpc``. Measured on
-this machine (torch 2.13 CPU, loopback) an ``rpc_sync`` round trip with a
-1x1x768 tensor took 440-615 us, a Gloo ``send``/``recv`` round trip 118-226 us,
-and a 3-hop ring 176-315 us. RPC is also in maintenance mode, and it executes
-pickled callables sent by peers (CVE-2024-5480 was remote code execution
-through it). So every message, control included, is a small int64 header
-followed by raw tensors, passed around the ring ``coordinator -> stage 0 -> ...
--> stage S-1 -> coordinator`` (:mod:`noodle.executors.torchdist`); activations
-go straight from stage to stage, once. The process groups are our own objects
-(``ProcessGroupGloo``/``ProcessGroupNCCL`` on a ``TCPStore``), not the global
-default group, so several executors can live in one process. With CUDA on every
-rank and every stage on a GPU the group is NCCL and tensors stay on the devices;
-otherwise Gloo carries CPU tensors and GPU stages copy in and out.
+this machine (torch 2.13 CPU, loopback, 1x1x768 tensor): an ``rpc_sync`` round
+trip 440-615 us, a Gloo ``send``/``recv`` round trip 118-226 us, a 3-hop ring
+176-315 us. RPC is also in maintenance mode and executes pickled callables sent
+by peers (CVE-2024-5480 was remote code execution through it). So every message,
+control included, is an int64 header with the data inline, passed around the ring
+``coordinator -> stage 0 -> ... -> stage S-1 -> coordinator``
+(:mod:`noodle.executors.torchdist`): activations go from stage to stage, once.
+The process groups are our own objects on a ``TCPStore``, not the global default
+group, so several executors can live in one process. With CUDA on every rank and
+stage the groups are NCCL and tensors stay on the devices; otherwise Gloo carries
+CPU tensors.
 
-Failures: torch.distributed cannot survive a lost rank. Its process group is
-fixed at creation; when a peer dies, every later ``send``/``recv`` involving it
-fails or times out, and there is no way to swap a new process in. What the
-executor does instead:
-
-- workers it spawned itself (one machine, the default): the call fails fast
-  (connection reset) or after ``step_timeout_s`` (a hung worker); the whole
-  world is torn down, respawned on a new port, the stages reloaded and the
-  session's steps replayed, and generation continues with the same tokens
-  (``restarts`` times at most);
-- workers started elsewhere (``noodle worker --backend torchrpc`` or torchrun on
-  several machines): a clear :class:`~noodle.errors.ExecutorError` naming the
-  rank that was lost, within the deadline, and nothing left hanging. Restart the
-  workers (torchrun ``--max-restarts``) and the run, or use ``--backend grpc``,
-  which fails over to spares.
+Failures: torch.distributed cannot survive a lost rank. A process group is fixed
+at creation; after a peer dies every ``send``/``recv`` with it fails or times out,
+and no new process can take its place. Instead, with workers it spawned itself,
+the executor tears the world down, respawns it on a new port, reloads the stages,
+replays the session's steps and goes on with the same tokens (``restarts`` times
+at most); with workers started elsewhere (``noodle worker --backend torchrpc``,
+torchrun) it raises an :class:`~noodle.errors.ExecutorError` naming the lost rank
+within the deadline, aborts its groups, and leaves nothing hanging.
 
 The ports (``MASTER_PORT`` and Gloo's) take unauthenticated connections: keep
 them on a trusted network or a VPN.
@@ -48,25 +40,26 @@ from types import TracebackType
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from noodle.errors import ExecutorError, SpecError
 from noodle.executors.base import RunResult, check_plan, check_workload
+from noodle.executors.devices import gpu_indices
 from noodle.executors.failover import RetryPolicy
 from noodle.executors.generation import Sampling, generate
 from noodle.executors.local import token_ids_of
 from noodle.executors.messages import StageInput
-from noodle.executors.netreport import FailoverEvent, StepTrace, TraceBook
+from noodle.executors.netreport import FailoverEvent, TraceBook
+from noodle.executors.remote import one_hot_logits, ring_trace, units_label
 from noodle.executors.slicing import read_config, unit_names_of
 from noodle.executors.torchdist import (
     F_ALL_LOGITS, F_PREFILL, F_TOP1, OP_END, OP_ERROR, OP_LOAD, OP_PING, OP_SHUTDOWN, OP_STEP, Ring,
-    open_ring, run_worker, short_error, slot, units_hash, world_from_env,
+    open_ring, run_worker, short_error, slot, units_hash, wait_ready, world_from_env,
 )  # fmt: skip
 from noodle.executors.spawner import WorkerProcess
 from noodle.plandoc import PlanDoc
 
 __all__ = ["TorchRpcExecutor"]
-
-_GPU_WORDS = ("gpu", "cuda")
 
 
 class _Lost(Exception):
@@ -81,7 +74,8 @@ class TorchRpcExecutor:
         model_dir: the model folder (every worker loads its own stage from its own copy).
         spawn: start the workers here (default unless ``WORLD_SIZE`` is set, which means
             joining a world of ``noodle worker --backend torchrpc`` processes as rank 0).
-        backend: ``auto`` (NCCL when every rank and stage has a GPU, else Gloo), ``gloo`` or ``nccl``.
+        backend: ``auto`` (spawned: NCCL when every rank and stage has a GPU, else Gloo; joined:
+            ``$NOODLE_DIST_BACKEND`` or Gloo, matching the workers' ``--dist-backend``), ``gloo`` or ``nccl``.
         policy: ``step_timeout_s`` bounds each step (and the ring's recv); ``attempts``/``backoff_s`` unused here.
         restarts: spawned worlds rebuilt after a lost rank before giving up.
         threads: torch threads per spawned worker (0: this machine's cores shared out).
@@ -125,13 +119,15 @@ class TorchRpcExecutor:
         n = len(plan.stages)
         self.world = n + 1
         self.threads = threads or max(1, (os.cpu_count() or 1) // n)
-        self.devices = self._devices()
+        self.devices = gpu_indices([s.device for s in plan.stages]) if self.spawn else [-1] * n
         # one decode step of the planned batch travels inside its message (see torchdist.Ring)
         batch = int(plan.workload.get("batch_size", 1) or 1)
         self.inline_bytes = batch * int(config.hidden_size) * 4 + batch * 8 + 8
         self._sent = 0
-        gpu_all = all(d >= 0 for d in self.devices) and torch.cuda.is_available()
-        self.backend = ("nccl" if gpu_all and torch.distributed.is_nccl_available() else "gloo") if backend == "auto" else backend
+        if backend == "auto" and not self.spawn:  # workers started elsewhere: say which with NOODLE_DIST_BACKEND
+            backend = os.environ.get("NOODLE_DIST_BACKEND", "gloo")
+        gpu_all = all(d >= 0 for d in self.devices) and torch.cuda.is_available() and dist.is_nccl_available()
+        self.backend = ("nccl" if gpu_all else "gloo") if backend == "auto" else backend
         self._procs: list[WorkerProcess] = []
         self._ring: Ring | None = None
         self._store: Any = None
@@ -139,20 +135,6 @@ class TorchRpcExecutor:
         self.param_bytes = [0] * n
         self.ping_ms: float | None = None
         self.failovers: list[FailoverEvent] = []
-
-    def _devices(self) -> list[int]:
-        """CUDA index per stage for GPU nodes when spawning on a CUDA machine, else -1 (the worker's own)."""
-        if not self.spawn or not torch.cuda.is_available():
-            return [-1] * len(self.plan.stages)
-        count = torch.cuda.device_count()
-        out, k = [], 0
-        for st in self.plan.stages:
-            if any(w in st.device.lower() for w in _GPU_WORDS):
-                out.append(k % count)
-                k += 1
-            else:
-                out.append(-1)
-        return out
 
     # -- lifecycle -------------------------------------------------------------------------------
     def __enter__(self) -> TorchRpcExecutor:
@@ -174,8 +156,6 @@ class TorchRpcExecutor:
         self.close()
 
     def _start(self) -> None:
-        import torch.distributed as dist
-
         timeout = datetime.timedelta(seconds=self.startup_timeout_s)
         if self.spawn:
             master = dist.TCPStore(self.host, 0, self.world, is_master=True, wait_for_workers=False, timeout=timeout)
@@ -194,7 +174,7 @@ class TorchRpcExecutor:
         self._store = master
         store = dist.PrefixStore("noodle", master)
         store.set("inline_bytes", str(self.inline_bytes))
-        self._wait_ready(store)
+        wait_ready(store, self.world, self._procs, self.startup_timeout_s)
         comm = torch.device("cuda", 0) if self.backend == "nccl" else torch.device("cpu")
         self._ring = open_ring(store, 0, self.world, self.backend, self.policy.step_timeout_s * 4, host, comm,
                                self.inline_bytes)  # fmt: skip
@@ -211,29 +191,6 @@ class TorchRpcExecutor:
                       threads=self.threads, timeout_s=self.policy.step_timeout_s * 4, preload=preload,
                       join=(self.host, port, rank, self.world), parent_pid=os.getpid())  # fmt: skip
             )
-
-    def _wait_ready(self, store: Any) -> None:
-        keys = [f"ready/{r}" for r in range(1, self.world)]
-        deadline = time.monotonic() + self.startup_timeout_s
-        while True:
-            if store.check(keys):
-                return
-            for rank, proc in enumerate(self._procs, 1):
-                if proc.poll() is not None:
-                    raise ExecutorError(f"torchrpc: worker rank {rank} exited with code {proc.returncode} while starting",
-                                        remote_traceback=self._log_tail(rank))  # fmt: skip
-            if time.monotonic() > deadline:
-                missing = [k.split("/")[1] for k in keys if not store.check([k])]
-                raise ExecutorError(
-                    f"torchrpc: rank(s) {', '.join(missing)} did not join within {self.startup_timeout_s:g} s; "
-                    "start `noodle worker --backend torchrpc` there with the same MASTER_ADDR/MASTER_PORT and WORLD_SIZE"
-                )
-            time.sleep(0.05)
-
-    def _log_tail(self, rank: int) -> str | None:
-        if not 1 <= rank <= len(self._procs):
-            return None
-        return self._procs[rank - 1].log_text()[-4000:] or None
 
     def _load(self) -> None:
         ring = self._ring
@@ -292,6 +249,8 @@ class TorchRpcExecutor:
                 ring.recv(self.world - 1, 5.0)
             except RuntimeError:
                 pass
+        if ring is not None:
+            ring.close()
         self._stop_procs()
         self._store = None
 
@@ -311,6 +270,8 @@ class TorchRpcExecutor:
                 proc.kill()
         for proc in self._procs:
             proc.wait(timeout=10)
+        if self._ring is not None:
+            self._ring.close(abort=True)  # ranks started elsewhere see the ring gone, not a silent peer
         self._ring = None
         self._stop_procs()
         self._store = None
@@ -335,13 +296,16 @@ class TorchRpcExecutor:
         start = time.monotonic_ns()
         try:
             self._sent = ring.send_data(buf, msg.data, msg.attention_mask, 1)
+        except RuntimeError as exc:
+            raise _Lost(f"sending to rank 1 ({self._node(1)}): {short_error(exc)}") from None
+        try:
             got = ring.recv(self.world - 1, self.policy.step_timeout_s)
             back = ring.header(got)
             if int(back[0]) == OP_ERROR:
                 raise self._remote_error(got)
             data, _ = ring.recv_data(got, self.world - 1, self.policy.step_timeout_s)
         except RuntimeError as exc:
-            raise _Lost(short_error(exc)) from None
+            raise _Lost(f"waiting for the step to come round: {short_error(exc)}") from None
         return data.cpu(), bool(int(back[2]) & F_TOP1 and data.dim() == 1), back, start, time.monotonic_ns()
 
     def _restart(self, reason: str, step: int, history: list[StageInput], session: int, t0: float) -> None:
@@ -403,11 +367,13 @@ class TorchRpcExecutor:
                     self._restart(str(exc), len(history) + 1, history, session, t0)
                     continue
             history.append(msg)
-            logits = self._one_hot(data) if is_top1 else data[:, -1, :]
+            logits = one_hot_logits(data, self.vocab_size) if is_top1 else data[:, -1, :]
             done = time.monotonic_ns()
-            book.add(self._trace(msg.prefill, back, start, done, self._sent))
-            for k in range(len(kv)):
-                kv[k] = int(back[slot(k, 2)])
+            n = len(self.plan.stages)
+            t_in, t_out = [int(back[slot(k, 0)]) for k in range(n)], [int(back[slot(k, 1)]) for k in range(n)]
+            sent = [self._sent, *(int(back[slot(k, 3)]) for k in range(n))]
+            book.add(ring_trace(msg.prefill, start, done, t_in, t_out, sent))
+            kv[:] = [int(back[slot(k, 2)]) for k in range(n)]
             if on_step is not None:
                 on_step(len(history))
             return logits
@@ -426,32 +392,8 @@ class TorchRpcExecutor:
                     pass
         wall = time.perf_counter() - t0
         book.failovers = self.failovers[first_event:]
-        facts = [(_units(self.plan, k), self.param_bytes[k], kv[k]) for k in range(len(self.plan.stages))]
+        facts = [(units_label(self.plan, k), self.param_bytes[k], kv[k]) for k in range(len(self.plan.stages))]
         report = book.build(backend=self.name, emulated=False, prompts=prompts, n_steps=gen.steps, wall_s=wall,
                             stage_facts=facts, rtt_extra={"ring": (self.ping_ms, 0.0)},
                             data_path=f"c10d point-to-point over {self.backend}, ring coordinator -> stages -> coordinator")  # fmt: skip
         return RunResult(tokens=gen.tokens, report=report, logits=tuple(gen.logits))
-
-    def _one_hot(self, ids: torch.Tensor) -> torch.Tensor:
-        logits = torch.full((ids.shape[0], self.vocab_size), float("-inf"))
-        return logits.scatter_(1, ids.view(-1, 1).to(torch.long), 0.0)
-
-    def _trace(self, prefill: bool, back: torch.Tensor, start: int, done: int, first_bytes: int) -> StepTrace:
-        n = len(self.plan.stages)
-        t_in = [int(back[slot(k, 0)]) for k in range(n)]
-        t_out = [int(back[slot(k, 1)]) for k in range(n)]
-        tr = StepTrace(prefill=prefill, step_ms=(done - start) / 1e6)
-        tr.compute_ms = [(b - a) / 1e6 for a, b in zip(t_in, t_out)]
-        ready = [start, *t_out]
-        arrive = [*t_in, done]
-        tr.transit_ms = [(b - a) / 1e6 for a, b in zip(ready, arrive)]
-        tr.bytes = [first_bytes, *(int(back[slot(k, 3)]) for k in range(n))]
-        tr.serialize_ms = [0.0] * (n + 1)
-        tr.rtt_ms = {"ring": (done - start) / 1e6 - sum(tr.compute_ms)}
-        return tr
-
-
-def _units(plan: PlanDoc, k: int) -> str:
-    st = plan.stages[k]
-    names = plan.units[st.start : st.end]
-    return f"{names[0]}..{names[-1]}" if len(names) > 1 else names[0]

@@ -109,7 +109,7 @@ class WorkerPool:
 def _serve_one_thread(config: object) -> int:
     import torch
 
-    from noodle.executors.grpc.worker import run_forever
+    from noodle.executors.grpc.server import run_forever
 
     torch.set_num_threads(1)
     return run_forever(config)  # type: ignore[arg-type]

@@ -20,7 +20,8 @@ from noodle.executors.failover import RetryPolicy
 from noodle.executors.grpc import stage_service_pb2 as pb
 from noodle.executors.grpc import stage_service_pb2_grpc as pb_grpc
 from noodle.executors.grpc.coordinator import GrpcExecutor
-from noodle.executors.grpc.worker import WorkerConfig, serve
+from noodle.executors.grpc.server import serve
+from noodle.executors.grpc.worker import WorkerConfig
 
 from .conformance import CUTS, PROMPT_SETS, check_executor, plan_for, reference
 from .procs import WorkerPool, children, spawner  # noqa: F401 - spawner is a fixture

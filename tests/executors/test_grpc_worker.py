@@ -22,7 +22,8 @@ from noodle.executors.grpc import stage_service_pb2 as pb
 from noodle.executors.grpc import stage_service_pb2_grpc as pb_grpc
 from noodle.executors.grpc.coordinator import GrpcExecutor
 from noodle.executors.grpc.wire import from_proto, to_proto
-from noodle.executors.grpc.worker import TRACEBACK_KEY, WorkerConfig, serve
+from noodle.executors.grpc.server import serve
+from noodle.executors.grpc.worker import TRACEBACK_KEY, WorkerConfig
 
 from .conformance import PROMPT_SETS, plan_for, reference
 
@@ -228,3 +229,15 @@ def test_wire_roundtrip_keeps_dtype_and_shape():
     for t in (torch.randn(2, 3, 8), torch.randn(1, 1, 4).to(torch.bfloat16), torch.tensor([[1, 2]]), torch.zeros(0, 4)):
         back = from_proto(to_proto(t), field="t")
         assert back.dtype == t.dtype and back.shape == t.shape and torch.equal(back, t)
+
+
+def test_committed_stubs_match_the_proto(tmp_path):
+    """The generated modules in the package are what protos/stage_service.proto generates today."""
+    protoc = pytest.importorskip("grpc_tools.protoc")
+    root = Path(__file__).resolve().parents[2]
+    args = ["protoc", f"-Inoodle/executors/grpc={root / 'protos'}", f"--python_out={tmp_path}",
+            f"--grpc_python_out={tmp_path}", str(root / "protos" / "stage_service.proto")]  # fmt: skip
+    assert protoc.main(args) == 0
+    for name in ("stage_service_pb2.py", "stage_service_pb2_grpc.py"):
+        fresh = (tmp_path / "noodle" / "executors" / "grpc" / name).read_text()
+        assert fresh == (root / "noodle" / "executors" / "grpc" / name).read_text(), f"{name}: regenerate the stubs"

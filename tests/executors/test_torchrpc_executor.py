@@ -125,7 +125,8 @@ def test_joining_a_world_from_the_environment_and_losing_a_rank(tiny_models, spa
             assert ex.generate(PROMPT_SETS["batch1"], max_new_tokens=4).tokens == reference(model, PROMPT_SETS["batch1"], 4)[0]
             with pytest.raises(ExecutorError, match="cannot replace a lost rank") as err:
                 ex.generate(PROMPT_SETS["batch1"], max_new_tokens=6, on_step=lambda n: n == 2 and workers[0].kill())
-        assert "lost its connection to rank 1" in str(err.value) and "node0" in str(err.value)
+        # the coordinator's own send to rank 1 fails, or rank 2 reports that rank 1 is gone: either names it
+        assert "rank 1" in str(err.value) and "node0" in str(err.value)
         assert workers[1].wait(timeout=30) == 4  # the survivor reported the loss and left
     finally:
         for w in workers:

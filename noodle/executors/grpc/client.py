@@ -14,10 +14,11 @@ or fail over" (:class:`WorkerGone`) and "the worker answered no" (an
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import grpc
@@ -26,8 +27,12 @@ from noodle.errors import ExecutorError, SpecError
 from noodle.executors.grpc import stage_service_pb2 as pb
 from noodle.executors.grpc import stage_service_pb2_grpc as pb_grpc
 from noodle.executors.grpc.worker import DEFAULT_MAX_MESSAGE_BYTES, TRACEBACK_KEY
+from noodle.plandoc import PlanDoc
 
-__all__ = ["WorkerGone", "WorkerClient", "ForwardStream", "Watchdog", "translate", "parse_workers", "parse_address"]
+__all__ = [
+    "WorkerGone", "WorkerClient", "ForwardStream", "Watchdog", "translate", "parse_workers", "parse_address",
+    "resolve_addresses", "parse_spares", "check_message_size",
+]  # fmt: skip
 
 # Codes that say "no answer" rather than "the worker refused": retry, then fail over.
 _GONE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN}
@@ -59,6 +64,59 @@ def parse_workers(text: str, *, field: str = "--workers") -> dict[str, str]:
             raise SpecError(f"{field}: node {node.strip()!r} is given twice")
         out[node.strip()] = parse_address(addr, field=f"{field} {node.strip()}")
     return out
+
+
+def resolve_addresses(plan: PlanDoc, workers: Mapping[str, str] | str | None) -> dict[str, str]:
+    """Stage node -> ``host:port``: ``workers`` (default ``$NOODLE_WORKERS``) first, then the plan's ``address``.
+
+    Nodes in ``workers`` that the plan does not use are ignored.
+    """
+    if workers is None:
+        workers = os.environ.get("NOODLE_WORKERS", "")
+    if isinstance(workers, str):
+        given = parse_workers(workers)
+    else:
+        given = {k: parse_address(v, field=f"--workers {k}") for k, v in workers.items()}
+    plan_nodes = {n.id: n for n in plan.nodes}
+    out: dict[str, str] = {}
+    missing = []
+    for st in plan.stages:
+        if st.node in given:
+            out[st.node] = given[st.node]
+            continue
+        doc = plan_nodes.get(st.node)
+        if doc is None or doc.address is None:
+            missing.append(st.node)
+        else:
+            out[st.node] = parse_address(doc.address, field=f"plan: nodes.{st.node}.address")
+    if missing:
+        raise SpecError(
+            f"--workers: no address for node(s) {', '.join(dict.fromkeys(missing))}; give --workers "
+            f"{missing[0]}=HOST:PORT,... or an `address:` for each node in the plan"
+        )
+    return out
+
+
+def parse_spares(spares: Sequence[str] | str | None) -> list[str]:
+    """Spare worker addresses from a list or ``"host:port,host:port"``; default ``$NOODLE_SPARE``."""
+    if spares is None:
+        spares = os.environ.get("NOODLE_SPARE", "")
+    if isinstance(spares, str):
+        spares = [s for s in spares.split(",") if s.strip()]
+    return [parse_address(s, field="--spare") for s in spares]
+
+
+def check_message_size(plan: PlanDoc, hidden: int, max_message_bytes: int) -> None:
+    """Refuse a workload whose prefill activations would not fit one gRPC message."""
+    w = plan.workload
+    batch, prompt = w.get("batch_size", 1), w.get("prompt_tokens", 0)
+    need = batch * prompt * hidden * 4 + 1024
+    if need > max_message_bytes:
+        raise SpecError(
+            f"workload: a prefill of {batch} x {prompt} tokens x {hidden} hidden is {need / 2**20:.0f} MiB per message, "
+            f"over the {max_message_bytes / 2**20:.0f} MiB gRPC message limit; raise max_message_bytes (and the "
+            "workers' --max-message-mb) or shorten the prompts"
+        )
 
 
 def translate(exc: grpc.RpcError, where: str) -> Exception:

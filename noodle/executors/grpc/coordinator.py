@@ -43,12 +43,15 @@ from noodle.executors.base import RunResult, check_plan, check_workload
 from noodle.executors.failover import RetryPolicy, merge_stage, merge_target
 from noodle.executors.generation import Sampling, generate
 from noodle.executors.grpc import stage_service_pb2 as pb
-from noodle.executors.grpc.client import ForwardStream, Watchdog, WorkerClient, WorkerGone, parse_address, parse_workers
+from noodle.executors.grpc.client import (
+    ForwardStream, Watchdog, WorkerClient, WorkerGone, check_message_size, parse_spares, resolve_addresses,
+)  # fmt: skip
 from noodle.executors.grpc.wire import from_proto, to_proto
 from noodle.executors.grpc.worker import DEFAULT_MAX_MESSAGE_BYTES
 from noodle.executors.local import token_ids_of
 from noodle.executors.messages import StageInput
-from noodle.executors.netreport import FailoverEvent, StepTrace, TraceBook
+from noodle.executors.netreport import FailoverEvent, TraceBook
+from noodle.executors.remote import Call, one_hot_logits, star_trace, units_label
 from noodle.executors.slicing import read_config, unit_names_of
 from noodle.plandoc import PlanDoc, StageDoc
 
@@ -72,19 +75,9 @@ class _Slot:
     def where(self) -> str:
         return f"{self.doc.node} ({self.client.address})"
 
-
-@dataclass
-class _Call:
-    reply: pb.ForwardReply
-    t_in: int
-    t_out: int
-    enc: int
-    dec: int
-    w_dec: int
-    w_enc: int
-    req_bytes: int
-    rep_bytes: int
-    rtt: int
+    @property
+    def peer(self) -> str:
+        return f"{self.doc.node}@{self.client.address}"
 
 
 class GrpcExecutor:
@@ -136,53 +129,15 @@ class GrpcExecutor:
         ca = tls_ca if tls_ca is not None else os.environ.get("NOODLE_TLS_CA") or None
         self._tls_ca = Path(ca) if ca else None
         self._tls_name = tls_server_name
-        self.addresses = self._addresses(plan, workers)
-        if spares is None:
-            spares = os.environ.get("NOODLE_SPARE", "")
-        if isinstance(spares, str):
-            spares = [s for s in spares.split(",") if s.strip()]
-        self.spares = [parse_address(s, field="--spare") for s in spares]
-        self._check_message_size(config)
+        self.addresses = resolve_addresses(plan, workers)
+        self.spares = parse_spares(spares)
+        check_message_size(plan, int(getattr(config, "hidden_size", 0) or 0), max_message_bytes)
         self._slots: list[_Slot] = []
         self._clients: dict[str, WorkerClient] = {}
         self._watchdog: Watchdog | None = None
         self._uid = uuid.uuid4().hex[:8]
         self._counter = itertools.count()
         self.failovers: list[FailoverEvent] = []
-
-    # -- configuration ---------------------------------------------------------------------------
-    @staticmethod
-    def _addresses(plan: PlanDoc, workers: Mapping[str, str] | str | None) -> dict[str, str]:
-        if workers is None:
-            workers = os.environ.get("NOODLE_WORKERS", "")
-        given = parse_workers(workers) if isinstance(workers, str) else {k: parse_address(v, field=f"--workers {k}") for k, v in workers.items()}
-        plan_nodes = {n.id: n for n in plan.nodes}  # nodes the plan does not use may be listed: they are ignored
-        out: dict[str, str] = {}
-        missing = []
-        for st in plan.stages:
-            doc = plan_nodes.get(st.node)
-            addr = given.get(st.node) or (doc.address if doc is not None else None)
-            if addr is None:
-                missing.append(st.node)
-            else:
-                out[st.node] = parse_address(addr, field=f"plan: nodes.{st.node}.address") if st.node not in given else addr
-        if missing:
-            raise SpecError(
-                f"--workers: no address for node(s) {', '.join(dict.fromkeys(missing))}; give --workers "
-                f"{missing[0]}=HOST:PORT,... or an `address:` for each node in the plan"
-            )
-        return out
-
-    def _check_message_size(self, config: object) -> None:
-        w = self.plan.workload
-        hidden = int(getattr(config, "hidden_size", 0) or 0)
-        need = w.get("batch_size", 1) * w.get("prompt_tokens", 0) * hidden * 4 + 1024
-        if need > self.max_message_bytes:
-            raise SpecError(
-                f"workload: a prefill of {w.get('batch_size', 1)} x {w.get('prompt_tokens', 0)} tokens x {hidden} "
-                f"hidden is {need / 2**20:.0f} MiB per message, over the {self.max_message_bytes / 2**20:.0f} MiB "
-                "gRPC message limit; raise max_message_bytes (and the workers' --max-message-mb) or shorten the prompts"
-            )
 
     def _client(self, address: str) -> WorkerClient:
         client = self._clients.get(address)
@@ -274,7 +229,7 @@ class GrpcExecutor:
             slot.session = ""
 
     # -- one call --------------------------------------------------------------------------------
-    def _call(self, slot: _Slot, req: pb.ForwardRequest, *, top1: bool, enc_ns: int = 0) -> _Call:
+    def _call(self, slot: _Slot, req: pb.ForwardRequest, *, top1: bool, enc_ns: int = 0) -> Call:
         """Send ``req`` (its session and ``top1`` set here) to ``slot``; ``enc_ns`` is what building it cost."""
         req.session = slot.session
         req.top1 = top1
@@ -287,8 +242,8 @@ class GrpcExecutor:
         off = slot.client.clock_offset_ns
         slot.kv = int(reply.kv_cache_bytes)
         compute = reply.t_out_ns - reply.t_in_ns
-        return _Call(reply, reply.t_in_ns - off, reply.t_out_ns - off, enc_ns, 0, int(reply.decode_ns),
-                     int(reply.encode_ns), req.ByteSize(), reply.ByteSize(), (t2 - t1) - compute)  # fmt: skip
+        return Call(reply, reply.t_in_ns - off, reply.t_out_ns - off, enc_ns, 0, int(reply.decode_ns),
+                    int(reply.encode_ns), req.ByteSize(), reply.ByteSize(), (t2 - t1) - compute)  # fmt: skip
 
     @staticmethod
     def _request(msg: StageInput, data: pb.Tensor | None, mask: pb.Tensor | None) -> pb.ForwardRequest:
@@ -343,6 +298,8 @@ class GrpcExecutor:
         else:
             merged.history, resume, x_next = list(nb.history[:-1]), lo, nb.history[-1]
         old_stage = nb.stage_id
+        if dead.stream is not None:  # its worker is gone: nothing to close there
+            dead.stream.close()
         try:
             self._end_session(nb)
             self._load(merged)
@@ -394,7 +351,7 @@ class GrpcExecutor:
             mask = None if msg.attention_mask is None else to_proto(msg.attention_mask)
             x = self._request(msg, None, mask)
             enc = time.monotonic_ns() - start
-            calls: list[_Call] = []
+            calls: list[Call] = []
             clean, i = True, 0
             while i < len(self._slots):
                 slot = self._slots[i]
@@ -415,11 +372,11 @@ class GrpcExecutor:
             t0 = time.monotonic_ns()
             reply = calls[-1].reply
             out = from_proto(reply.data, field=f"{self._slots[-1].where}: reply data", max_bytes=self.max_message_bytes)
-            logits = out[:, -1, :] if out.dim() == 3 else self._one_hot(out)
+            logits = out[:, -1, :] if out.dim() == 3 else one_hot_logits(out, self.vocab_size)
             done = time.monotonic_ns()
             calls[-1].dec = done - t0
             if clean:
-                book.add(self._trace(msg.prefill, start, done, calls))
+                book.add(star_trace(msg.prefill, start, done, calls, [s.peer for s in self._slots]))
             if on_step is not None:
                 on_step(steps)
             return logits
@@ -435,41 +392,9 @@ class GrpcExecutor:
         wall = time.perf_counter() - t0
         book.reset_shape(self.plan)
         book.failovers = self.failovers[first_event:]
-        facts = [(_units(self.plan, s.doc), s.param_bytes, s.kv) for s in self._slots]
-        extra = {f"{s.doc.node}@{s.client.address}": (s.client.ping_ms, s.client.clock_offset_ns / 1e6) for s in self._slots}
+        facts = [(units_label(self.plan, k), s.param_bytes, s.kv) for k, s in enumerate(self._slots)]
+        extra = {s.peer: (s.client.ping_ms, s.client.clock_offset_ns / 1e6) for s in self._slots}
+        path = f"gRPC {'bidirectional stream' if self.stream else 'unary calls'} per stage session, relayed by the coordinator"
         report = book.build(backend=self.name, emulated=False, prompts=prompts, n_steps=gen.steps, wall_s=wall,
-                            stage_facts=facts, rtt_extra=extra,
-                            data_path="gRPC " + ("bidirectional stream" if self.stream else "unary calls")
-                            + " per stage session, relayed by the coordinator")  # fmt: skip
+                            stage_facts=facts, rtt_extra=extra, data_path=path)  # fmt: skip
         return RunResult(tokens=gen.tokens, report=report, logits=tuple(gen.logits))
-
-    def _one_hot(self, ids: torch.Tensor) -> torch.Tensor:
-        logits = torch.full((ids.shape[0], self.vocab_size), float("-inf"))
-        return logits.scatter_(1, ids.view(-1, 1).to(torch.long), 0.0)
-
-    def _trace(self, prefill: bool, start: int, done: int, calls: list[_Call]) -> StepTrace:
-        n = len(calls)
-        tr = StepTrace(prefill=prefill, step_ms=(done - start) / 1e6)
-        tr.compute_ms = [(c.t_out - c.t_in) / 1e6 for c in calls]
-        ready = start
-        for k in range(n + 1):
-            if k < n:
-                c = calls[k]
-                prev = calls[k - 1] if k else None
-                tr.transit_ms.append((c.t_in - ready) / 1e6)
-                tr.bytes.append(c.req_bytes + (prev.rep_bytes if prev else 0))
-                ser = c.enc + c.w_dec + (prev.w_enc if prev else 0)  # relayed bytes are not decoded here
-                tr.serialize_ms.append(ser / 1e6)
-                ready = c.t_out
-            else:
-                c = calls[-1]
-                tr.transit_ms.append((done - c.t_out) / 1e6)
-                tr.bytes.append(c.rep_bytes)
-                tr.serialize_ms.append((c.w_enc + c.dec) / 1e6)
-        tr.rtt_ms = {f"{s.doc.node}@{s.client.address}": c.rtt / 1e6 for s, c in zip(self._slots, calls)}
-        return tr
-
-
-def _units(plan: PlanDoc, st: StageDoc) -> str:
-    names = plan.units[st.start : st.end]
-    return f"{names[0]}..{names[-1]}" if len(names) > 1 else names[0]

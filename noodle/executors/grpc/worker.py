@@ -1,6 +1,6 @@
 """The gRPC stage worker: serves whichever stages a coordinator asks it to load.
 
-``noodle worker --port 50051 --model PATH`` runs :func:`serve`. A coordinator
+``noodle worker --port 50051 --model PATH`` runs :func:`noodle.executors.grpc.server.serve`. A coordinator
 calls ``LoadStage(start, end)`` (only those units' weights are read), then per
 generation ``CreateSession``, one ``ForwardStream`` (or unary ``Forward`` calls)
 and ``CloseSession``.
@@ -22,15 +22,11 @@ metadata key ``noodle-traceback-bin``, which the coordinator re-raises.
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
-import signal
-import sys
 import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +43,7 @@ from noodle.executors.messages import StageInput
 from noodle.executors.slicing import read_config, unit_names_of, weight_index
 from noodle.executors.stage import Stage
 
-__all__ = ["WorkerConfig", "StageServicer", "serve", "run_forever", "TRACEBACK_KEY", "DEFAULT_MAX_MESSAGE_BYTES"]
+__all__ = ["WorkerConfig", "StageServicer", "TRACEBACK_KEY", "DEFAULT_MAX_MESSAGE_BYTES"]
 
 TRACEBACK_KEY = "noodle-traceback-bin"
 DEFAULT_MAX_MESSAGE_BYTES = 512 * 2**20
@@ -355,85 +351,3 @@ def _guard(context: grpc.ServicerContext, fn: Callable[[], Any]) -> Any:
     except Exception as exc:  # noqa: BLE001 - reported to the caller with its traceback
         context.set_trailing_metadata(((TRACEBACK_KEY, traceback.format_exc().encode()),))
         context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
-
-
-class _TokenAuth(grpc.ServerInterceptor):
-    """Refuse every call whose ``authorization`` metadata is not ``Bearer <token>``."""
-
-    def __init__(self, token: str) -> None:
-        self._want = f"Bearer {token}".encode()
-
-    def intercept_service(self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails) -> Any:
-        got = dict(details.invocation_metadata or ()).get("authorization", "")
-        got_b = got.encode() if isinstance(got, str) else bytes(got)
-        handler = continuation(details)
-        if hmac.compare_digest(got_b, self._want) or handler is None:
-            return handler
-
-        def deny(_request: Any, context: grpc.ServicerContext) -> None:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token (authorization: Bearer <token>)")
-
-        if handler.request_streaming and handler.response_streaming:
-            return grpc.stream_stream_rpc_method_handler(deny)
-        if handler.request_streaming:
-            return grpc.stream_unary_rpc_method_handler(deny)
-        if handler.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(deny)
-        return grpc.unary_unary_rpc_method_handler(deny)
-
-
-def serve(config: WorkerConfig) -> tuple[grpc.Server, StageServicer, int]:
-    """Start a worker; returns ``(server, servicer, bound port)``. Stop it with ``server.stop(grace)``.
-
-    Raises:
-        SpecError: a setting is refused (see :meth:`WorkerConfig.check`) or the port cannot be bound.
-        ModelError: the model folder cannot be used.
-    """
-    config.check()
-    servicer = StageServicer(config)
-    interceptors = [_TokenAuth(config.token)] if config.token else []
-    options = [
-        ("grpc.max_receive_message_length", config.max_message_bytes),
-        ("grpc.max_send_message_length", config.max_message_bytes),
-        ("grpc.so_reuseport", 0),
-    ]
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.max_sessions + 4, thread_name_prefix="noodle-worker"),
-        interceptors=interceptors,
-        options=options,
-        maximum_concurrent_rpcs=config.max_sessions + 4,
-    )
-    pb_grpc.add_StageServiceServicer_to_server(servicer, server)
-    address = f"[{config.host}]:{config.port}" if ":" in config.host else f"{config.host}:{config.port}"
-    try:
-        if config.tls_cert is not None and config.tls_key is not None:
-            creds = grpc.ssl_server_credentials([(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())])
-            port = server.add_secure_port(address, creds)
-        else:
-            port = server.add_insecure_port(address)
-    except OSError as exc:
-        raise SpecError(f"--tls-cert/--tls-key: cannot read ({exc.strerror}: {exc.filename})") from None
-    except RuntimeError as exc:
-        raise SpecError(f"--port: cannot listen on {address} ({exc})") from None
-    if port == 0:
-        raise SpecError(f"--port: cannot listen on {address} (in use, or not an address of this machine)")
-    server.start()
-    return server, servicer, port
-
-
-def run_forever(config: WorkerConfig) -> int:
-    """Serve until SIGTERM/SIGINT (main thread only); the first stdout line says where it listens."""
-    server, servicer, port = serve(config)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    auth = "token required" if config.token else "no token"
-    tls = "TLS" if config.tls_cert else "plaintext"
-    print(f"noodle worker: serving grpc on {config.host}:{port} ({config.model_dir}, {auth}, {tls})", flush=True)
-    try:
-        stop.wait()
-    finally:
-        server.stop(grace=2).wait()
-        servicer.close()
-    print("noodle worker: stopped", file=sys.stderr, flush=True)
-    return 0
