@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "noodle.cli.bench_profile",
     "noodle.cli.worker",
     "noodle.cli.bench_distributed",
+    "noodle.cli.bench_solvers",
 )
 
 app = typer.Typer(

@@ -30,11 +30,16 @@ __all__ = ["AutoSolver", "PROOF_GAP"]
 PROOF_GAP = 1e-8  # relative gap below which a plan is reported optimal (floating-point noise)
 
 
-def lower_bound(tables: CostTables, objective: str, upper: float, time_limit_s: float) -> float:
-    """The typed-knapsack bound for ``objective`` (see :mod:`noodle.solvers.bounds`)."""
+def lower_bound(
+    tables: CostTables, objective: str, upper: float, time_limit_s: float, rel_tol: float = 1e-9
+) -> float:
+    """The typed-knapsack bound for ``objective`` (see :mod:`noodle.solvers.bounds`).
+
+    For throughput the bisection stops within ``rel_tol``; a proof still checks ``upper`` exactly.
+    """
     if objective == "latency":
         return latency_bound(tables, upper=upper, time_limit_s=time_limit_s)
-    return throughput_bound(tables, upper=upper, time_limit_s=time_limit_s)
+    return throughput_bound(tables, upper=upper, time_limit_s=time_limit_s, rel_tol=rel_tol)
 
 
 class AutoSolver:
@@ -48,6 +53,24 @@ class AutoSolver:
         obj = problem.objective
         m, n = len(tables.nodes), tables.n
         val, seg, bound, how, stopped = INF, [], None, "heuristic", False
+        pinned = _pinned(problem, tables)
+
+        def search(seconds: float, patience: int) -> None:
+            """More iterated local search from the incumbent, until the bound is met (then it is a proof)."""
+            nonlocal val, seg, bound, how, stopped
+            order = [j for j, _, _ in seg]
+            order += [j for j in range(m) if j not in order]
+            res = search_orders(tables, obj, time_limit_s=seconds, pinned=pinned, patience=patience, seed=1,
+                                seed_orders=[order, *start_orders(tables, pinned)],
+                                target=bound if bound is not None else -INF)
+            stopped = res.interrupted
+            if res.segments and res.value < val:
+                val, seg = res.value, res.segments
+            if not stopped and bound is not None and relative_gap(val, bound) <= 1e-6:
+                bound = max(bound, lower_bound(tables, obj, val, time_limit_s=0.5))  # exact check at val
+            if bound is not None and relative_gap(val, bound) <= PROOF_GAP:
+                how = "bound"
+
         try:
             budget = min(0.3 * time_limit_s, default_budget(m, n))
             heur = HeuristicSolver().solve(problem, tables, time_limit_s=budget, hint=hint)
@@ -56,9 +79,11 @@ class AutoSolver:
                 val, seg = heur.objective_ms, plan_segments(tables, heur.plan)
             if not stopped and seg:
                 left = deadline - time.perf_counter()
-                bound = lower_bound(tables, obj, val, time_limit_s=max(0.05, min(2.0, 0.2 * left)))
+                bound = lower_bound(tables, obj, val, time_limit_s=max(0.05, min(2.0, 0.2 * left)), rel_tol=1e-6)
                 if relative_gap(val, bound) <= PROOF_GAP:
                     how = "bound"
+            if not stopped and seg and how != "bound":  # a short search toward the bound often closes it
+                search(min(0.1 * (deadline - time.perf_counter()), 4 * default_budget(m, n)), patience=2 + m)
             if not stopped and how != "bound":
                 classes = node_classes(tables)
                 left = deadline - time.perf_counter()
@@ -73,21 +98,7 @@ class AutoSolver:
                     except Interrupted:
                         pass
             if not stopped and how == "heuristic" and seg and time.perf_counter() < deadline - 0.05:
-                pos_seed = [j for j, _, _ in seg]
-                order = pos_seed + [j for j in range(m) if j not in pos_seed]
-                pinned = _pinned(problem, tables)
-                res = search_orders(
-                    tables, obj, time_limit_s=deadline - time.perf_counter(), pinned=pinned,
-                    seed_orders=[order, *start_orders(tables, pinned)], patience=10**9, seed=1,
-                    target=bound if bound is not None else -INF,
-                )
-                stopped = res.interrupted
-                if res.segments and res.value < val:
-                    val, seg = res.value, res.segments
-                if not stopped and bound is not None and relative_gap(val, bound) <= 1e-6:
-                    bound = max(bound, lower_bound(tables, obj, val, time_limit_s=0.5))
-                if bound is not None and relative_gap(val, bound) <= PROOF_GAP:
-                    how = "bound"
+                search(deadline - time.perf_counter(), patience=10**9)
         except KeyboardInterrupt:
             stopped = True
         elapsed = time.perf_counter() - t0

@@ -357,11 +357,15 @@ def throughput_feasible(tables: CostTables, tau: float, partitions: list[list[li
 
 
 def throughput_bound(tables: CostTables, *, upper: float, rel_tol: float = 1e-9, time_limit_s: float = 1.0) -> float:
-    """Greatest ``tau`` shown infeasible by :func:`throughput_feasible` (bisection below ``upper``)."""
+    """Greatest ``tau`` shown infeasible by :func:`throughput_feasible` (bisection below ``upper``).
+
+    ``upper`` itself is checked first, to within 1e-9 (a proof that a plan of that value is optimal);
+    the bisection then stops within ``rel_tol`` or at ``time_limit_s``.
+    """
     if not np.isfinite(upper):
         return 0.0
     partitions = _parts(tables)
-    hi = upper * (1 - rel_tol) - 1e-12
+    hi = upper * (1 - 1e-9) - 1e-12
     if not throughput_feasible(tables, hi, partitions):
         return hi
     lo = 0.0

@@ -108,6 +108,7 @@ def random_instance(
         units: use these units instead of an analytic architecture.
     """
     rng = random.Random(seed)
+    label = arch if units is None else "units"
     units = units if units is not None else model_units(arch, workload.prompt_tokens, workload.max_new_tokens,
                                                           workload.batch_size)
     per_token = workload.context_tokens * workload.batch_size
@@ -133,7 +134,7 @@ def random_instance(
         if site[a] == site[b]:
             pairs.append((nodes[a].id, nodes[b].id, site_link[site[a]]))
     cluster = Cluster(tuple(nodes), default, tuple(pairs))
-    name = f"{arch if units is None else 'units'}-{n_nodes}n-s{seed}-{objective}"
+    name = f"{label}-{n_nodes}n-s{seed}-{objective}"
     return Problem(tuple(units), cluster, workload, objective, name=name)
 
 

@@ -227,7 +227,8 @@ def _solve_highs(model: SegmentModel, time_limit: float, start: dict | None, upp
     lp.a_matrix_.index_ = index
     lp.a_matrix_.value_ = value
     lp.integrality_ = [highspy.HighsVarType.kInteger if i else highspy.HighsVarType.kContinuous for i in a["integer"]]
-    h = highspy.Highs()
+    with _stdout_to_stderr():
+        h = highspy.Highs()  # the constructor prints a banner
     h.silent()
     h.setOptionValue("time_limit", float(time_limit))
     h.setOptionValue("mip_rel_gap", 1e-8)
