@@ -19,8 +19,8 @@ from __future__ import annotations
 import time
 
 from noodle.solvers.base import SolveResult, plan_from_segments, relative_gap
-from noodle.solvers.bounds import latency_bound, throughput_bound
-from noodle.solvers.heuristic import HeuristicSolver, default_budget, search_orders, start_orders
+from noodle.solvers.bounds import latency_bound, relaxed_picks, throughput_bound
+from noodle.solvers.heuristic import HeuristicSolver, default_budget, picks_order, search_orders, start_orders
 from noodle.solvers.subsetdp import Interrupted, dp_seconds, node_classes, solve_subset_dp
 from noodle.solvers.tables import INF, CostTables, plan_segments
 from noodle.types import Plan, Problem
@@ -60,8 +60,14 @@ class AutoSolver:
             nonlocal val, seg, bound, how, stopped
             order = [j for j, _, _ in seg]
             order += [j for j in range(m) if j not in order]
+            seeds = [order]
+            if bound is not None:  # the relaxation's own solution, ordered site by site
+                tau = bound * (1 + 1e-6) + 1e-12 if obj != "latency" else INF
+                picks = relaxed_picks(tables, obj, tau=tau)
+                if picks:
+                    seeds.append(picks_order(tables, picks))
             res = search_orders(tables, obj, time_limit_s=seconds, pinned=pinned, patience=patience, seed=1,
-                                seed_orders=[order, *start_orders(tables, pinned)],
+                                seed_orders=[*seeds, *start_orders(tables, pinned)],
                                 target=bound if bound is not None else -INF)
             stopped = res.interrupted
             if res.segments and res.value < val:

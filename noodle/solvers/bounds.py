@@ -113,17 +113,18 @@ def _parts(tables: CostTables, succ: np.ndarray | None = None) -> list[list[list
     return out[-3:]
 
 
+def _skew(F: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """``y[..., u, w] = F[..., u] + c[w - u]`` (INF where w < u), for w <= n."""
+    n = F.shape[-1] - 1
+    y = np.full((*F.shape[:-1], n + 1, 2 * n + 2), INF)
+    u = np.arange(n + 1)
+    y[..., u[:, None], u[:, None] + u[None, :]] = F[..., :, None] + c[None, :]
+    return y[..., : n + 1]
+
+
 def _conv(F: np.ndarray, c: np.ndarray) -> np.ndarray:
     """Min-plus convolution on the last axis: ``out[..., w] = min_{u+l=w} F[..., u] + c[l]`` for ``w <= n``."""
-    n = F.shape[-1] - 1
-    lead = F.shape[:-1]
-    y = np.full((*lead, n + 1, 2 * n + 2), INF)
-    u = np.arange(n + 1)
-    # y[..., u, u + l] = F[..., u] + c[l]; keep l <= n - u only (w <= n)
-    for_l = np.arange(n + 1)
-    cols = u[:, None] + for_l[None, :]
-    y[..., u[:, None], cols] = F[..., :, None] + c[None, :]
-    return y[..., : n + 1].min(axis=-2)
+    return _skew(F, c).min(axis=-2)
 
 
 def _knap_min(f_int: np.ndarray, f_ext: np.ndarray | None, groups: list[list[int]], n: int, cap: int) -> float:
@@ -391,7 +392,9 @@ def relaxed_picks(tables: CostTables, objective: str, tau: float = INF) -> list[
     f = _typed(tables, tables.compute + _out_min(tables)[:, None, :])
     if objective != "latency":
         f = np.where(f <= tau, f, INF)
-    kk = min(tables.max_stages, n) + 1
+    counting = tables.max_stages < min(m, n)
+    kk = tables.max_stages + 1 if counting else 1
+    dk = 1 if counting else 0
     F = np.full((2, 2, kk, n + 1), INF)  # a, b, k, u
     F[0, 0, 0, 0] = 0.0
     history = []
@@ -402,23 +405,14 @@ def relaxed_picks(tables: CostTables, objective: str, tau: float = INF) -> list[
         for t, da, db in moves:
             if not np.isfinite(f[j, t]).any():
                 continue
-            src = F[: 2 - da, : 2 - db, : kk - 1]
-            n1 = src.shape[-1]
-            y = src[..., :, None] + f[j, t][None, :]  # (a, b, k, u, l)
-            w = np.arange(n1)[:, None] + np.arange(n1)[None, :]
-            val = np.full((*src.shape[:-1], n + 1), INF)
-            arg = np.zeros((*src.shape[:-1], n + 1), dtype=np.int64)
-            for ww in range(n + 1):
-                uu = np.arange(0, ww + 1)
-                cands = y[..., uu, ww - uu]
-                k_arg = np.argmin(cands, axis=-1)
-                val[..., ww] = np.take_along_axis(cands, k_arg[..., None], axis=-1)[..., 0]
-                arg[..., ww] = uu[k_arg]
-            del w
-            dst = G[da:, db:, 1:]
+            src = F[: 2 - da, : 2 - db, : kk - dk]
+            y = _skew(src, f[j, t])  # (a, b, k, u, w)
+            arg = np.argmin(y, axis=-2)
+            val = np.take_along_axis(y, arg[..., None, :], axis=-2)[..., 0, :]
+            dst = G[da:, db:, dk:]
             better = val < dst
             dst[better] = val[better]
-            code[da:, db:, 1:][better] = (t * (n + 1) + arg)[better]
+            code[da:, db:, dk:][better] = (t * (n + 1) + arg)[better]
         history.append(code)
         F = G
     ks = F[1, 1, :, n]
@@ -435,6 +429,6 @@ def relaxed_picks(tables: CostTables, objective: str, tau: float = INF) -> list[
         picks.append((j, t, u - prev_u))
         a -= t == FIRST
         b -= t == LAST
-        k -= 1
+        k -= dk
         u = prev_u
     return picks[::-1]

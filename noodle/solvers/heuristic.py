@@ -35,7 +35,8 @@ from noodle.solvers.base import SolveResult, plan_from_segments
 from noodle.solvers.tables import INF, CostTables
 from noodle.types import Plan, Problem
 
-__all__ = ["HeuristicSolver", "SearchResult", "dp_order", "dp_values", "search_orders", "start_orders", "default_budget"]
+__all__ = ["HeuristicSolver", "SearchResult", "dp_order", "dp_values", "search_orders", "start_orders", "default_budget",
+           "picks_order"]
 
 
 class SearchResult(NamedTuple):
@@ -233,6 +234,23 @@ def start_orders(tables: CostTables, pinned: list[int], *, many: bool = False) -
             seen.add(tuple(o))
             unique.append(o)
     return unique
+
+
+def picks_order(tables: CostTables, picks: list[tuple[int, int, int]]) -> list[int]:
+    """An order realising relaxation picks (node, type, length): the first-type node first, the
+    interior ones site by site (the first's site first, the last's site last), the last-type node
+    last, then the unused nodes by speed."""
+    groups = _groups(tables)
+    gid = {j: g for g, members in enumerate(groups) for j in members}
+    first = [j for j, t, _ in picks if t == 0]
+    last = [j for j, t, _ in picks if t == 2]
+    inner = [j for j, t, _ in picks if t == 1]
+    fg = gid[first[0]] if first else -1
+    lg = gid[last[0]] if last else -1
+    inner.sort(key=lambda j: (0 if gid[j] == fg else 2 if gid[j] == lg else 1, gid[j], -tables.nodes[j].compute_score))
+    order = first + inner + last
+    rest = sorted((j for j in range(len(tables.nodes)) if j not in order), key=lambda j: -tables.nodes[j].compute_score)
+    return order + rest
 
 
 def _neighbours(order: list[int], used: int, frozen: int) -> np.ndarray:
