@@ -3,7 +3,9 @@
 There is no hub to download GPT-2's or Llama's tokenizer from. ``noodle model init``
 trains a small byte-level BPE (the GPT-2 scheme) on a short built-in corpus and saves
 it beside the weights; any text encodes (bytes are the fallback alphabet) and every id
-is below the model's vocabulary size. With random weights the generated text is noise,
+is below the model's vocabulary size. Ids the small corpus cannot fill (a preset's vocabulary
+is larger than what a short text trains) are padded with placeholder tokens ``<t12345>``, so
+every id the model can emit decodes to something visible. With random weights the generated text is noise,
 but the text path — prompt in, tokens out, text back — is the real one.
 """
 
@@ -47,7 +49,21 @@ def train_tokenizer(vocab_size: int, corpus: str = CORPUS) -> Any:
         show_progress=False,
     )
     tok.train_from_iterator(corpus.splitlines(), trainer)
+    tok = _pad_vocabulary(tok, vocab_size)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=SPECIAL, bos_token=SPECIAL, unk_token=SPECIAL)
+
+
+def _pad_vocabulary(tok: Any, vocab_size: int) -> Any:
+    """Give every id below ``vocab_size`` a token; merges never produce the placeholders."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    data = json.loads(tok.to_str())
+    vocab: dict[str, int] = data["model"]["vocab"]
+    for i in range(len(vocab) + len(data.get("added_tokens", [])), vocab_size):
+        vocab.setdefault(f"<t{i}>", i)
+    return Tokenizer.from_str(json.dumps(data))
 
 
 def save_tokenizer(folder: str | Path, vocab_size: int) -> bool:

@@ -12,8 +12,11 @@ def test_round_trip_and_ids_below_vocab(vocab):
     tok = train_tokenizer(vocab)
     text = "Hello world! Ünïcode and emoji 🍜 survive, as do 3.14 and {braces}."
     ids = tok(text)["input_ids"]
-    assert ids and max(ids) < min(vocab, len(tok))
+    assert ids and max(ids) < min(vocab, 2048)
     assert tok.decode(ids) == text
+    assert len(tok) == vocab  # every id the model can emit decodes
+    if vocab > 2048:
+        assert tok.decode([vocab - 1]) == f"<t{vocab - 1}>"
 
 
 def test_too_small_vocabulary_is_refused():
