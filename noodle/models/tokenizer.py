@@ -61,7 +61,7 @@ def _pad_vocabulary(tok: Any, vocab_size: int) -> Any:
 
     data = json.loads(tok.to_str())
     vocab: dict[str, int] = data["model"]["vocab"]
-    for i in range(len(vocab) + len(data.get("added_tokens", [])), vocab_size):
+    for i in range(max(vocab.values()) + 1, vocab_size):
         vocab.setdefault(f"<t{i}>", i)
     return Tokenizer.from_str(json.dumps(data))
 
