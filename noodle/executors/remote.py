@@ -20,7 +20,7 @@ import torch
 from noodle.executors.netreport import StepTrace
 from noodle.plandoc import PlanDoc
 
-__all__ = ["one_hot_logits", "units_label", "Call", "star_trace", "ring_trace"]
+__all__ = ["one_hot_logits", "units_label", "Call", "star_trace", "ring_trace", "ring_offsets"]
 
 
 def one_hot_logits(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -83,3 +83,15 @@ def ring_trace(prefill: bool, start: int, done: int, t_in: Sequence[int], t_out:
     tr.serialize_ms = [0.0] * len(tr.transit_ms)  # raw tensors: nothing is serialized
     tr.rtt_ms = {"ring": (done - start) / 1e6 - sum(tr.compute_ms)}
     return tr
+
+
+def ring_offsets(sent: int, back: int, stamps: Sequence[int]) -> list[int]:
+    """Clock offsets of the stages of a ring from one ping: ``stamps[k]`` is stage ``k``'s clock as it passed.
+
+    With ``S`` stages the ping made ``S + 1`` hops; assuming they took equally long,
+    stage ``k`` saw it at ``sent + (k + 1) / (S + 1) * (back - sent)`` on the
+    coordinator's clock. The error is at most the ring's round trip, against the
+    hours that separate the monotonic clocks of two machines.
+    """
+    hops = len(stamps) + 1
+    return [stamp - (sent + (k + 1) * (back - sent) // hops) for k, stamp in enumerate(stamps)]

@@ -8,6 +8,10 @@ failure, pay the import once per coordinator process instead of N times. The
 fork server is a fresh interpreter (not a fork of the coordinator, whose gRPC
 and OpenMP threads would not survive a fork) and exits with the coordinator.
 
+As with ``multiprocessing``'s spawn and forkserver methods, each worker imports
+the coordinator's main module (as ``__mp_main__``): a script that starts workers
+must keep its top-level code under ``if __name__ == "__main__":``.
+
 A :class:`WorkerProcess` looks like a ``subprocess.Popen`` to its users
 (``pid``, ``poll``, ``wait``, ``kill``, ``send_signal``, ``returncode``); its stdout and
 stderr go to a log file that :meth:`WorkerProcess.log_text` reads.

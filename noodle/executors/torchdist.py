@@ -126,12 +126,12 @@ class Ring:
         else:
             work.wait(datetime.timedelta(seconds=timeout_s))
 
-    def send(self, buf: torch.Tensor, dst: int, extra: torch.Tensor | None = None) -> int:
+    def send(self, buf: torch.Tensor, dst: int, extra: torch.Tensor | None = None, timeout_s: float | None = None) -> int:
         """Send a message (and its big payload); returns the bytes sent."""
-        self.small.send([buf.to(self.device)], dst, 0).wait()
+        self._wait(self.small.send([buf.to(self.device)], dst, 0), timeout_s)
         if extra is None:
             return buf.numel()
-        self.big.send([extra.to(self.device)], dst, 0).wait()
+        self._wait(self.big.send([extra.to(self.device)], dst, 0), timeout_s)
         return buf.numel() + extra.numel()
 
     def recv(self, src: int, timeout_s: float | None = None) -> torch.Tensor:
@@ -186,13 +186,13 @@ class Ring:
             mask = raw[off : off + rows * cols * 8].clone().view(torch.int64).reshape(rows, cols)
         return data, mask
 
-    def send_error(self, buf: torch.Tensor, text: str, dst: int) -> None:
+    def send_error(self, buf: torch.Tensor, text: str, dst: int, timeout_s: float | None = None) -> None:
         raw = torch.frombuffer(bytearray(text.encode()[-60000:] or b"?"), dtype=torch.uint8)
         hdr = self.header(buf)
         hdr[0], hdr[15] = OP_ERROR, raw.numel()
         if int(hdr[12]) == 0:
             hdr[12] = self.rank
-        self.send(buf, dst, raw)
+        self.send(buf, dst, raw, timeout_s)
 
     def recv_error(self, buf: torch.Tensor, src: int, timeout_s: float | None = None) -> str:
         raw = self._recv_big(int(self.header(buf)[15]), src, timeout_s)
@@ -273,8 +273,8 @@ def _report_lost(ring: Ring, text: str) -> None:
     buf = ring.new()
     hdr = ring.header(buf)
     hdr[12], hdr[14] = ring.prev, 1  # slot 14 = 1: a peer was lost, not a stage error
-    try:
-        ring.send_error(buf, text, ring.next)
+    try:  # the next rank may be gone or have given up too: do not wait for it long
+        ring.send_error(buf, text, ring.next, timeout_s=5.0)
     except RuntimeError:
         pass
 

@@ -50,7 +50,7 @@ from noodle.executors.generation import Sampling, generate
 from noodle.executors.local import token_ids_of
 from noodle.executors.messages import StageInput
 from noodle.executors.netreport import FailoverEvent, TraceBook
-from noodle.executors.remote import one_hot_logits, ring_trace, units_label
+from noodle.executors.remote import one_hot_logits, ring_offsets, ring_trace, units_label
 from noodle.executors.slicing import read_config, unit_names_of
 from noodle.executors.torchdist import (
     F_ALL_LOGITS, F_PREFILL, F_TOP1, OP_END, OP_ERROR, OP_LOAD, OP_PING, OP_SHUTDOWN, OP_STEP, Ring,
@@ -60,6 +60,10 @@ from noodle.executors.spawner import WorkerProcess
 from noodle.plandoc import PlanDoc
 
 __all__ = ["TorchRpcExecutor"]
+
+
+_NO_REPLACEMENT = ("torch.distributed cannot replace a lost rank: restart the workers and the run, or use "
+                   "--backend grpc with --spare workers to fail over")
 
 
 class _Lost(Exception):
@@ -108,13 +112,9 @@ class TorchRpcExecutor:
         config = read_config(self.model_dir)
         self.units = unit_names_of(self.model_dir)
         check_plan(plan, self.units)
-        self.eos_token_id, self.pad_token_id = token_ids_of(config)
-        self.vocab_size = int(config.vocab_size)
+        (self.eos_token_id, self.pad_token_id), self.vocab_size = token_ids_of(config), int(config.vocab_size)
         self.spawn = ("WORLD_SIZE" not in os.environ) if spawn is None else spawn
-        self.policy = policy or RetryPolicy()
-        self.restarts = restarts
-        self.host = host
-        self.startup_timeout_s = startup_timeout_s
+        self.policy, self.restarts, self.host, self.startup_timeout_s = policy or RetryPolicy(), restarts, host, startup_timeout_s
         self._log = log or (lambda line: print(line, file=sys.stderr))
         n = len(plan.stages)
         self.world = n + 1
@@ -130,9 +130,9 @@ class TorchRpcExecutor:
         self.backend = ("nccl" if gpu_all else "gloo") if backend == "auto" else backend
         self._procs: list[WorkerProcess] = []
         self._ring: Ring | None = None
-        self._store: Any = None
+        self._store: Any = None  # the TCPStore: kept alive as long as the ring
         self._sessions = itertools.count(1)
-        self.param_bytes = [0] * n
+        self.param_bytes, self.offsets = [0] * n, [0] * n  # offsets: worker clock - coordinator clock (ns)
         self.ping_ms: float | None = None
         self.failovers: list[FailoverEvent] = []
 
@@ -202,14 +202,17 @@ class TorchRpcExecutor:
             hdr[slot(k, 0)], hdr[slot(k, 1)], hdr[slot(k, 2)] = st.start, st.end, self.devices[k]
         back = self._roundtrip(buf, self.startup_timeout_s)
         self.param_bytes = [int(back[slot(k, 2)]) for k in range(len(self.plan.stages))]
-        pings = []
+        pings = []  # (round trip, sent, stamps): the fastest gives the ring's ping and the clock offsets
         for _ in range(5):
             ping = ring.new()
             ring.header(ping)[0] = OP_PING
-            t0 = time.perf_counter()
-            self._roundtrip(ping, self.policy.step_timeout_s)
-            pings.append((time.perf_counter() - t0) * 1e3)
-        self.ping_ms = min(pings)
+            t0 = time.monotonic_ns()
+            got = self._roundtrip(ping, self.policy.step_timeout_s)
+            t1 = time.monotonic_ns()
+            pings.append((t1 - t0, t0, [int(got[slot(k, 0)]) for k in range(len(self.plan.stages))]))
+        rtt, sent, stamps = min(pings)
+        self.ping_ms = rtt / 1e6
+        self.offsets = [0] * len(stamps) if self.spawn else ring_offsets(sent, sent + rtt, stamps)
 
     def _roundtrip(self, buf: torch.Tensor, timeout_s: float) -> torch.Tensor:
         """Send a data-less message around the ring and return its header (raising a stage's error)."""
@@ -320,10 +323,9 @@ class TorchRpcExecutor:
             lost = self._lost_ranks()
             self._kill_world()
             raise ExecutorError(f"torchrpc: the respawned ring broke too ({exc}); {lost}") from None
-        ev = FailoverEvent(step=step, node=lost, reason=reason, action="restarted",
-                           detail=f"respawned {self.world - 1} workers on a new world and replayed {len(history)} steps",
-                           replayed_steps=len(history), seconds=time.perf_counter() - t0)  # fmt: skip
-        self.failovers.append(ev)
+        detail = f"respawned {self.world - 1} workers on a new world and replayed {len(history)} steps"
+        self.failovers.append(FailoverEvent(step=step, node=lost, reason=reason, action="restarted", detail=detail,
+                                            replayed_steps=len(history), seconds=time.perf_counter() - t0))  # fmt: skip
 
     def generate(
         self,
@@ -357,11 +359,8 @@ class TorchRpcExecutor:
                     if restarts_left <= 0:
                         lost = self._lost_ranks() if self.spawn else "a rank died, hung or was cut off"
                         self._kill_world()
-                        raise ExecutorError(
-                            f"torchrpc: the ring broke at step {len(history) + 1} ({exc}); {lost}. torch.distributed "
-                            "cannot replace a lost rank: restart the workers and the run, or use --backend grpc "
-                            "with --spare workers to fail over"
-                        ) from None
+                        raise ExecutorError(f"torchrpc: the ring broke at step {len(history) + 1} ({exc}); {lost}. "
+                                            f"{_NO_REPLACEMENT}") from None
                     restarts_left -= 1
                     session = next(self._sessions)
                     self._restart(str(exc), len(history) + 1, history, session, t0)
@@ -370,7 +369,8 @@ class TorchRpcExecutor:
             logits = one_hot_logits(data, self.vocab_size) if is_top1 else data[:, -1, :]
             done = time.monotonic_ns()
             n = len(self.plan.stages)
-            t_in, t_out = [int(back[slot(k, 0)]) for k in range(n)], [int(back[slot(k, 1)]) for k in range(n)]
+            t_in = [int(back[slot(k, 0)]) - self.offsets[k] for k in range(n)]
+            t_out = [int(back[slot(k, 1)]) - self.offsets[k] for k in range(n)]
             sent = [self._sent, *(int(back[slot(k, 3)]) for k in range(n))]
             book.add(ring_trace(msg.prefill, start, done, t_in, t_out, sent))
             kv[:] = [int(back[slot(k, 2)]) for k in range(n)]
