@@ -49,8 +49,9 @@ def open_model(model: Path | None, config: Path | None, preset: str | None, seed
 def _render(report: Any, out: Path, console: Console) -> None:
     s = report.summary
     table = Table(title=f"profile of {s['model']} on {s['reference_device']['description']}")
-    for col in ("unit", "type", "decode p50 ms", "decode p95 ms", "prefill ms/token", "params MiB", "KV B/token"):
-        table.add_column(col, justify="left" if col in ("unit", "type") else "right")
+    for col in ("unit", "type", "decode p50 ms", "decode p95 ms", "prefill ms/tok", "params MiB", "KV B/tok"):
+        text = col in ("unit", "type")
+        table.add_column(col, justify="left" if text else "right", no_wrap=text)
     prefill = {r["name"]: r for r in report.rows_of("unit", "prefill")}
     prompt = s["workload"]["prompt_tokens"]
     for r in report.rows_of("unit", "decode"):
@@ -88,6 +89,7 @@ def profile_cmd(
     device: str = typer.Option("cpu", "--device", help="cpu | cuda | auto"),
     dashboard: bool = typer.Option(True, "--dashboard/--no-dashboard", help="write dashboard.html and summary.png"),
     name: str | None = typer.Option(None, "--name", help="model name in the outputs"),
+    threads: int | None = typer.Option(None, "--threads", help="torch intra-op threads (default: torch's choice)"),
 ) -> None:
     """Profile a model unit by unit (prefill and decode) and write the profile the planner reads."""
     from noodle.profile import ObservabilityEngine, ProfileConfig
@@ -97,6 +99,12 @@ def profile_cmd(
         batch_size=batch_size, warmup=warmup, iterations=iterations, module_iterations=module_iterations,
         device=device, seed=seed, progress=True,
     )
+    if threads is not None:
+        if threads < 1:
+            raise SpecError(f"--threads: must be at least 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)  # recorded in system_info.json and the reference device
     quiet_transformers()
     lm, model_name, source = open_model(model, config, preset, seed)
     cfg = replace(cfg, model_name=name or model_name, source=source)

@@ -75,6 +75,7 @@ def _write(path, data):
         (lambda t: ["profile", "--preset", "gpt2-tiny", "--iterations", "0"], "iterations: must be a whole number"),
         (lambda t: ["profile", "--preset", "gpt2-tiny", "--prompt-tokens", "300"], "exceeds the model's 256 positions"),
         (lambda t: ["profile", "--preset", "gpt2-tiny", "--hooks", "fancy"], "strategy: 'fancy' is not one of"),
+        (lambda t: ["profile", "--preset", "gpt2-tiny", "--threads", "0"], "--threads: must be at least 1, got 0"),
         (lambda t: ["model", "init", "--out", str(t / "x")], "give exactly one of --preset NAME or --config"),
         (lambda t: ["model", "init", "--preset", "nope", "--out", str(t / "x")], "nope: not a preset"),
     ],
