@@ -4,11 +4,16 @@
 2. The typed-knapsack bound (:mod:`noodle.solvers.bounds`) gives a lower bound. When it
    meets the plan's value (relative gap <= ``PROOF_GAP``) the plan is proven optimal:
    this happens on most real-architecture instances, at any size.
-3. Otherwise, when the exact set DP (:mod:`noodle.solvers.subsetdp`) fits in the time
-   left (few nodes, or many interchangeable ones), it settles the question exactly.
-4. Otherwise the heuristic's iterated local search continues with the time left (on
-   2-64 nodes it finds better plans than CP-SAT or HiGHS do in the same time, see
-   docs/solvers.md), and the result is ``feasible`` with the bound and its gap.
+3. A short iterated local search toward the bound, seeded with the relaxation's own
+   solution, often closes the gap (then it is a proof again).
+4. Otherwise, when the exact set DP (:mod:`noodle.solvers.subsetdp`) fits in the time
+   left (few nodes, or many interchangeable ones), it settles the question exactly
+   (including "no plan exists").
+5. Otherwise the iterated local search continues with the time left (on 16-64 nodes it
+   finds better plans than CP-SAT or HiGHS do in the same time, see docs/solvers.md), and
+   the result is ``feasible`` with the bound and its gap.
+6. If no plan was found at all and the DP is out of reach, the first installed exact
+   model (HiGHS, else CP-SAT) gets the time left, to find one or prove there is none.
 
 Ctrl-C (KeyboardInterrupt) or the time limit at any point returns the best plan so far,
 with ``interrupted`` set when it was Ctrl-C. The note says which step decided.
@@ -16,9 +21,11 @@ with ``interrupted`` set when it was Ctrl-C. The note says which step decided.
 
 from __future__ import annotations
 
+import importlib.util
 import time
+from dataclasses import replace
 
-from noodle.solvers.base import SolveResult, plan_from_segments, relative_gap
+from noodle.solvers.base import SOLVERS, SolveResult, plan_from_segments, relative_gap
 from noodle.solvers.bounds import latency_bound, relaxed_picks, throughput_bound
 from noodle.solvers.heuristic import HeuristicSolver, default_budget, picks_order, search_orders, start_orders
 from noodle.solvers.subsetdp import Interrupted, dp_seconds, node_classes, solve_subset_dp
@@ -101,10 +108,20 @@ class AutoSolver:
                             val, seg = v, s
                         if seg:
                             bound, how = val, "dp"
+                        else:  # the exact DP found no plan at all: none exists
+                            elapsed = time.perf_counter() - t0
+                            # (no note: solve() words the reason with explain_infeasible)
+                            return SolveResult("auto/dp", "infeasible", None, None, None, elapsed)
                     except Interrupted:
                         pass
             if not stopped and how == "heuristic" and seg and time.perf_counter() < deadline - 0.05:
                 search(deadline - time.perf_counter(), patience=10**9)
+            if not stopped and not seg and how == "heuristic" and time.perf_counter() < deadline - 0.05:
+                # no plan and no affordable DP: let an exact model find one or prove there is none
+                exact = _exact_fallback(problem, tables, deadline - time.perf_counter())
+                if exact is not None:
+                    if exact.status == "infeasible" or exact.plan is not None:
+                        return replace(exact, solver=f"auto/{exact.solver}", solve_time_s=time.perf_counter() - t0)
         except KeyboardInterrupt:
             stopped = True
         elapsed = time.perf_counter() - t0
@@ -121,6 +138,14 @@ class AutoSolver:
                 else f"time limit {time_limit_s:g} s: best plan found by local search, gap to the bound {gap}")
         return SolveResult("auto/heuristic", "feasible" if bound is not None else "heuristic", plan, val,
                            bound, elapsed, note, interrupted=stopped)
+
+
+def _exact_fallback(problem: Problem, tables: CostTables, seconds: float) -> SolveResult | None:
+    """The first installed exact model (HiGHS, else CP-SAT), without a start plan."""
+    for name, module in (("milp", "highspy"), ("cpsat", "ortools")):
+        if importlib.util.find_spec(module) is not None:
+            return SOLVERS.get(name).solve(problem, tables, time_limit_s=max(0.1, seconds))
+    return None
 
 
 def _pinned(problem: Problem, tables: CostTables) -> list[int]:

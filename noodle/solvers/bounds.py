@@ -13,18 +13,23 @@ cheapest return for a last stage). Choosing a (type, length) or nothing per node
 a knapsack over nodes, solved exactly by a DP whose state is (first placed?, last
 placed?, [stages used,] units covered): ``O(m n^2)``.
 
+* groups and exits: charging every node its cheapest successor lets a relaxed plan hop
+  only over fast links. Split the nodes into groups (components of the cheap links, for
+  a few thresholds at the jumps of the sorted hop costs; *any* partition gives a valid
+  bound): a plan spread over several groups leaves each of them, so every used group
+  holds an *exit* node, priced with its cheapest hop out of the group. The DP carries
+  (group used, exit placed) bits; the bound is the least of the single-group bounds and
+  the multi-group bound, and the best partition tried is kept.
 * latency: the DP minimises the sum of ``f``; its optimum bounds the latency from below.
-  Charging every node its cheapest successor ignores that each node is the successor
-  of only one other. A Lagrangian term ``mu_k`` per node (paid by whoever hands over to
-  ``k``, refunded by ``k`` when used) prices that out: every ``mu`` gives a valid bound
-  (successors form a cycle on the used nodes, so the terms cancel in a real plan), and a
-  few subgradient steps raise it.
+  (A Lagrangian price on "each node is the successor of one other" was tried: it did not
+  raise the bound on the benchmark instances and was dropped.)
 * throughput: for a threshold ``tau`` the DP decides whether lengths with
-  ``f_j <= tau`` can cover ``n`` units. A plan of bottleneck ``<= tau`` also forms a
-  cycle (hops, then the return) in the graph whose arc ``j -> k`` exists when some
-  stage of ``j`` can hand over to ``k`` within ``tau``; so its nodes lie in one strongly
-  connected component, and ``out_j`` may be taken over successors in that component.
-  The least feasible ``tau`` (bisection) bounds the bottleneck from below.
+  ``f_j <= tau`` can cover ``n`` units (a max-coverage DP when the allowed lengths are
+  ``1..L``). A plan of bottleneck ``<= tau`` also forms a cycle (hops, then the return)
+  in the graph whose arc ``j -> k`` exists when some stage of ``j`` can hand over to ``k``
+  within ``tau``; so its nodes lie in one strongly connected component, and ``out_j``
+  may be taken over successors in that component. The least feasible ``tau``
+  (bisection) bounds the bottleneck from below; the incumbent's value is checked first.
 
 The bound needs nothing from the cost model beyond the tables (additive or not). It
 is often exact on real architectures, whose interior units are identical; when it
@@ -34,7 +39,6 @@ is, the heuristic's plan is proven optimal without any search.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -45,17 +49,14 @@ __all__ = ["latency_bound", "throughput_bound", "throughput_feasible", "relaxed_
 FIRST, INTERIOR, LAST = 0, 1, 2
 
 
-def _out_min(tables: CostTables, succ: np.ndarray | None = None, mu: np.ndarray | None = None) -> np.ndarray:
-    """``out[j, e]``: cheapest hop from j at cut e (return at e = n) over allowed successors (+ ``mu``)."""
+def _out_min(tables: CostTables, succ: np.ndarray | None = None) -> np.ndarray:
+    """``out[j, e]``: cheapest hop from j at cut e (return at e = n) over allowed successors."""
     m, n = len(tables.nodes), tables.n
     hop = tables.hop.copy()
     ret = tables.ret.copy()
     mask = ~np.eye(m, dtype=bool) if succ is None else (succ & ~np.eye(m, dtype=bool))
     hop[~mask] = INF
     ret[~mask] = INF
-    if mu is not None:
-        hop = hop + mu[None, :, None]
-        ret = ret + mu[None, :]
     out = hop.min(axis=1)
     out[:, n] = ret.min(axis=1)
     out[:, 0] = INF

@@ -48,8 +48,8 @@ class SearchResult(NamedTuple):
 
 
 def default_budget(m: int, n: int) -> float:
-    """Seconds the heuristic searches by default: 45 ms up to ~8 nodes x 50 units, growing as m^3 n^2."""
-    return float(min(5.0, max(0.045, 4e-9 * m**3 * (n + 1) ** 2)))
+    """Seconds the heuristic searches by default: 40 ms up to ~8 nodes x 50 units, growing as m^3 n^2."""
+    return float(min(5.0, max(0.04, 4e-9 * m**3 * (n + 1) ** 2)))
 
 
 def dp_order(

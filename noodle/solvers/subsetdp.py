@@ -25,6 +25,7 @@ The result is the exact optimum of the tables (no tolerance beyond floating poin
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -60,9 +61,9 @@ def node_classes(tables: CostTables) -> list[list[int]]:
     for j in range(m):
         for cls in classes:
             rep = cls[0]
-            if same(rep, j) and all(
-                np.array_equal(hop[rep, cls[1]], hop[rep, j]) and ret[rep, cls[1]] == ret[rep, j] for _ in cls[1:2]
-            ):
+            # j may join when it mirrors rep, and (for a class of 3+) the link inside the class is uniform
+            inner_ok = len(cls) < 2 or (np.array_equal(hop[rep, cls[1]], hop[rep, j]) and ret[rep, cls[1]] == ret[rep, j])
+            if inner_ok and same(rep, j):
                 cls.append(j)
                 break
         else:
@@ -87,7 +88,7 @@ def dp_work(tables: CostTables, objective: str, classes: list[list[int]] | None 
     caps = [len(c) for c in classes]
     t = len(caps)
     n2 = float(tables.n + 1) ** 2
-    states = float(np.prod([c + 1 for c in caps]))
+    states = float(math.prod(c + 1 for c in caps))  # Python ints: no int64 overflow at 64 nodes
     if states > 5e6:
         return float("inf")
     # Average present classes ~ t/2; throughput pays one more factor for the next class.
@@ -102,7 +103,7 @@ def dp_seconds(tables: CostTables, objective: str, classes: list[list[int]] | No
     work = dp_work(tables, objective, classes)
     if not np.isfinite(work):
         return INF
-    vectors = float(np.prod([len(c) + 1 for c in classes]))
+    vectors = float(math.prod(len(c) + 1 for c in classes))
     return SECONDS_PER_OP * work + SECONDS_PER_VECTOR * vectors * len(classes)
 
 

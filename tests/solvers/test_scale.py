@@ -166,3 +166,11 @@ def test_tables_fast_path_scales():
     p = _real_like(0, 96, 32, "throughput")
     t = build_tables(p, CM)
     assert t.additive and t.flat_hops() is not None and np.isfinite(t.compute).any()
+
+
+def test_set_dp_refuses_huge_state_spaces():
+    """64 distinct nodes: 2^64 count vectors (no int64 overflow in the estimate); auto must not try the DP."""
+    from noodle.solvers.subsetdp import dp_seconds
+
+    p = random_instance(0, units=llama_like_units(4), n_nodes=64, objective="throughput")
+    assert dp_seconds(build_tables(p, CM), "throughput") == float("inf")
