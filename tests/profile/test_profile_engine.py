@@ -3,7 +3,6 @@ from __future__ import annotations
 import json
 import re
 
-import pandas as pd
 import pytest
 import torch
 
@@ -44,6 +43,7 @@ def test_metrics_jsonl_round_trip_and_pandas(gpt2_profile, tmp_path):
     assert rows[0]["kind"] == "run"
     write_jsonl(tmp_path / "again.jsonl", rows)
     assert read_jsonl(tmp_path / "again.jsonl") == rows
+    pd = pytest.importorskip("pandas")  # present through ortools, not a direct dependency
     df = pd.read_json(out / "metrics.jsonl", lines=True)
     units = df[df.kind == "unit"]
     assert len(units) == 2 * 6  # 6 units x (prefill, decode)
