@@ -7,6 +7,8 @@ are in test_grpc_executor.py) and talk to it through the generated stub.
 from __future__ import annotations
 
 import datetime
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -233,11 +235,14 @@ def test_wire_roundtrip_keeps_dtype_and_shape():
 
 def test_committed_stubs_match_the_proto(tmp_path):
     """The generated modules in the package are what protos/stage_service.proto generates today."""
-    protoc = pytest.importorskip("grpc_tools.protoc")
+    pytest.importorskip("grpc_tools")
     root = Path(__file__).resolve().parents[2]
-    args = ["protoc", f"-Inoodle/executors/grpc={root / 'protos'}", f"--python_out={tmp_path}",
-            f"--grpc_python_out={tmp_path}", str(root / "protos" / "stage_service.proto")]  # fmt: skip
-    assert protoc.main(args) == 0
+    # protoc runs in its own process: grpc_tools' native module loaded beside torch and the
+    # grpc runtime has crashed a whole pytest run once; a subprocess keeps that contained.
+    args = [sys.executable, "-m", "grpc_tools.protoc", f"-Inoodle/executors/grpc={root / 'protos'}",
+            f"--python_out={tmp_path}", f"--grpc_python_out={tmp_path}", str(root / "protos" / "stage_service.proto")]  # fmt: skip
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
     for name in ("stage_service_pb2.py", "stage_service_pb2_grpc.py"):
         fresh = (tmp_path / "noodle" / "executors" / "grpc" / name).read_text()
         assert fresh == (root / "noodle" / "executors" / "grpc" / name).read_text(), f"{name}: regenerate the stubs"
