@@ -59,10 +59,14 @@ def load_config(source: str | Path | dict[str, Any]) -> Any:
     model_type = data.pop("model_type", None)
     if not model_type:
         raise ModelError(f"{source}: config has no 'model_type'")
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        raise ModelError(f"{source}: model_type {model_type!r} is not known to this transformers version")
     try:
         return AutoConfig.for_model(model_type, **data)
-    except (ValueError, KeyError) as exc:
-        raise ModelError(f"{source}: model_type {model_type!r} is not known to transformers ({exc})") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"{source}: invalid {model_type} config ({str(exc).splitlines()[0][:200]})") from None
 
 
 def build_model(config: Any, *, seed: int = 0, dtype: Any = None) -> Any:
