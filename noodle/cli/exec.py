@@ -69,7 +69,8 @@ def read_prompts(
         prompts.append(("--prompt-ids", _parse_ids(prompt_ids, "--prompt-ids")))
     else:
         path = batch if batch is not None else batch_ids
-        assert path is not None
+        if path is None:  # the exactly-one check above rules this out
+            raise SpecError("exec: give one of --prompt, --prompt-ids, --batch or --batch-ids")
         try:
             lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
         except OSError as exc:

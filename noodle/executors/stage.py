@@ -176,7 +176,8 @@ class Stage:
                 hidden = hidden + mod(positions)
             else:
                 hidden = mod(hidden)
-        assert hidden is not None  # layout_of guarantees a token embedding
+        if hidden is None:  # layout_of guarantees a token embedding; a hand-built slice may not
+            raise ModelError(f"{self.name}: the embed unit has no token embedding")
         return hidden
 
     @torch.inference_mode()
@@ -222,8 +223,10 @@ class Stage:
             hidden = hidden[:, -1:, :]
         for mod in self.slice.final:
             hidden = mod(hidden)
-        assert self.slice.head is not None
-        return StageOutput(msg.session, self.slice.head(hidden), msg.attention_mask, is_logits=True)
+        head = self.slice.head
+        if head is None:
+            raise ModelError(f"{self.name}: the last stage has no LM head")
+        return StageOutput(msg.session, head(hidden), msg.attention_mask, is_logits=True)
 
     def __repr__(self) -> str:
         return f"Stage({self.name!r}, units=[{self.start}, {self.end}), layers={self.layers})"

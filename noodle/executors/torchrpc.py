@@ -192,9 +192,13 @@ class TorchRpcExecutor:
                       join=(self.host, port, rank, self.world), parent_pid=os.getpid())  # fmt: skip
             )
 
+    def _live_ring(self) -> Ring:
+        if self._ring is None:
+            raise ExecutorError("torchrpc: the ring is not open (executor closed or not entered as a context manager)")
+        return self._ring
+
     def _load(self) -> None:
-        ring = self._ring
-        assert ring is not None
+        ring = self._live_ring()
         buf = ring.new()
         hdr = ring.header(buf)
         hdr[0], hdr[13] = OP_LOAD, units_hash(self.units)
@@ -216,8 +220,7 @@ class TorchRpcExecutor:
 
     def _roundtrip(self, buf: torch.Tensor, timeout_s: float) -> torch.Tensor:
         """Send a data-less message around the ring and return its header (raising a stage's error)."""
-        ring = self._ring
-        assert ring is not None
+        ring = self._live_ring()
         try:
             ring.send(buf, 1)
             got = ring.recv(self.world - 1, timeout_s)
@@ -232,9 +235,9 @@ class TorchRpcExecutor:
         return self.plan.stages[rank - 1].node if 1 <= rank < self.world else "the coordinator"
 
     def _remote_error(self, buf: torch.Tensor) -> Exception:
-        assert self._ring is not None
-        hdr = self._ring.header(buf)
-        text = self._ring.recv_error(buf, self.world - 1, self.policy.step_timeout_s)
+        ring = self._live_ring()
+        hdr = ring.header(buf)
+        text = ring.recv_error(buf, self.world - 1, self.policy.step_timeout_s)
         rank = int(hdr[12])
         node = self._node(rank)
         if int(hdr[14]):
@@ -290,8 +293,7 @@ class TorchRpcExecutor:
 
     # -- running ---------------------------------------------------------------------------------
     def _step(self, msg: StageInput, session: int, top1: bool) -> tuple[torch.Tensor, bool, torch.Tensor, int, int]:
-        ring = self._ring
-        assert ring is not None
+        ring = self._live_ring()
         buf = ring.new()
         hdr = ring.header(buf)
         hdr[0], hdr[1] = OP_STEP, session

@@ -253,16 +253,17 @@ class WorkerClient:
 
     def sync_clock(self, timeout_s: float, rounds: int = 5) -> None:
         """Estimate the worker's monotonic-clock offset from the fastest of ``rounds`` pings."""
-        best: tuple[int, int] | None = None
+        if rounds < 1:
+            raise ExecutorError(f"worker {self.address}: clock sync needs at least one round, got {rounds}")
+        samples: list[tuple[int, int]] = []  # (round trip, offset)
         for _ in range(rounds):
             t0 = time.monotonic_ns()
             reply = self.health(timeout_s)
             t1 = time.monotonic_ns()
-            if best is None or t1 - t0 < best[0]:
-                best = (t1 - t0, reply.clock_ns - (t0 + t1) // 2)
-        assert best is not None
-        self.ping_ms = best[0] / 1e6
-        self.clock_offset_ns = best[1]
+            samples.append((t1 - t0, reply.clock_ns - (t0 + t1) // 2))
+        rtt, offset = min(samples, key=lambda sample: sample[0])  # the first fastest, as before
+        self.ping_ms = rtt / 1e6
+        self.clock_offset_ns = offset
 
     def alive(self, timeout_s: float) -> bool:
         try:

@@ -205,13 +205,15 @@ class GrpcExecutor:
     # -- sessions ----------------------------------------------------------------------------------
     def _open_session(self, slot: _Slot, replay: bool) -> None:
         """A fresh session for ``slot`` (closing any old one), then replay its recorded inputs."""
-        assert self._watchdog is not None
+        watchdog = self._watchdog
+        if watchdog is None:
+            raise ExecutorError("grpc executor: not open; use it as a context manager (`with GrpcExecutor(...) as ex:`)")
         self._end_session(slot)
         slot.session = f"{self._uid}-{next(self._counter)}-{slot.doc.node}"
         slot.client.unary("CreateSession", pb.CreateSessionRequest(stage_id=slot.stage_id, session=slot.session),
                           self.policy.step_timeout_s, slot.doc.node)  # fmt: skip
         if self.stream:
-            slot.stream = ForwardStream(slot.client, self._watchdog, slot.where)
+            slot.stream = ForwardStream(slot.client, watchdog, slot.where)
         if replay:
             for x in slot.history:
                 self._call(slot, x, top1=False)
