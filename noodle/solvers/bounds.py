@@ -42,11 +42,10 @@ import time
 
 import numpy as np
 
+from noodle.solvers.knapsack import FIRST, INTERIOR, LAST, knap_min, max_cover, skew
 from noodle.solvers.tables import INF, CostTables
 
 __all__ = ["latency_bound", "throughput_bound", "throughput_feasible", "relaxed_picks"]
-
-FIRST, INTERIOR, LAST = 0, 1, 2
 
 
 def _out_min(tables: CostTables, succ: np.ndarray | None = None) -> np.ndarray:
@@ -114,100 +113,6 @@ def _parts(tables: CostTables, succ: np.ndarray | None = None) -> list[list[list
     return out[-3:]
 
 
-def _skew(F: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """``y[..., u, w] = F[..., u] + c[w - u]`` (INF where w < u), for w <= n."""
-    n = F.shape[-1] - 1
-    y = np.full((*F.shape[:-1], n + 1, 2 * n + 2), INF)
-    u = np.arange(n + 1)
-    y[..., u[:, None], u[:, None] + u[None, :]] = F[..., :, None] + c[None, :]
-    return y[..., : n + 1]
-
-
-def _conv(F: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """Min-plus convolution on the last axis: ``out[..., w] = min_{u+l=w} F[..., u] + c[l]`` for ``w <= n``."""
-    return _skew(F, c).min(axis=-2)
-
-
-def _knap_min(f_int: np.ndarray, f_ext: np.ndarray | None, groups: list[list[int]], n: int, cap: int) -> float:
-    """Min total of per-node (type, length) picks covering n units, one FIRST and one LAST, at most ``cap`` nodes.
-
-    With ``f_ext`` (cost when the node's successor lies outside its group), every used group must
-    contain an *exit* node (one priced by ``f_ext``): the cycle of a plan spread over several groups
-    leaves each of them. Groups are processed one after another with (used, exit) bits.
-    """
-    m_used = sum(len(g) for g in groups)
-    kk = cap + 1 if cap < min(m_used, n) else 1
-    counting = kk > 1
-    F = np.full((2, 2, kk, 2, 2, n + 1), INF)  # a, b, k, used, exit, u
-    F[0, 0, 0, 0, 0, 0] = 0.0
-    moves = ((INTERIOR, 0, 0), (FIRST, 1, 0), (LAST, 0, 1))
-    options = [(False, f_int)] + ([(True, f_ext)] if f_ext is not None else [])
-    for group in groups:
-        for j in group:
-            G = F.copy()
-            for ext, f in options:
-                for t, da, db in moves:
-                    c = f[j, t]
-                    if not np.isfinite(c).any():
-                        continue
-                    dk = 1 if counting else 0
-                    src = F[: 2 - da, : 2 - db, : kk - dk]
-                    if not np.isfinite(src).any():
-                        continue
-                    src = src.min(axis=3)  # any used bit -> used
-                    val = _conv(src, c)  # (a, b, k, exit, u)
-                    dst = G[da:, db:, dk:, 1]
-                    if ext:
-                        dst[:, :, :, 1] = np.minimum(dst[:, :, :, 1], val.min(axis=3))
-                    else:
-                        np.minimum(dst, val, out=dst)
-            F = G
-        if f_ext is not None:
-            done = np.minimum(F[:, :, :, 0, 0], F[:, :, :, 1, 1])
-            F = np.full_like(F, INF)
-            F[:, :, :, 0, 0] = done
-        else:
-            F[:, :, :, 0, 0] = F.min(axis=(3, 4))
-            F[:, :, :, 1:, :] = INF
-            F[:, :, :, 0, 1:] = INF
-    return float(F[1, 1, :, 0, 0, n].min())
-
-
-def _max_cover(L_int: np.ndarray, L_ext: np.ndarray | None, groups: list[list[int]], n: int, cap: int) -> int:
-    """Like :func:`_knap_min` for lengths closed downwards: the most units the picks can cover."""
-    m_used = sum(len(g) for g in groups)
-    kk = min(cap, n) + 1
-    NEG = -(10**9)
-    F = np.full((2, 2, kk, 2, 2), NEG, dtype=np.int64)
-    F[0, 0, 0, 0, 0] = 0
-    del m_used
-    moves = ((INTERIOR, 0, 0), (FIRST, 1, 0), (LAST, 0, 1))
-    options = [(False, L_int)] + ([(True, L_ext)] if L_ext is not None else [])
-    for group in groups:
-        for j in group:
-            G = F.copy()
-            for ext, L in options:
-                for t, da, db in moves:
-                    ln = int(L[j, t])
-                    if ln <= 0:
-                        continue
-                    src = F[: 2 - da, : 2 - db, : kk - 1].max(axis=3)  # (a, b, k, exit)
-                    val = np.where(src > NEG, src + ln, NEG)
-                    dst = G[da:, db:, 1:, 1]
-                    if ext:
-                        dst[:, :, :, 1] = np.maximum(dst[:, :, :, 1], val.max(axis=3))
-                    else:
-                        np.maximum(dst, val, out=dst)
-            F = G
-        if L_ext is not None:
-            done = np.maximum(F[:, :, :, 0, 0], F[:, :, :, 1, 1])
-        else:
-            done = F.max(axis=(3, 4))
-        F = np.full_like(F, NEG)
-        F[:, :, :, 0, 0] = done
-    return int(F[1, 1, :, 0, 0].max())
-
-
 def _single_stage(tables: CostTables) -> float:
     return float(tables.compute[:, 0, tables.n].min()) if tables.n else 0.0
 
@@ -228,7 +133,7 @@ def latency_bound(tables: CostTables, *, upper: float = INF, time_limit_s: float
     allowed = ~np.eye(m, dtype=bool)
     out = _out_min(tables)
     f_all = _typed(tables, tables.compute + out[:, None, :])
-    best = _knap_min(f_all, None, [list(range(m))], n, tables.max_stages)
+    best = knap_min(f_all, None, [list(range(m))], n, tables.max_stages)
     for groups in _parts(tables):
         if time.perf_counter() > deadline or best >= upper * (1 - 1e-9):
             break
@@ -238,8 +143,8 @@ def latency_bound(tables: CostTables, *, upper: float = INF, time_limit_s: float
         same, other = _succ_masks(m, group_of, allowed)
         f_in = _typed(tables, tables.compute + _out_min(tables, succ=same)[:, None, :])
         f_out = _typed(tables, tables.compute + _out_min(tables, succ=other)[:, None, :])
-        multi = _knap_min(f_in, f_out, groups, n, tables.max_stages)
-        alone = min(_knap_min(f_in, None, [g], n, tables.max_stages) for g in groups)
+        multi = knap_min(f_in, f_out, groups, n, tables.max_stages)
+        alone = min(knap_min(f_in, None, [g], n, tables.max_stages) for g in groups)
         best = max(best, min(multi, alone))
     return min(best, single)
 
@@ -306,9 +211,9 @@ def _cover_feasible(f_in: np.ndarray, f_out: np.ndarray | None, groups, n: int, 
     L_in = _closed_lengths(f_in, tau)
     L_out = _closed_lengths(f_out, tau) if f_out is not None else None
     if L_in is not None and (f_out is None or L_out is not None):
-        return _max_cover(L_in, L_out, groups, n, cap) >= n
+        return max_cover(L_in, L_out, groups, n, cap) >= n
     zero = lambda f: np.where(f <= tau, 0.0, INF)  # noqa: E731
-    return _knap_min(zero(f_in), zero(f_out) if f_out is not None else None, groups, n, cap) == 0.0
+    return knap_min(zero(f_in), zero(f_out) if f_out is not None else None, groups, n, cap) == 0.0
 
 
 def throughput_feasible(tables: CostTables, tau: float, partitions: list[list[list[int]]] | None = None) -> bool:
@@ -407,7 +312,7 @@ def relaxed_picks(tables: CostTables, objective: str, tau: float = INF) -> list[
             if not np.isfinite(f[j, t]).any():
                 continue
             src = F[: 2 - da, : 2 - db, : kk - dk]
-            y = _skew(src, f[j, t])  # (a, b, k, u, w)
+            y = skew(src, f[j, t])  # (a, b, k, u, w)
             arg = np.argmin(y, axis=-2)
             val = np.take_along_axis(y, arg[..., None, :], axis=-2)[..., 0, :]
             dst = G[da:, db:, dk:]
