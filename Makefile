@@ -16,11 +16,12 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # The whole loop on GPT-2 small (random weights): init, profile, solve, plot, execute.
+# Profile and run with the same thread count, so planned and measured latencies compare.
 demo: setup out/models/gpt2/config.json
-	$(NOODLE) profile --model out/models/gpt2 --out out/profile/gpt2 --iterations 20 --warmup 3
+	$(NOODLE) profile --model out/models/gpt2 --out out/profile/gpt2 --iterations 20 --warmup 3 --threads 1
 	$(NOODLE) solve specs/gpt2-profiled.yaml --out out/plan.json
 	$(NOODLE) plot out/plan.json --out out/plan.png
-	$(NOODLE) exec out/plan.json --model out/models/gpt2 --emulate \
+	$(NOODLE) exec out/plan.json --model out/models/gpt2 --emulate --threads 1 \
 		--prompt "The planner measures every layer and" --max-new-tokens 16
 
 out/models/gpt2/config.json: | setup
