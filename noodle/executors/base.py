@@ -24,6 +24,7 @@ from noodle.registry import Registry
 
 __all__ = [
     "Executor",
+    "ClosesOnExit",
     "ExecutorFactory",
     "EXECUTORS",
     "RunResult",
@@ -128,6 +129,18 @@ def error_pct(measured: float, predicted: float | None) -> float | None:
     if predicted is None or predicted <= 0:
         return None
     return (measured - predicted) / predicted * 100.0
+
+
+class ClosesOnExit:
+    """Mixin for executors: leaving the ``with`` block calls ``self.close()``, whatever happened."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
 
 
 @runtime_checkable

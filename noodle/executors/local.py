@@ -15,12 +15,11 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import TracebackType
 
 import torch
 
 from noodle.errors import ExecutorError
-from noodle.executors.base import RunReport, RunResult, StageReport, check_plan, check_workload
+from noodle.executors.base import ClosesOnExit, RunReport, RunResult, StageReport, check_plan, check_workload
 from noodle.executors.generation import Sampling, generate, new_session_id
 from noodle.executors.messages import StageInput
 from noodle.executors.slicing import read_config, unit_names_of, weight_index
@@ -49,7 +48,7 @@ def token_ids_of(config: object) -> tuple[int | list[int] | None, int]:
     return eos, int(pad) if pad is not None else 0
 
 
-class LocalExecutor:
+class LocalExecutor(ClosesOnExit):
     """Runs every stage of ``plan`` in this process.
 
     Args:
@@ -89,11 +88,6 @@ class LocalExecutor:
             if self.emulate:
                 self._log(self._emulation_note())
         return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def close(self) -> None:
         self.stages = []

@@ -36,14 +36,13 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from noodle.errors import ExecutorError, SpecError
-from noodle.executors.base import RunResult, check_plan, check_workload
+from noodle.executors.base import ClosesOnExit, RunResult, check_plan, check_workload
 from noodle.executors.devices import gpu_indices
 from noodle.executors.failover import RetryPolicy
 from noodle.executors.generation import Sampling, generate
@@ -70,7 +69,7 @@ class _Lost(Exception):
     """The ring broke: a rank died, hung, or the network dropped."""
 
 
-class TorchRpcExecutor:
+class TorchRpcExecutor(ClosesOnExit):
     """Runs each stage of ``plan`` in its own process on a torch.distributed ring.
 
     Args:
@@ -149,11 +148,6 @@ class TorchRpcExecutor:
                 self.close()
                 raise
         return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def _start(self) -> None:
         timeout = datetime.timedelta(seconds=self.startup_timeout_s)

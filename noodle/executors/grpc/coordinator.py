@@ -34,12 +34,11 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 
 import torch
 
 from noodle.errors import ExecutorError, SpecError
-from noodle.executors.base import RunResult, check_plan, check_workload
+from noodle.executors.base import ClosesOnExit, RunResult, check_plan, check_workload
 from noodle.executors.failover import RetryPolicy, merge_stage, merge_target
 from noodle.executors.generation import Sampling, generate
 from noodle.executors.grpc import stage_service_pb2 as pb
@@ -80,7 +79,7 @@ class _Slot:
         return f"{self.doc.node}@{self.client.address}"
 
 
-class GrpcExecutor:
+class GrpcExecutor(ClosesOnExit):
     """Runs each stage of ``plan`` on a gRPC worker.
 
     Args:
@@ -170,11 +169,6 @@ class GrpcExecutor:
             self.close()
             raise
         return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def close(self) -> None:
         for slot in self._slots:
