@@ -25,6 +25,7 @@ after a health check; a node that stays gone has its stage moved to the next
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import sys
@@ -217,11 +218,10 @@ class GrpcExecutor(ClosesOnExit):
             slot.stream.close()
             slot.stream = None
         if slot.session:
-            try:
+            # Best effort: a dead worker's sessions died with it; a live one reaps idle sessions.
+            with contextlib.suppress(WorkerGone, ExecutorError):
                 slot.client.unary("CloseSession", pb.CloseSessionRequest(session=slot.session),
                                   self.policy.health_timeout_s, slot.doc.node)  # fmt: skip
-            except (WorkerGone, ExecutorError):
-                pass  # a dead worker's sessions died with it; a live one reaps idle sessions
             slot.session = ""
 
     # -- one call --------------------------------------------------------------------------------
