@@ -96,3 +96,35 @@ def test_missing_and_malformed_profiles(profile_copy):
     notjson.write_text("[1, 2")
     with pytest.raises(SpecError, match="not a readable JSON profile"):
         load_units(notjson)
+
+
+def test_a_spec_pointing_at_the_profile_solves(gpt2_profile, tmp_path):
+    """`model: {profile: ...}` feeds the measured units to the solver (folder and metrics.jsonl alike)."""
+    import yaml
+
+    from noodle import load_spec, solve
+    from noodle.profile import load_units
+
+    folder = gpt2_profile[0]
+    units, _meta = load_units(folder)
+    for target in (folder, folder / "metrics.jsonl"):
+        spec = {
+            "name": "profiled",
+            "model": {"profile": str(target)},
+            "workload": {"prompt_tokens": 8, "max_new_tokens": 4},
+            "cluster": {"nodes": [
+                {"id": "fast", "memory_gb": 1, "compute_score": 2.0},
+                {"id": "slow", "memory_gb": 1, "compute_score": 1.0},
+            ]},
+            "objective": "latency",
+        }
+        path = tmp_path / "spec.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        _spec, problem = load_spec(path)
+        assert [u.name for u in problem.units] == [u.name for u in units]
+        assert [u.latency_ms for u in problem.units] == [u.latency_ms for u in units]
+        result = solve(problem, solver="auto", time_limit_s=10)
+        assert result.status == "optimal"
+        # everything fits on the fast node, and any split only adds hops: one stage there
+        assert result.plan.nodes == ["fast"]
+        assert result.objective_ms == pytest.approx(sum(u.latency_ms for u in units) / 2.0)
