@@ -24,6 +24,7 @@ from torch import nn
 
 from noodle.errors import ModelError
 from noodle.models.adapter import UnitLayout, layout_of
+from noodle.models.loading import causal_lm_from_config
 
 __all__ = ["ModelSlice", "load_slice", "read_config", "unit_names_of", "weight_index"]
 
@@ -114,16 +115,7 @@ def weight_index(folder: str | Path) -> dict[str, Path]:
 
 
 def _skeleton(config: Any) -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-    except ValueError as exc:
-        raise ModelError(
-            f"model_type {config.model_type!r} has no causal-LM class in transformers; noodle runs decoder-only LMs"
-        ) from exc
-    return model
+    return causal_lm_from_config(config, meta=True)
 
 
 def unit_names_of(folder: str | Path) -> list[str]:

@@ -65,22 +65,14 @@ def analytic_units(
     reference: ReferenceDevice = ReferenceDevice(),
 ) -> AnalyticModel:
     """Build the unit chain of ``config`` (a transformers ``PretrainedConfig``) for ``workload``."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     from noodle.models.adapter import layout_of
+    from noodle.models.loading import causal_lm_from_config
 
     dtype = dtype or _config_dtype(config)
     if dtype not in DTYPE_BYTES:
         raise ModelError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPE_BYTES)}")
     nbytes = DTYPE_BYTES[dtype]
-    try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-    except ValueError as exc:
-        raise ModelError(
-            f"model_type {getattr(config, 'model_type', '?')!r} has no causal-LM class; noodle plans decoder-only LMs"
-        ) from exc
+    model = causal_lm_from_config(config, meta=True)
     layout = layout_of(model)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = int(text.hidden_size)

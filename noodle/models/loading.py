@@ -13,7 +13,7 @@ from typing import Any
 
 from noodle.errors import ModelError
 
-__all__ = ["PRESETS", "load_config", "build_model", "init_model", "load_model"]
+__all__ = ["PRESETS", "load_config", "causal_lm_from_config", "build_model", "init_model", "load_model"]
 
 # name -> (model_type, config kwargs). Full-size presets follow the published configs.
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -69,20 +69,35 @@ def load_config(source: str | Path | dict[str, Any]) -> Any:
         raise ModelError(f"{source}: invalid {model_type} config ({str(exc).splitlines()[0][:200]})") from None
 
 
-def build_model(config: Any, *, seed: int = 0, dtype: Any = None) -> Any:
-    """A causal LM from ``config`` with seeded random weights, in eval mode."""
+def causal_lm_from_config(config: Any, *, dtype: Any = None, meta: bool = False) -> Any:
+    """``AutoModelForCausalLM.from_config``; ``meta`` builds it without memory or weights.
+
+    Raises:
+        ModelError: the config's model type has no causal-LM class (an encoder, an encoder-decoder).
+    """
+    import contextlib
+
     import torch
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(seed)
     try:
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
     except ValueError as exc:
         raise ModelError(
-            f"model_type {config.model_type!r} has no causal-LM class in transformers; noodle runs decoder-only LMs"
+            f"model_type {getattr(config, 'model_type', '?')!r} has no causal-LM class in transformers; "
+            "noodle runs decoder-only LMs"
         ) from exc
+
+
+def build_model(config: Any, *, seed: int = 0, dtype: Any = None) -> Any:
+    """A causal LM from ``config`` with seeded random weights, in eval mode."""
+    import torch
+
     from noodle.models.adapter import layout_of
 
+    torch.manual_seed(seed)
+    model = causal_lm_from_config(config, dtype=dtype)
     layout_of(model)  # refuse unsupported layouts before anything is written
     return model.eval()
 
