@@ -60,15 +60,14 @@ def solve_cmd(
         raise SpecError(f"--objective: {objective!r}; use throughput or latency")
     if time_limit is not None and time_limit <= 0:
         raise SpecError(f"--time-limit: must be > 0 seconds, got {time_limit:g}")
-    if solver is not None and solver not in SOLVERS:
-        raise SpecError(f"--solver: unknown solver {solver!r}; valid names: {', '.join(SOLVERS.names())}")
     err = Console(stderr=True)
     spec_obj, problem = load_spec(spec)
     if objective:
         problem = replace(problem, objective=objective)
     name = solver or spec_obj.solver.name
     if name not in SOLVERS:
-        raise SpecError(f"{spec}: solver.name: unknown solver {name!r}; valid names: {', '.join(SOLVERS.names())}")
+        where = "--solver" if solver else f"{spec}: solver.name"
+        raise SpecError(f"{where}: unknown solver {name!r}; valid names: {', '.join(SOLVERS.names())}")
     limit = time_limit or spec_obj.solver.time_limit_s
     with err.status(f"solving {problem.name}: {problem.num_units} units on {len(problem.cluster.nodes)} nodes "
                     f"with {name} (limit {limit:g} s)"):

@@ -134,8 +134,7 @@ def error_pct(measured: float, predicted: float | None) -> float | None:
 class ClosesOnExit:
     """Mixin for executors: leaving the ``with`` block calls ``self.close()``, whatever happened."""
 
-    def close(self) -> None:
-        raise NotImplementedError
+    close: Callable[[], None]  # provided by the executor
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
