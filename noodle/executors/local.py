@@ -21,13 +21,15 @@ import torch
 from noodle.errors import ExecutorError
 from noodle.executors.base import ClosesOnExit, RunReport, RunResult, StageReport, check_plan, check_workload
 from noodle.executors.generation import Sampling, generate, new_session_id
-from noodle.executors.messages import StageInput
+from noodle.executors.kvbudget import kv_capacity_tokens, max_positions
+from noodle.executors.messages import StageInput, StageOutput
+from noodle.executors.scheduler import Pipeline
 from noodle.executors.slicing import read_config, unit_names_of, weight_index
 from noodle.executors.stage import Stage
-from noodle.plandoc import PlanDoc
+from noodle.plandoc import PlanDoc, StageDoc
 from noodle.types import Link
 
-__all__ = ["LocalExecutor", "percentile", "token_ids_of"]
+__all__ = ["LocalExecutor", "LocalLane", "percentile", "token_ids_of"]
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -46,6 +48,45 @@ def token_ids_of(config: object) -> tuple[int | list[int] | None, int]:
     if pad is None:
         pad = eos[0] if isinstance(eos, list) and eos else eos
     return eos, int(pad) if pad is not None else 0
+
+
+class LocalLane:
+    """A stage of this process as a pipeline lane; with ``emulate`` it takes its planned time.
+
+    Emulated, a decode step lasts the plan's ``compute_ms`` for the stage (a prefill, its
+    measured time divided by the node's ``compute_score``), then the hop to the next stage
+    lasts the planned link's latency plus the bytes handed on at its bandwidth; both are
+    measured from the step's start, so this machine's own speed drops out. A step that is
+    already slower than planned is not shortened (the stats show the overshoot).
+    """
+
+    def __init__(self, stage: Stage, doc: StageDoc, *, score: float, hop_ms: Callable[[int], float], emulate: bool, last: bool) -> None:
+        self.stage = stage
+        self.doc = doc
+        self.name = doc.node
+        self.score = score
+        self._hop_ms = hop_ms
+        self.emulate = emulate
+        self.last = last
+        self.last_hop_ms = 0.0
+
+    def run(self, msg: StageInput) -> StageOutput:
+        t0 = time.perf_counter()
+        out = self.stage.step(msg)
+        if not self.emulate:
+            return out
+        dt = time.perf_counter() - t0
+        decode = not msg.prefill and msg.new_tokens == 1
+        compute_s = self.doc.compute_ms / 1e3 if decode else (dt / self.score if 0 < self.score < 1.0 else dt)
+        sent = 8 * msg.batch_size if self.last else out.nbytes()
+        self.last_hop_ms = self._hop_ms(sent)
+        wait = t0 + compute_s + self.last_hop_ms / 1e3 - time.perf_counter()
+        if wait > 0:
+            time.sleep(wait)
+        return out
+
+    def end(self, session: str) -> None:
+        self.stage.end_session(session)
 
 
 class LocalExecutor(ClosesOnExit):
@@ -74,6 +115,7 @@ class LocalExecutor(ClosesOnExit):
         self._log = log or (lambda line: print(line, file=sys.stderr))
         self.stages: list[Stage] = []
         config = read_config(self.model_dir)
+        self.config = config
         weight_index(self.model_dir)  # no weights -> ModelError now, not mid-load
         check_plan(plan, unit_names_of(self.model_dir))
         self.eos_token_id, self.pad_token_id = token_ids_of(config)
@@ -121,6 +163,26 @@ class LocalExecutor(ClosesOnExit):
         if link is not None:
             return link.transfer_ms(nbytes)
         return 0.0 if a == b else stages[i].hop_ms
+
+    # -- pipelined --------------------------------------------------------------------------------
+    def pipeline(self, *, concurrency: int = 1, micro_batch: int = 1, prefill_chunk: int = 0, max_queue: int = 256) -> Pipeline:
+        """A :class:`~noodle.executors.scheduler.Pipeline` over this executor's stages (call ``start()``)."""
+        if not self.stages:
+            raise ExecutorError("local executor: use it as a context manager (`with LocalExecutor(...) as ex:`)")
+        n = len(self.stages)
+        lanes = [
+            LocalLane(stage, doc, score=self._scores.get(doc.node, 1.0), hop_ms=lambda b, i=i: self._hop_ms(i, b),
+                      emulate=self.emulate, last=i == n - 1)  # fmt: skip
+            for i, (stage, doc) in enumerate(zip(self.stages, self.plan.stages))
+        ]
+        elem = next((p.element_size() for st in self.stages for m in st.slice.modules() for p in m.parameters()), 4)
+        caps = kv_capacity_tokens(self.plan, self.config, [s.param_bytes() for s in self.stages],
+                                  [len(s.layers) for s in self.stages], elem)  # fmt: skip
+        return Pipeline(
+            lanes, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id, concurrency=concurrency,
+            micro_batch=micro_batch, prefill_chunk=prefill_chunk, max_queue=max_queue, kv_capacity_tokens=caps,
+            max_context=max_positions(self.config), planned_ms=[d.expected_latency_ms for d in self.plan.stages],
+        )  # fmt: skip
 
     # -- running -------------------------------------------------------------------------------
     def generate(

@@ -1,0 +1,54 @@
+"""How many tokens of KV cache each stage of a plan can hold beside its weights.
+
+The pipeline admits a request only while every stage has room for its whole context
+(prompt + new tokens): a request that does not fit waits, it never runs out of memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from noodle.plandoc import PlanDoc
+
+__all__ = ["kv_bytes_per_token_per_layer", "max_positions", "kv_capacity_tokens"]
+
+
+def kv_bytes_per_token_per_layer(config: Any, element_size: int = 4) -> int:
+    """Bytes one token adds to one attention layer's cache: keys and values of every KV head."""
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None) or 1
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or 0
+    head_dim = getattr(config, "head_dim", None) or (hidden // heads if heads else 0)
+    return 2 * int(kv_heads) * int(head_dim) * element_size
+
+
+def max_positions(config: Any) -> int | None:
+    """The longest sequence the model's positions allow (``None`` when the config does not say)."""
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def kv_capacity_tokens(
+    plan: PlanDoc, config: Any, param_bytes: Sequence[int], layers: Sequence[int], element_size: int = 4
+) -> list[int]:
+    """Per stage: ``(memory_available - weights) / KV bytes per token`` (a stage with no layers is unbounded).
+
+    Args:
+        plan: the plan (its ``memory_available_mb`` per stage).
+        config: the model config.
+        param_bytes: bytes of weights each stage holds.
+        layers: decoder layers each stage holds.
+    """
+    per_layer = kv_bytes_per_token_per_layer(config, element_size)
+    caps = []
+    for doc, weights, n in zip(plan.stages, param_bytes, layers):
+        if n == 0 or per_layer == 0:
+            caps.append(2**62)
+            continue
+        free = doc.memory_available_mb * 2**20 - weights
+        caps.append(max(0, int(free // (per_layer * n))))
+    return caps
