@@ -280,7 +280,7 @@ class Pipeline:
         self._token_times: deque[float] = deque(maxlen=8192)
         self._lock = threading.Lock()  # guards _waiting length for submit, and the counters read by stats
         self._threads: list[threading.Thread] = []
-        self._accepting = False
+        self._accepting = True  # requests submitted before start() wait and are admitted together
         self._stopped = threading.Event()
         self._gids = itertools.count()
         self.t_start = 0.0
@@ -289,7 +289,8 @@ class Pipeline:
     def start(self) -> Pipeline:
         if self._threads:
             return self
-        self._accepting = True
+        if self._stopped.is_set():
+            raise ExecutorError("pipeline: closed; make a new one")
         self.t_start = time.monotonic()
         for k in range(len(self.lanes)):
             t = threading.Thread(target=self._lane_loop, args=(k,), name=f"noodle-lane-{k}", daemon=True)
@@ -298,6 +299,7 @@ class Pipeline:
         t = threading.Thread(target=self._schedule_loop, name="noodle-scheduler", daemon=True)
         t.start()
         self._threads.append(t)
+        self._events.put(("submit", None))
         return self
 
     def __enter__(self) -> Pipeline:
@@ -310,6 +312,8 @@ class Pipeline:
         """Stop accepting, let in-flight requests finish for up to ``timeout_s``, cancel the rest, join."""
         self._accepting = False
         if not self._threads:
+            self._fail_everything("the pipeline was closed before it started")
+            self._stopped.set()
             return
         deadline = time.monotonic() + max(0.0, timeout_s)
         while time.monotonic() < deadline:
@@ -340,7 +344,7 @@ class Pipeline:
     ) -> RequestHandle:
         """Queue one request; see :class:`RequestHandle`. Raises :class:`QueueFull` or ``SpecError``."""
         if not self._accepting:
-            raise ExecutorError("pipeline: not accepting requests (not started, or shutting down)")
+            raise ExecutorError("pipeline: not accepting requests (shutting down)")
         ids = [int(t) for t in prompt]
         if not ids:
             raise SpecError("prompt: needs at least one token")
@@ -391,7 +395,9 @@ class Pipeline:
         last = k == len(self.lanes) - 1
         while True:
             item = inbox.get()
-            if item is None:
+            if item is None:  # behind every end marker: the lanes stop in order
+                if not last:
+                    self._queues[k + 1].put(None)
                 return
             if isinstance(item, _End):
                 try:
@@ -585,6 +591,5 @@ class Pipeline:
 
     def _shutdown(self) -> None:
         self._fail_everything("the server is shutting down")
-        for q in self._queues:
-            q.put(None)
+        self._queues[0].put(None)
         self._stopped.set()
