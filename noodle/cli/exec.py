@@ -124,6 +124,21 @@ def render_report(report: RunReport, console: Console) -> None:
         style="dim", highlight=False,
     )  # fmt: skip
     planned = report.predicted_token_latency_ms
+    if report.concurrency is not None:
+        pred = report.predicted_tokens_per_s
+        share = report.throughput_of_plan
+        console.print(
+            f"{report.requests} requests, up to {report.concurrency} in flight (micro-batch {report.micro_batch}"
+            f"{f', prefill chunks of {report.prefill_chunk}' if report.prefill_chunk else ''}) | "
+            f"{report.tokens_per_s:.1f} tokens/s, plan {'n/a' if pred is None else f'{pred:.1f}'}"
+            f"{'' if share is None else f' ({share:.0%} of plan)'} | time to first token p50 "
+            f"{report.ttft_ms_p50 or 0:.1f} ms, p95 {report.ttft_ms_p95 or 0:.1f} | inter-token p50 "
+            f"{report.itl_ms_p50 or 0:.2f} ms, p95 {report.itl_ms_p95 or 0:.2f} | busy "
+            + ", ".join(f"{s.node} {s.busy_fraction:.0%}" for s in report.stages if s.busy_fraction is not None)
+            + f" | {report.wall_s:.2f} s",
+            highlight=False,
+        )
+        return
     console.print(
         f"batch {report.batch_size}, prompt {report.prompt_tokens} tokens, {report.new_tokens} new | "
         f"prefill {report.prefill_ms:.1f} ms | token latency p50 {report.decode_ms_p50:.2f} ms "
@@ -155,6 +170,9 @@ def exec_cmd(
     token: str | None = typer.Option(None, "--token", envvar="NOODLE_TOKEN", help="grpc: the workers' shared token"),
     tls_ca: Path | None = typer.Option(None, "--tls-ca", envvar="NOODLE_TLS_CA", help="grpc: certificate to trust; turns TLS on"),
     step_timeout: float | None = typer.Option(None, "--step-timeout", help="grpc/torchrpc: seconds a stage may take per step (default 60)"),
+    concurrency: int | None = typer.Option(None, "--concurrency", "-c", help="pipeline the prompts: up to N sequences in flight, each prompt its own request"),
+    micro_batch: int = typer.Option(1, "--micro-batch", help="with --concurrency: prompts per group (1 keeps each one exact on its own)"),
+    prefill_chunk: int = typer.Option(0, "--prefill-chunk", help="with --concurrency: prefill prompts in chunks of N tokens (0: whole)"),
 ) -> None:
     """Run a plan's stages on a model and report measured vs planned latency per stage."""
     from noodle.cli.network import backend_options, render_network
@@ -167,6 +185,14 @@ def exec_cmd(
         raise SpecError(f"--max-new-tokens: must be >= 1, got {max_new_tokens}")
     if threads < 0:
         raise SpecError(f"--threads: must be >= 0 (0: torch's default), got {threads}")
+    if concurrency is not None and concurrency < 1:
+        raise SpecError(f"--concurrency: must be >= 1 sequences in flight, got {concurrency}")
+    if micro_batch < 1:
+        raise SpecError(f"--micro-batch: must be >= 1, got {micro_batch}")
+    if prefill_chunk < 0:
+        raise SpecError(f"--prefill-chunk: must be >= 0 tokens (0: the whole prompt at once), got {prefill_chunk}")
+    if concurrency is None and (micro_batch != 1 or prefill_chunk):
+        raise SpecError("--micro-batch and --prefill-chunk need --concurrency N (the pipelined engine)")
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     doc = load_plan(plan)
     from noodle.executors.slicing import read_config, unit_names_of
@@ -182,7 +208,8 @@ def exec_cmd(
     err = Console(stderr=True)
     options = backend_options(backend, workers=workers, spare=spare, token=token, tls_ca=tls_ca, step_timeout=step_timeout)
     executor = EXECUTORS.get(backend)(doc, model, emulate=emulate, **options)
-    check_workload(doc, prompts, max_new_tokens, where=str(plan))
+    # Pipelined, each prompt is its own sequence: the plan's batch size bounds a group, not the file.
+    check_workload(doc, prompts if concurrency is None else [max(prompts, key=len)], max_new_tokens, where=str(plan))
     with err.status(f"loading {len(doc.stages)} stage(s) of {model} ({backend})"):
         executor.__enter__()
     try:
@@ -191,17 +218,27 @@ def exec_cmd(
             console=err, transient=True,
         )  # fmt: skip
         with progress:
-            task = progress.add_task("tokens", total=max_new_tokens)
-            result = executor.generate(
-                prompts, max_new_tokens=max_new_tokens, sampling=sampling,
-                on_step=lambda n: progress.update(task, completed=n),
-            )  # fmt: skip
+            if concurrency is None:
+                task = progress.add_task("tokens", total=max_new_tokens)
+                result = executor.generate(
+                    prompts, max_new_tokens=max_new_tokens, sampling=sampling,
+                    on_step=lambda n: progress.update(task, completed=n),
+                )  # fmt: skip
+            else:
+                from noodle.executors.concurrent import run_concurrent
+
+                task = progress.add_task("requests", total=len(prompts))
+                result = run_concurrent(
+                    executor, prompts, max_new_tokens=max_new_tokens, sampling=sampling, concurrency=concurrency,
+                    micro_batch=micro_batch, prefill_chunk=prefill_chunk,
+                    on_done=lambda n: progress.update(task, completed=n),
+                )  # fmt: skip
     finally:
         executor.__exit__(None, None, None)
     if fmt == "json":
         sys.stdout.write(json.dumps({"tokens": result.tokens, "report": result.report.as_dict()}) + "\n")
         return
-    out = Console()
+    out = Console(width=None if sys.stdout.isatty() else 160)
     for i, toks in enumerate(result.tokens):
         line = f"[{i}] tokens: {toks}"
         if tokenizer is not None:

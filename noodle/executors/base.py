@@ -61,6 +61,7 @@ class StageReport:
     bytes_out_per_decode: int
     predicted_compute_ms: float | None = None
     predicted_latency_ms: float | None = None
+    busy_fraction: float | None = None
 
     @property
     def measured_latency_ms(self) -> float:
@@ -87,7 +88,9 @@ class RunReport:
     """What a run measured, stage by stage, next to what the plan predicted.
 
     ``tokens_per_s`` counts every generated token over the whole run (prefill
-    included); ``decode_tokens_per_s`` counts decode steps only.
+    included); ``decode_tokens_per_s`` counts decode steps only. A pipelined run
+    (``concurrency`` set) also reports the plan's tokens/s for that configuration and
+    per-request time to first token and inter-token latency (ms).
     """
 
     backend: str
@@ -103,6 +106,21 @@ class RunReport:
     decode_tokens_per_s: float
     stages: tuple[StageReport, ...]
     predicted_token_latency_ms: float | None = None
+    concurrency: int | None = None
+    micro_batch: int | None = None
+    prefill_chunk: int | None = None
+    requests: int | None = None
+    predicted_tokens_per_s: float | None = None
+    ttft_ms_p50: float | None = None
+    ttft_ms_p95: float | None = None
+    itl_ms_p50: float | None = None
+    itl_ms_p95: float | None = None
+
+    @property
+    def throughput_of_plan(self) -> float | None:
+        """Measured tokens/s over the plan's tokens/s for this configuration."""
+        p = self.predicted_tokens_per_s
+        return self.tokens_per_s / p if p else None
 
     @property
     def token_latency_error_pct(self) -> float | None:
@@ -112,6 +130,7 @@ class RunReport:
         d = asdict(self)
         d["stages"] = [s.as_dict() for s in self.stages]
         d["token_latency_error_pct"] = self.token_latency_error_pct
+        d["throughput_of_plan"] = self.throughput_of_plan
         return d
 
 
