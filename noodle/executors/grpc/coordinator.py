@@ -46,12 +46,14 @@ from noodle.executors.grpc import stage_service_pb2 as pb
 from noodle.executors.grpc.client import (
     ForwardStream, Watchdog, WorkerClient, WorkerGone, check_message_size, parse_spares, resolve_addresses,
 )  # fmt: skip
+from noodle.executors.grpc.lanes import GrpcLane, grpc_pipeline
 from noodle.executors.grpc.wire import from_proto, to_proto
 from noodle.executors.grpc.worker import DEFAULT_MAX_MESSAGE_BYTES
 from noodle.executors.local import token_ids_of
 from noodle.executors.messages import StageInput
 from noodle.executors.netreport import FailoverEvent, TraceBook
 from noodle.executors.remote import Call, one_hot_logits, star_trace, units_label
+from noodle.executors.scheduler import Pipeline
 from noodle.executors.slicing import read_config, unit_names_of
 from noodle.plandoc import PlanDoc, StageDoc
 
@@ -118,6 +120,7 @@ class GrpcExecutor(ClosesOnExit):
         self.plan = plan
         self.model_dir = Path(model_dir)
         config = read_config(self.model_dir)
+        self.config = config
         check_plan(plan, unit_names_of(self.model_dir))
         self.eos_token_id, self.pad_token_id = token_ids_of(config)
         self.vocab_size = int(config.vocab_size)
@@ -133,6 +136,7 @@ class GrpcExecutor(ClosesOnExit):
         self.spares = parse_spares(spares)
         check_message_size(plan, int(getattr(config, "hidden_size", 0) or 0), max_message_bytes)
         self._slots: list[_Slot] = []
+        self._lanes: list[GrpcLane] = []
         self._clients: dict[str, WorkerClient] = {}
         self._watchdog: Watchdog | None = None
         self._uid = uuid.uuid4().hex[:8]
@@ -172,6 +176,9 @@ class GrpcExecutor(ClosesOnExit):
         return self
 
     def close(self) -> None:
+        for lane in self._lanes:
+            lane.close()
+        self._lanes = []
         for slot in self._slots:
             self._end_session(slot)
         self._slots = []
@@ -317,6 +324,10 @@ class GrpcExecutor(ClosesOnExit):
                            replayed_steps=len(slot.history), seconds=time.perf_counter() - t0)  # fmt: skip
         self.failovers.append(ev)
         self._log(f"noodle: failover at step {step}: {action}: {detail} ({ev.seconds:.2f} s)")
+
+    def pipeline(self, *, concurrency: int = 1, micro_batch: int = 1, prefill_chunk: int = 0, max_queue: int = 256) -> Pipeline:
+        """A :class:`~noodle.executors.scheduler.Pipeline` over the workers (see :mod:`~noodle.executors.grpc.lanes`)."""
+        return grpc_pipeline(self, concurrency=concurrency, micro_batch=micro_batch, prefill_chunk=prefill_chunk, max_queue=max_queue)
 
     # -- running ---------------------------------------------------------------------------------
     def generate(

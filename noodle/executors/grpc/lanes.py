@@ -1,0 +1,204 @@
+"""The grpc executor's stages as pipeline lanes: one stream per stage, one worker session per group.
+
+Each lane is driven by one pipeline thread, so while the coordinator waits on stage
+``k``'s reply for one group, it waits on stage ``k+1``'s for another: the workers
+compute at once. A lane keeps, per group in flight, the requests it has sent (for
+replay). When its worker stops answering, the lane retries the same worker, then moves
+its stage to a ``--spare`` worker, then to the worker of a neighbour stage that has room
+(as an extra stage there): in every case it recreates the session of *every* group in
+flight on it and replays their recorded inputs (same tensors, same order, so the same
+KV caches bit for bit), then carries on with the step that failed. No group is lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import TYPE_CHECKING
+
+from noodle.errors import ExecutorError
+from noodle.executors.failover import merge_target
+from noodle.executors.grpc import stage_service_pb2 as pb
+from noodle.executors.grpc.client import ForwardStream, WorkerClient, WorkerGone
+from noodle.executors.grpc.wire import from_proto, to_proto
+from noodle.executors.messages import StageInput, StageOutput
+from noodle.executors.netreport import FailoverEvent
+
+if TYPE_CHECKING:
+    from noodle.executors.grpc.coordinator import GrpcExecutor, _Slot
+    from noodle.executors.scheduler import Pipeline
+
+__all__ = ["GrpcLane", "grpc_pipeline", "stage_layers"]
+
+
+class GrpcLane:
+    """Stage ``index`` of ``executor`` as a :class:`~noodle.executors.scheduler.Lane`."""
+
+    def __init__(self, executor: GrpcExecutor, index: int) -> None:
+        self.ex = executor
+        self.index = index
+        slot: _Slot = executor._slots[index]
+        self.doc = slot.doc
+        self.name = slot.doc.node
+        self.client: WorkerClient = slot.client
+        self.stage_id = slot.stage_id
+        self._stream: ForwardStream | None = None
+        self._sessions: dict[str, str] = {}  # pipeline session -> worker session
+        self._history: dict[str, list[pb.ForwardRequest]] = {}
+        self._steps = 0
+        self.last_hop_ms = 0.0
+
+    @property
+    def where(self) -> str:
+        return f"{self.name} ({self.client.address})"
+
+    # -- the Lane protocol -------------------------------------------------------------------------
+    def run(self, msg: StageInput) -> StageOutput:
+        req = pb.ForwardRequest(prefill=msg.prefill, all_logits=msg.all_logits)
+        req.data.CopyFrom(to_proto(msg.data))
+        if msg.attention_mask is not None:
+            req.attention_mask.CopyFrom(to_proto(msg.attention_mask))
+        if msg.prefill:
+            self._history[msg.session] = []
+        elif msg.session not in self._history:
+            raise ExecutorError(f"{self.where}: unknown session {msg.session!r}; start it with a prefill step")
+        self._steps += 1
+        while True:
+            try:
+                if msg.session not in self._sessions:
+                    self._create(msg.session)
+                reply = self._send(msg.session, req)
+                break
+            except WorkerGone as exc:
+                self._recover(exc)
+        self._history[msg.session].append(req)
+        data = from_proto(reply.data, field=f"{self.where}: reply data", max_bytes=self.ex.max_message_bytes)
+        return StageOutput(msg.session, data, msg.attention_mask, is_logits=reply.is_logits)
+
+    def end(self, session: str) -> None:
+        self._history.pop(session, None)
+        wsid = self._sessions.pop(session, None)
+        if wsid is None:
+            return
+        with contextlib.suppress(WorkerGone, ExecutorError):  # best effort: a live worker reaps idle sessions
+            self.client.unary("CloseSession", pb.CloseSessionRequest(session=wsid), self.ex.policy.health_timeout_s, self.where)
+
+    def close(self) -> None:
+        for session in list(self._sessions):
+            self.end(session)
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+
+    # -- calls -------------------------------------------------------------------------------------
+    def _create(self, session: str) -> None:
+        wsid = f"{self.ex._uid}-{session}-{self.name}-{next(self.ex._counter)}"
+        self.client.unary("CreateSession", pb.CreateSessionRequest(stage_id=self.stage_id, session=wsid),
+                          self.ex.policy.step_timeout_s, self.where)  # fmt: skip
+        self._sessions[session] = wsid
+
+    def _send(self, session: str, req: pb.ForwardRequest) -> pb.ForwardReply:
+        req.session = self._sessions[session]
+        req.top1 = False
+        if self._stream is None:
+            watchdog = self.ex._watchdog
+            if watchdog is None:
+                raise ExecutorError("grpc executor: not open; use it as a context manager")
+            self._stream = ForwardStream(self.client, watchdog, self.where)
+        return self._stream.call(req, self.ex.policy.step_timeout_s)
+
+    # -- failures ----------------------------------------------------------------------------------
+    def _rebuild(self) -> None:
+        """Fresh stream and sessions on the current worker, every group's inputs replayed."""
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+        self._sessions = {}
+        for session, history in self._history.items():
+            self._create(session)
+            for req in history:
+                self._send(session, req)
+
+    def _load_on(self, client: WorkerClient) -> None:
+        if client.ping_ms is None:
+            client.sync_clock(self.ex.policy.health_timeout_s)
+        req = pb.LoadStageRequest(start=self.doc.start, end=self.doc.end, name=self.name)
+        reply = client.unary("LoadStage", req, 600.0, self.name)
+        self.client = client
+        self.stage_id = reply.stage.stage_id  # type: ignore[attr-defined]
+
+    def _recover(self, exc: Exception) -> None:
+        t0 = time.perf_counter()
+        reason = str(exc)
+        self.ex._log(f"noodle: {self.where} failed at step {self._steps}: {reason}")
+        for delay in self.ex.policy.delays():
+            time.sleep(delay)
+            if self.client.alive(self.ex.policy.health_timeout_s):
+                try:
+                    self._rebuild()
+                except WorkerGone as again:
+                    reason = str(again)
+                    continue
+                return self._event(reason, "retried", f"same worker {self.client.address}", t0)
+        dead = self.client.address
+        while self.ex.spares:
+            addr = self.ex.spares.pop(0)
+            try:
+                self._load_on(self.ex._client(addr))
+                self._rebuild()
+            except (WorkerGone, ExecutorError) as again:
+                self.ex._log(f"noodle: spare {addr} is not usable ({again})")
+                continue
+            return self._event(reason, "spare", f"stage [{self.doc.start}, {self.doc.end}) moved from {dead} to spare {addr}", t0)
+        if len(self.ex.plan.stages) > 1:
+            j = merge_target(self.ex.plan, self.index)
+            neighbour = self.ex._slots[j].client
+            if neighbour.address != dead:
+                try:
+                    self._load_on(neighbour)
+                    self._rebuild()
+                except (WorkerGone, ExecutorError) as again:
+                    raise ExecutorError(f"failover: {self.name} at {dead} is gone and moving its stage to "
+                                        f"{self.ex._slots[j].doc.node} failed too ({again})") from None  # fmt: skip
+                return self._event(reason, "merged", f"stage [{self.doc.start}, {self.doc.end}) moved from {dead} to "
+                                   f"{self.ex._slots[j].doc.node}'s worker {neighbour.address}", t0)  # fmt: skip
+        raise ExecutorError(f"failover: {self.where} is gone ({reason}) and no spare or neighbour can take its stage")
+
+    def _event(self, reason: str, action: str, detail: str, t0: float) -> None:
+        replayed = sum(len(h) for h in self._history.values())
+        ev = FailoverEvent(step=self._steps, node=self.name, reason=reason, action=action, detail=detail,
+                           replayed_steps=replayed, seconds=time.perf_counter() - t0)  # fmt: skip
+        self.ex.failovers.append(ev)
+        self.ex._log(f"noodle: failover at step {ev.step}: {action}: {detail}; {len(self._history)} group(s) "
+                     f"in flight replayed ({replayed} steps, {ev.seconds:.2f} s)")  # fmt: skip
+
+
+def stage_layers(doc_layers: list[str]) -> int:
+    """Decoder blocks among a stage's units (their names start with ``block.``)."""
+    return sum(1 for u in doc_layers if u.startswith("block."))
+
+
+def grpc_pipeline(executor: GrpcExecutor, *, concurrency: int, micro_batch: int, prefill_chunk: int, max_queue: int) -> Pipeline:
+    """A pipeline over ``executor``'s workers; concurrency is capped by the workers' ``--max-sessions``."""
+    from noodle.executors.kvbudget import kv_capacity_tokens, max_positions
+    from noodle.executors.scheduler import Pipeline
+
+    if not executor._slots:
+        raise ExecutorError("grpc executor: use it as a context manager (`with GrpcExecutor(...) as ex:`)")
+    limits = []
+    for slot in executor._slots:
+        with contextlib.suppress(WorkerGone, ExecutorError):
+            limits.append(int(slot.client.health(executor.policy.health_timeout_s).max_sessions))
+    cap = min(limits, default=concurrency)
+    if concurrency > cap:
+        executor._log(f"noodle: --concurrency {concurrency} capped at {cap}, the workers' --max-sessions")
+        concurrency = cap
+    lanes = [GrpcLane(executor, i) for i in range(len(executor._slots))]
+    executor._lanes.extend(lanes)
+    caps = kv_capacity_tokens(executor.plan, executor.config, [s.param_bytes for s in executor._slots],
+                              [stage_layers(s.doc.layers) for s in executor._slots])  # fmt: skip
+    return Pipeline(
+        lanes, eos_token_id=executor.eos_token_id, pad_token_id=executor.pad_token_id, concurrency=concurrency,
+        micro_batch=micro_batch, prefill_chunk=prefill_chunk, max_queue=max_queue, kv_capacity_tokens=caps,
+        max_context=max_positions(executor.config), planned_ms=[d.expected_latency_ms for d in executor.plan.stages],
+    )  # fmt: skip
