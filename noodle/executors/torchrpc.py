@@ -50,6 +50,8 @@ from noodle.executors.local import token_ids_of
 from noodle.executors.messages import StageInput
 from noodle.executors.netreport import FailoverEvent, TraceBook
 from noodle.executors.remote import one_hot_logits, ring_offsets, ring_trace, units_label
+from noodle.executors.ringlanes import ring_pipeline
+from noodle.executors.scheduler import Pipeline
 from noodle.executors.slicing import read_config, unit_names_of
 from noodle.executors.torchdist import (
     F_ALL_LOGITS, F_PREFILL, F_TOP1, OP_END, OP_ERROR, OP_LOAD, OP_PING, OP_SHUTDOWN, OP_STEP, Ring,
@@ -109,6 +111,7 @@ class TorchRpcExecutor(ClosesOnExit):
         self.plan = plan
         self.model_dir = Path(model_dir)
         config = read_config(self.model_dir)
+        self.config = config
         self.units = unit_names_of(self.model_dir)
         check_plan(plan, self.units)
         (self.eos_token_id, self.pad_token_id), self.vocab_size = token_ids_of(config), int(config.vocab_size)
@@ -322,6 +325,10 @@ class TorchRpcExecutor(ClosesOnExit):
         detail = f"respawned {self.world - 1} workers on a new world and replayed {len(history)} steps"
         self.failovers.append(FailoverEvent(step=step, node=lost, reason=reason, action="restarted", detail=detail,
                                             replayed_steps=len(history), seconds=time.perf_counter() - t0))  # fmt: skip
+
+    def pipeline(self, *, concurrency: int = 1, micro_batch: int = 1, prefill_chunk: int = 0, max_queue: int = 256) -> Pipeline:
+        """A :class:`~noodle.executors.scheduler.Pipeline` over the ring (see :mod:`~noodle.executors.ringlanes`)."""
+        return ring_pipeline(self, concurrency=concurrency, micro_batch=micro_batch, prefill_chunk=prefill_chunk, max_queue=max_queue)
 
     def generate(
         self,

@@ -1,0 +1,55 @@
+"""The torchrpc ring pipelined: many groups in flight round the ring, a killed rank respawned with none lost."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+from noodle.executors.failover import RetryPolicy
+from noodle.executors.torchrpc import TorchRpcExecutor
+
+from .conformance import plan_for, reference
+from .procs import spawner  # noqa: F401 - spawner is a fixture
+
+POLICY = RetryPolicy(step_timeout_s=20.0, health_timeout_s=1.0)
+EOS = 2
+
+
+def _work(n: int, seed: int) -> list[tuple[list[int], int]]:
+    rng = random.Random(seed)
+    return [([rng.randrange(3, 500) for _ in range(rng.randrange(1, 20))], rng.randrange(2, 10)) for _ in range(n)]
+
+
+def _alone(model, prompt, new):
+    want = reference(model, [prompt], new)[0][0]
+    return want[: want.index(EOS) + 1] if EOS in want else want
+
+
+def test_sixteen_in_flight_round_the_ring_then_a_killed_rank_is_respawned(tiny_models, spawner):
+    model = tiny_models["llama"]
+    ex = TorchRpcExecutor(plan_for(model, [0, 2, 4, 6]), model, threads=1, policy=POLICY, restarts=1, log=lambda _: None)
+    with ex:
+        work = _work(16, seed=21)
+        with ex.pipeline(concurrency=6, prefill_chunk=5) as pipe:
+            comps = [h.result(timeout=120) for h in [pipe.submit(p, max_new_tokens=n) for p, n in work]]
+        for (p, n), c in zip(work, comps):
+            assert c.tokens == _alone(model, p, n)
+
+        work = _work(8, seed=22)
+        victim = ex._procs[1]
+        count, lock = [0], threading.Lock()
+
+        def on_token(_: int) -> None:
+            with lock:
+                count[0] += 1
+                if count[0] == 6:
+                    victim.kill()
+
+        with ex.pipeline(concurrency=4) as pipe:
+            comps = [h.result(timeout=180) for h in [pipe.submit(p, max_new_tokens=n, on_token=on_token) for p, n in work]]
+        events = list(ex.failovers)
+    assert [c.finish_reason for c in comps].count("error") == 0, [c.error for c in comps]
+    for (p, n), c in zip(work, comps):
+        assert c.tokens == _alone(model, p, n)
+    (ev,) = events
+    assert ev.action == "restarted" and ev.replayed_steps >= 1
