@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from noodle.errors import SpecError
-from noodle.graph.costmodel import CostModel, DefaultCostModel, Evaluation, evaluate
+from noodle.graph.costmodel import CostModel, DefaultCostModel, Evaluation, evaluate, pipeline_tokens_per_s
 from noodle.solvers.base import SolveResult
 from noodle.types import GIB, Problem
 
@@ -40,6 +40,9 @@ class Predicted(_Frozen):
     token_latency_ms: float
     bottleneck_ms: float
     tokens_per_s: float
+    pipeline_tokens_per_s: float | None = Field(
+        None, description="tokens/s with the workload's concurrency groups of batch_size sequences in flight"
+    )
 
 
 class StageDoc(_Frozen):
@@ -196,10 +199,12 @@ def build_plan_doc(problem: Problem, result: SolveResult, cost_model: CostModel 
             token_latency_ms=ev.token_latency_ms,
             bottleneck_ms=ev.bottleneck_ms,
             tokens_per_s=ev.tokens_per_s,
+            pipeline_tokens_per_s=pipeline_tokens_per_s(ev.token_latency_ms, ev.bottleneck_ms, w.concurrency, w.batch_size),
         ),
         stages=stages,
         units=[u.name for u in problem.units],
-        workload={"prompt_tokens": w.prompt_tokens, "max_new_tokens": w.max_new_tokens, "batch_size": w.batch_size},
+        workload={"prompt_tokens": w.prompt_tokens, "max_new_tokens": w.max_new_tokens, "batch_size": w.batch_size,
+                  "concurrency": w.concurrency},
         nodes=[
             NodeDoc(id=n.id, device=n.device, memory_gb=n.memory_gb, compute_score=n.compute_score, address=n.address)
             for n in problem.cluster.nodes

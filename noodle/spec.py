@@ -62,7 +62,8 @@ class ModelSpec(_Strict):
 class WorkloadSpec(_Strict):
     prompt_tokens: int = Field(128, ge=1)
     max_new_tokens: int = Field(64, ge=1)
-    batch_size: int = Field(1, ge=1)
+    batch_size: int = Field(1, ge=1, description="sequences per group (micro-batch), stepped together")
+    concurrency: int = Field(1, ge=1, description="groups in flight at once in the pipeline; every stage holds their KV caches")
 
 
 class NodeSpec(_Strict):

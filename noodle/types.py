@@ -118,15 +118,26 @@ class Cluster:
 
 @dataclass(frozen=True)
 class Workload:
-    """What one run decodes: the KV cache must hold ``context_tokens`` per sequence."""
+    """What the pipeline decodes: every stage's KV cache holds ``context_tokens`` for each sequence in flight.
+
+    ``batch_size`` sequences step together as one group (a micro-batch); ``concurrency`` groups
+    are in flight at once, each on a different stage, so a stage holds ``batch_size * concurrency``
+    sequences' caches.
+    """
 
     prompt_tokens: int = 128
     max_new_tokens: int = 64
     batch_size: int = 1
+    concurrency: int = 1
 
     @property
     def context_tokens(self) -> int:
         return self.prompt_tokens + self.max_new_tokens
+
+    @property
+    def sequences(self) -> int:
+        """Sequences whose KV cache every stage holds at once."""
+        return self.batch_size * self.concurrency
 
 
 @dataclass(frozen=True)

@@ -120,3 +120,20 @@ def test_example_specs_validate_against_the_schema(name):
     jsonschema = pytest.importorskip("jsonschema")
     data = yaml.safe_load((ROOT / "specs" / f"{name}.yaml").read_text())
     jsonschema.validate(data, spec_json_schema())
+
+
+def test_concurrency_multiplies_the_kv_cache_every_stage_holds(tmp_path):
+    from noodle.graph.costmodel import DefaultCostModel, pipeline_tokens_per_s
+
+    data = copy.deepcopy(BASE)
+    data["workload"] = {"prompt_tokens": 64, "max_new_tokens": 32, "batch_size": 2}
+    _, one = load_spec(_write(tmp_path, data))
+    data["workload"]["concurrency"] = 4
+    _, four = load_spec(_write(tmp_path, data))
+    assert one.workload.concurrency == 1 and four.workload.sequences == 8
+    node = one.cluster.nodes[0]
+    kv = sum(u.kv_bytes_per_token for u in one.units[0:2]) * 96
+    grown = DefaultCostModel().stage_memory_bytes(four, node, 0, 2) - DefaultCostModel().stage_memory_bytes(one, node, 0, 2)
+    assert grown == kv * 2 * 3  # three more groups of two sequences each
+    assert pipeline_tokens_per_s(30.0, 10.0, 2, 4) == pytest.approx(4 * 2 / 30.0 * 1e3)
+    assert pipeline_tokens_per_s(30.0, 10.0, 5, 1) == pytest.approx(100.0)

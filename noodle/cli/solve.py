@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -39,6 +41,15 @@ def render_table(doc: PlanDoc, console: Console) -> None:
         f"token latency {p.token_latency_ms:.3f} ms | bottleneck {p.bottleneck_ms:.3f} ms | "
         f"{p.tokens_per_s:.1f} tokens/s | objective {doc.objective_ms:.4f} ms"
     )
+    if p.pipeline_tokens_per_s is not None and p.token_latency_ms > 0 and p.bottleneck_ms > 0:
+        groups, batch = doc.workload.get("concurrency", 1), doc.workload.get("batch_size", 1)
+        saturate = math.ceil(p.token_latency_ms / p.bottleneck_ms - 1e-9)
+        console.print(
+            f"pipelined: {groups} group(s) of {batch} in flight -> {p.pipeline_tokens_per_s:.1f} tokens/s "
+            f"(one group: {batch * 1e3 / p.token_latency_ms:.1f}; {saturate}+ groups keep every stage busy: "
+            f"{batch * 1e3 / p.bottleneck_ms:.1f})",
+            highlight=False,
+        )
     console.print(f"solver {sv.name}: {sv.status}, gap {gap}, {sv.solve_time_s:.2f} s" + (f" - {sv.note}" if sv.note else ""))
     for s in doc.stages:
         console.print(f"  stage {s.stage_id}: {s.rationale}", style="dim")

@@ -35,6 +35,7 @@ import torch
 from noodle.errors import ExecutorError, NoodleError, SpecError
 from noodle.executors.generation import Sampler, Sampling, left_pad
 from noodle.executors.messages import StageInput, StageOutput
+from noodle.graph.costmodel import pipeline_tokens_per_s as predicted_tokens_per_s
 
 __all__ = [
     "Lane",
@@ -110,17 +111,6 @@ class PipelineStats:
     tokens_generated: int
     tokens_per_s: float
     stages: tuple[LaneStats, ...]
-
-
-def predicted_tokens_per_s(token_latency_ms: float, bottleneck_ms: float, concurrency: int, micro_batch: int = 1) -> float:
-    """Tokens/s a pipeline reaches with ``concurrency`` groups of ``micro_batch`` sequences in flight.
-
-    One group completes a step every ``token_latency_ms`` (a full trip round the stages); the
-    busiest stage admits one group step every ``bottleneck_ms``: ``b * min(G / L, 1 / B)``.
-    """
-    if token_latency_ms <= 0 or bottleneck_ms <= 0:
-        return 0.0
-    return micro_batch * min(concurrency / token_latency_ms, 1.0 / bottleneck_ms) * 1e3
 
 
 class RequestHandle:

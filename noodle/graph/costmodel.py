@@ -10,7 +10,7 @@ pipeline order, stage ``k`` holding units ``[s_k, e_k)`` on node ``v_k``::
     out_k = h_k for k < S, r for k = S
     latency    = sum_k c_k + sum_{k<S} h_k + r          (ms per decoded token)
     throughput = max_k (c_k + out_k)                      (bottleneck, ms)
-    memory_k   = sum(param_bytes) + sum(kv_bytes_per_token) * context_tokens * batch_size
+    memory_k   = sum(param_bytes) + sum(kv_bytes_per_token) * context_tokens * batch_size * concurrency
                  <= memory_gb(v_k) * 2**30
 
 Any object with the four methods of :class:`CostModel` can replace it; exact
@@ -26,7 +26,7 @@ from typing import Protocol, runtime_checkable
 
 from noodle.types import Node, Plan, Problem
 
-__all__ = ["CostModel", "DefaultCostModel", "StageCost", "Evaluation", "evaluate"]
+__all__ = ["CostModel", "DefaultCostModel", "StageCost", "Evaluation", "evaluate", "pipeline_tokens_per_s"]
 
 
 @runtime_checkable
@@ -66,7 +66,7 @@ class DefaultCostModel:
         """Prefix sums over the unit chain, cached for the last problem seen."""
         if self._cached is not None and self._cached[0] is problem.units and self._cached[1] == problem.workload:
             return
-        per_token = problem.workload.context_tokens * problem.workload.batch_size
+        per_token = problem.workload.context_tokens * problem.workload.sequences
         self._lat = [0.0, *itertools.accumulate(u.latency_ms for u in problem.units)]
         self._mem = [0, *itertools.accumulate(u.param_bytes + u.kv_bytes_per_token * per_token for u in problem.units)]
         self._cached = (problem.units, problem.workload)
@@ -121,6 +121,17 @@ class Evaluation:
         """Steady-state tokens/s of a full pipeline (throughput) or of one sequence (latency)."""
         ms = self.bottleneck_ms if self.objective == "throughput" else self.token_latency_ms
         return 1e3 / ms if ms > 0 else float("inf")
+
+
+def pipeline_tokens_per_s(token_latency_ms: float, bottleneck_ms: float, concurrency: int, batch_size: int = 1) -> float:
+    """Tokens/s of a pipeline with ``concurrency`` groups of ``batch_size`` sequences in flight.
+
+    One group completes a step every ``token_latency_ms`` (a trip round every stage); the
+    busiest stage admits a group step every ``bottleneck_ms``: ``b * min(G / L, 1 / B)``.
+    """
+    if token_latency_ms <= 0 or bottleneck_ms <= 0:
+        return 0.0
+    return batch_size * min(concurrency / token_latency_ms, 1.0 / bottleneck_ms) * 1e3
 
 
 def evaluate(problem: Problem, plan: Plan, cost_model: CostModel | None = None) -> Evaluation:

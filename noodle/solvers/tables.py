@@ -112,7 +112,7 @@ def _build_default(problem: Problem) -> CostTables:
     """The default model in numpy: the same float operations as its methods, in bulk."""
     nodes = tuple(problem.usable_nodes())
     n, m = problem.num_units, len(nodes)
-    per_token = problem.workload.context_tokens * problem.workload.batch_size
+    per_token = problem.workload.context_tokens * problem.workload.sequences
     lat = np.array([0.0, *itertools.accumulate(u.latency_ms for u in problem.units)])
     mem = np.array(
         [0, *itertools.accumulate(u.param_bytes + u.kv_bytes_per_token * per_token for u in problem.units)],

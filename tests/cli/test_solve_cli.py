@@ -27,7 +27,9 @@ def test_solve_writes_the_plan_contract(tmp_path, capsys):
     for key in ("objective", "objective_ms", "solver", "predicted", "stages"):
         assert key in written
     assert written["solver"]["status"] == "optimal" and written["solver"]["gap"] == 0.0
-    assert set(written["predicted"]) == {"token_latency_ms", "bottleneck_ms", "tokens_per_s"}
+    assert set(written["predicted"]) == {"token_latency_ms", "bottleneck_ms", "tokens_per_s", "pipeline_tokens_per_s"}
+    pred = written["predicted"]  # the example's workload: one group in flight -> one trip per token
+    assert pred["pipeline_tokens_per_s"] == pytest.approx(1e3 / pred["token_latency_ms"])
     stage = written["stages"][0]
     for key in ("stage_id", "node", "device", "layers", "expected_latency_ms", "memory_required_mb", "rationale"):
         assert key in stage

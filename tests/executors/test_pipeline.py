@@ -218,5 +218,5 @@ def test_predicted_tokens_per_s():
     assert predicted_tokens_per_s(30.0, 10.0, 1) == pytest.approx(1000 / 30)
     assert predicted_tokens_per_s(30.0, 10.0, 3) == pytest.approx(100.0)
     assert predicted_tokens_per_s(30.0, 10.0, 16) == pytest.approx(100.0)
-    assert predicted_tokens_per_s(30.0, 10.0, 16, micro_batch=4) == pytest.approx(400.0)
+    assert predicted_tokens_per_s(30.0, 10.0, 16, batch_size=4) == pytest.approx(400.0)
     assert predicted_tokens_per_s(0.0, 10.0, 2) == 0.0
