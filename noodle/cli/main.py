@@ -29,6 +29,7 @@ COMMAND_MODULES = (
     "noodle.cli.worker",
     "noodle.cli.bench_distributed",
     "noodle.cli.bench_solvers",
+    "noodle.cli.bench_pipeline",
 )
 
 app = typer.Typer(

@@ -13,9 +13,11 @@ from __future__ import annotations
 import statistics
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from noodle.errors import ExecutorError
@@ -53,14 +55,16 @@ def token_ids_of(config: object) -> tuple[int | list[int] | None, int]:
 class LocalLane:
     """A stage of this process as a pipeline lane; with ``emulate`` it takes its planned time.
 
-    Emulated, a decode step lasts the plan's ``compute_ms`` for the stage (a prefill, its
-    measured time divided by the node's ``compute_score``), then the hop to the next stage
-    lasts the planned link's latency plus the bytes handed on at its bandwidth; both are
-    measured from the step's start, so this machine's own speed drops out. A step that is
-    already slower than planned is not shortened (the stats show the overshoot).
+    Emulated, a decode step lasts the plan's ``compute_ms`` for the stage; a prefill (or a
+    prefill chunk) lasts ``compute_ms`` times the ratio of its measured time to a decode
+    step's measured time on this machine (both taken under the same load, so the load
+    cancels); then the hop lasts the planned link's latency plus the bytes handed on at its
+    bandwidth. Both are measured from the step's start, so this machine's own speed drops
+    out. A step already slower than planned is not shortened (the stats show the overshoot).
     """
 
-    def __init__(self, stage: Stage, doc: StageDoc, *, score: float, hop_ms: Callable[[int], float], emulate: bool, last: bool) -> None:
+    def __init__(self, stage: Stage, doc: StageDoc, *, score: float, hop_ms: Callable[[int], float], emulate: bool,
+                 last: bool, decode_ref_s: float | None = None) -> None:  # fmt: skip
         self.stage = stage
         self.doc = doc
         self.name = doc.node
@@ -69,15 +73,23 @@ class LocalLane:
         self.emulate = emulate
         self.last = last
         self.last_hop_ms = 0.0
+        self._decode_dt: deque[float] = deque([decode_ref_s] if decode_ref_s else [], maxlen=64)
+
+    def _planned_s(self, msg: StageInput, dt: float) -> float:
+        planned = self.doc.compute_ms / 1e3
+        if not msg.prefill and msg.new_tokens == 1:
+            self._decode_dt.append(dt)
+            return planned
+        if self._decode_dt:
+            return planned * dt / float(np.median(self._decode_dt))
+        return dt / self.score if 0 < self.score < 1.0 else dt
 
     def run(self, msg: StageInput) -> StageOutput:
         t0 = time.perf_counter()
         out = self.stage.step(msg)
         if not self.emulate:
             return out
-        dt = time.perf_counter() - t0
-        decode = not msg.prefill and msg.new_tokens == 1
-        compute_s = self.doc.compute_ms / 1e3 if decode else (dt / self.score if 0 < self.score < 1.0 else dt)
+        compute_s = self._planned_s(msg, time.perf_counter() - t0)
         sent = 8 * msg.batch_size if self.last else out.nbytes()
         self.last_hop_ms = self._hop_ms(sent)
         wait = t0 + compute_s + self.last_hop_ms / 1e3 - time.perf_counter()
@@ -114,6 +126,7 @@ class LocalExecutor(ClosesOnExit):
         self.emulate = emulate
         self._log = log or (lambda line: print(line, file=sys.stderr))
         self.stages: list[Stage] = []
+        self._decode_ref: list[float] = []
         config = read_config(self.model_dir)
         self.config = config
         weight_index(self.model_dir)  # no weights -> ModelError now, not mid-load
@@ -137,22 +150,30 @@ class LocalExecutor(ClosesOnExit):
     def _warm_up(self) -> None:
         # The first call through a module pays one-off costs (allocator, kernel selection);
         # keep them out of the first prefill's measured time.
+        # Also time one decode step per stage: emulation scales prefills by prefill/decode time here.
         x = StageInput("warm-up", torch.tensor([[self.pad_token_id]]), None, prefill=True)
+        d = StageInput("warm-up", torch.tensor([[self.pad_token_id]]), None, prefill=False)
+        self._decode_ref = []
         for stage in self.stages:
-            x = stage.step(x).next_input(prefill=True)
+            y = stage.step(x)
+            best = float("inf")
+            for _ in range(3):
+                t0 = time.perf_counter()
+                e = stage.step(d)
+                best = min(best, time.perf_counter() - t0)
+            self._decode_ref.append(best)
             stage.end_session("warm-up")
+            x, d = y.next_input(prefill=True), e.next_input(prefill=False)
 
     # -- emulation -----------------------------------------------------------------------------
     def _emulation_note(self) -> str:
-        parts = []
-        for s in self.plan.stages:
-            score = self._scores.get(s.node, 1.0)
-            parts.append(f"{s.node} x{1 / score:.2f}" if score > 0 else s.node)
+        parts = [f"{s.node} {s.compute_ms:.2f} ms" for s in self.plan.stages]
         faster = [n for n, sc in self._scores.items() if sc > 1.0]
-        note = f"; nodes faster than this one ({', '.join(faster)}) run at this machine's speed" if faster else ""
+        note = f"; nodes faster than this one ({', '.join(faster)}) cannot beat this machine's speed" if faster else ""
         return (
-            "emulating the plan's cluster by sleeping: stage time x 1/compute_score "
-            f"(this machine = 1.0): {', '.join(parts)}; hops sleep their link's latency + bytes/bandwidth{note}"
+            "emulating the plan's cluster by sleeping: each decode step lasts its stage's planned compute "
+            f"({', '.join(parts)}), prefill its measured time / compute_score; hops sleep their link's "
+            f"latency + bytes/bandwidth{note}"
         )
 
     def _hop_ms(self, i: int, nbytes: int) -> float:
@@ -164,17 +185,20 @@ class LocalExecutor(ClosesOnExit):
             return link.transfer_ms(nbytes)
         return 0.0 if a == b else stages[i].hop_ms
 
+    def _lanes(self) -> list[LocalLane]:
+        n = len(self.stages)
+        return [
+            LocalLane(stage, doc, score=self._scores.get(doc.node, 1.0), hop_ms=lambda b, i=i: self._hop_ms(i, b),
+                      emulate=self.emulate, last=i == n - 1, decode_ref_s=ref)  # fmt: skip
+            for i, (stage, doc, ref) in enumerate(zip(self.stages, self.plan.stages, self._decode_ref))
+        ]
+
     # -- pipelined --------------------------------------------------------------------------------
     def pipeline(self, *, concurrency: int = 1, micro_batch: int = 1, prefill_chunk: int = 0, max_queue: int = 256) -> Pipeline:
         """A :class:`~noodle.executors.scheduler.Pipeline` over this executor's stages (call ``start()``)."""
         if not self.stages:
             raise ExecutorError("local executor: use it as a context manager (`with LocalExecutor(...) as ex:`)")
-        n = len(self.stages)
-        lanes = [
-            LocalLane(stage, doc, score=self._scores.get(doc.node, 1.0), hop_ms=lambda b, i=i: self._hop_ms(i, b),
-                      emulate=self.emulate, last=i == n - 1)  # fmt: skip
-            for i, (stage, doc) in enumerate(zip(self.stages, self.plan.stages))
-        ]
+        lanes = self._lanes()
         elem = next((p.element_size() for st in self.stages for m in st.slice.modules() for p in m.parameters()), 4)
         caps = kv_capacity_tokens(self.plan, self.config, [s.param_bytes() for s in self.stages],
                                   [len(s.layers) for s in self.stages], elem)  # fmt: skip
@@ -204,25 +228,17 @@ class LocalExecutor(ClosesOnExit):
         nbytes: list[list[int]] = [[] for _ in range(n)]
         steps: list[float] = []
         session = new_session_id("local")
+        lanes = self._lanes()
 
         def forward(msg: StageInput) -> torch.Tensor:
             t_step = time.perf_counter()
             x = msg
-            for i, stage in enumerate(self.stages):
+            for i, lane in enumerate(lanes):
                 t0 = time.perf_counter()
-                out = stage.step(x)
-                dt = time.perf_counter() - t0
-                if self.emulate:
-                    score = self._scores.get(stage.name, 1.0)
-                    if 0 < score < 1.0:
-                        time.sleep(dt / score - dt)
-                        dt = dt / score
-                compute[i].append(dt * 1e3)
-                sent = out.nbytes() if i < n - 1 else 8 * msg.batch_size  # last: token ids back
-                nbytes[i].append(sent)
-                hop = self._hop_ms(i, sent) if self.emulate else 0.0
-                if hop > 0:
-                    time.sleep(hop / 1e3)
+                out = lane.run(x)  # emulated: the planned compute, then the planned hop
+                hop = lane.last_hop_ms if self.emulate else 0.0
+                compute[i].append((time.perf_counter() - t0) * 1e3 - hop)
+                nbytes[i].append(out.nbytes() if i < n - 1 else 8 * msg.batch_size)  # last: token ids back
                 hops[i].append(hop)
                 x = out.next_input(prefill=msg.prefill, all_logits=msg.all_logits)
             steps.append((time.perf_counter() - t_step) * 1e3)
