@@ -32,8 +32,8 @@ from pathlib import Path
 # (id, compute_score, memory_gb). Scores well below 1 leave emulation slack: a stage's real compute
 # on this shared 2-core machine, with every stage computing at once, must stay under its planned time.
 NODES = {
-    3: [("node-a", 0.15, 0.26), ("node-b", 0.12, 0.26), ("node-c", 0.1, 0.26)],
-    4: [("node-a", 0.15, 0.2), ("node-b", 0.12, 0.2), ("node-c", 0.12, 0.2), ("node-d", 0.1, 0.2)],
+    3: [("node-a", 0.3, 0.26), ("node-b", 0.25, 0.26), ("node-c", 0.2, 0.26)],
+    4: [("node-a", 0.3, 0.2), ("node-b", 0.25, 0.2), ("node-c", 0.25, 0.2), ("node-d", 0.2, 0.2)],
 }
 SPEC = """\
 name: gpt2-{n}-nodes
@@ -138,9 +138,9 @@ def start_workers(n: int, model: Path, threads: int) -> tuple[list[subprocess.Po
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--levels", default="1,2,3,4,6,8,16")
-    parser.add_argument("--prompt-tokens", type=int, default=16)
-    parser.add_argument("--new-tokens", type=int, default=24)
+    parser.add_argument("--levels", default="1,2,3,4,8,16")
+    parser.add_argument("--prompt-tokens", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--long-prompt", type=int, default=1000)
     parser.add_argument("--chunk", type=int, default=128)
     parser.add_argument("--no-grpc", action="store_true")

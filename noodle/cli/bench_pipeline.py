@@ -17,7 +17,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "pipeline.py"
 
 def bench_pipeline_cmd(
     threads: int = typer.Option(1, "--threads", help="torch CPU threads per process"),
-    levels: str = typer.Option("1,2,3,4,6,8,16", "--levels", help="sequences in flight to measure"),
+    levels: str = typer.Option("1,2,3,4,8,16", "--levels", help="sequences in flight to measure"),
     no_grpc: bool = typer.Option(False, "--no-grpc", help="emulated plans only (no loopback workers)"),
     out: Path = typer.Option(Path("bench/results"), "--out", "-o", help="results folder"),
 ) -> None:

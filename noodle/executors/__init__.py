@@ -4,8 +4,8 @@
 must produce the same tokens on the same plan (``tests/executors/conformance.py``).
 """
 
+from noodle.errors import ExecutorError
 from noodle.executors.base import (
-    EXECUTORS,
     Executor,
     ExecutorFactory,
     RunReport,
@@ -17,6 +17,32 @@ from noodle.executors.base import (
 from noodle.executors.generation import Generation, Sampling, generate, left_pad
 from noodle.executors.messages import StageInput, StageOutput, decode, encode
 from noodle.executors.stage import Stage
+from noodle.registry import Registry
+
+
+def _local() -> ExecutorFactory:
+    from noodle.executors.local import LocalExecutor
+
+    return LocalExecutor
+
+
+def _torchrpc() -> ExecutorFactory:
+    from noodle.executors.torchrpc import TorchRpcExecutor
+
+    return TorchRpcExecutor
+
+
+def _grpc() -> ExecutorFactory:
+    from noodle.executors.grpc.coordinator import GrpcExecutor
+
+    return GrpcExecutor
+
+
+# Ordered: ``local`` (the reference) first. Factories load their module (and its heavy imports) on first use.
+EXECUTORS: Registry[ExecutorFactory] = Registry("executor", error=ExecutorError)
+EXECUTORS.register("local", _local)
+EXECUTORS.register("torchrpc", _torchrpc)
+EXECUTORS.register("grpc", _grpc)
 
 __all__ = [
     "EXECUTORS",

@@ -4,7 +4,7 @@ An executor runs a plan's stages over some transport (one process, torch.distrib
 gRPC) and must produce exactly the tokens the reference ``local`` executor
 produces on the same plan. Use one as a context manager::
 
-    with EXECUTORS.get("local")(plan, model_dir) as ex:
+    with noodle.executors.EXECUTORS.get("local")(plan, model_dir) as ex:
         result = ex.generate([[1, 2, 3]], max_new_tokens=16)
     print(result.tokens, result.report)
 """
@@ -17,22 +17,23 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
+
 from noodle.errors import ExecutorError, SpecError
 from noodle.executors.generation import Sampling
 from noodle.plandoc import PlanDoc
-from noodle.registry import Registry
 
 __all__ = [
     "Executor",
     "ClosesOnExit",
     "ExecutorFactory",
-    "EXECUTORS",
     "RunResult",
     "RunReport",
     "StageReport",
     "check_plan",
     "check_workload",
     "error_pct",
+    "percentile",
 ]
 
 
@@ -143,6 +144,11 @@ class RunResult:
     logits: tuple[Any, ...] = ()
 
 
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0..100, linear interpolation as numpy's default); 0.0 for no values."""
+    return float(np.percentile(values, q)) if len(values) else 0.0
+
+
 def error_pct(measured: float, predicted: float | None) -> float | None:
     """``(measured - predicted) / predicted`` in percent; ``None`` without a usable prediction."""
     if predicted is None or predicted <= 0:
@@ -194,30 +200,6 @@ class ExecutorFactory(Protocol):
     """What the registry hands out: ``factory(plan, model_dir, *, emulate=False) -> Executor``."""
 
     def __call__(self, plan: PlanDoc, model_dir: str | Path, *, emulate: bool = False) -> Executor: ...
-
-
-def _local() -> ExecutorFactory:
-    from noodle.executors.local import LocalExecutor
-
-    return LocalExecutor
-
-
-def _torchrpc() -> ExecutorFactory:
-    from noodle.executors.torchrpc import TorchRpcExecutor
-
-    return TorchRpcExecutor
-
-
-def _grpc() -> ExecutorFactory:
-    from noodle.executors.grpc.coordinator import GrpcExecutor
-
-    return GrpcExecutor
-
-
-EXECUTORS: Registry[ExecutorFactory] = Registry("executor", error=ExecutorError)
-EXECUTORS.register("local", _local)
-EXECUTORS.register("torchrpc", _torchrpc)
-EXECUTORS.register("grpc", _grpc)
 
 
 def check_plan(plan: PlanDoc, unit_names: list[str], *, where: str = "plan") -> None:

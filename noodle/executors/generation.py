@@ -19,7 +19,7 @@ import torch
 from noodle.errors import SpecError
 from noodle.executors.messages import StageInput
 
-__all__ = ["Sampling", "Generation", "Sampler", "left_pad", "generate", "new_session_id"]
+__all__ = ["Sampling", "Generation", "Sampler", "left_pad", "generate", "new_session_id", "token_ids_of"]
 
 _session_counter = itertools.count()
 
@@ -27,6 +27,15 @@ _session_counter = itertools.count()
 def new_session_id(prefix: str = "s") -> str:
     """A process-unique session id."""
     return f"{prefix}{next(_session_counter)}"
+
+
+def token_ids_of(config: object) -> tuple[int | list[int] | None, int]:
+    """``(eos_token_id, pad_token_id)`` of a config the way ``generate`` falls back: pad = eos when unset."""
+    eos = getattr(config, "eos_token_id", None)
+    pad = getattr(config, "pad_token_id", None)
+    if pad is None:
+        pad = eos[0] if isinstance(eos, list) and eos else eos
+    return eos, int(pad) if pad is not None else 0
 
 
 @dataclass(frozen=True)

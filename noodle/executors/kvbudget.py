@@ -11,7 +11,7 @@ from typing import Any
 
 from noodle.plandoc import PlanDoc
 
-__all__ = ["kv_bytes_per_token_per_layer", "max_positions", "kv_capacity_tokens"]
+__all__ = ["kv_bytes_per_token_per_layer", "max_positions", "kv_capacity_tokens", "stage_layers"]
 
 
 def kv_bytes_per_token_per_layer(config: Any, element_size: int = 4) -> int:
@@ -30,6 +30,11 @@ def max_positions(config: Any) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def stage_layers(units: Sequence[str]) -> int:
+    """Decoder blocks among a stage's units (their names start with ``block.``)."""
+    return sum(1 for u in units if u.startswith("block."))
 
 
 def kv_capacity_tokens(

@@ -10,7 +10,6 @@ handed on at its bandwidth.
 
 from __future__ import annotations
 
-import statistics
 import sys
 import time
 from collections import deque
@@ -21,8 +20,8 @@ import numpy as np
 import torch
 
 from noodle.errors import ExecutorError
-from noodle.executors.base import ClosesOnExit, RunReport, RunResult, StageReport, check_plan, check_workload
-from noodle.executors.generation import Sampling, generate, new_session_id
+from noodle.executors.base import ClosesOnExit, RunReport, RunResult, StageReport, check_plan, check_workload, percentile
+from noodle.executors.generation import Sampling, generate, new_session_id, token_ids_of
 from noodle.executors.kvbudget import kv_capacity_tokens, max_positions
 from noodle.executors.messages import StageInput, StageOutput
 from noodle.executors.scheduler import Pipeline
@@ -31,25 +30,7 @@ from noodle.executors.stage import Stage
 from noodle.plandoc import PlanDoc, StageDoc
 from noodle.types import Link
 
-__all__ = ["LocalExecutor", "LocalLane", "percentile", "token_ids_of"]
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank-interpolated percentile (``q`` in 0..100); 0.0 for no values."""
-    if not values:
-        return 0.0
-    if len(values) == 1:
-        return float(values[0])
-    return float(statistics.quantiles(values, n=100, method="inclusive")[max(0, min(98, round(q) - 1))])
-
-
-def token_ids_of(config: object) -> tuple[int | list[int] | None, int]:
-    """``(eos_token_id, pad_token_id)`` of a config the way ``generate`` falls back: pad = eos when unset."""
-    eos = getattr(config, "eos_token_id", None)
-    pad = getattr(config, "pad_token_id", None)
-    if pad is None:
-        pad = eos[0] if isinstance(eos, list) and eos else eos
-    return eos, int(pad) if pad is not None else 0
+__all__ = ["LocalExecutor", "LocalLane"]
 
 
 class LocalLane:

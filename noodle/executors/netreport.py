@@ -21,15 +21,13 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from noodle.executors.base import RunReport, StageReport
+from noodle.executors.base import RunReport, StageReport, percentile
 from noodle.plandoc import PlanDoc
 
 __all__ = ["HopReport", "RttReport", "FailoverEvent", "NetworkRunReport", "StepTrace", "TraceBook"]
 
 
 def _p50(values: Sequence[float]) -> float:
-    from noodle.executors.local import percentile
-
     return percentile(list(values), 50)
 
 
@@ -249,6 +247,4 @@ class TraceBook:
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
-    from noodle.executors.local import percentile
-
     return percentile(list(values), q)

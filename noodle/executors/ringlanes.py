@@ -197,8 +197,7 @@ class RecvLane:
 
 def ring_pipeline(ex: TorchRpcExecutor, *, concurrency: int, micro_batch: int, prefill_chunk: int, max_queue: int) -> Pipeline:
     """A pipeline over ``ex``'s ring (see the module docstring)."""
-    from noodle.executors.grpc.lanes import stage_layers
-    from noodle.executors.kvbudget import kv_capacity_tokens, max_positions
+    from noodle.executors.kvbudget import kv_capacity_tokens, max_positions, stage_layers
     from noodle.executors.scheduler import Pipeline
 
     ex._live_ring()

@@ -45,8 +45,7 @@ from noodle.errors import ExecutorError, SpecError
 from noodle.executors.base import ClosesOnExit, RunResult, check_plan, check_workload
 from noodle.executors.devices import gpu_indices
 from noodle.executors.failover import RetryPolicy
-from noodle.executors.generation import Sampling, generate
-from noodle.executors.local import token_ids_of
+from noodle.executors.generation import Sampling, generate, token_ids_of
 from noodle.executors.messages import StageInput
 from noodle.executors.netreport import FailoverEvent, TraceBook
 from noodle.executors.remote import one_hot_logits, ring_offsets, ring_trace, units_label

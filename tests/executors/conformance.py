@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from noodle.executors.local import token_ids_of
+from noodle.executors.generation import token_ids_of
 from noodle.executors.slicing import read_config, unit_names_of
 from noodle.plandoc import LinkDoc, NodeDoc, PlanDoc, Predicted, SolverInfo, StageDoc
 

@@ -41,7 +41,7 @@ import torch
 from noodle.errors import ExecutorError, SpecError
 from noodle.executors.base import ClosesOnExit, RunResult, check_plan, check_workload
 from noodle.executors.failover import RetryPolicy, merge_stage, merge_target
-from noodle.executors.generation import Sampling, generate
+from noodle.executors.generation import Sampling, generate, token_ids_of
 from noodle.executors.grpc import stage_service_pb2 as pb
 from noodle.executors.grpc.client import (
     ForwardStream, Watchdog, WorkerClient, WorkerGone, check_message_size, parse_spares, resolve_addresses,
@@ -49,7 +49,6 @@ from noodle.executors.grpc.client import (
 from noodle.executors.grpc.lanes import GrpcLane, grpc_pipeline
 from noodle.executors.grpc.wire import from_proto, to_proto
 from noodle.executors.grpc.worker import DEFAULT_MAX_MESSAGE_BYTES
-from noodle.executors.local import token_ids_of
 from noodle.executors.messages import StageInput
 from noodle.executors.netreport import FailoverEvent, TraceBook
 from noodle.executors.remote import Call, one_hot_logits, star_trace, units_label

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from noodle.executors.grpc.coordinator import GrpcExecutor, _Slot
     from noodle.executors.scheduler import Pipeline
 
-__all__ = ["GrpcLane", "grpc_pipeline", "stage_layers"]
+__all__ = ["GrpcLane", "grpc_pipeline"]
 
 
 class GrpcLane:
@@ -173,14 +173,9 @@ class GrpcLane:
                      f"in flight replayed ({replayed} steps, {ev.seconds:.2f} s)")  # fmt: skip
 
 
-def stage_layers(doc_layers: list[str]) -> int:
-    """Decoder blocks among a stage's units (their names start with ``block.``)."""
-    return sum(1 for u in doc_layers if u.startswith("block."))
-
-
 def grpc_pipeline(executor: GrpcExecutor, *, concurrency: int, micro_batch: int, prefill_chunk: int, max_queue: int) -> Pipeline:
     """A pipeline over ``executor``'s workers; concurrency is capped by the workers' ``--max-sessions``."""
-    from noodle.executors.kvbudget import kv_capacity_tokens, max_positions
+    from noodle.executors.kvbudget import kv_capacity_tokens, max_positions, stage_layers
     from noodle.executors.scheduler import Pipeline
 
     if not executor._slots:
