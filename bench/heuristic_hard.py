@@ -7,7 +7,7 @@ A second tier (``--tier wide``: 20-40 units, 8-10 nodes) is where the heuristic'
 exact-DP shortcut does not reach. Prints a summary and writes
 ``bench/results/heuristic_hard.json``.
 
-    python bench/heuristic_hard.py [--instances 110] [--tier hard|wide|both]
+    python bench/heuristic_hard.py [--instances 110] [--wide-instances 60] [--tier hard|wide|both]
 """
 
 from __future__ import annotations
@@ -71,13 +71,14 @@ def run_tier(tier: str, count: int, time_limit: float) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--instances", type=int, default=110)
+    parser.add_argument("--instances", type=int, default=110, help="hard-tier instances")
+    parser.add_argument("--wide-instances", type=int, default=60)
     parser.add_argument("--tier", default="both", choices=["hard", "wide", "both"])
     parser.add_argument("--time-limit", type=float, default=10.0, help="heuristic's limit (it stops sooner)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "heuristic_hard.json")
     args = parser.parse_args()
     tiers = ["hard", "wide"] if args.tier == "both" else [args.tier]
-    results = [run_tier(t, args.instances if t == "hard" else max(1, args.instances // 4), args.time_limit)
+    results = [run_tier(t, args.instances if t == "hard" else args.wide_instances, args.time_limit)
                for t in tiers]
     for r in results:
         print(f"{r['tier']:5s} {r['units']} units x {r['nodes']} nodes: {r['feasible']}/{r['instances']} feasible, "

@@ -36,14 +36,15 @@ def test_too_many_layers_are_refused():
 
 def test_units_times_nodes_over_the_table_budget_is_refused():
     spec = parse_spec({"model": {"layers": _layers(1000)}, "cluster": {"nodes": _nodes(40)}}, "s.yaml")
-    with pytest.raises(SpecError, match=r"1000 units x 40 nodes need 40,080,040 cost-table cells.*at most 33 nodes"):
+    with pytest.raises(SpecError, match=r"1000 units x 40 nodes need 40,080,040 cost-table cells.*at most 16 nodes"):
         spec.to_problem(source="s.yaml")
-    assert 40 * 1001**2 > MAX_TABLE_CELLS >= 33 * 1001**2
+    assert 17 * 1001**2 > MAX_TABLE_CELLS >= 16 * 1001**2
 
 
 def test_limits_allow_the_benchmarked_sizes():
     assert size_problem(258, 128) is None and size_problem(98, 64) is None
-    assert size_problem(MAX_UNITS, 31) is None and size_problem(2, MAX_NODES) is None
+    assert size_problem(MAX_UNITS, 15) is None and size_problem(254, MAX_NODES) is None
+    assert size_problem(MAX_UNITS, 16) is not None
 
 
 @pytest.mark.parametrize("key", ["n_layer", "num_hidden_layers"])

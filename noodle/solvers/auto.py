@@ -79,7 +79,8 @@ class AutoSolver:
             stopped = res.interrupted
             if res.segments and res.value < val:
                 val, seg = res.value, res.segments
-            if not stopped and bound is not None and relative_gap(val, bound) <= 1e-6:
+            if not stopped and bound is not None and relative_gap(val, bound) <= 1e-6 \
+                    and bound_cost_seconds(tables) <= deadline - time.perf_counter():
                 bound = max(bound, lower_bound(tables, obj, val, time_limit_s=0.5))  # exact check at val
             if bound is not None and relative_gap(val, bound) <= PROOF_GAP:
                 how = "bound"

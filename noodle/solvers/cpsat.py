@@ -23,7 +23,7 @@ import numpy as np
 from noodle.errors import SolverUnavailable
 from noodle.solvers.base import SolveResult, plan_from_segments
 from noodle.solvers.bounds import latency_bound, throughput_bound
-from noodle.solvers.limits import CPSAT_SECONDS_PER_VAR, bound_seconds, hard_stop, too_large
+from noodle.solvers.limits import CPSAT_SECONDS_PER_VAR, bound_seconds, hard_stop, surely_too_large, too_large
 from noodle.solvers.segments import build_segment_model, plan_in_model
 from noodle.solvers.tables import INF, CostTables, plan_segments, segments_value
 from noodle.types import Plan, Problem
@@ -68,6 +68,12 @@ class CpSatSolver:
         hint_seg = plan_segments(tables, hint) if hint is not None else None
         upper = segments_value(tables, hint_seg, obj) if hint_seg else INF
         lower = 0.0
+        early = surely_too_large(tables)
+        if early is not None:
+            elapsed = time.perf_counter() - t0
+            if hint_seg:
+                return SolveResult(self.name, "feasible", hint, upper, None, elapsed, f"{early}: the start plan, not searched further")
+            return SolveResult(self.name, "unknown", None, None, None, elapsed, early)
         model = build_segment_model(tables, obj, upper=upper)  # size first: the bound is not free at 128 nodes
         why = too_large(model, deadline - time.perf_counter(), CPSAT_SECONDS_PER_VAR)
         if why is None and hint_seg:

@@ -25,7 +25,7 @@ import numpy as np
 from noodle.errors import SolverUnavailable
 from noodle.solvers.base import SolveResult, plan_from_segments
 from noodle.solvers.bounds import latency_bound, throughput_bound
-from noodle.solvers.limits import HIGHS_SECONDS_PER_VAR, bound_seconds, hard_stop, too_large
+from noodle.solvers.limits import HIGHS_SECONDS_PER_VAR, bound_seconds, hard_stop, surely_too_large, too_large
 from noodle.solvers.segments import SegmentModel, build_segment_model, plan_in_model
 from noodle.solvers.tables import INF, CostTables, plan_segments, segments_value
 from noodle.types import Plan, Problem
@@ -184,8 +184,14 @@ class MilpSolver:
         hint_seg = plan_segments(tables, hint) if hint is not None else None
         upper = segments_value(tables, hint_seg, obj) if hint_seg else INF
         lower = 0.0
-        model = build_segment_model(tables, obj, upper=upper)  # size first: the bound is not free at 128 nodes
         name = f"{self.name}/{backend}"
+        early = surely_too_large(tables)
+        if early is not None:
+            elapsed = time.perf_counter() - t0
+            if hint_seg:
+                return SolveResult(name, "feasible", hint, upper, None, elapsed, f"{early}: the start plan, not searched further")
+            return SolveResult(name, "unknown", None, None, None, elapsed, early)
+        model = build_segment_model(tables, obj, upper=upper)  # size first: the bound is not free at 128 nodes
         why = too_large(model, deadline - time.perf_counter(), HIGHS_SECONDS_PER_VAR if backend == "highs" else 2e-5)
         if why is None and hint_seg:
             lower = _bound(tables, obj, upper, bound_seconds(time_limit_s))
