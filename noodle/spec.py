@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from noodle.errors import NoodleError, SpecError
 from noodle.graph.build import build_cost_graph, problem_from_graph
+from noodle.sizes import MAX_NODES, MAX_UNITS, size_problem
 from noodle.types import Cluster, Constraints, Link, Node, Pin, Problem, Unit, Workload
 
 __all__ = ["Spec", "load_spec", "parse_spec", "spec_json_schema", "SOLVER_DEFAULT_TIME_LIMIT_S"]
@@ -125,11 +126,27 @@ class Spec(_Strict):
     def to_problem(self, base_dir: str | Path = ".", *, source: str = "spec") -> Problem:
         """Resolve the model source and build the solver-facing Problem (checks cross-references)."""
         workload = Workload(**self.workload.model_dump())
+        _check_counts(self, source)  # before anything that grows with them (links are nodes^2)
         units = _units(self, Path(base_dir), workload, source)
+        too_big = size_problem(len(units), len(self.cluster.nodes))
+        if too_big:
+            raise SpecError(f"{source}: model, cluster.nodes: {too_big} (see noodle/sizes.py)")
         cluster = _cluster(self, source)
         constraints = _constraints(self, units, cluster, source)
         graph = build_cost_graph(units, cluster, workload)
         return problem_from_graph(graph, objective=self.objective, constraints=constraints, name=self.name)
+
+
+def _check_counts(spec: Spec, source: str) -> None:
+    """Node and layer counts within :mod:`noodle.sizes` (the spec file's size itself is checked on load)."""
+    k = len(spec.cluster.nodes)
+    if k > MAX_NODES:
+        raise SpecError(f"{source}: cluster.nodes: {k} nodes, at most {MAX_NODES} are supported; "
+                        f"group identical machines or plan a subset")
+    layers = spec.model.layers
+    if layers is not None and len(layers) > MAX_UNITS:
+        raise SpecError(f"{source}: model.layers: {len(layers)} units, at most {MAX_UNITS} are supported; "
+                        f"merge consecutive layers into coarser units")
 
 
 def _units(spec: Spec, base: Path, workload: Workload, source: str) -> tuple[Unit, ...]:
@@ -159,8 +176,9 @@ def _units(spec: Spec, base: Path, workload: Workload, source: str) -> tuple[Uni
 
 def _cluster(spec: Spec, source: str) -> Cluster:
     ids = [n.id for n in spec.cluster.nodes]
+    first: dict[str, int] = {}
     for i, nid in enumerate(ids):
-        if ids.index(nid) != i:
+        if first.setdefault(nid, i) != i:
             raise SpecError(f"{source}: cluster.nodes[{i}].id: duplicate node id {nid!r}")
     pairs = []
     seen: set[frozenset[str]] = set()

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from noodle.errors import ModelError
+from noodle.sizes import MAX_UNITS
 from noodle.types import Unit, Workload
 
 __all__ = ["ReferenceDevice", "AnalyticModel", "analytic_units", "DTYPE_BYTES"]
@@ -68,13 +69,17 @@ def analytic_units(
     from noodle.models.adapter import layout_of
     from noodle.models.loading import causal_lm_from_config
 
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    blocks = getattr(text, "num_hidden_layers", None)
+    if isinstance(blocks, int) and blocks + 2 > MAX_UNITS:  # before building: 10^6 blocks take minutes and GBs
+        raise ModelError(f"num_hidden_layers: {blocks} blocks, at most {MAX_UNITS - 2} are supported "
+                         f"(with embedding and head, {MAX_UNITS} placement units; see noodle/sizes.py)")
     dtype = dtype or _config_dtype(config)
     if dtype not in DTYPE_BYTES:
         raise ModelError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPE_BYTES)}")
     nbytes = DTYPE_BYTES[dtype]
     model = causal_lm_from_config(config, meta=True)
     layout = layout_of(model)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = int(text.hidden_size)
     heads = int(text.num_attention_heads)
     head_dim = int(getattr(text, "head_dim", None) or hidden // heads)

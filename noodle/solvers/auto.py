@@ -21,12 +21,12 @@ with ``interrupted`` set when it was Ctrl-C. The note says which step decided.
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from dataclasses import replace
 
-from noodle.solvers.base import SOLVERS, SolveResult, plan_from_segments, relative_gap
+from noodle.solvers.base import SolveResult, exact_fallback, plan_from_segments, relative_gap
 from noodle.solvers.bounds import latency_bound, relaxed_picks, throughput_bound
+from noodle.solvers.limits import bound_cost_seconds
 from noodle.solvers.heuristic import HeuristicSolver, default_budget, picks_order, search_orders, start_orders
 from noodle.solvers.subsetdp import Interrupted, dp_seconds, node_classes, solve_subset_dp
 from noodle.solvers.tables import INF, CostTables, plan_segments
@@ -79,25 +79,28 @@ class AutoSolver:
             stopped = res.interrupted
             if res.segments and res.value < val:
                 val, seg = res.value, res.segments
-            if not stopped and bound is not None and relative_gap(val, bound) <= 1e-6:
+            if not stopped and bound is not None and relative_gap(val, bound) <= 1e-6 \
+                    and bound_cost_seconds(tables) <= deadline - time.perf_counter():
                 bound = max(bound, lower_bound(tables, obj, val, time_limit_s=0.5))  # exact check at val
             if bound is not None and relative_gap(val, bound) <= PROOF_GAP:
                 how = "bound"
 
         try:
             budget = min(0.3 * time_limit_s, default_budget(m, n))
-            heur = HeuristicSolver().solve(problem, tables, time_limit_s=budget, hint=hint)
+            heur = HeuristicSolver(prove=False).solve(problem, tables, time_limit_s=budget, hint=hint)
             stopped = heur.interrupted
             if heur.plan is not None:
                 val, seg = heur.objective_ms, plan_segments(tables, heur.plan)
-            if not stopped and seg:
-                left = deadline - time.perf_counter()
+                if heur.status == "optimal":  # the heuristic ran the exact set DP (small instance)
+                    bound, how = val, "dp"
+            left = deadline - time.perf_counter()
+            if not stopped and seg and how == "heuristic" and bound_cost_seconds(tables) <= max(0.05, min(2.0, 0.2 * left)):
                 bound = lower_bound(tables, obj, val, time_limit_s=max(0.05, min(2.0, 0.2 * left)), rel_tol=1e-6)
                 if relative_gap(val, bound) <= PROOF_GAP:
                     how = "bound"
-            if not stopped and seg and how != "bound":  # a short search toward the bound often closes it
+            if not stopped and seg and how == "heuristic":  # a short search toward the bound often closes it
                 search(min(0.1 * (deadline - time.perf_counter()), 4 * default_budget(m, n)), patience=2 + m)
-            if not stopped and how != "bound":
+            if not stopped and how == "heuristic" and m <= 64:
                 classes = node_classes(tables)
                 left = deadline - time.perf_counter()
                 if dp_seconds(tables, obj, classes) <= 0.8 * left:
@@ -118,7 +121,7 @@ class AutoSolver:
                 search(deadline - time.perf_counter(), patience=10**9)
             if not stopped and not seg and how == "heuristic" and time.perf_counter() < deadline - 0.05:
                 # no plan and no affordable DP: let an exact model find one or prove there is none
-                exact = _exact_fallback(problem, tables, deadline - time.perf_counter())
+                exact = exact_fallback(problem, tables, deadline - time.perf_counter())
                 if exact is not None:
                     if exact.status == "infeasible" or exact.plan is not None:
                         return replace(exact, solver=f"auto/{exact.solver}", solve_time_s=time.perf_counter() - t0)
@@ -138,14 +141,6 @@ class AutoSolver:
                 else f"time limit {time_limit_s:g} s: best plan found by local search, gap to the bound {gap}")
         return SolveResult("auto/heuristic", "feasible" if bound is not None else "heuristic", plan, val,
                            bound, elapsed, note, interrupted=stopped)
-
-
-def _exact_fallback(problem: Problem, tables: CostTables, seconds: float) -> SolveResult | None:
-    """The first installed exact model (HiGHS, else CP-SAT), without a start plan."""
-    for name, module in (("milp", "highspy"), ("cpsat", "ortools")):
-        if importlib.util.find_spec(module) is not None:
-            return SOLVERS.get(name).solve(problem, tables, time_limit_s=max(0.1, seconds))
-    return None
 
 
 def _pinned(problem: Problem, tables: CostTables) -> list[int]:

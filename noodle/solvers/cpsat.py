@@ -16,12 +16,14 @@ import math
 import os
 import time
 from collections import defaultdict
+from dataclasses import replace
 
 import numpy as np
 
 from noodle.errors import SolverUnavailable
 from noodle.solvers.base import SolveResult, plan_from_segments
 from noodle.solvers.bounds import latency_bound, throughput_bound
+from noodle.solvers.limits import CPSAT_SECONDS_PER_VAR, bound_seconds, hard_stop, surely_too_large, too_large
 from noodle.solvers.segments import build_segment_model, plan_in_model
 from noodle.solvers.tables import INF, CostTables, plan_segments, segments_value
 from noodle.types import Plan, Problem
@@ -61,14 +63,30 @@ class CpSatSolver:
         from ortools.sat.python import cp_model
 
         t0 = time.perf_counter()
+        deadline = t0 + time_limit_s
         obj = problem.objective
         hint_seg = plan_segments(tables, hint) if hint is not None else None
         upper = segments_value(tables, hint_seg, obj) if hint_seg else INF
         lower = 0.0
-        if hint_seg:
-            lower = (latency_bound(tables, upper=upper, time_limit_s=0.5) if obj == "latency"
-                     else throughput_bound(tables, upper=upper, time_limit_s=0.5))
-        model = build_segment_model(tables, obj, upper=upper, lower=lower)
+        early = surely_too_large(tables)
+        if early is not None:
+            elapsed = time.perf_counter() - t0
+            if hint_seg:
+                return SolveResult(self.name, "feasible", hint, upper, None, elapsed, f"{early}: the start plan, not searched further")
+            return SolveResult(self.name, "unknown", None, None, None, elapsed, early)
+        model = build_segment_model(tables, obj, upper=upper)  # size first: the bound is not free at 128 nodes
+        why = too_large(model, deadline - time.perf_counter(), CPSAT_SECONDS_PER_VAR)
+        if why is None and hint_seg:
+            secs = bound_seconds(time_limit_s)
+            lower = (latency_bound(tables, upper=upper, time_limit_s=secs) if obj == "latency"
+                     else throughput_bound(tables, upper=upper, time_limit_s=secs))
+            model = replace(model, lower=max(0.0, float(lower)))
+        if why is not None:
+            elapsed = time.perf_counter() - t0
+            if hint_seg:
+                return SolveResult(self.name, "feasible", hint, upper, min(lower, upper), elapsed,
+                                   f"{why}: the start plan, not searched further")
+            return SolveResult(self.name, "unknown", None, None, None, elapsed, why)
         m, n = model.m, model.n
         md = cp_model.CpModel()
         u = [md.new_bool_var(f"u{i}") for i in range(len(model.seg))]
@@ -144,18 +162,23 @@ class CpSatSolver:
             for var, v in zip(r, start["r"]):
                 md.add_hint(var, bool(v))
         solver = cp_model.CpSolver()
-        limit = max(0.05, time_limit_s - (time.perf_counter() - t0))
+        limit = 0.95 * (deadline - time.perf_counter()) - 0.02
+        if limit < 0.05 and hint_seg:  # set-up spent the time: the start plan, no search
+            return SolveResult(self.name, "feasible", hint, upper, min(lower, upper), time.perf_counter() - t0,
+                               "the time limit was spent building the model: the start plan, not searched further")
+        limit = max(0.05, limit)
         solver.parameters.max_time_in_seconds = limit
         solver.parameters.num_workers = max(1, min(8, os.cpu_count() or 1))
         solver.parameters.catch_sigint_signal = True
         solver.parameters.absolute_gap_limit = float(2 * slack + 1)  # within rounding of the bound: stop
         solver.parameters.cp_model_presolve = False  # measured: presolve alone took 7 s on 50 x 8
         s0 = time.perf_counter()
-        code = solver.solve(md)
+        with hard_stop(deadline, solver.stop_search) as fired:  # max_time is not checked during CP-SAT's load
+            code = solver.solve(md)
         wall = time.perf_counter() - s0
         status = _status_map().get(code, "unknown")
         elapsed = time.perf_counter() - t0
-        interrupted = status in ("feasible", "unknown") and wall < 0.9 * limit
+        interrupted = status in ("feasible", "unknown") and wall < 0.9 * limit and not fired.is_set()
         if status == "infeasible":
             if hint_seg:  # the reductions keep the hint, so this cannot happen; report the hint
                 return SolveResult(self.name, "optimal", hint, upper, upper, elapsed, "the start plan is optimal")

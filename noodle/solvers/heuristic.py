@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import random
 import time
+from dataclasses import replace
 from typing import NamedTuple
 
 import numpy as np
 
-from noodle.solvers.base import SolveResult, plan_from_segments
+from noodle.solvers.base import SolveResult, exact_fallback, plan_from_segments
 from noodle.solvers.orders import picks_order, start_orders
+from noodle.solvers.subsetdp import Interrupted, dp_seconds, solve_subset_dp
 from noodle.solvers.tables import INF, CostTables
 from noodle.types import Plan, Problem
 
@@ -46,6 +48,10 @@ class SearchResult(NamedTuple):
     value: float
     segments: list[tuple[int, int, int]]
     interrupted: bool = False
+
+
+DP_MAX_NODES = 16  # above this the set DP is out of reach anyway (grouping nodes into classes costs ~0.6 s at 128)
+DP_BUDGET_FACTOR = 2.0  # run the exact set DP when its (pessimistic) estimate is within this x the search budget
 
 
 def default_budget(m: int, n: int) -> float:
@@ -107,20 +113,27 @@ def dp_order(
 
 
 def dp_values(
-    tables: CostTables, orders: np.ndarray, objective: str, *, cutoff: float = INF, chunk_elems: int = 4_000_000
+    tables: CostTables, orders: np.ndarray, objective: str, *, cutoff: float = INF, chunk_elems: int = 4_000_000,
+    deadline: float | None = None,
 ) -> np.ndarray:
     """Values of :func:`dp_order` for many orders at once (rows of ``orders``), vectorised across orders.
 
     Values at or above ``cutoff`` may be reported as INF (orders and rows that cannot beat it are dropped).
+    Past ``deadline`` the remaining orders are INF and the current ones keep the best plan over the stage
+    counts done so far (a valid plan's value, perhaps not the order's optimum).
     """
     orders = np.asarray(orders, dtype=np.int64)
     k_all, m = orders.shape
     n = tables.n
     per = max(1, chunk_elems // ((n + 1) * (n + 1)))
     if k_all > per:
-        return np.concatenate(
-            [dp_values(tables, orders[i : i + per], objective, cutoff=cutoff) for i in range(0, k_all, per)]
-        )
+        parts = []
+        for i in range(0, k_all, per):
+            if deadline is not None and parts and time.perf_counter() > deadline:
+                parts.append(np.full(min(per, k_all - i), INF))
+            else:
+                parts.append(dp_values(tables, orders[i : i + per], objective, cutoff=cutoff, deadline=deadline))
+        return np.concatenate(parts)
     latency = objective == "latency"
     limit = min(m, tables.max_stages)
     best = np.full(k_all, INF)
@@ -128,6 +141,8 @@ def dp_values(
     prev = np.full((k_all, n + 1), INF)
     prev[:, 0] = 0.0
     for i in range(limit):
+        if deadline is not None and i and time.perf_counter() > deadline:
+            break
         rows = np.flatnonzero((prev[:, :n] < cutoff).any(axis=0))
         if rows.size == 0:
             break
@@ -205,7 +220,7 @@ def _local_search(
             if time.perf_counter() >= deadline:
                 return val, seg, order
             part = cands[lo : lo + chunk]
-            vals = dp_values(tables, part, objective, cutoff=val)
+            vals = dp_values(tables, part, objective, cutoff=val, deadline=deadline)
             k = int(np.argmin(vals))
             if vals[k] < val - 1e-9 * max(1.0, abs(val)):
                 v, s = dp_order(tables, part[k].tolist(), objective)
@@ -252,7 +267,9 @@ def search_orders(
     rng = random.Random(seed)
     interrupted = False
     try:
-        vals = dp_values(tables, np.array(seeds), objective)
+        vals = dp_values(tables, np.array(seeds), objective, deadline=deadline)
+        if not np.isfinite(vals).any():  # out of time before any seed finished: the first one, whole
+            vals[0] = dp_order(tables, seeds[0], objective)[0]
         starts = []
         for k in np.argsort(vals, kind="stable")[:ls_seeds]:
             if np.isfinite(vals[k]):
@@ -294,18 +311,27 @@ def _perturb(order: list[int], used: int, frozen: int, rng: random.Random) -> li
 
 
 class HeuristicSolver:
-    """Fixed-order DP + local search over orders; fast, no solver dependency, no proof.
+    """Fixed-order DP + local search over orders; fast, no solver dependency.
 
     Searches for ``min(time_limit_s, default_budget(m, n))`` seconds at most, fewer when the
-    iterated local search stops improving; ``hint`` (a plan) seeds the search.
+    iterated local search stops improving; ``hint`` (a plan) seeds the search. When the
+    exact set DP (:mod:`noodle.solvers.subsetdp`) is estimated to take at most
+    ``DP_BUDGET_FACTOR`` times that budget (small instances: ~6 nodes x 14 units), it
+    runs after the search with the search's value as cutoff, so the plan is then
+    proven optimal. When the search finds no plan, the set DP (if it fits in the time
+    limit) or an installed exact model proves that none exists (status ``infeasible``).
     """
 
     name = "heuristic"
+
+    def __init__(self, *, prove: bool = True) -> None:
+        self.prove = prove  # False: a warm start; finding no plan is then not worth a proof
 
     def solve(
         self, problem: Problem, tables: CostTables, *, time_limit_s: float, hint: Plan | None = None
     ) -> SolveResult:
         t0 = time.perf_counter()
+        obj = problem.objective
         pos = {nd.id: j for j, nd in enumerate(tables.nodes)}
         pinned = list(dict.fromkeys(pos[p.node] for p in sorted(problem.constraints.pins, key=lambda p: p.start)))
         seeds = start_orders(tables, pinned, many=True)
@@ -313,11 +339,44 @@ class HeuristicSolver:
             used = [pos[s.node] for s in hint.stages if s.node in pos]
             seeds = [used + [j for j in range(len(tables.nodes)) if j not in used]] + seeds
         budget = min(time_limit_s, default_budget(len(tables.nodes), tables.n))
-        res = search_orders(tables, problem.objective, time_limit_s=budget, pinned=pinned, seed_orders=seeds)
+        res = search_orders(tables, obj, time_limit_s=budget, pinned=pinned, seed_orders=seeds)
+        val, seg = res.value, res.segments
+        if res.interrupted:
+            return self._result(tables, val, seg, t0, "interrupted (Ctrl-C): best plan so far", interrupted=True)
+        deadline = t0 + time_limit_s
+        left = deadline - time.perf_counter()
+        est = dp_seconds(tables, obj) if len(tables.nodes) <= DP_MAX_NODES else INF
+        small = est <= DP_BUDGET_FACTOR * budget and est <= 0.5 * time_limit_s
+        if (small and seg) or (self.prove and not seg and est <= 0.8 * left):
+            try:
+                cutoff = val * (1 + 1e-9) + 1e-12 if seg else INF
+                dp_deadline = deadline if not seg else min(deadline, t0 + (DP_BUDGET_FACTOR + 2) * budget)
+                v, s = solve_subset_dp(tables, obj, deadline=dp_deadline, cutoff=cutoff)
+            except Interrupted:
+                pass
+            except KeyboardInterrupt:
+                return self._result(tables, val, seg, t0, "interrupted (Ctrl-C): best plan so far", interrupted=True)
+            else:
+                if s and v < val:
+                    val, seg = v, s
+                if not seg:  # the exact DP found no plan at all: none exists (solve() words why)
+                    return SolveResult(self.name, "infeasible", None, None, None, time.perf_counter() - t0)
+                return self._result(tables, val, seg, t0, "proven optimal: exact set DP (small instance)",
+                                    status="optimal")
+        if self.prove and not seg and time.perf_counter() < deadline - 0.05:
+            exact = exact_fallback(problem, tables, deadline - time.perf_counter())
+            if exact is not None and exact.status == "infeasible":
+                return replace(exact, solver=f"{self.name}/{exact.solver}", solve_time_s=time.perf_counter() - t0)
+            if exact is not None and exact.plan is not None:
+                return replace(exact, solver=f"{self.name}/{exact.solver}", solve_time_s=time.perf_counter() - t0)
+        return self._result(tables, val, seg, t0, "")
+
+    def _result(self, tables: CostTables, val: float, seg: list, t0: float, note: str, *,
+                status: str = "heuristic", interrupted: bool = False) -> SolveResult:
         elapsed = time.perf_counter() - t0
-        note = "interrupted (Ctrl-C): best plan so far" if res.interrupted else ""
-        if not res.segments:
-            why = "interrupted before any plan was found" if res.interrupted else "the heuristic found no plan"
-            return SolveResult(self.name, "heuristic", None, None, None, elapsed, why, interrupted=res.interrupted)
-        plan = plan_from_segments(tables, res.segments)
-        return SolveResult(self.name, "heuristic", plan, res.value, None, elapsed, note, interrupted=res.interrupted)
+        if not seg:
+            why = "interrupted before any plan was found" if interrupted else "the heuristic found no plan"
+            return SolveResult(self.name, "heuristic", None, None, None, elapsed, why, interrupted=interrupted)
+        plan = plan_from_segments(tables, seg)
+        bound = val if status == "optimal" else None
+        return SolveResult(self.name, status, plan, val, bound, elapsed, note, interrupted=interrupted)

@@ -17,6 +17,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,7 @@ import numpy as np
 from noodle.errors import SolverUnavailable
 from noodle.solvers.base import SolveResult, plan_from_segments
 from noodle.solvers.bounds import latency_bound, throughput_bound
+from noodle.solvers.limits import HIGHS_SECONDS_PER_VAR, bound_seconds, hard_stop, surely_too_large, too_large
 from noodle.solvers.segments import SegmentModel, build_segment_model, plan_in_model
 from noodle.solvers.tables import INF, CostTables, plan_segments, segments_value
 from noodle.types import Plan, Problem
@@ -148,10 +150,10 @@ def _csc(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, ncol: int) -> tup
     return np.searchsorted(cols, np.arange(ncol + 1)).astype(np.int32), rows.astype(np.int32), vals
 
 
-def _bound(tables: CostTables, objective: str, upper: float) -> float:
+def _bound(tables: CostTables, objective: str, upper: float, seconds: float) -> float:
     if objective == "latency":
-        return latency_bound(tables, upper=upper, time_limit_s=0.5)
-    return throughput_bound(tables, upper=upper, time_limit_s=0.5)
+        return latency_bound(tables, upper=upper, time_limit_s=seconds)
+    return throughput_bound(tables, upper=upper, time_limit_s=seconds)
 
 
 class MilpSolver:
@@ -177,16 +179,37 @@ class MilpSolver:
     ) -> SolveResult:
         backend = self._backend()
         t0 = time.perf_counter()
+        deadline = t0 + time_limit_s
         obj = problem.objective
         hint_seg = plan_segments(tables, hint) if hint is not None else None
         upper = segments_value(tables, hint_seg, obj) if hint_seg else INF
-        lower = _bound(tables, obj, upper) if hint_seg else 0.0
-        model = build_segment_model(tables, obj, upper=upper, lower=lower)
-        start = plan_in_model(model, hint_seg) if hint_seg else None
-        remaining = max(0.05, time_limit_s - (time.perf_counter() - t0))
+        lower = 0.0
         name = f"{self.name}/{backend}"
+        early = surely_too_large(tables)
+        if early is not None:
+            elapsed = time.perf_counter() - t0
+            if hint_seg:
+                return SolveResult(name, "feasible", hint, upper, None, elapsed, f"{early}: the start plan, not searched further")
+            return SolveResult(name, "unknown", None, None, None, elapsed, early)
+        model = build_segment_model(tables, obj, upper=upper)  # size first: the bound is not free at 128 nodes
+        why = too_large(model, deadline - time.perf_counter(), HIGHS_SECONDS_PER_VAR if backend == "highs" else 2e-5)
+        if why is None and hint_seg:
+            lower = _bound(tables, obj, upper, bound_seconds(time_limit_s))
+            model = replace(model, lower=max(0.0, float(lower)))
+        if why is not None:
+            elapsed = time.perf_counter() - t0
+            if hint_seg:
+                return SolveResult(name, "feasible", hint, upper, min(lower, upper), elapsed,
+                                   f"{why}: the start plan, not searched further")
+            return SolveResult(name, "unknown", None, None, None, elapsed, why)
+        start = plan_in_model(model, hint_seg) if hint_seg else None
+        remaining = 0.95 * (deadline - time.perf_counter()) - 0.02
+        if remaining < 0.05 and hint_seg:  # set-up spent the time: the start plan, no search
+            return SolveResult(name, "feasible", hint, upper, min(lower, upper), time.perf_counter() - t0,
+                               "the time limit was spent building the model: the start plan, not searched further")
+        remaining = max(0.05, remaining)
         if backend == "highs":
-            status, x, value, bound, interrupted = _solve_highs(model, remaining, start, upper)
+            status, x, value, bound, interrupted = _solve_highs(model, remaining, start, upper, deadline)
         else:
             status, x, value, bound, interrupted = _solve_cbc(model, remaining, start, upper)
         elapsed = time.perf_counter() - t0
@@ -208,7 +231,7 @@ class MilpSolver:
         return SolveResult(name, status, plan, value, min(bound, value), elapsed, note, interrupted=interrupted)
 
 
-def _solve_highs(model: SegmentModel, time_limit: float, start: dict | None, upper: float):
+def _solve_highs(model: SegmentModel, time_limit: float, start: dict | None, upper: float, deadline: float):
     import highspy
 
     a = model_arrays(model)
@@ -234,6 +257,7 @@ def _solve_highs(model: SegmentModel, time_limit: float, start: dict | None, upp
     h.setOptionValue("mip_rel_gap", 1e-8)
     h.setOptionValue("threads", 1)
     h.setOptionValue("presolve", "off")  # measured: presolve's probing costs seconds and rarely pays here
+    h.setOptionValue("mip_heuristic_run_feasibility_jump", False)  # measured: 8 s before the root at 130 x 64
     h.HandleKeyboardInterrupt = True
     h.passModel(lp)
     if start is not None:
@@ -243,12 +267,12 @@ def _solve_highs(model: SegmentModel, time_limit: float, start: dict | None, upp
         sol = highspy.HighsSolution()
         sol.col_value = x0.tolist()
         h.setSolution(sol)
-    with _stdout_to_stderr():
+    with _stdout_to_stderr(), hard_stop(deadline, h.cancelSolve) as fired:  # HiGHS's time_limit can overrun
         h.solve()
     code = h.getModelStatus()
     name = getattr(code, "name", str(code)).split(".")[-1]
     status = HIGHS_STATUS_MAP.get(name, "unknown")
-    interrupted = name == "kInterrupt"
+    interrupted = name == "kInterrupt" and not fired.is_set()
     info = h.getInfo()
     if status == "infeasible":
         return "infeasible", None, None, None, interrupted

@@ -157,24 +157,23 @@ def build_segment_model(
 
 def plan_in_model(model: SegmentModel, segments: list[tuple[int, int, int]]) -> dict[str, np.ndarray] | None:
     """0/1 vectors (u, h, r) of a plan given as segments, or None if the model lost one of its pieces."""
-    seg_index = {tuple(int(x) for x in row): i for i, row in enumerate(model.seg)}
-    hop_index = {tuple(int(x) for x in row): i for i, row in enumerate(model.hop)}
-    ret_index = {tuple(int(x) for x in row): i for i, row in enumerate(model.ret)}
-    u = np.zeros(len(model.seg))
-    h = np.zeros(len(model.hop))
-    r = np.zeros(len(model.ret))
+    n1 = model.n + 1
     ordered = sorted(segments, key=lambda t: t[1])
-    for sg in ordered:
-        if tuple(sg) not in seg_index:
-            return None
-        u[seg_index[tuple(sg)]] = 1
-    for a, b in zip(ordered, ordered[1:]):
-        key = (a[0], b[0], a[2])
-        if key not in hop_index:
-            return None
-        h[hop_index[key]] = 1
-    key = (ordered[-1][0], ordered[0][0])
-    if key not in ret_index:
-        return None
-    r[ret_index[key]] = 1
-    return {"u": u, "h": h, "r": r}
+    want_seg = [(j * n1 + s) * n1 + e for j, s, e in ordered]
+    want_hop = [(a[0] * model.m + b[0]) * n1 + a[2] for a, b in zip(ordered, ordered[1:])]
+    want_ret = [ordered[-1][0] * model.m + ordered[0][0]]
+    out = {}
+    for name, rows, keys, want in (
+        ("u", model.seg, lambda a: (a[:, 0] * n1 + a[:, 1]) * n1 + a[:, 2], want_seg),
+        ("h", model.hop, lambda a: (a[:, 0] * model.m + a[:, 1]) * n1 + a[:, 2], want_hop),
+        ("r", model.ret, lambda a: a[:, 0] * model.m + a[:, 1], want_ret),
+    ):
+        vec = np.zeros(len(rows))
+        if want:
+            have = keys(rows) if len(rows) else np.zeros(0, dtype=np.int64)
+            hit = np.isin(have, np.array(want, dtype=np.int64))
+            if int(hit.sum()) != len(set(want)):
+                return None
+            vec[hit] = 1
+        out[name] = vec
+    return out

@@ -28,8 +28,9 @@ import itertools
 
 import numpy as np
 
-from noodle.errors import InfeasibleError
+from noodle.errors import InfeasibleError, SpecError
 from noodle.graph.costmodel import CostModel, DefaultCostModel
+from noodle.sizes import size_problem
 from noodle.types import GIB, Node, Plan, Problem
 
 __all__ = [
@@ -86,7 +87,14 @@ class CostTables:
 
 
 def build_tables(problem: Problem, cost_model: CostModel) -> CostTables:
-    """Evaluate the cost model on every (node, range), hop and return edge."""
+    """Evaluate the cost model on every (node, range), hop and return edge.
+
+    Raises:
+        SpecError: the problem is past the limits of :mod:`noodle.sizes` (checked before allocating).
+    """
+    too_big = size_problem(problem.num_units, len(problem.usable_nodes()))
+    if too_big:
+        raise SpecError(f"problem {problem.name!r}: {too_big} (see noodle/sizes.py)")
     if type(cost_model) is DefaultCostModel:
         return _build_default(problem)
     return _build_generic(problem, cost_model)

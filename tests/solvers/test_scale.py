@@ -155,7 +155,7 @@ def test_ctrl_c_returns_the_incumbent(monkeypatch):
     monkeypatch.setattr(heuristic, "dp_values", flaky)
     res = search_orders(tables, "throughput", time_limit_s=30)
     assert res.interrupted and res.segments
-    calls["n"] = 0
+    calls["n"] = 2  # the interrupt comes in the heuristic's local search (auto may prove the optimum soon after)
     out = solve(p, solver="auto", time_limit_s=30)
     assert out.interrupted and out.plan is not None and "interrupted" in out.note
     assert is_feasible(p, out.plan)
