@@ -3,11 +3,12 @@
 from functools import partial
 
 from noodle.solvers.auto import AutoSolver
-from noodle.solvers.base import SOLVERS, SolveResult, Solver, solve
+from noodle.solvers.base import SOLVERS, SolveResult, Solver
 from noodle.solvers.baselines import BASELINES, BaselineSolver
 from noodle.solvers.cpsat import CpSatSolver
 from noodle.solvers.heuristic import HeuristicSolver
 from noodle.solvers.milp import MilpSolver
+from noodle.solvers.run import solve
 
 __all__ = [
     "SOLVERS", "SolveResult", "Solver", "solve", "AutoSolver", "CpSatSolver", "MilpSolver", "HeuristicSolver",

@@ -38,7 +38,7 @@ DEFAULT_SOLVERS = (
 
 
 def _run_one(problem, name: str, time_limit_s: float) -> dict[str, Any]:
-    from noodle.solvers.base import solve
+    from noodle.solvers.run import solve
 
     t0 = time.perf_counter()
     try:
@@ -247,7 +247,7 @@ def _plots(result: dict[str, Any], paths: dict[str, Path]) -> None:
 def run_targets(*, seeds: int = 10, big_seeds: int = 5, time_limit_s: float = 10.0, progress: bool = True) -> dict:
     """The issue's targets, measured: proof time on 50 units x 8 nodes, gap on 98 x 32 at ``time_limit_s``,
     heuristic quality and time on 50 x 8 (against the proven optimum), all on jittered heterogeneous clusters."""
-    from noodle.solvers.base import solve
+    from noodle.solvers.run import solve
     from noodle.solvers.subsetdp import solve_subset_dp
 
     jobs = [("proof", "gpt2-xl", 8, obj, s) for obj in ("throughput", "latency") for s in range(seeds)]
