@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
@@ -13,12 +13,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from noodle.errors import ModelError, SpecError
-from noodle.executors import EXECUTORS, RunReport, Sampling, check_plan, check_workload
 from noodle.plandoc import load_plan
+
+if TYPE_CHECKING:  # noodle.executors imports torch: only `exec` itself loads it
+    from noodle.executors import RunReport
 
 __all__ = ["register", "render_report", "read_prompts"]
 
 FORMATS = ("table", "json")
+BACKENDS_HELP = "executor: local, torchrpc or grpc"  # noodle.executors.EXECUTORS; checked when the command runs
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
@@ -137,7 +140,7 @@ def render_report(report: RunReport, console: Console) -> None:
 def exec_cmd(
     plan: Path = typer.Argument(..., help="plan file written by `noodle solve` (JSON or YAML)"),
     model: Path = typer.Option(..., "--model", "-m", help="model folder the plan was made for"),
-    backend: str = typer.Option("local", "--backend", "-b", help="executor: " + ", ".join(EXECUTORS.names())),
+    backend: str = typer.Option("local", "--backend", "-b", help=BACKENDS_HELP),
     prompt: str | None = typer.Option(None, "--prompt", help="prompt text (needs a tokenizer in the model folder)"),
     prompt_ids: str | None = typer.Option(None, "--prompt-ids", help="prompt token ids, e.g. 1,2,3"),
     batch: Path | None = typer.Option(None, "--batch", help="file with one prompt per line (text, or ids without a tokenizer)"),
@@ -158,6 +161,7 @@ def exec_cmd(
 ) -> None:
     """Run a plan's stages on a model and report measured vs planned latency per stage."""
     from noodle.cli.network import backend_options, render_network
+    from noodle.executors import EXECUTORS, Sampling, check_plan, check_workload
 
     if fmt not in FORMATS:
         raise SpecError(f"--format: {fmt!r} is not a format; use one of {', '.join(FORMATS)}")
