@@ -53,9 +53,13 @@ def load_config(source: str | Path | dict[str, Any]) -> Any:
             valid = ", ".join(PRESETS)
             raise ModelError(f"{source}: not a preset ({valid}) and no config.json there")
         try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ModelError(f"{path}: not a readable JSON config ({exc})") from None
+        except RecursionError:
+            raise ModelError(f"{path}: not a model config (JSON nested too deeply)") from None
+        if not isinstance(data, dict):
+            raise ModelError(f"{path}: expected a JSON object of config keys, got {type(data).__name__}")
     model_type = data.pop("model_type", None)
     if not model_type:
         raise ModelError(f"{source}: config has no 'model_type'")
