@@ -80,12 +80,14 @@ _MAX_INT, _MAX_FLOAT = 2**50, 1e9  # bytes and milliseconds per unit: the spec's
 
 def _number(value: Any, where: str, integer: bool) -> float | int:
     top = _MAX_INT if integer else _MAX_FLOAT
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 0 <= value <= top
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    if ok and value > top:
+        raise SpecError(f"{where}: must be at most {top:g}, got {value!r}")
     if ok and integer and float(value) != int(value):
         ok = False
     if not ok:
         kind = "a whole number" if integer else "a number"
-        raise SpecError(f"{where}: must be {kind} in [0, {top:g}], got {value!r}")
+        raise SpecError(f"{where}: must be {kind} >= 0, got {value!r}")
     return int(value) if integer else float(value)
 
 
