@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from noodle.cli.checks import MAX_SEED, check_float, check_int, check_positions, check_threads
 from noodle.errors import ModelError, SpecError
 from noodle.plandoc import load_plan
 
@@ -169,16 +170,26 @@ def exec_cmd(
         raise SpecError(f"--backend: unknown executor {backend!r}; valid names: {', '.join(EXECUTORS.names())}")
     if max_new_tokens < 1:
         raise SpecError(f"--max-new-tokens: must be >= 1, got {max_new_tokens}")
-    if threads < 0:
-        raise SpecError(f"--threads: must be >= 0 (0: torch's default), got {threads}")
+    check_threads("--threads", threads)
+    check_float("--temperature", temperature, ge=0, le=1e4)
+    check_float("--top-p", top_p, gt=0, le=1)
+    check_int("--top-k", top_k, ge=0, le=2**31 - 1)
+    check_int("--seed", seed, ge=0, le=MAX_SEED)
+    check_int("--max-new-tokens", max_new_tokens, ge=1, le=2**24)
+    if step_timeout is not None:
+        check_float("--step-timeout", step_timeout, gt=0, le=1e6)
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     doc = load_plan(plan)
     from noodle.executors.slicing import read_config, unit_names_of
+    from noodle.models.weights import weight_files
 
     config = read_config(model)
     check_plan(doc, unit_names_of(model), where=str(plan))
+    weight_files(model)  # truncated or garbage safetensors, an index pointing outside the folder: one line
     tokenizer = _tokenizer(model)
     prompts = read_prompts(prompt, prompt_ids, batch, tokenizer, int(config.vocab_size), batch_ids)
+    longest = max(len(p) for p in prompts)
+    check_positions(config, longest, max_new_tokens, where=f"the model in {model}", flags="prompt + --max-new-tokens")
     if threads:
         import torch
 

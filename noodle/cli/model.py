@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from noodle.cli.checks import MAX_SEED, check_int
 from noodle.errors import SpecError
 
 __all__ = ["register", "model_app"]
@@ -27,8 +28,7 @@ def init_cmd(
 
     if (preset is None) == (config is None):
         raise SpecError("model init: give exactly one of --preset NAME or --config FILE.json")
-    if seed < 0:
-        raise SpecError(f"--seed: must be >= 0, got {seed}")
+    check_int("--seed", seed, ge=0, le=MAX_SEED)
     quiet_transformers()
     path = init_model(preset if preset is not None else config, out, seed=seed)  # type: ignore[arg-type]
     model = load_model(path)

@@ -135,9 +135,15 @@ def load_model(path: str | Path, *, dtype: Any = None) -> Any:
         raise ModelError(f"{path}: not a model folder (no config.json)")
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise ModelError(f"{path}: not a model folder (no *.safetensors weights)")
+    from safetensors import SafetensorError
+
+    from noodle.models.weights import weight_files
+
+    if any(path.glob("*.safetensors")):
+        weight_files(path)  # truncated or garbage files, an index pointing outside the folder: one line
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:
         raise ModelError(f"{path}: cannot load model ({str(exc).splitlines()[0]})") from None
     from noodle.models.adapter import layout_of
 
