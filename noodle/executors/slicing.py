@@ -23,7 +23,7 @@ from torch import nn
 
 from noodle.errors import ModelError
 from noodle.models.adapter import UnitLayout, layout_of
-from noodle.models.loading import causal_lm_from_config
+from noodle.models.loading import causal_lm_from_config, check_config_file, config_errors
 from noodle.models.weights import read_index, weight_files
 
 __all__ = ["ModelSlice", "load_slice", "read_config", "unit_names_of", "weight_index"]
@@ -86,9 +86,10 @@ def read_config(folder: str | Path) -> Any:
         raise ModelError(f"{folder}: no such model folder")
     if not (folder / "config.json").is_file():
         raise ModelError(f"{folder}: not a model folder (no config.json)")
+    check_config_file(folder / "config.json")
     try:
         return AutoConfig.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
+    except config_errors() as exc:
         raise ModelError(f"{folder}: cannot read config.json ({str(exc).splitlines()[0]})") from None
 
 
