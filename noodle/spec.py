@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from noodle.docfile import load_document, validation_message
 from noodle.errors import NoodleError, SpecError
+from noodle.extras import require_exec
 from noodle.graph.build import build_cost_graph, problem_from_graph
 from noodle.types import Cluster, Constraints, Link, Node, Pin, Problem, Unit, Workload
 
@@ -154,6 +155,7 @@ def _units(spec: Spec, base: Path, workload: Workload, source: str) -> tuple[Uni
 
         units, _meta = load_units(base / m.profile)
         return tuple(units)
+    require_exec(f"{source}: model.hf_config (the analytic profile builds the model on the meta device)")
     from noodle.graph.analytic import ReferenceDevice, analytic_units
     from noodle.models.loading import load_config
 

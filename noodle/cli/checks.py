@@ -15,8 +15,6 @@ from noodle.errors import SpecError
 __all__ = ["MAX_SEED", "max_threads", "check_float", "check_int", "check_threads", "max_positions", "check_positions"]
 
 MAX_SEED = 2**63 - 1
-
-
 def max_threads() -> int:
     """The most ``--threads`` a command accepts: 4 x the CPUs of this machine, at most 1024."""
     return min(1024, 4 * (os.cpu_count() or 1))

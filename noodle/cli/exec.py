@@ -14,6 +14,7 @@ from rich.table import Table
 
 from noodle.cli.checks import MAX_SEED, check_float, check_int, check_positions, check_threads
 from noodle.errors import ModelError, SpecError
+from noodle.extras import require_exec
 from noodle.plandoc import load_plan
 
 if TYPE_CHECKING:  # noodle.executors imports torch: only `exec` itself loads it
@@ -161,6 +162,7 @@ def exec_cmd(
     step_timeout: float | None = typer.Option(None, "--step-timeout", help="grpc/torchrpc: seconds a stage may take per step (default 60)"),
 ) -> None:
     """Run a plan's stages on a model and report measured vs planned latency per stage."""
+    require_exec("noodle exec")
     from noodle.cli.network import backend_options, render_network
     from noodle.executors import EXECUTORS, Sampling, check_plan, check_workload
 

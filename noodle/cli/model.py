@@ -9,6 +9,7 @@ from rich.console import Console
 
 from noodle.cli.checks import MAX_SEED, check_int
 from noodle.errors import SpecError
+from noodle.extras import require_exec
 
 __all__ = ["register", "model_app"]
 
@@ -23,6 +24,7 @@ def init_cmd(
     seed: int = typer.Option(0, "--seed", help="seed of the random weights"),
 ) -> None:
     """Build a model with seeded random weights and save it as a local folder."""
+    require_exec("noodle model init")
     from noodle.cli.profile import quiet_transformers
     from noodle.models import init_model, layout_of, load_model
 

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from noodle.cli.checks import MAX_SEED, check_int, check_threads
 from noodle.errors import SpecError
+from noodle.extras import require_exec
 
 __all__ = ["register", "open_model", "quiet_transformers"]
 
@@ -109,6 +110,7 @@ def profile_cmd(
     threads: int | None = typer.Option(None, "--threads", help="torch intra-op threads (default: torch's choice)"),
 ) -> None:
     """Profile a model unit by unit (prefill and decode) and write the profile the planner reads."""
+    require_exec("noodle profile")
     from noodle.profile import ObservabilityEngine, ProfileConfig
 
     cfg = ProfileConfig(  # validates the numbers before the model is built

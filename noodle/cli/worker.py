@@ -19,6 +19,7 @@ import typer
 
 from noodle.cli.checks import check_float, check_int, check_threads
 from noodle.errors import ExecutorError, SpecError
+from noodle.extras import require_exec
 
 __all__ = ["register", "worker_cmd"]
 
@@ -48,6 +49,7 @@ def worker_cmd(
                                      help="torchrpc: gloo, or nccl when every rank has a GPU (same on every rank)"),
 ) -> None:
     """Serve stages of a model to a coordinator (`noodle exec --backend grpc|torchrpc`)."""
+    require_exec("noodle worker")
     if backend not in BACKENDS:
         raise SpecError(f"--backend: {backend!r}; workers speak {', '.join(BACKENDS)}")
     check_threads("--threads", threads)

@@ -120,7 +120,7 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
         main(["solve", "spec.yaml"])
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["solve", "specs/inline-pins.yaml", "-f", "json"]])
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["solve", str(ROOT / "specs" / "inline-pins.yaml"), "-f", "json"]])
 def test_planning_does_not_import_torch_or_transformers(argv):
     code = (
         "import sys\nfrom noodle.cli.main import main\n"
@@ -136,3 +136,31 @@ def test_importing_the_cli_does_not_import_torch():
     code = "import noodle.cli.main, sys; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["exec", "plan.json", "--model", "m", "--prompt-ids", "1"],
+        ["profile", "--preset", "gpt2-tiny"],
+        ["worker", "--model", "m"],
+        ["model", "init", "--preset", "gpt2-tiny", "--out", "x"],
+        ["solve", str(ROOT / "specs" / "gpt2-home-lab.yaml")],
+    ],
+)
+def test_execution_commands_without_the_exec_extra(monkeypatch, capsys, argv):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    assert main(argv) == 4
+    err = _no_traceback(capsys).strip()
+    assert err.startswith("noodle: error: ") and "pip install 'noodle[exec]'" in err and "torch" in err
+
+
+def test_planning_works_without_the_exec_extra(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    assert main(["solve", str(ROOT / "specs" / "inline-pins.yaml"), "-f", "json"]) == 0
