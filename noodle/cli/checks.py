@@ -23,9 +23,8 @@ def max_threads() -> int:
 def check_float(flag: str, value: float, *, gt: float | None = None, ge: float | None = None,
                 le: float | None = None) -> float:
     """``value`` if finite and inside the bounds, else a SpecError naming ``flag``."""
-    parts = [f"> {gt:g}" if gt is not None else "", f">= {ge:g}" if ge is not None else "",
-             f"<= {le:g}" if le is not None else ""]
-    want = " and ".join(p for p in parts if p) or "a finite number"
+    low = f"({gt:g}" if gt is not None else f"[{ge:g}" if ge is not None else "(-inf"
+    want = f"in {low}, {le:g}]" if le is not None else f"in {low}, inf)"
     ok = math.isfinite(value) and (gt is None or value > gt) and (ge is None or value >= ge) and (le is None or value <= le)
     if not ok:
         raise SpecError(f"{flag}: must be a finite number {want}, got {value:g}")

@@ -179,7 +179,7 @@ def exec_cmd(
     check_int("--seed", seed, ge=0, le=MAX_SEED)
     check_int("--max-new-tokens", max_new_tokens, ge=1, le=2**24)
     if step_timeout is not None:
-        check_float("--step-timeout", step_timeout, gt=0, le=1e6)
+        check_float("--step-timeout", step_timeout, le=1e6)  # > 0: backend_options, for the backends that use it
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     doc = load_plan(plan)
     from noodle.executors.slicing import read_config, unit_names_of

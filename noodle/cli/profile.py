@@ -125,6 +125,8 @@ def profile_cmd(
     check_int("--seed", seed, ge=0, le=MAX_SEED)
     out = _output_folder(out)
     if threads is not None:
+        if threads < 1:
+            raise SpecError(f"--threads: must be at least 1, got {threads}")
         check_threads("--threads", threads, minimum=1)
         import torch
 
