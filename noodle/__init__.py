@@ -9,6 +9,9 @@ turn the result into a plan file with :func:`plan_document`.
 >>> print(plan_document(problem, result).objective_ms)           # doctest: +SKIP
 """
 
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _dist_version
+
 from noodle.errors import ExecutorError, InfeasibleError, ModelError, NoodleError, SolverUnavailable, SpecError
 from noodle.graph import CostModel, DefaultCostModel, Evaluation, build_cost_graph, evaluate
 from noodle.plandoc import PlanDoc, build_plan_doc, dump_plan, load_plan
@@ -18,7 +21,10 @@ from noodle.types import Cluster, Constraints, Link, Node, Pin, Plan, Problem, S
 
 plan_document = build_plan_doc
 
-__version__ = "0.1.0"
+try:
+    __version__ = _dist_version("noodle")  # package metadata: pyproject.toml is the one place the version lives
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "unknown"
 
 __all__ = [
     "NoodleError", "SpecError", "InfeasibleError", "SolverUnavailable", "ExecutorError", "ModelError",

@@ -13,6 +13,7 @@ __all__ = [
     "SolverUnavailable",
     "ExecutorError",
     "ModelError",
+    "DependencyMissing",
 ]
 
 
@@ -44,6 +45,12 @@ class ModelError(NoodleError):
     """A model folder, preset or config cannot be used."""
 
     exit_code = 2
+
+
+class DependencyMissing(NoodleError):
+    """A command needs an optional part of the install (``pip install 'noodle[exec]'``)."""
+
+    exit_code = 4
 
 
 class ExecutorError(NoodleError):

@@ -10,21 +10,32 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from noodle.docfile import load_document, validation_message
 from noodle.errors import SpecError
 from noodle.graph.costmodel import CostModel, DefaultCostModel, Evaluation, evaluate, pipeline_tokens_per_s
 from noodle.solvers.base import SolveResult
 from noodle.types import GIB, Problem
 
-__all__ = ["SolverInfo", "Predicted", "StageDoc", "NodeDoc", "LinkDoc", "PlanDoc", "load_plan", "dump_plan", "build_plan_doc"]
+__all__ = ["check_consistent", "SolverInfo", "Predicted", "StageDoc", "NodeDoc", "LinkDoc", "PlanDoc", "load_plan", "dump_plan", "build_plan_doc"]
 
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class _Finite(_Frozen):
+    """What executors compute with (sleeps, memory, ranges): finite numbers only."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+
+_MAX_UNITS = 2**20
+_Count = Annotated[int, Field(ge=0, le=2**24)]
 
 
 class SolverInfo(_Frozen):
@@ -45,34 +56,34 @@ class Predicted(_Frozen):
     )
 
 
-class StageDoc(_Frozen):
-    stage_id: int
+class StageDoc(_Finite):
+    stage_id: int = Field(ge=0, le=_MAX_UNITS)
     node: str
     device: str
     layers: list[str]
-    start: int
-    end: int
-    compute_ms: float
-    hop_ms: float = Field(description="time to hand this stage's output on (to the next stage, or the token back)")
+    start: int = Field(ge=0, le=_MAX_UNITS)
+    end: int = Field(ge=0, le=_MAX_UNITS)
+    compute_ms: float = Field(ge=0)
+    hop_ms: float = Field(ge=0, description="time to hand this stage's output on (to the next stage, or the token back)")
     expected_latency_ms: float = Field(description="compute_ms + hop_ms")
     memory_required_mb: float
     memory_available_mb: float
     rationale: str
 
 
-class NodeDoc(_Frozen):
+class NodeDoc(_Finite):
     id: str
     device: str
-    memory_gb: float
-    compute_score: float
+    memory_gb: float = Field(gt=0)
+    compute_score: float = Field(gt=0)
     address: str | None = None
 
 
-class LinkDoc(_Frozen):
+class LinkDoc(_Finite):
     a: str
     b: str
-    bandwidth_gbps: float
-    latency_ms: float
+    bandwidth_gbps: float = Field(gt=0)
+    latency_ms: float = Field(ge=0)
 
 
 class PlanDoc(_Frozen):
@@ -85,7 +96,7 @@ class PlanDoc(_Frozen):
     predicted: Predicted
     stages: list[StageDoc]
     units: list[str]
-    workload: dict[str, int]
+    workload: dict[str, _Count]
     nodes: list[NodeDoc]
     links: list[LinkDoc] = Field(default_factory=list, description="links between consecutive stages")
 
@@ -104,20 +115,56 @@ def dump_plan(doc: PlanDoc, fmt: str = "json") -> str:
 def load_plan(path: str | Path) -> PlanDoc:
     """Read and validate a plan file (JSON or YAML)."""
     path = Path(path)
+    data = load_document(path, "plan")  # JSON is YAML
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise SpecError(f"{path}: cannot read plan ({exc.strerror})") from None
-    try:
-        data = yaml.safe_load(text)  # JSON is YAML
-    except yaml.YAMLError as exc:
-        raise SpecError(f"{path}: not valid JSON/YAML ({exc})") from None
-    try:
-        return PlanDoc.model_validate(data)
+        doc = PlanDoc.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        raise SpecError(f"{path}: {where}: {err['msg']}") from None
+        raise SpecError(validation_message(str(path), exc)) from None
+    check_consistent(doc, str(path))
+    return doc
+
+
+def check_consistent(doc: PlanDoc, where: str = "plan") -> None:
+    """Refuse a plan whose parts disagree: stage ranges vs ``layers`` and ``units``, nodes not in ``nodes``.
+
+    Raises:
+        SpecError: naming the stage and field, with both sides of the contradiction.
+    """
+    ids = [n.id for n in doc.nodes]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise SpecError(f"{where}: nodes: node id {dup[0]!r} is listed twice")
+    if not doc.stages:
+        raise SpecError(f"{where}: stages: the plan has no stages")
+    expect = 0
+    for i, st in enumerate(doc.stages):
+        at = f"{where}: stages[{i}]"
+        if st.node not in ids:
+            raise SpecError(f"{at}.node: {st.node!r} is not in the plan's nodes ({', '.join(ids) or 'none'})")
+        if st.start != expect or not st.start < st.end <= len(doc.units):
+            raise SpecError(
+                f"{at}: range [{st.start}, {st.end}) does not continue from unit {expect} inside the "
+                f"{len(doc.units)} units; stages cover the units in order without gaps"
+            )
+        if st.layers != doc.units[st.start:st.end]:
+            want = doc.units[st.start:st.end]
+            raise SpecError(
+                f"{at}.layers: {_span(st.layers)} contradicts start/end [{st.start}, {st.end}), "
+                f"which name {_span(want)}"
+            )
+        expect = st.end
+    if expect != len(doc.units):
+        raise SpecError(f"{where}: stages: cover units [0, {expect}) of {len(doc.units)}; the last stages are missing")
+    for i, link in enumerate(doc.links):
+        for end in (link.a, link.b):
+            if end not in ids:
+                raise SpecError(f"{where}: links[{i}]: node {end!r} is not in the plan's nodes")
+
+
+def _span(names: list[str]) -> str:
+    if not names:
+        return "no units"
+    return f"{names[0]}..{names[-1]} ({len(names)} units)" if len(names) > 1 else f"{names[0]} (1 unit)"
 
 
 def _rationale(problem: Problem, ev: Evaluation, k: int, cm: CostModel) -> str:

@@ -12,10 +12,11 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from noodle.docfile import load_document, validation_message
 from noodle.errors import NoodleError, SpecError
+from noodle.extras import require_exec
 from noodle.graph.build import build_cost_graph, problem_from_graph
 from noodle.sizes import MAX_NODES, MAX_UNITS, size_problem
 from noodle.types import Cluster, Constraints, Link, Node, Pin, Problem, Unit, Workload
@@ -24,23 +25,33 @@ __all__ = ["Spec", "load_spec", "parse_spec", "spec_json_schema", "SOLVER_DEFAUL
 
 SOLVER_DEFAULT_TIME_LIMIT_S = 10.0
 
+# Bounds on numbers (documented in docs/spec.md and docs/troubleshooting.md): finite, and small enough that
+# sums and products over every unit and node stay exact in float64 and int64.
+MAX_BYTES = 2**50  # 1 PiB per unit
+MAX_MS = 1e9  # about 11.6 days per step
+MAX_TOKENS = 2**24
+MAX_BATCH = 2**16
+MAX_MEMORY_GB = 2.0**20  # 1 PiB per node
+MIN_SCORE, MAX_SCORE = 1e-6, 1e6  # compute_score, tflops, GB/s: positive and not vanishingly small
+MAX_TIME_LIMIT_S = 1e6
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class LayerSpec(_Strict):
     name: str = Field(min_length=1)
-    latency_ms: float = Field(ge=0, description="one decode step on the reference device (compute_score 1.0)")
-    param_bytes: int = Field(ge=0)
-    activation_bytes: int = Field(ge=0, description="bytes handed to the next unit per decode step")
-    kv_bytes_per_token: int = Field(0, ge=0)
-    prefill_ms_per_token: float | None = Field(None, ge=0)
+    latency_ms: float = Field(ge=0, le=MAX_MS, description="one decode step on the reference device (compute_score 1.0)")
+    param_bytes: int = Field(ge=0, le=MAX_BYTES)
+    activation_bytes: int = Field(ge=0, le=MAX_BYTES, description="bytes handed to the next unit per decode step")
+    kv_bytes_per_token: int = Field(0, ge=0, le=MAX_BYTES)
+    prefill_ms_per_token: float | None = Field(None, ge=0, le=MAX_MS)
 
 
 class ReferenceSpec(_Strict):
-    tflops: float = Field(1.0, gt=0)
-    mem_bandwidth_gbps: float = Field(50.0, gt=0)
+    tflops: float = Field(1.0, ge=MIN_SCORE, le=MAX_SCORE)
+    mem_bandwidth_gbps: float = Field(50.0, ge=MIN_SCORE, le=MAX_SCORE)
 
 
 class ModelSpec(_Strict):
@@ -61,23 +72,23 @@ class ModelSpec(_Strict):
 
 
 class WorkloadSpec(_Strict):
-    prompt_tokens: int = Field(128, ge=1)
-    max_new_tokens: int = Field(64, ge=1)
-    batch_size: int = Field(1, ge=1, description="sequences per group (micro-batch), stepped together")
-    concurrency: int = Field(1, ge=1, description="groups in flight at once in the pipeline; every stage holds their KV caches")
+    prompt_tokens: int = Field(128, ge=1, le=MAX_TOKENS)
+    max_new_tokens: int = Field(64, ge=1, le=MAX_TOKENS)
+    batch_size: int = Field(1, ge=1, le=MAX_BATCH, description="sequences per group (micro-batch), stepped together")
+    concurrency: int = Field(1, ge=1, le=MAX_BATCH, description="groups in flight at once in the pipeline; every stage holds their KV caches")
 
 
 class NodeSpec(_Strict):
     id: str = Field(min_length=1)
     device: str = Field("cpu", min_length=1)
-    memory_gb: float = Field(gt=0, description="GiB (2^30 bytes)")
-    compute_score: float = Field(gt=0, description="speed relative to the reference device")
+    memory_gb: float = Field(gt=0, le=MAX_MEMORY_GB, description="GiB (2^30 bytes)")
+    compute_score: float = Field(ge=MIN_SCORE, le=MAX_SCORE, description="speed relative to the reference device")
     address: str | None = Field(None, description="host:port of this node's gRPC worker")
 
 
 class LinkSpec(_Strict):
-    bandwidth_gbps: float = Field(gt=0)
-    latency_ms: float = Field(ge=0)
+    bandwidth_gbps: float = Field(ge=MIN_SCORE, le=MAX_SCORE)
+    latency_ms: float = Field(ge=0, le=MAX_MS)
 
 
 class PairSpec(LinkSpec):
@@ -104,12 +115,12 @@ class PinSpec(_Strict):
 class ConstraintsSpec(_Strict):
     pins: list[PinSpec] = []
     exclude: list[str] = []
-    max_stages: int | None = Field(None, ge=1)
+    max_stages: int | None = Field(None, ge=1, le=2**20)
 
 
 class SolverSpec(_Strict):
     name: str = "auto"
-    time_limit_s: float = Field(SOLVER_DEFAULT_TIME_LIMIT_S, gt=0)
+    time_limit_s: float = Field(SOLVER_DEFAULT_TIME_LIMIT_S, gt=0, le=MAX_TIME_LIMIT_S)
 
 
 class Spec(_Strict):
@@ -162,6 +173,7 @@ def _units(spec: Spec, base: Path, workload: Workload, source: str) -> tuple[Uni
 
         units, _meta = load_units(base / m.profile)
         return tuple(units)
+    require_exec(f"{source}: model.hf_config (the analytic profile builds the model on the meta device)")
     from noodle.graph.analytic import ReferenceDevice, analytic_units
     from noodle.models.loading import load_config
 
@@ -232,18 +244,6 @@ def _constraints(spec: Spec, units: tuple[Unit, ...], cluster: Cluster, source: 
     return Constraints(tuple(pins), frozenset(c.exclude), c.max_stages)
 
 
-def _format_error(source: str, exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    loc = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in err["loc"]).replace(".[", "[")
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        msg = "unknown key (check the spelling; see specs/spec.schema.json)"
-    elif err["type"] == "missing":
-        msg = "required key is missing"
-    extra = f" (+{len(exc.errors()) - 1} more problems)" if len(exc.errors()) > 1 else ""
-    return f"{source}: {loc or '(top level)'}: {msg}{extra}"
-
-
 def parse_spec(data: Any, source: str = "spec") -> Spec:
     """Validate a spec given as a Python mapping."""
     if not isinstance(data, dict):
@@ -251,22 +251,13 @@ def parse_spec(data: Any, source: str = "spec") -> Spec:
     try:
         return Spec.model_validate(data)
     except ValidationError as exc:
-        raise SpecError(_format_error(source, exc)) from None
+        raise SpecError(validation_message(source, exc)) from None
 
 
 def load_spec(path: str | Path) -> tuple[Spec, Problem]:
     """Read, validate and resolve a spec file; relative paths inside it are relative to the file."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise SpecError(f"{path}: cannot read spec ({exc.strerror})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark else "(parse)"
-        raise SpecError(f"{path}: {where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    data = load_document(path, "spec")
     spec = parse_spec(data, str(path))
     return spec, spec.to_problem(path.parent, source=str(path))
 

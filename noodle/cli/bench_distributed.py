@@ -72,6 +72,9 @@ def bench_distributed_cmd(
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Distributed executors on loopback: decode tokens/s vs local and ms added per hop (TCP floor beside)."""
+    from noodle.extras import require_exec
+
+    require_exec("noodle bench distributed")
     run_distributed_bench(preset, stages, rounds, warmup, prompt_tokens, decode_tokens, threads, modes, out, seed)
 
 

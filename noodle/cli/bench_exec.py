@@ -21,6 +21,9 @@ def bench_exec_cmd(
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Staged-execution overhead: native HF decode loop vs the local executor (interleaved, one process)."""
+    from noodle.extras import require_exec
+
+    require_exec("noodle bench exec")
     from noodle.executors.overhead import run_exec_bench
 
     run_exec_bench(preset, max_stages, rounds, warmup, prompt_tokens, decode_tokens, threads, out, seed)

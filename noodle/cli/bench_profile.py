@@ -66,6 +66,9 @@ def bench_profile_cmd(
     threads: int | None = typer.Option(None, "--threads", help="torch intra-op threads (default: torch's choice)"),
 ) -> None:
     """Overhead of specialized and generic profiler hooks vs no hooks (interleaved, one process)."""
+    from noodle.extras import require_exec
+
+    require_exec("noodle bench profile")
     run_profile_bench(preset, rounds, warmup, prompt_tokens, decode_tokens, out, seed, threads=threads)
 
 

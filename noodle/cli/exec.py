@@ -5,20 +5,25 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from noodle.cli.checks import MAX_SEED, check_float, check_int, check_positions, check_threads
 from noodle.errors import ModelError, SpecError
-from noodle.executors import EXECUTORS, RunReport, Sampling, check_plan, check_workload
+from noodle.extras import require_exec
 from noodle.plandoc import load_plan
+
+if TYPE_CHECKING:  # noodle.executors imports torch: only `exec` itself loads it
+    from noodle.executors import RunReport
 
 __all__ = ["register", "render_report", "read_prompts"]
 
 FORMATS = ("table", "json")
+BACKENDS_HELP = "executor: local, torchrpc or grpc"  # noodle.executors.EXECUTORS; checked when the command runs
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
@@ -152,7 +157,7 @@ def render_report(report: RunReport, console: Console) -> None:
 def exec_cmd(
     plan: Path = typer.Argument(..., help="plan file written by `noodle solve` (JSON or YAML)"),
     model: Path = typer.Option(..., "--model", "-m", help="model folder the plan was made for"),
-    backend: str = typer.Option("local", "--backend", "-b", help="executor: " + ", ".join(EXECUTORS.names())),
+    backend: str = typer.Option("local", "--backend", "-b", help=BACKENDS_HELP),
     prompt: str | None = typer.Option(None, "--prompt", help="prompt text (needs a tokenizer in the model folder)"),
     prompt_ids: str | None = typer.Option(None, "--prompt-ids", help="prompt token ids, e.g. 1,2,3"),
     batch: Path | None = typer.Option(None, "--batch", help="file with one prompt per line (text, or ids without a tokenizer)"),
@@ -175,7 +180,9 @@ def exec_cmd(
     prefill_chunk: int = typer.Option(0, "--prefill-chunk", help="with --concurrency: prefill prompts in chunks of N tokens (0: whole)"),
 ) -> None:
     """Run a plan's stages on a model and report measured vs planned latency per stage."""
+    require_exec("noodle exec")
     from noodle.cli.network import backend_options, render_network
+    from noodle.executors import EXECUTORS, Sampling, check_plan, check_workload
 
     if fmt not in FORMATS:
         raise SpecError(f"--format: {fmt!r} is not a format; use one of {', '.join(FORMATS)}")
@@ -183,6 +190,7 @@ def exec_cmd(
         raise SpecError(f"--backend: unknown executor {backend!r}; valid names: {', '.join(EXECUTORS.names())}")
     if max_new_tokens < 1:
         raise SpecError(f"--max-new-tokens: must be >= 1, got {max_new_tokens}")
+<<<<<<< HEAD
     if threads < 0:
         raise SpecError(f"--threads: must be >= 0 (0: torch's default), got {threads}")
     if concurrency is not None and concurrency < 1:
@@ -193,14 +201,28 @@ def exec_cmd(
         raise SpecError(f"--prefill-chunk: must be >= 0 tokens (0: the whole prompt at once), got {prefill_chunk}")
     if concurrency is None and (micro_batch != 1 or prefill_chunk):
         raise SpecError("--micro-batch and --prefill-chunk need --concurrency N (the pipelined engine)")
+=======
+    check_threads("--threads", threads)
+    check_float("--temperature", temperature, ge=0, le=1e4)
+    check_float("--top-p", top_p, gt=0, le=1)
+    check_int("--top-k", top_k, ge=0, le=2**31 - 1)
+    check_int("--seed", seed, ge=0, le=MAX_SEED)
+    check_int("--max-new-tokens", max_new_tokens, ge=1, le=2**24)
+    if step_timeout is not None:
+        check_float("--step-timeout", step_timeout, le=1e6)  # > 0: backend_options, for the backends that use it
+>>>>>>> harden
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     doc = load_plan(plan)
     from noodle.executors.slicing import read_config, unit_names_of
+    from noodle.models.weights import weight_files
 
     config = read_config(model)
     check_plan(doc, unit_names_of(model), where=str(plan))
+    weight_files(model)  # truncated or garbage safetensors, an index pointing outside the folder: one line
     tokenizer = _tokenizer(model)
     prompts = read_prompts(prompt, prompt_ids, batch, tokenizer, int(config.vocab_size), batch_ids)
+    longest = max(len(p) for p in prompts)
+    check_positions(config, longest, max_new_tokens, where=f"the model in {model}", flags="prompt + --max-new-tokens")
     if threads:
         import torch
 

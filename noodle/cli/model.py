@@ -7,7 +7,9 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from noodle.cli.checks import MAX_SEED, check_int
 from noodle.errors import SpecError
+from noodle.extras import require_exec
 
 __all__ = ["register", "model_app"]
 
@@ -22,13 +24,13 @@ def init_cmd(
     seed: int = typer.Option(0, "--seed", help="seed of the random weights"),
 ) -> None:
     """Build a model with seeded random weights and save it as a local folder."""
+    require_exec("noodle model init")
     from noodle.cli.profile import quiet_transformers
     from noodle.models import init_model, layout_of, load_model
 
     if (preset is None) == (config is None):
         raise SpecError("model init: give exactly one of --preset NAME or --config FILE.json")
-    if seed < 0:
-        raise SpecError(f"--seed: must be >= 0, got {seed}")
+    check_int("--seed", seed, ge=0, le=MAX_SEED)
     quiet_transformers()
     path = init_model(preset if preset is not None else config, out, seed=seed)  # type: ignore[arg-type]
     model = load_model(path)

@@ -10,7 +10,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from noodle.cli.checks import MAX_SEED, check_int, check_threads
 from noodle.errors import SpecError
+from noodle.extras import require_exec
 
 __all__ = ["register", "open_model", "quiet_transformers"]
 
@@ -73,6 +75,22 @@ def _render(report: Any, out: Path, console: Console) -> None:
                   + (", dashboard.html, summary.png)" if (out / "dashboard.html").exists() else ")"))
 
 
+def _output_folder(out: Path | None) -> Path | None:
+    """``--out`` as a folder that exists and takes files; checked before any model is built."""
+    if out is None:
+        return None
+    if out.exists() and not out.is_dir():
+        raise SpecError(f"--out: {out} is an existing file; give a folder for the profile (metrics.jsonl, units.json, ...)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".noodle-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise SpecError(f"--out: cannot write to {out} ({exc.strerror or exc}); give a writable folder") from None
+    return out
+
+
 def profile_cmd(
     model: Path | None = typer.Option(None, "--model", "-m", help="local model folder (from_pretrained)"),
     config: Path | None = typer.Option(None, "--config", help="config.json: build with seeded random weights"),
@@ -92,6 +110,7 @@ def profile_cmd(
     threads: int | None = typer.Option(None, "--threads", help="torch intra-op threads (default: torch's choice)"),
 ) -> None:
     """Profile a model unit by unit (prefill and decode) and write the profile the planner reads."""
+    require_exec("noodle profile")
     from noodle.profile import ObservabilityEngine, ProfileConfig
 
     cfg = ProfileConfig(  # validates the numbers before the model is built
@@ -99,16 +118,23 @@ def profile_cmd(
         batch_size=batch_size, warmup=warmup, iterations=iterations, module_iterations=module_iterations,
         device=device, seed=seed, progress=True,
     )
+    for flag, value, top in (("--prompt-tokens", prompt_tokens, 2**24), ("--decode-tokens", decode_tokens, 2**24),
+                             ("--batch-size", batch_size, 2**16), ("--warmup", warmup, 10**6),
+                             ("--iterations", iterations, 10**6), ("--module-iterations", module_iterations, 10**6)):
+        check_int(flag, value, ge=0, le=top)  # lower bounds: ProfileConfig above
+    check_int("--seed", seed, ge=0, le=MAX_SEED)
+    out = _output_folder(out)
     if threads is not None:
         if threads < 1:
             raise SpecError(f"--threads: must be at least 1, got {threads}")
+        check_threads("--threads", threads, minimum=1)
         import torch
 
         torch.set_num_threads(threads)  # recorded in system_info.json and the reference device
     quiet_transformers()
     lm, model_name, source = open_model(model, config, preset, seed)
     cfg = replace(cfg, model_name=name or model_name, source=source)
-    out = out or Path("runs") / "profile" / cfg.model_name
+    out = out or _output_folder(Path("runs") / "profile" / cfg.model_name)
     console = Console()
     engine = ObservabilityEngine(lm, out, cfg)
     with engine:

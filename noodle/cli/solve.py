@@ -12,11 +12,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from noodle.cli.checks import check_float
 from noodle.errors import SpecError
 from noodle.graph.build import build_cost_graph
 from noodle.plandoc import PlanDoc, build_plan_doc, dump_plan
 from noodle.solvers import SOLVERS, solve
-from noodle.spec import load_spec
+from noodle.spec import MAX_TIME_LIMIT_S, load_spec
 
 __all__ = ["register", "render_table"]
 
@@ -69,8 +70,8 @@ def solve_cmd(
         raise SpecError(f"--format: {fmt!r} is not a format; use one of {', '.join(FORMATS)}")
     if objective is not None and objective not in ("throughput", "latency"):
         raise SpecError(f"--objective: {objective!r}; use throughput or latency")
-    if time_limit is not None and time_limit <= 0:
-        raise SpecError(f"--time-limit: must be > 0 seconds, got {time_limit:g}")
+    if time_limit is not None:
+        check_float("--time-limit", time_limit, gt=0, le=MAX_TIME_LIMIT_S)
     err = Console(stderr=True)
     spec_obj, problem = load_spec(spec)
     if objective:

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import typer
 
-from noodle.errors import SpecError
+from noodle.cli.checks import check_float, check_int, check_threads
+from noodle.errors import ExecutorError, SpecError
+from noodle.extras import require_exec
 
 __all__ = ["register", "worker_cmd"]
 
@@ -41,14 +43,20 @@ def worker_cmd(
     threads: int = typer.Option(0, "--threads", help="torch CPU threads (0: torch's default)"),
     insecure: bool = typer.Option(False, "--insecure", help="grpc: allow a non-loopback --host without a token"),
     timeout: float = typer.Option(1800.0, "--timeout", help="torchrpc: seconds a rank waits for its peers"),
+    connect_timeout: float = typer.Option(60.0, "--connect-timeout",
+                                          help="torchrpc: seconds to wait for the coordinator (rank 0) to listen"),
     dist_backend: str = typer.Option("gloo", "--dist-backend", envvar="NOODLE_DIST_BACKEND",
                                      help="torchrpc: gloo, or nccl when every rank has a GPU (same on every rank)"),
 ) -> None:
     """Serve stages of a model to a coordinator (`noodle exec --backend grpc|torchrpc`)."""
+    require_exec("noodle worker")
     if backend not in BACKENDS:
         raise SpecError(f"--backend: {backend!r}; workers speak {', '.join(BACKENDS)}")
-    if threads < 0:
-        raise SpecError(f"--threads: must be >= 0, got {threads}")
+    check_threads("--threads", threads)
+    check_int("--port", port, ge=0, le=65535)
+    check_float("--timeout", timeout, gt=0, le=1e6)
+    check_float("--idle-timeout", idle_timeout, gt=0, le=1e7)
+    check_float("--connect-timeout", connect_timeout, gt=0, le=1e6)
     if threads:
         import torch
 
@@ -56,12 +64,19 @@ def worker_cmd(
     if backend == "torchrpc":
         from noodle.executors.torchdist import run_worker, world_from_env
 
-        _, _, rank, world = world_from_env()
+        addr, master_port, rank, world = world_from_env()
+        _wait_for_coordinator(addr, master_port, connect_timeout)
         print(f"noodle worker: torchrpc rank {rank} of {world} ({dist_backend}, device {device})", flush=True)
-        code = run_worker(model, device=device, backend=dist_backend, timeout_s=timeout, threads=threads)
+        import torch.distributed as dist
+
+        try:
+            code = run_worker(model, device=device, backend=dist_backend, timeout_s=timeout, threads=threads)
+        except dist.DistError as exc:  # the coordinator went away or never formed the world
+            raise ExecutorError(f"torchrpc worker: rank {rank}: {str(exc).splitlines()[0]}") from None
         raise typer.Exit(code)
-    if max_message_mb < 1:
-        raise SpecError(f"--max-message-mb: must be >= 1, got {max_message_mb}")
+    check_int("--max-message-mb", max_message_mb, ge=1, le=2047)  # gRPC's limits are signed 32-bit
+    check_int("--max-sessions", max_sessions, ge=1, le=100_000)
+    check_int("--max-stages", max_stages, ge=1, le=100_000)
     from noodle.executors.grpc.server import run_forever
     from noodle.executors.grpc.worker import WorkerConfig
 
@@ -72,6 +87,26 @@ def worker_cmd(
         max_tensor_bytes=min(limit, 256 * 2**20), insecure=insecure,
     )  # fmt: skip
     raise typer.Exit(run_forever(config))
+
+
+def _wait_for_coordinator(addr: str, port: int, timeout_s: float) -> None:
+    """Wait until something listens on MASTER_ADDR:MASTER_PORT, or refuse in one line after ``timeout_s``."""
+    import socket
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((addr, port), timeout=min(2.0, timeout_s)):
+                return
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                raise SpecError(
+                    f"MASTER_ADDR/MASTER_PORT: no coordinator listens on {addr}:{port} after {timeout_s:g} s "
+                    f"({exc.strerror or exc}); start rank 0 (`noodle exec --backend torchrpc`) first, "
+                    "or raise --connect-timeout"
+                ) from None
+        time.sleep(0.2)
 
 
 def register(app: typer.Typer) -> None:

@@ -13,7 +13,6 @@ and shares the tensor when it does.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,8 @@ from torch import nn
 
 from noodle.errors import ModelError
 from noodle.models.adapter import UnitLayout, layout_of
-from noodle.models.loading import causal_lm_from_config
+from noodle.models.loading import causal_lm_from_config, check_config_file, config_errors
+from noodle.models.weights import read_index, weight_files
 
 __all__ = ["ModelSlice", "load_slice", "read_config", "unit_names_of", "weight_index"]
 
@@ -86,31 +86,27 @@ def read_config(folder: str | Path) -> Any:
         raise ModelError(f"{folder}: no such model folder")
     if not (folder / "config.json").is_file():
         raise ModelError(f"{folder}: not a model folder (no config.json)")
+    check_config_file(folder / "config.json")
     try:
         return AutoConfig.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
+    except config_errors() as exc:
         raise ModelError(f"{folder}: cannot read config.json ({str(exc).splitlines()[0]})") from None
 
 
 def weight_index(folder: str | Path) -> dict[str, Path]:
-    """Tensor name -> safetensors file holding it (sharded or not)."""
-    from safetensors import safe_open
+    """Tensor name -> safetensors file holding it (sharded or not), every file's header checked first.
 
+    Raises:
+        ModelError: no weights, an index pointing outside the folder, a truncated or garbage file.
+    """
     folder = Path(folder)
-    index_file = folder / "model.safetensors.index.json"
-    if index_file.is_file():
-        try:
-            weight_map = json.loads(index_file.read_text())["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError) as exc:
-            raise ModelError(f"{index_file}: unreadable safetensors index ({exc})") from None
-        return {name: folder / file for name, file in weight_map.items()}
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise ModelError(f"{folder}: no *.safetensors weights (stages load weights with safetensors only)")
+    index = read_index(folder)
+    files = weight_files(folder)
+    if index is not None:
+        return index
     out: dict[str, Path] = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            out.update(dict.fromkeys(f.keys(), file))
+    for file, names in files.items():
+        out.update(dict.fromkeys(names, file))
     return out
 
 
@@ -148,7 +144,7 @@ def load_slice(folder: str | Path, start: int, end: int) -> ModelSlice:
         ValueError: the range is empty or outside the model's units (a caller bug;
             plans are checked against the model before stages are built).
     """
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     folder = Path(folder)
     config = read_config(folder)
@@ -186,9 +182,12 @@ def load_slice(folder: str | Path, start: int, end: int) -> ModelSlice:
         by_file.setdefault(index[source], []).append(full)
     loaded: dict[str, torch.Tensor] = {}
     for file, fulls in by_file.items():
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for full in fulls:
-                loaded[full] = f.get_tensor(sources[full])
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for full in fulls:
+                    loaded[full] = f.get_tensor(sources[full])
+        except (SafetensorError, OSError) as exc:  # changed on disk since weight_index checked it
+            raise ModelError(f"{file}: cannot read weights ({str(exc).splitlines()[0]})") from None
 
     with torch.no_grad():
         for path, keys in wanted.items():

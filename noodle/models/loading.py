@@ -52,10 +52,7 @@ def load_config(source: str | Path | dict[str, Any]) -> Any:
         if not path.is_file():
             valid = ", ".join(PRESETS)
             raise ModelError(f"{source}: not a preset ({valid}) and no config.json there")
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ModelError(f"{path}: not a readable JSON config ({exc})") from None
+        data = check_config_file(path)
     model_type = data.pop("model_type", None)
     if not model_type:
         raise ModelError(f"{source}: config has no 'model_type'")
@@ -65,8 +62,31 @@ def load_config(source: str | Path | dict[str, Any]) -> Any:
         raise ModelError(f"{source}: model_type {model_type!r} is not known to this transformers version")
     try:
         return AutoConfig.for_model(model_type, **data)
-    except (ValueError, KeyError, TypeError) as exc:
+    except config_errors() as exc:
         raise ModelError(f"{source}: invalid {model_type} config ({str(exc).splitlines()[0][:200]})") from None
+
+
+def config_errors() -> tuple[type[BaseException], ...]:
+    """What transformers raises for a config with fields of the wrong type or value (its versions differ)."""
+    errors: tuple[type[BaseException], ...] = (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError)
+    try:
+        from huggingface_hub.errors import StrictDataclassError  # transformers >= 5 validates configs with it
+    except ImportError:
+        return errors
+    return (*errors, StrictDataclassError)
+
+
+def check_config_file(path: Path) -> dict[str, Any]:
+    """The JSON object of a config.json, or a ModelError naming the file (bytes, nesting, type)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{path}: not a readable JSON config ({exc})") from None
+    except RecursionError:
+        raise ModelError(f"{path}: not a model config (JSON nested too deeply)") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: expected a JSON object of config keys, got {type(data).__name__}")
+    return data
 
 
 def causal_lm_from_config(config: Any, *, dtype: Any = None, meta: bool = False) -> Any:
@@ -88,6 +108,8 @@ def causal_lm_from_config(config: Any, *, dtype: Any = None, meta: bool = False)
             f"model_type {getattr(config, 'model_type', '?')!r} has no causal-LM class in transformers; "
             "noodle runs decoder-only LMs"
         ) from exc
+    except (TypeError, AttributeError, OverflowError) as exc:  # a config field of the wrong type or size
+        raise ModelError(f"the config does not build a model ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
 
 
 def build_model(config: Any, *, seed: int = 0, dtype: Any = None) -> Any:
@@ -129,11 +151,18 @@ def load_model(path: str | Path, *, dtype: Any = None) -> Any:
         raise ModelError(f"{path}: no such model folder")
     if not (path / "config.json").is_file():
         raise ModelError(f"{path}: not a model folder (no config.json)")
+    check_config_file(path / "config.json")
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise ModelError(f"{path}: not a model folder (no *.safetensors weights)")
+    from safetensors import SafetensorError
+
+    from noodle.models.weights import weight_files
+
+    if any(path.glob("*.safetensors")):
+        weight_files(path)  # truncated or garbage files, an index pointing outside the folder: one line
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
+    except (*config_errors(), SafetensorError) as exc:
         raise ModelError(f"{path}: cannot load model ({str(exc).splitlines()[0]})") from None
     from noodle.models.adapter import layout_of
 

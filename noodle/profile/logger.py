@@ -52,6 +52,8 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise SpecError(f"{path}: line {lineno}: not JSON ({exc.msg})") from None
+        except RecursionError:
+            raise SpecError(f"{path}: line {lineno}: nested too deeply; not a row written by noodle profile") from None
         if not isinstance(row, dict):
             raise SpecError(f"{path}: line {lineno}: expected a JSON object, got {type(row).__name__}")
         rows.append(row)

@@ -75,8 +75,14 @@ def unit_document(rows: list[dict[str, Any]], source: str | Path = "metrics.json
     return doc
 
 
+_MAX_INT, _MAX_FLOAT = 2**50, 1e9  # bytes and milliseconds per unit: the spec's bounds (noodle.spec)
+
+
 def _number(value: Any, where: str, integer: bool) -> float | int:
+    top = _MAX_INT if integer else _MAX_FLOAT
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    if ok and value > top:
+        raise SpecError(f"{where}: must be at most {top:g}, got {value!r}")
     if ok and integer and float(value) != int(value):
         ok = False
     if not ok:
@@ -153,6 +159,8 @@ def load_units(path: str | Path) -> tuple[tuple[Unit, ...], dict[str, Any]]:
             doc = json.loads(p.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise SpecError(f"{p}: not a readable JSON profile ({exc})") from None
+        except RecursionError:
+            raise SpecError(f"{p}: not a units.json profile (nested too deeply)") from None
     units = units_from_document(doc, p)
     meta = {key: doc.get(key) for key in _META}
     meta["source"] = str(p)
