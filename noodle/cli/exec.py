@@ -190,18 +190,6 @@ def exec_cmd(
         raise SpecError(f"--backend: unknown executor {backend!r}; valid names: {', '.join(EXECUTORS.names())}")
     if max_new_tokens < 1:
         raise SpecError(f"--max-new-tokens: must be >= 1, got {max_new_tokens}")
-<<<<<<< HEAD
-    if threads < 0:
-        raise SpecError(f"--threads: must be >= 0 (0: torch's default), got {threads}")
-    if concurrency is not None and concurrency < 1:
-        raise SpecError(f"--concurrency: must be >= 1 sequences in flight, got {concurrency}")
-    if micro_batch < 1:
-        raise SpecError(f"--micro-batch: must be >= 1, got {micro_batch}")
-    if prefill_chunk < 0:
-        raise SpecError(f"--prefill-chunk: must be >= 0 tokens (0: the whole prompt at once), got {prefill_chunk}")
-    if concurrency is None and (micro_batch != 1 or prefill_chunk):
-        raise SpecError("--micro-batch and --prefill-chunk need --concurrency N (the pipelined engine)")
-=======
     check_threads("--threads", threads)
     check_float("--temperature", temperature, ge=0, le=1e4)
     check_float("--top-p", top_p, gt=0, le=1)
@@ -210,7 +198,12 @@ def exec_cmd(
     check_int("--max-new-tokens", max_new_tokens, ge=1, le=2**24)
     if step_timeout is not None:
         check_float("--step-timeout", step_timeout, le=1e6)  # > 0: backend_options, for the backends that use it
->>>>>>> harden
+    if concurrency is not None:
+        check_int("--concurrency", concurrency, ge=1, le=4096)
+    check_int("--micro-batch", micro_batch, ge=1, le=4096)
+    check_int("--prefill-chunk", prefill_chunk, ge=0, le=2**24)
+    if concurrency is None and (micro_batch != 1 or prefill_chunk):
+        raise SpecError("--micro-batch and --prefill-chunk need --concurrency N (the pipelined engine)")
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     doc = load_plan(plan)
     from noodle.executors.slicing import read_config, unit_names_of
