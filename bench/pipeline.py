@@ -5,7 +5,11 @@ GPT-2 small (random weights) is profiled on this machine, then planned for a 3-n
 machine, memory forcing every node into use). Each plan runs, in one process:
 
 * emulated (``LocalExecutor(emulate=True)``: every stage takes its planned time), at
-  concurrency 1 (one sequence at a time: the baseline) up to 16;
+  concurrency 1 (one sequence at a time: the baseline) up to 16 - once computing GPT-2 small
+  itself under the sleeps ("emulated"), and once computing a narrow GPT-2 with the same 14
+  units (64 wide) under the same planned times ("emulated-narrow"): its real compute is a
+  millisecond, so what remains is the scheduler's and the emulation's own accuracy, whatever
+  else loads this machine;
 * on real loopback gRPC workers (one ``noodle worker`` process per stage, real compute on
   this machine's cores), same levels;
 * time to first token of a 1,000-token prompt on the 4-stage plan, whole vs chunked
@@ -74,7 +78,7 @@ def sweep(ex, plan: dict, levels: list[int], prompt: int, new: int, label: str) 
 
     rows = []
     for c in levels:
-        prompts = prompts_for(min(32, max(4, 2 * c)), prompt, salt=c)
+        prompts = prompts_for(c + 4, prompt, salt=c)
         rep = run_concurrent(ex, prompts, max_new_tokens=new, concurrency=c).report
         row = {
             "mode": label, "stages": len(plan["stages"]), "concurrency": c, "requests": len(prompts),
@@ -84,11 +88,14 @@ def sweep(ex, plan: dict, levels: list[int], prompt: int, new: int, label: str) 
             "ttft_ms_p50": round(rep.ttft_ms_p50 or 0, 1), "ttft_ms_p95": round(rep.ttft_ms_p95 or 0, 1),
             "itl_ms_p50": round(rep.itl_ms_p50 or 0, 2), "itl_ms_p95": round(rep.itl_ms_p95 or 0, 2),
             "busy": [round(s.busy_fraction or 0, 2) for s in rep.stages],
+            "step_ms_p50": [round(s.decode_ms_p50 + s.hop_ms_p50, 1) for s in rep.stages],
+            "planned_ms": [round(s.predicted_latency_ms or 0, 1) for s in rep.stages],
         }  # fmt: skip
         rows.append(row)
-        print(f"{label:9s} {row['stages']} stages  c={c:2d}  {row['tokens_per_s']:7.2f} tok/s  plan {row['plan_tokens_per_s']:7.2f}"
+        print(f"{label:15s} {row['stages']} stages  c={c:2d}  {row['tokens_per_s']:7.2f} tok/s  plan {row['plan_tokens_per_s']:7.2f}"
               f"  bound {row['bound_tokens_per_s']:7.2f} ({row['of_bound']:.0%})  TTFT p50 {row['ttft_ms_p50']:8.1f} ms"
-              f"  ITL p50 {row['itl_ms_p50']:7.2f} p95 {row['itl_ms_p95']:7.2f}  busy {row['busy']}", flush=True)  # fmt: skip
+              f"  ITL p50 {row['itl_ms_p50']:7.2f} p95 {row['itl_ms_p95']:7.2f}  busy {row['busy']}"
+              f"  step {row['step_ms_p50']} vs planned {row['planned_ms']} ms", flush=True)  # fmt: skip
     base = rows[0]["tokens_per_s"] if rows and rows[0]["concurrency"] == 1 else None
     for r in rows:
         r["speedup_vs_one"] = round(r["tokens_per_s"] / base, 2) if base else None
@@ -166,12 +173,18 @@ def main() -> None:
                "--decode-tokens", "16", "--iterations", "10", "--warmup", "2", "--module-iterations", "0",
                "--no-dashboard", "--threads", str(args.threads), cwd=work, env=env)  # fmt: skip
         model = work / "model"
+        from noodle.models import init_model
+
+        narrow = init_model({"model_type": "gpt2", "n_layer": 12, "n_embd": 64, "n_head": 4, "n_positions": 1024,
+                             "vocab_size": 50257}, work / "narrow", seed=0, tokenizer=False)  # fmt: skip
         plans = {n: solve(work, env, n, args.prompt_tokens, args.new_tokens) for n in (3, 4)}
         for n, path in plans.items():
             doc = load_plan(path)
             plan = json.loads(path.read_text())
             print(f"{n}-node plan: " + ", ".join(f"{s.node} [{s.start},{s.end}) {s.expected_latency_ms:.1f} ms" for s in doc.stages)
                   + f" | bound {1e3 / doc.predicted.bottleneck_ms:.2f} tok/s, one at a time {1e3 / doc.predicted.token_latency_ms:.2f}")
+            with LocalExecutor(doc, narrow, emulate=True, log=lambda _: None) as ex:
+                rows += sweep(ex, plan, levels, args.prompt_tokens, args.new_tokens, "emulated-narrow")
             with LocalExecutor(doc, model, emulate=True, log=lambda _: None) as ex:
                 rows += sweep(ex, plan, levels, args.prompt_tokens, args.new_tokens, "emulated")
             if not args.no_grpc:
@@ -212,7 +225,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for ax, n in zip(axes, (3, 4)):
-        for mode, style in (("emulated", "o-"), ("grpc", "s--")):
+        for mode, style in (("emulated-narrow", "^-"), ("emulated", "o-"), ("grpc", "s--")):
             sel = [r for r in rows if r["stages"] == n and r["mode"] == mode]
             if sel:
                 ax.plot([r["concurrency"] for r in sel], [r["tokens_per_s"] for r in sel], style, label=f"measured ({mode})")
