@@ -104,9 +104,20 @@ class PlanDoc(_Frozen):
         return self.model_dump(mode="json")
 
 
+def _rounded(value: Any) -> Any:
+    """Floats to 9 decimals (ns in ms fields), so files read 2.21135488, not 2.2113548800000005."""
+    if isinstance(value, float):
+        return round(value, 9)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
+
+
 def dump_plan(doc: PlanDoc, fmt: str = "json") -> str:
-    """Serialise a plan as ``json`` or ``yaml`` text."""
-    data = doc.as_dict()
+    """Serialise a plan as ``json`` or ``yaml`` text (floats rounded to 9 decimals)."""
+    data = _rounded(doc.as_dict())
     if fmt == "yaml":
         return yaml.safe_dump(data, sort_keys=False)
     return json.dumps(data, indent=2) + "\n"

@@ -89,8 +89,14 @@ def solve_cmd(
         import networkx as nx
 
         g = build_cost_graph(problem.units, problem.cluster, problem.workload)
-        g.graph.clear()  # GraphML holds scalar attributes only
-        nx.write_graphml(nx.relabel_nodes(g, lambda k: f"{k[0]}:{k[1]}"), graph)
+        g.graph.clear()  # GraphML holds scalar attributes only, and no None
+        for _, attrs in [*g.nodes(data=True), *((None, d) for *_, d in g.edges(data=True))]:
+            for key in [k for k, v in attrs.items() if v is None]:
+                del attrs[key]
+        try:
+            nx.write_graphml(nx.relabel_nodes(g, lambda k: f"{k[0]}:{k[1]}"), graph)
+        except OSError as exc:
+            raise SpecError(f"--graph: cannot write {graph} ({exc.strerror})") from None
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(dump_plan(doc, "yaml" if out.suffix in (".yaml", ".yml") else "json"))

@@ -100,3 +100,21 @@ def test_console_script_never_prints_a_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_graph_export_with_nodes_without_address(tmp_path, capsys):
+    import networkx as nx
+
+    out = tmp_path / "g.graphml"
+    assert main(["solve", str(SPECS / "gpt2-home-lab.yaml"), "--graph", str(out), "-f", "json"]) == 0
+    g = nx.read_graphml(out)
+    assert g.number_of_nodes() > 0 and g.number_of_edges() > 0
+    assert main(["solve", str(SPECS / "gpt2-home-lab.yaml"), "--graph", str(tmp_path / "no" / "g.graphml")]) == 2
+    assert "--graph: cannot write" in capsys.readouterr().err
+
+
+def test_plan_files_hold_no_float_noise(tmp_path):
+    out = tmp_path / "plan.json"
+    assert main(["solve", str(SPECS / "gpt2-home-lab.yaml"), "--out", str(out), "-f", "json"]) == 0
+    text = out.read_text()
+    assert "00000000" not in text and "99999999" not in text
