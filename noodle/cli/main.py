@@ -38,6 +38,7 @@ COMMAND_MODULES = (
     "noodle.cli.bench_distributed",
     "noodle.cli.bench_solvers",
     "noodle.cli.bench_pipeline",
+    "noodle.cli.serve",
 )
 
 app = typer.Typer(

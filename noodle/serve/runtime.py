@@ -18,8 +18,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from noodle.errors import NoodleError
+from noodle.errors import NoodleError, SpecError
 from noodle.executors.generation import Sampling
+from noodle.executors.scheduler import QueueFull
 from noodle.serve.protocol import ApiError
 from noodle.serve.text import Detokenizer, StopMatcher
 
@@ -199,8 +200,6 @@ class Runtime:
     def submit(self, prompt_ids: list[int], *, max_tokens: int, sampling: Sampling, stops: Sequence[str]) -> Stream:
         """Submit a request to the pipeline; the returned :class:`Stream` yields its text."""
         self.check_ready()
-        from noodle.executors.scheduler import QueueFull
-
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
 
@@ -224,8 +223,10 @@ class Runtime:
         except QueueFull:
             raise ApiError(429, "the request queue is full; retry later", type="rate_limit_exceeded",
                            code="queue_full", headers={"Retry-After": str(self.retry_after_s)}) from None  # fmt: skip
+        except SpecError as exc:  # the engine's own context and KV-cache checks
+            raise ApiError(400, str(exc), param="prompt", code="context_length_exceeded") from None
         except NoodleError as exc:
-            if self.state != "ready" or getattr(self.pipeline, "closed", False):
+            if self.state != "ready" or not getattr(self.pipeline, "accepting", True):
                 raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down",
                                headers={"Retry-After": str(self.retry_after_s)}) from None  # fmt: skip
             raise ApiError(400, str(exc), code="invalid_value") from None
