@@ -103,11 +103,9 @@ def serve_cmd(
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming, metrics)."""
     from noodle.cli.network import backend_options
     from noodle.cli.solve import render_table
-    from noodle.executors.kvbudget import max_positions
-    from noodle.executors.slicing import read_config, unit_names_of
-    from noodle.serve.app import create_app
+    from noodle.executors.slicing import unit_names_of
+    from noodle.serve.build import build_server
     from noodle.serve.planning import resolve_plan
-    from noodle.serve.runtime import Limits, Runtime
 
     _check_flags(backend, port, concurrency, max_queue, request_timeout, threads, drain_timeout)
     if threads:
@@ -115,7 +113,6 @@ def serve_cmd(
 
         torch.set_num_threads(threads)
     err = Console(stderr=True)
-    config = read_config(model)
     tokenizer = load_tokenizer(model, chat_template)
     with err.status("planning"):
         doc, source = resolve_plan(model, plan=plan, spec=spec, concurrency=concurrency)
@@ -123,29 +120,14 @@ def serve_cmd(
     err.print(f"plan: {source}", highlight=False)
     render_table(doc, err)
     options = backend_options(backend, workers=workers, spare=None, token=token, tls_ca=None, step_timeout=None)
-    executor = EXECUTORS.get(backend)(doc, model, emulate=emulate, **options)
-    eos = executor.eos_token_id
-    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-
-    def opener() -> tuple[Any, Any]:
-        executor.__enter__()
-        try:
-            return executor, executor.pipeline(concurrency=concurrency, max_queue=max_queue)
-        except BaseException:
-            executor.__exit__(None, None, None)
-            raise
-
-    context = max_positions(config) or 2048
-    limits = Limits(prompt_tokens=context - 1, context_tokens=context, vocab_size=int(config.vocab_size))
-    runtime = Runtime(opener, tokenizer, limits, eos_ids=eos_ids, request_timeout_s=request_timeout)
-    model_id = served_model_name or model.resolve().name
+    served = build_server(model, doc, tokenizer, backend=backend, backend_options=options, emulate=emulate,
+                          concurrency=concurrency, max_queue=max_queue, request_timeout_s=request_timeout,
+                          drain_timeout_s=drain_timeout, api_key=api_key, model_id=served_model_name)  # fmt: skip
+    model_id = served.model.model_id
     sock = bind_socket(host, port)
-    served = create_app(runtime, doc, model_id=model_id, backend=backend, emulate=emulate, api_key=api_key,
-                        drain_timeout_s=drain_timeout)  # fmt: skip
     bound = sock.getsockname()[1]
-    err.print(f"serving {model_id!r} ({backend}{', emulated' if emulate else ''}) on http://{host}:{bound}/v1 "
-              f"- status page http://{host}:{bound}/ - loading stages...", highlight=False)  # fmt: skip
-    sys.stderr.flush()
+    print(f"noodle serve: {model_id!r} ({backend}{', emulated' if emulate else ''}) on http://{host}:{bound}/v1 "
+          f"- status page http://{host}:{bound}/ - loading stages...", file=sys.stderr, flush=True)  # fmt: skip
     _run(served, sock)
     err.print("noodle serve: stopped", highlight=False)
 
