@@ -49,8 +49,16 @@ def _sampling(body: Any) -> Sampling:
     return Sampling(temperature=body.temperature, top_p=body.top_p, seed=seed)
 
 
+def _tokenize(tokenizer: Any, text: str, param: str, **kwargs: Any) -> list[int]:
+    try:
+        return list(tokenizer(text, **kwargs)["input_ids"]) if text else []
+    except Exception as exc:  # noqa: BLE001 - e.g. lone surrogates the tokenizer cannot encode
+        raise ApiError(400, f"{param}: the text cannot be tokenized ({type(exc).__name__}: {str(exc)[:120]})",
+                       param=param, code="invalid_value") from None  # fmt: skip
+
+
 def _encode_text(tokenizer: Any, text: str) -> list[int]:
-    ids = list(tokenizer(text)["input_ids"]) if text else []
+    ids = _tokenize(tokenizer, text, "prompt")
     if not ids and getattr(tokenizer, "bos_token_id", None) is not None:
         ids = [int(tokenizer.bos_token_id)]
     if not ids:
@@ -82,7 +90,7 @@ def _chat_prompt(sm: ServedModel, body: ChatCompletionRequest) -> list[int]:
     except Exception as exc:  # noqa: BLE001 - a template may raise anything (jinja's raise_exception, TypeError)
         raise ApiError(400, f"messages: the chat template rejected them ({str(exc)[:200]})", param="messages",
                        code="invalid_value") from None  # fmt: skip
-    ids = list(tok(str(text), add_special_tokens=False)["input_ids"])
+    ids = _tokenize(tok, str(text), "messages", add_special_tokens=False)
     if not ids:
         raise ApiError(400, "messages: the chat template renders to no tokens", param="messages", code="invalid_value")
     return ids
