@@ -42,12 +42,13 @@ PROMPTS = [
 _LINE = re.compile(r"on http://127\.0\.0\.1:(\d+)/v1")
 
 
-def bench_spec(config_path: Path, max_concurrency: int) -> dict[str, Any]:
+def bench_spec(config_path: Path) -> dict[str, Any]:
     """The emulated heterogeneous cluster the benchmark serves (a spec mapping)."""
     return {
         "name": "serve-bench-home-lab",
         "model": {"hf_config": str(config_path), "reference": {"tflops": 0.005, "mem_bandwidth_gbps": 0.1}},
-        "workload": {"prompt_tokens": 64, "max_new_tokens": 64, "batch_size": max_concurrency},
+        # micro-batch 1: each step carries one sequence, so the plan's step times are for batch 1
+        "workload": {"prompt_tokens": 64, "max_new_tokens": 64, "batch_size": 1},
         "cluster": {
             "nodes": [
                 {"id": "desktop-gpu", "device": "gpu", "memory_gb": 8, "compute_score": 4.0},
@@ -145,7 +146,7 @@ def run_serve_bench(preset: str, levels: Sequence[int], duration_s: float, max_t
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="noodle-bench-serve-") as tmp:
         model = init_model(preset, Path(tmp) / preset, seed=0)
-        data = bench_spec(model / "config.json", max(levels))
+        data = bench_spec(model / "config.json")
         spec_path = Path(tmp) / "spec.yaml"
         spec_path.write_text(yaml.safe_dump(data, sort_keys=False))
         spec = parse_spec(data)

@@ -71,7 +71,7 @@ async def _one(client: httpx.AsyncClient, body: dict[str, Any], t0: float) -> Re
                 if chunk.get("usage"):
                     tokens = int(chunk["usage"]["completion_tokens"])
                 choices = chunk.get("choices") or []
-                if choices and choices[0].get("text"):
+                if choices and choices[0].get("finish_reason") is None:  # one chunk per token (text may be "")
                     now = time.perf_counter()
                     if first is None:
                         first = now
@@ -111,8 +111,8 @@ def run_level(base_url: str, model: str, concurrency: int, *, duration_s: float,
               temperature: float = 0.0) -> tuple[list[RequestRecord], float]:  # fmt: skip
     """Run ``concurrency`` streaming clients for ``duration_s``; returns the records and the wall time.
 
-    Greedy by default: sampled text from random weights often ends in half a UTF-8 character,
-    which the server holds back, and TTFT/ITL here are measured on text chunks.
+    The server sends one chunk per token (its text is ``""`` while half a UTF-8 character is
+    held back), so TTFT and ITL here are per token.
     """
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     return asyncio.run(_level(base_url, model, concurrency, duration_s, max_tokens, prompts, headers, temperature))

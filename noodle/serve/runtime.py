@@ -43,6 +43,8 @@ class Limits:
 
 @dataclass(frozen=True)
 class Delta:
+    """New text; one per generated token (``""`` while text is held back), so clients see every token's timing."""
+
     text: str
 
 
@@ -281,12 +283,13 @@ class Stream:
                     if item in rt.eos_ids:
                         continue
                     text = self._stop.feed(self._det.add(item))
-                    if text:
-                        yield Delta(text)
                     if self._stop.matched is not None:
+                        if text:
+                            yield Delta(text)
                         self.handle.cancel()
                         yield self._finish("stop")
                         return
+                    yield Delta(text)  # one event per token: "" while a character or a possible stop is held back
                     continue
                 tail = self._stop.feed(self._det.flush()) + self._stop.flush()
                 if tail:
