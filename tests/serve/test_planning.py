@@ -58,3 +58,16 @@ def test_bad_flags_are_one_line_errors(model_dir: Path, args: list[str], message
     assert main(["serve", "--model", str(model_dir), *args]) != 0
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_spec_is_solved_at_start_up(model_dir: Path, tmp_path: Path) -> None:
+    import yaml
+
+    from noodle.serve.benchmark import bench_spec
+
+    spec = tmp_path / "lab.yaml"
+    spec.write_text(yaml.safe_dump(bench_spec((model_dir / "config.json").resolve())))
+    doc, source = resolve_plan(model_dir, plan=None, spec=spec, concurrency=4)
+    assert source == f"spec {spec}"
+    assert {s.node for s in doc.stages} <= {"desktop-gpu", "laptop-igpu", "nas-cpu"}
+    assert doc.stages[0].start == 0 and doc.stages[-1].end == len(doc.units) == 6
