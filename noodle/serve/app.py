@@ -109,6 +109,7 @@ class ServeApp:
 
     async def _watch(self) -> None:
         """Background task: sample the status history; finish a drain when in-flight requests are done."""
+        last_sample = 0.0
         while True:
             await asyncio.sleep(0.1)
             if self._drain_started is not None:
@@ -121,7 +122,8 @@ class ServeApp:
                         await asyncio.sleep(0.2)  # let the cancelled streams send their last events
                     self.on_drained()
                     return
-            if int(time.monotonic() * 10) % 10 == 0:
+            if time.monotonic() - last_sample >= 1.0:
+                last_sample = time.monotonic()
                 self.runtime.sample()
 
     @contextlib.asynccontextmanager

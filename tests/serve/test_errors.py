@@ -186,3 +186,11 @@ def test_503_while_draining(make_server: Any) -> None:
     assert lines[-1] == "data: [DONE]"  # the in-flight request finished
     finishes = [json.loads(x[6:])["choices"][0]["finish_reason"] for x in lines[:-1]]
     assert finishes[-1] == "length"
+
+
+def test_served_model_name_replaces_the_folder_name(make_server: Any) -> None:
+    _, base = make_server(model_id="house-model")
+    assert [m["id"] for m in httpx.get(f"{base}/v1/models").json()["data"]] == ["house-model"]
+    r = httpx.post(f"{base}/v1/completions", json={"model": "house-model", "prompt": "hi", "max_tokens": 2}, timeout=60)
+    assert r.status_code == 200 and r.json()["model"] == "house-model"
+    assert_error(httpx.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": "hi"}), 404, param="model")
