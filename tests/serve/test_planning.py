@@ -33,8 +33,8 @@ def test_plan_this_machine_is_one_stage_over_every_unit(plan_doc: PlanDoc) -> No
     (stage,) = plan_doc.stages
     assert (stage.start, stage.end) == (0, len(plan_doc.units))
     assert stage.compute_ms > 0
-    free_gib = psutil.virtual_memory().available / 2**30
-    assert plan_doc.nodes[0].memory_gb == pytest.approx(free_gib, rel=0.5)
+    # the free memory when it was planned: other jobs move it, the total bounds it
+    assert 0 < plan_doc.nodes[0].memory_gb <= psutil.virtual_memory().total / 2**30
 
 
 def test_plan_and_spec_together_are_refused(model_dir: Path, tmp_path: Path) -> None:
