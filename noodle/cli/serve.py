@@ -19,8 +19,9 @@ from typing import Any
 import typer
 from rich.console import Console
 
+from noodle.cli.checks import check_float, check_int, check_threads
 from noodle.errors import ModelError, SpecError
-from noodle.executors import EXECUTORS, check_plan
+from noodle.extras import require_exec
 
 __all__ = ["register", "load_tokenizer", "bind_socket"]
 
@@ -69,26 +70,26 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 def _check_flags(backend: str, port: int, concurrency: int, max_queue: int, request_timeout: float,
                  threads: int, drain_timeout: float) -> None:  # fmt: skip
+    from noodle.executors import EXECUTORS
+
     if backend not in EXECUTORS:
         raise SpecError(f"--backend: unknown executor {backend!r}; valid names: {', '.join(EXECUTORS.names())}")
     if not hasattr(EXECUTORS.get(backend), "pipeline"):
         raise SpecError(f"--backend: {backend} has no pipelined engine yet, so it cannot serve many requests at "
                         "once; use --backend local")  # fmt: skip
-    checks = (("--port", port, 0 <= port <= 65535, "0..65535 (0: a free port)"),
-              ("--concurrency", concurrency, concurrency >= 1, ">= 1"), ("--max-queue", max_queue, max_queue >= 1, ">= 1"),
-              ("--request-timeout", request_timeout, request_timeout > 0, "> 0 seconds"),
-              ("--threads", threads, threads >= 0, ">= 0 (0: torch's default)"),
-              ("--drain-timeout", drain_timeout, drain_timeout >= 0, ">= 0 seconds"))  # fmt: skip
-    for flag, value, ok, want in checks:
-        if not ok:
-            raise SpecError(f"{flag}: must be {want}, got {value}")
+    check_int("--port", port, ge=0, le=65535)
+    check_int("--concurrency", concurrency, ge=1, le=4096)
+    check_int("--max-queue", max_queue, ge=1, le=2**20)
+    check_float("--request-timeout", request_timeout, gt=0, le=1e6)
+    check_float("--drain-timeout", drain_timeout, ge=0, le=1e6)
+    check_threads("--threads", threads)
 
 
 def serve_cmd(
     model: Path = typer.Option(..., "--model", "-m", help="model folder (config, weights, tokenizer)"),
     plan: Path | None = typer.Option(None, "--plan", help="serve this plan (from `noodle solve`)"),
     spec: Path | None = typer.Option(None, "--spec", help="solve this spec at start-up and serve its plan"),
-    backend: str = typer.Option("local", "--backend", "-b", help="executor: " + ", ".join(EXECUTORS.names())),
+    backend: str = typer.Option("local", "--backend", "-b", help="executor: local, torchrpc or grpc"),
     workers: str | None = typer.Option(None, "--workers", envvar="NOODLE_WORKERS", help="grpc: node=host:port,..."),
     token: str | None = typer.Option(None, "--token", envvar="NOODLE_TOKEN", help="grpc: the workers' shared token"),
     host: str = typer.Option("127.0.0.1", "--host", help="address to listen on"),
@@ -104,8 +105,10 @@ def serve_cmd(
     threads: int = typer.Option(0, "--threads", help="torch CPU threads (0: torch's default)"),
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming, metrics)."""
+    require_exec("noodle serve")
     from noodle.cli.network import backend_options
     from noodle.cli.solve import render_table
+    from noodle.executors import check_plan
     from noodle.executors.slicing import unit_names_of
     from noodle.serve.build import build_server
     from noodle.serve.planning import resolve_plan
