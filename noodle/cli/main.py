@@ -38,6 +38,8 @@ COMMAND_MODULES = (
     "noodle.cli.bench_distributed",
     "noodle.cli.bench_solvers",
     "noodle.cli.bench_pipeline",
+    "noodle.cli.serve",
+    "noodle.cli.bench_serve",
 )
 
 app = typer.Typer(

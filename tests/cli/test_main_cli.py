@@ -144,6 +144,7 @@ def test_importing_the_cli_does_not_import_torch():
         ["exec", "plan.json", "--model", "m", "--prompt-ids", "1"],
         ["profile", "--preset", "gpt2-tiny"],
         ["worker", "--model", "m"],
+        ["serve", "--model", "m"],
         ["model", "init", "--preset", "gpt2-tiny", "--out", "x"],
         ["solve", str(ROOT / "specs" / "gpt2-home-lab.yaml")],
     ],

@@ -1,0 +1,169 @@
+"""``noodle serve --model DIR``: the coordinator as a service, with an OpenAI-compatible API.
+
+Plans (a plan file, a spec solved now, or this machine alone), loads the stages on the
+chosen backend, and serves ``/v1/completions``, ``/v1/chat/completions``, ``/metrics`` and
+a status page with uvicorn. The first SIGTERM/SIGINT drains (new requests get 503,
+in-flight ones finish within ``--drain-timeout``), then the pipeline and the executor
+close; a second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import typer
+from rich.console import Console
+
+from noodle.cli.checks import check_float, check_int, check_threads
+from noodle.errors import ModelError, SpecError
+from noodle.extras import require_exec
+
+__all__ = ["register", "load_tokenizer", "bind_socket"]
+
+log = logging.getLogger(__name__)
+
+
+def load_tokenizer(model: Path, chat_template: str | None) -> Any:
+    """The model folder's tokenizer (required: the API speaks text), with an optional chat template."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(model, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{model}: no usable tokenizer ({str(exc).splitlines()[0][:200]}); the API needs one to "
+                         "read and write text (`noodle model init` saves one)") from None  # fmt: skip
+    if chat_template is not None:
+        path = Path(chat_template)
+        try:
+            tok.chat_template = path.read_text() if path.is_file() else chat_template
+        except OSError as exc:
+            raise SpecError(f"--chat-template: cannot read {path} ({exc.strerror})") from None
+    return tok
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port`` (port 0: a free one), or a clear error."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise SpecError(f"--host: cannot resolve {host!r} ({exc.strerror})") from None
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Accepted connections inherit this: a streamed chunk goes out at once instead of waiting
+    # ~40 ms for the client's delayed ACK of the previous one (Nagle).
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        sock.bind(addr)
+    except OSError as exc:
+        sock.close()
+        raise SpecError(f"--port: cannot listen on {host}:{port} ({exc.strerror}); pick another port") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _check_flags(backend: str, port: int, concurrency: int, max_queue: int, request_timeout: float,
+                 threads: int, drain_timeout: float) -> None:  # fmt: skip
+    from noodle.executors import EXECUTORS
+
+    if backend not in EXECUTORS:
+        raise SpecError(f"--backend: unknown executor {backend!r}; valid names: {', '.join(EXECUTORS.names())}")
+    if not hasattr(EXECUTORS.get(backend), "pipeline"):
+        raise SpecError(f"--backend: {backend} has no pipelined engine yet, so it cannot serve many requests at "
+                        "once; use --backend local")  # fmt: skip
+    check_int("--port", port, ge=0, le=65535)
+    check_int("--concurrency", concurrency, ge=1, le=4096)
+    check_int("--max-queue", max_queue, ge=1, le=2**20)
+    check_float("--request-timeout", request_timeout, gt=0, le=1e6)
+    check_float("--drain-timeout", drain_timeout, ge=0, le=1e6)
+    check_threads("--threads", threads)
+
+
+def serve_cmd(
+    model: Path = typer.Option(..., "--model", "-m", help="model folder (config, weights, tokenizer)"),
+    plan: Path | None = typer.Option(None, "--plan", help="serve this plan (from `noodle solve`)"),
+    spec: Path | None = typer.Option(None, "--spec", help="solve this spec at start-up and serve its plan"),
+    backend: str = typer.Option("local", "--backend", "-b", help="executor: local, torchrpc or grpc"),
+    workers: str | None = typer.Option(None, "--workers", envvar="NOODLE_WORKERS", help="grpc: node=host:port,..."),
+    token: str | None = typer.Option(None, "--token", envvar="NOODLE_TOKEN", help="grpc: the workers' shared token"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on"),
+    port: int = typer.Option(8000, "--port", "-p", help="port to listen on (0: a free one)"),
+    api_key: str | None = typer.Option(None, "--api-key", envvar="NOODLE_API_KEY", help="require Authorization: Bearer KEY on /v1"),
+    served_model_name: str | None = typer.Option(None, "--served-model-name", help="model id in the API (default: the folder name)"),
+    chat_template: str | None = typer.Option(None, "--chat-template", help="Jinja chat template (file or text) when the tokenizer has none"),
+    emulate: bool = typer.Option(False, "--emulate", help="sleep to stretch stages and hops to the plan's nodes and links"),
+    concurrency: int = typer.Option(8, "--concurrency", help="sequences generated at once"),
+    max_queue: int = typer.Option(64, "--max-queue", help="requests that may wait; more get 429"),
+    request_timeout: float = typer.Option(300.0, "--request-timeout", help="seconds a request may run"),
+    drain_timeout: float = typer.Option(30.0, "--drain-timeout", help="seconds in-flight requests get on SIGTERM"),
+    threads: int = typer.Option(0, "--threads", help="torch CPU threads (0: torch's default)"),
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming, metrics)."""
+    require_exec("noodle serve")
+    from noodle.cli.network import backend_options
+    from noodle.cli.solve import render_table
+    from noodle.executors import check_plan
+    from noodle.executors.slicing import unit_names_of
+    from noodle.serve.build import build_server
+    from noodle.serve.planning import resolve_plan
+
+    _check_flags(backend, port, concurrency, max_queue, request_timeout, threads, drain_timeout)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    err = Console(stderr=True)
+    tokenizer = load_tokenizer(model, chat_template)
+    with err.status("planning"):
+        doc, source = resolve_plan(model, plan=plan, spec=spec, concurrency=concurrency)
+    check_plan(doc, unit_names_of(model), where=str(plan or spec or "plan"))
+    err.print(f"plan: {source}", highlight=False)
+    render_table(doc, err)
+    options = backend_options(backend, workers=workers, spare=None, token=token, tls_ca=None, step_timeout=None)
+    served = build_server(model, doc, tokenizer, backend=backend, backend_options=options, emulate=emulate,
+                          concurrency=concurrency, max_queue=max_queue, request_timeout_s=request_timeout,
+                          drain_timeout_s=drain_timeout, api_key=api_key, model_id=served_model_name)  # fmt: skip
+    model_id = served.model.model_id
+    sock = bind_socket(host, port)
+    bound = sock.getsockname()[1]
+    print(f"noodle serve: {model_id!r} ({backend}{', emulated' if emulate else ''}) on http://{host}:{bound}/v1 "
+          f"- status page http://{host}:{bound}/ - loading stages...", file=sys.stderr, flush=True)  # fmt: skip
+    _run(served, sock)
+    err.print("noodle serve: stopped", highlight=False)
+
+
+def _run(served: Any, sock: socket.socket) -> None:
+    import uvicorn
+
+    class _DrainingServer(uvicorn.Server):
+        """First signal: drain (503 for new requests), then exit; a second signal: exit now."""
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            if served.runtime.state in ("loading", "ready") and not self.should_exit:
+                served.begin_drain()
+                return
+            super().handle_exit(sig, frame)
+            self._captured_signals.clear()  # exit 0 after a requested shutdown, not by the signal
+
+    config = uvicorn.Config(served.app, log_level="warning", access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=5, timeout_keep_alive=5)  # fmt: skip
+    server = _DrainingServer(config)
+
+    def drained() -> None:
+        server.should_exit = True
+
+    served.on_drained = drained
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve_cmd)

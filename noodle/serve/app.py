@@ -1,0 +1,239 @@
+"""The ASGI app of ``noodle serve`` (FastAPI): OpenAI routes, auth, errors, metrics, health, status page.
+
+* ``/v1/*`` needs ``Authorization: Bearer KEY`` when the server has an API key;
+  ``/healthz``, ``/readyz``, ``/metrics``, ``/`` and ``/noodle/status`` do not (bind
+  to 127.0.0.1, the default, to keep them private).
+* Every error is OpenAI's error JSON; an unexpected exception is a 500 with a
+  generic message (logged server-side), never a traceback.
+* The stages load on a thread after start-up, so ``/healthz`` answers at once and
+  ``/readyz`` turns 200 when the pipeline runs. :meth:`ServeApp.begin_drain` (called on
+  SIGTERM/SIGINT) refuses new requests with 503, waits up to ``drain_timeout_s`` for
+  in-flight ones, cancels the rest and calls ``on_drained``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from noodle.plandoc import PlanDoc
+from noodle.serve.metrics import CONTENT_TYPE, ServeMetrics, stage_rows
+from noodle.serve.openai_api import ServedModel, openai_router
+from noodle.serve.protocol import ApiError, error_body
+from noodle.serve.runtime import Runtime
+
+__all__ = ["ServeApp", "create_app"]
+
+log = logging.getLogger(__name__)
+_STATUS_HTML = Path(__file__).with_name("status.html")
+_ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/metrics", "/healthz", "/readyz", "/",
+              "/noodle/status")  # fmt: skip
+
+
+def _error_response(exc: ApiError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+class _CountRequests:
+    """Pure ASGI middleware (streaming- and disconnect-safe): counts responses by endpoint and status."""
+
+    def __init__(self, app: ASGIApp, metrics: ServeMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        endpoint = path if path in _ENDPOINTS else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
+        status = {"code": 500}
+
+        async def send_status(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.requests.labels(endpoint=endpoint, status=str(status["code"])).inc()
+
+
+class ServeApp:
+    """The app plus what the CLI needs to run it: the runtime, metrics and the drain control."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        plan: PlanDoc,
+        *,
+        model_id: str,
+        backend: str = "local",
+        emulate: bool = False,
+        api_key: str | None = None,
+        drain_timeout_s: float = 30.0,
+        on_drained: Callable[[], None] | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self.plan = plan
+        self.model = ServedModel(runtime, model_id)
+        self.backend = backend
+        self.emulate = emulate
+        self.api_key = api_key
+        self.drain_timeout_s = drain_timeout_s
+        self.on_drained = on_drained or (lambda: None)
+        self.metrics = ServeMetrics(runtime, plan)
+        runtime.on_token_latency = self.metrics.token_latency
+        self._drain_started: float | None = None
+        self.app = self._build()
+
+    # -- draining ------------------------------------------------------------------------------
+    def begin_drain(self) -> None:
+        """Refuse new requests from now on; safe to call from a signal handler (sets flags only)."""
+        if self._drain_started is None:
+            self._drain_started = time.monotonic()
+            self.runtime.drain()
+
+    async def _watch(self) -> None:
+        """Background task: sample the status history; finish a drain when in-flight requests are done."""
+        last_sample = 0.0
+        while True:
+            await asyncio.sleep(0.1)
+            if self._drain_started is not None:
+                waited = time.monotonic() - self._drain_started
+                if self.runtime.in_flight == 0 or waited > self.drain_timeout_s:
+                    if self.runtime.in_flight:
+                        self.runtime.events.add("warning", f"drain: cancelling {self.runtime.in_flight} request(s) "
+                                                f"still running after {self.drain_timeout_s:g} s")  # fmt: skip
+                        self.runtime.cancel_all()
+                        await asyncio.sleep(0.2)  # let the cancelled streams send their last events
+                    self.on_drained()
+                    return
+            if time.monotonic() - last_sample >= 1.0:
+                last_sample = time.monotonic()
+                self.runtime.sample()
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        loader = asyncio.create_task(asyncio.to_thread(self.runtime.load))
+        watcher = asyncio.create_task(self._watch())
+        try:
+            yield
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await loader
+            self.runtime.cancel_all()
+            await asyncio.to_thread(self.runtime.close, min(10.0, self.drain_timeout_s))
+
+    # -- the app -------------------------------------------------------------------------------
+    def _check_key(self, request: Request) -> None:
+        if not self.api_key:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if not header:
+            raise ApiError(401, "missing API key: send the header Authorization: Bearer <key>",
+                           code="invalid_api_key")  # fmt: skip
+        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
+            raise ApiError(401, "incorrect API key", code="invalid_api_key")
+
+    def status(self) -> dict[str, Any]:
+        """What the status page shows, as JSON."""
+        rt, plan = self.runtime, self.plan
+        stats = rt.stats()
+        sv = plan.solver
+        return {
+            "model": self.model.model_id,
+            "backend": self.backend,
+            "emulated": self.emulate,
+            "state": rt.state,
+            "error": rt.error,
+            "uptime_s": time.time() - rt.started_at,
+            "limits": {"prompt_tokens": rt.limits.prompt_tokens, "context_tokens": rt.limits.context_tokens},
+            "plan": {
+                "name": plan.name, "objective": plan.objective, "solver": sv.name, "status": sv.status,
+                "predicted": plan.predicted.model_dump(), "units": len(plan.units),
+                "nodes": [n.model_dump() for n in plan.nodes],
+            },  # fmt: skip
+            "stages": stage_rows(stats, plan),
+            "pipeline": None if stats is None else {
+                k: float(getattr(stats, k, 0) or 0)
+                for k in ("queue_depth", "in_flight", "completed", "tokens_generated", "tokens_per_s")
+            },  # fmt: skip
+            "in_flight_requests": rt.in_flight,
+            "requests": self.metrics.request_counts(),
+            "history": [[s.t, s.tokens_per_s, s.in_flight, s.queue_depth] for s in rt.history],
+            "events": rt.events.recent(),
+        }
+
+    def _build(self) -> FastAPI:
+        app = FastAPI(title="noodle", lifespan=self._lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+        app.include_router(openai_router(self.model), dependencies=[Depends(self._check_key)])
+
+        @app.get("/healthz")
+        async def healthz() -> dict[str, str]:
+            return {"status": "ok"}
+
+        @app.get("/readyz")
+        async def readyz() -> JSONResponse:
+            ok = self.runtime.state == "ready"
+            return JSONResponse({"ready": ok, "state": self.runtime.state, "error": self.runtime.error},
+                                status_code=200 if ok else 503)  # fmt: skip
+
+        @app.get("/metrics")
+        async def metrics() -> Response:
+            return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
+        @app.get("/noodle/status")
+        async def status() -> dict[str, Any]:
+            return self.status()
+
+        @app.get("/", response_class=HTMLResponse)
+        async def page() -> HTMLResponse:
+            return HTMLResponse(_STATUS_HTML.read_text())
+
+        @app.exception_handler(ApiError)
+        async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+            return _error_response(exc)
+
+        @app.exception_handler(StarletteHTTPException)
+        async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+            kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+            msg = f"{request.method} {request.url.path}: {exc.detail}"
+            return JSONResponse(error_body(msg, type=kind, code=str(exc.status_code)), status_code=exc.status_code,
+                                headers=getattr(exc, "headers", None))  # fmt: skip
+
+        @app.exception_handler(RequestValidationError)
+        async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+            err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+            param = ".".join(str(p) for p in err["loc"] if p != "body") or None
+            return JSONResponse(error_body(f"{param or 'body'}: {err['msg']}", type="invalid_request_error",
+                                           param=param, code="invalid_value"), status_code=400)  # fmt: skip
+
+        @app.exception_handler(Exception)
+        async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+            log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+            return JSONResponse(error_body("internal server error; see the server log", type="server_error",
+                                           code="internal_error"), status_code=500)  # fmt: skip
+
+        return _CountRequests(app, self.metrics)  # type: ignore[return-value]
+
+
+def create_app(runtime: Runtime, plan: PlanDoc, **kwargs: Any) -> ServeApp:
+    """A :class:`ServeApp`; its ``.app`` is the ASGI application to hand to uvicorn."""
+    return ServeApp(runtime, plan, **kwargs)

@@ -1,0 +1,218 @@
+"""The OpenAI-compatible routes: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``.
+
+Validation happens here (the HTTP edge): bodies through :mod:`noodle.serve.protocol`,
+prompt length against the plan's context, the model id. Streaming responses are
+server-sent events (``data: {json}`` blocks, ending with ``data: [DONE]``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from noodle.executors.generation import Sampling
+from noodle.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, parse_body
+from noodle.serve.runtime import Delta, Finish, Runtime, Stream
+
+__all__ = ["ServedModel", "openai_router", "COMPLETIONS_DEFAULT_MAX_TOKENS"]
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy completions endpoint
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class ServedModel:
+    """What the routes need: the runtime, the model id, and when it was created."""
+
+    def __init__(self, runtime: Runtime, model_id: str) -> None:
+        self.runtime = runtime
+        self.model_id = model_id
+        self.created = int(time.time())
+
+    def card(self) -> dict[str, Any]:
+        return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "noodle",
+                "max_model_len": self.runtime.limits.context_tokens}  # fmt: skip
+
+    def check_model(self, name: str) -> None:
+        if name != self.model_id:
+            raise ApiError(404, f"model: {name!r} is not served here; this server serves {self.model_id!r}",
+                           param="model", code="model_not_found")  # fmt: skip
+
+
+def _sampling(body: Any) -> Sampling:
+    seed = 0 if body.seed is None else body.seed % 2**63
+    return Sampling(temperature=body.temperature, top_p=body.top_p, seed=seed)
+
+
+def _tokenize(tokenizer: Any, text: str, param: str, **kwargs: Any) -> list[int]:
+    try:
+        return list(tokenizer(text, **kwargs)["input_ids"]) if text else []
+    except Exception as exc:  # noqa: BLE001 - e.g. lone surrogates the tokenizer cannot encode
+        raise ApiError(400, f"{param}: the text cannot be tokenized ({type(exc).__name__}: {str(exc)[:120]})",
+                       param=param, code="invalid_value") from None  # fmt: skip
+
+
+def _encode_text(tokenizer: Any, text: str) -> list[int]:
+    ids = _tokenize(tokenizer, text, "prompt")
+    if not ids and getattr(tokenizer, "bos_token_id", None) is not None:
+        ids = [int(tokenizer.bos_token_id)]
+    if not ids:
+        raise ApiError(400, "prompt: encodes to no tokens; send some text", param="prompt", code="invalid_value")
+    return ids
+
+
+def _completion_prompt(sm: ServedModel, body: CompletionRequest) -> list[int]:
+    prompt = body.single_prompt()
+    if isinstance(prompt, str):
+        return _encode_text(sm.runtime.tokenizer, prompt)
+    vocab = sm.runtime.limits.vocab_size
+    bad = [t for t in prompt if not 0 <= t < vocab]
+    if bad:
+        raise ApiError(400, f"prompt: token id {bad[0]} is outside the vocabulary [0, {vocab})", param="prompt",
+                       code="invalid_value")  # fmt: skip
+    return list(prompt)
+
+
+def _chat_prompt(sm: ServedModel, body: ChatCompletionRequest) -> list[int]:
+    tok = sm.runtime.tokenizer
+    if not getattr(tok, "chat_template", None):
+        raise ApiError(400, f"messages: the tokenizer of {sm.model_id!r} has no chat template; use /v1/completions, "
+                       "or start noodle serve with --chat-template FILE", param="messages",
+                       code="no_chat_template")  # fmt: skip
+    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in body.messages]
+    try:
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as exc:  # noqa: BLE001 - a template may raise anything (jinja's raise_exception, TypeError)
+        raise ApiError(400, f"messages: the chat template rejected them ({str(exc)[:200]})", param="messages",
+                       code="invalid_value") from None  # fmt: skip
+    ids = _tokenize(tok, str(text), "messages", add_special_tokens=False)
+    if not ids:
+        raise ApiError(400, "messages: the chat template renders to no tokens", param="messages", code="invalid_value")
+    return ids
+
+
+def _max_tokens(sm: ServedModel, body: Any, prompt_len: int, default: int | None, param: str, prompt_param: str) -> int:
+    requested = body.requested_tokens()
+    lim = sm.runtime.limits
+    if requested is None:
+        room = lim.context_tokens - prompt_len
+        requested = max(1, room if default is None else min(default, room))
+    sm.runtime.check_length(prompt_len, requested, tokens_param=param, prompt_param=prompt_param)
+    return requested
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+def _usage(fin: Finish) -> dict[str, int]:
+    return {"prompt_tokens": fin.prompt_tokens, "completion_tokens": fin.completion_tokens,
+            "total_tokens": fin.prompt_tokens + fin.completion_tokens}  # fmt: skip
+
+
+def _finish_reason(fin: Finish) -> str:
+    return "length" if fin.reason == "length" else "stop"
+
+
+def _raise_for(fin: Finish) -> None:
+    if fin.reason == "timeout":
+        raise ApiError(504, f"request timed out: {fin.error}", type="timeout_error", code="request_timeout")
+    if fin.reason in ("error", "cancelled"):
+        raise ApiError(500, f"generation failed: {fin.error or fin.reason}", type="server_error", code="engine_error")
+
+
+async def _collect(stream: Stream, request: Request) -> tuple[str, Finish]:
+    parts: list[str] = []
+    async for ev in stream.events(request.is_disconnected):
+        if isinstance(ev, Delta):
+            parts.append(ev.text)
+        else:
+            _raise_for(ev)
+            return "".join(parts), ev
+    raise ApiError(499, "client closed the request", type="client_closed", code="client_closed")
+
+
+async def _stream_chunks(stream: Stream, chat: bool, base: dict[str, Any], usage: bool) -> AsyncIterator[str]:
+    extra = {"usage": None} if usage else {}
+
+    def chunk(choice: dict[str, Any]) -> str:
+        return _sse({**base, "choices": [{"index": 0, "logprobs": None, **choice}], **extra})
+
+    if chat:
+        yield chunk({"delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+    async for ev in stream.events():
+        if isinstance(ev, Delta):
+            yield chunk({"delta": {"content": ev.text}, "finish_reason": None} if chat else
+                        {"text": ev.text, "finish_reason": None})  # fmt: skip
+            continue
+        if ev.reason in ("timeout", "error", "cancelled"):
+            kind = "timeout_error" if ev.reason == "timeout" else "server_error"
+            yield _sse({"error": {"message": f"generation ended: {ev.error or ev.reason}", "type": kind,
+                                  "param": None, "code": ev.reason}})  # fmt: skip
+        else:
+            reason = _finish_reason(ev)
+            yield chunk({"delta": {}, "finish_reason": reason} if chat else {"text": "", "finish_reason": reason})
+            if usage:
+                yield _sse({**base, "choices": [], "usage": _usage(ev)})
+        break
+    yield "data: [DONE]\n\n"
+
+
+async def _respond(sm: ServedModel, request: Request, body: Any, prompt_ids: list[int], max_tokens: int,
+                   chat: bool) -> Any:  # fmt: skip
+    stream = sm.runtime.submit(prompt_ids, max_tokens=max_tokens, sampling=_sampling(body), stops=body.stops())
+    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+    base = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()), "model": sm.model_id}  # fmt: skip
+    if body.stream:
+        gen = _stream_chunks(stream, chat, base, body.include_usage())
+        return StreamingResponse(gen, media_type="text/event-stream", headers=SSE_HEADERS)
+    text, fin = await _collect(stream, request)
+    if chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                  "finish_reason": _finish_reason(fin)}  # fmt: skip
+        obj = "chat.completion"
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": _finish_reason(fin)}
+        obj = "text_completion"
+    return JSONResponse({**base, "object": obj, "choices": [choice], "usage": _usage(fin)})
+
+
+def openai_router(sm: ServedModel) -> APIRouter:
+    """The ``/v1`` routes for one served model."""
+    router = APIRouter(prefix="/v1")
+
+    @router.get("/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [sm.card()]}
+
+    @router.get("/models/{model_id:path}")
+    async def model(model_id: str) -> dict[str, Any]:
+        sm.check_model(model_id)
+        return sm.card()
+
+    @router.post("/completions")
+    async def completions(request: Request) -> Any:
+        body = parse_body(await request.body(), CompletionRequest)
+        sm.check_model(body.model)
+        sm.runtime.check_ready()
+        ids = _completion_prompt(sm, body)
+        n = _max_tokens(sm, body, len(ids), COMPLETIONS_DEFAULT_MAX_TOKENS, "max_tokens", "prompt")
+        return await _respond(sm, request, body, ids, n, chat=False)
+
+    @router.post("/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        body = parse_body(await request.body(), ChatCompletionRequest)
+        sm.check_model(body.model)
+        sm.runtime.check_ready()
+        ids = _chat_prompt(sm, body)
+        param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        n = _max_tokens(sm, body, len(ids), None, param, "messages")
+        return await _respond(sm, request, body, ids, n, chat=True)
+
+    return router

@@ -1,0 +1,112 @@
+"""The plan ``noodle serve`` runs: a plan file, a spec solved at start-up, or this machine alone.
+
+The embedded default (only ``--model``) measures this machine instead of trusting
+hand-written numbers: its free memory from psutil, and its matmul throughput and
+memory bandwidth with two short torch timings; those become the reference device
+(``compute_score`` 1.0) of the analytic unit costs (:mod:`noodle.graph.analytic`).
+The workload is the model's context: 3/4 of its positions for the prompt, the rest
+for new tokens, ``concurrency`` sequences at once.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from noodle.errors import SpecError
+from noodle.graph.analytic import ReferenceDevice
+from noodle.plandoc import PlanDoc, build_plan_doc, load_plan
+from noodle.solvers import solve
+from noodle.spec import load_spec, parse_spec
+
+__all__ = ["measure_reference", "embedded_spec", "plan_this_machine", "plan_from_spec", "resolve_plan"]
+
+
+def measure_reference(seconds: float = 0.15) -> ReferenceDevice:
+    """This machine's float32 matmul throughput (TFLOP/s) and memory bandwidth (GB/s), measured."""
+    import torch
+
+    n = 512
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        torch.mm(a, b)
+        reps += 1
+    tflops = 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+    src = torch.empty(16 * 2**20 // 4)  # 16 MiB of float32
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        dst.copy_(src)
+        reps += 1
+    gbps = 2 * src.numel() * 4 * reps / (time.perf_counter() - t0) / 1e9  # read + write
+    return ReferenceDevice(tflops=max(tflops, 1e-4), mem_bandwidth_gbps=max(gbps, 1e-3))
+
+
+def _node_id() -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", platform.node()) or "this-machine"
+
+
+def embedded_spec(model_dir: Path, config: Any, *, concurrency: int, reference: ReferenceDevice,
+                  memory_bytes: int, device: str = "cpu") -> dict[str, Any]:  # fmt: skip
+    """The spec of this machine alone serving ``model_dir`` (as a mapping for :func:`noodle.spec.parse_spec`)."""
+    from noodle.executors.kvbudget import max_positions
+
+    positions = max_positions(config) or 2048
+    prompt = max(1, positions * 3 // 4)
+    return {
+        "name": f"serve-{model_dir.name}",
+        "model": {
+            "hf_config": str((model_dir / "config.json").resolve()),
+            "reference": {"tflops": reference.tflops, "mem_bandwidth_gbps": reference.mem_bandwidth_gbps},
+        },
+        "workload": {"prompt_tokens": prompt, "max_new_tokens": max(1, positions - prompt), "batch_size": concurrency},
+        "cluster": {"nodes": [{"id": _node_id(), "device": device, "memory_gb": memory_bytes / 2**30,
+                               "compute_score": 1.0}]},  # fmt: skip
+        "objective": "throughput",
+        "solver": {"name": "auto", "time_limit_s": 5.0},
+    }
+
+
+def plan_this_machine(model_dir: Path, *, concurrency: int) -> tuple[PlanDoc, dict[str, Any]]:
+    """Solve the one-node plan of this machine; returns the plan and what was measured."""
+    import psutil
+    import torch
+
+    from noodle.executors.slicing import read_config
+
+    config = read_config(model_dir)
+    ref = measure_reference()
+    memory = int(psutil.virtual_memory().available)
+    device = "gpu" if torch.cuda.is_available() else "cpu"
+    data = embedded_spec(model_dir, config, concurrency=concurrency, reference=ref, memory_bytes=memory, device=device)
+    spec = parse_spec(data, source="noodle serve (this machine)")
+    problem = spec.to_problem(model_dir, source="noodle serve (this machine)")
+    result = solve(problem, solver=spec.solver.name, time_limit_s=spec.solver.time_limit_s)
+    measured = {"tflops": ref.tflops, "mem_bandwidth_gbps": ref.mem_bandwidth_gbps, "memory_gb": memory / 2**30}
+    return build_plan_doc(problem, result), measured
+
+
+def plan_from_spec(spec_path: Path) -> PlanDoc:
+    """Solve a spec file at start-up (as ``noodle solve`` does)."""
+    spec, problem = load_spec(spec_path)
+    result = solve(problem, solver=spec.solver.name, time_limit_s=spec.solver.time_limit_s)
+    return build_plan_doc(problem, result)
+
+
+def resolve_plan(model_dir: Path, *, plan: Path | None, spec: Path | None, concurrency: int) -> tuple[PlanDoc, str]:
+    """The plan to serve and where it came from (``plan`` | ``spec`` | ``this machine``)."""
+    if plan is not None and spec is not None:
+        raise SpecError("serve: give --plan or --spec, not both")
+    if plan is not None:
+        return load_plan(plan), f"plan {plan}"
+    if spec is not None:
+        return plan_from_spec(spec), f"spec {spec}"
+    doc, m = plan_this_machine(model_dir, concurrency=concurrency)
+    return doc, (f"this machine alone (measured {m['tflops'] * 1e3:.0f} GFLOP/s, {m['mem_bandwidth_gbps']:.1f} GB/s, "
+                 f"{m['memory_gb']:.1f} GiB free)")  # fmt: skip

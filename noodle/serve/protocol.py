@@ -1,0 +1,212 @@
+"""The OpenAI request bodies noodle accepts, and OpenAI's error JSON.
+
+Bodies are validated strictly (``"1"`` is not an integer) with pydantic; unknown keys
+are ignored, as OpenAI-compatible servers do, but known options that noodle cannot honour
+(``n > 1``, ``logprobs``, non-zero penalties) are refused with a 400 that names the field.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "ApiError",
+    "CompletionRequest",
+    "ChatCompletionRequest",
+    "ChatMessage",
+    "StreamOptions",
+    "error_body",
+    "parse_body",
+]
+
+MAX_STOPS = 4
+MAX_STOP_CHARS = 256
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
+
+class ApiError(Exception):
+    """An error the HTTP layer turns into OpenAI's error JSON with ``status``."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, type=self.type, param=self.param, code=self.code)
+
+
+def error_body(message: str, *, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """``{"error": {"message", "type", "param", "code"}}`` as OpenAI writes it."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[_TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+Stop = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+
+
+class _Sampling(_Body):
+    """Options shared by completions and chat completions."""
+
+    model: str = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    stop: Stop | list[Stop] | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: bool | int | None = None
+    user: str | None = None
+
+    @model_validator(mode="after")
+    def _supported(self) -> _Sampling:
+        if self.n != 1:
+            raise ValueError(f"n: noodle returns one choice per request, got n={self.n}; send n=1 (or leave it out)")
+        if isinstance(self.stop, list) and len(self.stop) > MAX_STOPS:
+            raise ValueError(f"stop: at most {MAX_STOPS} stop strings, got {len(self.stop)}")
+        for field in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, field) != 0.0:
+                raise ValueError(f"{field}: not supported by noodle, got {getattr(self, field)}; send 0 or leave it out")
+        if self.logprobs not in (None, False, 0):
+            raise ValueError(f"logprobs: not supported by noodle, got {self.logprobs!r}; leave it out")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options: only allowed with stream: true")
+        return self
+
+    def stops(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def requested_tokens(self) -> int | None:
+        return self.max_tokens
+
+
+class CompletionRequest(_Sampling):
+    """``POST /v1/completions``: one prompt, as text or token ids."""
+
+    prompt: str | list[int] | list[str] | list[list[int]]
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> CompletionRequest:
+        if isinstance(self.prompt, list):
+            if not self.prompt:
+                raise ValueError("prompt: empty list; send a string or a list of token ids")
+            if isinstance(self.prompt[0], (str, list)) and len(self.prompt) != 1:
+                raise ValueError(f"prompt: noodle takes one prompt per request, got {len(self.prompt)}")
+        if self.echo:
+            raise ValueError("echo: not supported by noodle; leave it out")
+        if self.suffix:
+            raise ValueError("suffix: not supported by noodle; leave it out")
+        if self.best_of not in (None, 1):
+            raise ValueError(f"best_of: noodle returns one choice, got {self.best_of}; send 1 or leave it out")
+        return self
+
+    def single_prompt(self) -> str | list[int]:
+        p = self.prompt
+        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
+            return p[0]  # type: ignore[return-value]
+        return p  # type: ignore[return-value]
+
+
+class ChatCompletionRequest(_Sampling):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    def requested_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+def _field_names() -> frozenset[str]:
+    models = (StreamOptions, _TextPart, ChatMessage, CompletionRequest, ChatCompletionRequest)
+    return frozenset(name for m in models for name in m.model_fields)
+
+
+def _param(loc: tuple[Any, ...]) -> str:
+    """``messages[0].content`` from a pydantic location, leaving out union-member tags like ``list[int]``."""
+    fields = _field_names()
+    out = ""
+    for p in loc:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        elif p in fields:
+            out += f".{p}" if out else p
+    return out
+
+
+def parse_body(raw: bytes, model: type[_Body]) -> Any:
+    """Parse and validate a JSON body, or raise a 400 :class:`ApiError` naming the field."""
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ApiError(400, f"body: not valid JSON ({exc}); send a JSON object", param=None, code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, f"body: expected a JSON object, got {type(data).__name__}", code="invalid_type")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        param = _param(err["loc"])
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        if err["type"] == "value_error" and ":" in msg.split(" ")[0]:
+            field, _, rest = msg.partition(": ")
+            param, msg = field, rest
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        more = f" (+{len(exc.errors()) - 1} more problems)" if len(exc.errors()) > 1 else ""
+        raise ApiError(400, f"{param or 'body'}: {msg}{more}", param=param or None, code="invalid_value") from None
+    except RecursionError:
+        raise ApiError(400, "body: nested too deeply", code="invalid_value") from None

@@ -1,0 +1,304 @@
+"""The pipelined engine as the HTTP layer sees it: load, submit, stream text, drain, close.
+
+The engine (:mod:`noodle.executors.scheduler`) runs on its own thread and calls back
+per token; :class:`Runtime` bridges those callbacks onto the asyncio loop with
+``call_soon_threadsafe``, turns token ids into text (incremental detokenization, stop
+strings), enforces the per-request timeout and cancels the request when its client goes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from noodle.errors import NoodleError, SpecError
+from noodle.executors.generation import Sampling
+from noodle.executors.scheduler import QueueFull
+from noodle.serve.protocol import ApiError
+from noodle.serve.text import Detokenizer, StopMatcher
+
+__all__ = ["Limits", "Delta", "Finish", "Runtime", "Stream", "Opener"]
+
+log = logging.getLogger(__name__)
+
+# () -> (executor already entered, pipeline not yet started)
+Opener = Callable[[], tuple[Any, Any]]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a request may ask for: prompt length and context, both in tokens."""
+
+    prompt_tokens: int
+    context_tokens: int
+    vocab_size: int
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New text; one per generated token (``""`` while text is held back), so clients see every token's timing."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Finish:
+    reason: str  # stop | length | timeout | error | cancelled
+    prompt_tokens: int
+    completion_tokens: int
+    error: str | None = None
+
+
+@dataclass
+class _Sample:
+    t: float
+    tokens_per_s: float
+    in_flight: int
+    queue_depth: int
+
+
+@dataclass
+class Events:
+    """Recent events for the status page (thread-safe, bounded)."""
+
+    items: collections.deque[dict[str, Any]] = field(default_factory=lambda: collections.deque(maxlen=50))
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, level: str, message: str) -> None:
+        with self._lock:
+            self.items.append({"t": time.time(), "level": level, "message": message})
+        getattr(log, "warning" if level == "warning" else "info")(message)
+
+    def recent(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(reversed(self.items))
+
+
+class Runtime:
+    """Owns the executor and its pipeline for the server's lifetime.
+
+    Args:
+        opener: loads the stages and builds the pipeline (blocking; run on a thread).
+        tokenizer: the model's tokenizer (a transformers tokenizer).
+        limits: prompt and context limits from the plan and the model.
+        eos_ids: token ids that end a sequence (not decoded into text).
+        request_timeout_s: a request still generating after this long is cancelled.
+    """
+
+    def __init__(
+        self,
+        opener: Opener,
+        tokenizer: Any,
+        limits: Limits,
+        *,
+        eos_ids: Sequence[int] = (),
+        request_timeout_s: float = 300.0,
+        retry_after_s: int = 1,
+    ) -> None:
+        self._opener = opener
+        self.tokenizer = tokenizer
+        self.limits = limits
+        self.eos_ids = frozenset(int(i) for i in eos_ids)
+        self.request_timeout_s = request_timeout_s
+        self.retry_after_s = retry_after_s
+        self.state = "loading"  # loading | ready | draining | closed | failed
+        self.error: str | None = None
+        self.executor: Any = None
+        self.pipeline: Any = None
+        self.events = Events()
+        self.history: collections.deque[_Sample] = collections.deque(maxlen=600)
+        self.started_at = time.time()
+        self._active: dict[str, Any] = {}  # request id -> handle
+        self.on_token_latency: Callable[[str, float], None] = lambda kind, seconds: None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def load(self) -> None:
+        """Load the stages and start the pipeline (blocking); ``state`` becomes ready or failed."""
+        t0 = time.perf_counter()
+        try:
+            self.executor, self.pipeline = self._opener()
+            self.pipeline.start()
+        except Exception as exc:  # noqa: BLE001 - any load failure is reported on /readyz and the status page
+            self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
+            self.events.add("warning", f"loading the stages failed: {self.error}")
+            return
+        if self.state == "loading":
+            self.state = "ready"
+        self.events.add("info", f"stages loaded and pipeline started in {time.perf_counter() - t0:.1f} s")
+
+    def drain(self) -> None:
+        """Stop accepting requests (503); in-flight ones go on."""
+        if self.state in ("loading", "ready"):
+            self.state = "draining"
+            self.events.add("info", f"draining: refusing new requests, {len(self._active)} in flight")
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._active)
+
+    def cancel_all(self) -> None:
+        for handle in list(self._active.values()):
+            handle.cancel()
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Close the pipeline (finishing or cancelling what is in flight) and the executor."""
+        if self.state == "closed":
+            return
+        self.state = "closed"
+        if self.pipeline is not None:
+            with contextlib.suppress(Exception):
+                self.pipeline.close(timeout_s=timeout_s)
+        if self.executor is not None:
+            with contextlib.suppress(Exception):
+                self.executor.__exit__(None, None, None)
+        self.events.add("info", "pipeline and executor closed")
+
+    def stats(self) -> Any | None:
+        if self.pipeline is None:
+            return None
+        try:
+            return self.pipeline.stats()
+        except Exception:  # noqa: BLE001 - a closed pipeline has no stats to give
+            return None
+
+    def sample(self) -> None:
+        """Record one point of the status page's history (tokens/s, in flight, queue)."""
+        s = self.stats()
+        if s is not None:
+            self.history.append(_Sample(time.time(), float(s.tokens_per_s), int(s.in_flight), int(s.queue_depth)))
+
+    # -- requests ------------------------------------------------------------------------------
+    def check_ready(self) -> None:
+        if self.state == "ready":
+            return
+        if self.state == "loading":
+            raise ApiError(503, "the model's stages are still loading; retry shortly", type="server_error",
+                           code="loading", headers={"Retry-After": str(self.retry_after_s)})  # fmt: skip
+        if self.state == "failed":
+            raise ApiError(503, f"the engine failed to start: {self.error}", type="server_error", code="engine_failed")
+        raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down",
+                       headers={"Retry-After": str(self.retry_after_s)})  # fmt: skip
+
+    def check_length(self, prompt_len: int, max_tokens: int, *, tokens_param: str, prompt_param: str) -> None:
+        """A 400 ``context_length_exceeded`` when the prompt, or prompt + new tokens, do not fit the plan."""
+        lim = self.limits
+        if prompt_len > lim.prompt_tokens or prompt_len + max_tokens > lim.context_tokens:
+            raise ApiError(
+                400,
+                f"this model's context is {lim.context_tokens} tokens (prompts up to {lim.prompt_tokens}); the request "
+                f"has a {prompt_len}-token prompt and asks for {max_tokens} new tokens; shorten the prompt or lower "
+                f"{tokens_param}",
+                param=prompt_param if prompt_len > lim.prompt_tokens else tokens_param,
+                code="context_length_exceeded",
+            )
+
+    def submit(self, prompt_ids: list[int], *, max_tokens: int, sampling: Sampling, stops: Sequence[str]) -> Stream:
+        """Submit a request to the pipeline; the returned :class:`Stream` yields its text."""
+        self.check_ready()
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+
+        submitted: list[Any] = []
+
+        def put(item: Any) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening any more
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def done(completion: Any) -> None:
+            put(completion)
+            with contextlib.suppress(RuntimeError):  # in case the stream was never read (client left early)
+                loop.call_soon_threadsafe(lambda: [self._active.pop(h.id, None) for h in submitted])
+
+        t0 = time.perf_counter()
+        try:
+            handle = self.pipeline.submit(
+                prompt_ids, max_new_tokens=max_tokens, sampling=sampling,
+                on_token=lambda tok: put(int(tok)), on_done=done,
+            )  # fmt: skip
+        except QueueFull:
+            raise ApiError(429, "the request queue is full; retry later", type="rate_limit_exceeded",
+                           code="queue_full", headers={"Retry-After": str(self.retry_after_s)}) from None  # fmt: skip
+        except SpecError as exc:  # the engine's own context and KV-cache checks
+            raise ApiError(400, str(exc), param="prompt", code="context_length_exceeded") from None
+        except NoodleError as exc:
+            if self.state != "ready" or not getattr(self.pipeline, "accepting", True):
+                raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down",
+                               headers={"Retry-After": str(self.retry_after_s)}) from None  # fmt: skip
+            raise ApiError(400, str(exc), code="invalid_value") from None
+        submitted.append(handle)
+        self._active[handle.id] = handle
+        return Stream(self, handle, queue, prompt_ids, stops, t0)
+
+
+class Stream:
+    """One request's text as it is generated; iterate :meth:`events` exactly once."""
+
+    def __init__(self, rt: Runtime, handle: Any, queue: asyncio.Queue[Any], prompt_ids: list[int],
+                 stops: Sequence[str], t0: float) -> None:  # fmt: skip
+        self._rt = rt
+        self.handle = handle
+        self._queue = queue
+        self._prompt_len = len(prompt_ids)
+        self._det = Detokenizer(rt.tokenizer, prompt_ids)
+        self._stop = StopMatcher(stops)
+        self._t0 = t0
+        self.completion_tokens = 0
+
+    def _finish(self, reason: str, error: str | None = None) -> Finish:
+        return Finish(reason, self._prompt_len, self.completion_tokens, error)
+
+    async def events(self, disconnected: Callable[[], Awaitable[bool]] | None = None) -> AsyncIterator[Delta | Finish]:
+        """Text deltas, then one :class:`Finish`; cancels the request if the consumer stops early."""
+        rt = self._rt
+        deadline = self._t0 + rt.request_timeout_s
+        last: float | None = None
+        try:
+            while True:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    self.handle.cancel()
+                    rt.events.add("warning", f"request {self.handle.id} timed out after {rt.request_timeout_s:g} s")
+                    yield self._finish("timeout", f"the request took longer than {rt.request_timeout_s:g} s")
+                    return
+                wait = min(remaining, 0.5) if disconnected is not None else remaining
+                try:
+                    item = await asyncio.wait_for(self._queue.get(), timeout=wait)
+                except asyncio.TimeoutError:
+                    if disconnected is not None and await disconnected():
+                        self.handle.cancel()
+                        return
+                    continue
+                if isinstance(item, int):
+                    now = time.perf_counter()
+                    rt.on_token_latency("ttft" if last is None else "itl", now - (self._t0 if last is None else last))
+                    last = now
+                    self.completion_tokens += 1
+                    if item in rt.eos_ids:
+                        continue
+                    text = self._stop.feed(self._det.add(item))
+                    if self._stop.matched is not None:
+                        if text:
+                            yield Delta(text)
+                        self.handle.cancel()
+                        yield self._finish("stop")
+                        return
+                    yield Delta(text)  # one event per token: "" while a character or a possible stop is held back
+                    continue
+                tail = self._stop.feed(self._det.flush()) + self._stop.flush()
+                if tail:
+                    yield Delta(tail)
+                reason = "stop" if self._stop.matched is not None else str(item.finish_reason)
+                if reason == "error":
+                    rt.events.add("warning", f"request {self.handle.id} failed: {item.error}")
+                yield self._finish(reason, item.error)
+                return
+        finally:
+            self.handle.cancel()  # no-op once finished; frees the sequence when the client went away
+            rt._active.pop(self.handle.id, None)
