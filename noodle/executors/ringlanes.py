@@ -208,5 +208,5 @@ def ring_pipeline(ex: TorchRpcExecutor, *, concurrency: int, micro_batch: int, p
     return Pipeline(
         lanes, eos_token_id=ex.eos_token_id, pad_token_id=ex.pad_token_id, concurrency=concurrency,
         micro_batch=micro_batch, prefill_chunk=prefill_chunk, max_queue=max_queue, kv_capacity_tokens=caps,
-        max_context=max_positions(ex.config),
+        max_context=max_positions(ex.config), failovers=lambda: list(ex.failovers),
     )  # fmt: skip

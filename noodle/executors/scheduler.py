@@ -111,6 +111,7 @@ class PipelineStats:
     tokens_generated: int
     tokens_per_s: float
     stages: tuple[LaneStats, ...]
+    failovers: tuple[object, ...] = ()  # the executor's FailoverEvents so far (grpc, torchrpc)
 
 
 class RequestHandle:
@@ -223,7 +224,7 @@ class Pipeline:
         max_context: longest prompt + new tokens a request may ask for (``None``: unchecked).
         hop_bytes: how many bytes a lane's output costs on the wire (for the stats).
         planned_ms: per lane, the plan's step time, shown next to the measured one.
-        on_lane_step: ``(lane index, step seconds)`` after every step (feeds metrics).
+        failovers: returns the executor's failover events so far (shown in :meth:`stats`).
     """
 
     def __init__(
@@ -239,6 +240,7 @@ class Pipeline:
         kv_capacity_tokens: Sequence[int | None] | None = None,
         max_context: int | None = None,
         planned_ms: Sequence[float | None] | None = None,
+        failovers: Callable[[], Sequence[object]] | None = None,
     ) -> None:
         if not lanes:
             raise ExecutorError("pipeline: no stages")
@@ -252,6 +254,7 @@ class Pipeline:
         self.prefill_chunk = prefill_chunk
         self.max_queue = max_queue
         self.max_context = max_context
+        self._failovers = failovers
         eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
         self._eos = frozenset(int(e) for e in eos)
         self.pad_token_id = pad_token_id
@@ -377,6 +380,7 @@ class Pipeline:
                 tokens_generated=self._tokens,
                 tokens_per_s=recent / span if span > 0 else 0.0,
                 stages=tuple(m.snapshot(span) for m in self._meters),
+                failovers=tuple(self._failovers()) if self._failovers is not None else (),
             )
 
     # -- lane threads ----------------------------------------------------------------------------

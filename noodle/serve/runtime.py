@@ -113,6 +113,7 @@ class Runtime:
         self.executor: Any = None
         self.pipeline: Any = None
         self.events = Events()
+        self._failovers_seen = 0
         self.history: collections.deque[_Sample] = collections.deque(maxlen=600)
         self.started_at = time.time()
         self._active: dict[str, Any] = {}  # request id -> handle
@@ -173,6 +174,11 @@ class Runtime:
         s = self.stats()
         if s is not None:
             self.history.append(_Sample(time.time(), float(s.tokens_per_s), int(s.in_flight), int(s.queue_depth)))
+            failovers = getattr(s, "failovers", ())
+            for ev in failovers[self._failovers_seen:]:
+                self.events.add("warning", f"failover on {getattr(ev, 'node', '?')}: {getattr(ev, 'action', '?')}: "
+                                           f"{getattr(ev, 'detail', '')} ({getattr(ev, 'seconds', 0.0):.2f} s)")
+            self._failovers_seen = len(failovers)
 
     # -- requests ------------------------------------------------------------------------------
     def check_ready(self) -> None:

@@ -77,6 +77,7 @@ def test_a_killed_worker_moves_to_a_spare_with_every_group_replayed(tiny_models,
                       spares=[d.address], token=TOKEN, policy=FAST, log=lambda _: None) as ex:  # fmt: skip
         with ex.pipeline(concurrency=4) as pipe:
             comps = [h.result(timeout=120) for h in [pipe.submit(p, max_new_tokens=n, on_token=on_token) for p, n in work]]
+            assert [e.action for e in pipe.stats().failovers] == ["spare"]  # what noodle serve shows
         events = list(ex.failovers)
     assert fired.is_set() and not b.alive
     assert [c.finish_reason for c in comps].count("error") == 0
