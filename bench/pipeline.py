@@ -78,13 +78,15 @@ def sweep(ex, plan: dict, levels: list[int], prompt: int, new: int, label: str) 
 
     rows = []
     for c in levels:
-        prompts = prompts_for(c + 4, prompt, salt=c)
+        prompts = prompts_for(max(4, 2 * c + 2), prompt, salt=c)
         rep = run_concurrent(ex, prompts, max_new_tokens=new, concurrency=c).report
         row = {
             "mode": label, "stages": len(plan["stages"]), "concurrency": c, "requests": len(prompts),
             "tokens_per_s": round(rep.tokens_per_s, 2), "plan_tokens_per_s": round(rep.predicted_tokens_per_s or 0, 2),
             "bound_tokens_per_s": round(1e3 / plan["predicted"]["bottleneck_ms"], 2),
             "of_bound": round(rep.tokens_per_s * plan["predicted"]["bottleneck_ms"] / 1e3, 3),
+            "steady_tokens_per_s": None if rep.steady_tokens_per_s is None else round(rep.steady_tokens_per_s, 2),
+            "steady_of_plan": None if not rep.steady_tokens_per_s else round(rep.steady_tokens_per_s / rep.predicted_tokens_per_s, 3),
             "ttft_ms_p50": round(rep.ttft_ms_p50 or 0, 1), "ttft_ms_p95": round(rep.ttft_ms_p95 or 0, 1),
             "itl_ms_p50": round(rep.itl_ms_p50 or 0, 2), "itl_ms_p95": round(rep.itl_ms_p95 or 0, 2),
             "busy": [round(s.busy_fraction or 0, 2) for s in rep.stages],
@@ -93,7 +95,7 @@ def sweep(ex, plan: dict, levels: list[int], prompt: int, new: int, label: str) 
         }  # fmt: skip
         rows.append(row)
         print(f"{label:15s} {row['stages']} stages  c={c:2d}  {row['tokens_per_s']:7.2f} tok/s  plan {row['plan_tokens_per_s']:7.2f}"
-              f"  bound {row['bound_tokens_per_s']:7.2f} ({row['of_bound']:.0%})  TTFT p50 {row['ttft_ms_p50']:8.1f} ms"
+              f"  bound {row['bound_tokens_per_s']:7.2f} ({row['of_bound']:.0%}; while full {row['steady_tokens_per_s']} = {row['steady_of_plan']} of plan)  TTFT p50 {row['ttft_ms_p50']:8.1f} ms"
               f"  ITL p50 {row['itl_ms_p50']:7.2f} p95 {row['itl_ms_p95']:7.2f}  busy {row['busy']}"
               f"  step {row['step_ms_p50']} vs planned {row['planned_ms']} ms", flush=True)  # fmt: skip
     base = rows[0]["tokens_per_s"] if rows and rows[0]["concurrency"] == 1 else None

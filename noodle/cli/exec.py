@@ -135,7 +135,9 @@ def render_report(report: RunReport, console: Console) -> None:
         console.print(
             f"{report.requests} requests, up to {report.concurrency} in flight (micro-batch {report.micro_batch}"
             f"{f', prefill chunks of {report.prefill_chunk}' if report.prefill_chunk else ''}) | "
-            f"{report.tokens_per_s:.1f} tokens/s, plan {'n/a' if pred is None else f'{pred:.1f}'}"
+            f"{report.tokens_per_s:.1f} tokens/s"
+            f"{'' if report.steady_tokens_per_s is None else f' ({report.steady_tokens_per_s:.1f} while full)'}"
+            f", plan {'n/a' if pred is None else f'{pred:.1f}'}"
             f"{'' if share is None else f' ({share:.0%} of plan)'} | time to first token p50 "
             f"{report.ttft_ms_p50 or 0:.1f} ms, p95 {report.ttft_ms_p95 or 0:.1f} | inter-token p50 "
             f"{report.itl_ms_p50 or 0:.2f} ms, p95 {report.itl_ms_p95 or 0:.2f} | busy "

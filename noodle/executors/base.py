@@ -116,6 +116,7 @@ class RunReport:
     ttft_ms_p95: float | None = None
     itl_ms_p50: float | None = None
     itl_ms_p95: float | None = None
+    steady_tokens_per_s: float | None = None  # while every group slot was busy (ramp-up and tail left out)
 
     @property
     def throughput_of_plan(self) -> float | None:

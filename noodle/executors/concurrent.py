@@ -19,11 +19,37 @@ from noodle.executors.base import RunReport, RunResult, StageReport
 from noodle.executors.generation import Sampling
 from noodle.executors.scheduler import Completion, predicted_tokens_per_s
 
-__all__ = ["run_concurrent"]
+__all__ = ["run_concurrent", "steady_tokens_per_s"]
 
 
 def _pct(values: Sequence[float], q: float) -> float | None:
     return float(np.percentile(values, q)) * 1e3 if len(values) else None
+
+
+def steady_tokens_per_s(comps: Sequence[Completion], concurrency: int) -> float | None:
+    """Tokens/s while the pipeline was full: from the moment ``concurrency`` requests had started
+    (each had its first token) to the moment the last request started (the queue ran dry).
+
+    Token times are taken from each completion's TTFT and inter-token gaps, relative to its
+    submission; ``run_concurrent`` submits every request before the pipeline starts.
+    ``None`` when there were not more requests than slots.
+    """
+    firsts = sorted(c.ttft_s for c in comps if c.ttft_s is not None)
+    if len(firsts) <= concurrency:
+        return None
+    lo, hi = firsts[concurrency - 1], firsts[-1]
+    if hi <= lo:
+        return None
+    n = 0
+    for c in comps:
+        if c.ttft_s is None:
+            continue
+        t = c.ttft_s
+        n += lo < t <= hi
+        for gap in c.itl_s:
+            t += gap
+            n += lo < t <= hi
+    return n / (hi - lo)
 
 
 def run_concurrent(
@@ -94,5 +120,6 @@ def run_concurrent(
         prefill_chunk=prefill_chunk, requests=len(prompts),
         predicted_tokens_per_s=predicted_tokens_per_s(pred.token_latency_ms, pred.bottleneck_ms, concurrency, micro_batch),
         ttft_ms_p50=_pct(ttft, 50), ttft_ms_p95=_pct(ttft, 95), itl_ms_p50=_pct(itl, 50), itl_ms_p95=_pct(itl, 95),
+        steady_tokens_per_s=steady_tokens_per_s(comps, concurrency * micro_batch),
     )  # fmt: skip
     return RunResult(tokens=[c.tokens for c in comps], report=report)

@@ -220,3 +220,17 @@ def test_predicted_tokens_per_s():
     assert predicted_tokens_per_s(30.0, 10.0, 16) == pytest.approx(100.0)
     assert predicted_tokens_per_s(30.0, 10.0, 16, batch_size=4) == pytest.approx(400.0)
     assert predicted_tokens_per_s(0.0, 10.0, 2) == 0.0
+
+
+def test_steady_rate_counts_only_the_window_while_every_slot_is_busy():
+    from noodle.executors.concurrent import steady_tokens_per_s
+    from noodle.executors.scheduler import Completion
+
+    def comp(ttft: float, n: int, gap: float) -> Completion:
+        return Completion("r", 3, [5] * n, "length", ttft_s=ttft, itl_s=(gap,) * (n - 1))
+
+    # two slots; requests start at 0.1, 0.2 (full from 0.2), 1.2 and 1.3 (queue dry at 1.3)
+    comps = [comp(0.1, 11, 0.1), comp(0.2, 11, 0.1), comp(1.2, 3, 0.1), comp(1.3, 2, 0.1)]
+    # in (0.2, 1.3]: tokens at 0.3..1.1 (9) + 0.3..1.2 (10) + 1.2, 1.3 (2) + 1.3 (1) = 22 over 1.1 s
+    assert steady_tokens_per_s(comps, 2) == pytest.approx(22 / 1.1)
+    assert steady_tokens_per_s(comps[:2], 2) is None
