@@ -94,7 +94,7 @@ def sweep(ex, plan: dict, levels: list[int], prompt: int, new: int, label: str) 
             "planned_ms": [round(s.predicted_latency_ms or 0, 1) for s in rep.stages],
         }  # fmt: skip
         rows.append(row)
-        print(f"{label:15s} {row['stages']} stages  c={c:2d}  {row['tokens_per_s']:7.2f} tok/s  plan {row['plan_tokens_per_s']:7.2f}"
+        print(f"{label:15s} {row['stages']} stages  c={c:2d} (peak {row['peak_in_flight']:2d})  {row['tokens_per_s']:7.2f} tok/s  plan {row['plan_tokens_per_s']:7.2f}"
               f"  bound {row['bound_tokens_per_s']:7.2f} ({row['of_bound']:.0%}; while full {row['steady_tokens_per_s']} = {row['steady_of_plan']} of plan)  TTFT p50 {row['ttft_ms_p50']:8.1f} ms"
               f"  ITL p50 {row['itl_ms_p50']:7.2f} p95 {row['itl_ms_p95']:7.2f}  busy {row['busy']}"
               f"  step {row['step_ms_p50']} vs planned {row['planned_ms']} ms", flush=True)  # fmt: skip

@@ -133,7 +133,8 @@ def render_report(report: RunReport, console: Console) -> None:
         pred = report.predicted_tokens_per_s
         share = report.throughput_of_plan
         console.print(
-            f"{report.requests} requests, up to {report.concurrency} in flight (micro-batch {report.micro_batch}"
+            f"{report.requests} requests, up to {report.concurrency} in flight (peak {report.peak_in_flight}; "
+            f"micro-batch {report.micro_batch}"
             f"{f', prefill chunks of {report.prefill_chunk}' if report.prefill_chunk else ''}) | "
             f"{report.tokens_per_s:.1f} tokens/s"
             f"{'' if report.steady_tokens_per_s is None else f' ({report.steady_tokens_per_s:.1f} while full)'}"

@@ -117,6 +117,7 @@ class RunReport:
     itl_ms_p50: float | None = None
     itl_ms_p95: float | None = None
     steady_tokens_per_s: float | None = None  # while every group slot was busy (ramp-up and tail left out)
+    peak_in_flight: int | None = None  # most sequences in flight at once (KV memory may hold it below concurrency)
 
     @property
     def throughput_of_plan(self) -> float | None:

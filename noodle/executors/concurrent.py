@@ -111,6 +111,7 @@ def run_concurrent(
         )
     pred = plan.predicted
     tps = total / wall if wall > 0 else 0.0
+    groups = max(1, min(concurrency, -(-(stats.peak_in_flight or 1) // micro_batch)))  # KV memory may admit fewer
     report = RunReport(
         backend=executor.name, emulated=bool(getattr(executor, "emulate", False)), batch_size=micro_batch,
         prompt_tokens=max(len(p) for p in prompts), new_tokens=max(len(c.tokens) for c in comps), wall_s=wall,
@@ -118,8 +119,9 @@ def run_concurrent(
         tokens_per_s=tps, decode_tokens_per_s=tps, stages=tuple(stages),
         predicted_token_latency_ms=pred.token_latency_ms, concurrency=concurrency, micro_batch=micro_batch,
         prefill_chunk=prefill_chunk, requests=len(prompts),
-        predicted_tokens_per_s=predicted_tokens_per_s(pred.token_latency_ms, pred.bottleneck_ms, concurrency, micro_batch),
+        predicted_tokens_per_s=predicted_tokens_per_s(pred.token_latency_ms, pred.bottleneck_ms, groups, micro_batch),
         ttft_ms_p50=_pct(ttft, 50), ttft_ms_p95=_pct(ttft, 95), itl_ms_p50=_pct(itl, 50), itl_ms_p95=_pct(itl, 95),
-        steady_tokens_per_s=steady_tokens_per_s(comps, concurrency * micro_batch),
+        steady_tokens_per_s=steady_tokens_per_s(comps, min(concurrency * micro_batch, stats.peak_in_flight or 1)),
+        peak_in_flight=stats.peak_in_flight,
     )  # fmt: skip
     return RunResult(tokens=[c.tokens for c in comps], report=report)

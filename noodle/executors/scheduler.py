@@ -112,6 +112,9 @@ class PipelineStats:
     tokens_per_s: float
     stages: tuple[LaneStats, ...]
     failovers: tuple[object, ...] = ()  # the executor's FailoverEvents so far (grpc, torchrpc)
+    peak_in_flight: int = 0  # most sequences in flight at once so far
+    kv_capacity_tokens: int | None = None  # the tightest stage's KV budget (None: unbounded)
+    kv_reserved_tokens: int = 0  # context tokens the sequences in flight hold on every stage
 
 
 class RequestHandle:
@@ -268,6 +271,7 @@ class Pipeline:
         self._groups: dict[int, _Group] = {}
         self._by_rid: dict[str, _Request] = {}
         self._reserved = 0
+        self._peak = 0
         self._completed = 0
         self._tokens = 0
         self._token_times: deque[float] = deque(maxlen=8192)
@@ -381,6 +385,9 @@ class Pipeline:
                 tokens_per_s=recent / span if span > 0 else 0.0,
                 stages=tuple(m.snapshot(span) for m in self._meters),
                 failovers=tuple(self._failovers()) if self._failovers is not None else (),
+                peak_in_flight=self._peak,
+                kv_capacity_tokens=self._kv_cap,
+                kv_reserved_tokens=self._reserved,
             )
 
     # -- lane threads ----------------------------------------------------------------------------
@@ -463,6 +470,7 @@ class Pipeline:
                 group = _Group(gid, f"g{gid}-{batch[0].rid}", batch, mask, len(batch) * (width + longest))
                 self._reserved += group.reserved_tokens
                 self._groups[gid] = group
+                self._peak = max(self._peak, sum(len(g.requests) for g in self._groups.values()))
             now = time.monotonic()
             for r in batch:
                 r.t_admit = now
