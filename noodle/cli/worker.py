@@ -36,8 +36,13 @@ def worker_cmd(
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N: where this worker's stages run"),
     max_sessions: int = typer.Option(16, "--max-sessions", help="grpc: open sessions at most (one per generation and stage)"),
     max_stages: int = typer.Option(4, "--max-stages", help="grpc: stages held at most (idle ones are dropped first)"),
-    idle_timeout: float = typer.Option(600.0, "--idle-timeout", help="grpc: close sessions idle this many seconds"),
-    max_message_mb: int = typer.Option(512, "--max-message-mb", help="grpc: largest message in MiB (long prompts need more)"),
+    idle_timeout: float = typer.Option(60.0, "--idle-timeout", help="grpc: close sessions idle this many seconds"),
+    max_batch: int = typer.Option(8, "--max-batch", help="grpc: sequences per step at most (sizes the message limit)"),
+    max_message_mb: int = typer.Option(0, "--max-message-mb",
+                                       help="grpc: largest request in MiB (0: a --max-batch prefill at the model's full length)"),
+    stream_idle_timeout: float = typer.Option(60.0, "--stream-idle-timeout", help="grpc: close streams idle this many seconds"),
+    max_calls_per_caller: int = typer.Option(0, "--max-calls-per-caller",
+                                             help="grpc: calls in progress per caller address (0: --max-sessions + 4)"),
     threads: int = typer.Option(0, "--threads", help="torch CPU threads (0: torch's default)"),
     insecure: bool = typer.Option(False, "--insecure", help="grpc: allow a non-loopback --host without a token"),
     timeout: float = typer.Option(1800.0, "--timeout", help="torchrpc: seconds a rank waits for its peers"),
@@ -60,8 +65,8 @@ def worker_cmd(
         print(f"noodle worker: torchrpc rank {rank} of {world} ({dist_backend}, device {device})", flush=True)
         code = run_worker(model, device=device, backend=dist_backend, timeout_s=timeout, threads=threads)
         raise typer.Exit(code)
-    if max_message_mb < 1:
-        raise SpecError(f"--max-message-mb: must be >= 1, got {max_message_mb}")
+    if not 0 <= max_message_mb <= 2047:
+        raise SpecError(f"--max-message-mb: must be 0 (from the model) or 1 to 2047, got {max_message_mb}")
     from noodle.executors.grpc.server import run_forever
     from noodle.executors.grpc.worker import WorkerConfig
 
@@ -69,7 +74,8 @@ def worker_cmd(
     config = WorkerConfig(
         model_dir=model, host=host, port=port, token=token, tls_cert=tls_cert, tls_key=tls_key, device=device,
         max_sessions=max_sessions, max_stages=max_stages, idle_timeout_s=idle_timeout, max_message_bytes=limit,
-        max_tensor_bytes=min(limit, 256 * 2**20), insecure=insecure,
+        max_tensor_bytes=min(limit or 2**31, 256 * 2**20), max_batch=max_batch, stream_idle_s=stream_idle_timeout,
+        max_calls_per_peer=max_calls_per_caller, insecure=insecure,
     )  # fmt: skip
     raise typer.Exit(run_forever(config))
 
