@@ -33,10 +33,10 @@ from noodle.errors import ExecutorError, SpecError
 from noodle.executors.grpc import stage_service_pb2 as pb
 from noodle.executors.grpc import stage_service_pb2_grpc as pb_grpc
 from noodle.executors.grpc.worker import DEFAULT_MAX_MESSAGE_BYTES, ERROR_ID_KEY
-from noodle.plandoc import PlanDoc
+from noodle.plandoc import PlanDoc, StageDoc
 
 __all__ = [
-    "WorkerGone", "StageLost", "WorkerClient", "REOPEN_IDLE_S", "ForwardStream", "Watchdog", "translate", "parse_workers", "parse_address",
+    "WorkerGone", "StageLost", "WorkerClient", "REOPEN_IDLE_S", "step_timeout", "STEP_TIMEOUT_FLOOR_S", "STEP_TIMEOUT_FACTOR", "ForwardStream", "Watchdog", "translate", "parse_workers", "parse_address",
     "resolve_addresses", "parse_spares", "check_message_size",
 ]  # fmt: skip
 
@@ -126,8 +126,26 @@ def check_message_size(plan: PlanDoc, hidden: int, max_message_bytes: int) -> No
         raise SpecError(
             f"workload: a prefill of {batch} x {prompt} tokens x {hidden} hidden is {need / 2**20:.0f} MiB per message, "
             f"over the {max_message_bytes / 2**20:.0f} MiB gRPC message limit; raise max_message_bytes (and the "
-            "workers' --max-message-mb) or shorten the prompts"
+            "workers' --max-message-mb; a worker's own limit is --max-batch sequences at the model's full length) or shorten the prompts"
         )
+
+
+STEP_TIMEOUT_FLOOR_S = 2.0
+STEP_TIMEOUT_FACTOR = 20.0
+
+
+def step_timeout(doc: StageDoc, data: pb.Tensor, planned_batch: int) -> float:
+    """Seconds stage ``doc`` may take for a step on ``data``, from the plan's predicted step time.
+
+    ``max(STEP_TIMEOUT_FLOOR_S, STEP_TIMEOUT_FACTOR x expected_latency_ms x work)``, where ``work`` is
+    the step's new tokens (1 for a decode, the prompt for a prefill) times how many planned batches
+    its batch holds (at least 1). A hung worker is then found in seconds, not after a fixed minute.
+    """
+    shape = list(data.shape)
+    batch = shape[0] if shape else 1
+    tokens = shape[1] if len(shape) > 1 else 1
+    work = max(1, tokens) * max(1.0, batch / max(1, planned_batch))
+    return max(STEP_TIMEOUT_FLOOR_S, STEP_TIMEOUT_FACTOR * max(doc.expected_latency_ms, 0.0) / 1e3 * work)
 
 
 def translate(exc: grpc.RpcError, where: str) -> Exception:

@@ -49,7 +49,8 @@ from noodle.executors.failover import RetryPolicy, merge_stage, merge_target
 from noodle.executors.generation import Sampling, generate, token_ids_of
 from noodle.executors.grpc import stage_service_pb2 as pb
 from noodle.executors.grpc.client import (
-    ForwardStream, StageLost, Watchdog, WorkerClient, WorkerGone, check_message_size, parse_spares, resolve_addresses,
+    STEP_TIMEOUT_FACTOR, STEP_TIMEOUT_FLOOR_S, ForwardStream, StageLost, Watchdog, WorkerClient, WorkerGone,
+    check_message_size, parse_spares, resolve_addresses, step_timeout,
 )  # fmt: skip
 from noodle.executors.grpc.lanes import GrpcLane, grpc_pipeline
 from noodle.executors.grpc.wire import from_proto, to_proto
@@ -63,22 +64,6 @@ from noodle.plandoc import PlanDoc, StageDoc
 
 __all__ = ["GrpcExecutor", "step_timeout", "STEP_TIMEOUT_FLOOR_S", "STEP_TIMEOUT_FACTOR"]
 
-STEP_TIMEOUT_FLOOR_S = 2.0
-STEP_TIMEOUT_FACTOR = 20.0
-
-
-def step_timeout(doc: StageDoc, data: pb.Tensor, planned_batch: int) -> float:
-    """Seconds stage ``doc`` may take for a step on ``data``, from the plan's predicted step time.
-
-    ``max(STEP_TIMEOUT_FLOOR_S, STEP_TIMEOUT_FACTOR x expected_latency_ms x work)``, where ``work`` is
-    the step's new tokens (1 for a decode, the prompt for a prefill) times how many planned batches
-    its batch holds (at least 1). A hung worker is then found in seconds, not after a fixed minute.
-    """
-    shape = list(data.shape)
-    batch = shape[0] if shape else 1
-    tokens = shape[1] if len(shape) > 1 else 1
-    work = max(1, tokens) * max(1.0, batch / max(1, planned_batch))
-    return max(STEP_TIMEOUT_FLOOR_S, STEP_TIMEOUT_FACTOR * max(doc.expected_latency_ms, 0.0) / 1e3 * work)
 
 
 @dataclass
