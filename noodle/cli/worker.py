@@ -38,8 +38,13 @@ def worker_cmd(
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N: where this worker's stages run"),
     max_sessions: int = typer.Option(16, "--max-sessions", help="grpc: open sessions at most (one per generation and stage)"),
     max_stages: int = typer.Option(4, "--max-stages", help="grpc: stages held at most (idle ones are dropped first)"),
-    idle_timeout: float = typer.Option(600.0, "--idle-timeout", help="grpc: close sessions idle this many seconds"),
-    max_message_mb: int = typer.Option(512, "--max-message-mb", help="grpc: largest message in MiB (long prompts need more)"),
+    idle_timeout: float = typer.Option(60.0, "--idle-timeout", help="grpc: close sessions idle this many seconds"),
+    max_batch: int = typer.Option(8, "--max-batch", help="grpc: sequences per step at most (sizes the message limit)"),
+    max_message_mb: int = typer.Option(0, "--max-message-mb",
+                                       help="grpc: largest request in MiB (0: a --max-batch prefill at the model's full length)"),
+    stream_idle_timeout: float = typer.Option(60.0, "--stream-idle-timeout", help="grpc: close streams idle this many seconds"),
+    max_calls_per_caller: int = typer.Option(0, "--max-calls-per-caller",
+                                             help="grpc: calls in progress per caller address (0: --max-sessions + 4)"),
     threads: int = typer.Option(0, "--threads", help="torch CPU threads (0: torch's default)"),
     insecure: bool = typer.Option(False, "--insecure", help="grpc: allow a non-loopback --host without a token"),
     timeout: float = typer.Option(1800.0, "--timeout", help="torchrpc: seconds a rank waits for its peers"),
@@ -74,9 +79,12 @@ def worker_cmd(
         except dist.DistError as exc:  # the coordinator went away or never formed the world
             raise ExecutorError(f"torchrpc worker: rank {rank}: {str(exc).splitlines()[0]}") from None
         raise typer.Exit(code)
-    check_int("--max-message-mb", max_message_mb, ge=1, le=2047)  # gRPC's limits are signed 32-bit
+    check_int("--max-message-mb", max_message_mb, ge=0, le=2047)  # 0: sized from the model; gRPC's limits are signed 32-bit
     check_int("--max-sessions", max_sessions, ge=1, le=100_000)
     check_int("--max-stages", max_stages, ge=1, le=100_000)
+    check_int("--max-batch", max_batch, ge=1, le=65_536)
+    check_int("--max-calls-per-caller", max_calls_per_caller, ge=0, le=100_000)
+    check_float("--stream-idle-timeout", stream_idle_timeout, gt=0, le=1e7)
     from noodle.executors.grpc.server import run_forever
     from noodle.executors.grpc.worker import WorkerConfig
 
@@ -84,7 +92,8 @@ def worker_cmd(
     config = WorkerConfig(
         model_dir=model, host=host, port=port, token=token, tls_cert=tls_cert, tls_key=tls_key, device=device,
         max_sessions=max_sessions, max_stages=max_stages, idle_timeout_s=idle_timeout, max_message_bytes=limit,
-        max_tensor_bytes=min(limit, 256 * 2**20), insecure=insecure,
+        max_tensor_bytes=min(limit or 2**31, 256 * 2**20), max_batch=max_batch, stream_idle_s=stream_idle_timeout,
+        max_calls_per_peer=max_calls_per_caller, insecure=insecure,
     )  # fmt: skip
     raise typer.Exit(run_forever(config))
 

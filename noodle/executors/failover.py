@@ -39,15 +39,17 @@ class RetryPolicy:
         health_timeout_s: deadline of a health check.
         attempts: calls tried per step before the node is declared gone (first call included).
         backoff_s: wait before the first retry; doubled before each further one.
+        connect_s: how long the first health check of a worker is retried (with backoff) at start-up.
     """
 
     step_timeout_s: float = 60.0
     health_timeout_s: float = 2.0
     attempts: int = 3
     backoff_s: float = 0.1
+    connect_s: float = 10.0
 
     def __post_init__(self) -> None:
-        for name in ("step_timeout_s", "health_timeout_s", "backoff_s"):
+        for name in ("step_timeout_s", "health_timeout_s", "backoff_s", "connect_s"):
             value = getattr(self, name)
             if not value >= 0 or (name != "backoff_s" and value == 0):
                 raise SpecError(f"retry policy: {name} must be > 0, got {value}")

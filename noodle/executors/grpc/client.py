@@ -8,8 +8,14 @@ cancels a stream whose reply is overdue; the caller then sees
 :class:`WorkerGone` like for a dead connection.
 
 :func:`translate` sorts a ``grpc.RpcError`` into "the worker may be gone, retry
-or fail over" (:class:`WorkerGone`) and "the worker answered no" (an
-:class:`~noodle.errors.ExecutorError` carrying the worker's traceback, if any).
+or fail over" (:class:`WorkerGone`; :class:`StageLost` when the worker answers but
+no longer has the session or stage, as after a restart: reload and replay) and
+"the worker answered no" (an :class:`~noodle.errors.ExecutorError`; a worker's own
+failure carries its error id, the traceback stays in the worker's log).
+
+A worker closes a stream idle for its ``--stream-idle-timeout`` (60 s by default), so
+a :class:`ForwardStream` unused for ``REOPEN_IDLE_S`` opens a fresh call before its next
+request; sessions live apart from streams and are kept.
 """
 
 from __future__ import annotations
@@ -26,21 +32,26 @@ import grpc
 from noodle.errors import ExecutorError, SpecError
 from noodle.executors.grpc import stage_service_pb2 as pb
 from noodle.executors.grpc import stage_service_pb2_grpc as pb_grpc
-from noodle.executors.grpc.worker import DEFAULT_MAX_MESSAGE_BYTES, TRACEBACK_KEY
-from noodle.plandoc import PlanDoc
+from noodle.executors.grpc.worker import DEFAULT_MAX_MESSAGE_BYTES, ERROR_ID_KEY
+from noodle.plandoc import PlanDoc, StageDoc
 
 __all__ = [
-    "WorkerGone", "WorkerClient", "ForwardStream", "Watchdog", "translate", "parse_workers", "parse_address",
+    "WorkerGone", "StageLost", "WorkerClient", "REOPEN_IDLE_S", "step_timeout", "STEP_TIMEOUT_FLOOR_S", "STEP_TIMEOUT_FACTOR", "ForwardStream", "Watchdog", "translate", "parse_workers", "parse_address",
     "resolve_addresses", "parse_spares", "check_message_size",
 ]  # fmt: skip
 
 # Codes that say "no answer" rather than "the worker refused": retry, then fail over.
 _GONE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN}
 _END = object()
+REOPEN_IDLE_S = 20.0
 
 
 class WorkerGone(Exception):
     """A worker did not answer (connection lost, deadline passed); the call may be retried elsewhere."""
+
+
+class StageLost(WorkerGone):
+    """A worker answers but no longer has the session or stage (it restarted, or reaped it): reload, replay."""
 
 
 def parse_address(text: str, *, field: str) -> str:
@@ -115,22 +126,41 @@ def check_message_size(plan: PlanDoc, hidden: int, max_message_bytes: int) -> No
         raise SpecError(
             f"workload: a prefill of {batch} x {prompt} tokens x {hidden} hidden is {need / 2**20:.0f} MiB per message, "
             f"over the {max_message_bytes / 2**20:.0f} MiB gRPC message limit; raise max_message_bytes (and the "
-            "workers' --max-message-mb) or shorten the prompts"
+            "workers' --max-message-mb; a worker's own limit is --max-batch sequences at the model's full length) or shorten the prompts"
         )
 
 
+STEP_TIMEOUT_FLOOR_S = 2.0
+STEP_TIMEOUT_FACTOR = 20.0
+
+
+def step_timeout(doc: StageDoc, data: pb.Tensor, planned_batch: int) -> float:
+    """Seconds stage ``doc`` may take for a step on ``data``, from the plan's predicted step time.
+
+    ``max(STEP_TIMEOUT_FLOOR_S, STEP_TIMEOUT_FACTOR x expected_latency_ms x work)``, where ``work`` is
+    the step's new tokens (1 for a decode, the prompt for a prefill) times how many planned batches
+    its batch holds (at least 1). A hung worker is then found in seconds, not after a fixed minute.
+    """
+    shape = list(data.shape)
+    batch = shape[0] if shape else 1
+    tokens = shape[1] if len(shape) > 1 else 1
+    work = max(1, tokens) * max(1.0, batch / max(1, planned_batch))
+    return max(STEP_TIMEOUT_FLOOR_S, STEP_TIMEOUT_FACTOR * max(doc.expected_latency_ms, 0.0) / 1e3 * work)
+
+
 def translate(exc: grpc.RpcError, where: str) -> Exception:
-    """:class:`WorkerGone` for a lost worker, else an :class:`ExecutorError` with the remote traceback."""
+    """:class:`WorkerGone` for a lost worker (:class:`StageLost` for a lost session or stage), else an
+    :class:`ExecutorError` with the worker's message (and its error id when the worker failed)."""
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = exc.details() if hasattr(exc, "details") else str(exc)
     trailing = dict(exc.trailing_metadata() or ()) if hasattr(exc, "trailing_metadata") else {}
-    tb = trailing.get(TRACEBACK_KEY)
-    if tb is None and (code in _GONE or code == grpc.StatusCode.INTERNAL):
+    if code == grpc.StatusCode.NOT_FOUND:
+        return StageLost(f"{where}: NOT_FOUND: {details}")
+    if code in _GONE or (code == grpc.StatusCode.INTERNAL and ERROR_ID_KEY not in trailing):
         return WorkerGone(f"{where}: {code.name}: {details}")
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return ExecutorError(f"{where}: refused: {details}; give the worker's token with --token or NOODLE_TOKEN")
-    text = tb.decode(errors="replace") if isinstance(tb, bytes) else tb
-    return ExecutorError(f"{where}: {code.name}: {details}", remote_traceback=text)
+    return ExecutorError(f"{where}: {code.name}: {details}")
 
 
 class Watchdog:
@@ -169,16 +199,25 @@ class ForwardStream:
     """One ``ForwardStream`` call: :meth:`call` sends a request and returns its reply."""
 
     def __init__(self, client: WorkerClient, watchdog: Watchdog, where: str) -> None:
-        self._q: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._client = client
         self._where = where
         self._watchdog = watchdog
         self.deadline = 0.0
         self.expired = False
-        requests: Iterator[pb.ForwardRequest] = iter(self._q.get, _END)  # type: ignore[arg-type]
-        self._call = client.stub.ForwardStream(requests, metadata=client.metadata)
+        self._open()
         watchdog.watch(self)
 
+    def _open(self) -> None:
+        self._q: queue.SimpleQueue[object] = queue.SimpleQueue()
+        requests: Iterator[pb.ForwardRequest] = iter(self._q.get, _END)  # type: ignore[arg-type]
+        self._call = self._client.stub.ForwardStream(requests, metadata=self._client.metadata)
+        self._used = time.monotonic()
+
     def call(self, request: pb.ForwardRequest, timeout_s: float) -> pb.ForwardReply:
+        if time.monotonic() - self._used > REOPEN_IDLE_S:  # the worker may have closed it as idle
+            self._q.put(_END)
+            self._call.cancel()
+            self._open()
         self.deadline = time.monotonic() + timeout_s
         self._q.put(request)
         try:
@@ -191,6 +230,7 @@ class ForwardStream:
             raise WorkerGone(f"{self._where}: the worker ended the stream") from None
         finally:
             self.deadline = 0.0
+            self._used = time.monotonic()
         return reply
 
     def expire(self) -> None:
@@ -251,16 +291,47 @@ class WorkerClient:
         except grpc.RpcError as exc:
             raise translate(exc, f"worker {self.address}: Health") from None
 
-    def sync_clock(self, timeout_s: float, rounds: int = 5) -> None:
-        """Estimate the worker's monotonic-clock offset from the fastest of ``rounds`` pings."""
+    def connect(self, timeout_s: float, *, within_s: float, backoff_s: float = 0.1) -> pb.HealthReply:
+        """Health checks with exponential backoff (capped at 1 s) until one answers or ``within_s`` passes.
+
+        A worker still starting, or a lossy network, is waited for; a refusal (wrong token) is not.
+        """
+        deadline = time.monotonic() + within_s
+        delay = backoff_s
+        while True:
+            try:
+                return self.health(min(timeout_s, max(deadline - time.monotonic(), 0.05)))
+            except WorkerGone:
+                if time.monotonic() + delay >= deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    def sync_clock(self, timeout_s: float, rounds: int = 5, *, within_s: float = 0.0) -> None:
+        """Estimate the worker's monotonic-clock offset from the fastest of ``rounds`` pings.
+
+        With ``within_s`` the first ping is retried with backoff for that long (:meth:`connect`) and a
+        later ping that is lost is skipped.
+        """
         if rounds < 1:
             raise ExecutorError(f"worker {self.address}: clock sync needs at least one round, got {rounds}")
         samples: list[tuple[int, int]] = []  # (round trip, offset)
+        if within_s > 0:
+            self.connect(timeout_s, within_s=within_s)
+        lost: WorkerGone | None = None
         for _ in range(rounds):
             t0 = time.monotonic_ns()
-            reply = self.health(timeout_s)
+            try:
+                reply = self.health(timeout_s)
+            except WorkerGone as exc:
+                if within_s <= 0:
+                    raise
+                lost = exc
+                continue
             t1 = time.monotonic_ns()
             samples.append((t1 - t0, reply.clock_ns - (t0 + t1) // 2))
+        if not samples and lost is not None:
+            raise lost
         rtt, offset = min(samples, key=lambda sample: sample[0])  # the first fastest, as before
         self.ping_ms = rtt / 1e6
         self.clock_offset_ns = offset

@@ -18,9 +18,14 @@ ask the last stage for the argmax token only (8 bytes a sequence instead of the
 vocabulary's logits) and hand ``generate`` logits whose argmax is that token.
 
 Failures (see :mod:`noodle.executors.failover`): a call that loses its
-connection or has no reply within ``step_timeout_s`` is retried with backoff
+connection or has no reply within its step timeout is retried with backoff
 after a health check; a node that stays gone has its stage moved to the next
-``--spare`` worker, or, without one, merged into a neighbour that has room.
+``--spare`` worker, or, without one, merged into a neighbour that has room. A
+worker that answers ``NOT_FOUND`` (it restarted, or reaped an idle session) lost
+the stage: it is loaded again there and the inputs replayed. Without a ``policy``
+(``--step-timeout``), a step's timeout comes from the plan: :func:`step_timeout`.
+At start-up each worker's first health check is retried with backoff for
+``policy.connect_s``.
 """
 
 from __future__ import annotations
@@ -44,7 +49,8 @@ from noodle.executors.failover import RetryPolicy, merge_stage, merge_target
 from noodle.executors.generation import Sampling, generate, token_ids_of
 from noodle.executors.grpc import stage_service_pb2 as pb
 from noodle.executors.grpc.client import (
-    ForwardStream, Watchdog, WorkerClient, WorkerGone, check_message_size, parse_spares, resolve_addresses,
+    STEP_TIMEOUT_FACTOR, STEP_TIMEOUT_FLOOR_S, ForwardStream, StageLost, Watchdog, WorkerClient, WorkerGone,
+    check_message_size, parse_spares, resolve_addresses, step_timeout,
 )  # fmt: skip
 from noodle.executors.grpc.lanes import GrpcLane, grpc_pipeline
 from noodle.executors.grpc.wire import from_proto, to_proto
@@ -56,7 +62,8 @@ from noodle.executors.scheduler import Pipeline
 from noodle.executors.slicing import read_config, unit_names_of
 from noodle.plandoc import PlanDoc, StageDoc
 
-__all__ = ["GrpcExecutor"]
+__all__ = ["GrpcExecutor", "step_timeout", "STEP_TIMEOUT_FLOOR_S", "STEP_TIMEOUT_FACTOR"]
+
 
 
 @dataclass
@@ -92,7 +99,7 @@ class GrpcExecutor(ClosesOnExit):
         token: the workers' shared token; default ``$NOODLE_TOKEN``.
         tls_ca: PEM certificate to trust (turns TLS on); default ``$NOODLE_TLS_CA``.
         tls_server_name: certificate name to check, when it is not the host in the address.
-        policy: deadlines, retries and backoff.
+        policy: deadlines, retries and backoff; without one, each step's timeout is :func:`step_timeout`.
         stream: one bidirectional stream per stage session (default) or unary calls.
     """
 
@@ -124,6 +131,8 @@ class GrpcExecutor(ClosesOnExit):
         self.eos_token_id, self.pad_token_id = token_ids_of(config)
         self.vocab_size = int(config.vocab_size)
         self.policy = policy or RetryPolicy()
+        self.derive_step_timeout = policy is None
+        self.planned_batch = int(plan.workload.get("batch_size", 1) or 1)
         self.stream = stream
         self.max_message_bytes = max_message_bytes
         self._log = log or (lambda line: print(line, file=sys.stderr))
@@ -160,7 +169,7 @@ class GrpcExecutor(ClosesOnExit):
                 client = self._client(self.addresses[st.node])
                 if client.ping_ms is None:
                     try:
-                        client.sync_clock(self.policy.health_timeout_s)
+                        client.sync_clock(self.policy.health_timeout_s, within_s=self.policy.connect_s)
                     except WorkerGone as exc:
                         raise ExecutorError(
                             f"{st.node}: no worker answers at {client.address} ({exc}); start one there with "
@@ -203,6 +212,12 @@ class GrpcExecutor(ClosesOnExit):
         slot.stage_id = reply.stage.stage_id  # type: ignore[attr-defined]
         slot.param_bytes = int(reply.stage.param_bytes)  # type: ignore[attr-defined]
 
+    def step_timeout_s(self, doc: StageDoc, req: pb.ForwardRequest) -> float:
+        """The deadline of one step: ``--step-timeout`` if given, else :func:`step_timeout` of the plan."""
+        if not self.derive_step_timeout:
+            return self.policy.step_timeout_s
+        return step_timeout(doc, req.data, self.planned_batch)
+
     # -- sessions ----------------------------------------------------------------------------------
     def _open_session(self, slot: _Slot, replay: bool) -> None:
         """A fresh session for ``slot`` (closing any old one), then replay its recorded inputs."""
@@ -211,8 +226,13 @@ class GrpcExecutor(ClosesOnExit):
             raise ExecutorError("grpc executor: not open; use it as a context manager (`with GrpcExecutor(...) as ex:`)")
         self._end_session(slot)
         slot.session = f"{self._uid}-{next(self._counter)}-{slot.doc.node}"
-        slot.client.unary("CreateSession", pb.CreateSessionRequest(stage_id=slot.stage_id, session=slot.session),
-                          self.policy.step_timeout_s, slot.doc.node)  # fmt: skip
+        create = pb.CreateSessionRequest(stage_id=slot.stage_id, session=slot.session)
+        try:
+            slot.client.unary("CreateSession", create, self.policy.health_timeout_s * 5, slot.doc.node)
+        except StageLost:  # the worker restarted since the stage was loaded: load it again
+            self._load(slot)
+            create.stage_id = slot.stage_id
+            slot.client.unary("CreateSession", create, self.policy.health_timeout_s * 5, slot.doc.node)
         if self.stream:
             slot.stream = ForwardStream(slot.client, watchdog, slot.where)
         if replay:
@@ -236,10 +256,11 @@ class GrpcExecutor(ClosesOnExit):
         req.session = slot.session
         req.top1 = top1
         t1 = time.monotonic_ns()
+        timeout = self.step_timeout_s(slot.doc, req)
         if slot.stream is not None:
-            reply = slot.stream.call(req, self.policy.step_timeout_s)
+            reply = slot.stream.call(req, timeout)
         else:
-            reply = slot.client.unary("Forward", req, self.policy.step_timeout_s, slot.where)  # type: ignore[assignment]
+            reply = slot.client.unary("Forward", req, timeout, slot.where)  # type: ignore[assignment]
         t2 = time.monotonic_ns()
         off = slot.client.clock_offset_ns
         slot.kv = int(reply.kv_cache_bytes)
@@ -267,8 +288,10 @@ class GrpcExecutor(ClosesOnExit):
             time.sleep(delay)
             if slot.client.alive(self.policy.health_timeout_s):
                 try:
+                    if isinstance(exc, StageLost):
+                        self._load(slot)
                     self._open_session(slot, replay=True)
-                except WorkerGone as again:
+                except (WorkerGone, ExecutorError) as again:
                     reason = str(again)
                     continue
                 self._event(step, slot, reason, "retried", f"same worker {slot.client.address}", t0)
@@ -348,7 +371,14 @@ class GrpcExecutor(ClosesOnExit):
         steps = 0
         for slot in self._slots:
             slot.history = []
-            self._open_session(slot, replay=False)
+        i = 0
+        while i < len(self._slots):
+            try:
+                self._open_session(self._slots[i], replay=False)
+                i += 1
+            except WorkerGone as exc:  # gone (or restarted) since the last run: recover before the first step
+                self._recover(i, pb.ForwardRequest(), exc, 0)
+                i = 0
 
         def forward(msg: StageInput) -> torch.Tensor:
             nonlocal steps

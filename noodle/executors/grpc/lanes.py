@@ -8,6 +8,9 @@ its stage to a ``--spare`` worker, then to the worker of a neighbour stage that 
 (as an extra stage there): in every case it recreates the session of *every* group in
 flight on it and replays their recorded inputs (same tensors, same order, so the same
 KV caches bit for bit), then carries on with the step that failed. No group is lost.
+A worker that answers ``NOT_FOUND`` (restarted, or reaped a session) has lost the stage:
+it is loaded there again before the sessions are rebuilt. Step deadlines are the
+executor's (:meth:`~noodle.executors.grpc.coordinator.GrpcExecutor.step_timeout_s`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import TYPE_CHECKING
 from noodle.errors import ExecutorError
 from noodle.executors.failover import merge_target
 from noodle.executors.grpc import stage_service_pb2 as pb
-from noodle.executors.grpc.client import ForwardStream, WorkerClient, WorkerGone
+from noodle.executors.grpc.client import ForwardStream, StageLost, WorkerClient, WorkerGone
 from noodle.executors.grpc.wire import from_proto, to_proto
 from noodle.executors.messages import StageInput, StageOutput
 from noodle.executors.netreport import FailoverEvent
@@ -93,8 +96,12 @@ class GrpcLane:
     # -- calls -------------------------------------------------------------------------------------
     def _create(self, session: str) -> None:
         wsid = f"{self.ex._uid}-{session}-{self.name}-{next(self.ex._counter)}"
-        self.client.unary("CreateSession", pb.CreateSessionRequest(stage_id=self.stage_id, session=wsid),
-                          self.ex.policy.step_timeout_s, self.where)  # fmt: skip
+        timeout = self.ex.policy.health_timeout_s * 5
+        try:
+            self.client.unary("CreateSession", pb.CreateSessionRequest(stage_id=self.stage_id, session=wsid), timeout, self.where)
+        except StageLost:  # the worker restarted since the stage was loaded: load it again
+            self._load_on(self.client)
+            self.client.unary("CreateSession", pb.CreateSessionRequest(stage_id=self.stage_id, session=wsid), timeout, self.where)
         self._sessions[session] = wsid
 
     def _send(self, session: str, req: pb.ForwardRequest) -> pb.ForwardReply:
@@ -105,7 +112,7 @@ class GrpcLane:
             if watchdog is None:
                 raise ExecutorError("grpc executor: not open; use it as a context manager")
             self._stream = ForwardStream(self.client, watchdog, self.where)
-        return self._stream.call(req, self.ex.policy.step_timeout_s)
+        return self._stream.call(req, self.ex.step_timeout_s(self.doc, req))
 
     # -- failures ----------------------------------------------------------------------------------
     def _rebuild(self) -> None:
@@ -135,8 +142,10 @@ class GrpcLane:
             time.sleep(delay)
             if self.client.alive(self.ex.policy.health_timeout_s):
                 try:
+                    if isinstance(exc, StageLost):
+                        self._load_on(self.client)
                     self._rebuild()
-                except WorkerGone as again:
+                except (WorkerGone, ExecutorError) as again:
                     reason = str(again)
                     continue
                 return self._event(reason, "retried", f"same worker {self.client.address}", t0)

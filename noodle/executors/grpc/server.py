@@ -1,53 +1,37 @@
-"""Serving the stage service: token check, TLS, limits, and the run-until-signalled loop.
+"""Serving the stage service: the call gate, TLS, limits, and a bounded run-until-signalled loop.
 
 :func:`serve` starts a :class:`~noodle.executors.grpc.worker.StageServicer` on a
-port (plaintext or TLS) behind :class:`TokenAuth` when a token is set;
-:func:`run_forever` is what ``noodle worker`` runs.
+port (plaintext or TLS) behind its :class:`~noodle.executors.grpc.gate.CallGate`
+(token, call caps, time bounds, all decided before a request body is read);
+:func:`run_forever` is what ``noodle worker`` runs. The largest request gRPC
+accepts is sized from the model (:func:`~noodle.executors.grpc.worker.message_limit`),
+so an oversized body is refused by gRPC before the worker allocates for it.
 """
 
 from __future__ import annotations
 
-import hmac
+import logging
+import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
-from typing import Any
 
 import grpc
 
 from noodle.errors import SpecError
 from noodle.executors.grpc import stage_service_pb2_grpc as pb_grpc
-from noodle.executors.grpc.worker import StageServicer, WorkerConfig
+from noodle.executors.grpc.worker import DEFAULT_MAX_MESSAGE_BYTES, StageServicer, WorkerConfig
 
-__all__ = ["TokenAuth", "serve", "run_forever"]
+__all__ = ["serve", "run_forever", "STOP_GRACE_S", "STOP_WAIT_S"]
 
+log = logging.getLogger(__name__)
 
-class TokenAuth(grpc.ServerInterceptor):
-    """Refuse every call whose ``authorization`` metadata is not ``Bearer <token>``."""
-
-    def __init__(self, token: str) -> None:
-        self._want = f"Bearer {token}".encode()
-
-    def intercept_service(self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails) -> Any:
-        got = dict(details.invocation_metadata or ()).get("authorization", "")
-        got_b = got.encode() if isinstance(got, str) else bytes(got)
-        handler = continuation(details)
-        if hmac.compare_digest(got_b, self._want) or handler is None:
-            return handler
-
-        def deny(_request: Any, context: grpc.ServicerContext) -> None:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token (authorization: Bearer <token>)")
-
-        if handler.request_streaming and handler.response_streaming:
-            return grpc.stream_stream_rpc_method_handler(deny)
-        if handler.request_streaming:
-            return grpc.stream_unary_rpc_method_handler(deny)
-        if handler.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(deny)
-        return grpc.unary_unary_rpc_method_handler(deny)
+STOP_GRACE_S = 2.0  # calls in progress may finish this long after SIGTERM
+STOP_WAIT_S = 3.0  # then the server has this long to end them before the process exits anyway
+_SPARE_THREADS = 16  # beyond the call cap: Health and quick refusals always find a thread
+_SPARE_CALLS = 64  # beyond the call cap: calls gRPC queues before refusing outright
 
 
 def serve(config: WorkerConfig) -> tuple[grpc.Server, StageServicer, int]:
@@ -57,19 +41,25 @@ def serve(config: WorkerConfig) -> tuple[grpc.Server, StageServicer, int]:
         SpecError: a setting is refused (see :meth:`WorkerConfig.check`) or the port cannot be bound.
         ModelError: the model folder cannot be used.
     """
+    server, servicer, port, _ = _start(config)
+    return server, servicer, port
+
+
+def _start(config: WorkerConfig) -> tuple[grpc.Server, StageServicer, int, futures.ThreadPoolExecutor]:
     config.check()
     servicer = StageServicer(config)
-    interceptors = [TokenAuth(config.token)] if config.token else []
+    cap = servicer.limits.max_calls
     options = [
-        ("grpc.max_receive_message_length", config.max_message_bytes),
-        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_receive_message_length", servicer.max_message_bytes),
+        ("grpc.max_send_message_length", max(servicer.max_message_bytes, config.max_message_bytes or DEFAULT_MAX_MESSAGE_BYTES)),
         ("grpc.so_reuseport", 0),
     ]
+    pool = futures.ThreadPoolExecutor(max_workers=cap + _SPARE_THREADS, thread_name_prefix="noodle-worker")
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.max_sessions + 4, thread_name_prefix="noodle-worker"),
-        interceptors=interceptors,
+        pool,
+        interceptors=[servicer.gate],
         options=options,
-        maximum_concurrent_rpcs=config.max_sessions + 4,
+        maximum_concurrent_rpcs=cap + _SPARE_CALLS,
     )
     pb_grpc.add_StageServiceServicer_to_server(servicer, server)
     address = f"[{config.host}]:{config.port}" if ":" in config.host else f"{config.host}:{config.port}"
@@ -86,22 +76,38 @@ def serve(config: WorkerConfig) -> tuple[grpc.Server, StageServicer, int]:
     if port == 0:
         raise SpecError(f"--port: cannot listen on {address} (in use, or not an address of this machine)")
     server.start()
-    return server, servicer, port
+    return server, servicer, port, pool
 
 
 def run_forever(config: WorkerConfig) -> int:
-    """Serve until SIGTERM/SIGINT (main thread only); the first stdout line says where it listens."""
-    server, servicer, port = serve(config)
+    """Serve until SIGTERM/SIGINT (main thread only); the first stdout line says where it listens.
+
+    Stopping is bounded: calls get ``STOP_GRACE_S`` to finish, the server ``STOP_WAIT_S`` more to end
+    them; a handler thread still stuck after that (a caller that never sends) does not keep the
+    process alive: it exits without waiting for it.
+    """
+    server, servicer, port, pool = _start(config)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     auth = "token required" if config.token else "no token"
     tls = "TLS" if config.tls_cert else "plaintext"
-    print(f"noodle worker: serving grpc on {config.host}:{port} ({config.model_dir}, {auth}, {tls})", flush=True)
+    mib = servicer.max_message_bytes / 2**20
+    print(f"noodle worker: serving grpc on {config.host}:{port} ({config.model_dir}, {auth}, {tls}, "
+          f"requests up to {mib:.1f} MiB)", flush=True)  # fmt: skip
     try:
         stop.wait()
     finally:
-        server.stop(grace=2).wait()
+        done = server.stop(grace=STOP_GRACE_S).wait(timeout=STOP_GRACE_S + STOP_WAIT_S)
         servicer.close()
+    joiner = threading.Thread(target=pool.shutdown, kwargs={"cancel_futures": True}, daemon=True)
+    joiner.start()
+    joiner.join(timeout=1.0)
     print("noodle worker: stopped", file=sys.stderr, flush=True)
+    if not done or joiner.is_alive():
+        # concurrent.futures joins its threads at exit: one stuck in a call would hold the process forever
+        log.warning("calls still in progress at exit; not waiting for them")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0

@@ -10,22 +10,28 @@ Who may call: with a token (``--token`` / ``NOODLE_TOKEN``) every call must carr
 ``--tls-cert/--tls-key`` the port speaks TLS only. A worker refuses to listen on
 a non-loopback address without a token unless told ``--insecure``.
 
+Who may call, how many at once and for how long is decided from each call's metadata,
+before its body is read, by :class:`~noodle.executors.grpc.gate.CallGate`.
+
 What it refuses, and keeps serving: a tensor with an unknown dtype, a shape that
 does not match its bytes, more bytes than ``max_tensor_bytes``, token ids outside
-the vocabulary, a hidden size or dtype the stage does not take ->
-``INVALID_ARGUMENT``; an unknown session or stage -> ``NOT_FOUND``; more than
-``max_sessions`` open sessions -> ``RESOURCE_EXHAUSTED``. Sessions idle for
-``idle_timeout_s`` are closed by a reaper thread. Anything else that goes wrong
-inside a stage is ``INTERNAL`` with the worker's traceback in the trailing
-metadata key ``noodle-traceback-bin``, which the coordinator re-raises.
+the vocabulary, a hidden size or dtype the stage does not take, a batch over
+``max_batch``, a prefill or decode past the model's positions, a decode whose batch
+is not its prefill's -> ``INVALID_ARGUMENT``; an unknown session or stage ->
+``NOT_FOUND``; more than ``max_sessions`` open sessions -> ``RESOURCE_EXHAUSTED``
+(after reaping the longest-idle session idle for ``evict_idle_s``, if any). Sessions
+idle for ``idle_timeout_s`` (default 60 s) are closed by a reaper thread. Anything
+else that goes wrong inside a stage is ``INTERNAL`` with a one-line message and an
+error id (trailing metadata ``noodle-error-id``); the traceback goes to the worker's
+log under that id, never to the caller.
 """
 
 from __future__ import annotations
 
-import ipaddress
+import logging
 import threading
 import time
-import traceback
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,68 +44,20 @@ from noodle.errors import ExecutorError, ModelError, SpecError
 from noodle.executors.devices import make_stage, parse_device, warm_up
 from noodle.executors.grpc import stage_service_pb2 as pb
 from noodle.executors.grpc import stage_service_pb2_grpc as pb_grpc
-from noodle.executors.grpc.wire import DEFAULT_MAX_TENSOR_BYTES, from_proto, to_proto
+from noodle.executors.grpc.config import DEFAULT_MAX_MESSAGE_BYTES, WorkerConfig, message_limit
+from noodle.executors.grpc.gate import CallGate, CallLimits
+from noodle.executors.grpc.wire import from_proto, to_proto
+from noodle.executors.kvbudget import max_positions
 from noodle.executors.messages import StageInput
 from noodle.executors.slicing import read_config, unit_names_of, weight_index
 from noodle.executors.stage import Stage
 
-__all__ = ["WorkerConfig", "StageServicer", "TRACEBACK_KEY", "DEFAULT_MAX_MESSAGE_BYTES"]
+__all__ = ["WorkerConfig", "StageServicer", "ERROR_ID_KEY", "DEFAULT_MAX_MESSAGE_BYTES", "message_limit"]
 
-TRACEBACK_KEY = "noodle-traceback-bin"
-DEFAULT_MAX_MESSAGE_BYTES = 512 * 2**20
+log = logging.getLogger(__name__)
+
+ERROR_ID_KEY = "noodle-error-id"
 _VERSION = "noodle.stage.v1"
-
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    """How a worker serves. See the module docstring for what each limit refuses."""
-
-    model_dir: Path
-    host: str = "127.0.0.1"
-    port: int = 50051
-    token: str | None = None
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    device: str = "cpu"
-    max_sessions: int = 16
-    max_stages: int = 4
-    idle_timeout_s: float = 600.0
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES
-    insecure: bool = False
-
-    def check(self) -> None:
-        """Refuse settings that cannot work or that would expose the worker."""
-        if not 0 <= self.port <= 65535:
-            raise SpecError(f"--port: {self.port} is not a TCP port (0-65535; 0 picks a free one)")
-        if self.max_sessions < 1:
-            raise SpecError(f"--max-sessions: must be >= 1, got {self.max_sessions}")
-        if self.max_stages < 1:
-            raise SpecError(f"--max-stages: must be >= 1, got {self.max_stages}")
-        if self.idle_timeout_s <= 0:
-            raise SpecError(f"--idle-timeout: must be > 0 seconds, got {self.idle_timeout_s}")
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise SpecError("--tls-cert/--tls-key: give both (certificate chain and private key) or neither")
-        if self.token is not None and not self.token.strip():
-            raise SpecError("--token: empty token; give a long random string or leave it unset")
-        if self.token is None and not self.insecure and not _is_loopback(self.host):
-            raise SpecError(
-                f"--host: {self.host} is reachable from other machines and no --token (or NOODLE_TOKEN) is set; "
-                "anyone who can reach the port could run the model: set a token, or pass --insecure on a trusted network"
-            )
-        if self.max_tensor_bytes > self.max_message_bytes:
-            raise SpecError(
-                f"max tensor bytes {self.max_tensor_bytes} exceed the message limit {self.max_message_bytes}"
-            )
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class _Refuse(Exception):
@@ -112,6 +70,8 @@ class _Refuse(Exception):
 class _SessionEntry:
     stage_id: str
     last_used: float
+    batch: int = 0  # of its prefill
+    seen: int = 0  # positions used so far
 
 
 class StageServicer(pb_grpc.StageServiceServicer):
@@ -124,6 +84,12 @@ class StageServicer(pb_grpc.StageServiceServicer):
         weight_index(self.model_dir)
         self.units = unit_names_of(self.model_dir)
         self.vocab_size = int(model_config.vocab_size)
+        self.max_positions = max_positions(model_config)
+        self.max_message_bytes = message_limit(model_config, config.max_batch, config.max_message_bytes)
+        self.max_tensor_bytes = min(config.max_tensor_bytes, self.max_message_bytes)
+        self.limits = CallLimits(max_calls=config.calls_limit, max_calls_per_peer=config.calls_per_peer_limit,
+                                 body_timeout_s=config.body_timeout_s, stream_idle_s=config.stream_idle_s)  # fmt: skip
+        self.gate = CallGate(config.token, self.limits)
         self.default_device = parse_device(config.device, field="--device")
         self.stages: dict[str, Stage] = {}
         self.sessions: dict[str, _SessionEntry] = {}
@@ -138,6 +104,7 @@ class StageServicer(pb_grpc.StageServiceServicer):
     # -- housekeeping ------------------------------------------------------------------------
     def close(self) -> None:
         self._stop.set()
+        self.gate.close()
 
     def reap(self, now: float | None = None) -> list[str]:
         """Close sessions idle longer than ``idle_timeout_s``; returns their ids."""
@@ -150,6 +117,19 @@ class StageServicer(pb_grpc.StageServiceServicer):
                 if stage is not None:
                     stage.end_session(sid)
         return idle
+
+    def _evict_idlest_session(self) -> None:
+        """At the session cap: close the session idle the longest, if idle for ``evict_idle_s`` (lock held)."""
+        now = time.monotonic()
+        sid, entry = min(self.sessions.items(), key=lambda kv: kv[1].last_used)
+        if now - entry.last_used < self.config.evict_idle_s:
+            return
+        del self.sessions[sid]
+        stage = self.stages.get(entry.stage_id)
+        if stage is not None:
+            stage.end_session(sid)
+        log.info("session %s idle for %.1f s closed to make room (--max-sessions %d)", sid, now - entry.last_used,
+                 self.config.max_sessions)  # fmt: skip
 
     def _reap_loop(self) -> None:
         interval = min(max(self.config.idle_timeout_s / 4, 0.05), 30.0)
@@ -201,25 +181,41 @@ class StageServicer(pb_grpc.StageServiceServicer):
             if bool(((mask != 0) & (mask != 1)).any()):
                 raise _Refuse(bad, "attention_mask: values must be 0 or 1")
 
+    def _check_positions(self, entry: _SessionEntry, session: str, prefill: bool, batch: int, tokens: int) -> None:
+        """The step fits the session: batch within ``max_batch`` and its prefill's, positions within the model's."""
+        bad = grpc.StatusCode.INVALID_ARGUMENT
+        if batch > self.config.max_batch:
+            raise _Refuse(bad, f"data: batch of {batch} sequences, over this worker's limit of {self.config.max_batch} (--max-batch)")
+        if not prefill and batch != entry.batch:
+            raise _Refuse(bad, f"data: session {session!r} was prefilled with batch {entry.batch}, got {batch} sequences")
+        used = 0 if prefill else entry.seen
+        limit = self.max_positions
+        if limit is not None and used + tokens > limit:
+            what = f"a prefill of {tokens} tokens" if prefill else f"{tokens} more token(s) after {used}"
+            raise _Refuse(bad, f"data: {what} would pass the model's {limit} positions")
+
     def _forward(self, req: pb.ForwardRequest) -> pb.ForwardReply:
         t0 = time.monotonic_ns()
         entry, stage = self._entry(req.session)
-        limit = self.config.max_tensor_bytes
+        limit = self.max_tensor_bytes
         try:
             data = from_proto(req.data, field="data", max_bytes=limit)
             mask = from_proto(req.attention_mask, field="attention_mask", max_bytes=limit) if req.HasField("attention_mask") else None
         except SpecError as exc:
             raise _Refuse(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         self._check_input(stage, data, mask)
-        if not req.prefill and req.session not in stage.sessions():
-            raise _Refuse(grpc.StatusCode.FAILED_PRECONDITION, f"session {req.session!r}: the first step must be a prefill")
+        batch, tokens = int(data.shape[0]), int(data.shape[1])
         msg = StageInput(req.session, data.to(torch.long) if stage.is_first else data, mask, req.prefill, req.all_logits)
         t_in = time.monotonic_ns()
         with self._compute:
+            if not req.prefill and req.session not in stage.sessions():
+                raise _Refuse(grpc.StatusCode.FAILED_PRECONDITION, f"session {req.session!r}: the first step must be a prefill")
+            self._check_positions(entry, req.session, req.prefill, batch, tokens)
             try:
                 out = stage.step(msg)
             except ExecutorError as exc:  # Stage's own checks on the message
                 raise _Refuse(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+            entry.batch, entry.seen = batch, (0 if req.prefill else entry.seen) + tokens
             result = out.data
             top1 = req.top1 and out.is_logits
             if top1:
@@ -310,6 +306,8 @@ class StageServicer(pb_grpc.StageServiceServicer):
                 if request.session in self.sessions:
                     raise _Refuse(grpc.StatusCode.ALREADY_EXISTS, f"session: {request.session!r} already exists")
                 if len(self.sessions) >= self.config.max_sessions:
+                    self._evict_idlest_session()
+                if len(self.sessions) >= self.config.max_sessions:
                     raise _Refuse(
                         grpc.StatusCode.RESOURCE_EXHAUSTED,
                         f"session: this worker holds {len(self.sessions)} sessions, its limit (--max-sessions)",
@@ -343,11 +341,18 @@ class StageServicer(pb_grpc.StageServiceServicer):
 
 
 def _guard(context: grpc.ServicerContext, fn: Callable[[], Any]) -> Any:
-    """Run ``fn``; refusals become their status, anything unexpected INTERNAL with the traceback."""
+    """Run ``fn``; refusals become their status, anything unexpected INTERNAL with one line and an error id.
+
+    The traceback is logged here under that id and never sent: a caller learns what failed, not the
+    worker's code paths.
+    """
     try:
         return fn()
     except _Refuse as exc:
         context.abort(exc.code, str(exc))
-    except Exception as exc:  # noqa: BLE001 - reported to the caller with its traceback
-        context.set_trailing_metadata(((TRACEBACK_KEY, traceback.format_exc().encode()),))
-        context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - logged here, one line to the caller
+        ref = uuid.uuid4().hex[:12]
+        log.error("error %s serving %s", ref, context.peer(), exc_info=True)
+        first = (str(exc).splitlines() or [""])[0][:200]
+        context.set_trailing_metadata(((ERROR_ID_KEY, ref),))
+        context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {first} (worker error {ref}, see its log)")
