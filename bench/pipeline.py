@@ -37,7 +37,7 @@ from pathlib import Path
 # on this shared 2-core machine, with every stage computing at once, must stay under its planned time.
 NODES = {
     3: [("node-a", 0.3, 0.26), ("node-b", 0.25, 0.26), ("node-c", 0.2, 0.26)],
-    4: [("node-a", 0.3, 0.2), ("node-b", 0.25, 0.2), ("node-c", 0.25, 0.2), ("node-d", 0.2, 0.2)],
+    4: [("node-a", 0.4, 0.26), ("node-b", 0.2, 0.2), ("node-c", 0.2, 0.2), ("node-d", 0.2, 0.2)],
 }
 SPEC = """\
 name: gpt2-{n}-nodes
@@ -81,7 +81,7 @@ def sweep(ex, plan: dict, levels: list[int], prompt: int, new: int, label: str) 
         prompts = prompts_for(max(4, 2 * c + 2), prompt, salt=c)
         rep = run_concurrent(ex, prompts, max_new_tokens=new, concurrency=c).report
         row = {
-            "mode": label, "stages": len(plan["stages"]), "concurrency": c, "requests": len(prompts),
+            "mode": label, "stages": len(plan["stages"]), "concurrency": c, "peak_in_flight": rep.peak_in_flight, "requests": len(prompts),
             "tokens_per_s": round(rep.tokens_per_s, 2), "plan_tokens_per_s": round(rep.predicted_tokens_per_s or 0, 2),
             "bound_tokens_per_s": round(1e3 / plan["predicted"]["bottleneck_ms"], 2),
             "of_bound": round(rep.tokens_per_s * plan["predicted"]["bottleneck_ms"] / 1e3, 3),
