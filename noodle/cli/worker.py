@@ -47,6 +47,9 @@ def worker_cmd(
     """Serve stages of a model to a coordinator (`noodle exec --backend grpc|torchrpc`)."""
     if backend not in BACKENDS:
         raise SpecError(f"--backend: {backend!r}; workers speak {', '.join(BACKENDS)}")
+    from noodle.models.resolve import resolve_model
+
+    model = resolve_model(model)
     if threads < 0:
         raise SpecError(f"--threads: must be >= 0, got {threads}")
     if threads:
