@@ -31,9 +31,9 @@ def init_cmd(
         raise SpecError(f"--seed: must be >= 0, got {seed}")
     quiet_transformers()
     path = init_model(preset if preset is not None else config, out, seed=seed)  # type: ignore[arg-type]
-    model = load_model(path)
+    model = load_model(path, verified=False)
     n_params = sum(p.numel() for p in model.parameters())
-    layout = layout_of(model)
+    layout = layout_of(model, verified=False)
     Console().print(
         f"wrote {path}: {type(model).__name__}, {n_params / 1e6:.1f}M parameters, "
         f"{layout.num_blocks} blocks ({layout.num_blocks + 2} placement units), seed {seed}"

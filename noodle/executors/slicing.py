@@ -14,7 +14,7 @@ and shares the tensor when it does.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,7 +115,8 @@ def weight_index(folder: str | Path) -> dict[str, Path]:
 
 
 def _skeleton(config: Any) -> nn.Module:
-    return causal_lm_from_config(config, meta=True)
+    # weights on meta; buffers (rotary frequencies, Gemma's embed_scale: never saved) computed on the CPU
+    return causal_lm_from_config(config, meta=True, buffers=True)
 
 
 def unit_names_of(folder: str | Path) -> list[str]:
@@ -123,21 +124,55 @@ def unit_names_of(folder: str | Path) -> list[str]:
     return layout_of(_skeleton(read_config(folder))).unit_names
 
 
-def _load_into(module: nn.Module, path: str, tensors: dict[str, torch.Tensor], folder: Path) -> None:
-    try:
-        module.load_state_dict(tensors, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise ModelError(f"{folder}: weights of {path} do not fit the config ({str(exc).splitlines()[0]})") from None
-    for name, t in [*module.named_parameters(), *module.named_buffers()]:
-        if t.is_meta:
-            raise ModelError(f"{folder}: no weights for {path}.{name} in the safetensors files")
-
-
 def _rotary_copy(rotary: nn.Module, config: Any) -> nn.Module:
     try:
         return type(rotary)(config=config)
     except TypeError as exc:
         raise ModelError(f"cannot rebuild shared helper {type(rotary).__name__} from the config ({exc})") from None
+
+
+def _checkpoint_keys(model: nn.Module, index: dict[str, Path], wanted: Callable[[str], bool]) -> tuple[list[str], list[Any]]:
+    """Checkpoint keys whose converted name's module is ``wanted``, and the model's weight conversions.
+
+    transformers' own conversion rules (renamed keys, fused experts, old layouts) give each
+    checkpoint key its in-memory name, so a stage reads only its own tensors.
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, rename_source_key
+
+    mapping = get_model_conversion_mapping(model, None, None)
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    renamings = [m for m in mapping if not isinstance(m, WeightConverter)]
+    meta = dict.fromkeys(model.state_dict())
+    prefix = getattr(model, "base_model_prefix", None)
+    keys = []
+    for key in index:
+        target, _ = rename_source_key(key, renamings, converters, prefix, meta)
+        if wanted(target.rpartition(".")[0]):
+            keys.append(key)
+    return keys, mapping
+
+
+def _load_converted(model: nn.Module, keys: list[str], index: dict[str, Path], mapping: list[Any], folder: Path) -> None:
+    """Read ``keys`` from the safetensors files and load them through transformers' conversion."""
+    from contextlib import ExitStack
+
+    from safetensors import safe_open
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model
+    from transformers.modeling_utils import LoadStateDictConfig
+
+    with ExitStack() as stack:
+        files: dict[Path, Any] = {}
+        state: dict[str, Any] = {}
+        for key in keys:
+            file = index[key]
+            if file not in files:
+                files[file] = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
+            state[key] = files[file].get_slice(key)
+        try:
+            convert_and_load_state_dict_in_model(model, state, LoadStateDictConfig(weight_mapping=mapping))
+        except (RuntimeError, ValueError) as exc:
+            raise ModelError(f"{folder}: weights do not fit the config ({str(exc).splitlines()[0]})") from None
 
 
 def load_slice(folder: str | Path, start: int, end: int) -> ModelSlice:
@@ -148,8 +183,6 @@ def load_slice(folder: str | Path, start: int, end: int) -> ModelSlice:
         ValueError: the range is empty or outside the model's units (a caller bug;
             plans are checked against the model before stages are built).
     """
-    from safetensors import safe_open
-
     folder = Path(folder)
     config = read_config(folder)
     model = _skeleton(config)
@@ -159,51 +192,27 @@ def load_slice(folder: str | Path, start: int, end: int) -> ModelSlice:
     if not 0 <= start < end <= len(names):
         raise ValueError(f"unit range [{start}, {end}) is not inside [0, {len(names)})")
     index = weight_index(folder)
-
-    owned = layout.unit_modules()
-    wanted: dict[str, list[str]] = {}  # module path -> its tensor names in the file
-    sources: dict[str, str] = {}  # tensor name in the model -> name in the file
-    for unit in names[start:end]:
-        for path in owned[unit]:
-            module = model.get_submodule(path)
-            keys = list(module.state_dict().keys())
-            wanted[path] = keys
-            for key in keys:
-                full = f"{path}.{key}"
-                source = full
-                if full not in index and layout.tied and path == layout.lm_head:
-                    source = f"{layout.input_embedding}.{key}"
-                if source not in index:
-                    raise ModelError(f"{folder}: tensor {full} is missing from the safetensors files")
-                sources[full] = source
-
+    units = set(names[start:end])
+    keys, mapping = _checkpoint_keys(model, index, lambda path: layout.unit_of_module(path) in units)
     holds_embed = start == 0
-    share_head = layout.tied and holds_embed and end == len(names)
-    by_file: dict[Path, list[str]] = {}
-    for full, source in sources.items():
-        if share_head and full.startswith(layout.lm_head + "."):
-            continue  # tied: shares the embedding's tensor below
-        by_file.setdefault(index[source], []).append(full)
-    loaded: dict[str, torch.Tensor] = {}
-    for file, fulls in by_file.items():
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for full in fulls:
-                loaded[full] = f.get_tensor(sources[full])
-
+    holds_head = end == len(names)
+    head_path = layout.lm_head
+    if layout.tied and holds_head and not holds_embed:
+        # a tied head without the embedding: read the embedding's tensors, as the head's
+        emb = layout.input_embedding
+        keys += _checkpoint_keys(model, index, lambda path: path == emb or path.startswith(emb + "."))[0]
     with torch.no_grad():
-        for path, keys in wanted.items():
-            module = model.get_submodule(path)
-            if share_head and path == layout.lm_head:
-                continue
-            _load_into(module, path, {k: loaded.pop(f"{path}.{k}") for k in keys}, folder)
-            module.requires_grad_(False)
-        if share_head:
-            head = model.get_submodule(layout.lm_head)
-            head.weight = model.get_submodule(layout.input_embedding).weight
-            rest = {k: loaded.pop(f"{layout.lm_head}.{k}") for k in wanted[layout.lm_head] if k != "weight"}
-            if rest:
-                _load_into_partial(head, rest)
-
+        _load_converted(model, keys, index, mapping, folder)
+        if layout.tied and holds_head:
+            emb = model.get_submodule(layout.input_embedding)
+            model.get_submodule(head_path).weight = emb.weight
+        for unit in units:
+            for path in layout.unit_modules()[unit]:
+                module = model.get_submodule(path)
+                module.requires_grad_(False)
+                for name, t in [*module.named_parameters(), *module.named_buffers()]:
+                    if t.is_meta:
+                        raise ModelError(f"{folder}: tensor {path}.{name} is missing from the safetensors files")
     embed: list[tuple[str, nn.Module]] = []
     if holds_embed:
         for path in layout.embed:
@@ -217,7 +226,6 @@ def load_slice(folder: str | Path, start: int, end: int) -> ModelSlice:
             embed.append((kind, mod.eval()))
     first_block, last_block = max(start, 1) - 1, min(end, len(names) - 1) - 1
     blocks = [(i, model.get_submodule(layout.blocks[i]).eval()) for i in range(first_block, last_block)]
-    holds_head = end == len(names)
     final = [model.get_submodule(p).eval() for p in layout.final] if holds_head else []
     head = model.get_submodule(layout.lm_head).eval() if holds_head else None
     rotary = None
@@ -227,9 +235,3 @@ def load_slice(folder: str | Path, start: int, end: int) -> ModelSlice:
         rotary = _rotary_copy(model.get_submodule(layout.shared[0]), config).eval()
     return ModelSlice(config, layout, start, end, embed, blocks, final, head, rotary)
 
-
-def _load_into_partial(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    for name, value in tensors.items():
-        owner_path, _, attr = name.rpartition(".")
-        owner = module.get_submodule(owner_path) if owner_path else module
-        setattr(owner, attr, nn.Parameter(value, requires_grad=False))

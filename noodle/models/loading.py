@@ -69,8 +69,11 @@ def load_config(source: str | Path | dict[str, Any]) -> Any:
         raise ModelError(f"{source}: invalid {model_type} config ({str(exc).splitlines()[0][:200]})") from None
 
 
-def causal_lm_from_config(config: Any, *, dtype: Any = None, meta: bool = False) -> Any:
+def causal_lm_from_config(config: Any, *, dtype: Any = None, meta: bool = False, buffers: bool = False) -> Any:
     """``AutoModelForCausalLM.from_config``; ``meta`` builds it without memory or weights.
+
+    With ``meta`` and ``buffers``, only the parameters are on ``meta``: buffers (rotary frequencies,
+    scales that checkpoints never hold) are computed on the CPU as the model's own code makes them.
 
     Raises:
         ModelError: the config's model type has no causal-LM class (an encoder, an encoder-decoder).
@@ -80,9 +83,18 @@ def causal_lm_from_config(config: Any, *, dtype: Any = None, meta: bool = False)
     import torch
     from transformers import AutoModelForCausalLM
 
+    if meta and buffers:
+        from accelerate import init_empty_weights
+
+        context: Any = init_empty_weights(include_buffers=False)
+    else:
+        context = torch.device("meta") if meta else contextlib.nullcontext()
     try:
-        with torch.device("meta") if meta else contextlib.nullcontext():
-            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        with context:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        if meta and buffers:
+            model.tie_weights()  # accelerate's empty init re-registers the parameters, untying them
+        return model
     except ValueError as exc:
         raise ModelError(
             f"model_type {getattr(config, 'model_type', '?')!r} has no causal-LM class in transformers; "
@@ -98,7 +110,7 @@ def build_model(config: Any, *, seed: int = 0, dtype: Any = None) -> Any:
 
     torch.manual_seed(seed)
     model = causal_lm_from_config(config, dtype=dtype)
-    layout_of(model)  # refuse unsupported layouts before anything is written
+    layout_of(model, verified=False)  # refuse layouts noodle cannot split before anything is written
     return model.eval()
 
 
@@ -120,8 +132,11 @@ def init_model(source: str | Path | dict[str, Any], out: str | Path, *, seed: in
     return out
 
 
-def load_model(path: str | Path, *, dtype: Any = None) -> Any:
-    """Load a local model folder through ``from_pretrained`` (no network), in eval mode."""
+def load_model(path: str | Path, *, dtype: Any = None, verified: bool = True) -> Any:
+    """Load a local model folder through ``from_pretrained`` (no network), in eval mode.
+
+    ``verified`` refuses architectures the conformance suite does not verify (see :func:`layout_of`).
+    """
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
@@ -137,5 +152,5 @@ def load_model(path: str | Path, *, dtype: Any = None) -> Any:
         raise ModelError(f"{path}: cannot load model ({str(exc).splitlines()[0]})") from None
     from noodle.models.adapter import layout_of
 
-    layout_of(model)
+    layout_of(model, verified=verified)
     return model.eval()

@@ -1,0 +1,113 @@
+"""Architecture conformance: every case in ``noodle.models.conformance.CASES`` stages exactly.
+
+Each case is a tiny config made by transformers' own config class, with seeded random weights,
+``save_pretrained`` and read back. Staged execution on 1, 3 and 4 stages with a left-padded
+batch must give ``generate()``'s greedy tokens and its per-step logits (fp32, atol 1e-5).
+An architecture without a case here, or a variant its family's case does not cover, is refused
+at profile, solve and exec with one line.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+
+from noodle.cli.main import main
+from noodle.errors import ModelError
+from noodle.executors.local import LocalExecutor
+from noodle.models import init_model, load_config
+from noodle.models.conformance import CASES, TINY, check_verified
+from noodle.plandoc import dump_plan
+
+from ..executors.conformance import CUTS, PROMPT_SETS, check_executor, plan_for
+
+STAGINGS = ("1-stage", "3-stages", "4-stages")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("arch")
+    built: dict[str, Path] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for model_type, kwargs in CASES.items():
+            built[model_type] = init_model({"model_type": model_type, **kwargs}, root / model_type, tokenizer=False)
+    return built
+
+
+@pytest.mark.parametrize("model_type", CASES)
+def test_case_is_built_by_its_own_config_class(model_type):
+    from transformers import AutoConfig
+
+    config = load_config({"model_type": model_type, **CASES[model_type]})
+    assert type(config) is type(AutoConfig.for_model(model_type))
+    assert config.get_text_config().num_hidden_layers == 4
+    check_verified(config)
+
+
+@pytest.mark.parametrize("staging", STAGINGS)
+@pytest.mark.parametrize("model_type", CASES)
+def test_stages_match_generate(folders, model_type, staging):
+    check_executor(LocalExecutor, folders[model_type], CUTS[staging], PROMPT_SETS["padded"])
+
+
+def test_coverage_is_reported(folders):
+    # the figure docs/models.md quotes: every listed family passed the test above
+    assert len(folders) == len(CASES) >= 15
+
+
+def _one_line(capsys: pytest.CaptureFixture[str], rc: int, *needles: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "Traceback" not in err, err
+    assert len(err.splitlines()) == 1 and err.startswith("noodle: error: "), err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+UNVERIFIED = {"model_type": "phi", **{k: v for k, v in TINY.items() if k != "num_key_value_heads"}}
+
+
+@pytest.fixture(scope="module")
+def unverified(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    assert UNVERIFIED["model_type"] not in CASES
+    root = tmp_path_factory.mktemp("unverified")
+    folder = init_model(dict(UNVERIFIED), root / "phi", tokenizer=False)  # init is allowed; running is not
+    (root / "phi.json").write_text(json.dumps(UNVERIFIED))
+    return folder
+
+
+def test_unverified_architecture_is_refused_at_profile(unverified, tmp_path, capsys):
+    rc = main(["profile", "--model", str(unverified), "--out", str(tmp_path / "p"), "--iterations", "1"])
+    _one_line(capsys, rc, "architecture 'phi'", "not verified to stage exactly", "run it unsplit")
+
+
+def test_unverified_architecture_is_refused_at_solve(unverified, tmp_path, capsys):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        f"name: x\nmodel: {{hf_config: {unverified.parent / 'phi.json'}}}\n"
+        "workload: {prompt_tokens: 8, max_new_tokens: 4, batch_size: 1}\n"
+        "cluster: {nodes: [{id: a, device: cpu, memory_gb: 1, compute_score: 1}]}\nobjective: latency\n"
+    )
+    rc = main(["solve", str(spec), "--out", str(tmp_path / "plan.json")])
+    _one_line(capsys, rc, "architecture 'phi'", "not verified to stage exactly")
+
+
+def test_unverified_architecture_is_refused_at_exec(unverified, folders, tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    plan.write_text(dump_plan(plan_for(folders["llama"], [0, 3, 6]), "json"))  # same unit names as the phi model
+    rc = main(["exec", str(plan), "--model", str(unverified), "--prompt-ids", "1,2,3", "-n", "2"])
+    _one_line(capsys, rc, "architecture 'phi'", "not verified to stage exactly")
+
+
+@pytest.mark.parametrize(
+    ("model_type", "change", "needle"),
+    [("falcon", {"alibi": True}, "alibi=true"), ("opt", {"word_embed_proj_dim": 32}, "word_embed_proj_dim=32")],
+)
+def test_uncovered_variant_of_a_verified_family_is_refused(model_type, change, needle):
+    config = load_config({"model_type": model_type, **CASES[model_type], **change})
+    with pytest.raises(ModelError, match=f"architecture '{model_type}' with {needle}.* not verified"):
+        check_verified(config)
