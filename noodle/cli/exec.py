@@ -171,6 +171,9 @@ def exec_cmd(
 ) -> None:
     """Run a plan's stages on a model and report measured vs planned latency per stage."""
     from noodle.cli.network import backend_options, render_network
+    from noodle.cli.profile import quiet_transformers
+
+    quiet_transformers()  # stage loading goes through transformers' weight conversion and its progress bars
 
     if fmt not in FORMATS:
         raise SpecError(f"--format: {fmt!r} is not a format; use one of {', '.join(FORMATS)}")
