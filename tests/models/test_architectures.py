@@ -156,3 +156,22 @@ def test_sharded_moe_stage_reads_only_its_checkpoint_keys(folders, tmp_path, mon
         assert got.keys() == want.keys()
         for name, t in got.items():
             torch.testing.assert_close(t, want[name], atol=0, rtol=0)
+
+
+# The families issue 12 found failing or silently wrong: also exact across processes.
+NAMED = ("gpt_neox", "opt", "gemma", "gemma2", "gemma3_text", "granite", "falcon", "bloom", "cohere", "mixtral", "qwen2_moe")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", NAMED)
+def test_named_families_on_torchrpc(folders, model_type):
+    from functools import partial
+
+    from noodle.executors.spawner import stop_spawner
+    from noodle.executors.torchrpc import TorchRpcExecutor
+
+    try:
+        check_executor(partial(TorchRpcExecutor, threads=1, log=lambda _: None), folders[model_type],
+                       CUTS["3-stages"], PROMPT_SETS["padded"])  # fmt: skip
+    finally:
+        stop_spawner()
