@@ -25,6 +25,11 @@ TINY: dict[str, Any] = dict(
     vocab_size=512, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
 )  # fmt: skip
 _NO_KV = {k: v for k, v in TINY.items() if k != "num_key_value_heads"}
+_MLA: dict[str, Any] = dict(  # multi-head latent attention (DeepSeek-style)
+    TINY, num_key_value_heads=4, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16, kv_lora_rank=16,
+    q_lora_rank=32, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1,
+    n_group=1, topk_group=1,
+)  # fmt: skip
 
 # model_type -> config kwargs of its tiny case (4 decoder blocks: 6 placement units).
 CASES: dict[str, dict[str, Any]] = {
@@ -43,6 +48,29 @@ CASES: dict[str, dict[str, Any]] = {
     "cohere": dict(TINY, logit_scale=0.5),
     "mixtral": dict(TINY, num_local_experts=4, num_experts_per_tok=2),
     "qwen2_moe": dict(TINY, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64),
+    # cases that need a few fields beyond the common tiny ones (head sizes, rotary dims, MLA ranks, pad ids)
+    "deepseek_v2": dict(_MLA), "deepseek_v3": dict(_MLA),
+    "glm4_moe_lite": dict(_MLA), "minicpm3": dict(_MLA), "youtu": dict(_MLA), "sarvam_mla": dict(_MLA),
+    "axk1": dict(TINY, num_key_value_heads=4),
+    "gptj": dict(_NO_KV, rotary_dim=8), "codegen": dict(_NO_KV, rotary_dim=8),
+    "helium": dict(TINY, head_dim=16), "ministral": dict(TINY, head_dim=16),
+    "hunyuan_v1_dense": dict(TINY, head_dim=16), "hunyuan_v1_moe": dict(TINY, head_dim=16),
+    "glm": dict(TINY, pad_token_id=0), "glm4": dict(TINY, pad_token_id=0), "flex_olmo": dict(TINY, pad_token_id=0),
+    "phi3": dict(TINY, pad_token_id=0), "smollm3": dict(TINY, pad_token_id=0),
+    "gpt_neo": dict(
+        num_layers=4, hidden_size=64, num_heads=4, vocab_size=512, max_position_embeddings=256,
+        attention_types=[[["global", "local"], 2]], window_size=6, bos_token_id=1, eos_token_id=2,
+    ),
+    # cases the common tiny fields build as they are
+    **{t: dict(TINY) for t in (
+        "afmoe", "apertus", "apertus1p5_text", "arcee", "aria_text", "biogpt", "bitnet", "cohere2", "cohere2_moe",
+        "cwm", "diffllama", "doge", "ernie4_5", "ernie4_5_moe", "exaone", "exaone4", "exaone_moe", "flint", "glm4_moe",
+        "gpt-sw3", "gpt_bigcode", "gpt_neox_japanese", "gpt_oss", "granitemoe", "granitemoeshared", "hy_v3",
+        "hyperclovax", "internlm3", "iquestcoder", "jais2", "jetmoe", "kolibri1", "laguna", "lfm2", "mellum",
+        "minimax_m2", "minimax_m3_vl_text", "ministral3", "moshi", "nemotron", "olmo", "olmo2", "olmo3", "olmoe",
+        "persimmon", "phi", "phimoe", "qwen3", "qwen3_moe", "sarvam_moe", "seed_oss", "solar_open", "stablelm",
+        "starcoder2", "vaultgemma",
+    )},
 }
 
 
