@@ -1,9 +1,11 @@
 """Load a contiguous range of placement units from a model folder, and nothing else.
 
-The whole model is first built on the ``meta`` device (no memory), its unit
-layout is read with :func:`noodle.models.layout_of`, and only the modules of the
-units ``[start, end)`` are filled from the folder's safetensors files through
-``safe_open``, tensor by tensor. Everything else stays on ``meta`` and is dropped.
+The whole model is first built on the ``meta`` device (no memory; the buffers
+checkpoints do not hold are computed afterwards for the held modules only), its unit
+layout is read with :func:`noodle.models.layout_of`, and only the checkpoint tensors
+whose converted names fall in the units ``[start, end)`` are read (``safe_open``
+slices) and loaded through transformers' own conversion rules (renamed keys, MoE
+experts fused on load, sharded files). Everything else stays on ``meta`` and is dropped.
 
 Weightless helpers the layout marks as shared (Llama's rotary embedding) are
 built anew on the CPU, one copy per slice. A tied ``lm_head`` (GPT-2) takes the
@@ -115,8 +117,28 @@ def weight_index(folder: str | Path) -> dict[str, Path]:
 
 
 def _skeleton(config: Any) -> nn.Module:
-    # weights on meta; buffers (rotary frequencies, Gemma's embed_scale: never saved) computed on the CPU
-    return causal_lm_from_config(config, meta=True, buffers=True)
+    # on meta, in the checkpoint's dtype as from_pretrained makes it
+    dtype = getattr(config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return causal_lm_from_config(config, meta=True, dtype=dtype if isinstance(dtype, torch.dtype) else None)
+
+
+def _materialize_buffers(model: nn.Module, module: nn.Module) -> None:
+    """Compute the buffers checkpoints never hold (Gemma's ``embed_scale``) as from_pretrained does.
+
+    They are allocated on the CPU and filled by the model's own ``_init_weights``, which leaves
+    the loaded parameters alone (transformers flags them initialized).
+    """
+    for sub in module.modules():
+        meta = [n for n, b in sub.named_buffers(recurse=False) if b.is_meta]
+        if not meta:
+            continue
+        for name in meta:
+            sub.register_buffer(name, torch.empty_like(sub.get_buffer(name), device="cpu"), persistent=False)
+        init = getattr(model, "_init_weights", None)
+        if callable(init):
+            init(sub)
 
 
 def unit_names_of(folder: str | Path) -> list[str]:
@@ -209,6 +231,7 @@ def load_slice(folder: str | Path, start: int, end: int) -> ModelSlice:
         for unit in units:
             for path in layout.unit_modules()[unit]:
                 module = model.get_submodule(path)
+                _materialize_buffers(model, module)
                 module.requires_grad_(False)
                 for name, t in [*module.named_parameters(), *module.named_buffers()]:
                     if t.is_meta:

@@ -69,11 +69,8 @@ def load_config(source: str | Path | dict[str, Any]) -> Any:
         raise ModelError(f"{source}: invalid {model_type} config ({str(exc).splitlines()[0][:200]})") from None
 
 
-def causal_lm_from_config(config: Any, *, dtype: Any = None, meta: bool = False, buffers: bool = False) -> Any:
+def causal_lm_from_config(config: Any, *, dtype: Any = None, meta: bool = False) -> Any:
     """``AutoModelForCausalLM.from_config``; ``meta`` builds it without memory or weights.
-
-    With ``meta`` and ``buffers``, only the parameters are on ``meta``: buffers (rotary frequencies,
-    scales that checkpoints never hold) are computed on the CPU as the model's own code makes them.
 
     Raises:
         ModelError: the config's model type has no causal-LM class (an encoder, an encoder-decoder).
@@ -83,18 +80,9 @@ def causal_lm_from_config(config: Any, *, dtype: Any = None, meta: bool = False,
     import torch
     from transformers import AutoModelForCausalLM
 
-    if meta and buffers:
-        from accelerate import init_empty_weights
-
-        context: Any = init_empty_weights(include_buffers=False)
-    else:
-        context = torch.device("meta") if meta else contextlib.nullcontext()
     try:
-        with context:
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        if meta and buffers:
-            model.tie_weights()  # accelerate's empty init re-registers the parameters, untying them
-        return model
+        with torch.device("meta") if meta else contextlib.nullcontext():  # a thread-local mode
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
     except ValueError as exc:
         raise ModelError(
             f"model_type {getattr(config, 'model_type', '?')!r} has no causal-LM class in transformers; "
