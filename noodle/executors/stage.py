@@ -215,7 +215,8 @@ class Stage:
                 for kind, first in self._kinds.items()
             }
             call = self._call
-            assert call is not None  # set whenever the slice holds blocks
+            if call is None:  # set whenever the slice holds blocks
+                raise ModelError(f"{self.name}: blocks without a calling convention")
             rotary: dict[str, Any] = {}
             if self.slice.rotary is not None:
                 for kind in self._kinds:
