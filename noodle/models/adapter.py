@@ -116,6 +116,8 @@ def layout_of(model: nn.Module, *, verified: bool = True) -> UnitLayout:
         )
     prefix = getattr(model, "base_model_prefix", "")
     base = getattr(model, prefix, None) if prefix else None
+    if not isinstance(base, nn.Module) and isinstance(getattr(model, "model", None), nn.Module):
+        prefix, base = "model", model.model  # a text-only class of a multimodal family (Llama 4)
     if not isinstance(base, nn.Module):
         raise ModelError(f"{type(model).__name__} has no base model {prefix!r}; not a transformers causal LM")
 

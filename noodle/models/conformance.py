@@ -54,6 +54,7 @@ CASES: dict[str, dict[str, Any]] = {
     "axk1": dict(TINY, num_key_value_heads=4),
     "gptj": dict(_NO_KV, rotary_dim=8), "codegen": dict(_NO_KV, rotary_dim=8),
     "helium": dict(TINY, head_dim=16), "ministral": dict(TINY, head_dim=16),
+    "llama4_text": dict(TINY, head_dim=16, num_local_experts=4, intermediate_size_mlp=128, attention_chunk_size=8),
     "hunyuan_v1_dense": dict(TINY, head_dim=16), "hunyuan_v1_moe": dict(TINY, head_dim=16),
     "glm": dict(TINY, pad_token_id=0), "glm4": dict(TINY, pad_token_id=0), "flex_olmo": dict(TINY, pad_token_id=0),
     "phi3": dict(TINY, pad_token_id=0), "smollm3": dict(TINY, pad_token_id=0),
