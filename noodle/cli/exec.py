@@ -20,7 +20,7 @@ from noodle.plandoc import load_plan
 if TYPE_CHECKING:  # noodle.executors imports torch: only `exec` itself loads it
     from noodle.executors import RunReport
 
-__all__ = ["register", "render_report", "read_prompts"]
+__all__ = ["register", "render_report", "read_prompts", "encode_text"]
 
 FORMATS = ("table", "json")
 BACKENDS_HELP = "executor: local, torchrpc or grpc"  # noodle.executors.EXECUTORS; checked when the command runs
@@ -49,6 +49,14 @@ def _parse_ids(text: str, where: str) -> list[int]:
     return ids
 
 
+def encode_text(tokenizer: Any, text: str, *, chat: bool = True) -> list[int]:
+    """Token ids of ``text``; with ``chat`` and a tokenizer that has a chat template, as one user turn."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        turn = [{"role": "user", "content": text}]
+        return list(tokenizer.apply_chat_template(turn, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+    return list(tokenizer(text)["input_ids"])
+
+
 def read_prompts(
     prompt: str | None,
     prompt_ids: str | None,
@@ -56,8 +64,12 @@ def read_prompts(
     tokenizer: Any | None,
     vocab_size: int,
     batch_ids: Path | None = None,
+    chat: bool = True,
 ) -> list[list[int]]:
-    """Token ids of every prompt given on the command line, checked against the vocabulary."""
+    """Token ids of every prompt given on the command line, checked against the vocabulary.
+
+    Text prompts go through the tokenizer's chat template when it has one and ``chat`` is on.
+    """
     flags = (("--prompt", prompt), ("--prompt-ids", prompt_ids), ("--batch", batch), ("--batch-ids", batch_ids))
     given = [name for name, v in flags if v is not None]
     if len(given) != 1:
@@ -69,7 +81,7 @@ def read_prompts(
     if prompt is not None:
         if tokenizer is None:
             raise SpecError("--prompt: the model folder has no tokenizer; pass token ids with --prompt-ids 1,2,3")
-        prompts.append(("--prompt", list(tokenizer(prompt)["input_ids"])))
+        prompts.append(("--prompt", encode_text(tokenizer, prompt, chat=chat)))
     elif prompt_ids is not None:
         prompts.append(("--prompt-ids", _parse_ids(prompt_ids, "--prompt-ids")))
     else:
@@ -85,7 +97,7 @@ def read_prompts(
         as_text = batch is not None and tokenizer is not None
         for i, line in enumerate(lines, 1):
             where = f"{path}: line {i}"
-            ids = list(tokenizer(line)["input_ids"]) if as_text else _parse_ids(line, where)
+            ids = encode_text(tokenizer, line, chat=chat) if as_text else _parse_ids(line, where)
             prompts.append((where, ids))
     for where, ids in prompts:
         if not ids:
@@ -159,12 +171,13 @@ def render_report(report: RunReport, console: Console) -> None:
 
 def exec_cmd(
     plan: Path = typer.Argument(..., help="plan file written by `noodle solve` (JSON or YAML)"),
-    model: Path = typer.Option(..., "--model", "-m", help="model folder the plan was made for"),
+    model: Path = typer.Option(..., "--model", "-m", help="model folder the plan was made for (or a HF cache snapshot / cached repo id)"),
     backend: str = typer.Option("local", "--backend", "-b", help=BACKENDS_HELP),
     prompt: str | None = typer.Option(None, "--prompt", help="prompt text (needs a tokenizer in the model folder)"),
     prompt_ids: str | None = typer.Option(None, "--prompt-ids", help="prompt token ids, e.g. 1,2,3"),
     batch: Path | None = typer.Option(None, "--batch", help="file with one prompt per line (text, or ids without a tokenizer)"),
     batch_ids: Path | None = typer.Option(None, "--batch-ids", help="file with one prompt per line as token ids, e.g. 1,2,3"),
+    chat: bool = typer.Option(True, "--chat/--no-chat", help="text prompts as a user turn through the tokenizer's chat template, when it has one"),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", help="tokens to generate per prompt"),
     temperature: float = typer.Option(0.0, "--temperature", help="0 is greedy (the default); > 0 samples"),
     top_k: int = typer.Option(0, "--top-k", help="sample among the k most likely tokens (0: all)"),
@@ -186,6 +199,9 @@ def exec_cmd(
     require_exec("noodle exec")
     from noodle.cli.network import backend_options, render_network
     from noodle.executors import EXECUTORS, Sampling, check_plan, check_workload
+    from noodle.cli.profile import quiet_transformers
+
+    quiet_transformers()  # stage loading goes through transformers' weight conversion and its progress bars
 
     if fmt not in FORMATS:
         raise SpecError(f"--format: {fmt!r} is not a format; use one of {', '.join(FORMATS)}")
@@ -211,12 +227,14 @@ def exec_cmd(
     doc = load_plan(plan)
     from noodle.executors.slicing import read_config, unit_names_of
     from noodle.models.weights import weight_files
+    from noodle.models.resolve import resolve_model
 
+    model = resolve_model(model)
     config = read_config(model)
     check_plan(doc, unit_names_of(model), where=str(plan))
     weight_files(model)  # truncated or garbage safetensors, an index pointing outside the folder: one line
     tokenizer = _tokenizer(model)
-    prompts = read_prompts(prompt, prompt_ids, batch, tokenizer, int(config.vocab_size), batch_ids)
+    prompts = read_prompts(prompt, prompt_ids, batch, tokenizer, int(config.vocab_size), batch_ids, chat=chat)
     longest = max(len(p) for p in prompts)
     check_positions(config, longest, max_new_tokens, where=f"the model in {model}", flags="prompt + --max-new-tokens")
     if threads:

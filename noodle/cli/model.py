@@ -1,4 +1,4 @@
-"""``noodle model init``: make a local model folder from a preset or a config, with seeded weights."""
+"""``noodle model init`` (seeded weights from a preset or config) and ``noodle model import`` (a GGUF file)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from noodle.extras import require_exec
 
 __all__ = ["register", "model_app"]
 
-model_app = typer.Typer(help="Local model folders built from presets or configs (no model hub).", no_args_is_help=True)
+model_app = typer.Typer(help="Local model folders: built from presets or configs, or imported from GGUF (no model hub).", no_args_is_help=True)
 
 
 @model_app.command("init")
@@ -33,12 +33,34 @@ def init_cmd(
     check_int("--seed", seed, ge=0, le=MAX_SEED)
     quiet_transformers()
     path = init_model(preset if preset is not None else config, out, seed=seed)  # type: ignore[arg-type]
-    model = load_model(path)
+    model = load_model(path, verified=False)
     n_params = sum(p.numel() for p in model.parameters())
-    layout = layout_of(model)
+    layout = layout_of(model, verified=False)
     Console().print(
         f"wrote {path}: {type(model).__name__}, {n_params / 1e6:.1f}M parameters, "
         f"{layout.num_blocks} blocks ({layout.num_blocks + 2} placement units), seed {seed}"
+    )
+
+
+@model_app.command("import")
+def import_cmd(
+    file: Path = typer.Argument(..., help="a GGUF file (llama.cpp's format; quantized weights are dequantized)"),
+    out: Path = typer.Option(..., "--out", "-o", help="folder to write config.json, safetensors and tokenizer into"),
+    dtype: str = typer.Option("float32", "--dtype", help="dtype of the written weights: float32 | bfloat16 | float16"),
+) -> None:
+    """Import a GGUF file into a model folder (config, safetensors, tokenizer with its chat template)."""
+    from noodle.cli.profile import quiet_transformers
+    from noodle.models.gguf import DTYPES, import_gguf
+
+    if dtype not in DTYPES:
+        raise SpecError(f"--dtype: {dtype!r} is not a dtype; use one of {', '.join(DTYPES)}")
+    quiet_transformers()
+    with Console(stderr=True).status(f"importing {file}"):
+        result = import_gguf(file, out, dtype=dtype, progress=False)
+    Console().print(
+        f"wrote {result.out}: {result.model_class} ({result.architecture}), {result.parameters / 1e6:.1f}M parameters, "
+        f"{result.dtype}, tokenizer {'with' if result.chat_template else 'without'} a chat template",
+        highlight=False,
     )
 
 

@@ -40,7 +40,10 @@ def open_model(model: Path | None, config: Path | None, preset: str | None, seed
     if len(given) != 1:
         raise SpecError("profile: give exactly one of --model PATH, --config FILE.json or --preset NAME")
     if model is not None:
-        return load_model(model), model.name, str(model)
+        from noodle.models.resolve import resolve_model
+
+        folder = resolve_model(model)
+        return load_model(folder), model.name, str(folder)
     if config is not None:
         if not config.is_file():
             raise SpecError(f"--config: {config}: no such file")
@@ -92,7 +95,7 @@ def _output_folder(out: Path | None) -> Path | None:
 
 
 def profile_cmd(
-    model: Path | None = typer.Option(None, "--model", "-m", help="local model folder (from_pretrained)"),
+    model: Path | None = typer.Option(None, "--model", "-m", help="local model folder, HF cache snapshot or cached repo id"),
     config: Path | None = typer.Option(None, "--config", help="config.json: build with seeded random weights"),
     preset: str | None = typer.Option(None, "--preset", help="preset: gpt2, gpt2-tiny, llama-small, llama-tiny"),
     out: Path | None = typer.Option(None, "--out", "-o", help="output folder (default runs/profile/<model>)"),

@@ -62,6 +62,9 @@ def worker_cmd(
     check_float("--timeout", timeout, gt=0, le=1e6)
     check_float("--idle-timeout", idle_timeout, gt=0, le=1e7)
     check_float("--connect-timeout", connect_timeout, gt=0, le=1e6)
+    from noodle.models.resolve import resolve_model
+
+    model = resolve_model(model)
     if threads:
         import torch
 

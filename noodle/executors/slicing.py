@@ -1,9 +1,11 @@
 """Load a contiguous range of placement units from a model folder, and nothing else.
 
-The whole model is first built on the ``meta`` device (no memory), its unit
-layout is read with :func:`noodle.models.layout_of`, and only the modules of the
-units ``[start, end)`` are filled from the folder's safetensors files through
-``safe_open``, tensor by tensor. Everything else stays on ``meta`` and is dropped.
+The whole model is first built on the ``meta`` device (no memory; the buffers
+checkpoints do not hold are computed afterwards for the held modules only), its unit
+layout is read with :func:`noodle.models.layout_of`, and only the checkpoint tensors
+whose converted names fall in the units ``[start, end)`` are read (``safe_open``
+slices) and loaded through transformers' own conversion rules (renamed keys, MoE
+experts fused on load, sharded files). Everything else stays on ``meta`` and is dropped.
 
 Weightless helpers the layout marks as shared (Llama's rotary embedding) are
 built anew on the CPU, one copy per slice. A tied ``lm_head`` (GPT-2) takes the
@@ -13,7 +15,8 @@ and shares the tensor when it does.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,7 +114,28 @@ def weight_index(folder: str | Path) -> dict[str, Path]:
 
 
 def _skeleton(config: Any) -> nn.Module:
-    return causal_lm_from_config(config, meta=True)
+    # on meta, in the checkpoint's dtype as from_pretrained makes it
+    dtype = getattr(config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return causal_lm_from_config(config, meta=True, dtype=dtype if isinstance(dtype, torch.dtype) else None)
+
+
+def _materialize_buffers(model: nn.Module, module: nn.Module) -> None:
+    """Compute the buffers checkpoints never hold (Gemma's ``embed_scale``) as from_pretrained does.
+
+    They are allocated on the CPU and filled by the model's own ``_init_weights``, which leaves
+    the loaded parameters alone (transformers flags them initialized).
+    """
+    for sub in module.modules():
+        meta = [n for n, b in sub.named_buffers(recurse=False) if b.is_meta]
+        if not meta:
+            continue
+        for name in meta:
+            sub.register_buffer(name, torch.empty_like(sub.get_buffer(name), device="cpu"), persistent=False)
+        init = getattr(model, "_init_weights", None)
+        if callable(init):
+            init(sub)
 
 
 def unit_names_of(folder: str | Path) -> list[str]:
@@ -119,21 +143,60 @@ def unit_names_of(folder: str | Path) -> list[str]:
     return layout_of(_skeleton(read_config(folder))).unit_names
 
 
-def _load_into(module: nn.Module, path: str, tensors: dict[str, torch.Tensor], folder: Path) -> None:
-    try:
-        module.load_state_dict(tensors, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise ModelError(f"{folder}: weights of {path} do not fit the config ({str(exc).splitlines()[0]})") from None
-    for name, t in [*module.named_parameters(), *module.named_buffers()]:
-        if t.is_meta:
-            raise ModelError(f"{folder}: no weights for {path}.{name} in the safetensors files")
-
-
 def _rotary_copy(rotary: nn.Module, config: Any) -> nn.Module:
     try:
         return type(rotary)(config=config)
     except TypeError as exc:
         raise ModelError(f"cannot rebuild shared helper {type(rotary).__name__} from the config ({exc})") from None
+
+
+def _checkpoint_keys(model: nn.Module, index: dict[str, Path], wanted: Callable[[str], bool]) -> tuple[list[str], list[Any]]:
+    """Checkpoint keys whose converted name's module is ``wanted``, and the model's weight conversions.
+
+    transformers' own conversion rules (renamed keys, fused experts, old layouts) give each
+    checkpoint key its in-memory name, so a stage reads only its own tensors.
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, rename_source_key
+
+    mapping = get_model_conversion_mapping(model, None, None)
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    renamings = [m for m in mapping if not isinstance(m, WeightConverter)]
+    meta = dict.fromkeys(model.state_dict())
+    prefix = getattr(model, "base_model_prefix", None)
+    keys = []
+    for key in index:
+        target, _ = rename_source_key(key, renamings, converters, prefix, meta)
+        if wanted(target.rpartition(".")[0]):
+            keys.append(key)
+    return keys, mapping
+
+
+def _load_converted(model: nn.Module, keys: list[str], index: dict[str, Path], mapping: list[Any], folder: Path) -> None:
+    """Read ``keys`` from the safetensors files and load them through transformers' conversion."""
+    from contextlib import ExitStack
+
+    from safetensors import SafetensorError, safe_open
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model
+    from transformers.modeling_utils import LoadStateDictConfig
+
+    with ExitStack() as stack:
+        files: dict[Path, Any] = {}
+        state: dict[str, Any] = {}
+        for key in keys:
+            file = index[key]
+            try:
+                if file not in files:
+                    files[file] = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
+                state[key] = files[file].get_slice(key)
+            except (SafetensorError, OSError) as exc:  # changed on disk since weight_index checked it
+                raise ModelError(f"{file}: cannot read weights ({str(exc).splitlines()[0]})") from None
+        try:
+            convert_and_load_state_dict_in_model(model, state, LoadStateDictConfig(weight_mapping=mapping))
+        except (SafetensorError, OSError) as exc:
+            raise ModelError(f"{folder}: cannot read weights ({str(exc).splitlines()[0]})") from None
+        except (RuntimeError, ValueError) as exc:
+            raise ModelError(f"{folder}: weights do not fit the config ({str(exc).splitlines()[0]})") from None
 
 
 def load_slice(folder: str | Path, start: int, end: int) -> ModelSlice:
@@ -144,8 +207,6 @@ def load_slice(folder: str | Path, start: int, end: int) -> ModelSlice:
         ValueError: the range is empty or outside the model's units (a caller bug;
             plans are checked against the model before stages are built).
     """
-    from safetensors import SafetensorError, safe_open
-
     folder = Path(folder)
     config = read_config(folder)
     model = _skeleton(config)
@@ -155,54 +216,28 @@ def load_slice(folder: str | Path, start: int, end: int) -> ModelSlice:
     if not 0 <= start < end <= len(names):
         raise ValueError(f"unit range [{start}, {end}) is not inside [0, {len(names)})")
     index = weight_index(folder)
-
-    owned = layout.unit_modules()
-    wanted: dict[str, list[str]] = {}  # module path -> its tensor names in the file
-    sources: dict[str, str] = {}  # tensor name in the model -> name in the file
-    for unit in names[start:end]:
-        for path in owned[unit]:
-            module = model.get_submodule(path)
-            keys = list(module.state_dict().keys())
-            wanted[path] = keys
-            for key in keys:
-                full = f"{path}.{key}"
-                source = full
-                if full not in index and layout.tied and path == layout.lm_head:
-                    source = f"{layout.input_embedding}.{key}"
-                if source not in index:
-                    raise ModelError(f"{folder}: tensor {full} is missing from the safetensors files")
-                sources[full] = source
-
+    units = set(names[start:end])
+    keys, mapping = _checkpoint_keys(model, index, lambda path: layout.unit_of_module(path) in units)
     holds_embed = start == 0
-    share_head = layout.tied and holds_embed and end == len(names)
-    by_file: dict[Path, list[str]] = {}
-    for full, source in sources.items():
-        if share_head and full.startswith(layout.lm_head + "."):
-            continue  # tied: shares the embedding's tensor below
-        by_file.setdefault(index[source], []).append(full)
-    loaded: dict[str, torch.Tensor] = {}
-    for file, fulls in by_file.items():
-        try:
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                for full in fulls:
-                    loaded[full] = f.get_tensor(sources[full])
-        except (SafetensorError, OSError) as exc:  # changed on disk since weight_index checked it
-            raise ModelError(f"{file}: cannot read weights ({str(exc).splitlines()[0]})") from None
-
+    holds_head = end == len(names)
+    head_path = layout.lm_head
+    if layout.tied and holds_head and not holds_embed:
+        # a tied head without the embedding: read the embedding's tensors, as the head's
+        emb = layout.input_embedding
+        keys += _checkpoint_keys(model, index, lambda path: path == emb or path.startswith(emb + "."))[0]
     with torch.no_grad():
-        for path, keys in wanted.items():
-            module = model.get_submodule(path)
-            if share_head and path == layout.lm_head:
-                continue
-            _load_into(module, path, {k: loaded.pop(f"{path}.{k}") for k in keys}, folder)
-            module.requires_grad_(False)
-        if share_head:
-            head = model.get_submodule(layout.lm_head)
-            head.weight = model.get_submodule(layout.input_embedding).weight
-            rest = {k: loaded.pop(f"{layout.lm_head}.{k}") for k in wanted[layout.lm_head] if k != "weight"}
-            if rest:
-                _load_into_partial(head, rest)
-
+        _load_converted(model, keys, index, mapping, folder)
+        if layout.tied and holds_head:
+            emb = model.get_submodule(layout.input_embedding)
+            model.get_submodule(head_path).weight = emb.weight
+        for unit in units:
+            for path in layout.unit_modules()[unit]:
+                module = model.get_submodule(path)
+                _materialize_buffers(model, module)
+                module.requires_grad_(False)
+                for name, t in [*module.named_parameters(), *module.named_buffers()]:
+                    if t.is_meta:
+                        raise ModelError(f"{folder}: tensor {path}.{name} is missing from the safetensors files")
     embed: list[tuple[str, nn.Module]] = []
     if holds_embed:
         for path in layout.embed:
@@ -216,7 +251,6 @@ def load_slice(folder: str | Path, start: int, end: int) -> ModelSlice:
             embed.append((kind, mod.eval()))
     first_block, last_block = max(start, 1) - 1, min(end, len(names) - 1) - 1
     blocks = [(i, model.get_submodule(layout.blocks[i]).eval()) for i in range(first_block, last_block)]
-    holds_head = end == len(names)
     final = [model.get_submodule(p).eval() for p in layout.final] if holds_head else []
     head = model.get_submodule(layout.lm_head).eval() if holds_head else None
     rotary = None
@@ -226,9 +260,3 @@ def load_slice(folder: str | Path, start: int, end: int) -> ModelSlice:
         rotary = _rotary_copy(model.get_submodule(layout.shared[0]), config).eval()
     return ModelSlice(config, layout, start, end, embed, blocks, final, head, rotary)
 
-
-def _load_into_partial(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    for name, value in tensors.items():
-        owner_path, _, attr = name.rpartition(".")
-        owner = module.get_submodule(owner_path) if owner_path else module
-        setattr(owner, attr, nn.Parameter(value, requires_grad=False))

@@ -13,7 +13,10 @@ hidden states from the session's 2-D padding mask:
   against this stage's *first* layer of that kind: the session's
   ``DynamicCache`` is indexed by global layer numbers, and sizing the mask
   against layer 0 (which another stage holds) is silently wrong under padding;
-- rotary embeddings from the stage's own rotary copy.
+- rotary embeddings from the stage's own rotary copy (one table per attention kind
+  where the rotary helper takes the layer type, as Gemma 3's does);
+- the family's top-level glue (:mod:`noodle.models.glue`): ALiBi biases, embedding
+  multipliers, logit scaling and soft-capping, the block's KV-cache keyword.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 from noodle.errors import ExecutorError, ModelError
 from noodle.executors.messages import StageInput, StageOutput
 from noodle.executors.slicing import ModelSlice, load_slice
+from noodle.models.glue import alibi_bias, block_call, embed_multiplier, logits_glue, positions_call, uses_alibi
 
 __all__ = ["Stage", "Session"]
 
@@ -80,6 +84,11 @@ class Stage:
             self._kinds.setdefault(kind, i)
             self._block_kinds.append(kind)
         self._sessions: dict[str, Session] = {}
+        blocks = [b for _, b in self.slice.blocks]
+        self._call = block_call(blocks[0], self.slice.rotary) if blocks else None
+        self._alibi = self._call is not None and self._call.alibi and uses_alibi(cfg)
+        self._embed_mult = embed_multiplier(cfg)
+        self._logits = logits_glue(cfg)
 
     # -- facts ---------------------------------------------------------------------------------
     @property
@@ -170,10 +179,12 @@ class Stage:
         for kind, mod in self.slice.embed:
             if kind == "tokens":
                 hidden = mod(ids)
+                if self._embed_mult is not None:
+                    hidden = hidden * self._embed_mult
             elif hidden is None:
                 raise ModelError(f"{self.name}: the token embedding must come first in the embed unit")
             elif kind == "positions":
-                hidden = hidden + mod(positions)
+                hidden = hidden + positions_call(mod)(positions)
             else:
                 hidden = mod(hidden)
         if hidden is None:  # layout_of guarantees a token embedding; a hand-built slice may not
@@ -203,18 +214,25 @@ class Stage:
                 )
                 for kind, first in self._kinds.items()
             }
-            extra: dict[str, Any] = {}
+            call = self._call
+            if call is None:  # set whenever the slice holds blocks
+                raise ModelError(f"{self.name}: blocks without a calling convention")
+            rotary: dict[str, Any] = {}
             if self.slice.rotary is not None:
-                extra["position_embeddings"] = self.slice.rotary(hidden, positions)
+                for kind in self._kinds:
+                    args = (kind,) if call.rotary_by_kind else ()
+                    rotary[kind] = self.slice.rotary(hidden, positions, *args)
+            extra: dict[str, Any] = {call.cache_kw: state.cache, "use_cache": True}
+            if call.position_ids:
+                extra["position_ids"] = positions
+            if call.alibi:
+                full = state.mask if state.mask is not None else torch.ones(batch, state.seen + tokens, dtype=torch.long)
+                extra["alibi"] = alibi_bias(self.slice.blocks[0][1], self.config, full, hidden.dtype) if self._alibi else None
             for (_, block), kind in zip(self.slice.blocks, self._block_kinds):
-                hidden = block(
-                    hidden,
-                    attention_mask=masks[kind],
-                    position_ids=positions,
-                    cache=state.cache,
-                    use_cache=True,
-                    **extra,
-                )
+                if kind in rotary:
+                    extra["position_embeddings"] = rotary[kind]
+                out = block(hidden, attention_mask=masks[kind], **extra)
+                hidden = out[0] if isinstance(out, tuple) else out
         state.seen += tokens
 
         if not self.is_last:
@@ -226,7 +244,10 @@ class Stage:
         head = self.slice.head
         if head is None:
             raise ModelError(f"{self.name}: the last stage has no LM head")
-        return StageOutput(msg.session, head(hidden), msg.attention_mask, is_logits=True)
+        logits = head(hidden)
+        if self._logits is not None:
+            logits = self._logits(logits)
+        return StageOutput(msg.session, logits, msg.attention_mask, is_logits=True)
 
     def __repr__(self) -> str:
         return f"Stage({self.name!r}, units=[{self.start}, {self.end}), layers={self.layers})"

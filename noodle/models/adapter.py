@@ -1,10 +1,12 @@
 """Map a transformers decoder-only model onto placement units by its structure.
 
 No architecture names are hard-coded: the decoder blocks are the longest
-``nn.ModuleList`` of same-class modules inside the base model; the base model's
-other children that come before the blocks form the ``embed`` unit, the ones
-after form the head together with the output embedding (``lm_head``); modules
-whose class name contains ``Rotary`` are shared helpers every stage copies.
+``nn.ModuleList`` of same-class modules inside the base model (or inside its one
+child that holds them, OPT's ``model.decoder``); that module's other children that
+come before the blocks form the ``embed`` unit, the ones after form the head together
+with the output embedding (``lm_head``); modules whose class name contains ``Rotary``
+are shared helpers every stage copies. Children declared before the blocks but named
+as output-side modules (``final_*``, ``project_out``: OPT) belong to the head.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from noodle.errors import ModelError
+from noodle.models.conformance import check_verified
 from noodle.types import unit_names
 
 __all__ = ["UnitLayout", "layout_of"]
@@ -76,12 +79,35 @@ def _path_of(model: nn.Module, target: nn.Module) -> str:
     raise ModelError(f"module {type(target).__name__} is not part of the model")
 
 
-def layout_of(model: nn.Module) -> UnitLayout:
+_OUTPUT_SIDE = ("final_", "project_out")
+
+
+def _blocks_in(module: nn.Module) -> bool:
+    return any(isinstance(c, nn.ModuleList) and len(c) > 0 for c in module.children())
+
+
+def _decoder_root(base: nn.Module, prefix: str) -> tuple[nn.Module, str]:
+    """The module whose children are the blocks: the base model, or its only child when that holds them."""
+    if _blocks_in(base):
+        return base, prefix
+    children = list(base.named_children())
+    if len(children) == 1 and _blocks_in(children[0][1]):  # a pure wrapper (OPTModel -> decoder)
+        return children[0][1], f"{prefix}.{children[0][0]}"
+    return base, prefix
+
+
+def layout_of(model: nn.Module, *, verified: bool = True) -> UnitLayout:
     """Find the unit layout of a decoder-only causal LM (GPT-2, Llama, Mistral, ...).
 
+    With ``verified`` (the default) an architecture whose staging is not verified exact by the
+    conformance suite is refused (:func:`noodle.models.conformance.check_verified`).
+
     Raises:
-        ModelError: the model has no output embedding or no list of decoder blocks.
+        ModelError: the model has no output embedding or no list of decoder blocks, or its
+            architecture is not verified.
     """
+    if verified and getattr(model, "config", None) is not None:
+        check_verified(model.config)
     get_out = getattr(model, "get_output_embeddings", None)
     head = get_out() if callable(get_out) else None
     if head is None:
@@ -90,11 +116,14 @@ def layout_of(model: nn.Module) -> UnitLayout:
         )
     prefix = getattr(model, "base_model_prefix", "")
     base = getattr(model, prefix, None) if prefix else None
+    if not isinstance(base, nn.Module) and isinstance(getattr(model, "model", None), nn.Module):
+        prefix, base = "model", model.model  # a text-only class of a multimodal family (Llama 4)
     if not isinstance(base, nn.Module):
         raise ModelError(f"{type(model).__name__} has no base model {prefix!r}; not a transformers causal LM")
 
+    root, root_path = _decoder_root(base, prefix)
     best: tuple[str, nn.ModuleList] | None = None
-    for name, child in base.named_children():
+    for name, child in root.named_children():
         if isinstance(child, nn.ModuleList) and len(child) > 0:
             if len({type(m) for m in child}) == 1 and (best is None or len(child) > len(best[1])):
                 best = (name, child)
@@ -106,16 +135,17 @@ def layout_of(model: nn.Module) -> UnitLayout:
     final: list[str] = []
     shared: list[str] = []
     seen_blocks = False
-    for name, child in base.named_children():
-        path = f"{prefix}.{name}"
+    for name, child in root.named_children():
+        path = f"{root_path}.{name}"
         if name == blocks_name:
             seen_blocks = True
         elif "rotary" in type(child).__name__.lower():
             shared.append(path)
-        elif not seen_blocks:
+        elif not seen_blocks and not name.startswith(_OUTPUT_SIDE):
             embed.append(path)
         else:
             final.append(path)
+    final.sort(key=lambda p: p.rpartition(".")[2].startswith("project_out"))  # norm, then the projection (OPT)
     if not any(isinstance(model.get_submodule(p), nn.Embedding) for p in embed):
         raise ModelError(f"{type(model).__name__}: found no token embedding before the decoder blocks")
 
@@ -128,7 +158,7 @@ def layout_of(model: nn.Module) -> UnitLayout:
     return UnitLayout(
         base=prefix,
         embed=tuple(embed),
-        blocks=tuple(f"{prefix}.{blocks_name}.{i}" for i in range(len(best[1]))),
+        blocks=tuple(f"{root_path}.{blocks_name}.{i}" for i in range(len(best[1]))),
         final=tuple(final),
         lm_head=_path_of(model, head),
         shared=tuple(shared),

@@ -101,7 +101,7 @@ def causal_lm_from_config(config: Any, *, dtype: Any = None, meta: bool = False)
     from transformers import AutoModelForCausalLM
 
     try:
-        with torch.device("meta") if meta else contextlib.nullcontext():
+        with torch.device("meta") if meta else contextlib.nullcontext():  # a thread-local mode
             return AutoModelForCausalLM.from_config(config, dtype=dtype)
     except ValueError as exc:
         raise ModelError(
@@ -120,7 +120,7 @@ def build_model(config: Any, *, seed: int = 0, dtype: Any = None) -> Any:
 
     torch.manual_seed(seed)
     model = causal_lm_from_config(config, dtype=dtype)
-    layout_of(model)  # refuse unsupported layouts before anything is written
+    layout_of(model, verified=False)  # refuse layouts noodle cannot split before anything is written
     return model.eval()
 
 
@@ -142,8 +142,11 @@ def init_model(source: str | Path | dict[str, Any], out: str | Path, *, seed: in
     return out
 
 
-def load_model(path: str | Path, *, dtype: Any = None) -> Any:
-    """Load a local model folder through ``from_pretrained`` (no network), in eval mode."""
+def load_model(path: str | Path, *, dtype: Any = None, verified: bool = True) -> Any:
+    """Load a local model folder through ``from_pretrained`` (no network), in eval mode.
+
+    ``verified`` refuses architectures the conformance suite does not verify (see :func:`layout_of`).
+    """
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
@@ -166,5 +169,5 @@ def load_model(path: str | Path, *, dtype: Any = None) -> Any:
         raise ModelError(f"{path}: cannot load model ({str(exc).splitlines()[0]})") from None
     from noodle.models.adapter import layout_of
 
-    layout_of(model)
+    layout_of(model, verified=verified)
     return model.eval()

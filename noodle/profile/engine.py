@@ -15,6 +15,7 @@ step's greedy token and the KV cache. Warm-up iterations are not counted.
 from __future__ import annotations
 
 import inspect
+import logging
 import json
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -29,7 +30,9 @@ from noodle.profile.hooks import STRATEGIES, Clock, MemoryProbe, NullHooks, Timi
 from noodle.profile.report import ProfileReport, RunData, build_report
 from noodle.profile.system import system_info
 
-__all__ = ["ProfileConfig", "ProfileInputs", "ObservabilityEngine", "progress_bar"]
+__all__ = ["ProfileConfig", "ProfileInputs", "ObservabilityEngine", "fit_workload", "progress_bar"]
+
+_log = logging.getLogger(__name__)
 
 _COUNTS = ("prompt_tokens", "decode_tokens", "batch_size", "iterations")
 _NON_NEGATIVE = ("warmup", "module_iterations", "seed")
@@ -124,6 +127,22 @@ def _resolve_device(name: str) -> Any:
     return torch.device(name)
 
 
+def fit_workload(prompt: int, decode: int, positions: int) -> tuple[int, int]:
+    """``(prompt, decode)`` clamped so that ``prompt + decode <= positions``.
+
+    Decode steps keep at most a quarter of the positions (at least 1); the prompt takes the rest.
+
+    Raises:
+        SpecError: the model has fewer than 2 positions.
+    """
+    if positions < 2:
+        raise SpecError(f"profile: the model has {positions} position(s); profiling needs at least 2")
+    if prompt + decode <= positions:
+        return prompt, decode
+    decode = max(1, min(decode, positions // 4))
+    return min(prompt, positions - decode), decode
+
+
 class ObservabilityEngine:
     """Instruments one causal LM and profiles it unit by unit.
 
@@ -163,10 +182,14 @@ class ObservabilityEngine:
         cfg = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
         limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
         if limit is not None and prompt + decode > limit:
-            raise SpecError(
-                f"profile config: prompt_tokens + decode_tokens = {prompt} + {decode} = {prompt + decode} "
-                f"exceeds the model's {limit} positions"
-            )
+            fitted = fit_workload(prompt, decode, int(limit))
+            _log.warning(
+                "profile: prompt_tokens + decode_tokens = %d + %d = %d exceeds the model's %d positions; "
+                "profiling %d + %d instead",
+                prompt, decode, prompt + decode, limit, *fitted,
+            )  # fmt: skip
+            prompt, decode = fitted
+            self.config = replace(self.config, prompt_tokens=prompt, decode_tokens=decode)
         gen = torch.Generator().manual_seed(self.config.seed)
         ids = torch.randint(0, int(cfg.vocab_size), (self.config.batch_size, prompt), generator=gen)
         return ProfileInputs(ids.to(self.device), decode)

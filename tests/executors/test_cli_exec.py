@@ -86,6 +86,28 @@ def test_text_prompt_with_tokenizer(tiny_models, tmp_path, capsys):
     assert "text: '" + " ".join(f"w{t}" for t in toks) in out
 
 
+@pytest.mark.parametrize(("flag", "want"), [([], [1, 5, 17, 2]), (["--chat"], [1, 5, 17, 2]), (["--no-chat"], [5, 17])])
+def test_chat_template_applies_by_default(tiny_models, tmp_path, capsys, flag, want):
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    model = tmp_path / "chat-tok"
+    shutil.copytree(tiny_models["llama"], model)
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(512)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0")
+    fast.chat_template = "{% for m in messages %}w1 {{ m['content'] }}{% endfor %}{% if add_generation_prompt %} w2{% endif %}"
+    fast.save_pretrained(model)
+    plan = _write(tmp_path, plan_for(model, [0, 3, 6]))
+    rc = main(["exec", plan, "--model", str(model), "--prompt", "w5 w17", *flag, "-n", "3", "-f", "json"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert json.loads(out)["tokens"] == reference(model, [want], 3)[0]
+    assert reference(model, [want], 3)[0] != reference(model, [[1, 5, 17, 2] if flag == ["--no-chat"] else [5, 17]], 3)[0]
+
+
 def test_emulate_says_so(tiny_models, tmp_path, capsys):
     model = tiny_models["gpt2"]
     links = [LinkDoc(a="node0", b="node1", bandwidth_gbps=1.0, latency_ms=5.0)]

@@ -36,6 +36,10 @@ def _record_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
             reads.append(name)
             return self._inner.get_tensor(name)
 
+        def get_slice(self, name):  # transformers' conversion reads lazily, through slices
+            reads.append(name)
+            return self._inner.get_slice(name)
+
     monkeypatch.setattr(safetensors, "safe_open", Recording)
     return reads
 

@@ -73,7 +73,6 @@ def _write(path, data):
         (lambda t: ["profile"], "give exactly one of --model PATH, --config FILE.json or --preset NAME"),
         (lambda t: ["profile", "--preset", "gpt2-tiny", "--model", str(t)], "give exactly one of"),
         (lambda t: ["profile", "--preset", "gpt2-tiny", "--iterations", "0"], "iterations: must be a whole number"),
-        (lambda t: ["profile", "--preset", "gpt2-tiny", "--prompt-tokens", "300"], "exceeds the model's 256 positions"),
         (lambda t: ["profile", "--preset", "gpt2-tiny", "--hooks", "fancy"], "strategy: 'fancy' is not one of"),
         (lambda t: ["profile", "--preset", "gpt2-tiny", "--threads", "0"], "--threads: must be at least 1, got 0"),
         (lambda t: ["model", "init", "--out", str(t / "x")], "give exactly one of --preset NAME or --config"),
@@ -100,3 +99,14 @@ def test_bench_profile_writes_results(tmp_path, capsys):
     assert (tmp_path / "profile_overhead.csv").read_text().startswith("mode,")
     assert (tmp_path / "profile_overhead.png").exists()
     assert main(["bench", "profile", "--rounds", "0"]) == 2
+
+
+def test_workload_longer_than_the_model_is_clamped_with_a_notice(tmp_path, capsys, caplog):
+    out = tmp_path / "p"
+    with caplog.at_level("WARNING", logger="noodle.profile.engine"):
+        code = main(["profile", "--preset", "gpt2-tiny", "--prompt-tokens", "300", "--iterations", "1", "--warmup", "0",
+                     "--module-iterations", "0", "--no-dashboard", "--out", str(out)])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    assert "300 + 16 = 316 exceeds the model's 256 positions; profiling 240 + 16 instead" in caplog.text
+    workload = json.loads((out / "profile_config.json").read_text())["config"]
+    assert (workload["prompt_tokens"], workload["decode_tokens"]) == (240, 16)

@@ -10,6 +10,7 @@ from noodle.errors import SpecError
 from noodle.models import layout_of
 from noodle.profile import ObservabilityEngine, ProfileConfig
 from noodle.profile.logger import read_jsonl, write_jsonl
+from noodle.profile.engine import fit_workload
 
 FILES = ("metrics.jsonl", "summary.json", "units.json", "system_info.json", "profile_config.json",
          "dashboard.html", "summary.png")
@@ -152,10 +153,28 @@ def test_bad_config_names_the_field(field, value, message):
         ProfileConfig(**{field: value})
 
 
-def test_workload_longer_than_the_model_is_refused(gpt2_tiny, tmp_path):
+def test_workload_longer_than_the_model_is_clamped_with_a_notice(gpt2_tiny, tmp_path, caplog):
     engine = ObservabilityEngine(gpt2_tiny, tmp_path, ProfileConfig(prompt_tokens=250, decode_tokens=16))
-    with pytest.raises(SpecError, match="250 \\+ 16 = 266 exceeds the model's 256 positions"):
-        engine.make_inputs()
+    with caplog.at_level("WARNING", logger="noodle.profile.engine"):
+        inputs = engine.make_inputs()
+    assert "250 + 16 = 266 exceeds the model's 256 positions; profiling 240 + 16 instead" in caplog.text
+    assert (inputs.prompt_tokens, inputs.decode_tokens) == (240, 16)
+    assert (engine.config.prompt_tokens, engine.config.decode_tokens) == (240, 16)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "decode", "positions", "want"),
+    [(128, 16, 1024, (128, 16)), (128, 16, 64, (48, 16)), (128, 16, 32, (24, 8)), (5, 9, 4, (3, 1)), (1, 1, 2, (1, 1))],
+)
+def test_fit_workload_stays_inside_the_positions(prompt, decode, positions, want):
+    got = fit_workload(prompt, decode, positions)
+    assert got == want
+    assert got[0] >= 1 and got[1] >= 1 and sum(got) <= positions
+
+
+def test_fit_workload_needs_two_positions():
+    with pytest.raises(SpecError, match="1 position"):
+        fit_workload(8, 8, 1)
 
 
 def test_save_dashboard_before_profile_is_an_error(gpt2_tiny, tmp_path):
