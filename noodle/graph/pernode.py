@@ -21,7 +21,7 @@ the link). Sums are differences of per-node prefix sums, so the model is additiv
 solvers' tables (:func:`noodle.solvers.tables.build_tables`) are built in numpy with
 bit-identical floats. A cluster may mix nodes with and without profiles.
 
-:func:`cost_model_for` picks this model for a problem in which some usable node carries a
+:func:`~noodle.graph.costmodel.cost_model_for` picks this model for a problem in which some usable node carries a
 profile, else the default model; ``solve``, ``evaluate`` and the plan file use it when no
 cost model is given.
 """
