@@ -13,11 +13,13 @@ from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _dist_version
 
 from noodle.errors import ExecutorError, InfeasibleError, ModelError, NoodleError, SolverUnavailable, SpecError
-from noodle.graph import CostModel, DefaultCostModel, Evaluation, build_cost_graph, evaluate
+from noodle.graph import (
+    CostModel, DefaultCostModel, Evaluation, PerNodeCostModel, build_cost_graph, cost_model_for, evaluate,
+)
 from noodle.plandoc import PlanDoc, build_plan_doc, dump_plan, load_plan
 from noodle.solvers import SOLVERS, SolveResult, solve
 from noodle.spec import Spec, load_spec, parse_spec
-from noodle.types import Cluster, Constraints, Link, Node, Pin, Plan, Problem, Stage, Unit, Workload
+from noodle.types import Cluster, Constraints, Link, Node, NodeProfile, Pin, Plan, Problem, Stage, Unit, Workload
 
 plan_document = build_plan_doc
 
@@ -28,9 +30,9 @@ except PackageNotFoundError:  # a source tree that was never installed
 
 __all__ = [
     "NoodleError", "SpecError", "InfeasibleError", "SolverUnavailable", "ExecutorError", "ModelError",
-    "CostModel", "DefaultCostModel", "Evaluation", "evaluate", "build_cost_graph",
+    "CostModel", "DefaultCostModel", "PerNodeCostModel", "Evaluation", "evaluate", "cost_model_for", "build_cost_graph",
     "PlanDoc", "plan_document", "build_plan_doc", "dump_plan", "load_plan",
     "SOLVERS", "SolveResult", "solve",
     "Spec", "load_spec", "parse_spec",
-    "Unit", "Node", "Link", "Cluster", "Workload", "Pin", "Constraints", "Problem", "Stage", "Plan",
+    "Unit", "Node", "NodeProfile", "Link", "Cluster", "Workload", "Pin", "Constraints", "Problem", "Stage", "Plan",
 ]

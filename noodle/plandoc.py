@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from noodle.docfile import load_document, validation_message
 from noodle.errors import SpecError
-from noodle.graph.costmodel import CostModel, DefaultCostModel, Evaluation, evaluate, pipeline_tokens_per_s
+from noodle.graph.costmodel import CostModel, Evaluation, cost_model_for, evaluate, pipeline_tokens_per_s
 from noodle.solvers.base import SolveResult
 from noodle.types import GIB, Problem
 
@@ -184,10 +184,12 @@ def _rationale(problem: Problem, ev: Evaluation, k: int, cm: CostModel) -> str:
     usable = sorted(problem.usable_nodes(), key=lambda n: -n.compute_score)
     rank = next(i for i, n in enumerate(usable) if n.id == node.id) + 1
     speed = "the fastest" if rank == 1 else f"#{rank} by speed"
+    measured = node.profile is not None and getattr(cm, "name", "") == "per-node"
+    speed_note = "its own measured profile" if measured else f"compute_score {node.compute_score:g}"
     first, last = problem.units[st.start].name, problem.units[st.end - 1].name
     span = first if st.end - st.start == 1 else f"{first}..{last}"
     parts = [
-        f"{node.id} (compute_score {node.compute_score:g}, {speed} of {len(usable)} usable nodes) runs {span} "
+        f"{node.id} ({speed_note}, {speed} of {len(usable)} usable nodes) runs {span} "
         f"({st.end - st.start} units): {st.compute_ms:.3f} ms compute + {st.out_ms:.3f} ms out"
     ]
     if problem.objective == "throughput":
@@ -213,7 +215,7 @@ def build_plan_doc(problem: Problem, result: SolveResult, cost_model: CostModel 
     """The plan file for a solved problem (``result.plan`` must be set)."""
     if result.plan is None:
         raise SpecError("no plan to write")
-    cm = cost_model or DefaultCostModel()
+    cm = cost_model or cost_model_for(problem)
     ev = evaluate(problem, result.plan, cm)
     stages = []
     for k, (stage, sc) in enumerate(zip(result.plan.stages, ev.stages)):

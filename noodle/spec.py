@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from noodle.docfile import load_document, validation_message
 from noodle.errors import NoodleError, SpecError
 from noodle.extras import require_exec
 from noodle.graph.build import build_cost_graph, problem_from_graph
 from noodle.sizes import MAX_NODES, MAX_UNITS, size_problem
-from noodle.types import Cluster, Constraints, Link, Node, Pin, Problem, Unit, Workload
+from noodle.types import Cluster, Constraints, Link, Node, NodeProfile, Pin, Problem, Unit, Workload
 
 __all__ = ["Spec", "load_spec", "parse_spec", "spec_json_schema", "SOLVER_DEFAULT_TIME_LIMIT_S"]
 
@@ -78,12 +78,53 @@ class WorkloadSpec(_Strict):
     concurrency: int = Field(1, ge=1, le=MAX_BATCH, description="groups in flight at once in the pipeline; every stage holds their KV caches")
 
 
+class UnitCostSpec(_Strict):
+    name: str = Field(min_length=1, description="unit name, as in the model's chain (embed, block.0, ..., lm_head)")
+    latency_ms: float = Field(ge=0, le=MAX_MS, description="one decode step on this node, at the profile's batch_size")
+    decode_ms: dict[Annotated[int, Field(ge=1, le=MAX_BATCH)], Annotated[float, Field(ge=0, le=MAX_MS)]] = Field(
+        default_factory=dict, description="decode steps measured at other batch sizes, {batch_size: ms}")
+    param_bytes: int | None = Field(None, ge=0, le=MAX_BYTES, description="weight bytes on this node; default: the model's")
+    kv_bytes_per_token: int | None = Field(None, ge=0, le=MAX_BYTES, description="default: the model's")
+    prefill_ms_per_token: float | None = Field(None, ge=0, le=MAX_MS)
+
+
+class NodeProfileSpec(_Strict):
+    """A node's own measured unit costs, inline (what `noodle cluster export` writes)."""
+
+    batch_size: int = Field(1, ge=1, le=MAX_BATCH, description="the batch size latency_ms was measured at")
+    source: str | None = Field(None, description="where the numbers come from (free text)")
+    units: list[UnitCostSpec] = Field(min_length=1, max_length=MAX_UNITS, description="every unit, in chain order")
+
+
+def _profile_form(value: Any) -> str | None:
+    return "path" if isinstance(value, str) else "inline" if isinstance(value, dict | NodeProfileSpec) else None
+
+
+NodeProfileField = Annotated[
+    Union[Annotated[str, Tag("path")], Annotated[NodeProfileSpec, Tag("inline")]],
+    Discriminator(_profile_form, custom_error_type="profile_form",
+                  custom_error_message="expected a profile path (folder, units.json or metrics.jsonl) "
+                                       "or an inline profile (a mapping with units)"),
+]
+
+
 class NodeSpec(_Strict):
     id: str = Field(min_length=1)
     device: str = Field("cpu", min_length=1)
     memory_gb: float = Field(gt=0, le=MAX_MEMORY_GB, description="GiB (2^30 bytes)")
-    compute_score: float = Field(ge=MIN_SCORE, le=MAX_SCORE, description="speed relative to the reference device")
+    compute_score: float | None = Field(None, ge=MIN_SCORE, le=MAX_SCORE,
+                                        description="speed relative to the reference device; needed without a profile")
     address: str | None = Field(None, description="host:port of this node's gRPC worker")
+    profile: NodeProfileField | None = Field(
+        None, description="this node's own measured unit costs: a `noodle profile` folder, its units.json or "
+                          "metrics.jsonl, or inline {batch_size, units: [{name, latency_ms, ...}]}")
+
+    @model_validator(mode="after")
+    def _speed_given(self) -> NodeSpec:
+        if self.compute_score is None and self.profile is None:
+            raise ValueError(f"node {self.id!r} needs compute_score (its speed relative to the reference device) "
+                             f"or profile (its own measured unit costs)")
+        return self
 
 
 class LinkSpec(_Strict):
@@ -142,7 +183,7 @@ class Spec(_Strict):
         too_big = size_problem(len(units), len(self.cluster.nodes))
         if too_big:
             raise SpecError(f"{source}: model, cluster.nodes: {too_big} (see noodle/sizes.py)")
-        cluster = _cluster(self, source)
+        cluster = _cluster(self, source, units, Path(base_dir))
         constraints = _constraints(self, units, cluster, source)
         graph = build_cost_graph(units, cluster, workload)
         return problem_from_graph(graph, objective=self.objective, constraints=constraints, name=self.name)
@@ -186,7 +227,69 @@ def _units(spec: Spec, base: Path, workload: Workload, source: str) -> tuple[Uni
         raise SpecError(f"{source}: model.hf_config: {exc}") from None
 
 
-def _cluster(spec: Spec, source: str) -> Cluster:
+def _node_profile(n: NodeSpec, i: int, units: tuple[Unit, ...], base: Path, source: str) -> NodeProfile:
+    """The node's own profile, read and checked against the model's unit chain."""
+    where = f"{source}: cluster.nodes[{i}].profile"
+    if isinstance(n.profile, str):
+        from noodle.profile import load_units
+
+        try:
+            mine, meta = load_units(base / n.profile)
+        except SpecError as exc:
+            raise SpecError(f"{where}: {exc}") from None
+        batch = (meta.get("workload") or {}).get("batch_size")
+        prefill = [u.prefill_ms_per_token for u in mine]
+        prof = NodeProfile(
+            unit_names=tuple(u.name for u in mine), latency_ms=tuple(u.latency_ms for u in mine),
+            batch_size=batch if isinstance(batch, int) and 1 <= batch <= MAX_BATCH else 1,
+            param_bytes=tuple(u.param_bytes for u in mine), kv_bytes_per_token=tuple(u.kv_bytes_per_token for u in mine),
+            prefill_ms_per_token=None if None in prefill else tuple(p for p in prefill if p is not None),
+            source=str(meta.get("source", n.profile)),
+        )
+    else:
+        assert n.profile is not None
+        rows = n.profile.units
+        model_names = [u.name for u in units]
+        prof = NodeProfile(unit_names=tuple(r.name for r in rows), latency_ms=tuple(r.latency_ms for r in rows),
+                           batch_size=n.profile.batch_size, source=n.profile.source or "inline")
+        wrong = prof.mismatch(model_names)
+        if wrong:
+            raise SpecError(f"{where}.units: {wrong}; list the model's {len(units)} units in chain order")
+        batches = sorted(rows[0].decode_ms)
+        for k, r in enumerate(rows):
+            if sorted(r.decode_ms) != batches:
+                raise SpecError(f"{where}.units[{k}].decode_ms: batch sizes {sorted(r.decode_ms)} differ from "
+                                f"units[0]'s {batches}; give every unit the same batch sizes")
+        prefill = [r.prefill_ms_per_token for r in rows]
+        prof = NodeProfile(
+            unit_names=prof.unit_names, latency_ms=prof.latency_ms, batch_size=prof.batch_size,
+            decode_ms=tuple((b, tuple(r.decode_ms[b] for r in rows)) for b in batches if b != prof.batch_size),
+            param_bytes=None if all(r.param_bytes is None for r in rows)
+            else tuple(u.param_bytes if r.param_bytes is None else r.param_bytes for r, u in zip(rows, units)),
+            kv_bytes_per_token=None if all(r.kv_bytes_per_token is None for r in rows)
+            else tuple(u.kv_bytes_per_token if r.kv_bytes_per_token is None else r.kv_bytes_per_token
+                       for r, u in zip(rows, units)),
+            prefill_ms_per_token=None if None in prefill else tuple(p for p in prefill if p is not None),
+            source=prof.source,
+        )
+    wrong = prof.mismatch([u.name for u in units])
+    if wrong:
+        raise SpecError(f"{where}: {wrong}; profile the same model on {n.id!r}")
+    return prof
+
+
+def _node(n: NodeSpec, i: int, units: tuple[Unit, ...], base: Path, source: str, batch_size: int) -> Node:
+    """A node; one with a profile and no compute_score gets the model's total decode time over its own."""
+    prof = _node_profile(n, i, units, base, source) if n.profile is not None else None
+    score = n.compute_score
+    if score is None:
+        assert prof is not None  # NodeSpec requires one of them
+        mine, ref = sum(prof.decode_latency_ms(batch_size)), sum(u.latency_ms for u in units)
+        score = min(max(ref / mine, MIN_SCORE), MAX_SCORE) if mine > 0 and ref > 0 else 1.0
+    return Node(id=n.id, device=n.device, memory_gb=n.memory_gb, compute_score=score, address=n.address, profile=prof)
+
+
+def _cluster(spec: Spec, source: str, units: tuple[Unit, ...], base: Path) -> Cluster:
     ids = [n.id for n in spec.cluster.nodes]
     first: dict[str, int] = {}
     for i, nid in enumerate(ids):
@@ -208,7 +311,8 @@ def _cluster(spec: Spec, source: str) -> Cluster:
             raise SpecError(f"{source}: cluster.links.pairs[{i}]: link {p.a}-{p.b} is given twice")
         seen.add(key)
         pairs.append((p.a, p.b, Link(p.bandwidth_gbps, p.latency_ms)))
-    nodes = tuple(Node(**n.model_dump()) for n in spec.cluster.nodes)
+    batch = spec.workload.batch_size
+    nodes = tuple(_node(n, i, units, base, source, batch) for i, n in enumerate(spec.cluster.nodes))
     default = Link(**spec.cluster.links.default.model_dump())
     return Cluster(nodes, default, tuple(pairs))
 

@@ -10,7 +10,7 @@ norm + LM head). Units form a chain in that order.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -19,6 +19,7 @@ __all__ = [
     "OBJECTIVES",
     "Objective",
     "Unit",
+    "NodeProfile",
     "Node",
     "Link",
     "Cluster",
@@ -63,14 +64,78 @@ class Unit:
 
 
 @dataclass(frozen=True)
+class NodeProfile:
+    """Unit costs measured on one node itself, in the model's unit chain order.
+
+    Read by :class:`~noodle.graph.pernode.PerNodeCostModel` instead of scaling the model's
+    profile by ``compute_score``.
+
+    Attributes:
+        unit_names: the units measured; must be the model's chain (checked by :meth:`mismatch`).
+        latency_ms: one decode step of each unit on this node, at ``batch_size`` sequences.
+        batch_size: the batch size ``latency_ms`` was measured at.
+        decode_ms: decode steps measured at other batch sizes: ``((batch_size, per-unit ms), ...)``.
+        param_bytes: weight bytes per unit as this node loads them; None: the model's.
+        kv_bytes_per_token: KV-cache bytes per token and sequence per unit; None: the model's.
+        prefill_ms_per_token: prefill per prompt token per unit, when measured (informational).
+        source: where the numbers come from (a profile path, or a note such as the measuring device).
+    """
+
+    unit_names: tuple[str, ...]
+    latency_ms: tuple[float, ...]
+    batch_size: int = 1
+    decode_ms: tuple[tuple[int, tuple[float, ...]], ...] = ()
+    param_bytes: tuple[int, ...] | None = None
+    kv_bytes_per_token: tuple[int, ...] | None = None
+    prefill_ms_per_token: tuple[float, ...] | None = None
+    source: str = "inline"
+
+    def __post_init__(self) -> None:
+        n = len(self.unit_names)
+        columns = {"latency_ms": self.latency_ms, "param_bytes": self.param_bytes,
+                   "kv_bytes_per_token": self.kv_bytes_per_token, "prefill_ms_per_token": self.prefill_ms_per_token,
+                   **{f"decode_ms[{b}]": ms for b, ms in self.decode_ms}}
+        for key, col in columns.items():
+            if col is not None and len(col) != n:
+                raise ValueError(f"NodeProfile.{key}: {len(col)} values for {n} units")
+        if self.batch_size < 1 or any(b < 1 for b, _ in self.decode_ms):
+            raise ValueError("NodeProfile: batch sizes are at least 1")
+
+    def decode_latency_ms(self, batch_size: int) -> tuple[float, ...]:
+        """Per-unit decode step at ``batch_size`` when measured at it, else at the profile's own batch size."""
+        if batch_size != self.batch_size:
+            for b, ms in self.decode_ms:
+                if b == batch_size:
+                    return ms
+        return self.latency_ms
+
+    def mismatch(self, names: Sequence[str]) -> str | None:
+        """Words for the first unit where this profile and the chain ``names`` differ; None when they agree."""
+        for i, (mine, theirs) in enumerate(zip(self.unit_names, names)):
+            if mine != theirs:
+                return f"unit {i} is {mine!r} in the node's profile but {theirs!r} in the model"
+        if len(self.unit_names) != len(names):
+            i = min(len(self.unit_names), len(names))
+            which = (f"the model's unit {i} {names[i]!r} is missing from the node's profile" if i < len(names)
+                     else f"the node's profile has an extra unit {i} {self.unit_names[i]!r}")
+            return f"{len(self.unit_names)} units in the node's profile, {len(names)} in the model: {which}"
+        return None
+
+
+@dataclass(frozen=True)
 class Node:
-    """A machine (or device) that can host one contiguous stage."""
+    """A machine (or device) that can host one contiguous stage.
+
+    ``profile``: the node's own measured unit costs, when it has them (see :class:`NodeProfile`);
+    ``compute_score`` then only serves code that reads one speed per node (the default model, orderings).
+    """
 
     id: str
     device: str
     memory_gb: float
     compute_score: float
     address: str | None = None
+    profile: NodeProfile | None = field(default=None, repr=False)
 
     @property
     def memory_bytes(self) -> int:
@@ -178,6 +243,11 @@ class Problem:
             raise SpecError("units: a problem needs at least one unit")
         if not self.cluster.nodes:
             raise SpecError("cluster.nodes: a problem needs at least one node")
+        names = [u.name for u in self.units]
+        for node in self.cluster.nodes:
+            wrong = node.profile.mismatch(names) if node.profile is not None else None
+            if wrong:
+                raise SpecError(f"cluster.nodes: {node.id}: profile: {wrong}; profile the same model on that node")
 
     @property
     def num_units(self) -> int:

@@ -89,9 +89,9 @@ def solve_cmd(
         import networkx as nx
 
         g = build_cost_graph(problem.units, problem.cluster, problem.workload)
-        g.graph.clear()  # GraphML holds scalar attributes only, and no None
+        g.graph.clear()  # GraphML holds scalar attributes only (a node's profile is not one), and no None
         for _, attrs in [*g.nodes(data=True), *((None, d) for *_, d in g.edges(data=True))]:
-            for key in [k for k, v in attrs.items() if v is None]:
+            for key in [k for k, v in attrs.items() if v is None or not isinstance(v, (str, int, float, bool))]:
                 del attrs[key]
         try:
             nx.write_graphml(nx.relabel_nodes(g, lambda k: f"{k[0]}:{k[1]}"), graph)

@@ -2,7 +2,7 @@
 
 Vertices ``("unit", i)`` carry a unit's costs; edges between consecutive units carry
 the activation bytes crossing that cut. Vertices ``("node", id)`` carry a node's
-capacity; edges between nodes (both directions) carry the link. The graph is for
+capacity (and its own measured :class:`~noodle.types.NodeProfile`, or None); edges between nodes (both directions) carry the link. The graph is for
 inspection and export (``noodle solve --graph FILE.graphml``); solvers read the
 :class:`~noodle.types.Problem` that :func:`problem_from_graph` makes from it.
 """
@@ -40,6 +40,7 @@ def build_cost_graph(units: tuple[Unit, ...], cluster: Cluster, workload: Worklo
             memory_gb=n.memory_gb,
             compute_score=n.compute_score,
             address=n.address,
+            profile=n.profile,
         )
     for a in cluster.nodes:
         for b in cluster.nodes:
@@ -80,6 +81,7 @@ def problem_from_graph(
             memory_gb=g.nodes[k]["memory_gb"],
             compute_score=g.nodes[k]["compute_score"],
             address=g.nodes[k]["address"],
+            profile=g.nodes[k].get("profile"),
         )
         for k in node_keys
     )

@@ -15,7 +15,9 @@ pipeline order, stage ``k`` holding units ``[s_k, e_k)`` on node ``v_k``::
 
 Any object with the four methods of :class:`CostModel` can replace it; exact
 solvers precompute every (node, range) cost from it, so a custom model needs no
-special structure (see ``examples/custom_cost_model.py``).
+special structure (see ``examples/custom_cost_model.py``). Nodes that carry their own
+measured unit costs (``Node.profile``) are priced by
+:class:`~noodle.graph.pernode.PerNodeCostModel`; :func:`cost_model_for` picks it.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ import itertools
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from noodle.graph.pernode import PerNodeCostModel
 from noodle.types import Node, Plan, Problem
 
-__all__ = ["CostModel", "DefaultCostModel", "StageCost", "Evaluation", "evaluate", "pipeline_tokens_per_s"]
+__all__ = ["CostModel", "DefaultCostModel", "PerNodeCostModel", "StageCost", "Evaluation", "evaluate",
+           "cost_model_for", "pipeline_tokens_per_s"]
 
 
 @runtime_checkable
@@ -86,6 +90,17 @@ class DefaultCostModel:
         return problem.cluster.link(last.id, first.id).latency_ms
 
 
+def cost_model_for(problem: Problem) -> CostModel:
+    """The model a problem is priced with when none is given.
+
+    :class:`~noodle.graph.pernode.PerNodeCostModel` when some usable node carries its own profile,
+    else :class:`DefaultCostModel` (the two agree on nodes without a profile).
+    """
+    if any(n.profile is not None for n in problem.usable_nodes()):
+        return PerNodeCostModel()
+    return DefaultCostModel()
+
+
 @dataclass(frozen=True)
 class StageCost:
     """Costs of one stage of a plan under a cost model."""
@@ -135,8 +150,8 @@ def pipeline_tokens_per_s(token_latency_ms: float, bottleneck_ms: float, concurr
 
 
 def evaluate(problem: Problem, plan: Plan, cost_model: CostModel | None = None) -> Evaluation:
-    """Cost of ``plan`` for ``problem`` under ``cost_model`` (default: :class:`DefaultCostModel`)."""
-    cm = cost_model or DefaultCostModel()
+    """Cost of ``plan`` for ``problem`` under ``cost_model`` (default: :func:`cost_model_for` the problem)."""
+    cm = cost_model or cost_model_for(problem)
     nodes = [problem.cluster.node(s.node) for s in plan.stages]
     stages: list[StageCost] = []
     for k, (stage, node) in enumerate(zip(plan.stages, nodes)):

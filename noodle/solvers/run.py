@@ -11,7 +11,7 @@ import time
 from dataclasses import replace
 
 from noodle.errors import InfeasibleError, NoodleError
-from noodle.graph.costmodel import CostModel, DefaultCostModel, evaluate
+from noodle.graph.costmodel import CostModel, cost_model_for, evaluate
 from noodle.solvers.base import SOLVERS, SolveResult
 from noodle.solvers.heuristic import HeuristicSolver, default_budget
 from noodle.solvers.tables import CostTables, build_tables, check_feasible, explain_infeasible, plan_segments, segments_value
@@ -35,7 +35,8 @@ def solve(
         problem: units, cluster, workload, objective and constraints.
         solver: a registered solver name (``auto``, ``cpsat``, ``milp``, ``heuristic``, baselines).
         time_limit_s: wall-clock budget for the search.
-        cost_model: replaces :class:`~noodle.graph.DefaultCostModel`.
+        cost_model: the cost model; default :func:`~noodle.graph.cost_model_for` the problem (per-node when
+            some node carries its own profile, else :class:`~noodle.graph.DefaultCostModel`).
 
     Returns:
         A :class:`SolveResult` whose ``objective_ms`` re-evaluates the plan under ``cost_model``.
@@ -48,7 +49,7 @@ def solve(
         SolverUnavailable: unknown solver name or missing optional dependency.
         KeyboardInterrupt: Ctrl-C before any plan was found.
     """
-    cm = cost_model or DefaultCostModel()
+    cm = cost_model or cost_model_for(problem)
     impl = SOLVERS.get(solver)
     start = time.perf_counter()
     tables = build_tables(problem, cm)

@@ -4,11 +4,12 @@ Solvers never call the cost model themselves: they read these arrays, so any
 cost model (additive or not) is solved exactly. ``INF`` marks a segment that may
 not exist (over memory, or against a pin).
 
-For :class:`~noodle.graph.costmodel.DefaultCostModel` (exactly that class, not a
-subclass) the tables are built with numpy from prefix sums, in the same floating-point
+For :class:`~noodle.graph.costmodel.DefaultCostModel` and
+:class:`~noodle.graph.pernode.PerNodeCostModel` (exactly those classes, not subclasses)
+the tables are built with numpy from (per-node) prefix sums, in the same floating-point
 operations as the model's own methods, so the arrays are identical to the generic
-loop (``tests/solvers/test_tables.py`` checks it); any other cost model is called
-once per (node, range), hop and return.
+loop (``tests/solvers/test_tables.py`` and ``tests/graph/test_pernode.py`` check it); any
+other cost model is called once per (node, range), hop and return.
 
 Structure the solvers may exploit is recorded, never assumed:
 
@@ -30,6 +31,7 @@ import numpy as np
 
 from noodle.errors import InfeasibleError, SpecError
 from noodle.graph.costmodel import CostModel, DefaultCostModel
+from noodle.graph.pernode import PerNodeCostModel, node_prefixes
 from noodle.sizes import size_problem
 from noodle.types import GIB, Node, Plan, Problem
 
@@ -97,6 +99,8 @@ def build_tables(problem: Problem, cost_model: CostModel) -> CostTables:
         raise SpecError(f"problem {problem.name!r}: {too_big} (see noodle/sizes.py)")
     if type(cost_model) is DefaultCostModel:
         return _build_default(problem)
+    if type(cost_model) is PerNodeCostModel:
+        return _build_per_node(problem)
     return _build_generic(problem, cost_model)
 
 
@@ -134,6 +138,18 @@ def _build_default(problem: Problem) -> CostTables:
     ok = _allowed(problem, nodes, memory)
     scores = np.array([nd.compute_score for nd in nodes], dtype=float)
     compute = np.where(ok, seg_lat[None] / scores[:, None, None], INF)
+    hop, ret = _link_tables(problem, nodes)
+    cap = problem.constraints.max_stages or m
+    return CostTables(
+        nodes, n, compute, memory, hop, ret, min(cap, m),
+        compute_prefix=lat[None, :] / scores[:, None],
+        memory_prefix=np.broadcast_to(mem, (m, n + 1)).copy(),
+    )
+
+
+def _link_tables(problem: Problem, nodes: tuple[Node, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Hops and returns of the default model (link latency + the model's activation bytes over its bandwidth)."""
+    n, m = problem.num_units, len(nodes)
     act = np.array([0.0, *(float(u.activation_bytes) for u in problem.units)])  # act[p] = unit p-1's bytes
     hop = np.zeros((m, m, n + 1))
     ret = np.zeros((m, m))
@@ -144,12 +160,28 @@ def _build_default(problem: Problem) -> CostTables:
                 ret[j, k] = link.latency_ms
                 if n > 1:
                     hop[j, k, 1:n] = link.latency_ms + act[1:n] * 8.0 / (link.bandwidth_gbps * 1e9) * 1e3
+    return hop, ret
+
+
+def _build_per_node(problem: Problem) -> CostTables:
+    """:class:`PerNodeCostModel` in numpy: per-node prefix sums, the same float operations as its methods."""
+    nodes = tuple(problem.usable_nodes())
+    n, m = problem.num_units, len(nodes)
+    rows = [node_prefixes(problem, nd) for nd in nodes]
+    lat = np.array([r[0] for r in rows], dtype=float).reshape(m, n + 1)
+    divisor = np.array([r[1] for r in rows], dtype=float)
+    mem = np.array([r[2] for r in rows], dtype=np.int64).reshape(m, n + 1)
+    upper = np.triu(np.ones((n + 1, n + 1), dtype=bool), 1)
+    memory = mem[:, None, :] - mem[:, :, None]  # [j, s, e] = mem[j, e] - mem[j, s]
+    memory[:, ~upper] = 0
+    ok = _allowed(problem, nodes, memory)
+    compute = lat[:, None, :] - lat[:, :, None]
+    compute /= divisor[:, None, None]
+    compute[~ok] = INF
+    hop, ret = _link_tables(problem, nodes)
     cap = problem.constraints.max_stages or m
-    return CostTables(
-        nodes, n, compute, memory, hop, ret, min(cap, m),
-        compute_prefix=lat[None, :] / scores[:, None],
-        memory_prefix=np.broadcast_to(mem, (m, n + 1)).copy(),
-    )
+    return CostTables(nodes, n, compute, memory, hop, ret, min(cap, m),
+                      compute_prefix=lat / divisor[:, None], memory_prefix=mem)
 
 
 def _build_generic(problem: Problem, cost_model: CostModel) -> CostTables:

@@ -120,7 +120,8 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
         main(["solve", "spec.yaml"])
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["solve", str(ROOT / "specs" / "inline-pins.yaml"), "-f", "json"]])
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["solve", str(ROOT / "specs" / "inline-pins.yaml"), "-f", "json"],
+                                  ["solve", str(ROOT / "specs" / "per-node-profiles.yaml"), "-f", "json"]])
 def test_planning_does_not_import_torch_or_transformers(argv):
     code = (
         "import sys\nfrom noodle.cli.main import main\n"

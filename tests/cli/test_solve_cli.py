@@ -38,6 +38,19 @@ def test_solve_writes_the_plan_contract(tmp_path, capsys):
     assert load_plan(out).objective_ms == written["objective_ms"]
 
 
+def test_per_node_profiles_spec_is_planned_with_each_nodes_own_costs(tmp_path, capsys):
+    graph = tmp_path / "g.graphml"
+    assert main(["solve", str(SPECS / "per-node-profiles.yaml"), "-f", "json", "--graph", str(graph)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["cost_model"] == "per-node" and doc["solver"]["status"] == "optimal"
+    gpu = next(s for s in doc["stages"] if s["node"] == "desktop-gpu")
+    spec = yaml.safe_load((SPECS / "per-node-profiles.yaml").read_text())
+    own = {u["name"]: u["latency_ms"] for u in spec["cluster"]["nodes"][0]["profile"]["units"]}
+    assert gpu["compute_ms"] == pytest.approx(sum(own[name] for name in gpu["layers"]))
+    assert "its own measured profile" in gpu["rationale"]
+    assert graph.read_text().count("<node ") >= 9  # the graph is written without the (non-scalar) profiles
+
+
 def test_yaml_format_and_objective_override(capsys):
     assert main(["solve", str(SPECS / "inline-pins.yaml"), "-f", "yaml", "--objective", "throughput"]) == 0
     doc = yaml.safe_load(capsys.readouterr().out)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import itertools
 import random
+from dataclasses import replace
 
 from noodle.graph.costmodel import CostModel, DefaultCostModel, evaluate
-from noodle.types import GIB, Cluster, Constraints, Link, Node, Plan, Problem, Unit, Workload
+from noodle.types import GIB, Cluster, Constraints, Link, Node, NodeProfile, Plan, Problem, Unit, Workload
 
 
 def random_problem(
@@ -103,3 +104,56 @@ def llama_like_units(n_blocks: int, *, block_ms: float = 34.3, block_gib: float 
     blocks = [Unit(f"block.{i}", block_ms, int(block_gib * GIB), 16384, 4096) for i in range(n_blocks)]
     head = Unit("lm_head", 10.5, int(0.49 * GIB), 8, 0)
     return (embed, *blocks, head)
+
+
+def random_pernode_problem(seed: int, *, n_units: int = 6, n_nodes: int = 3, objective: str = "throughput",
+                           tight: bool = True, batch_size: int = 1) -> Problem:
+    """:func:`random_problem` whose nodes (all but one, at random) carry their own measured unit costs.
+
+    Each profiled node is its own mix: a speed-up on blocks (2-10x) and a 2-5x smaller one on the
+    first and last unit (memory-bound; at least 1x), each unit jittered by +-15 %; some nodes were timed
+    at batch size 4 as well, and some load their weights at half the bytes (another dtype).
+    ``compute_score`` stays the single number the default model would use.
+    """
+    p = random_problem(seed, n_units=n_units, n_nodes=n_nodes, objective=objective, tight=tight)
+    rng = random.Random(seed * 7919 + 1)
+    plain = rng.randrange(n_nodes)
+    nodes = []
+    for j, node in enumerate(p.cluster.nodes):
+        if j == plain and n_nodes > 1:
+            nodes.append(node)
+            continue
+        block_speed = rng.uniform(2.0, 10.0)
+        edge_speed = max(1.0, block_speed / rng.uniform(2.0, 5.0))
+        lat = []
+        for i, u in enumerate(p.units):
+            speed = edge_speed if i in (0, n_units - 1) else block_speed
+            lat.append(u.latency_ms / speed * rng.uniform(0.85, 1.15))
+        decode = ((4, tuple(x * rng.uniform(1.2, 2.5) for x in lat)),) if rng.random() < 0.5 else ()
+        params = tuple(u.param_bytes // 2 for u in p.units) if rng.random() < 0.3 else None
+        prof = NodeProfile(tuple(u.name for u in p.units), tuple(lat), 1, decode, params)
+        nodes.append(replace(node, profile=prof))
+    cluster = replace(p.cluster, nodes=tuple(nodes))
+    return replace(p, cluster=cluster, workload=replace(p.workload, batch_size=batch_size))
+
+
+def true_objective(problem: Problem, plan: Plan) -> float:
+    """A plan's objective computed straight from the nodes' measured unit costs (independent of any CostModel)."""
+    b = problem.workload.batch_size
+    totals = []
+    st = plan.stages
+    for k, s in enumerate(st):
+        node = problem.cluster.node(s.node)
+        if node.profile is None:
+            compute = sum(u.latency_ms for u in problem.units[s.start:s.end]) / node.compute_score
+        else:
+            per_batch = dict(node.profile.decode_ms)
+            lat = per_batch.get(b, node.profile.latency_ms) if b != node.profile.batch_size else node.profile.latency_ms
+            compute = sum(lat[s.start:s.end])
+        if k + 1 < len(st):
+            link = problem.cluster.link(s.node, st[k + 1].node)
+            out = link.latency_ms + problem.units[s.end - 1].activation_bytes * 8 / (link.bandwidth_gbps * 1e9) * 1e3
+        else:
+            out = problem.cluster.link(s.node, st[0].node).latency_ms if len(st) > 1 else 0.0
+        totals.append(compute + out)
+    return sum(totals) if problem.objective == "latency" else max(totals)
