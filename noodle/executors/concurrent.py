@@ -95,18 +95,22 @@ def run_concurrent(
     itl = [x for c in comps for x in c.itl_s]
     local_stages = list(getattr(executor, "stages", None) or [])
     weights = [s.param_bytes() for s in local_stages] if len(local_stages) == len(plan.stages) else [0] * len(plan.stages)
+    # One lane per stage (local, grpc) gives per-stage figures; the torchrpc ring has two lanes (send,
+    # receive) on the coordinator, so its stages are reported with the plan's figures only.
+    per_stage = len(stats.stages) == len(plan.stages)
     stages = []
-    for lane, doc, w in zip(stats.stages, plan.stages, weights):
+    for k, (doc, w) in enumerate(zip(plan.stages, weights)):
+        lane = stats.stages[k] if per_stage else None
         stages.append(
             StageReport(
                 stage_id=doc.stage_id, node=doc.node, start=doc.start, end=doc.end,
                 units=doc.layers[0] if len(doc.layers) == 1 else f"{doc.layers[0]}..{doc.layers[-1]}",
                 param_bytes=w, kv_cache_bytes=0, prefill_ms=0.0,
-                decode_ms_p50=max(0.0, lane.step_ms_p50 - lane.hop_ms_p50),
-                decode_ms_p95=max(0.0, lane.step_ms_p95 - lane.hop_ms_p50),
-                hop_ms_p50=lane.hop_ms_p50, bytes_out=lane.bytes_out,
+                decode_ms_p50=max(0.0, lane.step_ms_p50 - lane.hop_ms_p50) if lane else 0.0,
+                decode_ms_p95=max(0.0, lane.step_ms_p95 - lane.hop_ms_p50) if lane else 0.0,
+                hop_ms_p50=lane.hop_ms_p50 if lane else 0.0, bytes_out=lane.bytes_out if lane else 0,
                 bytes_out_per_decode=0, predicted_compute_ms=doc.compute_ms,
-                predicted_latency_ms=doc.expected_latency_ms, busy_fraction=lane.busy_fraction,
+                predicted_latency_ms=doc.expected_latency_ms, busy_fraction=lane.busy_fraction if lane else None,
             )  # fmt: skip
         )
     pred = plan.predicted

@@ -53,3 +53,25 @@ def test_sixteen_in_flight_round_the_ring_then_a_killed_rank_is_respawned(tiny_m
         assert c.tokens == _alone(model, p, n)
     (ev,) = events
     assert ev.action == "restarted" and ev.replayed_steps >= 1
+
+
+def test_cli_concurrency_on_the_ring_reports_every_planned_stage(tiny_models, spawner, tmp_path, capsys):
+    import json
+
+    from noodle.cli.main import main
+    from noodle.plandoc import dump_plan
+
+    model = tiny_models["gpt2"]
+    plan = tmp_path / "plan.json"
+    plan.write_text(dump_plan(plan_for(model, [0, 2, 4, 6])))
+    ids = tmp_path / "ids.txt"
+    ids.write_text("\n".join(",".join(map(str, p)) for p, _ in _work(5, seed=3)) + "\n")
+    rc = main(["exec", str(plan), "--model", str(model), "--backend", "torchrpc", "--batch-ids", str(ids), "-n", "4",
+               "--concurrency", "3", "--threads", "1", "--format", "json"])  # fmt: skip
+    assert rc == 0
+    data = json.loads(capsys.readouterr().out)
+    for (p, _), got in zip(_work(5, seed=3), data["tokens"]):
+        assert got == _alone(model, p, 4)
+    rep = data["report"]
+    assert rep["backend"] == "torchrpc" and [s["node"] for s in rep["stages"]] == ["node0", "node1", "node2"]
+    assert rep["tokens_per_s"] > 0 and rep["peak_in_flight"] >= 1
