@@ -32,6 +32,7 @@ COMMAND_MODULES = (
     "noodle.cli.exec",
     "noodle.cli.bench_exec",
     "noodle.cli.model",
+    "noodle.cli.cluster",
     "noodle.cli.profile",
     "noodle.cli.bench_profile",
     "noodle.cli.worker",

@@ -103,6 +103,10 @@ def serve_cmd(
     request_timeout: float = typer.Option(300.0, "--request-timeout", help="seconds a request may run"),
     drain_timeout: float = typer.Option(30.0, "--drain-timeout", help="seconds in-flight requests get on SIGTERM"),
     threads: int = typer.Option(0, "--threads", help="torch CPU threads (0: torch's default)"),
+    cluster: bool = typer.Option(False, "--cluster", help="plan over workers that join (`noodle worker --join URL --token T`); grpc"),
+    min_workers: int = typer.Option(1, "--min-workers", help="--cluster: workers to wait for before the first plan"),
+    replan_threshold: float = typer.Option(0.10, "--replan-threshold", help="--cluster: predicted gain a join must bring to re-plan"),
+    heartbeat_timeout: float = typer.Option(5.0, "--heartbeat-timeout", help="--cluster: seconds without a heartbeat before a worker is dead"),
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming, metrics)."""
     require_exec("noodle serve")
@@ -114,6 +118,14 @@ def serve_cmd(
     from noodle.serve.planning import resolve_plan
 
     _check_flags(backend, port, concurrency, max_queue, request_timeout, threads, drain_timeout)
+    if cluster:
+        _serve_cluster(model, token=token, host=host, port=port, api_key=api_key, served_model_name=served_model_name,
+                       chat_template=chat_template, concurrency=concurrency, max_queue=max_queue,
+                       request_timeout=request_timeout, drain_timeout=drain_timeout, threads=threads,
+                       min_workers=min_workers, replan_threshold=replan_threshold,
+                       heartbeat_timeout=heartbeat_timeout, conflicting={"--plan": plan, "--spec": spec,
+                       "--workers": workers, "--emulate": emulate or None})  # fmt: skip
+        return
     if threads:
         import torch
 
@@ -136,6 +148,40 @@ def serve_cmd(
           f"- status page http://{host}:{bound}/ - loading stages...", file=sys.stderr, flush=True)  # fmt: skip
     _run(served, sock)
     err.print("noodle serve: stopped", highlight=False)
+
+
+def _serve_cluster(model: Path, *, token: str | None, host: str, port: int, api_key: str | None,
+                   served_model_name: str | None, chat_template: str | None, concurrency: int, max_queue: int,
+                   request_timeout: float, drain_timeout: float, threads: int, min_workers: int,
+                   replan_threshold: float, heartbeat_timeout: float, conflicting: dict[str, Any]) -> None:  # fmt: skip
+    """``--cluster``: serve over workers that join; see docs/cluster.md."""
+    from noodle.serve.build import build_cluster_server
+
+    given = [flag for flag, value in conflicting.items() if value]
+    if given:
+        raise SpecError(f"--cluster: plans over the workers that join; drop {', '.join(given)}")
+    if not token:
+        raise SpecError("--cluster: needs --token (or NOODLE_TOKEN): workers join with it and the coordinator calls "
+                        "them with it; start workers with `noodle worker --join URL --token T`")  # fmt: skip
+    check_int("--min-workers", min_workers, ge=1, le=10_000)
+    check_float("--replan-threshold", replan_threshold, ge=0, le=100)
+    check_float("--heartbeat-timeout", heartbeat_timeout, gt=0.1, le=3600)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    tokenizer = load_tokenizer(model, chat_template)
+    served = build_cluster_server(model, tokenizer, token=token, min_workers=min_workers,
+                                  gain_threshold=replan_threshold, heartbeat_timeout_s=heartbeat_timeout,
+                                  concurrency=concurrency, max_queue=max_queue, request_timeout_s=request_timeout,
+                                  drain_timeout_s=drain_timeout, api_key=api_key, model_id=served_model_name)  # fmt: skip
+    sock = bind_socket(host, port)
+    bound = sock.getsockname()[1]
+    print(f"noodle serve: {served.model.model_id!r} (cluster) on http://{host}:{bound}/v1 - status page "
+          f"http://{host}:{bound}/ - workers join with `noodle worker --join http://{host}:{bound} --token ...`; "
+          f"waiting for {min_workers}", file=sys.stderr, flush=True)  # fmt: skip
+    _run(served, sock)
+    Console(stderr=True).print("noodle serve: stopped", highlight=False)
 
 
 def _run(served: Any, sock: socket.socket) -> None:

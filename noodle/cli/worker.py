@@ -13,7 +13,10 @@ The first line on stdout says where the worker listens (``--port 0`` picks a fre
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -52,6 +55,13 @@ def worker_cmd(
                                           help="torchrpc: seconds to wait for the coordinator (rank 0) to listen"),
     dist_backend: str = typer.Option("gloo", "--dist-backend", envvar="NOODLE_DIST_BACKEND",
                                      help="torchrpc: gloo, or nccl when every rank has a GPU (same on every rank)"),
+    join: str | None = typer.Option(None, "--join", envvar="NOODLE_JOIN",
+                                    help="grpc: register with this coordinator (`noodle serve --cluster` URL) and send heartbeats"),
+    name: str | None = typer.Option(None, "--name", help="--join: this node's id (default: hostname-port)"),
+    advertise: str | None = typer.Option(None, "--advertise",
+                                         help="--join: host:port the coordinator reaches this worker at (default: --host:port)"),
+    cache_dir: Path = typer.Option(Path("~/.cache/noodle"), "--cache-dir", help="--join: where measured costs are cached"),
+    join_timeout: float = typer.Option(60.0, "--join-timeout", help="--join: seconds to retry an unreachable coordinator"),
 ) -> None:
     """Serve stages of a model to a coordinator (`noodle exec --backend grpc|torchrpc`)."""
     require_exec("noodle worker")
@@ -98,7 +108,45 @@ def worker_cmd(
         max_tensor_bytes=min(limit or 2**31, 256 * 2**20), max_batch=max_batch, stream_idle_s=stream_idle_timeout,
         max_calls_per_peer=max_calls_per_caller, insecure=insecure,
     )  # fmt: skip
-    raise typer.Exit(run_forever(config))
+    if join is None:
+        raise typer.Exit(run_forever(config))
+    joiner = _joiner(join, token, name, advertise, host, model, device, cache_dir, join_timeout)
+    code = run_forever(config, on_started=lambda bound: joiner(bound).start())
+    raise typer.Exit(1 if _JOIN_FAILED else code)
+
+
+_JOIN_FAILED: list[str] = []
+
+
+def _joiner(url: str, token: str | None, name: str | None, advertise: str | None, host: str, model: Path,
+            device: str, cache_dir: Path, join_timeout: float) -> Callable[[int], Any]:  # fmt: skip
+    """Checks the --join flags now; returns ``port -> Joiner`` to start once the gRPC server listens."""
+    import os
+    import signal
+    import socket
+
+    from noodle.serve.joining import Joiner, self_report
+
+    if not url.startswith(("http://", "https://")):
+        raise SpecError(f"--join: {url!r} is not an http(s) URL, e.g. http://10.0.0.1:8000")
+    if not token:
+        raise SpecError("--join: needs --token (or NOODLE_TOKEN), the coordinator's `noodle serve --cluster --token`")
+    check_float("--join-timeout", join_timeout, gt=0, le=1e6)
+    if advertise is not None and (":" not in advertise or not advertise.rsplit(":", 1)[1].isdigit()):
+        raise SpecError(f"--advertise: {advertise!r} is not host:port")
+
+    def fail(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+        _JOIN_FAILED.append(line)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def make(port: int) -> Any:
+        address = advertise or f"{'0.0.0.0' if host in ('0.0.0.0', '::', '') else host}:{port}"  # coordinator fills it in
+        node = name or f"{socket.gethostname()}-{port}"
+        return Joiner(url, token, node, address, lambda: self_report(model, device, cache_dir), give_up_s=join_timeout,
+                      on_fail=fail)  # fmt: skip
+
+    return make
 
 
 def _wait_for_coordinator(addr: str, port: int, timeout_s: float) -> None:

@@ -39,7 +39,8 @@ __all__ = ["ServeApp", "create_app"]
 log = logging.getLogger(__name__)
 _STATUS_HTML = Path(__file__).with_name("status.html")
 _ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/metrics", "/healthz", "/readyz", "/",
-              "/noodle/status")  # fmt: skip
+              "/noodle/status", "/noodle/cluster", "/noodle/cluster/join", "/noodle/cluster/heartbeat",
+              "/noodle/cluster/export")  # fmt: skip
 
 
 def _error_response(exc: ApiError) -> JSONResponse:
@@ -86,6 +87,8 @@ class ServeApp:
         api_key: str | None = None,
         drain_timeout_s: float = 30.0,
         on_drained: Callable[[], None] | None = None,
+        cluster: Any = None,
+        cluster_token: str | None = None,
     ) -> None:
         self.runtime = runtime
         self.plan = plan
@@ -96,6 +99,12 @@ class ServeApp:
         self.drain_timeout_s = drain_timeout_s
         self.on_drained = on_drained or (lambda: None)
         self.metrics = ServeMetrics(runtime, plan)
+        self.cluster = cluster  # a ClusterController with --cluster (its routes and metrics join the app)
+        self.cluster_token = cluster_token
+        if cluster is not None:
+            from noodle.serve.controller import ClusterCollector
+
+            self.metrics.registry.register(ClusterCollector(cluster))
         runtime.on_token_latency = self.metrics.token_latency
         self._drain_started: float | None = None
         self.app = self._build()
@@ -137,6 +146,8 @@ class ServeApp:
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await loader
             self.runtime.cancel_all()
+            if self.cluster is not None:
+                self.cluster.close()
             await asyncio.to_thread(self.runtime.close, min(10.0, self.drain_timeout_s))
 
     # -- the app -------------------------------------------------------------------------------
@@ -155,7 +166,7 @@ class ServeApp:
         """What the status page shows, as JSON."""
         rt, plan = self.runtime, self.plan
         stats = rt.stats()
-        sv = plan.solver
+        sv = getattr(plan, "solver", None)
         return {
             "model": self.model.model_id,
             "backend": self.backend,
@@ -164,7 +175,7 @@ class ServeApp:
             "error": rt.error,
             "uptime_s": time.time() - rt.started_at,
             "limits": {"prompt_tokens": rt.limits.prompt_tokens, "context_tokens": rt.limits.context_tokens},
-            "plan": {
+            "plan": None if getattr(plan, "current", plan) is None else {
                 "name": plan.name, "objective": plan.objective, "solver": sv.name, "status": sv.status,
                 "predicted": plan.predicted.model_dump(), "units": len(plan.units),
                 "nodes": [n.model_dump() for n in plan.nodes],
@@ -178,12 +189,17 @@ class ServeApp:
             "requests": self.metrics.request_counts(),
             "history": [[s.t, s.tokens_per_s, s.in_flight, s.queue_depth] for s in rt.history],
             "events": rt.events.recent(),
+            "cluster": None if self.cluster is None else self.cluster.status(),
         }
 
     def _build(self) -> FastAPI:
         app = FastAPI(title="noodle", lifespan=self._lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
         app.include_router(openai_router(self.model), dependencies=[Depends(self._check_key)])
+        if self.cluster is not None:
+            from noodle.serve.cluster_api import cluster_router
+
+            app.include_router(cluster_router(self.cluster, self.cluster_token))
 
         @app.get("/healthz")
         async def healthz() -> dict[str, str]:

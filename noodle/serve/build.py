@@ -12,7 +12,7 @@ from noodle.plandoc import PlanDoc
 from noodle.serve.app import ServeApp
 from noodle.serve.runtime import Limits, Runtime
 
-__all__ = ["build_server"]
+__all__ = ["build_server", "build_cluster_server"]
 
 
 def build_server(
@@ -53,3 +53,44 @@ def build_server(
     runtime = Runtime(opener, tokenizer, limits, eos_ids=eos_ids, request_timeout_s=request_timeout_s)
     return ServeApp(runtime, plan, model_id=model_id or Path(model_dir).resolve().name, backend=backend,
                     emulate=emulate, api_key=api_key, drain_timeout_s=drain_timeout_s)  # fmt: skip
+
+
+def build_cluster_server(
+    model_dir: Path,
+    tokenizer: Any,
+    *,
+    token: str | None,
+    min_workers: int = 1,
+    gain_threshold: float = 0.10,
+    heartbeat_timeout_s: float = 5.0,
+    drain_s: float = 10.0,
+    concurrency: int = 8,
+    max_queue: int = 64,
+    request_timeout_s: float = 300.0,
+    drain_timeout_s: float = 30.0,
+    api_key: str | None = None,
+    model_id: str | None = None,
+) -> ServeApp:
+    """A :class:`ServeApp` over workers that join it (``noodle worker --join``); see :mod:`noodle.serve.controller`."""
+    from noodle.executors.generation import token_ids_of
+    from noodle.serve.controller import ClusterController
+    from noodle.serve.joining import model_hash
+    from noodle.serve.registry import ClusterRegistry
+
+    config = read_config(model_dir)
+    eos, _pad = token_ids_of(config)
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    context = max_positions(config) or 2048
+    limits = Limits(prompt_tokens=context - 1, context_tokens=context, vocab_size=int(config.vocab_size))
+    registry = ClusterRegistry(heartbeat_s=max(0.2, heartbeat_timeout_s / 4), heartbeat_timeout_s=heartbeat_timeout_s,
+                               model_hash=model_hash(model_dir))  # fmt: skip
+    holder: dict[str, ClusterController] = {}
+    runtime = Runtime(lambda: holder["ctl"].opener(), tokenizer, limits, eos_ids=eos_ids,
+                      request_timeout_s=request_timeout_s)  # fmt: skip
+    ctl = ClusterController(registry, Path(model_dir), runtime.events, token=token, concurrency=concurrency,
+                            max_queue=max_queue, min_workers=min_workers, gain_threshold=gain_threshold,
+                            drain_s=drain_s)  # fmt: skip
+    holder["ctl"] = ctl
+    return ServeApp(runtime, ctl.plan, model_id=model_id or Path(model_dir).resolve().name,  # type: ignore[arg-type]
+                    backend="grpc", api_key=api_key, drain_timeout_s=drain_timeout_s, cluster=ctl,
+                    cluster_token=token)  # fmt: skip

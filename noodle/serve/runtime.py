@@ -175,6 +175,8 @@ class Runtime:
         if s is not None:
             self.history.append(_Sample(time.time(), float(s.tokens_per_s), int(s.in_flight), int(s.queue_depth)))
             failovers = getattr(s, "failovers", ())
+            if len(failovers) < self._failovers_seen:  # a re-plan opened a new executor: its list starts empty
+                self._failovers_seen = 0
             for ev in failovers[self._failovers_seen:]:
                 self.events.add("warning", f"failover on {getattr(ev, 'node', '?')}: {getattr(ev, 'action', '?')}: "
                                            f"{getattr(ev, 'detail', '')} ({getattr(ev, 'seconds', 0.0):.2f} s)")

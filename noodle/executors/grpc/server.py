@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
 
@@ -79,12 +80,13 @@ def _start(config: WorkerConfig) -> tuple[grpc.Server, StageServicer, int, futur
     return server, servicer, port, pool
 
 
-def run_forever(config: WorkerConfig) -> int:
+def run_forever(config: WorkerConfig, on_started: Callable[[int], None] | None = None) -> int:
     """Serve until SIGTERM/SIGINT (main thread only); the first stdout line says where it listens.
 
     Stopping is bounded: calls get ``STOP_GRACE_S`` to finish, the server ``STOP_WAIT_S`` more to end
     them; a handler thread still stuck after that (a caller that never sends) does not keep the
-    process alive: it exits without waiting for it.
+    process alive: it exits without waiting for it. ``on_started(port)`` runs once it listens
+    (``noodle worker --join`` registers with its coordinator there).
     """
     server, servicer, port, pool = _start(config)
     stop = threading.Event()
@@ -95,6 +97,8 @@ def run_forever(config: WorkerConfig) -> int:
     mib = servicer.max_message_bytes / 2**20
     print(f"noodle worker: serving grpc on {config.host}:{port} ({config.model_dir}, {auth}, {tls}, "
           f"requests up to {mib:.1f} MiB)", flush=True)  # fmt: skip
+    if on_started is not None:
+        on_started(port)
     try:
         stop.wait()
     finally:

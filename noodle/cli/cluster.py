@@ -1,0 +1,82 @@
+"""``noodle cluster status|export --url URL``: what a ``noodle serve --cluster`` coordinator knows.
+
+``status`` prints a table of the joined workers (device, memory, measured decode time of the
+whole model, last heartbeat, the stages each runs) and the re-plans so far; ``export`` prints
+the spec the measured figures make (``noodle cluster export --url URL > cluster.yaml``, then
+``noodle solve cluster.yaml``).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from noodle.errors import ExecutorError, SpecError
+
+__all__ = ["register", "fetch"]
+
+cluster_app = typer.Typer(help="Workers that joined a `noodle serve --cluster` coordinator.", no_args_is_help=True)
+
+
+def fetch(url: str, path: str, timeout_s: float = 10.0) -> Any:
+    """GET ``url + path``; one clear error when the coordinator cannot be reached or refuses."""
+    import httpx
+
+    if not url.startswith(("http://", "https://")):
+        raise SpecError(f"--url: {url!r} is not an http(s) URL, e.g. http://127.0.0.1:8000")
+    try:
+        resp = httpx.get(url.rstrip("/") + path, timeout=timeout_s)
+    except httpx.HTTPError as exc:
+        raise ExecutorError(f"--url: cannot reach {url} ({type(exc).__name__}: {exc}); is `noodle serve --cluster` running?") from None
+    if resp.status_code == 404:
+        raise ExecutorError(f"--url: {url} has no cluster (404); start it with `noodle serve --cluster`")
+    if resp.status_code >= 400:
+        try:
+            msg = resp.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            msg = resp.text[:200]
+        raise ExecutorError(f"--url: {url}{path}: {resp.status_code}: {msg}")
+    return resp
+
+
+@cluster_app.command("status")
+def status_cmd(url: str = typer.Option("http://127.0.0.1:8000", "--url", help="the coordinator (noodle serve --cluster)"),
+               json_out: bool = typer.Option(False, "--json", help="print the raw JSON")) -> None:  # fmt: skip
+    """Joined workers: device, memory, measured speed, health and the stages each runs."""
+    data = fetch(url, "/noodle/cluster").json()
+    if json_out:
+        import json
+
+        print(json.dumps(data, indent=1))
+        return
+    con = Console()
+    table = Table(title=f"cluster at {url}: plan {data['plan']} ({data['predicted_tps']:.1f} tokens/s predicted)")
+    for col in ("node", "address", "device", "memory free/total GiB", "decode ms", "prefill ms/token", "health",
+                "last heartbeat", "stages"):  # fmt: skip
+        table.add_column(col, justify="right" if "ms" in col or "GiB" in col else "left")
+    for n in data["nodes"]:
+        health = "alive" if n["alive"] else "dead"
+        table.add_row(n["id"], n["address"], f"{n['device_kind']} ({n['device_name']})",
+                      f"{n['free_memory_bytes'] / 2**30:.1f}/{n['total_memory_bytes'] / 2**30:.1f}",
+                      f"{n['decode_ms']:.2f}", f"{n['prefill_ms_per_token']:.3f}", health,
+                      f"{n['heartbeat_age_s']:.1f} s ago", "; ".join(n["stages"]) or "spare")  # fmt: skip
+    con.print(table)
+    for r in data["replans"]:
+        when = time.strftime("%H:%M:%S", time.localtime(r["t"]))
+        con.print(f"{when} re-plan ({r['reason']}): {r['before_tps']:.1f} -> {r['after_tps']:.1f} tokens/s, "
+                  f"{r['before']} -> {r['after']}, held requests {r['seconds']:.2f} s", highlight=False)  # fmt: skip
+
+
+@cluster_app.command("export")
+def export_cmd(url: str = typer.Option("http://127.0.0.1:8000", "--url", help="the coordinator (noodle serve --cluster)")) -> None:
+    """Print the spec of the live workers with their measured figures (YAML, for `noodle solve`)."""
+    sys.stdout.write(fetch(url, "/noodle/cluster/export").text)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(cluster_app, name="cluster")

@@ -1,0 +1,267 @@
+"""``noodle serve --cluster``: plan over the workers that joined, and re-plan on leave, join and trouble.
+
+:class:`ClusterController` owns the :class:`~noodle.serve.registry.ClusterRegistry` and the
+:class:`~noodle.serve.switching.SwitchingPipeline` the runtime serves from. Its opener (what
+:class:`~noodle.serve.runtime.Runtime` calls at start-up) waits for ``min_workers`` joined
+workers, solves their spec (:func:`~noodle.serve.registry.cluster_spec`) and opens a grpc
+executor on the plan; joined workers the plan leaves out are the executor's spares.
+
+A background thread then watches the registry (every ``tick_s``):
+
+* a node the plan uses died (missed heartbeats), or a request failed beyond the executor's
+  own failover: re-plan over the live nodes at once;
+* the set of nodes changed otherwise (a join): solve again, and switch only when the new
+  plan's predicted tokens/s beats the current one's by more than ``gain_threshold``
+  (default 10 %) and the last re-plan is ``cooldown_s`` old (hysteresis: a change that does
+  not pay is recorded once and not re-examined until the nodes change again).
+
+Every re-plan is an entry in :attr:`ClusterController.replans` and an event on the status page
+with its reason, before/after predicted tokens/s and how long requests were held.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from noodle.errors import ExecutorError, NoodleError
+from noodle.plandoc import PlanDoc, build_plan_doc
+from noodle.serve.registry import ClusterRegistry, WorkerRecord, cluster_spec
+from noodle.serve.switching import LivePlan, SwitchingPipeline
+
+__all__ = ["ClusterController", "predicted_tps", "plan_layout"]
+
+log = logging.getLogger(__name__)
+CONNECT_S = 2.0  # how long a re-plan's executor retries a worker's first health check
+
+
+def predicted_tps(plan: PlanDoc | None) -> float:
+    if plan is None:
+        return 0.0
+    p = plan.predicted
+    return float(p.pipeline_tokens_per_s or p.tokens_per_s or 0.0)
+
+
+def plan_layout(plan: PlanDoc | None) -> str:
+    if plan is None:
+        return "none"
+    return ", ".join(f"{s.node}[{s.start}:{s.end})" for s in plan.stages)
+
+
+class ClusterController:
+    """Plans and re-plans ``noodle serve`` over joined workers (see the module docstring)."""
+
+    def __init__(self, registry: ClusterRegistry, model_dir: Path, events: Any, *, token: str | None,
+                 concurrency: int = 8, max_queue: int = 64, min_workers: int = 1, gain_threshold: float = 0.10,
+                 cooldown_s: float = 5.0, drain_s: float = 10.0, tick_s: float = 0.25,
+                 solve_time_limit_s: float = 5.0) -> None:  # fmt: skip
+        self.registry = registry
+        self.model_dir = Path(model_dir)
+        self.events = events
+        self.token = token
+        self.concurrency = concurrency
+        self.min_workers = min_workers
+        self.gain_threshold = gain_threshold
+        self.cooldown_s = cooldown_s
+        self.drain_s = drain_s
+        self.tick_s = tick_s
+        self.solve_time_limit_s = solve_time_limit_s
+        self.plan = LivePlan()
+        self.pipeline = SwitchingPipeline(max_queue=max_queue, on_trouble=self._on_trouble)
+        self.replans: list[dict[str, Any]] = []
+        self.on_plan = lambda plan: None  # the app refreshes what it shows
+        self._trouble: str | None = None
+        self._considered = -1
+        self._last_switch = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- start-up (the runtime's opener) ------------------------------------------------------------
+    def opener(self) -> tuple[Any, Any]:
+        """Wait for ``min_workers``, plan, open; then start watching. Returns (executor, pipeline) for the runtime."""
+        announced = False
+        while self.registry.alive_count() < self.min_workers:
+            if not announced:
+                self.events.add("info", f"waiting for {self.min_workers} worker(s) to join (`noodle worker --join`)")
+                announced = True
+            if self._stop.wait(0.1):
+                raise ExecutorError("the server stopped before enough workers joined")
+        while True:
+            self.registry.reap()
+            try:
+                self._replan("start", force=True)
+                break
+            except NoodleError as exc:
+                self.events.add("warning", f"first plan failed ({exc}); retrying")
+                if self._stop.wait(1.0):
+                    raise
+        self._thread = threading.Thread(target=self._loop, name="noodle-cluster", daemon=True)
+        self._thread.start()
+        return self.pipeline, self.pipeline
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+
+    # -- planning -----------------------------------------------------------------------------------
+    def solve(self, records: list[WorkerRecord]) -> PlanDoc:
+        from noodle.solvers import solve
+        from noodle.spec import parse_spec
+
+        data = cluster_spec(records, self.model_dir, concurrency=self.concurrency, time_limit_s=self.solve_time_limit_s)
+        spec = parse_spec(data, source="noodle serve --cluster")
+        problem = spec.to_problem(self.model_dir, source="noodle serve --cluster")
+        result = solve(problem, solver=spec.solver.name, time_limit_s=spec.solver.time_limit_s)
+        return build_plan_doc(problem, result)
+
+    def _open(self, plan: PlanDoc, records: list[WorkerRecord]) -> tuple[Any, Any]:
+        from noodle.executors.grpc.coordinator import GrpcExecutor
+
+        used = {s.node for s in plan.stages}
+        workers = {r.id: r.address for r in records}
+        spares = [r.address for r in records if r.id not in used]
+        ex = GrpcExecutor(plan, self.model_dir, workers=workers, spares=spares, token=self.token,
+                          log=lambda line: self.events.add("warning", line))  # fmt: skip
+        ex.policy = dataclasses.replace(ex.policy, connect_s=CONNECT_S)  # they answered a heartbeat just now
+        ex.__enter__()
+        try:
+            return ex, ex.pipeline(concurrency=self.concurrency, max_queue=self.pipeline.max_queue)
+        except BaseException:
+            ex.__exit__(None, None, None)
+            raise
+
+    def _replan(self, reason: str, *, force: bool = False, plan: PlanDoc | None = None,
+                t_cause: float | None = None) -> bool:  # fmt: skip
+        version = self.registry.version
+        records = self.registry.records(alive_only=True)
+        if not records:
+            self.events.add("warning", f"re-plan ({reason}): no live worker; requests wait for one to join")
+            return False
+        before = self.plan.current
+        t0 = time.time()
+        new = plan or self.solve(records)
+        gain = predicted_tps(new) / predicted_tps(before) - 1 if before is not None and predicted_tps(before) else None
+        if not force and gain is not None and gain <= self.gain_threshold:
+            self.events.add("info", f"nodes changed ({reason}); the best plan would change predicted tokens/s by "
+                            f"{gain:+.1%} (threshold {self.gain_threshold:.0%}): keeping {plan_layout(before)}")  # fmt: skip
+            return False
+        times = self.pipeline.switch_to(lambda: self._open(new, records), drain_s=self.drain_s)
+        done = time.time()
+        self.plan.current = new
+        self._last_switch = time.monotonic()
+        self._considered = version
+        entry = {"t": done, "reason": reason, "before_tps": predicted_tps(before), "after_tps": predicted_tps(new),
+                 "before": plan_layout(before), "after": plan_layout(new), "seconds": done - t0,
+                 "since_cause_s": None if t_cause is None else done - t_cause, **times}  # fmt: skip
+        self.replans.append(entry)
+        self.on_plan(new)
+        self.events.add("info" if reason == "start" else "warning",
+                        f"re-plan ({reason}): {entry['before_tps']:.1f} -> {entry['after_tps']:.1f} predicted tokens/s; "
+                        f"{entry['before']} -> {entry['after']}; serving again after {entry['seconds']:.2f} s "
+                        f"(drain {times['drain_s']:.2f}, close {times['close_s']:.2f}, open {times['open_s']:.2f})")  # fmt: skip
+        return True
+
+    def _probe(self) -> None:
+        """Mark dead every live node whose gRPC port refuses a connection (faster than missed heartbeats)."""
+        for r in self.registry.records(alive_only=True):
+            host, _, port = r.address.rpartition(":")
+            try:
+                with socket.create_connection((host.strip("[]"), int(port)), timeout=0.5):
+                    pass
+            except OSError as exc:
+                self.registry.mark_dead(r.id)
+                self.events.add("warning", f"node {r.id} does not answer at {r.address} ({exc.strerror or exc}): "
+                                           "declared dead")  # fmt: skip
+
+    def _on_trouble(self, text: str) -> None:
+        self._trouble = text
+        self.registry.changed.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.registry.changed.wait(self.tick_s)
+            self.registry.changed.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self._tick()
+            except Exception as exc:  # noqa: BLE001 - the watcher must survive a failed re-plan; it retries
+                self.events.add("warning", f"re-plan failed: {type(exc).__name__}: {exc}; retrying")
+                self._trouble = self._trouble or str(exc)
+                self._stop.wait(1.0)
+
+    def _tick(self) -> None:
+        dead = self.registry.reap()
+        for nid in dead:
+            self.events.add("warning", f"node {nid} missed heartbeats for {self.registry.heartbeat_timeout_s:g} s: "
+                                       "declared dead")  # fmt: skip
+        current = self.plan.current
+        alive = {r.id for r in self.registry.records(alive_only=True)}
+        lost = sorted({s.node for s in current.stages} - alive) if current is not None else []
+        if self._trouble is not None and not lost:
+            self._probe()
+            alive = {r.id for r in self.registry.records(alive_only=True)}
+            lost = sorted({s.node for s in current.stages} - alive) if current is not None else []
+        if lost or self._trouble is not None:
+            reason = f"node {', '.join(lost)} left" if lost else f"requests failed: {self._trouble}"
+            cause = min((r.last_heartbeat for r in self.registry.records() if r.id in lost), default=None)
+            self._trouble = None
+            self._replan(reason, force=True, t_cause=cause)
+            return
+        if self.registry.version != self._considered and time.monotonic() - self._last_switch >= self.cooldown_s:
+            self._considered = self.registry.version
+            newest = max(self.registry.records(alive_only=True), key=lambda r: r.joined_at, default=None)
+            self._replan(f"nodes changed: {len(alive)} live", t_cause=newest.joined_at if newest else None)
+
+    # -- what the status page and /metrics show -----------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        now = time.time()
+        stage_of: dict[str, list[str]] = {}
+        for s in self.plan.stages:
+            stage_of.setdefault(s.node, []).append(f"{s.stage_id}: units [{s.start}, {s.end})")
+        nodes = []
+        for r in self.registry.records():
+            d = r.as_dict(now)
+            d["stages"] = stage_of.get(r.id, [])
+            nodes.append(d)
+        return {"nodes": nodes, "plan": plan_layout(self.plan.current), "predicted_tps": predicted_tps(self.plan.current),
+                "heartbeat_timeout_s": self.registry.heartbeat_timeout_s, "replans": list(self.replans),
+                "requeued": self.pipeline.requeued}  # fmt: skip
+
+
+class ClusterCollector(Collector):
+    """``noodle_cluster_nodes{state}``, ``noodle_replans_total{reason}``, ``noodle_replan_seconds`` and the plan's rate."""
+
+    def __init__(self, ctl: ClusterController) -> None:
+        self._ctl = ctl
+
+    def collect(self) -> Iterator[Any]:
+        recs = self._ctl.registry.records()
+        nodes = GaugeMetricFamily("noodle_cluster_nodes", "joined workers by state", labels=["state"])
+        nodes.add_metric(["alive"], float(sum(r.alive for r in recs)))
+        nodes.add_metric(["dead"], float(sum(not r.alive for r in recs)))
+        yield nodes
+        replans = CounterMetricFamily("noodle_replans", "plans switched to, by cause", labels=["reason"])
+        counts: dict[str, int] = {}
+        for e in self._ctl.replans:
+            kind = e["reason"].split(" ")[0] if not e["reason"].startswith("node ") else "leave"
+            counts[kind] = counts.get(kind, 0) + 1
+        for kind, n in counts.items():
+            replans.add_metric([kind], float(n))
+        yield replans
+        last = GaugeMetricFamily("noodle_replan_seconds", "how long the last re-plan held requests")
+        last.add_metric([], float(self._ctl.replans[-1]["seconds"]) if self._ctl.replans else 0.0)
+        yield last
+        tps = GaugeMetricFamily("noodle_plan_predicted_tokens_per_second", "the served plan's predicted tokens/s")
+        tps.add_metric([], predicted_tps(self._ctl.plan.current))
+        yield tps

@@ -1,0 +1,260 @@
+"""The worker's side of ``noodle worker --join URL``: measure this device, register, send heartbeats.
+
+A joining worker measures itself once per (device, model, dtype, threads): the whole
+model's decode step and its prefill time per token at batch 1 on the worker's own
+device (a short timing: one warm-up, then the median of a few runs), its total and
+free memory and its torch threads. The figures are cached as JSON under
+``<cache dir>/<device>-<model hash>-<dtype>-t<threads>.json`` (default
+``~/.cache/noodle``), so a restarted worker joins at once. It then POSTs them to
+``URL/noodle/cluster/join`` with ``Authorization: Bearer <token>`` and sends a
+heartbeat (load, free memory) every ``heartbeat_s`` the coordinator asked for; a
+heartbeat the coordinator does not recognise (it restarted) joins again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from noodle.errors import ExecutorError
+
+__all__ = ["model_hash", "device_info", "measure_model", "self_report", "Joiner", "DEFAULT_CACHE_DIR"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_DIR = Path("~/.cache/noodle")
+MEASURE_PROMPT_TOKENS = 32
+
+
+def model_hash(model_dir: Path) -> str:
+    """A short hash of the model folder: config.json's bytes and each weights file's name and size."""
+    h = hashlib.sha256((Path(model_dir) / "config.json").read_bytes())
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()[:16]
+
+
+def device_info(device: str) -> dict[str, Any]:
+    """Kind, name, total and free memory (bytes) and torch threads of ``device`` (cpu, cuda[:N], mps, xpu)."""
+    import psutil
+    import torch
+
+    from noodle.executors.devices import parse_device
+
+    dev = parse_device(device, field="--device")
+    kind = dev.type
+    vm = psutil.virtual_memory()
+    total, free, name = int(vm.total), int(vm.available), "cpu"
+    if kind == "cuda":
+        idx = dev.index or 0
+        free, total = (int(x) for x in torch.cuda.mem_get_info(idx))
+        name = torch.cuda.get_device_name(idx)
+    elif kind == "mps":
+        name = "apple-mps"
+    elif kind == "cpu":
+        import platform
+
+        name = platform.processor() or platform.machine() or "cpu"
+    return {"kind": kind, "name": name, "total_memory_bytes": total, "free_memory_bytes": free,
+            "threads": int(torch.get_num_threads())}  # fmt: skip
+
+
+def _sync(dev: Any) -> None:
+    import torch
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def measure_model(model_dir: Path, device: str = "cpu", *, prompt_tokens: int = MEASURE_PROMPT_TOKENS,
+                  decode_steps: int = 8, repeats: int = 3) -> dict[str, Any]:  # fmt: skip
+    """Time the whole model on ``device`` at batch 1: ms per decode step and per prefill token (medians)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from noodle.executors.devices import parse_device
+    from noodle.executors.kvbudget import max_positions
+    from noodle.executors.slicing import read_config
+
+    dev = parse_device(device, field="--device")
+    config = read_config(model_dir)
+    positions = max_positions(config) or 2048
+    p = max(1, min(prompt_tokens, positions // 2))
+    steps = max(1, min(decode_steps, positions - p - 1))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).to(dev).eval()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, int(config.vocab_size), (1, p), generator=gen).to(dev)
+    prefill, decode = [], []
+    with torch.inference_mode():
+        for r in range(repeats + 1):  # the first run warms up
+            _sync(dev)
+            t0 = time.perf_counter()
+            out = model(ids, use_cache=True)
+            _sync(dev)
+            t1 = time.perf_counter()
+            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            times = []
+            for _ in range(steps):
+                t = time.perf_counter()
+                out = model(nxt, past_key_values=past, use_cache=True)
+                _sync(dev)
+                times.append(time.perf_counter() - t)
+                past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            if r:
+                prefill.append((t1 - t0) / p)
+                decode.append(statistics.median(times))
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return {"decode_ms": statistics.median(decode) * 1e3, "prefill_ms_per_token": statistics.median(prefill) * 1e3,
+            "prompt_tokens": p, "batch": 1, "dtype": dtype}  # fmt: skip
+
+
+def self_report(model_dir: Path, device: str, cache_dir: Path | None = None) -> dict[str, Any]:
+    """Device facts plus the measured costs (from the cache when this device, model and dtype were measured)."""
+    info = device_info(device)
+    mhash = model_hash(model_dir)
+    from noodle.executors.slicing import read_config
+
+    config = read_config(model_dir)
+    dtype = str(getattr(config, "torch_dtype", None) or getattr(config, "dtype", None) or "float32").removeprefix("torch.")
+    key = f"{info['kind']}-{info['name']}-{mhash}-{dtype}-t{info['threads']}"
+    key = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
+    folder = (cache_dir or DEFAULT_CACHE_DIR).expanduser()
+    path = folder / f"{key}.json"
+    costs: dict[str, Any] | None = None
+    try:
+        costs = json.loads(path.read_text())
+        costs["cached"] = True
+    except (OSError, ValueError):
+        costs = None
+    if not isinstance(costs, dict) or not isinstance(costs.get("decode_ms"), (int, float)):
+        costs = measure_model(model_dir, device)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(costs, indent=1))
+        except OSError as exc:
+            log.warning("cannot cache the measured costs in %s (%s)", path, exc.strerror)
+        costs["cached"] = False
+    return {"device": info, "model_hash": mhash, "costs": costs, "cache_file": str(path)}
+
+
+class Joiner:
+    """Registers a worker with a coordinator and keeps it registered (heartbeats) on a daemon thread.
+
+    Args:
+        url: the coordinator's base URL (``http://host:port``).
+        token: the bearer token (the coordinator's cluster token).
+        node_id: this worker's name in the cluster.
+        address: ``host:port`` the coordinator reaches this worker's gRPC server at.
+        report: :func:`self_report`'s figures (or a function computing them).
+        give_up_s: how long to retry the first join before failing.
+        on_fail: called with a one-line error when the first join fails for good.
+    """
+
+    def __init__(self, url: str, token: str, node_id: str, address: str,
+                 report: dict[str, Any] | Callable[[], dict[str, Any]], *, give_up_s: float = 60.0,
+                 on_fail: Callable[[str], None] | None = None) -> None:  # fmt: skip
+        self.url = url.rstrip("/")
+        self.token = token
+        self.node_id = node_id
+        self.address = address
+        self._report = report
+        self.give_up_s = give_up_s
+        self.on_fail = on_fail or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.heartbeat_s = 2.0
+        self.joined = threading.Event()
+        self.failed: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> Joiner:
+        self._thread = threading.Thread(target=self._run, name="noodle-join", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _post(self, path: str, body: dict[str, Any]) -> Any:
+        import httpx
+
+        return httpx.post(f"{self.url}{path}", json=body, headers={"Authorization": f"Bearer {self.token}"}, timeout=10.0)
+
+    def _payload(self) -> dict[str, Any]:
+        if callable(self._report):
+            self._report = self._report()
+        return {"id": self.node_id, "address": self.address, **self._report}
+
+    def _join_once(self) -> None:
+        """One join; raises ExecutorError (refused: do not retry) or OSError-like httpx errors (retry)."""
+        resp = self._post("/noodle/cluster/join", self._payload())
+        if resp.status_code in (401, 403, 404, 409, 400, 422):
+            try:
+                msg = resp.json().get("error", {}).get("message", resp.text)
+            except ValueError:
+                msg = resp.text
+            raise ExecutorError(f"--join {self.url}: the coordinator refused this worker ({resp.status_code}: {msg})")
+        resp.raise_for_status()
+        self.heartbeat_s = float(resp.json().get("heartbeat_s", self.heartbeat_s))
+        self.joined.set()
+
+    def _run(self) -> None:
+        import httpx
+
+        try:
+            report = self._payload()
+        except Exception as exc:  # noqa: BLE001 - a measurement failure ends the join with one line
+            self._fail(f"noodle worker: measuring this device failed: {type(exc).__name__}: {exc}")
+            return
+        c = report["costs"]
+        print(f"noodle worker: {'cached' if c.get('cached') else 'measured'} decode {c['decode_ms']:.2f} ms, "
+              f"prefill {c['prefill_ms_per_token']:.3f} ms/token on {report['device']['kind']}", flush=True)  # fmt: skip
+        deadline, delay = time.monotonic() + self.give_up_s, 0.25
+        while not self._stop.is_set():
+            try:
+                self._join_once()
+                break
+            except ExecutorError as exc:
+                self._fail(f"noodle worker: {exc}")
+                return
+            except httpx.HTTPError as exc:
+                if time.monotonic() + delay > deadline:
+                    self._fail(f"noodle worker: --join {self.url}: no coordinator answers after {self.give_up_s:g} s "
+                               f"({type(exc).__name__}: {exc}); start `noodle serve --cluster` there or fix the URL")
+                    return
+                self._stop.wait(delay)
+                delay = min(delay * 2, 5.0)
+        print(f"noodle worker: joined {self.url} as {self.node_id} ({self.address})", flush=True)
+        self._beat()
+
+    def _beat(self) -> None:
+        import httpx
+        import psutil
+
+        proc = psutil.Process(os.getpid())
+        proc.cpu_percent(None)
+        warned = False
+        while not self._stop.wait(self.heartbeat_s):
+            body = {"id": self.node_id, "load": proc.cpu_percent(None) / 100.0,
+                    "free_memory_bytes": int(psutil.virtual_memory().available)}  # fmt: skip
+            try:
+                resp = self._post("/noodle/cluster/heartbeat", body)
+                if resp.status_code == 404:  # the coordinator restarted and forgot us: join again
+                    self._join_once()
+                warned = False
+            except (httpx.HTTPError, ExecutorError) as exc:
+                if not warned:
+                    log.warning("heartbeat to %s failed (%s); retrying every %.0f s", self.url, exc, self.heartbeat_s)
+                    warned = True
+
+    def _fail(self, line: str) -> None:
+        self.failed = line
+        self.on_fail(line)
