@@ -35,6 +35,7 @@ from prometheus_client.registry import Collector
 
 from noodle.errors import ExecutorError, NoodleError
 from noodle.plandoc import PlanDoc, build_plan_doc
+from noodle.serve.drift import DriftWatch
 from noodle.serve.registry import ClusterRegistry, WorkerRecord, cluster_spec
 from noodle.serve.switching import LivePlan, SwitchingPipeline
 
@@ -63,7 +64,7 @@ class ClusterController:
     def __init__(self, registry: ClusterRegistry, model_dir: Path, events: Any, *, token: str | None,
                  concurrency: int = 8, max_queue: int = 64, min_workers: int = 1, gain_threshold: float = 0.10,
                  cooldown_s: float = 5.0, drain_s: float = 10.0, tick_s: float = 0.25,
-                 solve_time_limit_s: float = 5.0) -> None:  # fmt: skip
+                 solve_time_limit_s: float = 5.0, drift_threshold: float = 0.15) -> None:  # fmt: skip
         self.registry = registry
         self.model_dir = Path(model_dir)
         self.events = events
@@ -84,6 +85,8 @@ class ClusterController:
         self._last_switch = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.drift = DriftWatch(threshold=drift_threshold)
+        self._drift_checked = 0.0
 
     # -- start-up (the runtime's opener) ------------------------------------------------------------
     def opener(self) -> tuple[Any, Any]:
@@ -158,6 +161,7 @@ class ClusterController:
         times = self.pipeline.switch_to(lambda: self._open(new, records), drain_s=self.drain_s)
         done = time.time()
         self.plan.current = new
+        self.drift.reset()
         self._last_switch = time.monotonic()
         self._considered = version
         entry = {"t": done, "reason": reason, "before_tps": predicted_tps(before), "after_tps": predicted_tps(new),
@@ -218,10 +222,26 @@ class ClusterController:
             self._trouble = None
             self._replan(reason, force=True, t_cause=cause)
             return
+        if time.monotonic() - self._drift_checked >= 1.0 and current is not None:
+            self._drift_checked = time.monotonic()
+            stats = self.pipeline.stats()
+            for i, factor in self.drift.observe(list(getattr(stats, "stages", ()) or ())):
+                node = current.stages[i].node
+                self.registry.scale(node, factor)
+                self._drift(node, i, factor)
         if self.registry.version != self._considered and time.monotonic() - self._last_switch >= self.cooldown_s:
             self._considered = self.registry.version
             newest = max(self.registry.records(alive_only=True), key=lambda r: r.joined_at, default=None)
             self._replan(f"nodes changed: {len(alive)} live", t_cause=newest.joined_at if newest else None)
+
+    def _drift(self, node: str, stage: int, factor: float) -> None:
+        """A stage's step time moved by ``factor``: re-solve with the node's corrected speed; switch if the layout changes."""
+        reason = f"drift: stage {stage} on {node} runs at {factor:.2f}x its first steps' time"
+        new = self.solve(self.registry.records(alive_only=True))
+        if plan_layout(new) == plan_layout(self.plan.current):
+            self.events.add("info", f"{reason}; the corrected costs give the same plan: keeping {plan_layout(new)}")
+            return
+        self._replan(reason, force=True, plan=new)
 
     # -- what the status page and /metrics show -----------------------------------------------------
     def status(self) -> dict[str, Any]:

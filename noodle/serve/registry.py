@@ -13,7 +13,8 @@ from its measurement: the model's analytic decode step at batch 1 (the same prom
 length the worker timed) on the default reference device, divided by the decode step
 the worker measured. So ``compute_score`` 2.0 means "this node ran the whole model's
 decode step twice as fast as the analytic reference predicts", and the planner's
-per-stage costs scale from the analytic profile by that factor. ``memory_gb`` is the
+per-stage costs scale from the analytic profile by that factor, divided by the node's drift
+factor (how much slower its stages have run than when they started). ``memory_gb`` is the
 free memory the worker reported at its last heartbeat.
 """
 
@@ -92,6 +93,7 @@ class WorkerRecord:
     last_heartbeat: float
     load: float = 0.0
     alive: bool = True
+    drift: float = 1.0  # measured slowdown since it joined (from the served stages' step times)
 
     def as_dict(self, now: float | None = None) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -159,6 +161,13 @@ class ClusterRegistry:
                 self.version += 1
         self.changed.set()
 
+    def scale(self, node_id: str, factor: float) -> None:
+        """Multiply a node's drift factor (its decode time in the spec) by ``factor``."""
+        with self._lock:
+            rec = self._nodes.get(node_id)
+            if rec is not None:
+                self._nodes[node_id] = replace(rec, drift=rec.drift * factor)
+
     def records(self, *, alive_only: bool = False) -> list[WorkerRecord]:
         with self._lock:
             recs = list(self._nodes.values())
@@ -200,7 +209,7 @@ def cluster_spec(records: list[WorkerRecord], model_dir: Path, *, concurrency: i
         ref = reference.get(r.measured_prompt_tokens)
         if ref is None:
             ref = reference[r.measured_prompt_tokens] = analytic_decode_ms(model_dir, r.measured_prompt_tokens)
-        score = min(MAX_SCORE, max(MIN_SCORE, ref / r.decode_ms))
+        score = min(MAX_SCORE, max(MIN_SCORE, ref / (r.decode_ms * r.drift)))
         nodes.append({"id": r.id, "device": r.device_kind, "memory_gb": round(max(r.free_memory_bytes, 2**20) / 2**30, 6),
                       "compute_score": round(score, 6), "address": r.address})  # fmt: skip
     return {

@@ -61,3 +61,35 @@ def test_spec_scores_follow_the_measurement_and_solve(model_dir: Path) -> None:
 
     result = solve(problem, solver="auto", time_limit_s=5)
     assert result.plan is not None
+
+
+def test_drift_needs_a_sustained_change_of_more_than_the_threshold() -> None:
+    from types import SimpleNamespace as S
+
+    from noodle.serve.drift import DriftWatch
+
+    w = DriftWatch(threshold=0.15, sustain=3, min_steps=10)
+    steps = 0
+
+    def feed(ms: float, fresh: int = 10) -> list[tuple[int, float]]:
+        nonlocal steps
+        steps += fresh
+        return w.observe([S(steps=steps, step_ms_p50=ms), S(steps=steps, step_ms_p50=2.0)])
+
+    assert feed(1.0) == []  # baseline
+    assert feed(1.1) == [] and feed(0.9) == []  # within 15 %
+    assert feed(1.5) == [] and feed(1.5, fresh=3) == []  # too few fresh steps: not counted
+    assert feed(1.0) == []  # back inside: strikes reset
+    assert feed(1.5) == [] and feed(1.5) == []
+    hit = feed(1.5)
+    assert [i for i, _ in hit] == [0] and hit[0][1] == pytest.approx(1.5)
+    assert feed(1.5) == []  # the new baseline is the drifted time
+
+
+def test_drift_scales_the_node_in_the_spec(model_dir: Path) -> None:
+    reg = ClusterRegistry()
+    reg.join(_join("a", 1.0))
+    before = cluster_spec(reg.records(), model_dir)["cluster"]["nodes"][0]["compute_score"]
+    reg.scale("a", 2.0)
+    after = cluster_spec(reg.records(), model_dir)["cluster"]["nodes"][0]["compute_score"]
+    assert after == pytest.approx(before / 2, rel=1e-3)
