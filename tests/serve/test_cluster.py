@@ -164,3 +164,17 @@ def test_join_unreachable_coordinator_is_one_line(model_dir: Path, tmp_path: Pat
     err = out.stderr.decode()
     assert out.returncode == 1
     assert "no coordinator answers after 1 s" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["cluster", "status", "--url", "http://127.0.0.1:9"], "--url: cannot reach http://127.0.0.1:9"),
+    (["cluster", "export", "--url", "127.0.0.1:9"], "--url: '127.0.0.1:9' is not an http(s) URL"),
+    (["serve", "--model", "MODEL", "--cluster"], "--cluster: needs --token"),
+    (["serve", "--model", "MODEL", "--cluster", "--token", "t", "--spec", "x.yaml"], "--cluster: plans over the workers"),
+])  # fmt: skip
+def test_cluster_flags_fail_in_one_line(model_dir: Path, args: list[str], message: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "NOODLE_TOKEN"}
+    cmd = [sys.executable, "-m", "noodle.cli.main", *(str(model_dir) if a == "MODEL" else a for a in args)]
+    out = subprocess.run(cmd, capture_output=True, timeout=120, env=env)
+    err = out.stderr.decode()
+    assert out.returncode != 0 and message in err and "Traceback" not in err, err
