@@ -15,7 +15,8 @@ the worker measured. So ``compute_score`` 2.0 means "this node ran the whole mod
 decode step twice as fast as the analytic reference predicts", and the planner's
 per-stage costs scale from the analytic profile by that factor, divided by the node's drift
 factor (how much slower its stages have run than when they started). ``memory_gb`` is the
-free memory the worker reported at its last heartbeat.
+free memory the worker reported at its last heartbeat. The document is written by
+:func:`noodle.cluster.export_spec` (the shared exporter), from :class:`noodle.cluster.NodeRecord` values.
 """
 
 from __future__ import annotations
@@ -30,10 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from noodle.spec import MAX_SCORE, MIN_SCORE
 
-__all__ = ["JoinRequest", "Heartbeat", "WorkerRecord", "ClusterRegistry", "cluster_spec", "analytic_decode_ms",
-           "DEFAULT_LINK"]  # fmt: skip
-
-DEFAULT_LINK = {"bandwidth_gbps": 1.0, "latency_ms": 0.5}  # links are not measured yet (issue 13, item 2)
+__all__ = ["JoinRequest", "Heartbeat", "WorkerRecord", "ClusterRegistry", "cluster_spec", "analytic_decode_ms"]
 
 
 class _Wire(BaseModel):
@@ -199,6 +197,9 @@ def cluster_spec(records: list[WorkerRecord], model_dir: Path, *, concurrency: i
     from noodle.executors.kvbudget import max_positions
     from noodle.executors.slicing import read_config
 
+    from noodle.cluster import NodeRecord, export_spec
+    from noodle.types import Workload
+
     model_dir = Path(model_dir).resolve()
     config = read_config(model_dir)
     positions = max_positions(config) or 2048
@@ -210,14 +211,12 @@ def cluster_spec(records: list[WorkerRecord], model_dir: Path, *, concurrency: i
         if ref is None:
             ref = reference[r.measured_prompt_tokens] = analytic_decode_ms(model_dir, r.measured_prompt_tokens)
         score = min(MAX_SCORE, max(MIN_SCORE, ref / (r.decode_ms * r.drift)))
-        nodes.append({"id": r.id, "device": r.device_kind, "memory_gb": round(max(r.free_memory_bytes, 2**20) / 2**30, 6),
-                      "compute_score": round(score, 6), "address": r.address})  # fmt: skip
-    return {
-        "name": name or f"cluster-{model_dir.name}",
-        "model": {"hf_config": str(model_dir / "config.json")},
-        "workload": {"prompt_tokens": prompt, "max_new_tokens": max(1, positions - prompt), "batch_size": 1,
-                     "concurrency": concurrency},  # fmt: skip
-        "cluster": {"nodes": nodes, "links": {"default": dict(DEFAULT_LINK)}},
-        "objective": "throughput",
-        "solver": {"name": "auto", "time_limit_s": time_limit_s},
-    }
+        nodes.append(NodeRecord(id=r.id, address=r.address, device=r.device_kind, device_name=r.device_name,
+                                total_memory_bytes=r.total_memory_bytes, free_memory_bytes=max(r.free_memory_bytes, 2**20),
+                                torch_threads=r.threads, compute_score=round(score, 6)))  # fmt: skip
+    workload = Workload(prompt_tokens=prompt, max_new_tokens=max(1, positions - prompt), batch_size=1,
+                        concurrency=concurrency)  # fmt: skip
+    doc = export_spec(nodes, {"hf_config": str(model_dir / "config.json")}, workload,
+                      name=name or f"cluster-{model_dir.name}")  # fmt: skip
+    doc["solver"] = {"name": "auto", "time_limit_s": time_limit_s}
+    return doc
