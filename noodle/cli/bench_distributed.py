@@ -8,6 +8,7 @@ from typing import Any
 
 import typer
 
+from noodle.cli.output import stderr_console, stdout_console
 from noodle.errors import SpecError
 
 __all__ = ["register", "bench_distributed_cmd", "run_distributed_bench"]
@@ -19,7 +20,6 @@ def run_distributed_bench(
     out: Path = Path("bench/results"), seed: int = 0,
 ) -> dict[str, Any]:  # fmt: skip
     """Build ``preset`` with random weights, measure, print a table, write JSON/CSV/PNG to ``out``."""
-    from rich.console import Console
     from rich.table import Table
 
     from noodle.executors.distbench import measure_distributed, write_distributed
@@ -30,7 +30,7 @@ def run_distributed_bench(
                                ("--threads", threads, 1)):  # fmt: skip
         if value < least:
             raise SpecError(f"{flag}: must be at least {least}, got {value}")
-    err = Console(stderr=True)
+    err = stderr_console()
     with tempfile.TemporaryDirectory(prefix="noodle-bench-") as tmp:
         with err.status(f"building {preset} with random weights"):
             model_dir = init_model(preset, Path(tmp) / preset, seed=seed)
@@ -52,7 +52,7 @@ def run_distributed_bench(
             f"{e['network_ms_per_hop']:.3f}" if "network_ms_per_hop" in e else "-",
             f"{e['network_share']:.0%}" if "network_share" in e else "-",
         )  # fmt: skip
-    console = Console()
+    console = stdout_console()
     console.print(table)
     console.print(f"TCP ping-pong floor: {floor['bytes']} B round trip {floor['rtt_us_p50']:.0f} us (p50)")
     console.print(f"wrote {', '.join(str(p) for p in paths.values())}")

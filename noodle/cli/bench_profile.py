@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from noodle.cli.output import stdout_console
 from noodle.errors import SpecError
 
 __all__ = ["register", "run_profile_bench"]
@@ -47,7 +47,7 @@ def run_profile_bench(
             mode, f"{e['decode_ms_p50']:.3f}", f"{e['decode_overhead_pct']:+.2f}%", f"{e['decode_overhead_ms']:+.3f}",
             f"{e['decode_estimated_pct']:+.2f}%", f"{e['prefill_ms_p50']:.3f}", f"{e['prefill_overhead_pct']:+.2f}%",
         )
-    console = Console()
+    console = stdout_console()
     console.print(table)
     console.print(f"one hooked module call costs {result['hook_call_cost_us']:.2f} us; est. = hooked modules x that "
                   "/ uninstrumented forward", style="dim")

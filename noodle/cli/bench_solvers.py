@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from noodle.cli.output import stdout_console
 from noodle.errors import SpecError
 
 __all__ = ["register", "run_solver_bench", "SIZES"]
@@ -39,7 +39,7 @@ def run_solver_bench(
             raise SpecError(f"--solvers: unknown solver {s!r}; valid names: {', '.join(SOLVERS.names())}")
     result = run_benchmark(size=size, seeds=seeds, time_limit_s=time_limit, solvers=names, progress=progress)
     paths = write_results(result, out)
-    console = Console(width=140)
+    console = stdout_console()
     table = Table(title=f"solvers on {len({r['instance'] for r in result['rows']})} instances "
                         f"(limit {time_limit:g} s each, {result['wall_s']:.0f} s in all)")
     for col in ("solver", "plans", "proven optimal", "median quality", "worst quality", "median gap", "worst gap",
@@ -81,8 +81,8 @@ def run_target_bench(seeds: int, time_limit: float, out: Path, progress: bool = 
         table.add_column(col)
     for case, s in result["summary"].items():
         table.add_row(case, ", ".join(f"{k} {_fmt(v, '.4g') if isinstance(v, float) else v}" for k, v in s.items()))
-    Console(width=140).print(table)
-    Console(width=140).print(f"wrote {path}")
+    stdout_console().print(table)
+    stdout_console().print(f"wrote {path}")
     return result
 
 

@@ -13,9 +13,9 @@ import time
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from noodle.cli.output import stdout_console
 from noodle.errors import ExecutorError, SpecError
 
 __all__ = ["register", "fetch"]
@@ -54,7 +54,7 @@ def status_cmd(url: str = typer.Option("http://127.0.0.1:8000", "--url", help="t
 
         print(json.dumps(data, indent=1))
         return
-    con = Console()
+    con = stdout_console()
     table = Table(title=f"cluster at {url}: plan {data['plan']} ({data['predicted_tps']:.1f} tokens/s predicted)")
     for col in ("node", "address", "device", "memory free/total GiB", "decode ms", "prefill ms/token", "health",
                 "last heartbeat", "stages"):  # fmt: skip

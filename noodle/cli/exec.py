@@ -9,10 +9,23 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
-from noodle.cli.checks import MAX_SEED, check_float, check_int, check_positions, check_threads
+from noodle.cli.checks import (
+    MAX_SEED,
+    check_float,
+    check_int,
+    check_positions,
+    check_threads,
+)
+from noodle.cli.output import stderr_console, stdout_console
 from noodle.errors import ModelError, SpecError
 from noodle.extras import require_exec
 from noodle.plandoc import load_plan
@@ -198,8 +211,8 @@ def exec_cmd(
     """Run a plan's stages on a model and report measured vs planned latency per stage."""
     require_exec("noodle exec")
     from noodle.cli.network import backend_options, render_network
-    from noodle.executors import EXECUTORS, Sampling, check_plan, check_workload
     from noodle.cli.profile import quiet_transformers
+    from noodle.executors import EXECUTORS, Sampling, check_plan, check_workload
 
     quiet_transformers()  # stage loading goes through transformers' weight conversion and its progress bars
 
@@ -226,8 +239,8 @@ def exec_cmd(
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     doc = load_plan(plan)
     from noodle.executors.slicing import read_config, unit_names_of
-    from noodle.models.weights import weight_files
     from noodle.models.resolve import resolve_model
+    from noodle.models.weights import weight_files
 
     model = resolve_model(model)
     config = read_config(model)
@@ -241,7 +254,7 @@ def exec_cmd(
         import torch
 
         torch.set_num_threads(threads)
-    err = Console(stderr=True)
+    err = stderr_console()
     options = backend_options(backend, workers=workers, spare=spare, token=token, tls_ca=tls_ca, step_timeout=step_timeout)
     executor = EXECUTORS.get(backend)(doc, model, emulate=emulate, **options)
     # Pipelined, each prompt is its own sequence: the plan's batch size bounds a group, not the file.
@@ -274,7 +287,7 @@ def exec_cmd(
     if fmt == "json":
         sys.stdout.write(json.dumps({"tokens": result.tokens, "report": result.report.as_dict()}) + "\n")
         return
-    out = Console(width=None if sys.stdout.isatty() else 160)
+    out = stdout_console()
     for i, toks in enumerate(result.tokens):
         line = f"[{i}] tokens: {toks}"
         if tokenizer is not None:

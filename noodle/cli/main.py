@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import importlib
 import sys
+
 import typer
 
 from noodle import __version__
+from noodle.cli.output import setup_logging
 from noodle.errors import NoodleError
 
 __all__ = ["app", "main", "package_version", "EXIT_USAGE", "EXIT_INTERRUPTED"]
@@ -68,8 +70,11 @@ def _root(
     show_version: bool = typer.Option(
         False, "--version", is_eager=True, callback=_print_version, help="Print the version and exit."
     ),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More detail on stderr (debug logs)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors on stderr."),
 ) -> None:
     """Run one large language model across several unequal machines: profile, plan, execute."""
+    setup_logging(verbose, quiet)
 
 
 for _name in COMMAND_MODULES:

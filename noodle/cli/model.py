@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
 from noodle.cli.checks import MAX_SEED, check_int
+from noodle.cli.output import stderr_console, stdout_console
 from noodle.errors import SpecError
 from noodle.extras import require_exec
 
@@ -36,7 +36,7 @@ def init_cmd(
     model = load_model(path, verified=False)
     n_params = sum(p.numel() for p in model.parameters())
     layout = layout_of(model, verified=False)
-    Console().print(
+    stdout_console().print(
         f"wrote {path}: {type(model).__name__}, {n_params / 1e6:.1f}M parameters, "
         f"{layout.num_blocks} blocks ({layout.num_blocks + 2} placement units), seed {seed}"
     )
@@ -55,9 +55,9 @@ def import_cmd(
     if dtype not in DTYPES:
         raise SpecError(f"--dtype: {dtype!r} is not a dtype; use one of {', '.join(DTYPES)}")
     quiet_transformers()
-    with Console(stderr=True).status(f"importing {file}"):
+    with stderr_console().status(f"importing {file}"):
         result = import_gguf(file, out, dtype=dtype, progress=False)
-    Console().print(
+    stdout_console().print(
         f"wrote {result.out}: {result.model_class} ({result.architecture}), {result.parameters / 1e6:.1f}M parameters, "
         f"{result.dtype}, tokenizer {'with' if result.chat_template else 'without'} a chat template",
         highlight=False,

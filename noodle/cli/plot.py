@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
+from noodle.cli.output import stderr_console
 from noodle.plandoc import PlanDoc, load_plan
 
 __all__ = ["register", "plot_plan"]
@@ -68,7 +68,7 @@ def plot_cmd(
     doc = load_plan(plan)
     target = out or plan.with_suffix(".png")
     plot_plan(doc, target)
-    Console(stderr=True).print(f"plot written to {target}")
+    stderr_console().print(f"plot written to {target}")
 
 
 def register(app: typer.Typer) -> None:

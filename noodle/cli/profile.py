@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from noodle.cli.checks import MAX_SEED, check_int, check_threads
+from noodle.cli.output import stdout_console
 from noodle.errors import SpecError
 from noodle.extras import require_exec
 
@@ -138,7 +139,7 @@ def profile_cmd(
     lm, model_name, source = open_model(model, config, preset, seed)
     cfg = replace(cfg, model_name=name or model_name, source=source)
     out = out or _output_folder(Path("runs") / "profile" / cfg.model_name)
-    console = Console()
+    console = stdout_console()
     engine = ObservabilityEngine(lm, out, cfg)
     with engine:
         inputs = engine.make_inputs()

@@ -17,9 +17,9 @@ from types import FrameType
 from typing import Any
 
 import typer
-from rich.console import Console
 
 from noodle.cli.checks import check_float, check_int, check_threads
+from noodle.cli.output import stderr_console
 from noodle.errors import ModelError, SpecError
 from noodle.extras import require_exec
 
@@ -130,7 +130,7 @@ def serve_cmd(
         import torch
 
         torch.set_num_threads(threads)
-    err = Console(stderr=True)
+    err = stderr_console()
     tokenizer = load_tokenizer(model, chat_template)
     with err.status("planning"):
         doc, source = resolve_plan(model, plan=plan, spec=spec, concurrency=concurrency)
@@ -181,7 +181,7 @@ def _serve_cluster(model: Path, *, token: str | None, host: str, port: int, api_
           f"http://{host}:{bound}/ - workers join with `noodle worker --join http://{host}:{bound} --token ...`; "
           f"waiting for {min_workers}", file=sys.stderr, flush=True)  # fmt: skip
     _run(served, sock)
-    Console(stderr=True).print("noodle serve: stopped", highlight=False)
+    stderr_console().print("noodle serve: stopped", highlight=False)
 
 
 def _run(served: Any, sock: socket.socket) -> None:

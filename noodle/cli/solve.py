@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -13,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from noodle.cli.checks import check_float
+from noodle.cli.output import stderr_console, stdout_console
 from noodle.errors import SpecError
 from noodle.graph.build import build_cost_graph
 from noodle.plandoc import PlanDoc, build_plan_doc, dump_plan
@@ -72,7 +72,7 @@ def solve_cmd(
         raise SpecError(f"--objective: {objective!r}; use throughput or latency")
     if time_limit is not None:
         check_float("--time-limit", time_limit, gt=0, le=MAX_TIME_LIMIT_S)
-    err = Console(stderr=True)
+    err = stderr_console()
     spec_obj, problem = load_spec(spec)
     if objective:
         problem = replace(problem, objective=objective)
@@ -102,7 +102,7 @@ def solve_cmd(
         out.write_text(dump_plan(doc, "yaml" if out.suffix in (".yaml", ".yml") else "json"))
         err.print(f"plan written to {out}")
     if fmt == "table":
-        render_table(doc, Console())
+        render_table(doc, stdout_console())
     else:
         sys.stdout.write(dump_plan(doc, fmt))
 

@@ -10,7 +10,7 @@ handed on at its bandwidth.
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -20,7 +20,15 @@ import numpy as np
 import torch
 
 from noodle.errors import ExecutorError
-from noodle.executors.base import ClosesOnExit, RunReport, RunResult, StageReport, check_plan, check_workload, percentile
+from noodle.executors.base import (
+    ClosesOnExit,
+    RunReport,
+    RunResult,
+    StageReport,
+    check_plan,
+    check_workload,
+    percentile,
+)
 from noodle.executors.generation import Sampling, generate, new_session_id, token_ids_of
 from noodle.executors.kvbudget import kv_capacity_tokens, max_positions
 from noodle.executors.messages import StageInput, StageOutput
@@ -89,7 +97,7 @@ class LocalExecutor(ClosesOnExit):
         plan: the plan document (``noodle.plandoc.load_plan``).
         model_dir: the model folder the plan was made for.
         emulate: sleep to stretch stages and hops to the plan's nodes and links.
-        log: where to say that it is emulating (stderr by default).
+        log: where to say that it is emulating (the ``noodle.executors.local`` logger by default).
     """
 
     name = "local"
@@ -105,7 +113,7 @@ class LocalExecutor(ClosesOnExit):
         self.plan = plan
         self.model_dir = Path(model_dir)
         self.emulate = emulate
-        self._log = log or (lambda line: print(line, file=sys.stderr))
+        self._log = log or logging.getLogger(__name__).info
         self.stages: list[Stage] = []
         self._decode_ref: list[float] = []
         config = read_config(self.model_dir)

@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import datetime
 import itertools
+import logging
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -48,15 +48,35 @@ from noodle.executors.failover import RetryPolicy
 from noodle.executors.generation import Sampling, generate, token_ids_of
 from noodle.executors.messages import StageInput
 from noodle.executors.netreport import FailoverEvent, TraceBook
-from noodle.executors.remote import one_hot_logits, ring_offsets, ring_trace, units_label
+from noodle.executors.remote import (
+    one_hot_logits,
+    ring_offsets,
+    ring_trace,
+    units_label,
+)
 from noodle.executors.ringlanes import ring_pipeline
 from noodle.executors.scheduler import Pipeline
 from noodle.executors.slicing import read_config, unit_names_of
-from noodle.executors.torchdist import (
-    F_ALL_LOGITS, F_PREFILL, F_TOP1, OP_END, OP_ERROR, OP_LOAD, OP_PING, OP_SHUTDOWN, OP_STEP, Ring,
-    open_ring, run_worker, short_error, slot, units_hash, wait_ready, world_from_env,
-)  # fmt: skip
 from noodle.executors.spawner import WorkerProcess
+from noodle.executors.torchdist import (
+    F_ALL_LOGITS,
+    F_PREFILL,
+    F_TOP1,
+    OP_END,
+    OP_ERROR,
+    OP_LOAD,
+    OP_PING,
+    OP_SHUTDOWN,
+    OP_STEP,
+    Ring,
+    open_ring,
+    run_worker,
+    short_error,
+    slot,
+    units_hash,
+    wait_ready,
+    world_from_env,
+)  # fmt: skip
 from noodle.plandoc import PlanDoc
 
 __all__ = ["TorchRpcExecutor"]
@@ -116,7 +136,7 @@ class TorchRpcExecutor(ClosesOnExit):
         (self.eos_token_id, self.pad_token_id), self.vocab_size = token_ids_of(config), int(config.vocab_size)
         self.spawn = ("WORLD_SIZE" not in os.environ) if spawn is None else spawn
         self.policy, self.restarts, self.host, self.startup_timeout_s = policy or RetryPolicy(), restarts, host, startup_timeout_s
-        self._log = log or (lambda line: print(line, file=sys.stderr))
+        self._log = log or logging.getLogger(__name__).warning
         n = len(plan.stages)
         self.world = n + 1
         self.threads = threads or max(1, (os.cpu_count() or 1) // n)

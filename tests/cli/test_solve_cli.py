@@ -131,3 +131,26 @@ def test_plan_files_hold_no_float_noise(tmp_path):
     assert main(["solve", str(SPECS / "gpt2-home-lab.yaml"), "--out", str(out), "-f", "json"]) == 0
     text = out.read_text()
     assert "00000000" not in text and "99999999" not in text
+
+
+def test_piped_tables_are_not_cut_at_80_columns():
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in __import__("os").environ.items() if k != "COLUMNS"}
+    done = subprocess.run([sys.executable, "-m", "noodle", "solve", str(SPECS / "gpt2-home-lab.yaml")],
+                          capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "memory MiB" in done.stdout and "…" not in done.stdout
+    assert max(len(line) for line in done.stdout.splitlines()) > 80
+
+
+def test_quiet_and_verbose_flags(capsys):
+    import logging
+
+    assert main(["-q", "solve", str(SPECS / "inline-pins.yaml"), "-f", "json"]) == 0
+    assert logging.getLogger("noodle").level == logging.WARNING
+    assert main(["-v", "solve", str(SPECS / "inline-pins.yaml"), "-f", "json"]) == 0
+    assert logging.getLogger("noodle").level == logging.DEBUG
+    assert main(["solve", str(SPECS / "inline-pins.yaml"), "-f", "json"]) == 0
+    assert logging.getLogger("noodle").level == logging.INFO

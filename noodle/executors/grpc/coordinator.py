@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import os
-import sys
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -49,8 +49,17 @@ from noodle.executors.failover import RetryPolicy, merge_stage, merge_target
 from noodle.executors.generation import Sampling, generate, token_ids_of
 from noodle.executors.grpc import stage_service_pb2 as pb
 from noodle.executors.grpc.client import (
-    STEP_TIMEOUT_FACTOR, STEP_TIMEOUT_FLOOR_S, ForwardStream, StageLost, Watchdog, WorkerClient, WorkerGone,
-    check_message_size, parse_spares, resolve_addresses, step_timeout,
+    STEP_TIMEOUT_FACTOR,
+    STEP_TIMEOUT_FLOOR_S,
+    ForwardStream,
+    StageLost,
+    Watchdog,
+    WorkerClient,
+    WorkerGone,
+    check_message_size,
+    parse_spares,
+    resolve_addresses,
+    step_timeout,
 )  # fmt: skip
 from noodle.executors.grpc.lanes import GrpcLane, grpc_pipeline
 from noodle.executors.grpc.wire import from_proto, to_proto
@@ -135,7 +144,7 @@ class GrpcExecutor(ClosesOnExit):
         self.planned_batch = int(plan.workload.get("batch_size", 1) or 1)
         self.stream = stream
         self.max_message_bytes = max_message_bytes
-        self._log = log or (lambda line: print(line, file=sys.stderr))
+        self._log = log or logging.getLogger(__name__).warning
         self._token = token if token is not None else os.environ.get("NOODLE_TOKEN") or None
         ca = tls_ca if tls_ca is not None else os.environ.get("NOODLE_TLS_CA") or None
         self._tls_ca = Path(ca) if ca else None
