@@ -20,7 +20,6 @@ request; sessions live apart from streams and are kept.
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
@@ -78,12 +77,14 @@ def parse_workers(text: str, *, field: str = "--workers") -> dict[str, str]:
 
 
 def resolve_addresses(plan: PlanDoc, workers: Mapping[str, str] | str | None) -> dict[str, str]:
-    """Stage node -> ``host:port``: ``workers`` (default ``$NOODLE_WORKERS``) first, then the plan's ``address``.
+    """Stage node -> ``host:port``: ``workers`` first, then the plan's ``address``.
+
+    Environment variables (``NOODLE_WORKERS``) are read by the CLI, not here.
 
     Nodes in ``workers`` that the plan does not use are ignored.
     """
     if workers is None:
-        workers = os.environ.get("NOODLE_WORKERS", "")
+        workers = ""
     if isinstance(workers, str):
         given = parse_workers(workers)
     else:
@@ -109,9 +110,9 @@ def resolve_addresses(plan: PlanDoc, workers: Mapping[str, str] | str | None) ->
 
 
 def parse_spares(spares: Sequence[str] | str | None) -> list[str]:
-    """Spare worker addresses from a list or ``"host:port,host:port"``; default ``$NOODLE_SPARE``."""
+    """Spare worker addresses from a list or ``"host:port,host:port"`` (``None``: none)."""
     if spares is None:
-        spares = os.environ.get("NOODLE_SPARE", "")
+        spares = ""
     if isinstance(spares, str):
         spares = [s for s in spares.split(",") if s.strip()]
     return [parse_address(s, field="--spare") for s in spares]

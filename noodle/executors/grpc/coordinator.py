@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import os
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -103,10 +102,12 @@ class GrpcExecutor(ClosesOnExit):
     Args:
         plan: the plan; each stage's node needs an address (``workers`` or the plan's ``address``).
         model_dir: the model folder (the coordinator reads its config; workers read their own copy).
-        workers: ``{node: "host:port"}`` or ``"node=host:port,..."``; default ``$NOODLE_WORKERS``.
-        spares: addresses of idle workers to move a dead node's stage to; default ``$NOODLE_SPARE``.
-        token: the workers' shared token; default ``$NOODLE_TOKEN``.
-        tls_ca: PEM certificate to trust (turns TLS on); default ``$NOODLE_TLS_CA``.
+        workers: ``{node: "host:port"}`` or ``"node=host:port,..."`` (else each plan node's ``address``).
+        spares: addresses of idle workers to move a dead node's stage to.
+        token: the workers' shared token.
+        tls_ca: PEM certificate to trust (turns TLS on).
+        (The CLI reads ``NOODLE_WORKERS``, ``NOODLE_SPARE``, ``NOODLE_TOKEN`` and ``NOODLE_TLS_CA``;
+        the library reads no environment variable.)
         tls_server_name: certificate name to check, when it is not the host in the address.
         policy: deadlines, retries and backoff; without one, each step's timeout is :func:`step_timeout`.
         stream: one bidirectional stream per stage session (default) or unary calls.
@@ -145,8 +146,8 @@ class GrpcExecutor(ClosesOnExit):
         self.stream = stream
         self.max_message_bytes = max_message_bytes
         self._log = log or logging.getLogger(__name__).warning
-        self._token = token if token is not None else os.environ.get("NOODLE_TOKEN") or None
-        ca = tls_ca if tls_ca is not None else os.environ.get("NOODLE_TLS_CA") or None
+        self._token = token or None
+        ca = tls_ca or None
         self._tls_ca = Path(ca) if ca else None
         self._tls_name = tls_server_name
         self.addresses = resolve_addresses(plan, workers)
