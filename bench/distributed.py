@@ -1,7 +1,7 @@
 """Distributed executors on loopback: local vs torchrpc vs gRPC, GPT-2 small in 3 stages.
 
 Interleaved rounds in one coordinator process with 3 worker processes per backend
-(see noodle/executors/distbench.py); prints a table and writes
+(see bench/distbench.py); prints a table and writes
 bench/results/distributed.{json,csv,png}. Also measures the floor: a plain TCP
 ping-pong of one decode step's activation (768 x float32 = 3 KiB).
 

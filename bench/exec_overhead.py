@@ -1,6 +1,6 @@
 """Staged-execution overhead on GPT-2 small: native HF decode loop vs 1-4 stages in one process.
 
-Runs interleaved rounds in one process (see noodle/executors/overhead.py), prints a
+Runs interleaved rounds in one process (see bench/execbench.py), prints a
 table and writes bench/results/exec_overhead.{json,csv,png}.
 
     python bench/exec_overhead.py [--rounds 10] [--preset gpt2] [--threads 1]
@@ -9,10 +9,15 @@ table and writes bench/results/exec_overhead.{json,csv,png}.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: `bench` as a package
+
 import argparse
 from pathlib import Path
 
-from noodle.executors.overhead import run_exec_bench
+from bench.execbench import run_exec_bench
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Profiler hook overhead on GPT-2 small: specialized and generic hooks vs no hooks.
 
-Runs interleaved rounds in one process (see noodle/profile/overhead.py), prints a
+Runs interleaved rounds in one process (see bench/profilebench.py), prints a
 table and writes bench/results/profile_overhead.{json,csv,png}.
 
     python bench/profile_overhead.py [--rounds 30] [--preset gpt2]

@@ -1,6 +1,6 @@
 """Serving benchmark: streaming clients at 1..32 concurrency against ``noodle serve --emulate``.
 
-Starts ``noodle serve`` on an emulated three-node plan (see noodle/serve/benchmark.py), prints
+Starts ``noodle serve`` on an emulated three-node plan (see bench/servebench.py), prints
 a table and writes bench/results/serve.{json,csv,png}.
 
     python bench/serve.py [--levels 1,2,4,8,16,32] [--duration 8] [--max-tokens 32]
@@ -9,10 +9,15 @@ a table and writes bench/results/serve.{json,csv,png}.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: `bench` as a package
+
 import argparse
 from pathlib import Path
 
-from noodle.serve.benchmark import run_serve_bench
+from bench.servebench import run_serve_bench
 
 
 def main() -> None:

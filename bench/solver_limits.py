@@ -3,7 +3,7 @@
 Each run is one subprocess that calls :func:`noodle.solve` (cost tables, warm start,
 bound, model building and search all inside the measured wall time) on a seeded
 Llama-shaped chain (identical blocks, ``tests/solvers/instances.llama_like_units``)
-over a heterogeneous cluster (:func:`noodle.solvers.generate.random_instance`). It
+over a heterogeneous cluster (:func:`bench.generate.random_instance`). It
 records the wall time against the limit (target: <= limit + 10 %), the peak RSS of the
 process, the objective, and the objective of ``--solver heuristic`` on the same
 instance (an exact solver must never be worse: it is warm-started from the heuristic).
@@ -13,6 +13,11 @@ Writes ``bench/results/solver_limits.json``.
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: `bench` as a package
 
 import argparse
 import json
@@ -28,7 +33,7 @@ CHILD = r"""
 import json, resource, sys, time
 sys.path.insert(0, {root!r})
 from noodle import solve
-from noodle.solvers.generate import random_instance
+from bench.generate import random_instance
 from tests.solvers.instances import llama_like_units
 units, nodes, objective, solver, limit = {units}, {nodes}, {objective!r}, {solver!r}, {limit}
 p = random_instance(0, units=llama_like_units(units - 2), n_nodes=nodes, objective=objective)

@@ -17,11 +17,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from noodle.docfile import load_document, validation_message
 from noodle.errors import SpecError
-from noodle.graph.costmodel import CostModel, Evaluation, cost_model_for, evaluate, pipeline_tokens_per_s
+from noodle.graph.costmodel import (
+    CostModel,
+    Evaluation,
+    cost_model_for,
+    evaluate,
+    pipeline_tokens_per_s,
+)
 from noodle.solvers.base import SolveResult
 from noodle.types import GIB, Problem
 
-__all__ = ["check_consistent", "SolverInfo", "Predicted", "StageDoc", "NodeDoc", "LinkDoc", "PlanDoc", "load_plan", "dump_plan", "build_plan_doc"]
+__all__ = ["even_cuts", "check_consistent", "SolverInfo", "Predicted", "StageDoc", "NodeDoc", "LinkDoc", "PlanDoc", "load_plan", "dump_plan", "build_plan_doc"]
 
 
 class _Frozen(BaseModel):
@@ -102,6 +108,14 @@ class PlanDoc(_Frozen):
 
     def as_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+def even_cuts(num_units: int, stages: int) -> list[int]:
+    """Unit boundaries splitting the blocks evenly over ``stages`` (embed on the first, head on the last)."""
+    blocks = num_units - 2
+    if not 1 <= stages <= blocks:
+        raise SpecError(f"stages: must be between 1 and the {blocks} blocks, got {stages}")
+    return [0, *(1 + round(k * blocks / stages) for k in range(1, stages)), num_units]
 
 
 def _rounded(value: Any) -> Any:

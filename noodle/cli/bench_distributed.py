@@ -22,7 +22,12 @@ def run_distributed_bench(
     """Build ``preset`` with random weights, measure, print a table, write JSON/CSV/PNG to ``out``."""
     from rich.table import Table
 
-    from noodle.executors.distbench import measure_distributed, write_distributed
+    from noodle.cli.bench import use_bench
+
+
+    use_bench()
+
+    from bench.distbench import measure_distributed, write_distributed
     from noodle.models import init_model
 
     for flag, value, least in (("--stages", stages, 1), ("--rounds", rounds, 1), ("--warmup", warmup, 0),

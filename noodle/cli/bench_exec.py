@@ -24,7 +24,10 @@ def bench_exec_cmd(
     from noodle.extras import require_exec
 
     require_exec("noodle bench exec")
-    from noodle.executors.overhead import run_exec_bench
+    from noodle.cli.bench import use_bench
+
+    use_bench()
+    from bench.execbench import run_exec_bench
 
     run_exec_bench(preset, max_stages, rounds, warmup, prompt_tokens, decode_tokens, threads, out, seed)
 

@@ -18,8 +18,11 @@ def run_profile_bench(
     out: Path = Path("bench/results"), seed: int = 0, progress: bool = True, threads: int | None = None,
 ) -> dict:
     """Measure the overhead on a preset model, print a table, write JSON/CSV/PNG to ``out``."""
+    from noodle.cli.bench import use_bench
     from noodle.models import build_model, load_config
-    from noodle.profile.overhead import measure_overhead, write_overhead
+
+    use_bench()
+    from bench.profilebench import measure_overhead, write_overhead
 
     for flag, value, least in (("--rounds", rounds, 1), ("--warmup", warmup, 0), ("--prompt-tokens", prompt_tokens, 1),
                                ("--decode-tokens", decode_tokens, 1)):

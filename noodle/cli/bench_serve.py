@@ -20,7 +20,10 @@ def bench_serve_cmd(
     out: Path = typer.Option(Path("bench/results"), "--out", "-o", help="results folder"),
 ) -> None:
     """Serving benchmark: requests/s, output tokens/s, TTFT and inter-token latency p50/p95/p99."""
-    from noodle.serve.benchmark import run_serve_bench
+    from noodle.cli.bench import use_bench
+
+    use_bench()
+    from bench.servebench import run_serve_bench
 
     try:
         counts = [int(x) for x in levels.split(",") if x.strip()]

@@ -24,8 +24,11 @@ def run_solver_bench(
     out: Path = Path("bench/results"), progress: bool = True,
 ) -> dict:
     """Run the benchmark, print the summary tables, write JSON/CSV/PNG into ``out``."""
+    from noodle.cli.bench import use_bench
     from noodle.solvers.base import SOLVERS
-    from noodle.solvers.benchmark import DEFAULT_SOLVERS, run_benchmark, write_results
+
+    use_bench()
+    from bench.solverbench import DEFAULT_SOLVERS, run_benchmark, write_results
 
     if size not in SIZES:
         raise SpecError(f"--size: {size!r} is not a size; use one of {', '.join(SIZES)}")
@@ -63,14 +66,14 @@ def run_solver_bench(
 
 
 def run_target_bench(seeds: int, time_limit: float, out: Path, progress: bool = True) -> dict:
-    """Measure the solver targets (see :func:`noodle.solvers.benchmark.run_targets`) and write them."""
+    """Measure the solver targets (see :func:`bench.solverbench.run_targets`) and write them."""
     import json
 
     if seeds < 1:
         raise SpecError(f"--seeds: must be at least 1, got {seeds}")
     if time_limit <= 0:
         raise SpecError(f"--time-limit: must be > 0 seconds, got {time_limit:g}")
-    from noodle.solvers.benchmark import run_targets
+    from bench.solverbench import run_targets
 
     result = run_targets(seeds=seeds, time_limit_s=time_limit, progress=progress)
     out.mkdir(parents=True, exist_ok=True)

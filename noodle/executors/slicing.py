@@ -15,7 +15,6 @@ and shares the tensor when it does.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path

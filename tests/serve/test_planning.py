@@ -64,7 +64,7 @@ def test_bad_flags_are_one_line_errors(model_dir: Path, args: list[str], message
 def test_spec_is_solved_at_start_up(model_dir: Path, tmp_path: Path) -> None:
     import yaml
 
-    from noodle.serve.benchmark import bench_spec
+    from bench.servebench import bench_spec
 
     spec = tmp_path / "lab.yaml"
     spec.write_text(yaml.safe_dump(bench_spec((model_dir / "config.json").resolve())))

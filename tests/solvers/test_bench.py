@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from noodle.solvers.benchmark import run_benchmark, write_results
-from noodle.solvers.generate import problem_to_spec, random_instance
+from bench.solverbench import run_benchmark, write_results
+from bench.generate import problem_to_spec, random_instance
 from noodle.spec import parse_spec
 from tests.solvers.instances import llama_like_units
 

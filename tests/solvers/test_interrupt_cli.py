@@ -11,7 +11,7 @@ import time
 import pytest
 import yaml
 
-from noodle.solvers.generate import problem_to_spec, random_instance
+from bench.generate import problem_to_spec, random_instance
 from tests.solvers.instances import llama_like_units
 
 # Imports first (the CLI takes seconds to import), then a marker, then the real entry point.

@@ -10,7 +10,7 @@ from noodle.cli.main import main
 from noodle.graph.costmodel import DefaultCostModel
 from noodle.solvers import SOLVERS, limits
 from noodle.solvers.cpsat import CpSatSolver
-from noodle.solvers.generate import problem_to_spec
+from bench.generate import problem_to_spec
 from noodle.solvers.heuristic import HeuristicSolver
 from noodle.solvers.milp import MilpSolver
 from noodle.solvers.subsetdp import solve_subset_dp

@@ -14,7 +14,7 @@ from noodle.graph.costmodel import DefaultCostModel
 from noodle.solvers import SOLVERS
 from noodle.solvers.bounds import latency_bound, throughput_bound
 from noodle.solvers.cpsat import CpSatSolver
-from noodle.solvers.generate import random_instance
+from bench.generate import random_instance
 from noodle.solvers.heuristic import HeuristicSolver, search_orders
 from noodle.solvers.milp import MilpSolver
 from noodle.solvers.subsetdp import node_classes, solve_subset_dp

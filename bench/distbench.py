@@ -130,10 +130,16 @@ def measure_distributed(
     """Decode step times of every mode on one plan, interleaved; see the module docstring."""
     from noodle.executors.grpc.coordinator import GrpcExecutor
     from noodle.executors.local import LocalExecutor
-    from noodle.executors.overhead import even_cuts
     from noodle.executors.slicing import read_config, unit_names_of
     from noodle.executors.torchrpc import TorchRpcExecutor
-    from noodle.plandoc import NodeDoc, PlanDoc, Predicted, SolverInfo, StageDoc
+    from noodle.plandoc import (
+        NodeDoc,
+        PlanDoc,
+        Predicted,
+        SolverInfo,
+        StageDoc,
+        even_cuts,
+    )
 
     unknown = [m for m in modes if m not in MODES]
     if unknown or "local" not in modes:

@@ -1,6 +1,6 @@
 """The solver comparison benchmark: every solver and baseline on seeded heterogeneous instances.
 
-Instances come from :func:`noodle.solvers.generate.bench_grid` (real architectures on
+Instances come from :func:`bench.generate.bench_grid` (real architectures on
 clusters of 3 to 64 nodes). Every solver runs on every instance in this one process,
 one after the other, under the same time limit; a row records the objective, the best
 bound, the gap, the status and the wall time. Per instance, the *best known* value is
@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.generate import GridPoint, bench_grid, random_instance
 from noodle.errors import InfeasibleError, NoodleError
 from noodle.graph.costmodel import DefaultCostModel
 from noodle.solvers.base import SOLVERS, relative_gap
-from noodle.solvers.generate import GridPoint, bench_grid, random_instance
 from noodle.solvers.tables import build_tables
 from noodle.types import Problem
 
@@ -75,7 +75,13 @@ def run_benchmark(
     started = time.perf_counter()
     bar = None
     if progress:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                        TimeElapsedColumn(), TextColumn("{task.fields[current]}"))
@@ -256,7 +262,13 @@ def run_targets(*, seeds: int = 10, big_seeds: int = 5, time_limit_s: float = 10
     rows = []
     bar = None
     if progress:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         bar.start()

@@ -22,16 +22,9 @@ from typing import Any
 import torch
 
 from noodle.errors import SpecError
+from noodle.plandoc import even_cuts
 
-__all__ = ["even_cuts", "measure_exec_overhead", "write_exec_overhead", "run_exec_bench"]
-
-
-def even_cuts(num_units: int, stages: int) -> list[int]:
-    """Unit boundaries splitting the blocks evenly over ``stages`` (embed on the first, head on the last)."""
-    blocks = num_units - 2
-    if not 1 <= stages <= blocks:
-        raise SpecError(f"stages: must be between 1 and the {blocks} blocks, got {stages}")
-    return [0, *(1 + round(k * blocks / stages) for k in range(1, stages)), num_units]
+__all__ = ["measure_exec_overhead", "write_exec_overhead", "run_exec_bench"]
 
 
 def _stamp() -> tuple[float, float]:

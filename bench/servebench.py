@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 import yaml
 
-from noodle.serve.loadgen import LevelResult, run_level, summarize
+from bench.loadgen import LevelResult, run_level, summarize
 
 __all__ = ["bench_spec", "launch_serve", "run_serve_bench", "PROMPTS"]
 
