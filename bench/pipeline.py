@@ -37,7 +37,7 @@ from pathlib import Path
 # on this shared 2-core machine, with every stage computing at once, must stay under its planned time.
 NODES = {
     3: [("node-a", 0.3, 0.26), ("node-b", 0.25, 0.26), ("node-c", 0.2, 0.26)],
-    4: [("node-a", 0.4, 0.26), ("node-b", 0.2, 0.2), ("node-c", 0.2, 0.2), ("node-d", 0.2, 0.2)],
+    4: [("node-a", 0.4, 0.3), ("node-b", 0.2, 0.22), ("node-c", 0.2, 0.22), ("node-d", 0.2, 0.22)],
 }
 SPEC = """\
 name: gpt2-{n}-nodes
@@ -189,6 +189,7 @@ def main() -> None:
                 rows += sweep(ex, plan, levels, args.prompt_tokens, args.new_tokens, "emulated-narrow")
             with LocalExecutor(doc, model, emulate=True, log=lambda _: None) as ex:
                 rows += sweep(ex, plan, levels, args.prompt_tokens, args.new_tokens, "emulated")
+            save(args, rows, ttfts, load)
             if not args.no_grpc:
                 procs, addrs = start_workers(len(doc.stages), model, args.threads)
                 try:
@@ -199,6 +200,7 @@ def main() -> None:
                     for p in procs:
                         p.kill()
                         p.wait()
+                save(args, rows, ttfts, load)
         long_plan = load_plan(solve(work, env, 4, args.long_prompt, 16, mem_scale=1.3))
         for emulate in (False, True):
             label = "emulated" if emulate else "real"
@@ -207,8 +209,17 @@ def main() -> None:
                     for chunk in (0, args.chunk):
                         ttfts.append(ttft(ex, args.long_prompt, chunk, decoders, label))
 
+    save(args, rows, ttfts, load)
+    print(f"wrote {args.out / 'pipeline.json'}, .csv, .png")
+
+
+def save(args: argparse.Namespace, rows: list[dict], ttfts: list[dict], load: float) -> None:
+    """Write what was measured so far (a long run that stops early still leaves its results)."""
+    if not rows:
+        return
     result = {"benchmark": "pipeline", "model": "gpt2 (124M, random weights)", "threads": args.threads,
-              "load_avg_at_start": round(load, 2), "cpus": os.cpu_count(), "rows": rows, "ttft": ttfts}  # fmt: skip
+              "load_avg_at_start": round(load, 2), "load_avg_at_end": round(os.getloadavg()[0], 2),
+              "cpus": os.cpu_count(), "nodes": NODES, "rows": rows, "ttft": ttfts}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "pipeline.json").write_text(json.dumps(result, indent=2) + "\n")
     with (args.out / "pipeline.csv").open("w", newline="") as f:
@@ -216,7 +227,6 @@ def main() -> None:
         w.writeheader()
         w.writerows(rows)
     plot(rows, args.out / "pipeline.png")
-    print(f"wrote {args.out / 'pipeline.json'}, .csv, .png")
 
 
 def plot(rows: list[dict], path: Path) -> None:
