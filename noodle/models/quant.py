@@ -24,72 +24,13 @@ quantizer); int4 half a byte per weight plus a bfloat16 scale and zero per group
 
 from __future__ import annotations
 
-import importlib.util
 import warnings
 from typing import Any
 
-from noodle.errors import ExecutorError, SpecError
+from noodle.formats import FORMATS, INT4_GROUP, check_format, device_kind, format_problem, linear_bytes
 
 __all__ = ["FORMATS", "INT4_GROUP", "device_kind", "format_problem", "check_format", "linear_bytes",
            "quantize_blocks", "apply_format"]
-
-FORMATS: tuple[str, ...] = ("float32", "bfloat16", "int8", "int4")
-INT4_GROUP = 128
-_RUNS_ON: dict[str, tuple[str, ...]] = {
-    "float32": ("cpu", "cuda"),
-    "bfloat16": ("cpu", "cuda"),
-    "int8": ("cpu", "cuda"),
-    "int4": ("cuda",),
-}
-_WHY_NOT = {
-    ("int4", "cpu"): "torchao 0.18 has no CPU int4 kernel (its fallback stores int4 unpacked and runs ~30x slower "
-                     "than float32); use int8 or bfloat16 on CPU",
-}
-
-
-def device_kind(device: str) -> str:
-    """``cuda`` for a device string that names a GPU (``cuda:0``, ``rtx-4090-gpu``), else ``cpu``."""
-    low = device.lower()
-    return "cuda" if any(w in low for w in ("cuda", "gpu")) else "cpu"
-
-
-def format_problem(fmt: str, device: str) -> str | None:
-    """Why ``fmt`` cannot run on ``device``, or None when it can."""
-    if fmt not in FORMATS:
-        return f"unknown format {fmt!r}; formats are {', '.join(FORMATS)}"
-    kind = device_kind(device)
-    if kind not in _RUNS_ON[fmt]:
-        why = _WHY_NOT.get((fmt, kind), f"{fmt} runs on {', '.join(_RUNS_ON[fmt])}")
-        return f"format {fmt} cannot run on {kind} device {device!r}: {why}"
-    if kind == "cuda" and fmt in ("int8", "int4") and importlib.util.find_spec("torchao") is None:
-        return f"format {fmt} on {device!r} needs torchao's CUDA kernels: pip install 'noodle[gpu-quant]'"
-    return None
-
-
-def check_format(fmt: str, device: str, where: str) -> None:
-    """Refuse ``fmt`` on ``device`` in one line.
-
-    Raises:
-        ExecutorError: the format is unknown or has no kernel on that device.
-    """
-    wrong = format_problem(fmt, device)
-    if wrong:
-        raise ExecutorError(f"{where}: {wrong}")
-
-
-def linear_bytes(out_features: int, in_features: int, fmt: str) -> int:
-    """Bytes of one Linear weight ``(out, in)`` stored in ``fmt`` (bias not included)."""
-    n = out_features * in_features
-    if fmt == "float32":
-        return 4 * n
-    if fmt == "bfloat16":
-        return 2 * n
-    if fmt == "int8":
-        return n + 16 * out_features
-    if fmt == "int4":
-        groups = -(-in_features // INT4_GROUP)
-        return (n + 1) // 2 + out_features * groups * 4
-    raise SpecError(f"unknown format {fmt!r}; formats are {', '.join(FORMATS)}")
 
 
 def quantize_blocks(blocks: list[Any], fmt: str, device: str = "cpu") -> None:
