@@ -1,0 +1,74 @@
+"""Stages in weight formats: the local executor loads each stage in its plan format; others refuse."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from noodle.errors import ExecutorError
+from noodle.executors import check_formats
+from noodle.executors.local import LocalExecutor
+from noodle.executors.messages import StageInput
+from noodle.executors.stage import Stage
+from noodle.plandoc import PlanDoc
+
+from .conformance import plan_for, reference
+
+
+def _with_formats(plan: PlanDoc, formats: list[str]) -> PlanDoc:
+    stages = [st.model_copy(update={"format": f}) for st, f in zip(plan.stages, formats)]
+    return plan.model_copy(update={"stages": stages})
+
+
+def _logits(model, fmt: str) -> torch.Tensor:
+    st = Stage(model, 0, 6, format=fmt)
+    return st.step(StageInput("s", torch.tensor([[1, 5, 9, 14, 3]]), None, prefill=True, all_logits=True)).data
+
+
+def test_formats_keep_logits_close_and_shrink_weights(tiny_models):
+    model = tiny_models["llama"]
+    ref = _logits(model, "float32")
+    for fmt, tol in (("bfloat16", 0.05), ("int8", 0.1)):
+        got = _logits(model, fmt)
+        assert got.dtype == torch.float32  # activations and logits leave a stage in float32
+        rel = float((got - ref).norm() / ref.norm())
+        assert 0 < rel < tol, fmt  # changed (really quantized), but close
+    # int8 blocks: their Linear weights are no longer float parameters
+    plain, q = Stage(model, 1, 5), Stage(model, 1, 5, format="int8")
+    assert q.param_bytes() < plain.param_bytes() / 2
+
+
+def test_local_runs_a_mixed_format_plan(tiny_models):
+    model = tiny_models["llama"]
+    prompts = [[1, 5, 9, 14], [2, 7, 11, 4]]
+    plan = _with_formats(plan_for(model, [0, 2, 4, 6]), ["int8", "bfloat16", "float32"])
+    with LocalExecutor(plan, model) as ex:
+        assert [s.format for s in ex.stages] == ["int8", "bfloat16", "float32"]
+        res = ex.generate(prompts, max_new_tokens=6)
+    want, _ = reference(model, prompts, 6)
+    assert [len(t) for t in res.tokens] == [len(t) for t in want]
+    same = sum(a == b for got, w in zip(res.tokens, want) for a, b in zip(got, w))
+    assert same >= 1  # quantized: not bit-identical, but the greedy path starts alike
+
+
+def test_int4_on_cpu_and_formats_on_remote_backends_are_refused_in_one_line(tiny_models):
+    model = tiny_models["llama"]
+    plan = _with_formats(plan_for(model, [0, 3, 6]), ["float32", "int4"])
+    with pytest.raises(ExecutorError, match=r"stages\.1\.format .*int4 cannot run on cpu.*no CPU int4 kernel") as e:
+        LocalExecutor(plan, model)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ExecutorError, match="int4 cannot run on cpu"):
+        Stage(model, 0, 3, format="int4")
+    int8 = _with_formats(plan_for(model, [0, 3, 6]), ["int8", "float32"])
+    check_formats(int8, "local")
+    for backend in ("grpc", "torchrpc"):
+        with pytest.raises(ExecutorError, match=rf"stages\.0\.format: int8 on node0: the {backend} executor loads"):
+            check_formats(int8, backend)
+
+
+def test_old_plans_without_format_load_as_float32(tiny_models):
+    plan = plan_for(tiny_models["llama"], [0, 6])
+    data = plan.as_dict()
+    for st in data["stages"]:
+        del st["format"]
+    assert PlanDoc.model_validate(data).stages[0].format == "float32"
