@@ -1,8 +1,9 @@
 """Weight formats a stage can load its slice in: float32, bfloat16, int8 and int4.
 
-A format applies to the decoder blocks' ``nn.Linear`` layers of a stage (attention and MLP
-projections: 80 % of SmolLM2-135M's weights); embeddings, norms and the LM head keep the
-checkpoint's float32, except under ``bfloat16``, which casts the whole slice. Activations
+A format applies to the ``nn.Linear`` layers of a stage: the decoder blocks' attention and MLP
+projections and the LM head (a tied head gets its own quantized copy; the input embedding keeps
+the float32 weight); embeddings and norms keep the checkpoint's float32, except under
+``bfloat16``, which casts the whole slice. Activations
 between stages stay float32 in every format, so stages in different formats chain freely.
 
 What runs where (measured on this project's CPU with torch 2.13 and torchao 0.18, see
@@ -30,7 +31,7 @@ from typing import Any
 from noodle.formats import FORMATS, INT4_GROUP, check_format, device_kind, format_problem, linear_bytes
 
 __all__ = ["FORMATS", "INT4_GROUP", "device_kind", "format_problem", "check_format", "linear_bytes",
-           "quantize_blocks", "apply_format"]
+           "quantize_blocks", "quantize_head", "apply_format"]
 
 
 def quantize_blocks(blocks: list[Any], fmt: str, device: str = "cpu") -> None:
@@ -55,6 +56,15 @@ def quantize_blocks(blocks: list[Any], fmt: str, device: str = "cpu") -> None:
             tq.quantize_(block, config)
 
 
+def quantize_head(head: Any, fmt: str, device: str = "cpu") -> Any:
+    """The LM head ``nn.Linear`` in ``fmt`` (int8 or int4): a new module (a tied weight stays with the embedding)."""
+    import torch
+
+    holder = torch.nn.ModuleList([head])
+    quantize_blocks([holder], fmt, device)
+    return holder[0]
+
+
 def apply_format(slice_: Any, fmt: str, device: str = "cpu", where: str = "stage") -> None:
     """Put a :class:`~noodle.executors.slicing.ModelSlice` in ``fmt`` in place (see the module docstring).
 
@@ -74,3 +84,5 @@ def apply_format(slice_: Any, fmt: str, device: str = "cpu", where: str = "stage
     blocks = [b for _, b in slice_.blocks]
     quantize_blocks(blocks, fmt, device)
     slice_.blocks = [(i, b) for (i, _), b in zip(slice_.blocks, blocks)]
+    if isinstance(slice_.head, torch.nn.Linear):
+        slice_.head = quantize_head(slice_.head, fmt, device)
