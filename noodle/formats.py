@@ -9,25 +9,29 @@ import importlib.util
 
 from noodle.errors import ExecutorError, SpecError
 
-__all__ = ["FORMATS", "INT4_GROUP", "device_kind", "format_problem", "check_format", "linear_bytes"]
+__all__ = ["FORMATS", "HEAD_FORMAT", "INT4_GROUP", "device_kind", "format_problem", "check_format", "linear_bytes"]
 
 FORMATS: tuple[str, ...] = ("float32", "bfloat16", "int8", "int4")
-INT4_GROUP = 128
+INT4_GROUP = 64
+HEAD_FORMAT = {"int4": "int8"}  # the LM head's format where it differs from the stage's (noodle.models.quant)
 _RUNS_ON: dict[str, tuple[str, ...]] = {
-    "float32": ("cpu", "cuda"),
-    "bfloat16": ("cpu", "cuda"),
+    "float32": ("cpu", "cuda", "mps"),
+    "bfloat16": ("cpu", "cuda", "mps"),
     "int8": ("cpu", "cuda"),
-    "int4": ("cuda",),
+    "int4": ("cpu", "cuda"),
 }
-_WHY_NOT = {
-    ("int4", "cpu"): "torchao 0.18 has no CPU int4 kernel (its fallback stores int4 unpacked and runs ~30x slower "
-                     "than float32); use int8 or bfloat16 on CPU",
+_WHY_NOT: dict[tuple[str, str], str] = {
+    ("int8", "mps"): "torch has no int8 weight-only kernel for mps; use bfloat16 or float32 there",
+    ("int4", "mps"): "torch has no int4 weight-only kernel for mps; use bfloat16 or float32 there",
 }
 
 
 def device_kind(device: str) -> str:
-    """``cuda`` for a device string that names a GPU (``cuda:0``, ``rtx-4090-gpu``), else ``cpu``."""
+    """``mps`` for an Apple GPU (``mps``), ``cuda`` for a device string that names another GPU (``cuda:0``,
+    ``rtx-4090-gpu``), else ``cpu``."""
     low = device.lower()
+    if "mps" in low:
+        return "mps"
     return "cuda" if any(w in low for w in ("cuda", "gpu")) else "cpu"
 
 
@@ -63,8 +67,9 @@ def linear_bytes(out_features: int, in_features: int, fmt: str) -> int:
     if fmt == "bfloat16":
         return 2 * n
     if fmt == "int8":
-        return n + 16 * out_features
+        return n + 2 * out_features  # bfloat16 scale per output channel
     if fmt == "int4":
-        groups = -(-in_features // INT4_GROUP)
-        return (n + 1) // 2 + out_features * groups * 4
+        if in_features % INT4_GROUP:
+            return 4 * n  # stays float32 (see noodle.models.quant)
+        return n // 2 + out_features * (in_features // INT4_GROUP) * 4  # bfloat16 scale and zero per group
     raise SpecError(f"unknown format {fmt!r}; formats are {', '.join(FORMATS)}")

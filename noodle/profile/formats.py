@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from noodle.formats import linear_bytes
+from noodle.formats import HEAD_FORMAT, linear_bytes
 
 __all__ = ["put_in_format", "format_param_bytes", "merge_format_units"]
 
@@ -62,7 +62,7 @@ def format_param_bytes(model: Any, float32_bytes: list[int], fmt: str) -> list[i
     head = model.get_submodule(layout.lm_head)
     if isinstance(head, torch.nn.Linear):
         o, n = head.weight.shape
-        out[-1] += linear_bytes(o, n, fmt) - linear_bytes(o, n, "float32")
+        out[-1] += linear_bytes(o, n, HEAD_FORMAT.get(fmt, fmt)) - linear_bytes(o, n, "float32")
     return out
 
 
