@@ -159,4 +159,5 @@ def resolve_formats(spec: Spec, problem: Problem, base: Path, source: str) -> Fo
         profiles = tuple((n.id, p) for i, n in enumerate(spec.cluster.nodes)
                          if (p := _node_profile(spec, problem, base, i, fmt, units)) is not None)
         options.append(FormatOption(fmt, units, profiles, notes.get(fmt, "")))
-    return Formats(tuple(options), tuple((nid, tuple(a)) for nid, a in allowed.items()))
+    excluded = tuple((f, notes[f]) for f in wanted if f not in ok)
+    return Formats(tuple(options), tuple((nid, tuple(a)) for nid, a in allowed.items()), excluded)

@@ -237,7 +237,7 @@ def _units(spec: Spec, base: Path, workload: Workload, source: str) -> tuple[Uni
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise SpecError(f"{source}: model.layers: duplicate unit names {', '.join(dup)}")
-        return tuple(Unit(**layer.model_dump()) for layer in m.layers)
+        return tuple(Unit(**layer.model_dump(exclude={"formats"})) for layer in m.layers)
     if m.profile is not None:
         from noodle.profile import load_units
 

@@ -252,6 +252,7 @@ class Formats:
 
     options: tuple[FormatOption, ...]
     allowed: tuple[tuple[str, tuple[str, ...]], ...]  # node id -> format names, every node listed
+    excluded: tuple[tuple[str, str], ...] = ()  # (format, why): asked for but over the accuracy budget
 
     def for_node(self, node_id: str) -> tuple[FormatOption, ...]:
         names = next((a for nid, a in self.allowed if nid == node_id), ())

@@ -146,6 +146,10 @@ def format_reason(problem: Problem, node: Node, start: int, end: int, fmt: str, 
     dropped = [o.name for o in problem.formats.options if o.name not in {n for n, _, _ in opts}]
     if others:
         parts.append("; ".join(others))
+    tail = []
     if dropped:
-        parts.append(f"not allowed here: {', '.join(dropped)}")
-    return ": ".join(parts[:2]) + ("; " + parts[2] if len(parts) > 2 else "")
+        tail.append(f"not allowed on {node.id} ({node.device}): {', '.join(dropped)}")
+    tail += [f"{name} over the accuracy budget ({why.removesuffix(': over the accuracy budget')})"
+             for name, why in problem.formats.excluded]
+    head = ": ".join(parts)
+    return "; ".join([head, *tail])
