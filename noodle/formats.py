@@ -9,7 +9,7 @@ import importlib.util
 
 from noodle.errors import ExecutorError, SpecError
 
-__all__ = ["FORMATS", "HEAD_FORMAT", "INT4_GROUP", "device_kind", "format_problem", "check_format", "linear_bytes"]
+__all__ = ["FORMATS", "HEAD_FORMAT", "INT4_GROUP", "kernel_fits", "device_kind", "format_problem", "check_format", "linear_bytes"]
 
 FORMATS: tuple[str, ...] = ("float32", "bfloat16", "int8", "int4")
 INT4_GROUP = 64
@@ -59,6 +59,19 @@ def check_format(fmt: str, device: str, where: str) -> None:
         raise ExecutorError(f"{where}: {wrong}")
 
 
+def kernel_fits(out_features: int, in_features: int, fmt: str) -> bool:
+    """Whether torch's CPU kernel takes a Linear of this shape in ``fmt`` (else the layer stays float32).
+
+    ``_weight_int8pack_mm`` crashes (segfault, torch 2.13) on an input width that is not a multiple of 16;
+    int4 packing needs whole groups along the input and output rows in multiples of 16.
+    """
+    if fmt == "int8":
+        return in_features % 16 == 0
+    if fmt == "int4":
+        return in_features % INT4_GROUP == 0 and out_features % 16 == 0
+    return True
+
+
 def linear_bytes(out_features: int, in_features: int, fmt: str) -> int:
     """Bytes of one Linear weight ``(out, in)`` stored in ``fmt`` (bias not included)."""
     n = out_features * in_features
@@ -66,10 +79,10 @@ def linear_bytes(out_features: int, in_features: int, fmt: str) -> int:
         return 4 * n
     if fmt == "bfloat16":
         return 2 * n
+    if fmt in ("int8", "int4") and not kernel_fits(out_features, in_features, fmt):
+        return 4 * n  # stays float32 (see noodle.models.quant)
     if fmt == "int8":
         return n + 2 * out_features  # bfloat16 scale per output channel
     if fmt == "int4":
-        if in_features % INT4_GROUP:
-            return 4 * n  # stays float32 (see noodle.models.quant)
         return n // 2 + out_features * (in_features // INT4_GROUP) * 4  # bfloat16 scale and zero per group
     raise SpecError(f"unknown format {fmt!r}; formats are {', '.join(FORMATS)}")

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from noodle.formats import FORMATS, HEAD_FORMAT, INT4_GROUP, check_format, device_kind, format_problem, linear_bytes
+from noodle.formats import FORMATS, HEAD_FORMAT, INT4_GROUP, check_format, kernel_fits, device_kind, format_problem, linear_bytes
 
 __all__ = ["FORMATS", "INT4_GROUP", "device_kind", "format_problem", "check_format", "linear_bytes",
            "WeightOnlyLinear", "quantize_blocks", "quantize_head", "apply_format"]
@@ -73,13 +73,13 @@ class WeightOnlyLinear(torch.nn.Module):
 
 
 def _quantizable(mod: torch.nn.Module, fmt: str) -> bool:
-    return isinstance(mod, torch.nn.Linear) and (fmt != "int4" or mod.in_features % INT4_GROUP == 0)
+    return isinstance(mod, torch.nn.Linear) and kernel_fits(mod.out_features, mod.in_features, fmt)
 
 
 def quantize_blocks(blocks: list[Any], fmt: str, device: str = "cpu") -> None:
     """Quantize the ``nn.Linear`` layers of each module in ``blocks`` in place to ``fmt`` (int8 or int4).
 
-    On CPU an int4 layer whose input width is not a multiple of the group size stays float32.
+    On CPU a layer whose shape torch's kernel cannot take (:func:`noodle.formats.kernel_fits`) stays float32.
     """
     if device_kind(device) == "cuda":
         import torchao.quantization as tq
