@@ -109,17 +109,17 @@ def choose_formats(problem: Problem, plan: Plan, cm: FormatCostModel | None = No
     memory and keeps its total (compute + out) at or under the bottleneck; for latency every extra
     millisecond counts, so the fastest format stays.
     """
-    from noodle.graph.costmodel import evaluate
-
     cm = cm or FormatCostModel()
-    ev = evaluate(problem, plan, cm)
+    nodes = [problem.cluster.node(st.node) for st in plan.stages]
+    outs = [cm.hop_ms(problem, a, b, st.end) for st, a, b in zip(plan.stages, nodes, nodes[1:])]
+    outs.append(cm.return_ms(problem, nodes[-1], nodes[0]) if len(nodes) > 1 else 0.0)
+    best = [cm.best(problem, nd, st.start, st.end) for st, nd in zip(plan.stages, nodes)]
+    bottleneck = max(b[1] + out for b, out in zip(best, outs))
     chosen = []
-    for st, sc in zip(plan.stages, ev.stages):
-        node = problem.cluster.node(st.node)
-        name = cm.best(problem, node, st.start, st.end)[0]
+    for st, node, (name, _, _), out in zip(plan.stages, nodes, best, outs):
         if problem.objective == "throughput":
             for fmt, ms, mem in cm.options(problem, node, st.start, st.end):
-                if mem <= node.memory_bytes and ms + sc.out_ms <= ev.bottleneck_ms:
+                if mem <= node.memory_bytes and ms + out <= bottleneck:
                     name = fmt  # options are most precise first
                     break
         chosen.append(name)
