@@ -10,20 +10,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from noodle.docfile import load_document, validation_message
 from noodle.errors import SpecError
-from noodle.graph.costmodel import (
-    CostModel,
-    Evaluation,
-    cost_model_for,
-    evaluate,
-    pipeline_tokens_per_s,
-)
+from noodle.graph.costmodel import CostModel, Evaluation, cost_model_for, evaluate, pipeline_tokens_per_s
+from noodle.graph.formats import FixedFormats, FormatCostModel, choose_formats, format_reason
 from noodle.solvers.base import SolveResult
 from noodle.types import GIB, Problem
 
@@ -75,6 +70,7 @@ class StageDoc(_Finite):
     memory_required_mb: float
     memory_available_mb: float
     rationale: str
+    format: Literal["float32", "bfloat16", "int8", "int4"] = Field("float32", description="weight format of the stage's slice (noodle.models.quant.FORMATS)")
 
 
 class NodeDoc(_Finite):
@@ -230,10 +226,17 @@ def build_plan_doc(problem: Problem, result: SolveResult, cost_model: CostModel 
     if result.plan is None:
         raise SpecError("no plan to write")
     cm = cost_model or cost_model_for(problem)
+    formats = ["float32"] * len(result.plan.stages)
+    if problem.formats is not None and isinstance(cm, FormatCostModel):
+        formats = choose_formats(problem, result.plan, cm)
+        cm = FixedFormats({(s.node, s.start, s.end): f for s, f in zip(result.plan.stages, formats)})
     ev = evaluate(problem, result.plan, cm)
     stages = []
     for k, (stage, sc) in enumerate(zip(result.plan.stages, ev.stages)):
         node = problem.cluster.node(stage.node)
+        why = _rationale(problem, ev, k, cm)
+        if isinstance(cm, FixedFormats):
+            why += "; " + format_reason(problem, node, stage.start, stage.end, formats[k], cm)
         stages.append(
             StageDoc(
                 stage_id=k,
@@ -247,7 +250,8 @@ def build_plan_doc(problem: Problem, result: SolveResult, cost_model: CostModel 
                 expected_latency_ms=sc.total_ms,
                 memory_required_mb=sc.memory_bytes / 2**20,
                 memory_available_mb=sc.memory_capacity_bytes / 2**20,
-                rationale=_rationale(problem, ev, k, cm),
+                rationale=why,
+                format=formats[k],
             )
         )
     plan_nodes = result.plan.nodes

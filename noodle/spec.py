@@ -9,6 +9,7 @@ The JSON Schema in ``specs/spec.schema.json`` is generated from these models
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -40,6 +41,21 @@ class _Strict(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
+FormatName = Literal["float32", "bfloat16", "int8", "int4"]
+
+
+class LayerFormatSpec(_Strict):
+    latency_ms: float = Field(ge=0, le=MAX_MS, description="one decode step in this format on the reference device")
+    param_bytes: int = Field(ge=0, le=MAX_BYTES, description="weight bytes in this format")
+
+
+class AccuracySpec(_Strict):
+    measured: str = Field(description="JSON with measured figures per format: {formats: {int8: {token_agreement, "
+                                      "perplexity_increase}}} (bench/results/quant.json)")
+    min_token_agreement: float | None = Field(None, ge=0, le=1, description="greedy-token agreement with float32")
+    max_perplexity_increase: float | None = Field(None, ge=0, le=MAX_SCORE, description="relative, 0.05 = +5 %")
+
+
 class LayerSpec(_Strict):
     name: str = Field(min_length=1)
     latency_ms: float = Field(ge=0, le=MAX_MS, description="one decode step on the reference device (compute_score 1.0)")
@@ -47,6 +63,7 @@ class LayerSpec(_Strict):
     activation_bytes: int = Field(ge=0, le=MAX_BYTES, description="bytes handed to the next unit per decode step")
     kv_bytes_per_token: int = Field(0, ge=0, le=MAX_BYTES)
     prefill_ms_per_token: float | None = Field(None, ge=0, le=MAX_MS)
+    formats: dict[FormatName, LayerFormatSpec] = Field(default_factory=dict, description="costs in other formats")
 
 
 class ReferenceSpec(_Strict):
@@ -115,6 +132,8 @@ class NodeSpec(_Strict):
     compute_score: float | None = Field(None, ge=MIN_SCORE, le=MAX_SCORE,
                                         description="speed relative to the reference device; needed without a profile")
     address: str | None = Field(None, description="host:port of this node's gRPC worker")
+    formats: list[FormatName] | None = Field(None, min_length=1, description="weight formats this node may run; "
+                                             "default: the spec's formats")
     profile: NodeProfileField | None = Field(
         None, description="this node's own measured unit costs: a `noodle profile` folder, its units.json or "
                           "metrics.jsonl, or inline {batch_size, units: [{name, latency_ms, ...}]}")
@@ -174,6 +193,9 @@ class Spec(_Strict):
     objective: Literal["throughput", "latency"] = "throughput"
     solver: SolverSpec = SolverSpec()
     constraints: ConstraintsSpec = ConstraintsSpec()
+    formats: list[FormatName] | None = Field(None, min_length=1, description="weight formats the planner may "
+                                             "choose per stage (default: the checkpoint's float32 only)")
+    accuracy: AccuracySpec | None = Field(None, description="accuracy budget a format must meet to be chosen")
 
     def to_problem(self, base_dir: str | Path = ".", *, source: str = "spec") -> Problem:
         """Resolve the model source and build the solver-facing Problem (checks cross-references)."""
@@ -186,7 +208,14 @@ class Spec(_Strict):
         cluster = _cluster(self, source, units, Path(base_dir))
         constraints = _constraints(self, units, cluster, source)
         graph = build_cost_graph(units, cluster, workload)
-        return problem_from_graph(graph, objective=self.objective, constraints=constraints, name=self.name)
+        problem = problem_from_graph(graph, objective=self.objective, constraints=constraints, name=self.name)
+        if self.formats is None and all(n.formats is None for n in self.cluster.nodes):
+            if self.accuracy is not None:
+                raise SpecError(f"{source}: accuracy: an accuracy budget needs formats to choose from; add formats")
+            return problem
+        from noodle.formatspec import resolve_formats
+
+        return replace(problem, formats=resolve_formats(self, problem, Path(base_dir), source))
 
 
 def _check_counts(spec: Spec, source: str) -> None:
@@ -208,7 +237,7 @@ def _units(spec: Spec, base: Path, workload: Workload, source: str) -> tuple[Uni
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise SpecError(f"{source}: model.layers: duplicate unit names {', '.join(dup)}")
-        return tuple(Unit(**layer.model_dump()) for layer in m.layers)
+        return tuple(Unit(**layer.model_dump(exclude={"formats"})) for layer in m.layers)
     if m.profile is not None:
         from noodle.profile import load_units
 

@@ -26,6 +26,8 @@ __all__ = [
     "Workload",
     "Pin",
     "Constraints",
+    "FormatOption",
+    "Formats",
     "Problem",
     "Stage",
     "Plan",
@@ -224,6 +226,43 @@ class Constraints:
 
 
 @dataclass(frozen=True)
+class FormatOption:
+    """One weight format the planner may give a stage (see :mod:`noodle.graph.formats`).
+
+    Attributes:
+        name: ``float32``, ``bfloat16``, ``int8`` or ``int4`` (:mod:`noodle.models.quant`).
+        units: the model's unit costs with weights in this format (reference device), in chain order.
+        profiles: ``(node id, that node's own profile in this format)``; a node not listed is priced
+            from ``units`` and its ``compute_score``.
+        note: what was measured about its accuracy (for the plan's rationale).
+    """
+
+    name: str
+    units: tuple[Unit, ...]
+    profiles: tuple[tuple[str, NodeProfile], ...] = ()
+    note: str = ""
+
+    def profile(self, node_id: str) -> NodeProfile | None:
+        return next((p for nid, p in self.profiles if nid == node_id), None)
+
+
+@dataclass(frozen=True)
+class Formats:
+    """The formats a plan may choose from, most precise first (ties go to the earlier), and which node runs which."""
+
+    options: tuple[FormatOption, ...]
+    allowed: tuple[tuple[str, tuple[str, ...]], ...]  # node id -> format names, every node listed
+    excluded: tuple[tuple[str, str], ...] = ()  # (format, why): asked for but over the accuracy budget
+
+    def for_node(self, node_id: str) -> tuple[FormatOption, ...]:
+        names = next((a for nid, a in self.allowed if nid == node_id), ())
+        return tuple(o for o in self.options if o.name in names)
+
+    def option(self, name: str) -> FormatOption:
+        return next(o for o in self.options if o.name == name)
+
+
+@dataclass(frozen=True)
 class Problem:
     """Everything a solver needs: a unit chain, a cluster, a workload, an objective."""
 
@@ -233,6 +272,7 @@ class Problem:
     objective: str = "throughput"
     constraints: Constraints = Constraints()
     name: str = "problem"
+    formats: Formats | None = None
 
     def __post_init__(self) -> None:
         from noodle.errors import SpecError

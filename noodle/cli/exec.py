@@ -212,7 +212,7 @@ def exec_cmd(
     require_exec("noodle exec")
     from noodle.cli.network import backend_options, render_network
     from noodle.cli.profile import quiet_transformers
-    from noodle.executors import EXECUTORS, Sampling, check_plan, check_workload
+    from noodle.executors import EXECUTORS, Sampling, check_formats, check_plan, check_workload
 
     quiet_transformers()  # stage loading goes through transformers' weight conversion and its progress bars
 
@@ -245,6 +245,7 @@ def exec_cmd(
     model = resolve_model(model)
     config = read_config(model)
     check_plan(doc, unit_names_of(model), where=str(plan))
+    check_formats(doc, backend, where=str(plan))
     weight_files(model)  # truncated or garbage safetensors, an index pointing outside the folder: one line
     tokenizer = _tokenizer(model)
     prompts = read_prompts(prompt, prompt_ids, batch, tokenizer, int(config.vocab_size), batch_ids, chat=chat)

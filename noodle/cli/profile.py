@@ -112,6 +112,8 @@ def profile_cmd(
     dashboard: bool = typer.Option(True, "--dashboard/--no-dashboard", help="write dashboard.html and summary.png"),
     name: str | None = typer.Option(None, "--name", help="model name in the outputs"),
     threads: int | None = typer.Option(None, "--threads", help="torch intra-op threads (default: torch's choice)"),
+    formats: str = typer.Option("float32", "--formats", help="weight formats to profile, comma-separated "
+                                "(float32,bfloat16,int8,int4); each other than float32 goes under formats/<name>"),
 ) -> None:
     """Profile a model unit by unit (prefill and decode) and write the profile the planner reads."""
     require_exec("noodle profile")
@@ -127,6 +129,7 @@ def profile_cmd(
                              ("--iterations", iterations, 10**6), ("--module-iterations", module_iterations, 10**6)):
         check_int(flag, value, ge=0, le=top)  # lower bounds: ProfileConfig above
     check_int("--seed", seed, ge=0, le=MAX_SEED)
+    fmts = _formats(formats, device)
     out = _output_folder(out)
     if threads is not None:
         if threads < 1:
@@ -148,6 +151,44 @@ def profile_cmd(
         if dashboard:
             engine.save_dashboard(f"noodle profile: {cfg.model_name}")
     _render(report, out, console)
+    if fmts:
+        _profile_formats(fmts, lm, model, config, preset, seed, cfg, out, console)
+
+
+def _formats(text: str, device: str) -> list[str]:
+    """The formats of ``--formats`` other than float32 (always profiled), checked against the device."""
+    from noodle.formats import FORMATS, format_problem
+
+    names = [f.strip() for f in text.split(",") if f.strip()]
+    for name in names:
+        wrong = format_problem(name, "cuda" if device in ("cuda", "auto") else "cpu")
+        if wrong:
+            raise SpecError(f"--formats: {name}: {wrong}")
+    return [f for f in FORMATS if f in names and f != "float32"]
+
+
+def _profile_formats(fmts: list[str], lm: Any, model: Path | None, config: Path | None, preset: str | None,
+                     seed: int, cfg: Any, out: Path, console: Console) -> None:
+    """Profile the model again in each format and add the figures to ``out``/units.json."""
+    import json
+
+    from noodle.profile import ObservabilityEngine
+    from noodle.profile.formats import format_param_bytes, merge_format_units, put_in_format
+
+    base = [u["param_bytes"] for u in json.loads((out / "units.json").read_text(encoding="utf-8"))["units"]]
+    for fmt in fmts:
+        folder = out / "formats" / fmt
+        again, _, _ = open_model(model, config, preset, seed)
+        put_in_format(again, fmt, "cuda" if cfg.device == "cuda" else "cpu")
+        engine = ObservabilityEngine(again, folder, replace(cfg, model_name=f"{cfg.model_name} ({fmt})",
+                                                            module_iterations=0))
+        with engine:
+            inputs = engine.make_inputs()
+            engine.warmup(inputs)
+            report = engine.profile(inputs)
+        merge_format_units(out, fmt, folder, format_param_bytes(lm, base, fmt))
+        decode = sum(u.latency_ms for u in report.units) if hasattr(report, "units") else None
+        console.print(f"format {fmt}: profiled into {folder}" + (f" ({decode:.2f} ms per decode step)" if decode else ""))
 
 
 def register(app: typer.Typer) -> None:

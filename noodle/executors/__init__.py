@@ -11,6 +11,7 @@ from noodle.executors.base import (
     RunReport,
     RunResult,
     StageReport,
+    check_formats,
     check_plan,
     check_workload,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "RunReport",
     "RunResult",
     "StageReport",
+    "check_formats",
     "check_plan",
     "check_workload",
     "Generation",

@@ -21,9 +21,11 @@ import numpy as np
 
 from noodle.errors import SpecError
 from noodle.executors.generation import Sampling
+from noodle.formats import check_format
 from noodle.plandoc import PlanDoc
 
 __all__ = [
+    "check_formats",
     "Executor",
     "ClosesOnExit",
     "ExecutorFactory",
@@ -202,6 +204,26 @@ class ExecutorFactory(Protocol):
     """What the registry hands out: ``factory(plan, model_dir, *, emulate=False) -> Executor``."""
 
     def __call__(self, plan: PlanDoc, model_dir: str | Path, *, emulate: bool = False) -> Executor: ...
+
+
+def check_formats(plan: PlanDoc, backend: str, *, where: str = "plan") -> None:
+    """Refuse, in one line, a stage format the backend or its device cannot run.
+
+    ``local`` runs every stage on this machine's CPU in its plan format; the other backends do not
+    pass a format to their workers yet and load float32 only.
+
+    Raises:
+        ExecutorError: naming the stage, its node and format, and what would run.
+    """
+    for i, st in enumerate(plan.stages):
+        if st.format == "float32":
+            continue
+        if backend != "local":
+            raise ExecutorError(
+                f"{where}: stages.{i}.format: {st.format} on {st.node}: the {backend} executor loads stages in float32 "
+                f"only (its workers are not told a format yet); run this plan with --backend local, or solve it "
+                f"again with formats: [float32]")
+        check_format(st.format, "cpu", f"{where}: stages.{i}.format ({st.node}, run on this CPU)")
 
 
 def check_plan(plan: PlanDoc, unit_names: list[str], *, where: str = "plan") -> None:

@@ -20,15 +20,7 @@ import numpy as np
 import torch
 
 from noodle.errors import ExecutorError
-from noodle.executors.base import (
-    ClosesOnExit,
-    RunReport,
-    RunResult,
-    StageReport,
-    check_plan,
-    check_workload,
-    percentile,
-)
+from noodle.executors.base import ClosesOnExit, RunReport, RunResult, StageReport, check_formats, check_plan, check_workload, percentile
 from noodle.executors.generation import Sampling, generate, new_session_id, token_ids_of
 from noodle.executors.kvbudget import kv_capacity_tokens, max_positions
 from noodle.executors.messages import StageInput, StageOutput
@@ -120,6 +112,7 @@ class LocalExecutor(ClosesOnExit):
         self.config = config
         weight_index(self.model_dir)  # no weights -> ModelError now, not mid-load
         check_plan(plan, unit_names_of(self.model_dir))
+        check_formats(plan, "local")
         self.eos_token_id, self.pad_token_id = token_ids_of(config)
         self._scores = {n.id: n.compute_score for n in plan.nodes}
         self._links = {frozenset((ln.a, ln.b)): Link(ln.bandwidth_gbps, ln.latency_ms) for ln in plan.links}
@@ -127,7 +120,7 @@ class LocalExecutor(ClosesOnExit):
     # -- lifecycle -----------------------------------------------------------------------------
     def __enter__(self) -> LocalExecutor:
         if not self.stages:
-            self.stages = [Stage(self.model_dir, s.start, s.end, name=s.node) for s in self.plan.stages]
+            self.stages = [Stage(self.model_dir, s.start, s.end, name=s.node, format=s.format) for s in self.plan.stages]
             self._warm_up()
             if self.emulate:
                 self._log(self._emulation_note())

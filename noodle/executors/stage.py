@@ -30,6 +30,7 @@ import torch
 from noodle.errors import ExecutorError, ModelError
 from noodle.executors.messages import StageInput, StageOutput
 from noodle.executors.slicing import ModelSlice, load_slice
+from noodle.models.quant import apply_format
 from noodle.models.glue import alibi_bias, block_call, embed_multiplier, logits_glue, positions_call, uses_alibi
 
 __all__ = ["Stage", "Session"]
@@ -64,13 +65,19 @@ class Stage:
         folder: a model folder (``config.json`` + safetensors).
         start, end: the half-open unit range (0 is ``embed``, the last is ``lm_head``).
         name: a label for reports and errors (the plan's node id).
+        format: the weight format of the slice (:mod:`noodle.models.quant`); activations in and out stay float32.
+        device: the device the slice runs on, for the format's kernels (``cpu`` or ``cuda``).
     """
 
-    def __init__(self, folder: str | Path, start: int, end: int, *, name: str = "") -> None:
+    def __init__(self, folder: str | Path, start: int, end: int, *, name: str = "", format: str = "float32",
+                 device: str = "cpu") -> None:
         self.folder = Path(folder)
-        self.slice: ModelSlice = load_slice(self.folder, start, end)
-        self.start, self.end = start, end
         self.name = name or f"stage[{start},{end})"
+        self.slice: ModelSlice = load_slice(self.folder, start, end)
+        apply_format(self.slice, format, device, where=self.name)
+        self.format = format
+        self._dtype = torch.bfloat16 if format == "bfloat16" else None
+        self.start, self.end = start, end
         cfg = self.slice.config
         self.config = cfg
         self.num_units = len(self.slice.layout.unit_names)
@@ -199,6 +206,8 @@ class Stage:
         self._grow_mask(state, msg.attention_mask, batch, tokens)
         positions = self._positions(state, batch, tokens)
         hidden = self._embed(msg.data, positions) if self.is_first else msg.data
+        if self._dtype is not None:
+            hidden = hidden.to(self._dtype)
 
         if self.slice.blocks:
             import transformers.masking_utils as mu
@@ -236,7 +245,8 @@ class Stage:
         state.seen += tokens
 
         if not self.is_last:
-            return StageOutput(msg.session, hidden, msg.attention_mask, is_logits=False)
+            return StageOutput(msg.session, hidden if self._dtype is None else hidden.float(), msg.attention_mask,
+                               is_logits=False)
         if not msg.all_logits:
             hidden = hidden[:, -1:, :]
         for mod in self.slice.final:
@@ -245,6 +255,8 @@ class Stage:
         if head is None:
             raise ModelError(f"{self.name}: the last stage has no LM head")
         logits = head(hidden)
+        if self._dtype is not None:
+            logits = logits.float()
         if self._logits is not None:
             logits = self._logits(logits)
         return StageOutput(msg.session, logits, msg.attention_mask, is_logits=True)

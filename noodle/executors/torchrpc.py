@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 
 from noodle.errors import ExecutorError, SpecError
-from noodle.executors.base import ClosesOnExit, RunResult, check_plan, check_workload
+from noodle.executors.base import ClosesOnExit, RunResult, check_formats, check_plan, check_workload
 from noodle.executors.devices import gpu_indices
 from noodle.executors.failover import RetryPolicy
 from noodle.executors.generation import Sampling, generate, token_ids_of
@@ -133,6 +133,7 @@ class TorchRpcExecutor(ClosesOnExit):
         self.config = config
         self.units = unit_names_of(self.model_dir)
         check_plan(plan, self.units)
+        check_formats(plan, "torchrpc")
         (self.eos_token_id, self.pad_token_id), self.vocab_size = token_ids_of(config), int(config.vocab_size)
         self.spawn = ("WORLD_SIZE" not in os.environ) if spawn is None else spawn
         self.policy, self.restarts, self.host, self.startup_timeout_s = policy or RetryPolicy(), restarts, host, startup_timeout_s

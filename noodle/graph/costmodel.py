@@ -93,9 +93,13 @@ class DefaultCostModel:
 def cost_model_for(problem: Problem) -> CostModel:
     """The model a problem is priced with when none is given.
 
-    :class:`~noodle.graph.pernode.PerNodeCostModel` when some usable node carries its own profile,
-    else :class:`DefaultCostModel` (the two agree on nodes without a profile).
+    :class:`~noodle.graph.formats.FormatCostModel` when the problem lets the planner choose weight formats,
+    :class:`~noodle.graph.pernode.PerNodeCostModel` when some usable node carries its own profile, else :class:`DefaultCostModel` (the two agree on nodes without a profile).
     """
+    if problem.formats is not None:
+        from noodle.graph.formats import FormatCostModel  # formats builds on pernode, as this module does
+
+        return FormatCostModel()
     if any(n.profile is not None for n in problem.usable_nodes()):
         return PerNodeCostModel()
     return DefaultCostModel()

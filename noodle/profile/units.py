@@ -27,7 +27,7 @@ from noodle.errors import SpecError
 from noodle.profile.logger import read_jsonl
 from noodle.types import Unit, unit_names
 
-__all__ = ["UNITS_FORMAT", "unit_document", "units_from_document", "load_units"]
+__all__ = ["UNITS_FORMAT", "unit_document", "units_from_document", "load_units", "format_units"]
 
 UNITS_FORMAT = "noodle.units/1"
 _META = ("model", "reference_device", "workload", "latency_stat")
@@ -164,7 +164,40 @@ def load_units(path: str | Path) -> tuple[tuple[Unit, ...], dict[str, Any]]:
     units = units_from_document(doc, p)
     meta = {key: doc.get(key) for key in _META}
     meta["source"] = str(p)
+    meta["formats"] = doc.get("formats")  # per-format figures of `noodle profile --formats`; absent in older profiles
     ref = meta.get("reference_device")
     if not isinstance(ref, dict):
         raise SpecError(f"{p}: reference_device: missing; the profile does not say what machine measured it")
     return units, meta
+
+
+def format_units(raw: Any, base: tuple[Unit, ...], source: str | Path = "units.json") -> dict[str, tuple[Unit, ...]]:
+    """Per-format units of a profile's ``formats`` section: ``{format: {"units": [{name, latency_ms, param_bytes,
+    prefill_ms_per_token?}]}}``; activation and KV bytes are the base units' (activations stay float32).
+
+    Raises:
+        SpecError: the section is malformed or its units do not follow the base chain.
+    """
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: formats: expected an object {{format: {{units: [...]}}}}, got {type(raw).__name__}")
+    out: dict[str, tuple[Unit, ...]] = {}
+    for fmt, body in raw.items():
+        rows = body.get("units") if isinstance(body, dict) else None
+        if not isinstance(rows, list) or len(rows) != len(base):
+            raise SpecError(f"{source}: formats.{fmt}.units: expected {len(base)} units in chain order")
+        units = []
+        for i, (row, u) in enumerate(zip(rows, base)):
+            where = f"{source}: formats.{fmt}.units[{i}]"
+            if not isinstance(row, dict) or row.get("name") != u.name:
+                raise SpecError(f"{where}.name: expected {u.name!r} (units in chain order)")
+            prefill = row.get("prefill_ms_per_token")
+            units.append(Unit(
+                name=u.name, latency_ms=float(_number(row.get("latency_ms"), f"{where}.latency_ms", False)),
+                param_bytes=int(_number(row.get("param_bytes"), f"{where}.param_bytes", True)),
+                activation_bytes=u.activation_bytes, kv_bytes_per_token=u.kv_bytes_per_token,
+                prefill_ms_per_token=None if prefill is None else float(_number(prefill, f"{where}.prefill_ms_per_token", False)),
+            ))
+        out[str(fmt)] = tuple(units)
+    return out

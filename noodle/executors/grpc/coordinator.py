@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from noodle.errors import ExecutorError, SpecError
-from noodle.executors.base import ClosesOnExit, RunResult, check_plan, check_workload
+from noodle.executors.base import ClosesOnExit, RunResult, check_formats, check_plan, check_workload
 from noodle.executors.failover import RetryPolicy, merge_stage, merge_target
 from noodle.executors.generation import Sampling, generate, token_ids_of
 from noodle.executors.grpc import stage_service_pb2 as pb
@@ -138,6 +138,7 @@ class GrpcExecutor(ClosesOnExit):
         config = read_config(self.model_dir)
         self.config = config
         check_plan(plan, unit_names_of(self.model_dir))
+        check_formats(plan, "grpc")
         self.eos_token_id, self.pad_token_id = token_ids_of(config)
         self.vocab_size = int(config.vocab_size)
         self.policy = policy or RetryPolicy()
