@@ -153,6 +153,7 @@ def main() -> None:
     parser.add_argument("--long-prompt", type=int, default=1000)
     parser.add_argument("--chunk", type=int, default=128)
     parser.add_argument("--no-grpc", action="store_true")
+    parser.add_argument("--only-ttft", action="store_true", help="keep the sweeps in --out/pipeline.json, redo TTFT")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
@@ -179,7 +180,9 @@ def main() -> None:
 
         narrow = init_model({"model_type": "gpt2", "n_layer": 12, "n_embd": 64, "n_head": 4, "n_positions": 1024,
                              "vocab_size": 50257}, work / "narrow", seed=0, tokenizer=False)  # fmt: skip
-        plans = {n: solve(work, env, n, args.prompt_tokens, args.new_tokens) for n in (3, 4)}
+        plans = {} if args.only_ttft else {n: solve(work, env, n, args.prompt_tokens, args.new_tokens) for n in (3, 4)}
+        if args.only_ttft:
+            rows = json.loads((args.out / "pipeline.json").read_text())["rows"]
         for n, path in plans.items():
             doc = load_plan(path)
             plan = json.loads(path.read_text())
@@ -235,18 +238,25 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    styles = {"emulated-narrow": ("^-", "tab:blue"), "emulated": ("o-", "tab:orange"), "grpc": ("s--", "tab:green")}
     for ax, n in zip(axes, (3, 4)):
-        for mode, style in (("emulated-narrow", "^-"), ("emulated", "o-"), ("grpc", "s--")):
+        for mode, (style, color) in styles.items():
             sel = [r for r in rows if r["stages"] == n and r["mode"] == mode]
-            if sel:
-                ax.plot([r["concurrency"] for r in sel], [r["tokens_per_s"] for r in sel], style, label=f"measured ({mode})")
+            if not sel:
+                continue
+            xs = [r["concurrency"] for r in sel]
+            steady = [r.get("steady_tokens_per_s") or r["tokens_per_s"] for r in sel]
+            label = "grpc workers (this machine's real speed)" if mode == "grpc" else f"{mode}, while full"
+            ax.plot(xs, steady, style, color=color, label=label)
+            ax.plot(xs, [r["tokens_per_s"] for r in sel], ":", color=color, alpha=0.5, lw=1)
         sel = [r for r in rows if r["stages"] == n and r["mode"] == "emulated"] or [r for r in rows if r["stages"] == n]
         if sel:
-            ax.plot([r["concurrency"] for r in sel], [r["plan_tokens_per_s"] for r in sel], ":", color="gray", label="plan")
+            ax.plot([r["concurrency"] for r in sel], [r["plan_tokens_per_s"] for r in sel], "--", color="gray", lw=1,
+                    label="plan b*min(G/L, 1/B)")  # fmt: skip
             ax.axhline(sel[0]["bound_tokens_per_s"], color="red", lw=0.8, label="plan bound 1/bottleneck")
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("sequences in flight")
+        ax.set_xlabel("sequences in flight (dotted: tokens/s over the whole run)")
         ax.set_ylabel("tokens/s")
         ax.set_title(f"GPT-2 small, {n}-stage heterogeneous plan")
         ax.legend(fontsize=7)

@@ -148,6 +148,33 @@ class _Step:
     group: int
     msg: StageInput
     final: bool  # its logits feed the sampler (the last prefill chunk, and every decode step)
+    decode: bool = False  # a decode step: the first lane takes it before queued prefill chunks
+
+
+class _Inbox:
+    """The first lane's queue: decode steps go before waiting prefill work, the rest in order.
+
+    A long prompt's chunks all wait here at once; a decode step of another group overtakes
+    them, so it is not stalled behind the whole prefill. Order within a group is kept (its
+    decode steps only exist after its prefill came back) and so is every later lane's order
+    (what leaves this lane enters the next one in the order it left).
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._urgent: deque[object] = deque()
+        self._rest: deque[object] = deque()
+
+    def put(self, item: object) -> None:
+        with self._cond:
+            (self._urgent if isinstance(item, _Step) and item.decode else self._rest).append(item)
+            self._cond.notify()
+
+    def get(self) -> object:
+        with self._cond:
+            while not self._urgent and not self._rest:
+                self._cond.wait()
+            return self._urgent.popleft() if self._urgent else self._rest.popleft()
 
 
 @dataclass

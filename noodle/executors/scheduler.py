@@ -26,6 +26,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -41,6 +42,7 @@ from noodle.executors.requests import (
     RequestHandle,
     _End,
     _Group,
+    _Inbox,
     _LaneMeter,
     _Request,
     _Step,
@@ -115,7 +117,7 @@ class Pipeline:
         self._kv_cap = min((c for c in caps if c is not None), default=None)
         planned = list(planned_ms) if planned_ms is not None else [None] * len(self.lanes)
         self._meters = [_LaneMeter(lane.name, p) for lane, p in zip(self.lanes, planned)]
-        self._queues: list[queue.Queue[_Step | _End | None]] = [queue.Queue() for _ in self.lanes]
+        self._queues: list[Any] = [_Inbox(), *(queue.Queue() for _ in self.lanes[1:])]
         self._events: queue.Queue[tuple] = queue.Queue()
         self._waiting: deque[_Request] = deque()
         self._groups: dict[int, _Group] = {}
@@ -363,7 +365,7 @@ class Pipeline:
             return
         step_mask = None if group.mask is None else torch.ones(len(group.requests), 1, dtype=torch.long)
         msg = StageInput(group.session, nxt.unsqueeze(-1), step_mask, prefill=False)
-        self._queues[0].put(_Step(gid, msg, final=True))
+        self._queues[0].put(_Step(gid, msg, final=True, decode=True))
 
     def _cancel(self, rid: str) -> None:
         with self._lock:

@@ -234,3 +234,33 @@ def test_steady_rate_counts_only_the_window_while_every_slot_is_busy():
     # in (0.2, 1.3]: tokens at 0.3..1.1 (9) + 0.3..1.2 (10) + 1.2, 1.3 (2) + 1.3 (1) = 22 over 1.1 s
     assert steady_tokens_per_s(comps, 2) == pytest.approx(22 / 1.1)
     assert steady_tokens_per_s(comps[:2], 2) is None
+
+
+class _PerToken:
+    """A lane that takes 2 ms per token it handles, so prefill chunks and decode steps have known costs."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.name = inner, inner.name
+
+    def run(self, msg):
+        time.sleep(0.002 * msg.new_tokens * msg.batch_size)
+        return self.inner.run(msg)
+
+    def end(self, session):
+        self.inner.end(session)
+
+
+def test_decode_steps_overtake_a_long_chunked_prefill(tiny_models):
+    model = tiny_models["llama"]
+    with LocalExecutor(plan_for(model, [0, 3, 6]), model) as ex:
+        pipe = ex.pipeline(concurrency=4, prefill_chunk=10)
+        pipe.lanes[:] = [_PerToken(lane) for lane in pipe.lanes]
+        with pipe:
+            started = threading.Event()
+            decoder = pipe.submit([5, 6, 7], max_new_tokens=60, on_token=lambda t: started.set())
+            assert started.wait(30)
+            long = pipe.submit(list(range(3, 203)), max_new_tokens=2)  # 20 chunks: ~0.4 s on each lane
+            gaps = decoder.result(timeout=60).itl_s
+            assert long.result(timeout=60).finish_reason == "length"
+    # behind the whole prefill a step would wait >= 0.4 s; overtaking, it waits for at most a chunk or two per lane
+    assert max(gaps) < 0.2, max(gaps)
