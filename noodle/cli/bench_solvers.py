@@ -73,6 +73,9 @@ def run_target_bench(seeds: int, time_limit: float, out: Path, progress: bool = 
         raise SpecError(f"--seeds: must be at least 1, got {seeds}")
     if time_limit <= 0:
         raise SpecError(f"--time-limit: must be > 0 seconds, got {time_limit:g}")
+    from noodle.cli.bench import use_bench
+
+    use_bench()
     from bench.solverbench import run_targets
 
     result = run_targets(seeds=seeds, time_limit_s=time_limit, progress=progress)

@@ -166,3 +166,16 @@ def test_planning_works_without_the_exec_extra(monkeypatch, capsys):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
     assert main(["solve", str(ROOT / "specs" / "inline-pins.yaml"), "-f", "json"]) == 0
+
+
+def test_every_cli_import_of_the_bench_package_is_preceded_by_use_bench():
+    """`noodle bench ...` imports `bench.*` from the source checkout: each import needs the path set first."""
+    import re
+    from pathlib import Path
+
+    for path in (Path(__file__).resolve().parents[2] / "noodle" / "cli").glob("*.py"):
+        lines = path.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if re.match(r"\s+from bench\.", line):
+                before = "\n".join(lines[max(0, i - 3) : i])
+                assert "use_bench()" in before, f"{path.name}:{i + 1}: import of bench without use_bench()"
