@@ -152,12 +152,12 @@ class _Step:
 
 
 class _Inbox:
-    """The first lane's queue: decode steps go before waiting prefill work, the rest in order.
+    """A lane's queue: decode steps go before waiting prefill work, the rest in order.
 
-    A long prompt's chunks all wait here at once; a decode step of another group overtakes
-    them, so it is not stalled behind the whole prefill. Order within a group is kept (its
-    decode steps only exist after its prefill came back) and so is every later lane's order
-    (what leaves this lane enters the next one in the order it left).
+    A long prompt's chunks wait in the lanes' queues; a decode step of another group overtakes
+    them, so it is not stalled behind the whole prefill. Order within a group is kept: its
+    decode steps only exist after its prefill came back, and its end marker only after its
+    last step.
     """
 
     def __init__(self) -> None:

@@ -182,6 +182,8 @@ class SendLane:
 class RecvLane:
     """Lane 1: receives the replies, in the order the steps went out."""
 
+    ordered = True  # the pipeline must hand it steps in the order lane 0 sent them
+
     def __init__(self, driver: RingDriver, name: str) -> None:
         self.driver, self.name = driver, name
 

@@ -117,7 +117,9 @@ class Pipeline:
         self._kv_cap = min((c for c in caps if c is not None), default=None)
         planned = list(planned_ms) if planned_ms is not None else [None] * len(self.lanes)
         self._meters = [_LaneMeter(lane.name, p) for lane, p in zip(self.lanes, planned)]
-        self._queues: list[Any] = [_Inbox(), *(queue.Queue() for _ in self.lanes[1:])]
+        # Decode steps overtake queued prefill chunks at every lane, but a lane whose inputs must be
+        # taken in arrival order (the torchrpc ring's receiving lane) says so with ``ordered = True``.
+        self._queues: list[Any] = [queue.Queue() if getattr(lane, "ordered", False) else _Inbox() for lane in self.lanes]
         self._events: queue.Queue[tuple] = queue.Queue()
         self._waiting: deque[_Request] = deque()
         self._groups: dict[int, _Group] = {}
@@ -276,7 +278,7 @@ class Pipeline:
                 self._events.put(("result", (item.group, out, item.final)))
             else:
                 nxt = out.next_input(prefill=item.msg.prefill, all_logits=item.msg.all_logits)
-                self._queues[k + 1].put(_Step(item.group, nxt, item.final))
+                self._queues[k + 1].put(_Step(item.group, nxt, item.final, item.decode))
 
     # -- scheduler thread ------------------------------------------------------------------------
     def _schedule_loop(self) -> None:
