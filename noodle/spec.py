@@ -259,6 +259,8 @@ def _units(spec: Spec, base: Path, workload: Workload, source: str) -> tuple[Uni
 def _node_profile(n: NodeSpec, i: int, units: tuple[Unit, ...], base: Path, source: str) -> NodeProfile:
     """The node's own profile, read and checked against the model's unit chain."""
     where = f"{source}: cluster.nodes[{i}].profile"
+    if n.profile is None:
+        raise SpecError(f"{where}: missing; give a profile folder, units.json or inline units")
     if isinstance(n.profile, str):
         from noodle.profile import load_units
 
@@ -276,7 +278,6 @@ def _node_profile(n: NodeSpec, i: int, units: tuple[Unit, ...], base: Path, sour
             source=str(meta.get("source", n.profile)),
         )
     else:
-        assert n.profile is not None
         rows = n.profile.units
         model_names = [u.name for u in units]
         prof = NodeProfile(unit_names=tuple(r.name for r in rows), latency_ms=tuple(r.latency_ms for r in rows),
@@ -312,7 +313,8 @@ def _node(n: NodeSpec, i: int, units: tuple[Unit, ...], base: Path, source: str,
     prof = _node_profile(n, i, units, base, source) if n.profile is not None else None
     score = n.compute_score
     if score is None:
-        assert prof is not None  # NodeSpec requires one of them
+        if prof is None:  # NodeSpec's validator requires one of them
+            raise SpecError(f"{source}: cluster.nodes[{i}]: give compute_score or profile")
         mine, ref = sum(prof.decode_latency_ms(batch_size)), sum(u.latency_ms for u in units)
         score = min(max(ref / mine, MIN_SCORE), MAX_SCORE) if mine > 0 and ref > 0 else 1.0
     return Node(id=n.id, device=n.device, memory_gb=n.memory_gb, compute_score=score, address=n.address, profile=prof)

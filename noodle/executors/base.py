@@ -11,7 +11,7 @@ produces on the same plan. Use one as a context manager::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
@@ -148,9 +148,10 @@ class RunResult:
     logits: tuple[Any, ...] = ()
 
 
-def percentile(values: Sequence[float], q: float) -> float:
+def percentile(values: Iterable[float], q: float) -> float:
     """The ``q``-th percentile (0..100, linear interpolation as numpy's default); 0.0 for no values."""
-    return float(np.percentile(values, q)) if len(values) else 0.0
+    values = list(values)
+    return float(np.percentile(values, q)) if values else 0.0
 
 
 def error_pct(measured: float, predicted: float | None) -> float | None:

@@ -27,9 +27,6 @@ from noodle.plandoc import PlanDoc
 __all__ = ["HopReport", "RttReport", "FailoverEvent", "NetworkRunReport", "StepTrace", "TraceBook"]
 
 
-def _p50(values: Sequence[float]) -> float:
-    return percentile(list(values), 50)
-
 
 @dataclass(frozen=True)
 class HopReport:
@@ -179,8 +176,8 @@ class TraceBook:
                     relayed=self.relayed and 0 < k < n,
                     bytes_per_decode=int(per_dec[-1]) if per_dec else 0,
                     bytes_total=int(sum(col(steps, "bytes", k))),
-                    serialize_ms_p50=_p50(col(decode, "serialize_ms", k)),
-                    transit_ms_p50=_p50(col(decode, "transit_ms", k)),
+                    serialize_ms_p50=percentile(col(decode, "serialize_ms", k), 50),
+                    transit_ms_p50=percentile(col(decode, "transit_ms", k), 50),
                     predicted_hop_ms=predicted,
                 )
             )
@@ -199,8 +196,8 @@ class TraceBook:
                     param_bytes=params,
                     kv_cache_bytes=kv,
                     prefill_ms=prefill.compute_ms[i] if prefill is not None and i < len(prefill.compute_ms) else 0.0,
-                    decode_ms_p50=_p50(dec),
-                    decode_ms_p95=_percentile(dec, 95),
+                    decode_ms_p50=percentile(dec, 50),
+                    decode_ms_p95=percentile(dec, 95),
                     hop_ms_p50=hop_after,
                     bytes_out=hops[i + 1].bytes_total,
                     bytes_out_per_decode=hops[i + 1].bytes_per_decode,
@@ -214,15 +211,15 @@ class TraceBook:
                 peers.setdefault(peer, []).append(v)
         extra = rtt_extra or {}
         rtts = tuple(
-            RttReport(peer=p, rtt_ms_p50=_p50(v), ping_ms=extra.get(p, (None, 0.0))[0], clock_offset_ms=extra.get(p, (None, 0.0))[1])
+            RttReport(peer=p, rtt_ms_p50=percentile(v, 50), ping_ms=extra.get(p, (None, 0.0))[0], clock_offset_ms=extra.get(p, (None, 0.0))[1])
             for p, v in peers.items()
         )
         step_ms = [s.step_ms for s in decode]
         net = [s.step_ms - sum(s.compute_ms) for s in decode]
         batch = len(prompts)
         decode_s = sum(step_ms) / 1e3
-        dec_p50 = _p50(step_ms)
-        net_p50 = _p50(net)
+        dec_p50 = percentile(step_ms, 50)
+        net_p50 = percentile(net, 50)
         return NetworkRunReport(
             backend=backend,
             emulated=emulated,
@@ -232,7 +229,7 @@ class TraceBook:
             wall_s=wall_s,
             prefill_ms=prefill.step_ms if prefill is not None else 0.0,
             decode_ms_p50=dec_p50,
-            decode_ms_p95=_percentile(step_ms, 95),
+            decode_ms_p95=percentile(step_ms, 95),
             tokens_per_s=batch * n_steps / wall_s if wall_s > 0 else 0.0,
             decode_tokens_per_s=batch * len(step_ms) / decode_s if decode_s > 0 else 0.0,
             stages=tuple(stage_reports),
@@ -245,6 +242,3 @@ class TraceBook:
             data_path=data_path,
         )
 
-
-def _percentile(values: Sequence[float], q: float) -> float:
-    return percentile(list(values), q)

@@ -31,10 +31,18 @@ from __future__ import annotations
 from dataclasses import replace
 
 from noodle.graph.pernode import PerNodeCostModel
-from noodle.types import GIB, FormatOption, Node, Plan, Problem
+from noodle.errors import SpecError
+from noodle.types import GIB, FormatOption, Formats, Node, Plan, Problem
 
 __all__ = ["FormatCostModel", "FixedFormats", "choose_formats", "format_reason"]
 
+
+
+def _formats(problem: Problem) -> Formats:
+    """The problem's weight formats; a problem without them is priced by the other cost models."""
+    if problem.formats is None:
+        raise SpecError(f"{problem.name}: formats: none allowed; the format cost model needs the spec's `formats`")
+    return problem.formats
 
 class FormatCostModel:
     """Prices a segment in its best allowed format (see the module docstring)."""
@@ -58,9 +66,8 @@ class FormatCostModel:
 
     def options(self, problem: Problem, node: Node, start: int, end: int) -> list[tuple[str, float, int]]:
         """``(format, compute ms, memory bytes)`` of units ``[start, end)`` on ``node`` in each allowed format."""
-        assert problem.formats is not None
         out = []
-        for fmt in problem.formats.for_node(node.id):
+        for fmt in _formats(problem).for_node(node.id):
             var, cm = self._variant(problem, fmt)
             vnode = var.cluster.node(node.id)
             out.append((fmt.name, cm.stage_compute_ms(var, vnode, start, end),
@@ -128,10 +135,10 @@ def choose_formats(problem: Problem, plan: Plan, cm: FormatCostModel | None = No
 
 def format_reason(problem: Problem, node: Node, start: int, end: int, fmt: str, cm: FormatCostModel) -> str:
     """Words for why ``fmt`` holds units ``[start, end)`` on ``node``, against the other allowed formats."""
-    assert problem.formats is not None
+    formats = _formats(problem)
     opts = cm.options(problem, node, start, end)
     mine = next(o for o in opts if o[0] == fmt)
-    note = problem.formats.option(fmt).note
+    note = formats.option(fmt).note
     parts = [f"format {fmt}" + (f" ({note})" if note else "")]
     others = []
     for name, ms, mem in opts:
@@ -143,13 +150,13 @@ def format_reason(problem: Problem, node: Node, start: int, end: int, fmt: str, 
             others.append(f"{name} {ms:.3f} ms vs {mine[1]:.3f} ms")
         else:
             others.append(f"{name} {ms:.3f} ms is faster but not needed (not the bottleneck) or less precise")
-    dropped = [o.name for o in problem.formats.options if o.name not in {n for n, _, _ in opts}]
+    dropped = [o.name for o in formats.options if o.name not in {n for n, _, _ in opts}]
     if others:
         parts.append("; ".join(others))
     tail = []
     if dropped:
         tail.append(f"not allowed on {node.id} ({node.device}): {', '.join(dropped)}")
     tail += [f"{name} over the accuracy budget ({why.removesuffix(': over the accuracy budget')})"
-             for name, why in problem.formats.excluded]
+             for name, why in formats.excluded]
     head = ": ".join(parts)
     return "; ".join([head, *tail])

@@ -14,6 +14,7 @@ and every step's last-position logits allclose to ``generate``'s raw logits.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -25,7 +26,7 @@ from noodle.executors.generation import token_ids_of
 from noodle.executors.slicing import read_config, unit_names_of
 from noodle.plandoc import LinkDoc, NodeDoc, PlanDoc, Predicted, SolverInfo, StageDoc
 
-__all__ = ["CUTS", "PROMPT_SETS", "FAMILIES", "make_plan", "plan_for", "reference", "check_executor"]
+__all__ = ["CUTS", "PROMPT_SETS", "FAMILIES", "make_plan", "plan_for", "reference", "check_executor", "random_requests", "alone"]
 
 # Unit boundaries for a 4-block model (units: embed, block.0..3, lm_head = 6 units).
 CUTS: dict[str, list[int]] = {
@@ -141,3 +142,19 @@ def check_executor(
     for step, (got, want) in enumerate(zip(result.logits, want_logits)):
         torch.testing.assert_close(got, want, atol=atol, rtol=1e-5, msg=lambda m: f"step {step}: {m}")
     assert len(result.report.stages) == len(plan.stages)
+
+
+def random_requests(n: int, seed: int, *, prompt: tuple[int, int] = (1, 20), new: tuple[int, int] = (2, 10)) -> list[tuple[list[int], int]]:
+    """``n`` seeded ``(prompt ids, max_new_tokens)`` pairs; lengths drawn from the half-open ``prompt`` and ``new`` ranges."""
+    rng = random.Random(seed)
+    return [([rng.randrange(3, 500) for _ in range(rng.randrange(*prompt))], rng.randrange(*new)) for _ in range(n)]
+
+
+def alone(model_dir: str | Path, prompt: Sequence[int], new: int) -> list[int]:
+    """``generate()``'s greedy tokens for ``prompt`` alone, cut after the first EOS (as the pipeline returns them)."""
+    want = reference(model_dir, [prompt], new)[0][0]
+    eos = token_ids_of(read_config(model_dir))[0]
+    stops = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    cut = next((i for i, t in enumerate(want) if t in stops), None)
+    return want if cut is None else want[: cut + 1]
+

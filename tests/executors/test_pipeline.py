@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import threading
 import time
 
@@ -13,33 +12,25 @@ from noodle.executors import Sampling
 from noodle.executors.local import LocalExecutor
 from noodle.executors.scheduler import Pipeline, QueueFull, predicted_tokens_per_s
 
-from .conformance import plan_for, reference
+from .conformance import alone, plan_for, random_requests, reference
 
 EOS = 2
 
 
-def _workload(n: int, seed: int = 0) -> list[tuple[list[int], int]]:
-    rng = random.Random(seed)
-    return [([rng.randrange(3, 500) for _ in range(rng.randrange(1, 24))], rng.randrange(1, 12)) for _ in range(n)]
-
-
-def _alone(model, prompt: list[int], new: int) -> list[int]:
-    want = reference(model, [prompt], new)[0][0]
-    return want[: want.index(EOS) + 1] if EOS in want else want
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "mistral"])
 @pytest.mark.parametrize("cuts,concurrency,chunk", [([0, 2, 4, 6], 4, 0), ([0, 1, 3, 5, 6], 16, 5), ([0, 6], 3, 2)])
 def test_sixteen_concurrent_sequences_equal_generate_alone(tiny_models, family, cuts, concurrency, chunk):
     model = tiny_models[family]
-    work = _workload(16, seed=len(cuts) + concurrency)
+    work = random_requests(16, seed=len(cuts) + concurrency, prompt=(1, 24), new=(1, 12))
     with LocalExecutor(plan_for(model, cuts), model) as ex:
         with ex.pipeline(concurrency=concurrency, prefill_chunk=chunk) as pipe:
             handles = [pipe.submit(p, max_new_tokens=n) for p, n in work]
             done = [h.result(timeout=60) for h in handles]
         assert all(st.sessions() == [] for st in ex.stages), "every group's KV cache is freed"
     for (prompt, new), comp in zip(work, done):
-        assert comp.tokens == _alone(model, prompt, new), f"prompt of {len(prompt)} tokens"
+        assert comp.tokens == alone(model, prompt, new), f"prompt of {len(prompt)} tokens"
         assert comp.finish_reason == ("stop" if comp.tokens[-1] == EOS else "length")
         assert comp.prompt_tokens == len(prompt) and comp.ttft_s is not None
         assert len(comp.itl_s) == len(comp.tokens) - 1

@@ -2,40 +2,30 @@
 
 from __future__ import annotations
 
-import random
 import threading
 
 from noodle.executors.failover import RetryPolicy
 from noodle.executors.torchrpc import TorchRpcExecutor
 
-from .conformance import plan_for, reference
+from .conformance import alone, plan_for, random_requests
 from .procs import spawner  # noqa: F401 - spawner is a fixture
 
 POLICY = RetryPolicy(step_timeout_s=20.0, health_timeout_s=1.0)
-EOS = 2
 
 
-def _work(n: int, seed: int) -> list[tuple[list[int], int]]:
-    rng = random.Random(seed)
-    return [([rng.randrange(3, 500) for _ in range(rng.randrange(1, 20))], rng.randrange(2, 10)) for _ in range(n)]
-
-
-def _alone(model, prompt, new):
-    want = reference(model, [prompt], new)[0][0]
-    return want[: want.index(EOS) + 1] if EOS in want else want
 
 
 def test_sixteen_in_flight_round_the_ring_then_a_killed_rank_is_respawned(tiny_models, spawner):
     model = tiny_models["llama"]
     ex = TorchRpcExecutor(plan_for(model, [0, 2, 4, 6]), model, threads=1, policy=POLICY, restarts=1, log=lambda _: None)
     with ex:
-        work = _work(16, seed=21)
+        work = random_requests(16, seed=21)
         with ex.pipeline(concurrency=6, prefill_chunk=5) as pipe:
             comps = [h.result(timeout=120) for h in [pipe.submit(p, max_new_tokens=n) for p, n in work]]
         for (p, n), c in zip(work, comps):
-            assert c.tokens == _alone(model, p, n)
+            assert c.tokens == alone(model, p, n)
 
-        work = _work(8, seed=22)
+        work = random_requests(8, seed=22)
         victim = ex._procs[1]
         count, lock = [0], threading.Lock()
 
@@ -50,7 +40,7 @@ def test_sixteen_in_flight_round_the_ring_then_a_killed_rank_is_respawned(tiny_m
         events = list(ex.failovers)
     assert [c.finish_reason for c in comps].count("error") == 0, [c.error for c in comps]
     for (p, n), c in zip(work, comps):
-        assert c.tokens == _alone(model, p, n)
+        assert c.tokens == alone(model, p, n)
     (ev,) = events
     assert ev.action == "restarted" and ev.replayed_steps >= 1
 
@@ -65,13 +55,13 @@ def test_cli_concurrency_on_the_ring_reports_every_planned_stage(tiny_models, sp
     plan = tmp_path / "plan.json"
     plan.write_text(dump_plan(plan_for(model, [0, 2, 4, 6])))
     ids = tmp_path / "ids.txt"
-    ids.write_text("\n".join(",".join(map(str, p)) for p, _ in _work(5, seed=3)) + "\n")
+    ids.write_text("\n".join(",".join(map(str, p)) for p, _ in random_requests(5, seed=3)) + "\n")
     rc = main(["exec", str(plan), "--model", str(model), "--backend", "torchrpc", "--batch-ids", str(ids), "-n", "4",
                "--concurrency", "3", "--threads", "1", "--format", "json"])  # fmt: skip
     assert rc == 0
     data = json.loads(capsys.readouterr().out)
-    for (p, _), got in zip(_work(5, seed=3), data["tokens"]):
-        assert got == _alone(model, p, 4)
+    for (p, _), got in zip(random_requests(5, seed=3), data["tokens"]):
+        assert got == alone(model, p, 4)
     rep = data["report"]
     assert rep["backend"] == "torchrpc" and [s["node"] for s in rep["stages"]] == ["node0", "node1", "node2"]
     assert rep["tokens_per_s"] > 0 and rep["peak_in_flight"] >= 1
