@@ -131,21 +131,23 @@ class LocalExecutor(ClosesOnExit):
 
     def _warm_up(self) -> None:
         # The first call through a module pays one-off costs (allocator, kernel selection);
-        # keep them out of the first prefill's measured time.
-        # Also time one decode step per stage: emulation scales prefills by prefill/decode time here.
+        # keep them out of the first prefill's measured time. Emulating, also time a decode step
+        # per stage: emulation scales prefills by their measured prefill/decode ratio.
         x = StageInput("warm-up", torch.tensor([[self.pad_token_id]]), None, prefill=True)
         d = StageInput("warm-up", torch.tensor([[self.pad_token_id]]), None, prefill=False)
         self._decode_ref = []
         for stage in self.stages:
             y = stage.step(x)
-            best = float("inf")
-            for _ in range(3):
-                t0 = time.perf_counter()
-                e = stage.step(d)
-                best = min(best, time.perf_counter() - t0)
-            self._decode_ref.append(best)
+            if self.emulate:
+                best = float("inf")
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    e = stage.step(d)
+                    best = min(best, time.perf_counter() - t0)
+                self._decode_ref.append(best)
+                d = e.next_input(prefill=False)
             stage.end_session("warm-up")
-            x, d = y.next_input(prefill=True), e.next_input(prefill=False)
+            x = y.next_input(prefill=True)
 
     # -- emulation -----------------------------------------------------------------------------
     def _emulation_note(self) -> str:
@@ -169,10 +171,11 @@ class LocalExecutor(ClosesOnExit):
 
     def _lanes(self) -> list[LocalLane]:
         n = len(self.stages)
+        refs: list[float | None] = list(self._decode_ref) or [None] * n  # timed only when emulating
         return [
             LocalLane(stage, doc, score=self._scores.get(doc.node, 1.0), hop_ms=lambda b, i=i: self._hop_ms(i, b),
                       emulate=self.emulate, last=i == n - 1, decode_ref_s=ref)  # fmt: skip
-            for i, (stage, doc, ref) in enumerate(zip(self.stages, self.plan.stages, self._decode_ref))
+            for i, (stage, doc, ref) in enumerate(zip(self.stages, self.plan.stages, refs))
         ]
 
     # -- pipelined --------------------------------------------------------------------------------
