@@ -205,6 +205,10 @@ sys.exit(main(sys.argv[1:]))
 @pytest.mark.slow
 def test_sigint_during_exec_exits_130(gpt2, tmp_path):
     model, _ = gpt2
+    for name in ("config.json", "generation_config.json"):  # no end-of-sequence token: all 60 steps run (~24 s)
+        cfg = json.loads((model / name).read_text())
+        cfg["eos_token_id"] = None
+        (model / name).write_text(json.dumps(cfg))
     plan = tmp_path / "slow.json"  # emulated: every stage sleeps 200 ms a step, so the run is still going
     plan.write_text(dump_plan(plan_for(model, [0, 3, 6], compute_ms=200.0, prompt_tokens=8, max_new_tokens=64)))
     proc = subprocess.Popen(
@@ -214,7 +218,9 @@ def test_sigint_during_exec_exits_130(gpt2, tmp_path):
     )  # fmt: skip
     assert proc.stderr is not None
     assert proc.stderr.readline().strip() == "READY"
-    time.sleep(4.0)
+    assert proc.stderr.readline().startswith("emulating")  # printed once the stages are loaded
+    time.sleep(2.0)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
