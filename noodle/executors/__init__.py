@@ -16,7 +16,7 @@ from noodle.executors.base import (
     check_workload,
 )
 from noodle.executors.generation import Generation, Sampling, generate, left_pad
-from noodle.executors.messages import StageInput, StageOutput, decode, encode
+from noodle.executors.messages import StageInput, StageOutput
 from noodle.executors.stage import Stage
 from noodle.registry import Registry
 
@@ -61,7 +61,5 @@ __all__ = [
     "left_pad",
     "StageInput",
     "StageOutput",
-    "encode",
-    "decode",
     "Stage",
 ]

@@ -1,10 +1,10 @@
 """What one stage hands to the next: plain tensors plus a little metadata.
 
 A :class:`StageInput` goes into :meth:`Stage.step`; a :class:`StageOutput` comes
-out. Both are frozen and hold only ``torch.Tensor`` s, strings, ints and bools,
-so any transport can carry them: :func:`encode` / :func:`decode` turn one into
-safetensors bytes and back (what the gRPC executor sends), in-process executors
-pass the objects as they are.
+out. Both are frozen and hold only ``torch.Tensor`` s, strings, ints and bools:
+in-process executors pass the objects as they are, the gRPC executor and the ring
+move their tensors with :mod:`noodle.executors.codec` and the rest as typed fields
+of their own messages.
 
 Everything else a stage needs (position ids, the 4-D attention mask, rotary
 embeddings) is recomputed inside the stage from the session's 2-D padding mask,
@@ -13,14 +13,11 @@ which grows by the ``attention_mask`` columns each step brings.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import torch
 
-from noodle.errors import SpecError
-
-__all__ = ["StageInput", "StageOutput", "encode", "decode", "payload_bytes"]
+__all__ = ["StageInput", "StageOutput", "payload_bytes"]
 
 
 @dataclass(frozen=True)
@@ -85,43 +82,3 @@ def payload_bytes(*tensors: torch.Tensor | None) -> int:
     """Total bytes of the given tensors (``None`` counts as zero)."""
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
-
-def encode(msg: StageInput | StageOutput) -> bytes:
-    """Serialise a message to safetensors bytes (tensors + JSON metadata)."""
-    from safetensors.torch import save
-
-    tensors = {"data": msg.data.contiguous()}
-    if msg.attention_mask is not None:
-        tensors["attention_mask"] = msg.attention_mask.contiguous()
-    if isinstance(msg, StageInput):
-        meta = {"kind": "input", "session": msg.session, "prefill": msg.prefill, "all_logits": msg.all_logits}
-    else:
-        meta = {"kind": "output", "session": msg.session, "is_logits": msg.is_logits}
-    return save(tensors, metadata={"noodle": json.dumps(meta)})
-
-
-def decode(blob: bytes) -> StageInput | StageOutput:
-    """Inverse of :func:`encode`; malformed bytes raise :class:`SpecError`."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
-    try:
-        tensors = load(blob)
-        meta = json.loads(_metadata(blob)["noodle"])
-        mask = tensors.get("attention_mask")
-        if meta["kind"] == "input":
-            return StageInput(meta["session"], tensors["data"], mask, bool(meta["prefill"]), bool(meta["all_logits"]))
-        if meta["kind"] == "output":
-            return StageOutput(meta["session"], tensors["data"], mask, bool(meta["is_logits"]))
-    except (SafetensorError, KeyError, ValueError, TypeError, RuntimeError) as exc:
-        raise SpecError(f"stage message: malformed payload ({exc})") from None
-    raise SpecError(f"stage message: unknown kind {meta.get('kind')!r}, expected 'input' or 'output'")
-
-
-def _metadata(blob: bytes) -> dict[str, str]:
-    # safetensors layout: 8-byte little-endian header length, then a JSON header.
-    if len(blob) < 8:
-        raise ValueError("payload shorter than its header")
-    n = int.from_bytes(blob[:8], "little")
-    header = json.loads(blob[8 : 8 + n])
-    return dict(header.get("__metadata__", {}))

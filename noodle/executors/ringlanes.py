@@ -25,7 +25,7 @@ import torch
 from noodle.errors import ExecutorError
 from noodle.executors.messages import StageInput, StageOutput
 from noodle.executors.netreport import FailoverEvent
-from noodle.executors.ring import F_ALL_LOGITS, F_LOGITS, F_PREFILL, OP_END, OP_ERROR, OP_STEP
+from noodle.executors.ring import Flag, Op, Ring, step_flags
 
 if TYPE_CHECKING:
     from noodle.executors.scheduler import Pipeline
@@ -49,18 +49,13 @@ class RingDriver:
         self.steps = 0
 
     # -- sending ---------------------------------------------------------------------------------
-    def _send_raw(self, session: str, msg: StageInput | None, ring: object | None = None) -> None:
+    def _send_raw(self, session: str, msg: StageInput | None, ring: Ring | None = None) -> None:
         ring = ring or self.ex._live_ring()
-        buf = ring.new()  # type: ignore[attr-defined]
-        hdr = ring.header(buf)  # type: ignore[attr-defined]
-        hdr[1] = self._ids[session]
         if msg is None:
-            hdr[0] = OP_END
-            ring.send(buf, 1)  # type: ignore[attr-defined]
-            return
-        hdr[0] = OP_STEP
-        hdr[2] = (F_PREFILL if msg.prefill else 0) | (F_ALL_LOGITS if msg.all_logits else 0)
-        ring.send_data(buf, msg.data, msg.attention_mask, 1)  # type: ignore[attr-defined]
+            ring.send(ring.header(Op.END, session=self._ids[session]), 1)
+        else:
+            ring.send_data(ring.header(Op.STEP, session=self._ids[session], flags=step_flags(msg)), msg.data,
+                           msg.attention_mask, 1)  # fmt: skip
 
     def send(self, session: str, msg: StageInput | None) -> None:
         """Put a step (``None``: the session's end) into the ring.
@@ -92,16 +87,14 @@ class RingDriver:
             with self.lock:  # not while a restart is under way
                 epoch, ring = self.epoch, self.ex._live_ring()
             try:
-                got = ring.recv(self.ex.world - 1, self.ex.policy.step_timeout_s)
-                hdr = ring.header(got)
-                op = int(hdr[0])
-                if op == OP_ERROR:
-                    err = self.ex._remote_error(got)
+                head, got = ring.recv(self.ex.world - 1, self.ex.policy.step_timeout_s)
+                if head.op == Op.ERROR:
+                    err = self.ex._remote_error(head)
                     if not isinstance(err, ExecutorError):  # a lost rank, reported by its neighbour
                         raise RuntimeError(str(err))
                     self._pop(session, None)
                     raise err
-                data = None if op == OP_END else ring.recv_data(got, self.ex.world - 1, self.ex.policy.step_timeout_s)[0]
+                data = None if head.op == Op.END else ring.recv_data(head, got, self.ex.world - 1, self.ex.policy.step_timeout_s)[0]
             except RuntimeError as exc:
                 with self.lock:
                     if self.epoch == epoch:
@@ -109,7 +102,7 @@ class RingDriver:
                 continue
             with self.lock:
                 self._pop(session, None if end else data)
-            if data is not None and not int(hdr[2]) & F_LOGITS:
+            if data is not None and not head.flags & Flag.LOGITS:
                 raise ExecutorError(f"torchrpc: the ring returned hidden states, not logits, for {session}")
             return data
 
@@ -142,10 +135,10 @@ class RingDriver:
                 for msg in steps:
                     self._send_raw(session, msg)
                     ring = ex._live_ring()
-                    got = ring.recv(ex.world - 1, ex.policy.step_timeout_s)
-                    if int(ring.header(got)[0]) == OP_ERROR:
-                        raise ExecutorError(f"torchrpc: replaying {session} failed: {ex._remote_error(got)}")
-                    ring.recv_data(got, ex.world - 1, ex.policy.step_timeout_s)
+                    head, got = ring.recv(ex.world - 1, ex.policy.step_timeout_s)
+                    if head.op == Op.ERROR:
+                        raise ExecutorError(f"torchrpc: replaying {session} failed: {ex._remote_error(head)}")
+                    ring.recv_data(head, got, ex.world - 1, ex.policy.step_timeout_s)
                     replayed += 1
             for session, msg in self._outstanding:
                 self._send_raw(session, msg)

@@ -13,8 +13,8 @@ A stage that fails turns the message into an ``ERROR`` carrying its traceback
 (bytes in a uint8 tensor) and the rest of the ring passes it on: the coordinator
 re-raises it, and the ring stays in step. Nothing received is unpickled.
 
-The header layout and :class:`~noodle.executors.ring.Ring` (tensor transfer) live in
-:mod:`noodle.executors.ring` and are re-exported here.
+The header (:class:`~noodle.executors.ring.RingHeader`) and
+:class:`~noodle.executors.ring.Ring` (tensor transfer) live in :mod:`noodle.executors.ring`.
 
 ``run_worker`` is what ``noodle worker --backend torchrpc`` and the processes the
 coordinator spawns run; it reads ``MASTER_ADDR``, ``MASTER_PORT``, ``RANK`` and
@@ -29,22 +29,16 @@ import threading
 import time
 import traceback
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from noodle.errors import ExecutorError, SpecError
-from noodle.executors.ring import (  # re-exported: the wire format lives in ring.py
-    F_ALL_LOGITS, F_LOGITS, F_MASK, F_PREFILL, F_TOP1, OP_END, OP_ERROR, OP_LOAD, OP_PING, OP_SHUTDOWN, OP_STEP, Ring,
-    header_len, payload_bytes, slot, units_hash,
-)  # fmt: skip
+from noodle.executors.ring import Flag, Op, Ring, StepSlot, payload_bytes, units_hash
 
-__all__ = [
-    "OP_STEP", "OP_LOAD", "OP_END", "OP_SHUTDOWN", "OP_ERROR", "OP_PING", "F_PREFILL", "F_ALL_LOGITS", "F_TOP1",
-    "F_MASK", "F_LOGITS", "Ring", "header_len", "slot", "units_hash", "world_from_env", "make_group", "open_ring",
-    "run_worker", "short_error", "wait_ready",
-]  # fmt: skip
+__all__ = ["world_from_env", "make_group", "open_ring", "run_worker", "short_error", "wait_ready"]
 
 
 def world_from_env() -> tuple[str, int, int, int]:
@@ -113,11 +107,9 @@ def wait_ready(store: Any, world: int, procs: Sequence[Any], timeout_s: float) -
 
 
 def _report_lost(ring: Ring, text: str) -> None:
-    buf = ring.new()
-    hdr = ring.header(buf)
-    hdr[12], hdr[14] = ring.prev, 1  # slot 14 = 1: a peer was lost, not a stage error
+    head = ring.header(Op.ERROR, rank=ring.prev, lost=True)  # a peer was lost, not a stage error
     try:  # the next rank may be gone or have given up too: do not wait for it long
-        ring.send_error(buf, text, ring.next, timeout_s=5.0)
+        ring.send_error(head, text, ring.next, timeout_s=5.0)
     except RuntimeError:
         pass
 
@@ -180,59 +172,57 @@ def run_worker(model_dir: str | Path, *, device: str = "cpu", backend: str = "gl
     stage = None
     while True:
         try:
-            buf = ring.recv(ring.prev)
+            head, buf = ring.recv(ring.prev)
         except RuntimeError as exc:  # the previous rank is gone: say so downstream if we can, then leave
             _report_lost(ring, f"rank {rank} lost its connection to rank {ring.prev} ({short_error(exc)})")
             return 4
-        hdr = ring.header(buf)
-        op = int(hdr[0])
-        if op == OP_ERROR:
-            ring.forward_error(buf, ring.prev, ring.next)
+        except SpecError as exc:  # a header this worker cannot read: the ring is out of step
+            ring.send_error(ring.header(Op.ERROR, rank=rank), f"rank {rank} (stage {k}): {exc}", ring.next)
             continue
-        if op == OP_SHUTDOWN:
-            ring.send(buf, ring.next)
+        if head.op == Op.ERROR:
+            ring.forward_error(head, buf, ring.prev, ring.next)
+            continue
+        if head.op == Op.SHUTDOWN:
+            ring.send(head, ring.next)
             return 0
         try:
-            if op == OP_STEP:
-                data, mask = ring.recv_data(buf, ring.prev)
+            if head.op == Op.STEP:
+                data, mask = ring.recv_data(head, buf, ring.prev)
                 if stage is None:
                     raise ExecutorError(f"rank {rank}: a step arrived before its stage was loaded")
-                flags = int(hdr[2])
-                msg = StageInput(f"s{int(hdr[1])}", data, mask, bool(flags & F_PREFILL), bool(flags & F_ALL_LOGITS))
-                hdr[slot(k, 0)] = time.monotonic_ns()
+                flags = head.flags
+                msg = StageInput(f"s{head.session}", data, mask, bool(flags & Flag.PREFILL), bool(flags & Flag.ALL_LOGITS))
+                t_in = time.monotonic_ns()
                 out = stage.step(msg)
                 result = out.data
-                if flags & F_TOP1 and out.is_logits:
+                if flags & Flag.TOP1 and out.is_logits:
                     result = result[:, -1, :].argmax(dim=-1)
                 elif out.is_logits:
-                    hdr[2] = flags | F_LOGITS
-                hdr[slot(k, 2)] = stage.cache_bytes(msg.session)
-                hdr[slot(k, 1)] = time.monotonic_ns()
+                    flags |= Flag.LOGITS
+                kv_bytes = stage.cache_bytes(msg.session)
+                t_out = time.monotonic_ns()
                 nxt = ring.next
                 size = ring.msg_bytes + payload_bytes(ring, result, mask if nxt != 0 else None)
-                hdr[slot(k, 3)] = size
-                ring.send_data(buf, result if comm.type == "cuda" else result.cpu(), mask, nxt)
-            elif op == OP_END:
+                head = replace(head, flags=flags).with_slot(k, StepSlot(t_in, t_out, kv_bytes, size))
+                ring.send_data(head, result if comm.type == "cuda" else result.cpu(), mask, nxt)
+            elif head.op == Op.END:
                 if stage is not None:
-                    stage.end_session(f"s{int(hdr[1])}")
-                ring.send(buf, ring.next)
-            elif op == OP_PING:
-                hdr[slot(k, 0)] = time.monotonic_ns()
-                ring.send(buf, ring.next)
-            elif op == OP_LOAD:
-                if int(hdr[13]) != units_hash(units):
+                    stage.end_session(f"s{head.session}")
+                ring.send(head, ring.next)
+            elif head.op == Op.PING:
+                ring.send(head.with_slot(k, StepSlot(t_in=time.monotonic_ns())), ring.next)
+            elif head.op == Op.LOAD:
+                if head.units_hash != units_hash(units):
                     raise SpecError(
                         f"rank {rank}: the model at {model_dir} has other units than the plan "
                         f"({len(units)} units); start the worker with the plan's model folder"
                     )
-                start, end, want = int(hdr[slot(k, 0)]), int(hdr[slot(k, 1)]), int(hdr[slot(k, 2)])
-                stage_dev = dev if want < 0 else parse_device(f"cuda:{want}", field="plan device")
-                stage = make_stage(model_dir, start, end, name=f"rank{rank}", device=stage_dev)
+                want = head.load_slot(k)
+                stage_dev = dev if want.device < 0 else parse_device(f"cuda:{want.device}", field="plan device")
+                stage = make_stage(model_dir, want.start, want.end, name=f"rank{rank}", device=stage_dev)
                 warm_up(stage)
-                hdr[slot(k, 2)] = stage.param_bytes()
-                ring.send(buf, ring.next)
+                ring.send(head.with_slot(k, replace(want, param_bytes=stage.param_bytes())), ring.next)
             else:
-                raise ExecutorError(f"rank {rank}: unknown operation {op} in a header")
+                raise ExecutorError(f"rank {rank}: unexpected operation {head.op.name} in a header")
         except Exception:  # noqa: BLE001 - travels to the coordinator with its traceback
-            hdr[12] = rank
-            ring.send_error(buf, f"rank {rank} (stage {k}):\n{traceback.format_exc()}", ring.next)
+            ring.send_error(replace(head, rank=rank), f"rank {rank} (stage {k}):\n{traceback.format_exc()}", ring.next)

@@ -58,25 +58,8 @@ from noodle.executors.ringlanes import ring_pipeline
 from noodle.executors.scheduler import Pipeline
 from noodle.executors.slicing import read_config, unit_names_of
 from noodle.executors.spawner import WorkerProcess
-from noodle.executors.torchdist import (
-    F_ALL_LOGITS,
-    F_PREFILL,
-    F_TOP1,
-    OP_END,
-    OP_ERROR,
-    OP_LOAD,
-    OP_PING,
-    OP_SHUTDOWN,
-    OP_STEP,
-    Ring,
-    open_ring,
-    run_worker,
-    short_error,
-    slot,
-    units_hash,
-    wait_ready,
-    world_from_env,
-)  # fmt: skip
+from noodle.executors.ring import Flag, LoadSlot, Op, Ring, RingHeader, step_flags, units_hash
+from noodle.executors.torchdist import open_ring, run_worker, short_error, wait_ready, world_from_env
 from noodle.plandoc import PlanDoc
 
 __all__ = ["TorchRpcExecutor"]
@@ -216,34 +199,27 @@ class TorchRpcExecutor(ClosesOnExit):
 
     def _load(self) -> None:
         ring = self._live_ring()
-        buf = ring.new()
-        hdr = ring.header(buf)
-        hdr[0], hdr[13] = OP_LOAD, units_hash(self.units)
-        for k, st in enumerate(self.plan.stages):
-            hdr[slot(k, 0)], hdr[slot(k, 1)], hdr[slot(k, 2)] = st.start, st.end, self.devices[k]
-        back = self._roundtrip(buf, self.startup_timeout_s)
-        self.param_bytes = [int(back[slot(k, 2)]) for k in range(len(self.plan.stages))]
+        slots = tuple(LoadSlot(st.start, st.end, self.devices[k]) for k, st in enumerate(self.plan.stages))
+        back = self._roundtrip(RingHeader(Op.LOAD, units_hash=units_hash(self.units), slots=slots), self.startup_timeout_s)
+        self.param_bytes = [back.load_slot(k).param_bytes for k in range(len(self.plan.stages))]
         pings = []  # (round trip, sent, stamps): the fastest gives the ring's ping and the clock offsets
         for _ in range(5):
-            ping = ring.new()
-            ring.header(ping)[0] = OP_PING
             t0 = time.monotonic_ns()
-            got = self._roundtrip(ping, self.policy.step_timeout_s)
+            got = self._roundtrip(ring.header(Op.PING), self.policy.step_timeout_s)
             t1 = time.monotonic_ns()
-            pings.append((t1 - t0, t0, [int(got[slot(k, 0)]) for k in range(len(self.plan.stages))]))
+            pings.append((t1 - t0, t0, [got.step_slot(k).t_in for k in range(len(self.plan.stages))]))
         rtt, sent, stamps = min(pings)
         self.ping_ms = rtt / 1e6
         self.offsets = [0] * len(stamps) if self.spawn else ring_offsets(sent, sent + rtt, stamps)
 
-    def _roundtrip(self, buf: torch.Tensor, timeout_s: float) -> torch.Tensor:
+    def _roundtrip(self, head: RingHeader, timeout_s: float) -> RingHeader:
         """Send a data-less message around the ring and return its header (raising a stage's error)."""
         ring = self._live_ring()
         try:
-            ring.send(buf, 1)
-            got = ring.recv(self.world - 1, timeout_s)
-            back = ring.header(got)
-            if int(back[0]) == OP_ERROR:
-                raise self._remote_error(got)
+            ring.send(head, 1)
+            back, _ = ring.recv(self.world - 1, timeout_s)
+            if back.op == Op.ERROR:
+                raise self._remote_error(back)
         except RuntimeError as exc:
             raise _Lost(short_error(exc)) from None
         return back
@@ -251,13 +227,11 @@ class TorchRpcExecutor(ClosesOnExit):
     def _node(self, rank: int) -> str:
         return self.plan.stages[rank - 1].node if 1 <= rank < self.world else "the coordinator"
 
-    def _remote_error(self, buf: torch.Tensor) -> Exception:
-        ring = self._live_ring()
-        hdr = ring.header(buf)
-        text = ring.recv_error(buf, self.world - 1, self.policy.step_timeout_s)
-        rank = int(hdr[12])
+    def _remote_error(self, head: RingHeader) -> Exception:
+        text = self._live_ring().recv_error(head, self.world - 1, self.policy.step_timeout_s)
+        rank = head.rank
         node = self._node(rank)
-        if int(hdr[14]):
+        if head.lost:
             return _Lost(f"{text.strip()}; rank {rank} held {node}")
         first = text.strip().splitlines()[-1] if text.strip() else "error"
         return ExecutorError(f"torchrpc: stage on {node} (rank {rank}) failed: {first}", remote_traceback=text)
@@ -266,9 +240,7 @@ class TorchRpcExecutor(ClosesOnExit):
         ring, self._ring = self._ring, None
         if ring is not None and all(p.poll() is None for p in self._procs):
             try:
-                buf = ring.new()
-                ring.header(buf)[0] = OP_SHUTDOWN
-                ring.send(buf, 1)
+                ring.send(ring.header(Op.SHUTDOWN), 1)
                 ring.recv(self.world - 1, 5.0)
             except RuntimeError:
                 pass
@@ -309,26 +281,22 @@ class TorchRpcExecutor(ClosesOnExit):
         return "; ".join(dead) or "every worker process is alive: one hung or the network dropped"
 
     # -- running ---------------------------------------------------------------------------------
-    def _step(self, msg: StageInput, session: int, top1: bool) -> tuple[torch.Tensor, bool, torch.Tensor, int, int]:
+    def _step(self, msg: StageInput, session: int, top1: bool) -> tuple[torch.Tensor, bool, RingHeader, int, int]:
         ring = self._live_ring()
-        buf = ring.new()
-        hdr = ring.header(buf)
-        hdr[0], hdr[1] = OP_STEP, session
-        hdr[2] = (F_PREFILL if msg.prefill else 0) | (F_ALL_LOGITS if msg.all_logits else 0) | (F_TOP1 if top1 else 0)
+        flags = step_flags(msg) | (Flag.TOP1 if top1 else Flag.NONE)
         start = time.monotonic_ns()
         try:
-            self._sent = ring.send_data(buf, msg.data, msg.attention_mask, 1)
+            self._sent = ring.send_data(ring.header(Op.STEP, session=session, flags=flags), msg.data, msg.attention_mask, 1)
         except RuntimeError as exc:
             raise _Lost(f"sending to rank 1 ({self._node(1)}): {short_error(exc)}") from None
         try:
-            got = ring.recv(self.world - 1, self.policy.step_timeout_s)
-            back = ring.header(got)
-            if int(back[0]) == OP_ERROR:
-                raise self._remote_error(got)
-            data, _ = ring.recv_data(got, self.world - 1, self.policy.step_timeout_s)
+            back, got = ring.recv(self.world - 1, self.policy.step_timeout_s)
+            if back.op == Op.ERROR:
+                raise self._remote_error(back)
+            data, _ = ring.recv_data(back, got, self.world - 1, self.policy.step_timeout_s)
         except RuntimeError as exc:
             raise _Lost(f"waiting for the step to come round: {short_error(exc)}") from None
-        return data.cpu(), bool(int(back[2]) & F_TOP1 and data.dim() == 1), back, start, time.monotonic_ns()
+        return data.cpu(), bool(back.flags & Flag.TOP1 and data.dim() == 1), back, start, time.monotonic_ns()
 
     def _restart(self, reason: str, step: int, history: list[StageInput], session: int, t0: float) -> None:
         lost = self._lost_ranks()
@@ -392,11 +360,11 @@ class TorchRpcExecutor(ClosesOnExit):
             logits = one_hot_logits(data, self.vocab_size) if is_top1 else data[:, -1, :]
             done = time.monotonic_ns()
             n = len(self.plan.stages)
-            t_in = [int(back[slot(k, 0)]) - self.offsets[k] for k in range(n)]
-            t_out = [int(back[slot(k, 1)]) - self.offsets[k] for k in range(n)]
-            sent = [self._sent, *(int(back[slot(k, 3)]) for k in range(n))]
-            book.add(ring_trace(msg.prefill, start, done, t_in, t_out, sent))
-            kv[:] = [int(back[slot(k, 2)]) for k in range(n)]
+            slots = [back.step_slot(k) for k in range(n)]
+            t_in = [s.t_in - self.offsets[k] for k, s in enumerate(slots)]
+            t_out = [s.t_out - self.offsets[k] for k, s in enumerate(slots)]
+            book.add(ring_trace(msg.prefill, start, done, t_in, t_out, [self._sent, *(s.sent_bytes for s in slots)]))
+            kv[:] = [s.kv_bytes for s in slots]
             if on_step is not None:
                 on_step(len(history))
             return logits
@@ -407,10 +375,8 @@ class TorchRpcExecutor(ClosesOnExit):
                            eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id, keep_logits=keep_logits)  # fmt: skip
         finally:
             if self._ring is not None:
-                try:
-                    end = self._ring.new()
-                    self._ring.header(end)[0:2] = torch.tensor([OP_END, session])  # drop the session's KV caches
-                    self._roundtrip(end, self.policy.step_timeout_s)
+                try:  # drop the session's KV caches
+                    self._roundtrip(self._ring.header(Op.END, session=session), self.policy.step_timeout_s)
                 except (_Lost, ExecutorError):
                     pass
         wall = time.perf_counter() - t0

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from noodle.errors import SpecError
-from noodle.executors.grpc.wire import DEFAULT_MAX_TENSOR_BYTES
+from noodle.executors.codec import DEFAULT_MAX_TENSOR_BYTES
 from noodle.executors.kvbudget import max_positions
 
 __all__ = ["WorkerConfig", "message_limit", "DEFAULT_MAX_MESSAGE_BYTES"]
