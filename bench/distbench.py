@@ -130,8 +130,8 @@ def measure_distributed(
     """Decode step times of every mode on one plan, interleaved; see the module docstring."""
     from noodle.executors.grpc.coordinator import GrpcExecutor
     from noodle.executors.local import LocalExecutor
+    from noodle.executors.ring.coordinator import TorchRpcExecutor
     from noodle.executors.slicing import read_config, unit_names_of
-    from noodle.executors.torchrpc import TorchRpcExecutor
     from noodle.plandoc import (
         NodeDoc,
         PlanDoc,

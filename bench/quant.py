@@ -1,6 +1,6 @@
 """Weight formats on the real model (SmolLM2-135M-Instruct): decode speed, greedy agreement, perplexity.
 
-Each format loads the whole model as one noodle Stage (the code path every executor uses) and
+Each format loads the whole model as one noodle StageRunner (the code path every executor uses) and
 runs on this CPU with ``--threads`` torch threads:
 
 * decode speed: median ms per greedy decode step while generating, and the speed-up over float32;
@@ -36,7 +36,7 @@ import torch
 
 from noodle.executors.messages import StageInput
 from noodle.executors.slicing import unit_names_of
-from noodle.executors.stage import Stage
+from noodle.executors.stage import StageRunner
 
 PROMPTS = [
     "What is the capital of France?",
@@ -48,12 +48,12 @@ PROMPTS = [
 HERE = Path(__file__).parent
 
 
-def load(model: Path, fmt: str) -> Stage:
+def load(model: Path, fmt: str) -> StageRunner:
     n = len(unit_names_of(model))
-    return Stage(model, 0, n, name=fmt, format=fmt)
+    return StageRunner(model, 0, n, name=fmt, format=fmt)
 
 
-def generate(stage: Stage, ids: list[int], new: int) -> tuple[list[int], list[float]]:
+def generate(stage: StageRunner, ids: list[int], new: int) -> tuple[list[int], list[float]]:
     """Greedy tokens and the wall time of each decode step (ms)."""
     out = stage.step(StageInput("g", torch.tensor([ids]), None, prefill=True)).data
     tok = int(out[0, -1].argmax())
@@ -68,7 +68,7 @@ def generate(stage: Stage, ids: list[int], new: int) -> tuple[list[int], list[fl
     return toks, times
 
 
-def forced_top1(stage: Stage, ids: list[int], cont: list[int]) -> list[int]:
+def forced_top1(stage: StageRunner, ids: list[int], cont: list[int]) -> list[int]:
     """The format's next-token argmax at every position of ``ids + cont`` (teacher forcing)."""
     seq = torch.tensor([ids + cont[:-1]])
     logits = stage.step(StageInput("f", seq, None, prefill=True, all_logits=True)).data
@@ -76,7 +76,7 @@ def forced_top1(stage: Stage, ids: list[int], cont: list[int]) -> list[int]:
     return logits[0, len(ids) - 1 :].argmax(-1).tolist()
 
 
-def perplexity(stage: Stage, ids: list[int], chunk: int = 512) -> float:
+def perplexity(stage: StageRunner, ids: list[int], chunk: int = 512) -> float:
     nll, count = 0.0, 0
     for s in range(0, len(ids) - 1, chunk):
         piece = ids[s : s + chunk + 1]

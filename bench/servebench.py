@@ -137,7 +137,7 @@ def run_serve_bench(preset: str, levels: Sequence[int], duration_s: float, max_t
 
     from noodle.executors.scheduler import predicted_tokens_per_s
     from noodle.models import init_model
-    from noodle.plandoc import build_plan_doc
+    from noodle.plandoc import plan_document
     from noodle.solvers import solve
     from noodle.spec import parse_spec
 
@@ -151,7 +151,7 @@ def run_serve_bench(preset: str, levels: Sequence[int], duration_s: float, max_t
         spec_path.write_text(yaml.safe_dump(data, sort_keys=False))
         spec = parse_spec(data)
         problem = spec.to_problem(tmp)
-        doc = build_plan_doc(problem, solve(problem, solver="auto", time_limit_s=5.0))
+        doc = plan_document(problem, solve(problem, solver="auto", time_limit_s=5.0))
         args = ["--model", str(model), "--spec", str(spec_path), "--emulate", "--concurrency", str(max(levels)),
                 "--max-queue", "1024", "--threads", str(threads)]  # fmt: skip
         rows: list[LevelResult] = []

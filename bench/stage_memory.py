@@ -24,7 +24,7 @@ import gc, json, sys, warnings
 warnings.simplefilter("ignore")
 import psutil, torch
 from noodle.executors.slicing import unit_names_of
-from noodle.executors.stage import Stage
+from noodle.executors.stage import StageRunner
 from noodle.models import load_model
 folder, start, end = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 unit_names_of(folder)  # warm the meta-skeleton path (imports, class registries)
@@ -35,7 +35,7 @@ if start < 0:
     obj = load_model(folder)
     held = sum(t.numel() * t.element_size() for t in {id(p): p for p in [*obj.parameters(), *obj.buffers()]}.values())
 else:
-    obj = Stage(folder, start, end)
+    obj = StageRunner(folder, start, end)
     held = obj.param_bytes()
 gc.collect()
 untouched = proc.memory_info().rss

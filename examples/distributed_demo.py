@@ -33,8 +33,8 @@ from noodle.cli.network import render_network
 from noodle.executors.failover import RetryPolicy
 from noodle.executors.grpc.coordinator import GrpcExecutor
 from noodle.executors.local import LocalExecutor
+from noodle.executors.ring.coordinator import TorchRpcExecutor
 from noodle.executors.slicing import unit_names_of
-from noodle.executors.torchrpc import TorchRpcExecutor
 from noodle.models import init_model
 from noodle.plandoc import NodeDoc, PlanDoc, Predicted, SolverInfo, StageDoc, even_cuts
 

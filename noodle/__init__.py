@@ -16,12 +16,10 @@ from noodle.errors import ExecutorError, InfeasibleError, ModelError, NoodleErro
 from noodle.graph import (
     CostModel, DefaultCostModel, Evaluation, PerNodeCostModel, build_cost_graph, cost_model_for, evaluate,
 )
-from noodle.plandoc import PlanDoc, build_plan_doc, dump_plan, load_plan
+from noodle.plandoc import PlanDoc, dump_plan, load_plan, plan_document
 from noodle.solvers import SOLVERS, SolveResult, solve
 from noodle.spec import Spec, load_spec, parse_spec
 from noodle.types import Cluster, Constraints, Link, Node, NodeProfile, Pin, Plan, Problem, Stage, Unit, Workload
-
-plan_document = build_plan_doc
 
 try:
     __version__ = _dist_version("noodle")  # package metadata: pyproject.toml is the one place the version lives
@@ -31,7 +29,7 @@ except PackageNotFoundError:  # a source tree that was never installed
 __all__ = [
     "NoodleError", "SpecError", "InfeasibleError", "SolverUnavailable", "ExecutorError", "ModelError",
     "CostModel", "DefaultCostModel", "PerNodeCostModel", "Evaluation", "evaluate", "cost_model_for", "build_cost_graph",
-    "PlanDoc", "plan_document", "build_plan_doc", "dump_plan", "load_plan",
+    "PlanDoc", "plan_document", "dump_plan", "load_plan",
     "SOLVERS", "SolveResult", "solve",
     "Spec", "load_spec", "parse_spec",
     "Unit", "Node", "NodeProfile", "Link", "Cluster", "Workload", "Pin", "Constraints", "Problem", "Stage", "Plan",

@@ -22,7 +22,7 @@ from noodle.graph.formats import FixedFormats, FormatCostModel, choose_formats, 
 from noodle.solvers.base import SolveResult
 from noodle.types import GIB, Problem
 
-__all__ = ["even_cuts", "check_consistent", "SolverInfo", "Predicted", "StageDoc", "NodeDoc", "LinkDoc", "PlanDoc", "load_plan", "dump_plan", "build_plan_doc"]
+__all__ = ["even_cuts", "check_consistent", "SolverInfo", "Predicted", "StageDoc", "NodeDoc", "LinkDoc", "PlanDoc", "load_plan", "dump_plan", "plan_document"]
 
 
 class _Frozen(BaseModel):
@@ -221,7 +221,7 @@ def _rationale(problem: Problem, ev: Evaluation, k: int, cm: CostModel) -> str:
     return "; ".join(parts)
 
 
-def build_plan_doc(problem: Problem, result: SolveResult, cost_model: CostModel | None = None) -> PlanDoc:
+def plan_document(problem: Problem, result: SolveResult, cost_model: CostModel | None = None) -> PlanDoc:
     """The plan file for a solved problem (``result.plan`` must be set)."""
     if result.plan is None:
         raise SpecError("no plan to write")

@@ -12,7 +12,7 @@ import yaml
 
 from noodle import InfeasibleError, solve
 from noodle.errors import SpecError
-from noodle.plandoc import build_plan_doc
+from noodle.plandoc import plan_document
 from noodle.spec import load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +36,7 @@ def _spec(tmp_path: Path, **changes) -> Path:
 
 def test_the_example_is_infeasible_in_float32_and_feasible_with_formats(tmp_path):
     _, problem = load_spec(SPEC)
-    doc = build_plan_doc(problem, solve(problem))
+    doc = plan_document(problem, solve(problem))
     formats = {st.node: st.format for st in doc.stages}
     assert formats == {"mac-laptop": "bfloat16", "pi-box": "int8"}  # mps runs no int8; int4 is over the budget
     for st in doc.stages:
@@ -52,7 +52,7 @@ def test_the_budget_decides_which_formats_are_offered(tmp_path):
     loose = _spec(tmp_path, accuracy={"measured": str(ROOT / "bench/results/quant.json"), "min_token_agreement": 0.5})
     _, problem = load_spec(loose)
     assert [o.name for o in problem.formats.options] == ["float32", "bfloat16", "int8", "int4"]
-    doc = build_plan_doc(problem, solve(problem))
+    doc = plan_document(problem, solve(problem))
     assert doc.stages[-1].format == "int4"  # the fastest format on the pi box, once int4 is allowed
     strict = _spec(tmp_path, accuracy={"measured": str(ROOT / "bench/results/quant.json"), "min_token_agreement": 0.99})
     _, problem = load_spec(strict)  # only float32 is left, and it fits on no split
@@ -99,7 +99,7 @@ def test_inline_layers_carry_their_format_costs():
     spec = {"model": {"layers": layers}, "formats": ["float32", "int8"],
             "cluster": {"nodes": [{"id": "a", "memory_gb": 300 / 2**30, "compute_score": 1.0}]}}
     problem = parse_spec(spec).to_problem()
-    doc = build_plan_doc(problem, solve(problem))
+    doc = plan_document(problem, solve(problem))
     assert [st.format for st in doc.stages] == ["int8"] and doc.objective_ms == pytest.approx(3.0)
 
 

@@ -15,7 +15,7 @@ from noodle.cli.checks import check_float
 from noodle.cli.output import stderr_console, stdout_console
 from noodle.errors import SpecError
 from noodle.graph.build import build_cost_graph
-from noodle.plandoc import PlanDoc, build_plan_doc, dump_plan
+from noodle.plandoc import PlanDoc, dump_plan, plan_document
 from noodle.solvers import SOLVERS, solve
 from noodle.spec import MAX_TIME_LIMIT_S, load_spec
 
@@ -84,7 +84,7 @@ def solve_cmd(
     with err.status(f"solving {problem.name}: {problem.num_units} units on {len(problem.cluster.nodes)} nodes "
                     f"with {name} (limit {limit:g} s)"):
         result = solve(problem, solver=name, time_limit_s=limit)
-    doc = build_plan_doc(problem, result)
+    doc = plan_document(problem, result)
     if graph is not None:
         import networkx as nx
 

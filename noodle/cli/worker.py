@@ -80,7 +80,8 @@ def worker_cmd(
 
         torch.set_num_threads(threads)
     if backend == "torchrpc":
-        from noodle.executors.torchdist import run_worker, world_from_env
+        from noodle.executors.ring.transport import world_from_env
+        from noodle.executors.ring.worker import run_worker
 
         addr, master_port, rank, world = world_from_env()
         _wait_for_coordinator(addr, master_port, connect_timeout)

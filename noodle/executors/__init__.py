@@ -17,7 +17,7 @@ from noodle.executors.base import (
 )
 from noodle.executors.generation import Generation, Sampling, generate, left_pad
 from noodle.executors.messages import StageInput, StageOutput
-from noodle.executors.stage import Stage
+from noodle.executors.stage import StageRunner
 from noodle.registry import Registry
 
 
@@ -28,7 +28,7 @@ def _local() -> ExecutorFactory:
 
 
 def _torchrpc() -> ExecutorFactory:
-    from noodle.executors.torchrpc import TorchRpcExecutor
+    from noodle.executors.ring.coordinator import TorchRpcExecutor
 
     return TorchRpcExecutor
 
@@ -61,5 +61,5 @@ __all__ = [
     "left_pad",
     "StageInput",
     "StageOutput",
-    "Stage",
+    "StageRunner",
 ]

@@ -4,7 +4,7 @@ Every transport moves a tensor as a :class:`TensorHeader` (dtype and shape) and 
 tensor's bytes: the gRPC executor puts both in a protobuf ``Tensor``
 (:mod:`noodle.executors.grpc.wire`), the c10d ring writes the header into its int64
 message header and the bytes inline or as a second message
-(:mod:`noodle.executors.ring`). Nothing received is unpickled or handed to
+(:mod:`noodle.executors.ring.wire`). Nothing received is unpickled or handed to
 ``torch.load``: :func:`decode` checks the dtype against an allow-list, every
 dimension, the byte count against a limit and against ``prod(shape) * itemsize``
 before it builds a tensor.

@@ -1,11 +1,11 @@
-"""Stages on an accelerator: a :class:`~noodle.executors.stage.Stage` whose weights and state live on a device.
+"""Stages on an accelerator: a :class:`~noodle.executors.stage.StageRunner` whose weights and state live on a device.
 
-:class:`Stage` loads weights on the CPU and builds its masks and position ids on
-the CPU. :class:`DeviceStage` moves the slice to ``device`` after loading and
+:class:`StageRunner` loads weights on the CPU and builds its masks and position ids on
+the CPU. :class:`DeviceStageRunner` moves the slice to ``device`` after loading and
 builds those tensors there; inputs arriving on the CPU (from the network) are
 moved in, outputs stay on the device until the transport takes them (the gRPC
 wire copies to the CPU; NCCL sends from the device). On ``cpu`` it is a plain
-:class:`Stage`.
+:class:`StageRunner`.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import torch
 
 from noodle.errors import SpecError
 from noodle.executors.messages import StageInput, StageOutput
-from noodle.executors.stage import Session, Stage
+from noodle.executors.stage import Session, StageRunner
 
-__all__ = ["DeviceStage", "parse_device", "make_stage", "warm_up", "gpu_indices"]
+__all__ = ["DeviceStageRunner", "parse_device", "make_stage", "warm_up", "gpu_indices"]
 
 
 def parse_device(text: str | None, *, field: str = "device") -> torch.device:
@@ -41,8 +41,8 @@ def parse_device(text: str | None, *, field: str = "device") -> torch.device:
     return torch.device("cuda", index)
 
 
-class DeviceStage(Stage):
-    """A :class:`Stage` whose modules, KV caches, masks and positions live on ``device``."""
+class DeviceStageRunner(StageRunner):
+    """A :class:`StageRunner` whose modules, KV caches, masks and positions live on ``device``."""
 
     def __init__(self, folder: str | Path, start: int, end: int, *, name: str = "", device: torch.device) -> None:
         super().__init__(folder, start, end, name=name)
@@ -71,14 +71,15 @@ class DeviceStage(Stage):
         return super().step(msg)
 
 
-def make_stage(folder: str | Path, start: int, end: int, *, name: str = "", device: torch.device | None = None) -> Stage:
-    """A :class:`Stage` on the CPU, or a :class:`DeviceStage` on an accelerator."""
+def make_stage(folder: str | Path, start: int, end: int, *, name: str = "",
+               device: torch.device | None = None) -> StageRunner:  # fmt: skip
+    """A :class:`StageRunner` on the CPU, or a :class:`DeviceStageRunner` on an accelerator."""
     if device is None or device.type == "cpu":
-        return Stage(folder, start, end, name=name)
-    return DeviceStage(folder, start, end, name=name, device=device)
+        return StageRunner(folder, start, end, name=name)
+    return DeviceStageRunner(folder, start, end, name=name, device=device)
 
 
-def warm_up(stage: Stage) -> None:
+def warm_up(stage: StageRunner) -> None:
     """One throw-away prefill step, so the first real step does not pay one-off costs (as ``local`` does)."""
     if stage.is_first:
         data = torch.zeros(1, 1, dtype=torch.long)

@@ -26,7 +26,7 @@ from noodle.executors.kvbudget import kv_capacity_tokens, max_positions
 from noodle.executors.messages import StageInput, StageOutput
 from noodle.executors.scheduler import Pipeline
 from noodle.executors.slicing import read_config, unit_names_of, weight_index
-from noodle.executors.stage import Stage
+from noodle.executors.stage import StageRunner
 from noodle.plandoc import PlanDoc, StageDoc
 from noodle.types import Link
 
@@ -44,7 +44,7 @@ class LocalLane:
     out. A step already slower than planned is not shortened (the stats show the overshoot).
     """
 
-    def __init__(self, stage: Stage, doc: StageDoc, *, score: float, hop_ms: Callable[[int], float], emulate: bool,
+    def __init__(self, stage: StageRunner, doc: StageDoc, *, score: float, hop_ms: Callable[[int], float], emulate: bool,
                  last: bool, decode_ref_s: float | None = None) -> None:  # fmt: skip
         self.stage = stage
         self.doc = doc
@@ -106,7 +106,7 @@ class LocalExecutor(ClosesOnExit):
         self.model_dir = Path(model_dir)
         self.emulate = emulate
         self._log = log or logging.getLogger(__name__).info
-        self.stages: list[Stage] = []
+        self.stages: list[StageRunner] = []
         self._decode_ref: list[float] = []
         config = read_config(self.model_dir)
         self.config = config
@@ -120,7 +120,8 @@ class LocalExecutor(ClosesOnExit):
     # -- lifecycle -----------------------------------------------------------------------------
     def __enter__(self) -> LocalExecutor:
         if not self.stages:
-            self.stages = [Stage(self.model_dir, s.start, s.end, name=s.node, format=s.format) for s in self.plan.stages]
+            self.stages = [StageRunner(self.model_dir, s.start, s.end, name=s.node, format=s.format)
+                           for s in self.plan.stages]  # fmt: skip
             self._warm_up()
             if self.emulate:
                 self._log(self._emulation_note())

@@ -1,6 +1,6 @@
 """What one stage hands to the next: plain tensors plus a little metadata.
 
-A :class:`StageInput` goes into :meth:`Stage.step`; a :class:`StageOutput` comes
+A :class:`StageInput` goes into :meth:`StageRunner.step`; a :class:`StageOutput` comes
 out. Both are frozen and hold only ``torch.Tensor`` s, strings, ints and bools:
 in-process executors pass the objects as they are, the gRPC executor and the ring
 move their tensors with :mod:`noodle.executors.codec` and the rest as typed fields

@@ -40,7 +40,7 @@ PRELOAD = [
     "safetensors.torch",
     "noodle.executors.slicing",
     "noodle.executors.devices",
-    "noodle.executors.torchdist",
+    "noodle.executors.ring.worker",
     "noodle.executors.grpc.server",
 ]
 _lock = threading.Lock()

@@ -1,6 +1,8 @@
-"""A stage: a contiguous slice of a decoder-only model plus one KV cache per session.
+"""The stage runner: a contiguous slice of a decoder-only model plus one KV cache per session.
 
-Every executor runs stages; only the way messages travel between them differs.
+:class:`StageRunner` runs what a plan's :class:`noodle.types.Stage` (a unit range on a
+node) names. Every executor runs stage runners; only the way messages travel between
+them differs.
 A stage takes a :class:`~noodle.executors.messages.StageInput` (token ids for the
 first stage, hidden states for the others) and returns a
 :class:`~noodle.executors.messages.StageOutput` (hidden states, or logits from
@@ -33,7 +35,7 @@ from noodle.executors.slicing import ModelSlice, load_slice
 from noodle.models.quant import apply_format
 from noodle.models.glue import alibi_bias, block_call, embed_multiplier, logits_glue, positions_call, uses_alibi
 
-__all__ = ["Stage", "Session"]
+__all__ = ["StageRunner", "Session"]
 
 _MASK_FUNCS = {
     "full_attention": "create_causal_mask",
@@ -58,7 +60,7 @@ def _layer_kind(config: Any, layer: int) -> str:
     return "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
 
 
-class Stage:
+class StageRunner:
     """Units ``[start, end)`` of the model in ``folder``, with a KV cache per session.
 
     Args:
@@ -262,4 +264,4 @@ class Stage:
         return StageOutput(msg.session, logits, msg.attention_mask, is_logits=True)
 
     def __repr__(self) -> str:
-        return f"Stage({self.name!r}, units=[{self.start}, {self.end}), layers={self.layers})"
+        return f"StageRunner({self.name!r}, units=[{self.start}, {self.end}), layers={self.layers})"

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from noodle.profile.hooks import TraceRecord, timed_modules
-from noodle.profile.logger import to_json_value, write_jsonl
+from noodle.profile.jsonl import to_json_value, write_jsonl
 from noodle.profile.metrics import (
     PHASES,
     bottlenecks,

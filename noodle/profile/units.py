@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from noodle.errors import SpecError
-from noodle.profile.logger import read_jsonl
+from noodle.profile.jsonl import read_jsonl
 from noodle.types import Unit, unit_names
 
 __all__ = ["UNITS_FORMAT", "unit_document", "units_from_document", "load_units", "format_units"]

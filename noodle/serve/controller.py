@@ -34,7 +34,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from noodle.errors import ExecutorError, NoodleError
-from noodle.plandoc import PlanDoc, build_plan_doc
+from noodle.plandoc import PlanDoc, plan_document
 from noodle.serve.drift import DriftWatch
 from noodle.serve.registry import ClusterRegistry, WorkerRecord, cluster_spec
 from noodle.serve.switching import LivePlan, SwitchingPipeline
@@ -125,7 +125,7 @@ class ClusterController:
         spec = parse_spec(data, source="noodle serve --cluster")
         problem = spec.to_problem(self.model_dir, source="noodle serve --cluster")
         result = solve(problem, solver=spec.solver.name, time_limit_s=spec.solver.time_limit_s)
-        return build_plan_doc(problem, result)
+        return plan_document(problem, result)
 
     def _open(self, plan: PlanDoc, records: list[WorkerRecord]) -> tuple[Any, Any]:
         from noodle.executors.grpc.coordinator import GrpcExecutor

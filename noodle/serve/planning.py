@@ -18,7 +18,7 @@ from typing import Any
 
 from noodle.errors import SpecError
 from noodle.graph.analytic import ReferenceDevice
-from noodle.plandoc import PlanDoc, build_plan_doc, load_plan
+from noodle.plandoc import PlanDoc, load_plan, plan_document
 from noodle.solvers import solve
 from noodle.spec import load_spec, parse_spec
 
@@ -89,14 +89,14 @@ def plan_this_machine(model_dir: Path, *, concurrency: int) -> tuple[PlanDoc, di
     problem = spec.to_problem(model_dir, source="noodle serve (this machine)")
     result = solve(problem, solver=spec.solver.name, time_limit_s=spec.solver.time_limit_s)
     measured = {"tflops": ref.tflops, "mem_bandwidth_gbps": ref.mem_bandwidth_gbps, "memory_gb": memory / 2**30}
-    return build_plan_doc(problem, result), measured
+    return plan_document(problem, result), measured
 
 
 def plan_from_spec(spec_path: Path) -> PlanDoc:
     """Solve a spec file at start-up (as ``noodle solve`` does)."""
     spec, problem = load_spec(spec_path)
     result = solve(problem, solver=spec.solver.name, time_limit_s=spec.solver.time_limit_s)
-    return build_plan_doc(problem, result)
+    return plan_document(problem, result)
 
 
 def resolve_plan(model_dir: Path, *, plan: Path | None, spec: Path | None, concurrency: int) -> tuple[PlanDoc, str]:

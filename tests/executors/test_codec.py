@@ -8,7 +8,7 @@ import torch
 from noodle.errors import SpecError
 from noodle.executors import codec
 from noodle.executors.codec import TensorHeader
-from noodle.executors.ring import Flag, LoadSlot, Op, RingHeader, StepSlot, header_len
+from noodle.executors.ring.wire import Flag, LoadSlot, Op, RingHeader, StepSlot, header_len
 
 
 @pytest.mark.parametrize(("name", "dtype"), list(codec.DTYPES.items()))

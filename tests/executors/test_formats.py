@@ -9,7 +9,7 @@ from noodle.errors import ExecutorError
 from noodle.executors import check_formats
 from noodle.executors.local import LocalExecutor
 from noodle.executors.messages import StageInput
-from noodle.executors.stage import Stage
+from noodle.executors.stage import StageRunner
 from noodle.plandoc import PlanDoc
 
 from .conformance import plan_for, reference
@@ -21,7 +21,7 @@ def _with_formats(plan: PlanDoc, formats: list[str]) -> PlanDoc:
 
 
 def _logits(model, fmt: str) -> torch.Tensor:
-    st = Stage(model, 0, 6, format=fmt)
+    st = StageRunner(model, 0, 6, format=fmt)
     return st.step(StageInput("s", torch.tensor([[1, 5, 9, 14, 3]]), None, prefill=True, all_logits=True)).data
 
 
@@ -35,9 +35,9 @@ def test_formats_keep_logits_close_and_shrink_weights(tiny_models):
         assert 0 < rel < tol, fmt  # changed (really quantized), but close
     # int8 / int4 shrink the Linears torch's kernels take; the tiny model's 172-wide MLP (not a multiple of 16)
     # stays float32 where the kernel cannot take it (int8: input width; int4: input and output widths)
-    plain = Stage(model, 1, 5).param_bytes()
-    assert Stage(model, 1, 5, format="int8").param_bytes() < plain / 2
-    int4 = Stage(model, 1, 5, format="int4")
+    plain = StageRunner(model, 1, 5).param_bytes()
+    assert StageRunner(model, 1, 5, format="int8").param_bytes() < plain / 2
+    int4 = StageRunner(model, 1, 5, format="int4")
     assert int4.param_bytes() < plain
     kinds = {name: type(mod).__name__ for name, mod in int4.slice.blocks[0][1].named_modules()}
     assert kinds["self_attn.q_proj"] == "WeightOnlyLinear" and kinds["mlp.down_proj"] == "Linear"
@@ -59,10 +59,10 @@ def test_local_runs_a_mixed_format_plan(tiny_models):
 def test_formats_a_device_or_backend_cannot_run_are_refused_in_one_line(tiny_models):
     model = tiny_models["llama"]
     with pytest.raises(ExecutorError, match="format int4 cannot run on mps device 'mps': torch has no int4") as e:
-        Stage(model, 0, 3, format="int4", device="mps")
+        StageRunner(model, 0, 3, format="int4", device="mps")
     assert "\n" not in str(e.value)
     with pytest.raises(ExecutorError, match="unknown format 'int3'"):
-        Stage(model, 0, 3, format="int3")
+        StageRunner(model, 0, 3, format="int3")
     int8 = _with_formats(plan_for(model, [0, 3, 6]), ["int8", "float32"])
     check_formats(int8, "local")
     for backend in ("grpc", "torchrpc"):

@@ -7,7 +7,7 @@ import safetensors
 import torch
 
 from noodle.errors import ExecutorError, ModelError
-from noodle.executors import Stage, StageInput, StageOutput, codec
+from noodle.executors import StageInput, StageOutput, StageRunner, codec
 from noodle.executors.generation import left_pad
 from noodle.models import load_model
 
@@ -47,7 +47,7 @@ def _record_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 def test_middle_stage_reads_and_holds_only_its_blocks(tiny_models, monkeypatch):
     model = tiny_models["llama"]
     reads = _record_reads(monkeypatch)
-    stage = Stage(model, 2, 4)
+    stage = StageRunner(model, 2, 4)
     assert stage.layers == [1, 2] and not stage.is_first and not stage.is_last
     assert reads and all(r.startswith(("model.layers.1.", "model.layers.2.")) for r in reads)
     full = load_model(model)
@@ -62,10 +62,10 @@ def test_tied_head_without_embedding_loads_its_own_copy(tiny_models, monkeypatch
     model = tiny_models["gpt2"]
     full = load_model(model)
     reads = _record_reads(monkeypatch)
-    last = Stage(model, 5, 6)
+    last = StageRunner(model, 5, 6)
     assert sorted(reads) == ["transformer.ln_f.bias", "transformer.ln_f.weight", "transformer.wte.weight"]
     torch.testing.assert_close(last.slice.head.weight, full.transformer.wte.weight)
-    whole = Stage(model, 0, 6)
+    whole = StageRunner(model, 0, 6)
     token_embed = dict(whole.slice.embed)["tokens"]
     assert whole.slice.head.weight is token_embed.weight  # tied: one tensor, counted once
     assert whole.param_bytes() == sum(p.numel() * p.element_size() for p in full.parameters())
@@ -80,7 +80,7 @@ def test_all_logits_of_a_padded_prefill_match_the_full_model(tiny_models, family
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
     with torch.inference_mode():
         want = full(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-    stages = [Stage(model, a, b) for a, b in [(0, 2), (2, 3), (3, 6)]]
+    stages = [StageRunner(model, a, b) for a, b in [(0, 2), (2, 3), (3, 6)]]
     x = StageInput("s", ids, mask, prefill=True, all_logits=True)
     for st in stages:
         out = st.step(x)
@@ -96,7 +96,7 @@ def _through_codec(t: torch.Tensor | None) -> torch.Tensor | None:
 
 def test_messages_survive_the_codec(tiny_models):
     model = tiny_models["qwen2"]
-    stages = [Stage(model, a, b) for a, b in [(0, 3), (3, 6)]]
+    stages = [StageRunner(model, a, b) for a, b in [(0, 3), (3, 6)]]
     ids, mask = left_pad(PROMPT_SETS["padded"], 0)
 
     def run(wire: bool) -> list[torch.Tensor]:
@@ -122,7 +122,7 @@ def test_messages_survive_the_codec(tiny_models):
 
 def test_step_errors_are_clear(tiny_models):
     model = tiny_models["llama"]
-    first, middle = Stage(model, 0, 2), Stage(model, 2, 4)
+    first, middle = StageRunner(model, 0, 2), StageRunner(model, 2, 4)
     with pytest.raises(ExecutorError, match="unknown session 'nope'"):
         first.step(StageInput("nope", torch.tensor([[1, 2]])))
     with pytest.raises(ExecutorError, match=r"expects hidden states .* shape \(1, 2\)"):
@@ -140,7 +140,7 @@ def test_folder_without_safetensors(tiny_models, tmp_path):
 
     shutil.copy(tiny_models["llama"] / "config.json", tmp_path / "config.json")
     with pytest.raises(ModelError, match="no \\*.safetensors"):
-        Stage(tmp_path, 0, 2)
+        StageRunner(tmp_path, 0, 2)
 
 
 def test_sharded_folder_loads_through_the_index(tiny_models, tmp_path):
@@ -151,7 +151,7 @@ def test_sharded_folder_loads_through_the_index(tiny_models, tmp_path):
     ids = torch.tensor([PROMPT_SETS["batch1"][0]])
     x = StageInput("s", ids, prefill=True)
     for a, b in [(0, 3), (3, 6)]:
-        out = Stage(tmp_path, a, b).step(x)
+        out = StageRunner(tmp_path, a, b).step(x)
         x = out.next_input(prefill=True)
     with torch.inference_mode():
         want = full(input_ids=ids).logits[:, -1:]

@@ -15,7 +15,7 @@ import torch
 from noodle.errors import ExecutorError
 from noodle.executors import EXECUTORS
 from noodle.executors.failover import RetryPolicy
-from noodle.executors.torchrpc import TorchRpcExecutor
+from noodle.executors.ring.coordinator import TorchRpcExecutor
 
 from .conformance import CUTS, PROMPT_SETS, check_executor, plan_for, reference
 from .procs import SharedExecutor, children, spawner  # noqa: F401 - spawner is a fixture
@@ -108,8 +108,8 @@ def test_joining_a_world_from_the_environment_and_losing_a_rank(tiny_models, spa
     """The several-machines path (RANK/WORLD_SIZE set, workers started elsewhere), on one machine."""
     import socket
 
+    from noodle.executors.ring.worker import run_worker
     from noodle.executors.spawner import spawn
-    from noodle.executors.torchdist import run_worker
 
     model = tiny_models["llama"]
     with socket.socket() as s:
@@ -136,15 +136,15 @@ def test_joining_a_world_from_the_environment_and_losing_a_rank(tiny_models, spa
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_device_stage_on_cuda_matches_cpu(tiny_models):
-    from noodle.executors.devices import DeviceStage
+    from noodle.executors.devices import DeviceStageRunner
     from noodle.executors.messages import StageInput
-    from noodle.executors.stage import Stage
+    from noodle.executors.stage import StageRunner
 
     model = tiny_models["llama"]
     ids = torch.tensor([[5, 17, 99, 42]])
     mask = torch.tensor([[0, 1, 1, 1]])
-    cpu = Stage(model, 0, 6).step(StageInput("s", ids, mask, prefill=True))
-    gpu = DeviceStage(model, 0, 6, device=torch.device("cuda")).step(StageInput("s", ids, mask, prefill=True))
+    cpu = StageRunner(model, 0, 6).step(StageInput("s", ids, mask, prefill=True))
+    gpu = DeviceStageRunner(model, 0, 6, device=torch.device("cuda")).step(StageInput("s", ids, mask, prefill=True))
     torch.testing.assert_close(gpu.data.cpu(), cpu.data, atol=1e-4, rtol=1e-4)
 
 

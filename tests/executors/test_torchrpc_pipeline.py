@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 
 from noodle.executors.failover import RetryPolicy
-from noodle.executors.torchrpc import TorchRpcExecutor
+from noodle.executors.ring.coordinator import TorchRpcExecutor
 
 from .conformance import alone, plan_for, random_requests
 from .procs import spawner  # noqa: F401 - spawner is a fixture

@@ -11,7 +11,7 @@ import pytest
 from noodle import InfeasibleError, solve
 from noodle.graph.costmodel import cost_model_for, evaluate
 from noodle.graph.formats import FormatCostModel, choose_formats
-from noodle.plandoc import build_plan_doc
+from noodle.plandoc import plan_document
 from noodle.types import FormatOption, Formats, NodeProfile, Plan, Problem, Unit
 from tests.solvers.instances import random_pernode_problem
 
@@ -97,7 +97,7 @@ def test_exact_solvers_reach_the_brute_force_optimum_over_formats(seed, objectiv
         result = solve(p, solver=name, time_limit_s=10)
         assert result.objective_ms == pytest.approx(best, rel=1e-9), name
         # the formats written into the plan reach the same objective, and each fits its node
-        doc = build_plan_doc(p, result)
+        doc = plan_document(p, result)
         assert doc.objective_ms == pytest.approx(best, rel=1e-9), name
         for st in doc.stages:
             assert st.format in dict(p.formats.allowed)[st.node]

@@ -126,7 +126,7 @@ def test_sharded_moe_stage_reads_only_its_checkpoint_keys(folders, tmp_path, mon
     import safetensors
     import torch
 
-    from noodle.executors.stage import Stage
+    from noodle.executors.stage import StageRunner
     from noodle.models import load_model
 
     full = load_model(folders["mixtral"])
@@ -155,7 +155,7 @@ def test_sharded_moe_stage_reads_only_its_checkpoint_keys(folders, tmp_path, mon
             return self._inner.get_slice(name)
 
     monkeypatch.setattr(safetensors, "safe_open", Recording)
-    stage = Stage(sharded, 2, 4)  # blocks 1 and 2
+    stage = StageRunner(sharded, 2, 4)  # blocks 1 and 2
     assert reads and all(r.startswith(("model.layers.1.", "model.layers.2.")) for r in reads)
     assert any(".experts.0." in r for r in reads)  # the per-expert layout on disk, converted on load
     for i, block in stage.slice.blocks:
@@ -175,8 +175,8 @@ NAMED = ("gpt_neox", "opt", "gemma", "gemma2", "gemma3_text", "granite", "falcon
 def test_named_families_on_torchrpc(folders, model_type):
     from functools import partial
 
+    from noodle.executors.ring.coordinator import TorchRpcExecutor
     from noodle.executors.spawner import stop_spawner
-    from noodle.executors.torchrpc import TorchRpcExecutor
 
     try:
         check_executor(partial(TorchRpcExecutor, threads=1, log=lambda _: None), folders[model_type],

@@ -9,7 +9,7 @@ import torch
 from noodle.errors import SpecError
 from noodle.models import layout_of
 from noodle.profile import ObservabilityEngine, ProfileConfig
-from noodle.profile.logger import read_jsonl, write_jsonl
+from noodle.profile.jsonl import read_jsonl, write_jsonl
 from noodle.profile.engine import fit_workload
 
 FILES = ("metrics.jsonl", "summary.json", "units.json", "system_info.json", "profile_config.json",

@@ -50,7 +50,7 @@ from noodle.executors.grpc.wire import from_proto, to_proto
 from noodle.executors.kvbudget import max_positions
 from noodle.executors.messages import StageInput
 from noodle.executors.slicing import read_config, unit_names_of, weight_index
-from noodle.executors.stage import Stage
+from noodle.executors.stage import StageRunner
 
 __all__ = ["WorkerConfig", "StageServicer", "ERROR_ID_KEY", "DEFAULT_MAX_MESSAGE_BYTES", "message_limit"]
 
@@ -91,7 +91,7 @@ class StageServicer(pb_grpc.StageServiceServicer):
                                  body_timeout_s=config.body_timeout_s, stream_idle_s=config.stream_idle_s)  # fmt: skip
         self.gate = CallGate(config.token, self.limits)
         self.default_device = parse_device(config.device, field="--device")
-        self.stages: dict[str, Stage] = {}
+        self.stages: dict[str, StageRunner] = {}
         self.sessions: dict[str, _SessionEntry] = {}
         self._dtypes: dict[int, torch.dtype] = {}
         self._lock = threading.Lock()  # stages and sessions dicts
@@ -137,11 +137,11 @@ class StageServicer(pb_grpc.StageServiceServicer):
             self.reap()
 
     # -- helpers -----------------------------------------------------------------------------
-    def _stage_info(self, sid: str, stage: Stage) -> pb.StageInfo:
+    def _stage_info(self, sid: str, stage: StageRunner) -> pb.StageInfo:
         device = str(getattr(stage, "device", "cpu"))
         return pb.StageInfo(stage_id=sid, start=stage.start, end=stage.end, param_bytes=stage.param_bytes(), device=device)
 
-    def _entry(self, session: str) -> tuple[_SessionEntry, Stage]:
+    def _entry(self, session: str) -> tuple[_SessionEntry, StageRunner]:
         with self._lock:
             entry = self.sessions.get(session)
             if entry is None:
@@ -152,14 +152,14 @@ class StageServicer(pb_grpc.StageServiceServicer):
             raise _Refuse(grpc.StatusCode.NOT_FOUND, f"session {session!r}: its stage {entry.stage_id} was unloaded")
         return entry, stage
 
-    def _dtype_of(self, stage: Stage) -> torch.dtype:
+    def _dtype_of(self, stage: StageRunner) -> torch.dtype:
         dtype = self._dtypes.get(id(stage))
         if dtype is None:
             dtype = next((p.dtype for m in stage.slice.modules() for p in m.parameters()), torch.float32)
             self._dtypes[id(stage)] = dtype
         return dtype
 
-    def _check_input(self, stage: Stage, data: torch.Tensor, mask: torch.Tensor | None) -> None:
+    def _check_input(self, stage: StageRunner, data: torch.Tensor, mask: torch.Tensor | None) -> None:
         bad = grpc.StatusCode.INVALID_ARGUMENT
         if stage.is_first:
             if data.dtype not in (torch.int64, torch.int32) or data.dim() != 2:
@@ -213,7 +213,7 @@ class StageServicer(pb_grpc.StageServiceServicer):
             self._check_positions(entry, req.session, req.prefill, batch, tokens)
             try:
                 out = stage.step(msg)
-            except ExecutorError as exc:  # Stage's own checks on the message
+            except ExecutorError as exc:  # StageRunner's own checks on the message
                 raise _Refuse(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
             entry.batch, entry.seen = batch, (0 if req.prefill else entry.seen) + tokens
             result = out.data

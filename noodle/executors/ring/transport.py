@@ -1,180 +1,110 @@
-"""The ring's wire format: a typed header (:class:`RingHeader`) and :class:`Ring`, which moves messages.
+"""The ring's transport: its two c10d process groups and :class:`Ring`, which moves messages.
 
 Rank 0 is the coordinator, rank ``k + 1`` holds stage ``k``. Every message goes
 around the ring ``0 -> 1 -> ... -> S -> 0`` as point-to-point ``send``/``recv``
-on a c10d process group: a fixed-size int64 header (a :class:`RingHeader`, written
-and read only by :meth:`RingHeader.write` and :meth:`RingHeader.read`), then the
-bytes of the tensors it describes (:mod:`~noodle.executors.codec`). Each stage fills
-its own :class:`StepSlot` (or :class:`LoadSlot`) on the way. A stage's error travels
-as an ``ERROR`` message carrying its traceback (bytes in a uint8 tensor). Nothing
-received is unpickled. Setting up the process groups and the worker loop live in
-:mod:`noodle.executors.torchdist`.
+on process groups of our own on a ``TCPStore`` (Gloo on CPUs, NCCL when every rank
+has a GPU; the global default group is left alone, so several executors can live in
+one process): a :class:`~noodle.executors.ring.wire.RingHeader` with the data inline,
+or the data as a second message on another group when it is big. A stage's error
+travels as an ``ERROR`` message carrying its traceback (bytes in a uint8 tensor).
+Nothing received is unpickled.
+
+Joining the world reads ``MASTER_ADDR``, ``MASTER_PORT``, ``RANK`` and ``WORLD_SIZE``
+like ``torchrun`` sets them (:func:`world_from_env`).
 """
 
 from __future__ import annotations
 
 import datetime
-import hashlib
+import os
+import time
 from collections.abc import Sequence
-from dataclasses import astuple, dataclass, field, replace
-from enum import IntEnum, IntFlag
+from dataclasses import replace
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from noodle.errors import SpecError
-from noodle.executors.codec import DTYPES, MAX_DIMS, TensorHeader, header_of
-from noodle.executors.messages import StageInput
+from noodle.errors import ExecutorError, SpecError
+from noodle.executors.codec import DTYPES, header_of
+from noodle.executors.ring.wire import LoadSlot, Op, RingHeader, StepSlot, align8, header_len
 
-__all__ = ["Op", "Flag", "StepSlot", "LoadSlot", "RingHeader", "Ring", "header_len", "units_hash", "step_flags",
-           "payload_bytes"]
+__all__ = ["Ring", "payload_bytes", "world_from_env", "make_group", "open_ring", "short_error", "wait_ready",
+           "NO_REPLACEMENT"]  # fmt: skip
 
-
-class Op(IntEnum):
-    """What a message asks of every rank it passes."""
-
-    STEP = 1
-    LOAD = 2
-    END = 3
-    SHUTDOWN = 4
-    ERROR = 5
-    PING = 6
+NO_REPLACEMENT = ("torch.distributed cannot replace a lost rank: restart the workers and the run, or use "
+                  "--backend grpc with --spare workers to fail over")  # fmt: skip
 
 
-class Flag(IntFlag):
-    """How a ``STEP`` runs (``PREFILL``, ``ALL_LOGITS``, ``TOP1``) and what it carries back (``LOGITS``)."""
-
-    NONE = 0
-    PREFILL = 1
-    ALL_LOGITS = 2
-    TOP1 = 4
-    LOGITS = 16
-
-
-@dataclass(frozen=True)
-class StepSlot:
-    """What stage ``k`` writes into a ``STEP`` (or ``PING``) on the way: times on its monotonic clock (ns), sizes."""
-
-    t_in: int = 0
-    t_out: int = 0
-    kv_bytes: int = 0
-    sent_bytes: int = 0
+def world_from_env() -> tuple[str, int, int, int]:
+    """``(MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE)``, checked."""
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE") if not os.environ.get(k)]
+    if missing:
+        raise SpecError(f"torchrpc worker: set {', '.join(missing)} (as torchrun does) to join the coordinator's world")
+    try:
+        port, rank, world = int(os.environ["MASTER_PORT"]), int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    except ValueError:
+        raise SpecError("torchrpc worker: MASTER_PORT, RANK and WORLD_SIZE must be integers") from None
+    if world < 2 or not 0 <= rank < world:
+        raise SpecError(f"torchrpc worker: RANK {rank} does not fit WORLD_SIZE {world} (rank 0 is the coordinator)")
+    return os.environ["MASTER_ADDR"], port, rank, world
 
 
-@dataclass(frozen=True)
-class LoadSlot:
-    """Stage ``k`` of a ``LOAD``: its units ``[start, end)``, CUDA index (-1: the worker's device), parameter bytes back."""
-
-    start: int = 0
-    end: int = 0
-    device: int = -1
-    param_bytes: int = 0
-
-
-# Positions in the int64 header, used by RingHeader.write/read only; then 4 per stage from _BASE.
-_OP, _SESSION, _FLAGS, _DTYPE, _NDIM, _SHAPE, _MASK, _RANK, _UNITS, _LOST, _BIG, _BASE = 0, 1, 2, 3, 4, 5, 9, 11, 12, 13, 14, 16
-_HAS_MASK = 1 << 40  # in the flags word, beside Flag
-
-
-def header_len(world_size: int) -> int:
-    """int64 words in the header of a ring of ``world_size`` ranks."""
-    return _BASE + 4 * max(world_size - 1, 1)
-
-
-@dataclass(frozen=True)
-class RingHeader:
-    """One message's header.
-
-    Attributes:
-        op: the operation.
-        session: the generation the message belongs to (one KV cache per session on every stage).
-        flags: :class:`Flag` bits.
-        data: dtype and shape of the tensor that follows (``None``: no tensor).
-        mask: ``(rows, cols)`` of the int64 padding mask that follows the tensor (``None``: no mask).
-        rank: the rank that failed (``ERROR``) or lost its peer.
-        units_hash: the plan's :func:`units_hash` (``LOAD``).
-        lost: an ``ERROR`` reports a lost peer, not a stage's exception.
-        big_bytes: payload bytes that follow on the second group (0: the payload is inline).
-        slots: one per stage, filled on the way (:class:`LoadSlot` for ``LOAD``, else :class:`StepSlot`).
-    """
-
-    op: Op
-    session: int = 0
-    flags: Flag = Flag.NONE
-    data: TensorHeader | None = None
-    mask: tuple[int, int] | None = None
-    rank: int = 0
-    units_hash: int = 0
-    lost: bool = False
-    big_bytes: int = 0
-    slots: tuple[StepSlot | LoadSlot, ...] = field(default=())
-
-    def with_slot(self, stage: int, slot: StepSlot | LoadSlot) -> RingHeader:
-        """This header with stage ``stage``'s slot replaced."""
-        slots = list(self.slots)
-        slots[stage] = slot
-        return replace(self, slots=tuple(slots))
-
-    def step_slot(self, stage: int) -> StepSlot:
-        slot = self.slots[stage]
-        return slot if isinstance(slot, StepSlot) else StepSlot()
-
-    def load_slot(self, stage: int) -> LoadSlot:
-        slot = self.slots[stage]
-        return slot if isinstance(slot, LoadSlot) else LoadSlot()
-
-    def write(self, out: torch.Tensor) -> None:
-        """Encode into ``out``, an int64 tensor of :func:`header_len` words."""
-        words = [0] * out.numel()
-        words[_OP], words[_SESSION] = int(self.op), self.session
-        words[_FLAGS] = int(self.flags) | (_HAS_MASK if self.mask is not None else 0)
-        words[_DTYPE] = -1
-        if self.data is not None:
-            words[_DTYPE], words[_NDIM] = self.data.code, len(self.data.shape)
-            words[_SHAPE : _SHAPE + len(self.data.shape)] = self.data.shape
-        if self.mask is not None:
-            words[_MASK], words[_MASK + 1] = self.mask
-        words[_RANK], words[_UNITS], words[_LOST], words[_BIG] = self.rank, self.units_hash, int(self.lost), self.big_bytes
-        for k, slot in enumerate(self.slots):
-            words[_BASE + 4 * k : _BASE + 4 * k + 4] = astuple(slot)
-        out.copy_(torch.tensor(words, dtype=torch.int64))
-
-    @classmethod
-    def read(cls, words_t: torch.Tensor) -> RingHeader:
-        """Decode an int64 header tensor (dtype and shape are checked by the codec)."""
-        words = words_t.tolist()
-        if words[_OP] not in Op._value2member_map_:
-            raise SpecError(f"ring header.op: {words[_OP]} is not an operation; expected one of {[int(o) for o in Op]}")
-        op = Op(words[_OP])
-        data = None
-        if words[_DTYPE] >= 0:
-            ndim = words[_NDIM]
-            if not 1 <= ndim <= MAX_DIMS:
-                raise SpecError(f"ring header.shape: {ndim} dimensions, expected 1 to {MAX_DIMS}")
-            data = TensorHeader.from_code(words[_DTYPE], tuple(words[_SHAPE : _SHAPE + ndim]), field="ring header")
-        flags = words[_FLAGS]
-        slot_type = LoadSlot if op == Op.LOAD else StepSlot
-        n = (len(words) - _BASE) // 4
-        return cls(
-            op=op, session=words[_SESSION], flags=Flag(flags & ~_HAS_MASK), data=data,
-            mask=(words[_MASK], words[_MASK + 1]) if flags & _HAS_MASK else None, rank=words[_RANK],
-            units_hash=words[_UNITS], lost=bool(words[_LOST]), big_bytes=words[_BIG],
-            slots=tuple(slot_type(*words[_BASE + 4 * k : _BASE + 4 * k + 4]) for k in range(n)),
-        )  # fmt: skip
+def make_group(store: Any, rank: int, world: int, backend: str, timeout_s: float, host: str | None) -> Any:
+    """A Gloo or NCCL process group of our own (the global default group is left alone)."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if backend == "nccl":
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = timeout
+        return dist.ProcessGroupNCCL(store, rank, world, opts)
+    opts = dist.ProcessGroupGloo._Options()
+    opts._timeout = timeout
+    gloo = dist.ProcessGroupGloo
+    if host:
+        device = gloo.create_device(hostname=host)
+    elif os.environ.get("GLOO_SOCKET_IFNAME"):
+        device = gloo.create_device(interface=os.environ["GLOO_SOCKET_IFNAME"].split(",")[0])
+    else:
+        device = gloo.create_default_device()  # the address this machine's hostname resolves to
+    opts._devices = [device]
+    # One Gloo worker thread: point-to-point ops do not use the pool, and with the default two a
+    # 768-float round trip took ~4 ms p50 here (2 cores, busy) against ~0.25 ms with one.
+    opts._threads = 1
+    return dist.ProcessGroupGloo(store, rank, world, opts)
 
 
-def step_flags(msg: StageInput) -> Flag:
-    """The flags of a ``STEP`` carrying ``msg``."""
-    return (Flag.PREFILL if msg.prefill else Flag.NONE) | (Flag.ALL_LOGITS if msg.all_logits else Flag.NONE)
+def short_error(exc: BaseException) -> str:
+    """The first sentence of a c10d/Gloo error, without its source path and advice."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if text.startswith("[") and "] " in text:
+        text = text.split("] ", 1)[1]
+    return text.split(". This is typically")[0]
 
 
-def units_hash(units: Sequence[str]) -> int:
-    """A 62-bit fingerprint of a model's unit names (plans and workers must agree)."""
-    return int.from_bytes(hashlib.sha256("\n".join(units).encode()).digest()[:8], "little") >> 2
+def wait_ready(store: Any, world: int, procs: Sequence[Any], timeout_s: float) -> None:
+    """Wait until ranks ``1..world-1`` said ready in ``store``; a spawned one that exits first is an error."""
+    keys = [f"ready/{r}" for r in range(1, world)]
+    deadline = time.monotonic() + timeout_s
+    while not store.check(keys):
+        for rank, proc in enumerate(procs, 1):
+            if proc.poll() is not None:
+                raise ExecutorError(f"torchrpc: worker rank {rank} exited with code {proc.returncode} while starting",
+                                    remote_traceback=proc.log_text()[-4000:] or None)  # fmt: skip
+        if time.monotonic() > deadline:
+            missing = [k.split("/")[1] for k in keys if not store.check([k])]
+            raise ExecutorError(
+                f"torchrpc: rank(s) {', '.join(missing)} did not join within {timeout_s:g} s; start "
+                "`noodle worker --backend torchrpc` there with the same MASTER_ADDR/MASTER_PORT and WORLD_SIZE"
+            )
+        time.sleep(0.05)
 
 
-def _align8(n: int) -> int:
-    return (n + 7) // 8 * 8
+def open_ring(store: Any, rank: int, world: int, backend: str, timeout_s: float, host: str | None,
+              device: torch.device, inline_bytes: int) -> Ring:  # fmt: skip
+    """Both process groups of the ring on ``store`` (``small`` for messages, ``big`` for payloads)."""
+    small = make_group(dist.PrefixStore("small", store), rank, world, backend, timeout_s, host)
+    big = make_group(dist.PrefixStore("big", store), rank, world, backend, timeout_s, host)
+    return Ring(small, big, rank, world, device, 0 if backend == "nccl" else inline_bytes)
 
 
 class Ring:
@@ -194,7 +124,7 @@ class Ring:
         self.world_size = world_size
         self.device = device
         self.hbytes = 8 * header_len(world_size)
-        self.inline_bytes = _align8(inline_bytes)
+        self.inline_bytes = align8(inline_bytes)
         self.msg_bytes = self.hbytes + self.inline_bytes
 
     @property
@@ -264,7 +194,7 @@ class Ring:
         parts = [data.contiguous().reshape(-1).view(torch.uint8)]
         if send_mask and mask is not None:
             parts.append(mask.to(torch.int64).contiguous().reshape(-1).view(torch.uint8))
-        total = _align8(parts[0].numel()) + (parts[1].numel() if len(parts) > 1 else 0)
+        total = align8(parts[0].numel()) + (parts[1].numel() if len(parts) > 1 else 0)
         big = 0 if total <= self.inline_bytes else total
         head = replace(head, data=header_of(data), big_bytes=big,
                        mask=(int(mask.shape[0]), int(mask.shape[1])) if send_mask and mask is not None else None)  # fmt: skip
@@ -275,7 +205,7 @@ class Ring:
             dest, extra = buf[self.hbytes :], None
         dest[: parts[0].numel()].copy_(parts[0])
         if len(parts) > 1:
-            off = _align8(parts[0].numel())
+            off = align8(parts[0].numel())
             dest[off : off + parts[1].numel()].copy_(parts[1])
         return self._send(buf, dst, extra, None)
 
@@ -289,13 +219,13 @@ class Ring:
         if head.mask is not None and min(head.mask) < 0:
             raise SpecError(f"ring message from rank {src}: mask shape {list(head.mask)} has a negative dimension")
         mask_bytes = head.mask[0] * head.mask[1] * 8 if head.mask is not None else 0
-        need = _align8(nbytes) + mask_bytes if head.mask is not None else nbytes
+        need = align8(nbytes) + mask_bytes if head.mask is not None else nbytes
         if need > raw.numel():
             raise SpecError(f"ring message from rank {src}: {need} bytes described, {raw.numel()} carried")
         data = raw[:nbytes].clone().view(DTYPES[head.data.dtype]).reshape(head.data.shape)
         mask = None
         if head.mask is not None:
-            off = _align8(nbytes)
+            off = align8(nbytes)
             mask = raw[off : off + mask_bytes].clone().view(torch.int64).reshape(head.mask)
         return data, mask
 
@@ -316,5 +246,5 @@ class Ring:
 
 def payload_bytes(ring: Ring, data: torch.Tensor, mask: torch.Tensor | None) -> int:
     """Bytes of the big payload :meth:`Ring.send_data` will add (0 when the data fits inline)."""
-    total = _align8(data.numel() * data.element_size()) + (mask.numel() * 8 if mask is not None else 0)
+    total = align8(data.numel() * data.element_size()) + (mask.numel() * 8 if mask is not None else 0)
     return 0 if total <= ring.inline_bytes else total

@@ -1,4 +1,4 @@
-"""The torchrpc ring as pipeline lanes: a sending lane and a receiving lane on the coordinator.
+"""The ring as pipeline lanes: a sending lane and a receiving lane on the coordinator.
 
 Messages go round ``coordinator -> rank 1 -> ... -> rank S -> coordinator`` and every rank
 serves whatever session arrives, in order, so replies come back in the order the steps
@@ -23,13 +23,15 @@ from typing import TYPE_CHECKING
 import torch
 
 from noodle.errors import ExecutorError
+from noodle.executors.kvbudget import kv_capacity_tokens, max_positions, stage_layers
 from noodle.executors.messages import StageInput, StageOutput
 from noodle.executors.netreport import FailoverEvent
-from noodle.executors.ring import Flag, Op, Ring, step_flags
+from noodle.executors.ring.transport import NO_REPLACEMENT, Ring
+from noodle.executors.ring.wire import Flag, Op, step_flags
+from noodle.executors.scheduler import Pipeline
 
 if TYPE_CHECKING:
-    from noodle.executors.scheduler import Pipeline
-    from noodle.executors.torchrpc import TorchRpcExecutor
+    from noodle.executors.ring.coordinator import TorchRpcExecutor
 
 __all__ = ["RingDriver", "SendLane", "RecvLane", "ring_pipeline"]
 
@@ -125,7 +127,7 @@ class RingDriver:
         lost = ex._lost_ranks() if ex.spawn else "a rank died, hung or was cut off"
         ex._kill_world()
         if self.restarts_left <= 0:
-            raise ExecutorError(f"torchrpc: the ring broke ({reason}); {lost}. {_no_replacement()}")
+            raise ExecutorError(f"torchrpc: the ring broke ({reason}); {lost}. {NO_REPLACEMENT}")
         self.restarts_left -= 1
         ex._log(f"noodle: torchrpc lost the ring ({reason}; {lost}); respawning {ex.world - 1} workers")
         replayed = 0
@@ -151,11 +153,6 @@ class RingDriver:
         ex.failovers.append(FailoverEvent(step=self.steps, node=lost, reason=reason, action="restarted", detail=detail,
                                           replayed_steps=replayed, seconds=time.perf_counter() - t0))  # fmt: skip
         ex._log(f"noodle: failover: {detail} ({time.perf_counter() - t0:.2f} s)")
-
-
-def _no_replacement() -> str:
-    return ("torch.distributed cannot replace a lost rank: restart the workers and the run, or use "
-            "--backend grpc with --spare workers to fail over")
 
 
 class SendLane:
@@ -192,9 +189,6 @@ class RecvLane:
 
 def ring_pipeline(ex: TorchRpcExecutor, *, concurrency: int, micro_batch: int, prefill_chunk: int, max_queue: int) -> Pipeline:
     """A pipeline over ``ex``'s ring (see the module docstring)."""
-    from noodle.executors.kvbudget import kv_capacity_tokens, max_positions, stage_layers
-    from noodle.executors.scheduler import Pipeline
-
     ex._live_ring()
     driver = RingDriver(ex)
     stages = ex.plan.stages

@@ -1,4 +1,4 @@
-"""``torchrpc``: a coordinator and one worker process per stage on torch.distributed.
+"""``torchrpc``: the ring's coordinator, rank 0, with one worker process per stage on torch.distributed.
 
 Data path: pure c10d point-to-point, no ``torch.distributed.rpc``. Measured on
 this machine (torch 2.13 CPU, loopback, 1x1x768 tensor): an ``rpc_sync`` round
@@ -7,7 +7,7 @@ trip 440-615 us, a Gloo ``send``/``recv`` round trip 118-226 us, a 3-hop ring
 by peers (CVE-2024-5480 was remote code execution through it). So every message,
 control included, is an int64 header with the data inline, passed around the ring
 ``coordinator -> stage 0 -> ... -> stage S-1 -> coordinator``
-(:mod:`noodle.executors.torchdist`): activations go from stage to stage, once.
+(:mod:`~noodle.executors.ring.transport`): activations go from stage to stage, once.
 The process groups are our own objects on a ``TCPStore``, not the global default
 group, so several executors can live in one process. With CUDA on every rank and
 stage the groups are NCCL and tensors stay on the devices; otherwise Gloo carries
@@ -54,19 +54,16 @@ from noodle.executors.remote import (
     ring_trace,
     units_label,
 )
-from noodle.executors.ringlanes import ring_pipeline
+from noodle.executors.ring.lanes import ring_pipeline
+from noodle.executors.ring.transport import NO_REPLACEMENT, Ring, open_ring, short_error, wait_ready, world_from_env
+from noodle.executors.ring.wire import Flag, LoadSlot, Op, RingHeader, step_flags, units_hash
+from noodle.executors.ring.worker import run_worker
 from noodle.executors.scheduler import Pipeline
 from noodle.executors.slicing import read_config, unit_names_of
 from noodle.executors.spawner import WorkerProcess
-from noodle.executors.ring import Flag, LoadSlot, Op, Ring, RingHeader, step_flags, units_hash
-from noodle.executors.torchdist import open_ring, run_worker, short_error, wait_ready, world_from_env
 from noodle.plandoc import PlanDoc
 
 __all__ = ["TorchRpcExecutor"]
-
-
-_NO_REPLACEMENT = ("torch.distributed cannot replace a lost rank: restart the workers and the run, or use "
-                   "--backend grpc with --spare workers to fail over")
 
 
 class _Lost(Exception):
@@ -125,7 +122,7 @@ class TorchRpcExecutor(ClosesOnExit):
         self.world = n + 1
         self.threads = threads or max(1, (os.cpu_count() or 1) // n)
         self.devices = gpu_indices([s.device for s in plan.stages]) if self.spawn else [-1] * n
-        # one decode step of the planned batch travels inside its message (see torchdist.Ring)
+        # one decode step of the planned batch travels inside its message (see transport.Ring)
         batch = int(plan.workload.get("batch_size", 1) or 1)
         self.inline_bytes = batch * int(config.hidden_size) * 4 + batch * 8 + 8
         self._sent = 0
@@ -315,7 +312,7 @@ class TorchRpcExecutor(ClosesOnExit):
                                             replayed_steps=len(history), seconds=time.perf_counter() - t0))  # fmt: skip
 
     def pipeline(self, *, concurrency: int = 1, micro_batch: int = 1, prefill_chunk: int = 0, max_queue: int = 256) -> Pipeline:
-        """A :class:`~noodle.executors.scheduler.Pipeline` over the ring (see :mod:`~noodle.executors.ringlanes`)."""
+        """A :class:`~noodle.executors.scheduler.Pipeline` over the ring (see :mod:`~noodle.executors.ring.lanes`)."""
         return ring_pipeline(self, concurrency=concurrency, micro_batch=micro_batch, prefill_chunk=prefill_chunk, max_queue=max_queue)
 
     def generate(
@@ -351,7 +348,7 @@ class TorchRpcExecutor(ClosesOnExit):
                         lost = self._lost_ranks() if self.spawn else "a rank died, hung or was cut off"
                         self._kill_world()
                         raise ExecutorError(f"torchrpc: the ring broke at step {len(history) + 1} ({exc}); {lost}. "
-                                            f"{_NO_REPLACEMENT}") from None
+                                            f"{NO_REPLACEMENT}") from None
                     restarts_left -= 1
                     session = next(self._sessions)
                     self._restart(str(exc), len(history) + 1, history, session, t0)
