@@ -1,4 +1,8 @@
-"""A description of the machine that ran a profile: it becomes the reference device."""
+"""A description of the machine that ran a profile: it becomes the reference device.
+
+Everything comes from psutil (cores, memory), torch (threads, CPU capability, GPU) and
+:mod:`platform` (host, OS, processor).
+"""
 
 from __future__ import annotations
 
@@ -10,15 +14,14 @@ from typing import Any
 __all__ = ["system_info", "device_description"]
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown cpu"
+def _cpu_model(capability: str) -> str:
+    """The processor as the standard library names it, with the vector ISA torch's kernels use.
+
+    ``platform.processor()`` is the brand string on macOS and Windows and often empty on Linux,
+    where the architecture stands in (``x86_64 (AVX512)``); nothing here parses ``/proc/cpuinfo``.
+    """
+    name = platform.processor() or platform.machine() or "unknown cpu"
+    return f"{name} ({capability})" if capability and capability not in ("DEFAULT", "NO AVX") else name
 
 
 def system_info(device: Any = None) -> dict[str, Any]:
@@ -28,13 +31,15 @@ def system_info(device: Any = None) -> dict[str, Any]:
     import transformers
 
     vm = psutil.virtual_memory()
+    capability = torch.backends.cpu.get_cpu_capability()
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     info: dict[str, Any] = {
         "hostname": platform.node(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpu": {
-            "model": _cpu_model(),
+            "model": _cpu_model(capability),
+            "capability": capability,
             "logical_cores": psutil.cpu_count(logical=True),
             "physical_cores": psutil.cpu_count(logical=False),
             "usable_cores": affinity,

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import re
 
 import pytest
@@ -23,6 +24,8 @@ def test_profile_writes_every_output(gpt2_profile):
     info = json.loads((out / "system_info.json").read_text())
     assert info["cpu"]["logical_cores"] >= 1 and info["memory"]["total_bytes"] > 0
     assert info["versions"]["torch"] == torch.__version__
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert info["cpu"]["capability"] == capability and info["cpu"]["model"].startswith(platform.processor() or platform.machine())
     run = json.loads((out / "profile_config.json").read_text())
     assert run["config"]["strategy"] == "specialized" and run["run"]["iterations"] == 4
 
