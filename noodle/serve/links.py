@@ -4,7 +4,7 @@
 probed, or :data:`COORDINATOR` for the coordinator's own probes). :meth:`LinkTable.record` says
 whether a sample changes the link *materially*: a pair seen for the first time, or one whose time
 to carry the probe's large payload (``latency + bytes / bandwidth``) moved by more than
-``threshold`` (25 %) and by more than ``floor_ms`` (0.1 ms; sub-millisecond loopback figures
+``threshold`` (25 %) and by more than ``floor_ms`` (0.5 ms; sub-millisecond loopback figures
 jitter by more than 25 % from one probe to the next). The registry then bumps its version, and
 the controller weighs a re-plan (with its own gain threshold and cooldown).
 """
@@ -49,7 +49,7 @@ def hop_ms(latency_ms: float, bandwidth_gbps: float, nbytes: int) -> float:
 class LinkTable:
     """Thread-safe latest sample per ordered pair (see the module docstring)."""
 
-    def __init__(self, *, threshold: float = 0.25, floor_ms: float = 0.1) -> None:
+    def __init__(self, *, threshold: float = 0.25, floor_ms: float = 0.5) -> None:
         self.threshold = threshold
         self.floor_ms = floor_ms
         self._lock = threading.Lock()
