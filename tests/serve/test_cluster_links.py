@@ -89,3 +89,12 @@ def test_links_are_measured_and_exported(model_dir: Path, tmp_path: Path) -> Non
         text = table.stdout.decode()
         assert "links measured" in text and "w1 -> w3" in text and "(coordinator) -> w2" in text, text
         print("\n" + text)
+
+
+def test_bad_probe_interval_is_one_line(model_dir: Path) -> None:
+    for value in ("-1", "0.5", "nan", "1e9"):
+        out = subprocess.run([sys.executable, "-m", "noodle.cli.main", "serve", "--model", str(model_dir), "--cluster",
+                              "--token", TOKEN, "--probe-interval", value], capture_output=True, timeout=120)  # fmt: skip
+        err = out.stderr.decode()
+        assert out.returncode != 0 and "--probe-interval: must be 0 (no link probes) or 1 to 86400 seconds" in err, err
+        assert "Traceback" not in err
