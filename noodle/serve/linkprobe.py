@@ -132,7 +132,8 @@ class LinkProber:
         done = []
         for a in [None, *live]:
             for b in live:
-                if (a is not None and a.id == b.id) or (only is not None and b.id not in only and (a is None or a.id not in only)):
+                touches = only is None or b.id in only or (a is not None and a.id in only)
+                if (a is not None and a.id == b.id) or not touches:
                     continue
                 if self._stop.is_set():
                     return done
