@@ -1,7 +1,8 @@
 """``noodle cluster status|export --url URL``: what a ``noodle serve --cluster`` coordinator knows.
 
 ``status`` prints a table of the joined workers (device, memory, measured decode time of the
-whole model, last heartbeat, the stages each runs) and the re-plans so far; ``export`` prints
+whole model, last heartbeat, the stages each runs), the links the coordinator measured and the
+re-plans so far; ``export`` prints
 the spec the measured figures make (``noodle cluster export --url URL > cluster.yaml``, then
 ``noodle solve cluster.yaml``).
 """
@@ -66,10 +67,26 @@ def status_cmd(url: str = typer.Option("http://127.0.0.1:8000", "--url", help="t
                       f"{n['decode_ms']:.2f}", f"{n['prefill_ms_per_token']:.3f}", health,
                       f"{n['heartbeat_age_s']:.1f} s ago", "; ".join(n["stages"]) or "spare")  # fmt: skip
     con.print(table)
+    _links_table(con, data.get("links") or [])
     for r in data["replans"]:
         when = time.strftime("%H:%M:%S", time.localtime(r["t"]))
         con.print(f"{when} re-plan ({r['reason']}): {r['before_tps']:.1f} -> {r['after_tps']:.1f} tokens/s, "
                   f"{r['before']} -> {r['after']}, held requests {r['seconds']:.2f} s", highlight=False)  # fmt: skip
+
+
+def _links_table(con: Any, links: list[dict[str, Any]]) -> None:
+    """Measured links (``noodle serve --cluster`` probes them): one row per direction probed."""
+    if not links:
+        con.print("links: none measured yet (the spec uses its default link)", highlight=False)
+        return
+    table = Table(title="links measured (latency = half the median round trip)")
+    for col in ("from -> to", "latency ms", "round trip ms", "bandwidth Gb/s", "up/down Gb/s", "payload", "age"):
+        table.add_column(col, justify="left" if col == "from -> to" else "right")
+    for x in links:
+        table.add_row(f"{x['source']} -> {x['target']}", f"{x['latency_ms']:.3f}", f"{x['rtt_ms']:.3f}",
+                      f"{x['bandwidth_gbps']:.3g}", f"{x['up_gbps']:.3g}/{x['down_gbps']:.3g}",
+                      f"{x['bytes'] / 2**10:.0f} KiB", f"{x['age_s']:.0f} s")  # fmt: skip
+    con.print(table)
 
 
 @cluster_app.command("export")

@@ -70,11 +70,16 @@ def build_cluster_server(
     drain_timeout_s: float = 30.0,
     api_key: str | None = None,
     model_id: str | None = None,
+    probe_interval_s: float = 60.0,
 ) -> ServeApp:
-    """A :class:`ServeApp` over workers that join it (``noodle worker --join``); see :mod:`noodle.serve.controller`."""
+    """A :class:`ServeApp` over workers that join it (``noodle worker --join``); see :mod:`noodle.serve.controller`.
+
+    ``probe_interval_s``: seconds between rounds of link probes (:mod:`noodle.serve.linkprobe`); 0: none.
+    """
     from noodle.executors.generation import token_ids_of
     from noodle.serve.controller import ClusterController
     from noodle.serve.joining import model_hash
+    from noodle.serve.linkprobe import LinkProber, probe_sizes
     from noodle.serve.registry import ClusterRegistry
 
     config = read_config(model_dir)
@@ -91,6 +96,9 @@ def build_cluster_server(
                             max_queue=max_queue, min_workers=min_workers, gain_threshold=gain_threshold,
                             drain_s=drain_s)  # fmt: skip
     holder["ctl"] = ctl
+    ctl.prober = LinkProber(registry, probe_sizes(Path(model_dir)), token=token, events=runtime.events,
+                            interval_s=probe_interval_s)  # fmt: skip
+    ctl.prober.start()
     return ServeApp(runtime, ctl.plan, model_id=model_id or Path(model_dir).resolve().name,  # type: ignore[arg-type]
                     backend="grpc", api_key=api_key, drain_timeout_s=drain_timeout_s, cluster=ctl,
                     cluster_token=token)  # fmt: skip

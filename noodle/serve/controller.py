@@ -87,6 +87,7 @@ class ClusterController:
         self._thread: threading.Thread | None = None
         self.drift = DriftWatch(threshold=drift_threshold)
         self._drift_checked = 0.0
+        self.prober: Any = None  # a noodle.serve.linkprobe.LinkProber, closed with the controller
 
     # -- start-up (the runtime's opener) ------------------------------------------------------------
     def opener(self) -> tuple[Any, Any]:
@@ -113,6 +114,8 @@ class ClusterController:
 
     def close(self) -> None:
         self._stop.set()
+        if self.prober is not None:
+            self.prober.close()
         if self._thread is not None:
             self._thread.join(timeout=5.0)
 
@@ -121,7 +124,8 @@ class ClusterController:
         from noodle.solvers import solve
         from noodle.spec import parse_spec
 
-        data = cluster_spec(records, self.model_dir, concurrency=self.concurrency, time_limit_s=self.solve_time_limit_s)
+        data = cluster_spec(records, self.model_dir, concurrency=self.concurrency, time_limit_s=self.solve_time_limit_s,
+                            links=self.registry.links.measurements())
         spec = parse_spec(data, source="noodle serve --cluster")
         problem = spec.to_problem(self.model_dir, source="noodle serve --cluster")
         result = solve(problem, solver=spec.solver.name, time_limit_s=spec.solver.time_limit_s)
@@ -256,7 +260,7 @@ class ClusterController:
             nodes.append(d)
         return {"nodes": nodes, "plan": plan_layout(self.plan.current), "predicted_tps": predicted_tps(self.plan.current),
                 "heartbeat_timeout_s": self.registry.heartbeat_timeout_s, "replans": list(self.replans),
-                "requeued": self.pipeline.requeued}  # fmt: skip
+                "requeued": self.pipeline.requeued, "links": self.registry.links.rows(now)}  # fmt: skip
 
 
 class ClusterCollector(Collector):

@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from noodle.cluster import LinkMeasurement
+from noodle.serve.links import LinkSample, LinkTable
 from noodle.spec import MAX_SCORE, MIN_SCORE
 
 __all__ = ["JoinRequest", "Heartbeat", "WorkerRecord", "ClusterRegistry", "cluster_spec", "analytic_decode_ms"]
@@ -110,6 +113,7 @@ class ClusterRegistry:
         self._nodes: dict[str, WorkerRecord] = {}
         self.version = 0  # bumps on every join and death: the controller re-plans on a change
         self.changed = threading.Event()
+        self.links = LinkTable()  # measured by noodle.serve.linkprobe
 
     def join(self, req: JoinRequest) -> WorkerRecord:
         now = time.time()
@@ -166,6 +170,16 @@ class ClusterRegistry:
             if rec is not None:
                 self._nodes[node_id] = replace(rec, drift=rec.drift * factor)
 
+    def record_link(self, sample: LinkSample) -> bool:
+        """Store a link probe's result; a new or materially changed link bumps the version (the controller
+        weighs a re-plan). Returns whether it did."""
+        material = self.links.record(sample)
+        if material:
+            with self._lock:
+                self.version += 1
+            self.changed.set()
+        return material
+
     def records(self, *, alive_only: bool = False) -> list[WorkerRecord]:
         with self._lock:
             recs = list(self._nodes.values())
@@ -187,12 +201,14 @@ def analytic_decode_ms(model_dir: Path, prompt_tokens: int, dtype: str | None = 
 
 
 def cluster_spec(records: list[WorkerRecord], model_dir: Path, *, concurrency: int = 8,
-                 name: str | None = None, time_limit_s: float = 5.0) -> dict[str, Any]:  # fmt: skip
+                 name: str | None = None, time_limit_s: float = 5.0,
+                 links: Mapping[str, tuple[LinkMeasurement, ...]] | None = None) -> dict[str, Any]:  # fmt: skip
     """A spec (mapping) for ``records`` serving ``model_dir``: each node's memory and its measured speed.
 
     The workload is the model's context (3/4 prompt, 1/4 new tokens), one sequence per group and
     ``concurrency`` groups in flight, as ``noodle serve`` runs it. ``hf_config`` is the absolute path
-    of the model's config, so the document solves from any folder.
+    of the model's config, so the document solves from any folder. ``links``: what each node measured
+    to its peers (:meth:`LinkTable.measurements`), written to ``links.pairs``.
     """
     from noodle.executors.kvbudget import max_positions
     from noodle.executors.slicing import read_config
@@ -214,6 +230,8 @@ def cluster_spec(records: list[WorkerRecord], model_dir: Path, *, concurrency: i
         nodes.append(NodeRecord(id=r.id, address=r.address, device=r.device_kind, device_name=r.device_name,
                                 total_memory_bytes=r.total_memory_bytes, free_memory_bytes=max(r.free_memory_bytes, 2**20),
                                 torch_threads=r.threads, compute_score=round(score, 6)))  # fmt: skip
+    if links:
+        nodes = [replace(n, links=tuple(links.get(n.id, ()))) for n in nodes]
     workload = Workload(prompt_tokens=prompt, max_new_tokens=max(1, positions - prompt), batch_size=1,
                         concurrency=concurrency)  # fmt: skip
     doc = export_spec(nodes, {"hf_config": str(model_dir / "config.json")}, workload,

@@ -151,3 +151,61 @@ class CloseSessionReply(_message.Message):
     KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     kv_cache_bytes: int
     def __init__(self, kv_cache_bytes: _Optional[int] = ...) -> None: ...
+
+class EchoRequest(_message.Message):
+    __slots__ = ("payload", "reply_bytes", "version")
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    REPLY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    payload: bytes
+    reply_bytes: int
+    version: str
+    def __init__(self, payload: _Optional[bytes] = ..., reply_bytes: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
+
+class EchoReply(_message.Message):
+    __slots__ = ("received_bytes", "payload", "version")
+    RECEIVED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    received_bytes: int
+    payload: bytes
+    version: str
+    def __init__(self, received_bytes: _Optional[int] = ..., payload: _Optional[bytes] = ..., version: _Optional[str] = ...) -> None: ...
+
+class ProbeRequest(_message.Message):
+    __slots__ = ("peer", "small_bytes", "large_bytes", "rounds", "timeout_s", "version")
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    SMALL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LARGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    peer: str
+    small_bytes: int
+    large_bytes: int
+    rounds: int
+    timeout_s: float
+    version: str
+    def __init__(self, peer: _Optional[str] = ..., small_bytes: _Optional[int] = ..., large_bytes: _Optional[int] = ..., rounds: _Optional[int] = ..., timeout_s: _Optional[float] = ..., version: _Optional[str] = ...) -> None: ...
+
+class ProbeReply(_message.Message):
+    __slots__ = ("peer", "rtt_ms", "bandwidth_gbps", "up_gbps", "down_gbps", "bytes", "rounds", "seconds", "version")
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    RTT_MS_FIELD_NUMBER: _ClassVar[int]
+    BANDWIDTH_GBPS_FIELD_NUMBER: _ClassVar[int]
+    UP_GBPS_FIELD_NUMBER: _ClassVar[int]
+    DOWN_GBPS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    peer: str
+    rtt_ms: float
+    bandwidth_gbps: float
+    up_gbps: float
+    down_gbps: float
+    bytes: int
+    rounds: int
+    seconds: float
+    version: str
+    def __init__(self, peer: _Optional[str] = ..., rtt_ms: _Optional[float] = ..., bandwidth_gbps: _Optional[float] = ..., up_gbps: _Optional[float] = ..., down_gbps: _Optional[float] = ..., bytes: _Optional[int] = ..., rounds: _Optional[int] = ..., seconds: _Optional[float] = ..., version: _Optional[str] = ...) -> None: ...

@@ -69,6 +69,16 @@ class StageServiceStub:
                 request_serializer=noodle_dot_executors_dot_grpc_dot_stage__service__pb2.CloseSessionRequest.SerializeToString,
                 response_deserializer=noodle_dot_executors_dot_grpc_dot_stage__service__pb2.CloseSessionReply.FromString,
                 _registered_method=True)
+        self.Echo = channel.unary_unary(
+                '/noodle.stage.v1.StageService/Echo',
+                request_serializer=noodle_dot_executors_dot_grpc_dot_stage__service__pb2.EchoRequest.SerializeToString,
+                response_deserializer=noodle_dot_executors_dot_grpc_dot_stage__service__pb2.EchoReply.FromString,
+                _registered_method=True)
+        self.Probe = channel.unary_unary(
+                '/noodle.stage.v1.StageService/Probe',
+                request_serializer=noodle_dot_executors_dot_grpc_dot_stage__service__pb2.ProbeRequest.SerializeToString,
+                response_deserializer=noodle_dot_executors_dot_grpc_dot_stage__service__pb2.ProbeReply.FromString,
+                _registered_method=True)
 
 
 class StageServiceServicer:
@@ -117,6 +127,19 @@ class StageServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Echo(self, request, context):
+        """Link probing (added in noodle.probe.v1; an older worker answers UNIMPLEMENTED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Probe(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StageServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -154,6 +177,16 @@ def add_StageServiceServicer_to_server(servicer, server):
                     servicer.CloseSession,
                     request_deserializer=noodle_dot_executors_dot_grpc_dot_stage__service__pb2.CloseSessionRequest.FromString,
                     response_serializer=noodle_dot_executors_dot_grpc_dot_stage__service__pb2.CloseSessionReply.SerializeToString,
+            ),
+            'Echo': grpc.unary_unary_rpc_method_handler(
+                    servicer.Echo,
+                    request_deserializer=noodle_dot_executors_dot_grpc_dot_stage__service__pb2.EchoRequest.FromString,
+                    response_serializer=noodle_dot_executors_dot_grpc_dot_stage__service__pb2.EchoReply.SerializeToString,
+            ),
+            'Probe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Probe,
+                    request_deserializer=noodle_dot_executors_dot_grpc_dot_stage__service__pb2.ProbeRequest.FromString,
+                    response_serializer=noodle_dot_executors_dot_grpc_dot_stage__service__pb2.ProbeReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -345,6 +378,60 @@ class StageService:
             '/noodle.stage.v1.StageService/CloseSession',
             noodle_dot_executors_dot_grpc_dot_stage__service__pb2.CloseSessionRequest.SerializeToString,
             noodle_dot_executors_dot_grpc_dot_stage__service__pb2.CloseSessionReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Echo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/noodle.stage.v1.StageService/Echo',
+            noodle_dot_executors_dot_grpc_dot_stage__service__pb2.EchoRequest.SerializeToString,
+            noodle_dot_executors_dot_grpc_dot_stage__service__pb2.EchoReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Probe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/noodle.stage.v1.StageService/Probe',
+            noodle_dot_executors_dot_grpc_dot_stage__service__pb2.ProbeRequest.SerializeToString,
+            noodle_dot_executors_dot_grpc_dot_stage__service__pb2.ProbeReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,6 +46,7 @@ from noodle.executors.grpc import stage_service_pb2 as pb
 from noodle.executors.grpc import stage_service_pb2_grpc as pb_grpc
 from noodle.executors.grpc.config import DEFAULT_MAX_MESSAGE_BYTES, WorkerConfig, message_limit
 from noodle.executors.grpc.gate import CallGate, CallLimits
+from noodle.executors.grpc.probe import LinkProbes, ProbeRefused
 from noodle.executors.grpc.wire import from_proto, to_proto
 from noodle.executors.kvbudget import max_positions
 from noodle.executors.messages import StageInput
@@ -90,6 +91,7 @@ class StageServicer(pb_grpc.StageServiceServicer):
         self.limits = CallLimits(max_calls=config.calls_limit, max_calls_per_peer=config.calls_per_peer_limit,
                                  body_timeout_s=config.body_timeout_s, stream_idle_s=config.stream_idle_s)  # fmt: skip
         self.gate = CallGate(config.token, self.limits)
+        self.probes = LinkProbes(config.token, self.max_message_bytes, tls_ca=config.tls_cert)
         self.default_device = parse_device(config.device, field="--device")
         self.stages: dict[str, StageRunner] = {}
         self.sessions: dict[str, _SessionEntry] = {}
@@ -339,6 +341,13 @@ class StageServicer(pb_grpc.StageServiceServicer):
 
         return _guard(context, run)
 
+    # -- link probing (noodle.probe.v1, see probe.py) ------------------------------------------
+    def Echo(self, request: pb.EchoRequest, context: grpc.ServicerContext) -> pb.EchoReply:
+        return _guard(context, lambda: self.probes.echo(request))
+
+    def Probe(self, request: pb.ProbeRequest, context: grpc.ServicerContext) -> pb.ProbeReply:
+        return _guard(context, lambda: self.probes.probe(request))
+
 
 def _guard(context: grpc.ServicerContext, fn: Callable[[], Any]) -> Any:
     """Run ``fn``; refusals become their status, anything unexpected INTERNAL with one line and an error id.
@@ -348,7 +357,7 @@ def _guard(context: grpc.ServicerContext, fn: Callable[[], Any]) -> Any:
     """
     try:
         return fn()
-    except _Refuse as exc:
+    except (_Refuse, ProbeRefused) as exc:
         context.abort(exc.code, str(exc))
     except Exception as exc:  # noqa: BLE001 - logged here, one line to the caller
         ref = uuid.uuid4().hex[:12]
