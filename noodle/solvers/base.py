@@ -31,6 +31,7 @@ STATUSES = ("optimal", "feasible", "infeasible", "heuristic", "baseline", "unkno
 
 # An option's type (``float`` takes ints too; ``bool`` is not an int here) or the tuple of the values it may take.
 OptionSpec = type | tuple[Any, ...]
+_KINDS = {int: "an integer", bool: "true or false", str: "a string"}
 
 
 @dataclass(frozen=True)
@@ -112,13 +113,14 @@ def check_options(solver: Solver, options: Mapping[str, Any] | None, where: str 
             raise SpecError(f"{where}: unknown option {key!r} for solver {solver.name!r}; valid options: {valid}")
         if isinstance(spec, tuple):
             if value not in spec:
-                raise SpecError(f"{where}.{key}: {value!r} is not one of {', '.join(map(repr, spec))}")
+                raise SpecError(f"{where}.{key}: {value!r} is not a choice, give one of {', '.join(map(repr, spec))}")
         elif spec is float:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise SpecError(f"{where}.{key}: {value!r} is not a number")
+                raise SpecError(f"{where}.{key}: {value!r} is not a number, give a number")
             value = float(value)
         elif isinstance(value, bool) != (spec is bool) or not isinstance(value, spec):
-            raise SpecError(f"{where}.{key}: {value!r} is not a {spec.__name__}")
+            kind = _KINDS.get(spec, f"a {spec.__name__}")
+            raise SpecError(f"{where}.{key}: {value!r} is not {kind}, give {kind}")
         out[key] = value
     return out
 
