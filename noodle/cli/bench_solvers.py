@@ -102,7 +102,7 @@ def run_target_bench(seeds: int, time_limit: float, out: Path, progress: bool = 
 
 
 def bench_solvers_cmd(
-    size: str = typer.Option("default", "--size", help="small (seconds) | default (minutes) | large (64 nodes)"),
+    size: str = typer.Option("default", "--size", help="small (seconds) | default (~4 min) | large (64 nodes)"),
     seeds: int | None = typer.Option(None, "--seeds", help="instances per shape and objective [2; --targets: 10]"),
     time_limit: float | None = typer.Option(
         None, "--time-limit", "-t", help="seconds per solver per instance [5; --targets: 10]"
