@@ -25,8 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from noodle.graph.costmodel import DefaultCostModel, evaluate  # noqa: E402
-from noodle.solvers.heuristic import HeuristicSolver  # noqa: E402
-from noodle.solvers.subsetdp import solve_subset_dp  # noqa: E402
+from noodle.solvers.search.heuristic import HeuristicSolver  # noqa: E402
+from noodle.solvers.exact.subsetdp import solve_subset_dp  # noqa: E402
 from noodle.solvers.tables import build_tables  # noqa: E402
 from tests.solvers.instances import random_problem  # noqa: E402
 

@@ -254,7 +254,7 @@ def run_targets(*, seeds: int = 10, big_seeds: int = 5, time_limit_s: float = 10
     """The issue's targets, measured: proof time on 50 units x 8 nodes, gap on 98 x 32 at ``time_limit_s``,
     heuristic quality and time on 50 x 8 (against the proven optimum), all on jittered heterogeneous clusters."""
     from noodle.solvers.run import solve
-    from noodle.solvers.subsetdp import solve_subset_dp
+    from noodle.solvers.exact.subsetdp import solve_subset_dp
 
     jobs = [("proof", "gpt2-xl", 8, obj, s) for obj in ("throughput", "latency") for s in range(seeds)]
     jobs += [("big", "gpt3-175b", 32, obj, s) for obj in ("throughput", "latency") for s in range(big_seeds)]

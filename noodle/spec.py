@@ -13,7 +13,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Discriminator, Field, StrictBool, StrictFloat, StrictInt, StrictStr, Tag, ValidationError,
+    model_validator,
+)
 
 from noodle.docfile import load_document, validation_message
 from noodle.errors import NoodleError, SpecError
@@ -181,6 +184,9 @@ class ConstraintsSpec(_Strict):
 class SolverSpec(_Strict):
     name: str = "auto"
     time_limit_s: float = Field(SOLVER_DEFAULT_TIME_LIMIT_S, gt=0, le=MAX_TIME_LIMIT_S)
+    options: dict[str, StrictBool | StrictInt | StrictFloat | StrictStr] = Field(
+        default_factory=dict, description="options of this solver, passed through to it (e.g. milp: backend, "
+        "mip_rel_gap, threads, presolve; cpsat: num_workers, presolve; heuristic: seed); checked when solving")
 
 
 class Spec(_Strict):

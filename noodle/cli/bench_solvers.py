@@ -10,9 +10,18 @@ from rich.table import Table
 from noodle.cli.output import stdout_console
 from noodle.errors import SpecError
 
-__all__ = ["register", "run_solver_bench", "SIZES"]
+__all__ = ["register", "run_solver_bench", "results_folder", "SIZES", "RESULTS", "SCRATCH"]
 
 SIZES = ("small", "default", "large")
+RESULTS = Path("bench/results")  # the committed results the README and docs quote
+SCRATCH = Path("out/bench/solvers")  # where a run writes unless told otherwise (ignored by git)
+
+
+def results_folder(out: Path | None, commit_results: bool) -> Path:
+    """``--out``, else the committed results with ``--commit-results``, else :data:`SCRATCH`."""
+    if out is not None and commit_results:
+        raise SpecError(f"--out {out} and --commit-results: give one (--commit-results writes {RESULTS})")
+    return RESULTS if commit_results else (out if out is not None else SCRATCH)
 
 
 def _fmt(x: float | None, spec: str) -> str:
@@ -21,7 +30,7 @@ def _fmt(x: float | None, spec: str) -> str:
 
 def run_solver_bench(
     size: str = "default", seeds: int = 2, time_limit: float = 5.0, solvers: str | None = None,
-    out: Path = Path("bench/results"), progress: bool = True,
+    out: Path = SCRATCH, progress: bool = True,
 ) -> dict:
     """Run the benchmark, print the summary tables, write JSON/CSV/PNG into ``out``."""
     from noodle.cli.bench import use_bench
@@ -93,16 +102,20 @@ def run_target_bench(seeds: int, time_limit: float, out: Path, progress: bool = 
 
 
 def bench_solvers_cmd(
-    size: str = typer.Option("default", "--size", help="small (seconds) | default (minutes) | large (64 nodes)"),
+    size: str = typer.Option("default", "--size", help="small (seconds) | default (~4 min) | large (64 nodes)"),
     seeds: int | None = typer.Option(None, "--seeds", help="instances per shape and objective [2; --targets: 10]"),
     time_limit: float | None = typer.Option(
         None, "--time-limit", "-t", help="seconds per solver per instance [5; --targets: 10]"
     ),
     solvers: str | None = typer.Option(None, "--solvers", help="comma-separated solver names (default: all)"),
-    out: Path = typer.Option(Path("bench/results"), "--out", "-o", help="results folder"),
+    out: Path | None = typer.Option(None, "--out", "-o", help=f"results folder [{SCRATCH}]"),
+    commit_results: bool = typer.Option(
+        False, "--commit-results", help=f"write into the committed {RESULTS} (what the README quotes) instead"
+    ),
     targets: bool = typer.Option(False, "--targets", help="measure the proof-time/gap/heuristic targets instead"),
 ) -> None:
     """Compare every solver and baseline on seeded heterogeneous clusters (3 to 64 nodes)."""
+    out = results_folder(out, commit_results)
     if targets:
         run_target_bench(10 if seeds is None else seeds, 10.0 if time_limit is None else time_limit, out)
         return

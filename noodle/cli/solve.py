@@ -16,7 +16,7 @@ from noodle.cli.output import stderr_console, stdout_console
 from noodle.errors import SpecError
 from noodle.graph.build import build_cost_graph
 from noodle.plandoc import PlanDoc, dump_plan, plan_document
-from noodle.solvers import SOLVERS, solve
+from noodle.solvers import SOLVERS, check_options, solve
 from noodle.spec import MAX_TIME_LIMIT_S, load_spec
 
 __all__ = ["register", "render_table"]
@@ -80,10 +80,16 @@ def solve_cmd(
     if name not in SOLVERS:
         where = "--solver" if solver else f"{spec}: solver.name"
         raise SpecError(f"{where}: unknown solver {name!r}; valid names: {', '.join(SOLVERS.names())}")
+    options: dict = {}
+    if spec_obj.solver.options:
+        if name == spec_obj.solver.name:
+            options = check_options(SOLVERS.get(name), spec_obj.solver.options, where=f"{spec}: solver.options")
+        else:
+            err.print(f"note: {spec}: solver.options are for {spec_obj.solver.name!r}, not used with --solver {name}")
     limit = time_limit or spec_obj.solver.time_limit_s
     with err.status(f"solving {problem.name}: {problem.num_units} units on {len(problem.cluster.nodes)} nodes "
                     f"with {name} (limit {limit:g} s)"):
-        result = solve(problem, solver=name, time_limit_s=limit)
+        result = solve(problem, solver=name, time_limit_s=limit, options=options)
     doc = plan_document(problem, result)
     if graph is not None:
         import networkx as nx

@@ -1,18 +1,23 @@
-"""Placement solvers, registered in preference order (see :mod:`noodle.registry`)."""
+"""Placement solvers, registered in preference order (see :mod:`noodle.registry`).
+
+``tables`` (what every solver reads), ``search/`` (the heuristic), ``bounds/`` (lower bounds),
+``exact/`` (segment model, MILP, CP-SAT, set DP), ``auto`` (all of them in turn), ``baselines``,
+``run`` (:func:`solve`, the entry point), ``base`` (the protocol, results, options and registry).
+"""
 
 from functools import partial
 
 from noodle.solvers.auto import AutoSolver
-from noodle.solvers.base import SOLVERS, SolveResult, Solver
+from noodle.solvers.base import SOLVERS, SolveResult, Solver, check_options
 from noodle.solvers.baselines import BASELINES, BaselineSolver
-from noodle.solvers.cpsat import CpSatSolver
-from noodle.solvers.heuristic import HeuristicSolver
-from noodle.solvers.milp import MilpSolver
+from noodle.solvers.exact.cpsat import CpSatSolver
+from noodle.solvers.exact.milp import MilpSolver
 from noodle.solvers.run import solve
+from noodle.solvers.search.heuristic import HeuristicSolver
 
 __all__ = [
-    "SOLVERS", "SolveResult", "Solver", "solve", "AutoSolver", "CpSatSolver", "MilpSolver", "HeuristicSolver",
-    "BaselineSolver", "BASELINES",
+    "SOLVERS", "SolveResult", "Solver", "solve", "check_options", "AutoSolver", "CpSatSolver", "MilpSolver",
+    "HeuristicSolver", "BaselineSolver", "BASELINES",
 ]
 
 SOLVERS.register("auto", AutoSolver)

@@ -1,12 +1,12 @@
 """``auto``: heuristic, lower bound, exact DP when affordable, then more search; always the best plan so far.
 
-1. The heuristic (:mod:`noodle.solvers.heuristic`) gives a plan within a short budget.
+1. The heuristic (:mod:`noodle.solvers.search.heuristic`) gives a plan within a short budget.
 2. The typed-knapsack bound (:mod:`noodle.solvers.bounds`) gives a lower bound. When it
    meets the plan's value (relative gap <= ``PROOF_GAP``) the plan is proven optimal:
    this happens on most real-architecture instances, at any size.
 3. A short iterated local search toward the bound, seeded with the relaxation's own
    solution, often closes the gap (then it is a proof again).
-4. Otherwise, when the exact set DP (:mod:`noodle.solvers.subsetdp`) fits in the time
+4. Otherwise, when the exact set DP (:mod:`noodle.solvers.exact.subsetdp`) fits in the time
    left (few nodes, or many interchangeable ones), it settles the question exactly
    (including "no plan exists").
 5. Otherwise the iterated local search continues with the time left (on 16-64 nodes it
@@ -22,13 +22,16 @@ with ``interrupted`` set when it was Ctrl-C. The note says which step decided.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import replace
+from typing import Any
 
-from noodle.solvers.base import SolveResult, exact_fallback, plan_from_segments, relative_gap
+from noodle.solvers.base import SolveResult, SolverBase, plan_from_segments, relative_gap
 from noodle.solvers.bounds import latency_bound, relaxed_picks, throughput_bound
-from noodle.solvers.limits import bound_cost_seconds
-from noodle.solvers.heuristic import HeuristicSolver, default_budget, picks_order, search_orders, start_orders
-from noodle.solvers.subsetdp import Interrupted, dp_seconds, node_classes, solve_subset_dp
+from noodle.solvers.exact.fallback import exact_fallback
+from noodle.solvers.exact.limits import bound_cost_seconds
+from noodle.solvers.exact.subsetdp import Interrupted, dp_seconds, node_classes, solve_subset_dp
+from noodle.solvers.search.heuristic import HeuristicSolver, default_budget, picks_order, search_orders, start_orders
 from noodle.solvers.tables import INF, CostTables, plan_segments
 from noodle.types import Plan, Problem
 
@@ -49,11 +52,12 @@ def lower_bound(
     return throughput_bound(tables, upper=upper, time_limit_s=time_limit_s, rel_tol=rel_tol)
 
 
-class AutoSolver:
+class AutoSolver(SolverBase):
     name = "auto"
 
     def solve(
-        self, problem: Problem, tables: CostTables, *, time_limit_s: float, hint: Plan | None = None
+        self, problem: Problem, tables: CostTables, *, time_limit_s: float, hint: Plan | None = None,
+        options: Mapping[str, Any] | None = None,
     ) -> SolveResult:
         t0 = time.perf_counter()
         deadline = t0 + time_limit_s

@@ -24,11 +24,12 @@ Every baseline uses at most ``max_stages`` nodes (the first ones in its own orde
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
-from noodle.solvers.base import SolveResult, plan_from_segments
+from noodle.solvers.base import SolveResult, SolverBase, plan_from_segments
 from noodle.solvers.tables import CostTables, segments_value
 from noodle.types import GIB, Plan, Problem
 
@@ -119,7 +120,7 @@ def _why_not(problem: Problem, tables: CostTables, segs: list[tuple[int, int, in
     return None
 
 
-class BaselineSolver:
+class BaselineSolver(SolverBase):
     """One of :data:`BASELINES`; returns its rule's plan (status ``baseline``) or no plan and why."""
 
     exact = False
@@ -129,7 +130,8 @@ class BaselineSolver:
         self.rule, self.description = BASELINES[name]
 
     def solve(
-        self, problem: Problem, tables: CostTables, *, time_limit_s: float, hint: Plan | None = None
+        self, problem: Problem, tables: CostTables, *, time_limit_s: float, hint: Plan | None = None,
+        options: Mapping[str, Any] | None = None,
     ) -> SolveResult:
         t0 = time.perf_counter()
         segs = self.rule(problem, tables)

@@ -8,12 +8,14 @@ solver leaves unused on local search, and re-evaluates the plan under the cost m
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import replace
+from typing import Any
 
 from noodle.errors import InfeasibleError, NoodleError
 from noodle.graph.costmodel import CostModel, cost_model_for, evaluate
-from noodle.solvers.base import SOLVERS, SolveResult
-from noodle.solvers.heuristic import HeuristicSolver, default_budget
+from noodle.solvers.base import SOLVERS, SolveResult, check_options
+from noodle.solvers.search.heuristic import HeuristicSolver, default_budget
 from noodle.solvers.tables import CostTables, build_tables, check_feasible, explain_infeasible, plan_segments, segments_value
 from noodle.types import Problem
 
@@ -28,6 +30,7 @@ def solve(
     solver: str = "auto",
     time_limit_s: float = 10.0,
     cost_model: CostModel | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> SolveResult:
     """Place ``problem``'s units on its nodes.
 
@@ -37,6 +40,8 @@ def solve(
         time_limit_s: wall-clock budget for the search.
         cost_model: the cost model; default :func:`~noodle.graph.cost_model_for` the problem (per-node when
             some node carries its own profile, else :class:`~noodle.graph.DefaultCostModel`).
+        options: options of ``solver`` (its ``options`` attribute lists them, e.g. ``milp``'s ``backend``),
+            passed through to it.
 
     Returns:
         A :class:`SolveResult` whose ``objective_ms`` re-evaluates the plan under ``cost_model``.
@@ -47,10 +52,12 @@ def solve(
     Raises:
         InfeasibleError: no plan satisfies memory, pins and stage cap (the message names why).
         SolverUnavailable: unknown solver name or missing optional dependency.
+        SpecError: an option ``solver`` does not take, or a value of the wrong type.
         KeyboardInterrupt: Ctrl-C before any plan was found.
     """
     cm = cost_model or cost_model_for(problem)
     impl = SOLVERS.get(solver)
+    opts = check_options(impl, options)
     start = time.perf_counter()
     tables = build_tables(problem, cm)
     check_feasible(problem, tables)
@@ -64,7 +71,7 @@ def solve(
     else:
         remaining = max(0.05, time_limit_s - (time.perf_counter() - start))
         try:
-            result = impl.solve(problem, tables, time_limit_s=remaining, hint=hint)
+            result = impl.solve(problem, tables, time_limit_s=remaining, hint=hint, options=opts)
         except KeyboardInterrupt:
             if hint_result is None or hint_result.plan is None:
                 raise

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+import pytest
 
 from bench.solverbench import run_benchmark, write_results
 from bench.generate import problem_to_spec, random_instance
+from noodle.cli.bench_solvers import RESULTS, SCRATCH, results_folder
+from noodle.errors import SpecError
 from noodle.spec import parse_spec
 from tests.solvers.instances import llama_like_units
 
@@ -36,3 +41,11 @@ def test_generated_instances_round_trip_through_a_spec():
         for b in p.cluster.nodes:
             if a.id != b.id:
                 assert q.cluster.link(a.id, b.id) == p.cluster.link(a.id, b.id)
+
+
+def test_bench_solvers_writes_outside_the_committed_results_unless_asked(tmp_path):
+    assert results_folder(None, False) == SCRATCH and not str(SCRATCH).startswith("bench")
+    assert results_folder(None, True) == RESULTS == Path("bench/results")
+    assert results_folder(tmp_path, False) == tmp_path
+    with pytest.raises(SpecError, match="--out .* and --commit-results: give one"):
+        results_folder(tmp_path, True)

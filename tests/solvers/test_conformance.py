@@ -61,7 +61,7 @@ def test_heuristic_within_ten_percent(case, optima):
 
 
 def test_milp_cbc_backend_is_exact():
-    from noodle.solvers.milp import MilpSolver
+    from noodle.solvers.exact.milp import MilpSolver
     from noodle.solvers.tables import build_tables
     from noodle.graph import DefaultCostModel
 

@@ -8,12 +8,13 @@ import yaml
 from noodle import InfeasibleError, solve
 from noodle.cli.main import main
 from noodle.graph.costmodel import DefaultCostModel
-from noodle.solvers import SOLVERS, limits
-from noodle.solvers.cpsat import CpSatSolver
+from noodle.solvers import SOLVERS
+from noodle.solvers.exact import limits
+from noodle.solvers.exact.cpsat import CpSatSolver
 from bench.generate import problem_to_spec
-from noodle.solvers.heuristic import HeuristicSolver
-from noodle.solvers.milp import MilpSolver
-from noodle.solvers.subsetdp import solve_subset_dp
+from noodle.solvers.search.heuristic import HeuristicSolver
+from noodle.solvers.exact.milp import MilpSolver
+from noodle.solvers.exact.subsetdp import solve_subset_dp
 from noodle.solvers.tables import build_tables, check_feasible, plan_segments, segments_value
 from tests.solvers.instances import brute_force, random_problem
 
@@ -48,7 +49,7 @@ def test_a_model_over_the_budget_is_not_built_and_the_warm_start_comes_back(name
 
 def test_too_large_names_the_numbers():
     p = random_problem(2, n_units=8, n_nodes=4, tight=False)
-    from noodle.solvers.segments import build_segment_model
+    from noodle.solvers.exact.segments import build_segment_model
 
     model = build_segment_model(build_tables(p, CM), "latency")
     k = limits.model_vars(model)

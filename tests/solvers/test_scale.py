@@ -13,11 +13,11 @@ from noodle import NoodleError, evaluate, solve
 from noodle.graph.costmodel import DefaultCostModel
 from noodle.solvers import SOLVERS
 from noodle.solvers.bounds import latency_bound, throughput_bound
-from noodle.solvers.cpsat import CpSatSolver
+from noodle.solvers.exact.cpsat import CpSatSolver
 from bench.generate import random_instance
-from noodle.solvers.heuristic import HeuristicSolver, search_orders
-from noodle.solvers.milp import MilpSolver
-from noodle.solvers.subsetdp import node_classes, solve_subset_dp
+from noodle.solvers.search.heuristic import HeuristicSolver, search_orders
+from noodle.solvers.exact.milp import MilpSolver
+from noodle.solvers.exact.subsetdp import node_classes, solve_subset_dp
 from noodle.solvers.tables import build_tables, segments_value
 from noodle.types import Constraints, Pin
 from tests.solvers.instances import brute_force, is_feasible, llama_like_units, random_problem
@@ -139,7 +139,7 @@ def test_baselines_give_valid_plans_or_say_why_not(name):
 
 def test_ctrl_c_returns_the_incumbent(monkeypatch):
     """A KeyboardInterrupt inside the search: the best plan so far comes back, marked interrupted."""
-    import noodle.solvers.heuristic as heuristic
+    import noodle.solvers.search.heuristic as heuristic
 
     p = _real_like(11, 40, 12, "throughput")
     tables = build_tables(p, CM)
@@ -170,7 +170,7 @@ def test_tables_fast_path_scales():
 
 def test_set_dp_refuses_huge_state_spaces():
     """64 distinct nodes: 2^64 count vectors (no int64 overflow in the estimate); auto must not try the DP."""
-    from noodle.solvers.subsetdp import dp_seconds
+    from noodle.solvers.exact.subsetdp import dp_seconds
 
     p = random_instance(0, units=llama_like_units(4), n_nodes=64, objective="throughput")
     assert dp_seconds(build_tables(p, CM), "throughput") == float("inf")

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from noodle.solvers.segments import SegmentModel
+from noodle.solvers.exact.segments import SegmentModel
 from noodle.solvers.tables import CostTables
 
 __all__ = ["MAX_MODEL_VARS", "BYTES_PER_VAR", "CPSAT_SECONDS_PER_VAR", "HIGHS_SECONDS_PER_VAR", "model_vars", "too_large", "surely_too_large", "hard_stop",

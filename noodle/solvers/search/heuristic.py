@@ -27,14 +27,16 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import replace
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from noodle.solvers.base import SolveResult, exact_fallback, plan_from_segments
-from noodle.solvers.orders import picks_order, start_orders
-from noodle.solvers.subsetdp import Interrupted, dp_seconds, solve_subset_dp
+from noodle.solvers.base import SolveResult, SolverBase, plan_from_segments
+from noodle.solvers.exact.fallback import exact_fallback
+from noodle.solvers.exact.subsetdp import Interrupted, dp_seconds, solve_subset_dp
+from noodle.solvers.search.orders import picks_order, start_orders
 from noodle.solvers.tables import INF, CostTables
 from noodle.types import Plan, Problem
 
@@ -310,12 +312,12 @@ def _perturb(order: list[int], used: int, frozen: int, rng: random.Random) -> li
     return cand
 
 
-class HeuristicSolver:
+class HeuristicSolver(SolverBase):
     """Fixed-order DP + local search over orders; fast, no solver dependency.
 
     Searches for ``min(time_limit_s, default_budget(m, n))`` seconds at most, fewer when the
     iterated local search stops improving; ``hint`` (a plan) seeds the search. When the
-    exact set DP (:mod:`noodle.solvers.subsetdp`) is estimated to take at most
+    exact set DP (:mod:`noodle.solvers.exact.subsetdp`) is estimated to take at most
     ``DP_BUDGET_FACTOR`` times that budget (small instances: ~6 nodes x 14 units), it
     runs after the search with the search's value as cutoff, so the plan is then
     proven optimal. When the search finds no plan, the set DP (if it fits in the time
@@ -323,12 +325,14 @@ class HeuristicSolver:
     """
 
     name = "heuristic"
+    options = {"seed": int}  # the iterated local search's random seed (default 0)
 
     def __init__(self, *, prove: bool = True) -> None:
         self.prove = prove  # False: a warm start; finding no plan is then not worth a proof
 
     def solve(
-        self, problem: Problem, tables: CostTables, *, time_limit_s: float, hint: Plan | None = None
+        self, problem: Problem, tables: CostTables, *, time_limit_s: float, hint: Plan | None = None,
+        options: Mapping[str, Any] | None = None,
     ) -> SolveResult:
         t0 = time.perf_counter()
         obj = problem.objective
@@ -339,7 +343,8 @@ class HeuristicSolver:
             used = [pos[s.node] for s in hint.stages if s.node in pos]
             seeds = [used + [j for j in range(len(tables.nodes)) if j not in used]] + seeds
         budget = min(time_limit_s, default_budget(len(tables.nodes), tables.n))
-        res = search_orders(tables, obj, time_limit_s=budget, pinned=pinned, seed_orders=seeds)
+        res = search_orders(tables, obj, time_limit_s=budget, pinned=pinned, seed_orders=seeds,
+                            seed=(options or {}).get("seed", 0))
         val, seg = res.value, res.segments
         if res.interrupted:
             return self._result(tables, val, seg, t0, "interrupted (Ctrl-C): best plan so far", interrupted=True)

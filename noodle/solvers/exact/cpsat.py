@@ -1,4 +1,4 @@
-"""CP-SAT (OR-Tools) on the reduced segment model of :mod:`noodle.solvers.segments`.
+"""CP-SAT (OR-Tools) on the reduced segment model of :mod:`noodle.solvers.exact.segments`.
 
 Costs are scaled to integer nanoseconds (``SCALE`` per ms) because CP-SAT works on
 integers; the plan is re-evaluated in floating point afterwards. The heuristic's plan
@@ -11,56 +11,63 @@ when the stop came well before the time limit without a proof.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import time
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 
 from noodle.errors import SolverUnavailable
-from noodle.solvers.base import SolveResult, plan_from_segments
+from noodle.solvers.base import SolveResult, SolverBase, plan_from_segments
 from noodle.solvers.bounds import latency_bound, throughput_bound
-from noodle.solvers.limits import CPSAT_SECONDS_PER_VAR, bound_seconds, hard_stop, surely_too_large, too_large
-from noodle.solvers.segments import build_segment_model, plan_in_model
+from noodle.solvers.exact.limits import CPSAT_SECONDS_PER_VAR, bound_seconds, hard_stop, surely_too_large, too_large
+from noodle.solvers.exact.segments import build_segment_model, plan_in_model
 from noodle.solvers.tables import INF, CostTables, plan_segments, segments_value
 from noodle.types import Plan, Problem
 
-__all__ = ["CpSatSolver", "SCALE"]
+__all__ = ["CpSatSolver", "SCALE", "STATUS_MAP"]
 
 SCALE = 1_000_000  # integer units per ms (1 ns)
 
 
-def _status_map() -> dict[int, str]:
-    from ortools.sat.python import cp_model
-
-    return {
-        cp_model.OPTIMAL: "optimal",
-        cp_model.FEASIBLE: "feasible",
-        cp_model.INFEASIBLE: "infeasible",
-        cp_model.UNKNOWN: "unknown",
-        cp_model.MODEL_INVALID: "invalid",
-    }
+# CP-SAT status name (``CpSolver.status_name``) -> noodle status.
+STATUS_MAP = {
+    "OPTIMAL": "optimal",
+    "FEASIBLE": "feasible",
+    "INFEASIBLE": "infeasible",
+    "UNKNOWN": "unknown",
+    "MODEL_INVALID": "invalid",
+}
 
 
 def _ns(ms: float) -> int:
     return int(round(ms * SCALE))
 
 
-class CpSatSolver:
-    """Exact: proves optimality (or infeasibility) when the time limit allows."""
+class CpSatSolver(SolverBase):
+    """Exact: proves optimality (or infeasibility) when the time limit allows.
+
+    Options: ``num_workers`` (default: the CPU count, at most 8), ``presolve`` (default off).
+    """
 
     name = "cpsat"
     exact = True
+    requires = ("ortools",)
+    options = {"num_workers": int, "presolve": bool}
 
     def solve(
-        self, problem: Problem, tables: CostTables, *, time_limit_s: float, hint: Plan | None = None
+        self, problem: Problem, tables: CostTables, *, time_limit_s: float, hint: Plan | None = None,
+        options: Mapping[str, Any] | None = None,
     ) -> SolveResult:
-        if importlib.util.find_spec("ortools") is None:
+        if not self.is_installed():
             raise SolverUnavailable("solver 'cpsat' needs OR-Tools: pip install ortools")
         from ortools.sat.python import cp_model
+
+        opts = dict(options or {})
 
         t0 = time.perf_counter()
         deadline = t0 + time_limit_s
@@ -168,15 +175,15 @@ class CpSatSolver:
                                "the time limit was spent building the model: the start plan, not searched further")
         limit = max(0.05, limit)
         solver.parameters.max_time_in_seconds = limit
-        solver.parameters.num_workers = max(1, min(8, os.cpu_count() or 1))
+        solver.parameters.num_workers = opts.get("num_workers", max(1, min(8, os.cpu_count() or 1)))
         solver.parameters.catch_sigint_signal = True
         solver.parameters.absolute_gap_limit = float(2 * slack + 1)  # within rounding of the bound: stop
-        solver.parameters.cp_model_presolve = False  # measured: presolve alone took 7 s on 50 x 8
+        solver.parameters.cp_model_presolve = opts.get("presolve", False)  # measured: presolve alone took 7 s on 50 x 8
         s0 = time.perf_counter()
         with hard_stop(deadline, solver.stop_search) as fired:  # max_time is not checked during CP-SAT's load
             code = solver.solve(md)
         wall = time.perf_counter() - s0
-        status = _status_map().get(code, "unknown")
+        status = STATUS_MAP.get(solver.status_name(code), "unknown")
         elapsed = time.perf_counter() - t0
         interrupted = status in ("feasible", "unknown") and wall < 0.9 * limit and not fired.is_set()
         if status == "infeasible":

@@ -42,7 +42,7 @@ import time
 
 import numpy as np
 
-from noodle.solvers.knapsack import FIRST, INTERIOR, LAST, knap_min, max_cover, skew
+from noodle.solvers.bounds.knapsack import FIRST, INTERIOR, LAST, knap_min, max_cover, skew
 from noodle.solvers.tables import INF, CostTables
 
 __all__ = ["latency_bound", "throughput_bound", "throughput_feasible", "relaxed_picks"]

@@ -1,6 +1,6 @@
 """Seed orders for the heuristic's search over node orders.
 
-The search (:mod:`noodle.solvers.heuristic`) starts from a few node orders: by speed,
+The search (:mod:`noodle.solvers.search.heuristic`) starts from a few node orders: by speed,
 by memory, and with sites (groups of nodes joined by cheap links) kept together, with
 pinned nodes placed where their pins fall; :func:`picks_order` turns the picks of the
 relaxation (:func:`noodle.solvers.bounds.relaxed_picks`) into one more such order.
@@ -56,7 +56,7 @@ def start_orders(tables: CostTables, pinned: list[int], *, many: bool = False) -
     Pinned nodes (``pinned``, in the order of their pins along the chain) are placed at the
     front and also spread along the order where their pins fall. With ``many``, also every node
     (and, up to 10 nodes, every pair) in front of the speed order: they are cheap to evaluate
-    together (:func:`~noodle.solvers.heuristic.dp_values`) and let the search start near plans that lead with a slow node
+    together (:func:`~noodle.solvers.search.heuristic.dp_values`) and let the search start near plans that lead with a slow node
     holding much memory, or with a particular pair.
     """
     nodes = tables.nodes

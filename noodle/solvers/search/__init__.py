@@ -1,0 +1,5 @@
+"""Search: the exact DP for a fixed node order and the iterated local search over orders (:mod:`.heuristic`),
+seeded with the start orders of :mod:`.orders`.
+"""
+
+__all__: list[str] = []
