@@ -8,17 +8,29 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from noodle.serve.registry import ClusterRegistry, Heartbeat, JoinRequest, analytic_decode_ms, cluster_spec
+from noodle.serve.registry import ClusterRegistry, Heartbeat, JoinRequest, cluster_spec
 from noodle.spec import parse_spec
 
+NAMES = ("embed", "block.0", "block.1", "block.2", "block.3", "lm_head")  # the tiny GPT-2 of conftest
 
-def _join(node: str, decode_ms: float, free_gib: float = 4.0) -> JoinRequest:
-    return JoinRequest.model_validate({
-        "id": node, "address": f"127.0.0.1:{5000 + len(node)}", "model_hash": "abc",
-        "device": {"kind": "cpu", "name": "x", "total_memory_bytes": 8 * 2**30, "free_memory_bytes": int(free_gib * 2**30),
-                   "threads": 1},
-        "costs": {"decode_ms": decode_ms, "prefill_ms_per_token": 0.1, "prompt_tokens": 32},
-    })  # fmt: skip
+
+def _costs(unit_ms: float | list[float], names: tuple[str, ...] = NAMES, batches: tuple[int, ...] = (1,)) -> dict:
+    ms = unit_ms if isinstance(unit_ms, list) else [unit_ms / len(names)] * len(names)
+    return {"format": "noodle.unit-costs/1", "batch_size": batches[0], "prompt_tokens": 32, "dtype": "float32",
+            "units": [{"name": n, "decode_ms": {str(b): m * b for b in batches}, "prefill_ms_per_token": m / 10,
+                       "param_bytes": 200_000, "kv_bytes_per_token": 0 if n in ("embed", "lm_head") else 512}
+                      for n, m in zip(names, ms)]}  # fmt: skip
+
+
+def _body(node: str, decode_ms: float | list[float], free_gib: float = 4.0) -> dict:
+    return {"id": node, "address": f"127.0.0.1:{5000 + len(node)}", "model_hash": "abc",
+            "device": {"kind": "cpu", "name": "x", "total_memory_bytes": 8 * 2**30,
+                       "free_memory_bytes": int(free_gib * 2**30), "threads": 1},
+            "costs": _costs(decode_ms)}  # fmt: skip
+
+
+def _join(node: str, decode_ms: float | list[float], free_gib: float = 4.0) -> JoinRequest:
+    return JoinRequest.model_validate(_body(node, decode_ms, free_gib))
 
 
 def test_heartbeats_keep_nodes_alive_and_silence_kills_them() -> None:
@@ -38,29 +50,39 @@ def test_heartbeats_keep_nodes_alive_and_silence_kills_them() -> None:
     assert reg.alive_count() == 2
 
 
-def test_join_is_validated() -> None:
-    with pytest.raises(ValidationError):
-        JoinRequest.model_validate({**_join("a", 1.0).model_dump(), "address": "no-port"})
-    with pytest.raises(ValidationError):
-        JoinRequest.model_validate({**_join("a", 1.0).model_dump(), "costs": {"decode_ms": -1, "prefill_ms_per_token": 1,
-                                                                             "prompt_tokens": 1}})  # fmt: skip
-
-
-def test_spec_scores_follow_the_measurement_and_solve(model_dir: Path) -> None:
+def test_join_keeps_the_unit_costs_as_the_node_profile() -> None:
     reg = ClusterRegistry()
-    ref = analytic_decode_ms(model_dir, 32)
-    reg.join(_join("fast", ref / 4))
-    reg.join(_join("slow", ref))
+    rec = reg.join(_join("a", [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]))
+    assert rec.profile.unit_names == NAMES and rec.profile.latency_ms == (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
+    assert rec.decode_ms == pytest.approx(2.1)  # the whole model: the sum of its units, for display
+    assert rec.profile.kv_bytes_per_token == (0, 512, 512, 512, 512, 0)
+    d = rec.as_dict()
+    assert d["units"] == 6 and "profile" not in d
+
+
+def test_spec_carries_each_nodes_profile_and_solves(model_dir: Path) -> None:
+    reg = ClusterRegistry()
+    reg.join(_join("fast", 0.5))
+    reg.join(_join("slow", [0.01, 1.0, 1.0, 1.0, 1.0, 0.01]))
     data = cluster_spec(reg.records(), model_dir, concurrency=4)
-    scores = {n["id"]: n["compute_score"] for n in data["cluster"]["nodes"]}
-    assert scores["fast"] == pytest.approx(4.0, rel=1e-3) and scores["slow"] == pytest.approx(1.0, rel=1e-3)
-    assert data["cluster"]["nodes"][0]["memory_gb"] == pytest.approx(4.0)
+    nodes = {n["id"]: n for n in data["cluster"]["nodes"]}
+    assert all("compute_score" not in n for n in nodes.values())
+    assert [u["latency_ms"] for u in nodes["slow"]["profile"]["units"]] == [0.01, 1.0, 1.0, 1.0, 1.0, 0.01]
+    assert nodes["fast"]["memory_gb"] == pytest.approx(4.0)
     spec = parse_spec(data, source="test")
     problem = spec.to_problem(model_dir, source="test")
+    from noodle.graph.costmodel import cost_model_for, evaluate
+    from noodle.graph.pernode import PerNodeCostModel
     from noodle.solvers import solve
 
+    assert isinstance(cost_model_for(problem), PerNodeCostModel)
     result = solve(problem, solver="auto", time_limit_s=5)
     assert result.plan is not None
+    ev = evaluate(problem, result.plan)
+    slow = problem.cluster.node("slow")
+    # the per-node table, not a score: the slow node's blocks cost what it measured
+    assert PerNodeCostModel().stage_compute_ms(problem, slow, 1, 3) == pytest.approx(2.0)
+    assert ev.bottleneck_ms > 0
 
 
 def test_drift_needs_a_sustained_change_of_more_than_the_threshold() -> None:
@@ -89,7 +111,7 @@ def test_drift_needs_a_sustained_change_of_more_than_the_threshold() -> None:
 def test_drift_scales_the_node_in_the_spec(model_dir: Path) -> None:
     reg = ClusterRegistry()
     reg.join(_join("a", 1.0))
-    before = cluster_spec(reg.records(), model_dir)["cluster"]["nodes"][0]["compute_score"]
+    before = cluster_spec(reg.records(), model_dir)["cluster"]["nodes"][0]["profile"]["units"]
     reg.scale("a", 2.0)
-    after = cluster_spec(reg.records(), model_dir)["cluster"]["nodes"][0]["compute_score"]
-    assert after == pytest.approx(before / 2, rel=1e-3)
+    after = cluster_spec(reg.records(), model_dir)["cluster"]["nodes"][0]["profile"]["units"]
+    assert [u["latency_ms"] for u in after] == pytest.approx([2 * u["latency_ms"] for u in before])
