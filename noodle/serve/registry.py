@@ -13,7 +13,8 @@ joined worker reports its own unit costs (:class:`CostReport`, format
 registry keeps them as the node's :class:`~noodle.types.NodeProfile` and the spec carries it
 as the node's inline ``profile:``, so the planner prices every (node, unit) pair with
 :class:`~noodle.graph.pernode.PerNodeCostModel` (no ``compute_score``). The profile is
-multiplied by the node's drift factor (how much slower its stages ran than when they started).
+corrected by what the served stages measured (:func:`corrected`, fed by
+:mod:`noodle.serve.drift`): a factor per (node, unit range) the node ran.
 ``memory_gb`` is the free memory the worker reported at its last heartbeat. The document is
 written by :func:`noodle.cluster.export_spec` (the shared exporter), from
 :class:`noodle.cluster.NodeRecord` values.
@@ -34,11 +35,12 @@ from noodle.sizes import MAX_UNITS
 from noodle.types import NodeProfile
 
 __all__ = ["JoinRequest", "Heartbeat", "CostReport", "UnitCostReport", "WorkerRecord", "ClusterRegistry",
-           "cluster_spec", "unit_mismatch"]
+           "cluster_spec", "unit_mismatch", "corrected", "table_ms", "PLAN_BATCH"]
 
 MAX_WIRE_MS = 1e7  # per unit and step: about 2.8 hours
 MAX_WIRE_BYTES = 2**50
 MAX_BATCH_SIZES = 16
+PLAN_BATCH = 1  # sequences per step the cluster's plan is priced at (noodle serve --cluster steps one per group)
 
 
 class _Wire(BaseModel):
@@ -152,12 +154,19 @@ class WorkerRecord:
     last_heartbeat: float
     load: float = 0.0
     alive: bool = True
-    drift: float = 1.0  # measured slowdown since it joined (from the served stages' step times)
+    corrections: tuple[tuple[int, int, float], ...] = ()  # (start, end, measured / table), oldest first
+
+    @property
+    def correction(self) -> float:
+        """The node's latest correction factor (1.0 before any stage ran on it)."""
+        return self.corrections[-1][2] if self.corrections else 1.0
 
     def as_dict(self, now: float | None = None) -> dict[str, Any]:
         d = dict(self.__dict__)
         del d["profile"]
         d["units"] = len(self.profile.unit_names)
+        d["corrections"] = [{"start": a, "end": b, "factor": f} for a, b, f in self.corrections]
+        d["correction"] = self.correction
         d["heartbeat_age_s"] = (now or time.time()) - self.last_heartbeat
         return d
 
@@ -225,12 +234,17 @@ class ClusterRegistry:
                 self.version += 1
         self.changed.set()
 
-    def scale(self, node_id: str, factor: float) -> None:
-        """Multiply a node's drift factor (its decode time in the spec) by ``factor``."""
+    def correct(self, node_id: str, start: int, end: int, factor: float) -> None:
+        """Set the node's correction of units ``[start, end)`` (the most recent one last)."""
         with self._lock:
             rec = self._nodes.get(node_id)
             if rec is not None:
-                self._nodes[node_id] = replace(rec, drift=rec.drift * factor)
+                kept = tuple(c for c in rec.corrections if (c[0], c[1]) != (start, end))[-15:]
+                self._nodes[node_id] = replace(rec, corrections=(*kept, (start, end, float(factor))))
+
+    def factors(self) -> dict[tuple[str, int, int], float]:
+        """Every correction as ``{(node, start, end): factor}``."""
+        return {(r.id, a, b): f for r in self.records() for a, b, f in r.corrections}
 
     def records(self, *, alive_only: bool = False) -> list[WorkerRecord]:
         with self._lock:
@@ -241,14 +255,31 @@ class ClusterRegistry:
         return len(self.records(alive_only=True))
 
 
-def scaled(prof: NodeProfile, factor: float) -> NodeProfile:
-    """``prof`` with every decode and prefill time multiplied by ``factor``."""
-    if factor == 1.0:
+def corrected(prof: NodeProfile, corrections: tuple[tuple[int, int, float], ...]) -> NodeProfile:
+    """``prof`` with its decode and prefill times multiplied by the measured corrections.
+
+    A unit inside a corrected range takes that range's factor (the most recent range holding it);
+    the node's other units take its most recent factor (a node that runs slower than its table
+    on one range is likely to on the others); no correction leaves ``prof`` as it is.
+    """
+    if not corrections:
         return prof
-    return replace(prof, latency_ms=tuple(x * factor for x in prof.latency_ms),
-                   decode_ms=tuple((b, tuple(x * factor for x in ms)) for b, ms in prof.decode_ms),
-                   prefill_ms_per_token=None if prof.prefill_ms_per_token is None
-                   else tuple(x * factor for x in prof.prefill_ms_per_token))  # fmt: skip
+    n = len(prof.unit_names)
+    f = [corrections[-1][2]] * n
+    for start, end, factor in corrections:
+        for i in range(max(0, start), min(n, end)):
+            f[i] = factor
+
+    def times(col: tuple[float, ...]) -> tuple[float, ...]:
+        return tuple(x * k for x, k in zip(col, f))
+
+    return replace(prof, latency_ms=times(prof.latency_ms), decode_ms=tuple((b, times(ms)) for b, ms in prof.decode_ms),
+                   prefill_ms_per_token=None if prof.prefill_ms_per_token is None else times(prof.prefill_ms_per_token))  # fmt: skip
+
+
+def table_ms(rec: WorkerRecord, start: int, end: int, batch_size: int = PLAN_BATCH) -> float:
+    """The node's join-time (uncorrected) decode cost of units ``[start, end)`` at ``batch_size``."""
+    return float(sum(rec.profile.decode_latency_ms(batch_size)[start:end]))
 
 
 def cluster_spec(records: list[WorkerRecord], model_dir: Path, *, concurrency: int = 8,
@@ -273,8 +304,8 @@ def cluster_spec(records: list[WorkerRecord], model_dir: Path, *, concurrency: i
     for r in sorted(records, key=lambda r: r.id):
         nodes.append(NodeRecord(id=r.id, address=r.address, device=r.device_kind, device_name=r.device_name,
                                 total_memory_bytes=r.total_memory_bytes, free_memory_bytes=max(r.free_memory_bytes, 2**20),
-                                torch_threads=r.threads, costs=scaled(r.profile, r.drift)))  # fmt: skip
-    workload = Workload(prompt_tokens=prompt, max_new_tokens=max(1, positions - prompt), batch_size=1,
+                                torch_threads=r.threads, costs=corrected(r.profile, r.corrections)))  # fmt: skip
+    workload = Workload(prompt_tokens=prompt, max_new_tokens=max(1, positions - prompt), batch_size=PLAN_BATCH,
                         concurrency=concurrency)  # fmt: skip
     doc = export_spec(nodes, {"hf_config": str(model_dir / "config.json")}, workload,
                       name=name or f"cluster-{model_dir.name}")  # fmt: skip
