@@ -68,6 +68,10 @@ def status_cmd(url: str = typer.Option("http://127.0.0.1:8000", "--url", help="t
                       f"{n['heartbeat_age_s']:.1f} s ago", "; ".join(n["stages"]) or "spare")  # fmt: skip
     con.print(table)
     _links_table(con, data.get("links") or [])
+    for e in data.get("prediction", []):
+        con.print(f"stage {e['stage']} on {e['node']} units {e['units']}: measured {e['measured_ms']:.3f} ms, "
+                  f"predicted {e['predicted_ms']:.3f} ms ({e['error_pct']:+.1f} %), corrected estimate "
+                  f"{e['corrected_ms']:.3f} ms (x{e['correction']:.2f}, {e['windows']} windows)", highlight=False)  # fmt: skip
     for r in data["replans"]:
         when = time.strftime("%H:%M:%S", time.localtime(r["t"]))
         con.print(f"{when} re-plan ({r['reason']}): {r['before_tps']:.1f} -> {r['after_tps']:.1f} tokens/s, "

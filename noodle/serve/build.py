@@ -7,7 +7,7 @@ from typing import Any
 
 from noodle.executors import EXECUTORS
 from noodle.executors.kvbudget import max_positions
-from noodle.executors.slicing import read_config
+from noodle.executors.slicing import read_config, unit_names_of
 from noodle.plandoc import PlanDoc
 from noodle.serve.app import ServeApp
 from noodle.serve.runtime import Limits, Runtime
@@ -63,6 +63,7 @@ def build_cluster_server(
     min_workers: int = 1,
     gain_threshold: float = 0.10,
     heartbeat_timeout_s: float = 5.0,
+    drift_threshold: float = 0.15,
     drain_s: float = 10.0,
     concurrency: int = 8,
     max_queue: int = 64,
@@ -88,13 +89,13 @@ def build_cluster_server(
     context = max_positions(config) or 2048
     limits = Limits(prompt_tokens=context - 1, context_tokens=context, vocab_size=int(config.vocab_size))
     registry = ClusterRegistry(heartbeat_s=max(0.2, heartbeat_timeout_s / 4), heartbeat_timeout_s=heartbeat_timeout_s,
-                               model_hash=model_hash(model_dir))  # fmt: skip
+                               model_hash=model_hash(model_dir), unit_names=tuple(unit_names_of(model_dir)))  # fmt: skip
     holder: dict[str, ClusterController] = {}
     runtime = Runtime(lambda: holder["ctl"].opener(), tokenizer, limits, eos_ids=eos_ids,
                       request_timeout_s=request_timeout_s)  # fmt: skip
     ctl = ClusterController(registry, Path(model_dir), runtime.events, token=token, concurrency=concurrency,
                             max_queue=max_queue, min_workers=min_workers, gain_threshold=gain_threshold,
-                            drain_s=drain_s)  # fmt: skip
+                            drain_s=drain_s, drift_threshold=drift_threshold)  # fmt: skip
     holder["ctl"] = ctl
     ctl.prober = LinkProber(registry, probe_sizes(Path(model_dir)), token=token, events=runtime.events,
                             interval_s=probe_interval_s)  # fmt: skip

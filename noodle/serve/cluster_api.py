@@ -17,7 +17,7 @@ from fastapi.responses import PlainTextResponse
 
 from noodle.serve.controller import ClusterController
 from noodle.serve.protocol import ApiError
-from noodle.serve.registry import Heartbeat, JoinRequest, cluster_spec
+from noodle.serve.registry import Heartbeat, JoinRequest, cluster_spec, unit_mismatch
 
 __all__ = ["cluster_router"]
 
@@ -41,11 +41,17 @@ def cluster_router(ctl: ClusterController, token: str | None) -> APIRouter:
             raise ApiError(409, f"model_hash: the worker's model folder is {body.model_hash}, the coordinator serves "
                            f"{reg.model_hash}; give the worker a copy of the same model", param="model_hash",
                            code="model_mismatch")  # fmt: skip
+        wrong = unit_mismatch(body.costs, reg.unit_names) if reg.unit_names else None
+        if wrong:
+            raise ApiError(400, f"costs.units: {wrong}; the worker measured another model "
+                           f"(its units must be {', '.join(reg.unit_names)})", param="costs.units",
+                           code="invalid_value")  # fmt: skip
         if body.address.startswith(("0.0.0.0:", "[::]:")) and request.client is not None:  # listens everywhere
             body = body.model_copy(update={"address": f"{request.client.host}:{body.address.rsplit(':', 1)[1]}"})
         rec = reg.join(body)
         ctl.events.add("info", f"node {rec.id} joined from {rec.address}: {rec.device_kind} ({rec.device_name}), "
-                       f"{rec.free_memory_bytes / 2**30:.1f} GiB free, decode {rec.decode_ms:.2f} ms"
+                       f"{rec.free_memory_bytes / 2**30:.1f} GiB free, decode {rec.decode_ms:.2f} ms over "
+                       f"{len(rec.profile.unit_names)} units"
                        f"{' (cached)' if rec.cached else ''}")  # fmt: skip
         return {"ok": True, "heartbeat_s": reg.heartbeat_s}
 

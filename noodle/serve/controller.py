@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import socket
+import statistics
 import threading
 import time
 from collections.abc import Iterator
@@ -35,8 +36,8 @@ from prometheus_client.registry import Collector
 
 from noodle.errors import ExecutorError, NoodleError
 from noodle.plandoc import PlanDoc, plan_document
-from noodle.serve.drift import DriftWatch
-from noodle.serve.registry import ClusterRegistry, WorkerRecord, cluster_spec
+from noodle.serve.drift import PredictionWatch, StageError, StageWindow, fresh_window
+from noodle.serve.registry import ClusterRegistry, WorkerRecord, cluster_spec, table_ms
 from noodle.serve.switching import LivePlan, SwitchingPipeline
 
 __all__ = ["ClusterController", "predicted_tps", "plan_layout"]
@@ -85,9 +86,10 @@ class ClusterController:
         self._last_switch = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.drift = DriftWatch(threshold=drift_threshold)
+        self.drift = PredictionWatch(threshold=drift_threshold)
         self._drift_checked = 0.0
         self.prober: Any = None  # a noodle.serve.linkprobe.LinkProber, closed with the controller
+        self._fed: tuple[Any, dict[int, int]] = (None, {})  # (executor, decode steps already fed per stage)
 
     # -- start-up (the runtime's opener) ------------------------------------------------------------
     def opener(self) -> tuple[Any, Any]:
@@ -228,24 +230,74 @@ class ClusterController:
             return
         if time.monotonic() - self._drift_checked >= 1.0 and current is not None:
             self._drift_checked = time.monotonic()
-            stats = self.pipeline.stats()
-            for i, factor in self.drift.observe(list(getattr(stats, "stages", ()) or ())):
-                node = current.stages[i].node
-                self.registry.scale(node, factor)
-                self._drift(node, i, factor)
+            self._feedback(current)
         if self.registry.version != self._considered and time.monotonic() - self._last_switch >= self.cooldown_s:
             self._considered = self.registry.version
             newest = max(self.registry.records(alive_only=True), key=lambda r: r.joined_at, default=None)
             self._replan(f"nodes changed: {len(alive)} live", t_cause=newest.joined_at if newest else None)
 
-    def _drift(self, node: str, stage: int, factor: float) -> None:
-        """A stage's step time moved by ``factor``: re-solve with the node's corrected speed; switch if the layout changes."""
-        reason = f"drift: stage {stage} on {node} runs at {factor:.2f}x its first steps' time"
+    def _windows(self, plan: PlanDoc) -> list[StageWindow]:
+        """Each stage's fresh window of decode steps: the median of its worker's own compute time (ms)."""
+        ex = self.pipeline.executor
+        if self._fed[0] is not ex:
+            self._fed = (ex, {})
+        seen = self._fed[1]
+        lanes = list(getattr(ex, "_lanes", ()) or ())[-len(plan.stages):]
+        recs = {r.id: r for r in self.registry.records()}
+        out = []
+        for i, (stage, lane) in enumerate(zip(plan.stages, lanes)):
+            total = int(getattr(lane, "decode_steps", 0))
+            window = fresh_window(getattr(lane, "compute_ms", ()), total, seen.get(i, 0), self.drift.min_steps)
+            rec = recs.get(stage.node)
+            if window is None or rec is None:
+                continue
+            seen[i] = total
+            out.append(StageWindow(i, stage.node, stage.start, stage.end, statistics.median(window),
+                                   float(stage.compute_ms), table_ms(rec, stage.start, stage.end)))  # fmt: skip
+        return out
+
+    def _feedback(self, plan: PlanDoc) -> None:
+        """Feed the stages' measured compute into the cost table; re-solve when a prediction stays off."""
+        updates, drifted = self.drift.observe(self._windows(plan), self.registry.factors())
+        for (node, start, end), factor in updates.items():
+            self.registry.correct(node, start, end, factor)
+        if drifted:
+            self._drift(max(drifted, key=lambda e: abs(e.error)))
+
+    def _repriced(self, plan: PlanDoc) -> PlanDoc:
+        """``plan``'s layout with its predictions under the corrected costs (the layout is kept as it is)."""
+        from noodle.graph.costmodel import evaluate
+        from noodle.solvers.base import SolveResult
+        from noodle.spec import parse_spec
+        from noodle.types import Plan, Stage
+
+        data = cluster_spec(self.registry.records(alive_only=True), self.model_dir, concurrency=self.concurrency)
+        problem = parse_spec(data, source="noodle serve --cluster").to_problem(self.model_dir, source="noodle serve --cluster")
+        layout = Plan(tuple(Stage(s.node, s.start, s.end) for s in plan.stages))
+        ev = evaluate(problem, layout)
+        return plan_document(problem, SolveResult("kept", "feasible", layout, ev.objective_ms, None, 0.0,
+                                                   note="the served layout, re-priced with measured corrections"))  # fmt: skip
+
+    def _drift(self, err: StageError) -> None:
+        """A stage's measured compute left its prediction: re-solve with the corrected costs.
+
+        Switch when the layout changes and the new plan beats the served layout, re-priced with the same
+        corrections, by more than ``gain_threshold``; otherwise keep the layout with corrected predictions.
+        """
+        reason = (f"drift: stage {err.index} on {err.node} computes in {err.measured_ms:.3f} ms, predicted "
+                  f"{err.predicted_ms:.3f} ms ({err.error:+.0%})")  # fmt: skip
         new = self.solve(self.registry.records(alive_only=True))
-        if plan_layout(new) == plan_layout(self.plan.current):
-            self.events.add("info", f"{reason}; the corrected costs give the same plan: keeping {plan_layout(new)}")
-            return
-        self._replan(reason, force=True, plan=new)
+        current = self.plan.current
+        if plan_layout(new) != plan_layout(current):
+            kept = self._repriced(current)
+            if predicted_tps(new) > predicted_tps(kept) * (1 + self.gain_threshold):
+                self._replan(reason, force=True, plan=new)
+                return
+            new = kept
+        self.events.add("info", f"{reason}; the corrected costs keep {plan_layout(new)} "
+                                f"({predicted_tps(new):.1f} predicted tokens/s): predictions corrected")  # fmt: skip
+        self.plan.current = new
+        self.on_plan(new)
 
     # -- what the status page and /metrics show -----------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -260,7 +312,8 @@ class ClusterController:
             nodes.append(d)
         return {"nodes": nodes, "plan": plan_layout(self.plan.current), "predicted_tps": predicted_tps(self.plan.current),
                 "heartbeat_timeout_s": self.registry.heartbeat_timeout_s, "replans": list(self.replans),
-                "requeued": self.pipeline.requeued, "links": self.registry.links.rows(now)}  # fmt: skip
+                "requeued": self.pipeline.requeued, "links": self.registry.links.rows(now),
+                "prediction": [e.as_dict() for _, e in sorted(self.drift.errors.items())]}  # fmt: skip
 
 
 class ClusterCollector(Collector):
@@ -289,3 +342,8 @@ class ClusterCollector(Collector):
         tps = GaugeMetricFamily("noodle_plan_predicted_tokens_per_second", "the served plan's predicted tokens/s")
         tps.add_metric([], predicted_tps(self._ctl.plan.current))
         yield tps
+        err = GaugeMetricFamily("noodle_stage_prediction_error", "measured / predicted stage compute - 1, last window",
+                                labels=["stage", "node"])  # fmt: skip
+        for i, e in sorted(self._ctl.drift.errors.items()):
+            err.add_metric([str(i), e.node], e.error)
+        yield err

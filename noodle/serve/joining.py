@@ -1,9 +1,12 @@
 """The worker's side of ``noodle worker --join URL``: measure this device, register, send heartbeats.
 
-A joining worker measures itself once per (device, model, dtype, threads): the whole
-model's decode step and its prefill time per token at batch 1 on the worker's own
-device (a short timing: one warm-up, then the median of a few runs), its total and
-free memory and its torch threads. The figures are cached as JSON under
+A joining worker measures itself once per (device, model, dtype, threads): the model's
+placement units timed on the worker's own device by the profiler engine (decode step per
+unit at the planner's batch sizes, prefill per token per unit, weight and KV bytes per
+unit: :func:`~noodle.profile.unitcosts.measure_unit_costs`, a short run: one warm-up
+iteration, then medians over a few), its total and free memory and its torch threads.
+The figures are cached as JSON (format ``noodle.unit-costs/1``; an older cache file is
+measured again) under
 ``<cache dir>/<device>-<model hash>-<dtype>-t<threads>.json`` (default
 ``~/.cache/noodle``), so a restarted worker joins at once. It then POSTs them to
 ``URL/noodle/cluster/join`` with ``Authorization: Bearer <token>`` and sends a
@@ -17,7 +20,6 @@ import hashlib
 import json
 import logging
 import os
-import statistics
 import sys
 import threading
 import time
@@ -26,13 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from noodle.errors import ExecutorError
+from noodle.profile.unitcosts import UNIT_COSTS_FORMAT
 
-__all__ = ["model_hash", "device_info", "measure_model", "self_report", "Joiner", "DEFAULT_CACHE_DIR"]
+__all__ = ["model_hash", "device_info", "measure_model", "whole_model_ms", "self_report", "Joiner", "DEFAULT_CACHE_DIR"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_DIR = Path("~/.cache/noodle")
 MEASURE_PROMPT_TOKENS = 32
+MEASURE_BATCH_SIZES = (1,)  # the batch sizes the planner prices: noodle serve --cluster steps one sequence per group
 
 
 def model_hash(model_dir: Path) -> str:
@@ -68,53 +72,34 @@ def device_info(device: str) -> dict[str, Any]:
             "threads": int(torch.get_num_threads())}  # fmt: skip
 
 
-def _sync(dev: Any) -> None:
-    import torch
-
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-def measure_model(model_dir: Path, device: str = "cpu", *, prompt_tokens: int = MEASURE_PROMPT_TOKENS,
-                  decode_steps: int = 8, repeats: int = 3) -> dict[str, Any]:  # fmt: skip
-    """Time the whole model on ``device`` at batch 1: ms per decode step and per prefill token (medians)."""
-    import torch
+def measure_model(model_dir: Path, device: str = "cpu", *, batch_sizes: tuple[int, ...] = MEASURE_BATCH_SIZES,
+                  prompt_tokens: int = MEASURE_PROMPT_TOKENS, decode_steps: int = 8, repeats: int = 4) -> dict[str, Any]:  # fmt: skip
+    """Time the model's units on ``device`` with the profiler engine (:func:`~noodle.profile.unitcosts.measure_unit_costs`)."""
     from transformers import AutoModelForCausalLM
 
-    from noodle.executors.devices import parse_device
     from noodle.executors.kvbudget import max_positions
     from noodle.executors.slicing import read_config
+    from noodle.profile.unitcosts import measure_unit_costs
 
-    dev = parse_device(device, field="--device")
     config = read_config(model_dir)
     positions = max_positions(config) or 2048
     p = max(1, min(prompt_tokens, positions // 2))
     steps = max(1, min(decode_steps, positions - p - 1))
-    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).to(dev).eval()
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, int(config.vocab_size), (1, p), generator=gen).to(dev)
-    prefill, decode = [], []
-    with torch.inference_mode():
-        for r in range(repeats + 1):  # the first run warms up
-            _sync(dev)
-            t0 = time.perf_counter()
-            out = model(ids, use_cache=True)
-            _sync(dev)
-            t1 = time.perf_counter()
-            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            times = []
-            for _ in range(steps):
-                t = time.perf_counter()
-                out = model(nxt, past_key_values=past, use_cache=True)
-                _sync(dev)
-                times.append(time.perf_counter() - t)
-                past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            if r:
-                prefill.append((t1 - t0) / p)
-                decode.append(statistics.median(times))
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    return {"decode_ms": statistics.median(decode) * 1e3, "prefill_ms_per_token": statistics.median(prefill) * 1e3,
-            "prompt_tokens": p, "batch": 1, "dtype": dtype}  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
+    return measure_unit_costs(model, device, batch_sizes=batch_sizes, prompt_tokens=p, decode_tokens=steps,
+                              iterations=repeats)  # fmt: skip
+
+
+def _valid_cache(costs: Any) -> bool:
+    """A cached report in the current format (an older whole-model one is measured again)."""
+    return isinstance(costs, dict) and costs.get("format") == UNIT_COSTS_FORMAT and isinstance(costs.get("units"), list)
+
+
+def whole_model_ms(costs: dict[str, Any]) -> tuple[float, float]:
+    """(decode ms, prefill ms per token) of the whole model at the report's batch size: the sums over its units."""
+    b = str(costs["batch_size"])
+    return (sum(float(u["decode_ms"][b]) for u in costs["units"]),
+            sum(float(u["prefill_ms_per_token"]) for u in costs["units"]))  # fmt: skip
 
 
 def self_report(model_dir: Path, device: str, cache_dir: Path | None = None) -> dict[str, Any]:
@@ -135,7 +120,7 @@ def self_report(model_dir: Path, device: str, cache_dir: Path | None = None) -> 
         costs["cached"] = True
     except (OSError, ValueError):
         costs = None
-    if not isinstance(costs, dict) or not isinstance(costs.get("decode_ms"), (int, float)):
+    if not _valid_cache(costs):
         costs = measure_model(model_dir, device)
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -215,8 +200,10 @@ class Joiner:
             self._fail(f"noodle worker: measuring this device failed: {type(exc).__name__}: {exc}")
             return
         c = report["costs"]
-        print(f"noodle worker: {'cached' if c.get('cached') else 'measured'} decode {c['decode_ms']:.2f} ms, "
-              f"prefill {c['prefill_ms_per_token']:.3f} ms/token on {report['device']['kind']}", flush=True)  # fmt: skip
+        decode, prefill = whole_model_ms(c)
+        print(f"noodle worker: {'cached' if c.get('cached') else 'measured'} decode {decode:.2f} ms, "
+              f"prefill {prefill:.3f} ms/token over {len(c['units'])} units on {report['device']['kind']}",
+              flush=True)  # fmt: skip
         deadline, delay = time.monotonic() + self.give_up_s, 0.25
         while not self._stop.is_set():
             try:

@@ -7,16 +7,17 @@ than ``heartbeat_timeout_s`` is *dead* (:meth:`ClusterRegistry.reap`); it joins 
 sending a new join.
 
 :func:`cluster_spec` turns the live records into a spec (a mapping for
-:func:`noodle.spec.parse_spec`, the same document ``noodle cluster export`` prints).
-Until per-node unit costs are in the planner, a node's ``compute_score`` is derived
-from its measurement: the model's analytic decode step at batch 1 (the same prompt
-length the worker timed) on the default reference device, divided by the decode step
-the worker measured. So ``compute_score`` 2.0 means "this node ran the whole model's
-decode step twice as fast as the analytic reference predicts", and the planner's
-per-stage costs scale from the analytic profile by that factor, divided by the node's drift
-factor (how much slower its stages have run than when they started). ``memory_gb`` is the
-free memory the worker reported at its last heartbeat. The document is written by
-:func:`noodle.cluster.export_spec` (the shared exporter), from :class:`noodle.cluster.NodeRecord` values.
+:func:`noodle.spec.parse_spec`, the same document ``noodle cluster export`` prints). Each
+joined worker reports its own unit costs (:class:`CostReport`, format
+``noodle.unit-costs/1``: the model's units timed on its device by the profiler engine); the
+registry keeps them as the node's :class:`~noodle.types.NodeProfile` and the spec carries it
+as the node's inline ``profile:``, so the planner prices every (node, unit) pair with
+:class:`~noodle.graph.pernode.PerNodeCostModel` (no ``compute_score``). The profile is
+corrected by what the served stages measured (:func:`corrected`, fed by
+:mod:`noodle.serve.drift`): a factor per (node, unit range) the node ran.
+``memory_gb`` is the free memory the worker reported at its last heartbeat. The document is
+written by :func:`noodle.cluster.export_spec` (the shared exporter), from
+:class:`noodle.cluster.NodeRecord` values.
 """
 
 from __future__ import annotations
@@ -26,15 +27,23 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from noodle.cluster import LinkMeasurement
 from noodle.serve.links import LinkSample, LinkTable
-from noodle.spec import MAX_SCORE, MIN_SCORE
+from noodle.profile.unitcosts import UNIT_COSTS_FORMAT
+from noodle.sizes import MAX_UNITS
+from noodle.types import NodeProfile
 
-__all__ = ["JoinRequest", "Heartbeat", "WorkerRecord", "ClusterRegistry", "cluster_spec", "analytic_decode_ms"]
+__all__ = ["JoinRequest", "Heartbeat", "CostReport", "UnitCostReport", "WorkerRecord", "ClusterRegistry",
+           "cluster_spec", "unit_mismatch", "corrected", "table_ms", "PLAN_BATCH"]
+
+MAX_WIRE_MS = 1e7  # per unit and step: about 2.8 hours
+MAX_WIRE_BYTES = 2**50
+MAX_BATCH_SIZES = 16
+PLAN_BATCH = 1  # sequences per step the cluster's plan is priced at (noodle serve --cluster steps one per group)
 
 
 class _Wire(BaseModel):
@@ -49,13 +58,66 @@ class DeviceReport(_Wire):
     threads: int = Field(ge=1, le=100_000)
 
 
+class UnitCostReport(_Wire):
+    """One placement unit timed on the worker: decode ms per batch size, prefill ms per token, bytes."""
+
+    name: str = Field(min_length=1, max_length=200)
+    decode_ms: dict[Annotated[int, Field(ge=1, le=2**16)], Annotated[float, Field(gt=0, le=MAX_WIRE_MS)]] = Field(
+        min_length=1, max_length=MAX_BATCH_SIZES)
+    prefill_ms_per_token: float = Field(gt=0, le=MAX_WIRE_MS)
+    param_bytes: int = Field(ge=0, le=MAX_WIRE_BYTES)
+    kv_bytes_per_token: int = Field(ge=0, le=MAX_WIRE_BYTES)
+
+
 class CostReport(_Wire):
-    decode_ms: float = Field(gt=0, le=1e7)
-    prefill_ms_per_token: float = Field(gt=0, le=1e7)
+    """The model's units timed on the worker's own device (:func:`~noodle.profile.unitcosts.measure_unit_costs`)."""
+
+    format: Literal["noodle.unit-costs/1"]
+    batch_size: int = Field(ge=1, le=2**16)
     prompt_tokens: int = Field(ge=1, le=2**24)
-    batch: int = Field(1, ge=1, le=2**16)
-    dtype: str = "float32"
+    dtype: str = Field("float32", max_length=32)
     cached: bool = False
+    units: list[UnitCostReport] = Field(min_length=1, max_length=MAX_UNITS)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_whole_model(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "units" not in data and "decode_ms" in data:
+            raise ValueError("this worker reports one whole-model decode time (an older noodle worker); the "
+                             f"coordinator needs per-unit costs ({UNIT_COSTS_FORMAT}): upgrade noodle on the worker")
+        return data
+
+    @model_validator(mode="after")
+    def _same_batches(self) -> CostReport:
+        sizes = sorted(self.units[0].decode_ms)
+        if self.batch_size not in sizes:
+            raise ValueError(f"batch_size {self.batch_size} has no decode_ms in units[0] (it has {sizes})")
+        for i, u in enumerate(self.units):
+            if sorted(u.decode_ms) != sizes:
+                raise ValueError(f"units[{i}].decode_ms: batch sizes {sorted(u.decode_ms)} differ from units[0]'s {sizes}")
+        return self
+
+    def profile(self, source: str) -> NodeProfile:
+        """The report as a :class:`~noodle.types.NodeProfile` (chain order as sent)."""
+        b = self.batch_size
+        others = sorted(k for k in self.units[0].decode_ms if k != b)
+        return NodeProfile(
+            unit_names=tuple(u.name for u in self.units), latency_ms=tuple(u.decode_ms[b] for u in self.units),
+            batch_size=b, decode_ms=tuple((k, tuple(u.decode_ms[k] for u in self.units)) for k in others),
+            param_bytes=tuple(u.param_bytes for u in self.units),
+            kv_bytes_per_token=tuple(u.kv_bytes_per_token for u in self.units),
+            prefill_ms_per_token=tuple(u.prefill_ms_per_token for u in self.units), source=source,
+        )  # fmt: skip
+
+
+def unit_mismatch(report: CostReport, names: list[str] | tuple[str, ...]) -> str | None:
+    """Words for how ``report``'s units differ from the model's ``names``; None when they agree."""
+    if len(report.units) != len(names):
+        return f"{len(report.units)} units measured, the coordinator's model has {len(names)}"
+    for i, (u, name) in enumerate(zip(report.units, names)):
+        if u.name != name:
+            return f"units[{i}].name is {u.name!r}, the coordinator's model has {name!r} there"
+    return None
 
 
 class JoinRequest(_Wire):
@@ -85,7 +147,8 @@ class WorkerRecord:
     total_memory_bytes: int
     free_memory_bytes: int
     threads: int
-    decode_ms: float
+    profile: NodeProfile  # the model's units timed on this worker
+    decode_ms: float  # the whole model's decode step (the sum of its units), for display
     prefill_ms_per_token: float
     measured_prompt_tokens: int
     dtype: str
@@ -94,10 +157,19 @@ class WorkerRecord:
     last_heartbeat: float
     load: float = 0.0
     alive: bool = True
-    drift: float = 1.0  # measured slowdown since it joined (from the served stages' step times)
+    corrections: tuple[tuple[int, int, float], ...] = ()  # (start, end, measured / table), oldest first
+
+    @property
+    def correction(self) -> float:
+        """The node's latest correction factor (1.0 before any stage ran on it)."""
+        return self.corrections[-1][2] if self.corrections else 1.0
 
     def as_dict(self, now: float | None = None) -> dict[str, Any]:
         d = dict(self.__dict__)
+        del d["profile"]
+        d["units"] = len(self.profile.unit_names)
+        d["corrections"] = [{"start": a, "end": b, "factor": f} for a, b, f in self.corrections]
+        d["correction"] = self.correction
         d["heartbeat_age_s"] = (now or time.time()) - self.last_heartbeat
         return d
 
@@ -105,10 +177,12 @@ class WorkerRecord:
 class ClusterRegistry:
     """Thread-safe: joined workers by id, with their last heartbeat (wall-clock seconds)."""
 
-    def __init__(self, *, heartbeat_s: float = 1.0, heartbeat_timeout_s: float = 5.0, model_hash: str = "") -> None:
+    def __init__(self, *, heartbeat_s: float = 1.0, heartbeat_timeout_s: float = 5.0, model_hash: str = "",
+                 unit_names: tuple[str, ...] = ()) -> None:  # fmt: skip
         self.heartbeat_s = heartbeat_s
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.model_hash = model_hash
+        self.unit_names = tuple(unit_names)  # the served model's units (empty: not checked)
         self._lock = threading.Lock()
         self._nodes: dict[str, WorkerRecord] = {}
         self.version = 0  # bumps on every join and death: the controller re-plans on a change
@@ -117,11 +191,12 @@ class ClusterRegistry:
 
     def join(self, req: JoinRequest) -> WorkerRecord:
         now = time.time()
+        prof = req.costs.profile("measured on join")
         rec = WorkerRecord(
             id=req.id, address=req.address, device_kind=req.device.kind, device_name=req.device.name,
             total_memory_bytes=req.device.total_memory_bytes, free_memory_bytes=req.device.free_memory_bytes,
-            threads=req.device.threads, decode_ms=req.costs.decode_ms,
-            prefill_ms_per_token=req.costs.prefill_ms_per_token, measured_prompt_tokens=req.costs.prompt_tokens,
+            threads=req.device.threads, profile=prof, decode_ms=float(sum(prof.latency_ms)),
+            prefill_ms_per_token=float(sum(prof.prefill_ms_per_token or ())), measured_prompt_tokens=req.costs.prompt_tokens,
             dtype=req.costs.dtype, cached=req.costs.cached, joined_at=now, last_heartbeat=now,
         )  # fmt: skip
         with self._lock:
@@ -163,12 +238,17 @@ class ClusterRegistry:
                 self.version += 1
         self.changed.set()
 
-    def scale(self, node_id: str, factor: float) -> None:
-        """Multiply a node's drift factor (its decode time in the spec) by ``factor``."""
+    def correct(self, node_id: str, start: int, end: int, factor: float) -> None:
+        """Set the node's correction of units ``[start, end)`` (the most recent one last)."""
         with self._lock:
             rec = self._nodes.get(node_id)
             if rec is not None:
-                self._nodes[node_id] = replace(rec, drift=rec.drift * factor)
+                kept = tuple(c for c in rec.corrections if (c[0], c[1]) != (start, end))[-15:]
+                self._nodes[node_id] = replace(rec, corrections=(*kept, (start, end, float(factor))))
+
+    def factors(self) -> dict[tuple[str, int, int], float]:
+        """Every correction as ``{(node, start, end): factor}``."""
+        return {(r.id, a, b): f for r in self.records() for a, b, f in r.corrections}
 
     def record_link(self, sample: LinkSample) -> bool:
         """Store a link probe's result; a new or materially changed link bumps the version (the controller
@@ -189,21 +269,37 @@ class ClusterRegistry:
         return len(self.records(alive_only=True))
 
 
-def analytic_decode_ms(model_dir: Path, prompt_tokens: int, dtype: str | None = None) -> float:
-    """The whole model's decode step at batch 1 with ``prompt_tokens`` of context, analytic, on the default reference."""
-    from noodle.executors.slicing import read_config
-    from noodle.graph.analytic import analytic_units
-    from noodle.types import Workload
+def corrected(prof: NodeProfile, corrections: tuple[tuple[int, int, float], ...]) -> NodeProfile:
+    """``prof`` with its decode and prefill times multiplied by the measured corrections.
 
-    config = read_config(model_dir)
-    units = analytic_units(config, Workload(prompt_tokens=prompt_tokens, max_new_tokens=1, batch_size=1), dtype=dtype).units
-    return float(sum(u.latency_ms for u in units))
+    A unit inside a corrected range takes that range's factor (the most recent range holding it);
+    the node's other units take its most recent factor (a node that runs slower than its table
+    on one range is likely to on the others); no correction leaves ``prof`` as it is.
+    """
+    if not corrections:
+        return prof
+    n = len(prof.unit_names)
+    f = [corrections[-1][2]] * n
+    for start, end, factor in corrections:
+        for i in range(max(0, start), min(n, end)):
+            f[i] = factor
+
+    def times(col: tuple[float, ...]) -> tuple[float, ...]:
+        return tuple(x * k for x, k in zip(col, f))
+
+    return replace(prof, latency_ms=times(prof.latency_ms), decode_ms=tuple((b, times(ms)) for b, ms in prof.decode_ms),
+                   prefill_ms_per_token=None if prof.prefill_ms_per_token is None else times(prof.prefill_ms_per_token))  # fmt: skip
+
+
+def table_ms(rec: WorkerRecord, start: int, end: int, batch_size: int = PLAN_BATCH) -> float:
+    """The node's join-time (uncorrected) decode cost of units ``[start, end)`` at ``batch_size``."""
+    return float(sum(rec.profile.decode_latency_ms(batch_size)[start:end]))
 
 
 def cluster_spec(records: list[WorkerRecord], model_dir: Path, *, concurrency: int = 8,
                  name: str | None = None, time_limit_s: float = 5.0,
                  links: Mapping[str, tuple[LinkMeasurement, ...]] | None = None) -> dict[str, Any]:  # fmt: skip
-    """A spec (mapping) for ``records`` serving ``model_dir``: each node's memory and its measured speed.
+    """A spec (mapping) for ``records`` serving ``model_dir``: each node's memory, its measured unit costs and links.
 
     The workload is the model's context (3/4 prompt, 1/4 new tokens), one sequence per group and
     ``concurrency`` groups in flight, as ``noodle serve`` runs it. ``hf_config`` is the absolute path
@@ -220,19 +316,14 @@ def cluster_spec(records: list[WorkerRecord], model_dir: Path, *, concurrency: i
     config = read_config(model_dir)
     positions = max_positions(config) or 2048
     prompt = max(1, positions * 3 // 4)
-    reference: dict[int, float] = {}
     nodes = []
     for r in sorted(records, key=lambda r: r.id):
-        ref = reference.get(r.measured_prompt_tokens)
-        if ref is None:
-            ref = reference[r.measured_prompt_tokens] = analytic_decode_ms(model_dir, r.measured_prompt_tokens)
-        score = min(MAX_SCORE, max(MIN_SCORE, ref / (r.decode_ms * r.drift)))
         nodes.append(NodeRecord(id=r.id, address=r.address, device=r.device_kind, device_name=r.device_name,
                                 total_memory_bytes=r.total_memory_bytes, free_memory_bytes=max(r.free_memory_bytes, 2**20),
-                                torch_threads=r.threads, compute_score=round(score, 6)))  # fmt: skip
+                                torch_threads=r.threads, costs=corrected(r.profile, r.corrections)))  # fmt: skip
     if links:
         nodes = [replace(n, links=tuple(links.get(n.id, ()))) for n in nodes]
-    workload = Workload(prompt_tokens=prompt, max_new_tokens=max(1, positions - prompt), batch_size=1,
+    workload = Workload(prompt_tokens=prompt, max_new_tokens=max(1, positions - prompt), batch_size=PLAN_BATCH,
                         concurrency=concurrency)  # fmt: skip
     doc = export_spec(nodes, {"hf_config": str(model_dir / "config.json")}, workload,
                       name=name or f"cluster-{model_dir.name}")  # fmt: skip

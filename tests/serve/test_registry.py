@@ -8,17 +8,29 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from noodle.serve.registry import ClusterRegistry, Heartbeat, JoinRequest, analytic_decode_ms, cluster_spec
+from noodle.serve.registry import ClusterRegistry, Heartbeat, JoinRequest, cluster_spec
 from noodle.spec import parse_spec
 
+NAMES = ("embed", "block.0", "block.1", "block.2", "block.3", "lm_head")  # the tiny GPT-2 of conftest
 
-def _join(node: str, decode_ms: float, free_gib: float = 4.0) -> JoinRequest:
-    return JoinRequest.model_validate({
-        "id": node, "address": f"127.0.0.1:{5000 + len(node)}", "model_hash": "abc",
-        "device": {"kind": "cpu", "name": "x", "total_memory_bytes": 8 * 2**30, "free_memory_bytes": int(free_gib * 2**30),
-                   "threads": 1},
-        "costs": {"decode_ms": decode_ms, "prefill_ms_per_token": 0.1, "prompt_tokens": 32},
-    })  # fmt: skip
+
+def _costs(unit_ms: float | list[float], names: tuple[str, ...] = NAMES, batches: tuple[int, ...] = (1,)) -> dict:
+    ms = unit_ms if isinstance(unit_ms, list) else [unit_ms / len(names)] * len(names)
+    return {"format": "noodle.unit-costs/1", "batch_size": batches[0], "prompt_tokens": 32, "dtype": "float32",
+            "units": [{"name": n, "decode_ms": {str(b): m * b for b in batches}, "prefill_ms_per_token": m / 10,
+                       "param_bytes": 200_000, "kv_bytes_per_token": 0 if n in ("embed", "lm_head") else 512}
+                      for n, m in zip(names, ms)]}  # fmt: skip
+
+
+def _body(node: str, decode_ms: float | list[float], free_gib: float = 4.0) -> dict:
+    return {"id": node, "address": f"127.0.0.1:{5000 + len(node)}", "model_hash": "abc",
+            "device": {"kind": "cpu", "name": "x", "total_memory_bytes": 8 * 2**30,
+                       "free_memory_bytes": int(free_gib * 2**30), "threads": 1},
+            "costs": _costs(decode_ms)}  # fmt: skip
+
+
+def _join(node: str, decode_ms: float | list[float], free_gib: float = 4.0) -> JoinRequest:
+    return JoinRequest.model_validate(_body(node, decode_ms, free_gib))
 
 
 def test_heartbeats_keep_nodes_alive_and_silence_kills_them() -> None:
@@ -38,58 +50,115 @@ def test_heartbeats_keep_nodes_alive_and_silence_kills_them() -> None:
     assert reg.alive_count() == 2
 
 
-def test_join_is_validated() -> None:
-    with pytest.raises(ValidationError):
-        JoinRequest.model_validate({**_join("a", 1.0).model_dump(), "address": "no-port"})
-    with pytest.raises(ValidationError):
-        JoinRequest.model_validate({**_join("a", 1.0).model_dump(), "costs": {"decode_ms": -1, "prefill_ms_per_token": 1,
-                                                                             "prompt_tokens": 1}})  # fmt: skip
-
-
-def test_spec_scores_follow_the_measurement_and_solve(model_dir: Path) -> None:
+def test_join_keeps_the_unit_costs_as_the_node_profile() -> None:
     reg = ClusterRegistry()
-    ref = analytic_decode_ms(model_dir, 32)
-    reg.join(_join("fast", ref / 4))
-    reg.join(_join("slow", ref))
+    rec = reg.join(_join("a", [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]))
+    assert rec.profile.unit_names == NAMES and rec.profile.latency_ms == (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
+    assert rec.decode_ms == pytest.approx(2.1)  # the whole model: the sum of its units, for display
+    assert rec.profile.kv_bytes_per_token == (0, 512, 512, 512, 512, 0)
+    d = rec.as_dict()
+    assert d["units"] == 6 and "profile" not in d
+
+
+def test_spec_carries_each_nodes_profile_and_solves(model_dir: Path) -> None:
+    reg = ClusterRegistry()
+    reg.join(_join("fast", 0.5))
+    reg.join(_join("slow", [0.01, 1.0, 1.0, 1.0, 1.0, 0.01]))
     data = cluster_spec(reg.records(), model_dir, concurrency=4)
-    scores = {n["id"]: n["compute_score"] for n in data["cluster"]["nodes"]}
-    assert scores["fast"] == pytest.approx(4.0, rel=1e-3) and scores["slow"] == pytest.approx(1.0, rel=1e-3)
-    assert data["cluster"]["nodes"][0]["memory_gb"] == pytest.approx(4.0)
+    nodes = {n["id"]: n for n in data["cluster"]["nodes"]}
+    assert all("compute_score" not in n for n in nodes.values())
+    assert [u["latency_ms"] for u in nodes["slow"]["profile"]["units"]] == [0.01, 1.0, 1.0, 1.0, 1.0, 0.01]
+    assert nodes["fast"]["memory_gb"] == pytest.approx(4.0)
     spec = parse_spec(data, source="test")
     problem = spec.to_problem(model_dir, source="test")
+    from noodle.graph.costmodel import cost_model_for, evaluate
+    from noodle.graph.pernode import PerNodeCostModel
     from noodle.solvers import solve
 
+    assert isinstance(cost_model_for(problem), PerNodeCostModel)
     result = solve(problem, solver="auto", time_limit_s=5)
     assert result.plan is not None
+    ev = evaluate(problem, result.plan)
+    slow = problem.cluster.node("slow")
+    # the per-node table, not a score: the slow node's blocks cost what it measured
+    assert PerNodeCostModel().stage_compute_ms(problem, slow, 1, 3) == pytest.approx(2.0)
+    assert ev.bottleneck_ms > 0
 
 
-def test_drift_needs_a_sustained_change_of_more_than_the_threshold() -> None:
-    from types import SimpleNamespace as S
+def test_ewma_and_fresh_windows() -> None:
+    from noodle.serve.drift import ewma, fresh_window
 
-    from noodle.serve.drift import DriftWatch
+    assert ewma(None, 2.0, 0.3) == 2.0
+    assert ewma(2.0, 1.0, 0.3) == pytest.approx(1.7)
+    x = None
+    for _ in range(30):
+        x = ewma(x, 1.25, 0.3)
+    assert x == pytest.approx(1.25)
+    assert fresh_window([1.0, 2.0, 3.0], total=3, seen=0, min_steps=4) is None
+    assert fresh_window([1.0, 2.0, 3.0, 4.0], total=10, seen=8, min_steps=2) == [3.0, 4.0]
+    assert fresh_window([5.0, 6.0], total=100, seen=0, min_steps=2) == [5.0, 6.0]  # only the recent ones are kept
 
-    w = DriftWatch(threshold=0.15, sustain=3, min_steps=10)
-    steps = 0
 
-    def feed(ms: float, fresh: int = 10) -> list[tuple[int, float]]:
-        nonlocal steps
-        steps += fresh
-        return w.observe([S(steps=steps, step_ms_p50=ms), S(steps=steps, step_ms_p50=2.0)])
+def test_prediction_watch_feeds_factors_and_needs_a_sustained_error() -> None:
+    from noodle.serve.drift import PredictionWatch, StageWindow
 
-    assert feed(1.0) == []  # baseline
-    assert feed(1.1) == [] and feed(0.9) == []  # within 15 %
-    assert feed(1.5) == [] and feed(1.5, fresh=3) == []  # too few fresh steps: not counted
-    assert feed(1.0) == []  # back inside: strikes reset
+    w = PredictionWatch(threshold=0.15, sustain=3, alpha=0.5)
+    factors: dict = {}
+
+    def feed(measured: float, predicted: float = 1.0, table: float = 1.0) -> list:
+        updates, drifted = w.observe([StageWindow(0, "a", 0, 3, measured, predicted, table),
+                                      StageWindow(1, "b", 3, 6, 2.0, 2.0, 2.0)], factors)  # fmt: skip
+        factors.update(updates)
+        return drifted
+
+    assert feed(1.1) == [] and factors[("a", 0, 3)] == pytest.approx(1.1)  # first window: the ratio itself
+    assert w.errors[0].error == pytest.approx(0.1) and w.errors[0].corrected_error == pytest.approx(0.1)
+    assert feed(1.3) == [] and factors[("a", 0, 3)] == pytest.approx(1.2)  # EWMA
+    assert w.errors[0].corrected_error == pytest.approx(1.3 / 1.1 - 1)  # vs the estimate before this window
+    assert w.errors[0].corrected_ms == pytest.approx(1.2)
+    assert feed(1.3) == [] and feed(1.0) == []  # two strikes, then back inside: strikes reset
     assert feed(1.5) == [] and feed(1.5) == []
     hit = feed(1.5)
-    assert [i for i, _ in hit] == [0] and hit[0][1] == pytest.approx(1.5)
-    assert feed(1.5) == []  # the new baseline is the drifted time
+    assert [e.index for e in hit] == [0] and hit[0].error == pytest.approx(0.5) and hit[0].windows == 7
+    assert factors[("b", 3, 6)] == pytest.approx(1.0) and w.errors[1].error == 0.0
+    # against the corrected prediction the same measurement is no error
+    assert feed(1.5, predicted=1.5) == [] and w.errors[0].error == pytest.approx(0.0)
+    w.reset()
+    assert w.errors == {}
 
 
-def test_drift_scales_the_node_in_the_spec(model_dir: Path) -> None:
+def test_corrections_scale_their_ranges_and_the_rest_of_the_node() -> None:
+    from noodle.serve.registry import corrected, table_ms
+
     reg = ClusterRegistry()
-    reg.join(_join("a", 1.0))
-    before = cluster_spec(reg.records(), model_dir)["cluster"]["nodes"][0]["compute_score"]
-    reg.scale("a", 2.0)
-    after = cluster_spec(reg.records(), model_dir)["cluster"]["nodes"][0]["compute_score"]
-    assert after == pytest.approx(before / 2, rel=1e-3)
+    reg.join(_join("a", [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]))
+    reg.correct("a", 1, 3, 2.0)
+    reg.correct("a", 0, 1, 0.5)
+    reg.correct("a", 1, 3, 1.5)  # replaces the earlier [1, 3) and becomes the most recent
+    rec = reg.records()[0]
+    assert rec.corrections == ((0, 1, 0.5), (1, 3, 1.5)) and rec.correction == 1.5
+    prof = corrected(rec.profile, rec.corrections)
+    assert prof.latency_ms == pytest.approx((0.5, 3.0, 4.5, 6.0, 7.5, 9.0))  # others: the latest factor
+    assert prof.prefill_ms_per_token == pytest.approx(tuple(x / 10 for x in prof.latency_ms))
+    assert table_ms(rec, 1, 3) == pytest.approx(5.0)  # the join-time figure, uncorrected
+    assert corrected(rec.profile, ()) is rec.profile
+    assert reg.factors() == {("a", 0, 1): 0.5, ("a", 1, 3): 1.5}
+
+
+def test_a_corrected_node_is_planned_around(model_dir: Path) -> None:
+    from noodle.solvers import solve
+
+    reg = ClusterRegistry()
+    for n in ("a", "b"):
+        reg.join(_join(n, [0.05, 1.0, 1.0, 1.0, 1.0, 0.05]))
+
+    def plan() -> dict:
+        problem = parse_spec(cluster_spec(reg.records(), model_dir, concurrency=4), source="t").to_problem(model_dir)
+        result = solve(problem, solver="auto", time_limit_s=5)
+        return {s.node: s.end - s.start for s in result.plan.stages}
+
+    even = plan()
+    assert sorted(even.values()) == [3, 3]
+    reg.correct("a", 0, 3, 3.0)  # a's stage ran 3x slower than its table: it gets fewer units
+    slowed = plan()
+    assert slowed.get("a", 0) < slowed["b"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections import deque
 from typing import TYPE_CHECKING
 
 from noodle.errors import ExecutorError
@@ -50,6 +51,8 @@ class GrpcLane:
         self._history: dict[str, list[pb.ForwardRequest]] = {}
         self._steps = 0
         self.last_hop_ms = 0.0
+        self.compute_ms: deque[float] = deque(maxlen=512)  # the worker's own compute time of recent decode steps
+        self.decode_steps = 0
 
     @property
     def where(self) -> str:
@@ -75,6 +78,9 @@ class GrpcLane:
             except WorkerGone as exc:
                 self._recover(exc)
         self._history[msg.session].append(req)
+        if not msg.prefill:
+            self.compute_ms.append((reply.t_out_ns - reply.t_in_ns) / 1e6)
+            self.decode_steps += 1
         data = from_proto(reply.data, field=f"{self.where}: reply data", max_bytes=self.ex.max_message_bytes)
         return StageOutput(msg.session, data, msg.attention_mask, is_logits=reply.is_logits)
 

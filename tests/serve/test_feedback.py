@@ -1,0 +1,77 @@
+"""Adaptive costs on a loopback cluster: the stages' measured compute corrects the join-time unit costs."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from noodle.executors.generation import Sampling
+
+
+def test_corrected_estimate_converges_on_a_loopback_cluster(model_dir: Path, tmp_path: Path) -> None:
+    from noodle.executors.grpc.config import WorkerConfig
+    from noodle.executors.grpc.server import serve
+    from noodle.executors.slicing import unit_names_of
+    from noodle.serve.controller import ClusterController
+    from noodle.serve.joining import self_report
+    from noodle.serve.registry import ClusterRegistry, JoinRequest, table_ms
+    from noodle.serve.runtime import Events
+
+    report = self_report(model_dir, "cpu", tmp_path)  # the worker's own measurement, as on join
+    reg = ClusterRegistry(heartbeat_timeout_s=3600, unit_names=tuple(unit_names_of(model_dir)))
+    servers = []
+    ctl = ClusterController(reg, model_dir, Events(), token=None, concurrency=2, min_workers=3, drift_threshold=0.15)
+    ctl.drift.min_steps = 10  # (a high threshold: this test watches the estimate, not re-plans)
+    history: list[dict[int, Any]] = []
+    observe = ctl.drift.observe
+
+    def recording(windows: Any, factors: Any) -> Any:
+        out = observe(windows, factors)
+        if windows:
+            history.append(dict(ctl.drift.errors))
+        return out
+
+    ctl.drift.observe = recording  # type: ignore[method-assign]
+    try:
+        for i in range(3):
+            server, _, port = serve(WorkerConfig(model_dir=model_dir, port=0))
+            servers.append(server)
+            reg.join(JoinRequest.model_validate({"id": f"w{i}", "address": f"127.0.0.1:{port}", **report}))
+        pipe, _ = ctl.opener()
+        for _ in range(5):  # 10 requests, two at a time
+            tickets = [pipe.submit([11, 22, 33, 44, 55, 66, 77, 88], max_new_tokens=24, sampling=Sampling())
+                       for _ in range(2)]  # fmt: skip
+            for t in tickets:
+                assert t.finished.wait(120)
+            time.sleep(1.1)  # one feedback look per pair
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(history) < 4:
+            time.sleep(0.2)
+        assert len(history) >= 4, history
+        stages = sorted(history[-1])
+        assert stages == list(range(len(ctl.plan.current.stages)))
+        for i in stages:
+            first = next(h[i] for h in history if i in h)
+            last = history[-1][i]
+            steps = [h[i].factor for h in history if i in h]
+            assert last.windows >= 4
+            rec = next(r for r in reg.records() if r.id == last.node)
+            assert last.corrected_ms == pytest.approx(table_ms(rec, last.start, last.end) * last.factor)
+            assert rec.corrections[-1] == (last.start, last.end, pytest.approx(last.factor))
+            print(f"stage {i}: factor {[round(f, 3) for f in steps]}, error vs table {first.corrected_error:+.1%}, "
+                  f"corrected estimate error {[round(h[i].corrected_error, 3) for h in history if i in h]}")
+            # the correction settles: its last moves are smaller than its first distance from the join-time table
+            late = max(abs(b / a - 1) for a, b in zip(steps[-3:], steps[-2:]))
+            assert late < max(0.25, abs(first.corrected_error)), steps
+            # the corrected estimate predicts the next window better than the join-time table did (or both are close)
+            assert abs(last.corrected_error) < max(0.30, abs(first.corrected_error)), (first, last)
+    finally:
+        ctl.pipeline.close(5.0)
+        ctl.close()
+        if ctl.pipeline.executor is not None:
+            ctl.pipeline.executor.__exit__(None, None, None)
+        for s in servers:
+            s.stop(0)
