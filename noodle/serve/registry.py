@@ -38,7 +38,7 @@ from noodle.sizes import MAX_UNITS
 from noodle.types import NodeProfile
 
 __all__ = ["JoinRequest", "Heartbeat", "CostReport", "UnitCostReport", "WorkerRecord", "ClusterRegistry",
-           "cluster_spec", "unit_mismatch", "corrected", "table_ms", "PLAN_BATCH"]
+           "cluster_spec", "unit_mismatch", "corrected", "shared_bias", "table_ms", "PLAN_BATCH"]
 
 MAX_WIRE_MS = 1e7  # per unit and step: about 2.8 hours
 MAX_WIRE_BYTES = 2**50
@@ -269,15 +269,19 @@ class ClusterRegistry:
         return len(self.records(alive_only=True))
 
 
-def corrected(prof: NodeProfile, corrections: tuple[tuple[int, int, float], ...]) -> NodeProfile:
+def corrected(prof: NodeProfile, corrections: tuple[tuple[int, int, float], ...], prior: float | None = None) -> NodeProfile:
     """``prof`` with its decode and prefill times multiplied by the measured corrections.
 
     A unit inside a corrected range takes that range's factor (the most recent range holding it);
     the node's other units take its most recent factor (a node that runs slower than its table
-    on one range is likely to on the others); no correction leaves ``prof`` as it is.
+    on one range is likely to on the others). A node with no correction of its own takes ``prior``
+    (what its peers of the same device kind measured: the tables' shared bias, e.g. the per-step
+    cost the hook-timed units miss), else stays as it is.
     """
     if not corrections:
-        return prof
+        if prior is None:
+            return prof
+        corrections = ((0, len(prof.unit_names), prior),)
     n = len(prof.unit_names)
     f = [corrections[-1][2]] * n
     for start, end, factor in corrections:
@@ -289,6 +293,22 @@ def corrected(prof: NodeProfile, corrections: tuple[tuple[int, int, float], ...]
 
     return replace(prof, latency_ms=times(prof.latency_ms), decode_ms=tuple((b, times(ms)) for b, ms in prof.decode_ms),
                    prefill_ms_per_token=None if prof.prefill_ms_per_token is None else times(prof.prefill_ms_per_token))  # fmt: skip
+
+
+def shared_bias(records: list[WorkerRecord]) -> dict[str, float]:
+    """Per device kind, the smallest latest correction among the nodes of that kind that have one.
+
+    A node that has not served yet is priced with its peers' bias rather than its raw table: otherwise
+    an unmeasured node always looks faster than a measured one whose table missed a cost they share
+    (the stage runner's per-step work), and stages would hop onto it for nothing. The smallest factor
+    is the part every node showed; what a slowed node adds on top is its own.
+    """
+    latest: dict[str, float] = {}
+    for r in records:
+        if r.corrections:
+            f = r.corrections[-1][2]
+            latest[r.device_kind] = min(f, latest.get(r.device_kind, f))
+    return latest
 
 
 def table_ms(rec: WorkerRecord, start: int, end: int, batch_size: int = PLAN_BATCH) -> float:
@@ -317,10 +337,11 @@ def cluster_spec(records: list[WorkerRecord], model_dir: Path, *, concurrency: i
     positions = max_positions(config) or 2048
     prompt = max(1, positions * 3 // 4)
     nodes = []
+    priors = shared_bias(records)
     for r in sorted(records, key=lambda r: r.id):
         nodes.append(NodeRecord(id=r.id, address=r.address, device=r.device_kind, device_name=r.device_name,
                                 total_memory_bytes=r.total_memory_bytes, free_memory_bytes=max(r.free_memory_bytes, 2**20),
-                                torch_threads=r.threads, costs=corrected(r.profile, r.corrections)))  # fmt: skip
+                                torch_threads=r.threads, costs=corrected(r.profile, r.corrections, priors.get(r.device_kind))))  # fmt: skip
     if links:
         nodes = [replace(n, links=tuple(links.get(n.id, ()))) for n in nodes]
     workload = Workload(prompt_tokens=prompt, max_new_tokens=max(1, positions - prompt), batch_size=PLAN_BATCH,

@@ -24,6 +24,7 @@ from noodle.serve.registry import ClusterRegistry, JoinRequest, cluster_spec
 from noodle.spec import parse_spec
 
 from ..delayproxy import DelayProxy
+from .test_registry import _costs as unit_costs
 
 TOKEN = "links-token-3a9d"
 
@@ -40,7 +41,7 @@ def _join(node: str, address: str) -> JoinRequest:
     return JoinRequest.model_validate({
         "id": node, "address": address, "model_hash": "abc",
         "device": {"kind": "cpu", "name": "x", "total_memory_bytes": 8 * 2**30, "free_memory_bytes": 4 * 2**30, "threads": 1},
-        "costs": {"decode_ms": 1.0, "prefill_ms_per_token": 0.1, "prompt_tokens": 32},
+        "costs": unit_costs(1.0),
     })  # fmt: skip
 
 

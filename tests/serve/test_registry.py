@@ -160,5 +160,22 @@ def test_a_corrected_node_is_planned_around(model_dir: Path) -> None:
     even = plan()
     assert sorted(even.values()) == [3, 3]
     reg.correct("a", 0, 3, 3.0)  # a's stage ran 3x slower than its table: it gets fewer units
+    reg.correct("b", 3, 6, 1.0)  # b's ran as its table said
     slowed = plan()
     assert slowed.get("a", 0) < slowed["b"]
+
+
+def test_a_node_that_has_not_served_is_priced_with_its_peers_shared_bias(model_dir: Path) -> None:
+    reg = ClusterRegistry()
+    for n in ("a", "b", "c"):
+        reg.join(_join(n, [0.05, 1.0, 1.0, 1.0, 1.0, 0.05]))
+    reg.correct("a", 0, 3, 1.5)  # both serving nodes run 1.5x / 3x their tables; c has not served yet
+    reg.correct("b", 3, 6, 3.0)
+
+    def decode_ms(node: str) -> float:
+        spec = cluster_spec(reg.records(), model_dir)
+        doc = next(n for n in spec["cluster"]["nodes"] if n["id"] == node)
+        return sum(u["latency_ms"] for u in doc["profile"]["units"])  # decode at the profile's batch size, 1
+
+    assert decode_ms("c") == pytest.approx(4.1 * 1.5)  # the smallest factor: what every node showed
+    assert decode_ms("b") == pytest.approx(4.1 * 3.0)
