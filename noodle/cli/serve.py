@@ -107,6 +107,8 @@ def serve_cmd(
     min_workers: int = typer.Option(1, "--min-workers", help="--cluster: workers to wait for before the first plan"),
     replan_threshold: float = typer.Option(0.10, "--replan-threshold", help="--cluster: predicted gain a join must bring to re-plan"),
     heartbeat_timeout: float = typer.Option(5.0, "--heartbeat-timeout", help="--cluster: seconds without a heartbeat before a worker is dead"),
+    replan_horizon: float = typer.Option(120.0, "--replan-horizon-s",
+                                         help="--cluster: a switch must pay for moving its units within this many seconds"),
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming, metrics)."""
     require_exec("noodle serve")
@@ -123,7 +125,8 @@ def serve_cmd(
                        chat_template=chat_template, concurrency=concurrency, max_queue=max_queue,
                        request_timeout=request_timeout, drain_timeout=drain_timeout, threads=threads,
                        min_workers=min_workers, replan_threshold=replan_threshold,
-                       heartbeat_timeout=heartbeat_timeout, conflicting={"--plan": plan, "--spec": spec,
+                       heartbeat_timeout=heartbeat_timeout, replan_horizon=replan_horizon,
+                       conflicting={"--plan": plan, "--spec": spec,
                        "--workers": workers, "--emulate": emulate or None})  # fmt: skip
         return
     if threads:
@@ -153,7 +156,8 @@ def serve_cmd(
 def _serve_cluster(model: Path, *, token: str | None, host: str, port: int, api_key: str | None,
                    served_model_name: str | None, chat_template: str | None, concurrency: int, max_queue: int,
                    request_timeout: float, drain_timeout: float, threads: int, min_workers: int,
-                   replan_threshold: float, heartbeat_timeout: float, conflicting: dict[str, Any]) -> None:  # fmt: skip
+                   replan_threshold: float, heartbeat_timeout: float, replan_horizon: float,
+                   conflicting: dict[str, Any]) -> None:  # fmt: skip
     """``--cluster``: serve over workers that join; see docs/cluster.md."""
     from noodle.serve.build import build_cluster_server
 
@@ -166,6 +170,7 @@ def _serve_cluster(model: Path, *, token: str | None, host: str, port: int, api_
     check_int("--min-workers", min_workers, ge=1, le=10_000)
     check_float("--replan-threshold", replan_threshold, ge=0, le=100)
     check_float("--heartbeat-timeout", heartbeat_timeout, gt=0.1, le=3600)
+    check_float("--replan-horizon-s", replan_horizon, gt=0, le=1e7)
     if threads:
         import torch
 
@@ -173,6 +178,7 @@ def _serve_cluster(model: Path, *, token: str | None, host: str, port: int, api_
     tokenizer = load_tokenizer(model, chat_template)
     served = build_cluster_server(model, tokenizer, token=token, min_workers=min_workers,
                                   gain_threshold=replan_threshold, heartbeat_timeout_s=heartbeat_timeout,
+                                  horizon_s=replan_horizon,
                                   concurrency=concurrency, max_queue=max_queue, request_timeout_s=request_timeout,
                                   drain_timeout_s=drain_timeout, api_key=api_key, model_id=served_model_name)  # fmt: skip
     sock = bind_socket(host, port)

@@ -63,6 +63,7 @@ def build_cluster_server(
     min_workers: int = 1,
     gain_threshold: float = 0.10,
     heartbeat_timeout_s: float = 5.0,
+    horizon_s: float = 120.0,
     drain_s: float = 10.0,
     concurrency: int = 8,
     max_queue: int = 64,
@@ -89,7 +90,7 @@ def build_cluster_server(
                       request_timeout_s=request_timeout_s)  # fmt: skip
     ctl = ClusterController(registry, Path(model_dir), runtime.events, token=token, concurrency=concurrency,
                             max_queue=max_queue, min_workers=min_workers, gain_threshold=gain_threshold,
-                            drain_s=drain_s)  # fmt: skip
+                            drain_s=drain_s, horizon_s=horizon_s)  # fmt: skip
     holder["ctl"] = ctl
     return ServeApp(runtime, ctl.plan, model_id=model_id or Path(model_dir).resolve().name,  # type: ignore[arg-type]
                     backend="grpc", api_key=api_key, drain_timeout_s=drain_timeout_s, cluster=ctl,

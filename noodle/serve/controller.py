@@ -10,9 +10,12 @@ A background thread then watches the registry (every ``tick_s``):
 
 * a node the plan uses died (missed heartbeats), or a request failed beyond the executor's
   own failover: re-plan over the live nodes at once;
-* the set of nodes changed otherwise (a join): solve again, and switch only when the new
-  plan's predicted tokens/s beats the current one's by more than ``gain_threshold``
-  (default 10 %) and the last re-plan is ``cooldown_s`` old (hysteresis: a change that does
+* the set of nodes changed otherwise (a join), or a stage drifted: solve again, and switch
+  only when :func:`~noodle.serve.migration.weigh` says it pays: the new plan's predicted
+  tokens/s beats the current layout's (re-evaluated with the fresh figures) by more than
+  ``gain_threshold`` (default 10 %), and the extra tokens over ``horizon_s`` pay for moving the
+  units that change node (their bytes over the link, plus the hold the last switch measured).
+  A join is weighed once the last re-plan is ``cooldown_s`` old (hysteresis: a change that does
   not pay is recorded once and not re-examined until the nodes change again).
 
 Every re-plan is an entry in :attr:`ClusterController.replans` and an event on the status page
@@ -36,6 +39,7 @@ from prometheus_client.registry import Collector
 from noodle.errors import ExecutorError, NoodleError
 from noodle.plandoc import PlanDoc, build_plan_doc
 from noodle.serve.drift import DriftWatch
+from noodle.serve.migration import Verdict, layout_under, switch_cost, weigh
 from noodle.serve.registry import ClusterRegistry, WorkerRecord, cluster_spec
 from noodle.serve.switching import LivePlan, SwitchingPipeline
 
@@ -64,7 +68,7 @@ class ClusterController:
     def __init__(self, registry: ClusterRegistry, model_dir: Path, events: Any, *, token: str | None,
                  concurrency: int = 8, max_queue: int = 64, min_workers: int = 1, gain_threshold: float = 0.10,
                  cooldown_s: float = 5.0, drain_s: float = 10.0, tick_s: float = 0.25,
-                 solve_time_limit_s: float = 5.0, drift_threshold: float = 0.15) -> None:  # fmt: skip
+                 solve_time_limit_s: float = 5.0, drift_threshold: float = 0.15, horizon_s: float = 120.0) -> None:  # fmt: skip
         self.registry = registry
         self.model_dir = Path(model_dir)
         self.events = events
@@ -76,6 +80,7 @@ class ClusterController:
         self.drain_s = drain_s
         self.tick_s = tick_s
         self.solve_time_limit_s = solve_time_limit_s
+        self.horizon_s = horizon_s
         self.plan = LivePlan()
         self.pipeline = SwitchingPipeline(max_queue=max_queue, on_trouble=self._on_trouble)
         self.replans: list[dict[str, Any]] = []
@@ -117,14 +122,19 @@ class ClusterController:
             self._thread.join(timeout=5.0)
 
     # -- planning -----------------------------------------------------------------------------------
-    def solve(self, records: list[WorkerRecord]) -> PlanDoc:
-        from noodle.solvers import solve
+    def problem(self, records: list[WorkerRecord]) -> Any:
+        """The planning problem the live records make (their measured figures, as ``noodle cluster export``)."""
         from noodle.spec import parse_spec
 
         data = cluster_spec(records, self.model_dir, concurrency=self.concurrency, time_limit_s=self.solve_time_limit_s)
         spec = parse_spec(data, source="noodle serve --cluster")
-        problem = spec.to_problem(self.model_dir, source="noodle serve --cluster")
-        result = solve(problem, solver=spec.solver.name, time_limit_s=spec.solver.time_limit_s)
+        return spec.to_problem(self.model_dir, source="noodle serve --cluster")
+
+    def solve(self, records: list[WorkerRecord]) -> PlanDoc:
+        from noodle.solvers import solve
+
+        problem = self.problem(records)
+        result = solve(problem, solver="auto", time_limit_s=self.solve_time_limit_s)
         return build_plan_doc(problem, result)
 
     def _open(self, plan: PlanDoc, records: list[WorkerRecord]) -> tuple[Any, Any]:
@@ -153,10 +163,9 @@ class ClusterController:
         before = self.plan.current
         t0 = time.time()
         new = plan or self.solve(records)
-        gain = predicted_tps(new) / predicted_tps(before) - 1 if before is not None and predicted_tps(before) else None
-        if not force and gain is not None and gain <= self.gain_threshold:
-            self.events.add("info", f"nodes changed ({reason}); the best plan would change predicted tokens/s by "
-                            f"{gain:+.1%} (threshold {self.gain_threshold:.0%}): keeping {plan_layout(before)}")  # fmt: skip
+        verdict = None if force or before is None else self._weigh(records, before, new)
+        if verdict is not None and not verdict.switch:
+            self.events.add("info", f"{reason}: {verdict.why}: keeping {plan_layout(before)}")
             return False
         times = self.pipeline.switch_to(lambda: self._open(new, records), drain_s=self.drain_s)
         done = time.time()
@@ -167,6 +176,9 @@ class ClusterController:
         entry = {"t": done, "reason": reason, "before_tps": predicted_tps(before), "after_tps": predicted_tps(new),
                  "before": plan_layout(before), "after": plan_layout(new), "seconds": done - t0,
                  "since_cause_s": None if t_cause is None else done - t_cause, **times}  # fmt: skip
+        if verdict is not None:
+            entry.update(current_tps=verdict.current_tps, moved_units=len(verdict.cost.moved_units),
+                         moved_bytes=verdict.cost.moved_bytes, move_estimate_s=verdict.cost.seconds)  # fmt: skip
         self.replans.append(entry)
         self.on_plan(new)
         self.events.add("info" if reason == "start" else "warning",
@@ -174,6 +186,17 @@ class ClusterController:
                         f"{entry['before']} -> {entry['after']}; serving again after {entry['seconds']:.2f} s "
                         f"(drain {times['drain_s']:.2f}, close {times['close_s']:.2f}, open {times['open_s']:.2f})")  # fmt: skip
         return True
+
+    def _weigh(self, records: list[WorkerRecord], before: PlanDoc, new: PlanDoc) -> Verdict:
+        """Does switching from ``before`` to ``new`` pay? (:mod:`noodle.serve.migration`, fresh figures for both.)"""
+        problem = self.problem(records)
+        current = layout_under(problem, before)
+        last = self.replans[-1] if self.replans else {}
+        hold_s = float(last.get("drain_s", 0.0) + last.get("close_s", 0.0) + last.get("open_s", 1.0))
+        cost = switch_cost(before, new, [u.param_bytes for u in problem.units],
+                           bandwidth_gbps=problem.cluster.default_link.bandwidth_gbps, hold_s=hold_s)  # fmt: skip
+        return weigh(predicted_tps(current), predicted_tps(new), cost, threshold=self.gain_threshold,
+                     horizon_s=self.horizon_s)  # fmt: skip
 
     def _probe(self) -> None:
         """Mark dead every live node whose gRPC port refuses a connection (faster than missed heartbeats)."""
@@ -241,7 +264,7 @@ class ClusterController:
         if plan_layout(new) == plan_layout(self.plan.current):
             self.events.add("info", f"{reason}; the corrected costs give the same plan: keeping {plan_layout(new)}")
             return
-        self._replan(reason, force=True, plan=new)
+        self._replan(reason, plan=new)
 
     # -- what the status page and /metrics show -----------------------------------------------------
     def status(self) -> dict[str, Any]:
