@@ -62,7 +62,7 @@ class Throttle:
             if not self._announced:
                 self._announced = True
                 print(f"noodle worker: emulated slowdown ON: every stage step now takes {self.factor:g}x its compute "
-                      f"time ({self.after_s:g} s after the first step)", flush=True)  # fmt: skip
+                      f"time ({self.after_s:g} s after the first step; unix time {time.time():.3f})", flush=True)  # fmt: skip
         return (self.factor - 1.0) * max(0.0, compute_s)
 
     def after_step(self, compute_s: float) -> None:
