@@ -318,10 +318,10 @@ def write_results(res: dict[str, Any], out: Path) -> None:
         "|---|---|---|---|---|",
         f"| first plan (3 workers) | {res['start']['seconds_to_first_plan']:.1f} s from starting them | | "
         f"{res['start']['predicted_tps']:.0f} | {res['start']['plan']} |",
-        f"| {j['node']} joins (pays) | new plan serving {j['start_to_new_plan_s']:.1f} s after its process started, "
+        f"| {j['node']} joins (a fourth node) | new plan serving {j['start_to_new_plan_s']:.1f} s after its process started, "
         f"{j['registered_to_new_plan_s']:.2f} s after it registered (held {j['held_s']:.2f} s) | {j['tps_before']:.0f} -> "
         f"{j['tps_after']:.0f} | {j['predicted'][0]:.0f} -> {j['predicted'][1]:.0f} | {j['plan']} |",
-        f"| {n['node']} joins (gain under the threshold) | weighed {n['to_decision_s']:.1f} s after its start | | | "
+        f"| {n['node']} joins (a fifth node) | weighed {n['to_decision_s']:.1f} s after its start | | | "
         f"{n['decision'][:160]} |",
         f"| {k['node']} killed (SIGKILL) | new plan serving after {k['to_new_plan_s']:.2f} s (held {k['held_s']:.2f} s); first "
         f"request sent after the kill done after {k['to_first_request_after_kill_done_s']:.2f} s | {k['tps_before']:.0f} -> "
