@@ -79,7 +79,7 @@ def test_joins_replan_only_when_it_pays_and_a_kill_replans(model_dir: Path, tmp_
             assert "message" in kept[0] and "keeping" in kept[0]["message"], f"a join that does not pay switched: {kept[0]}"
             assert lab.replans(t_w5, "nodes") == []  # (drift on this busy machine may still re-plan)
             # (a) a worker that holds a stage is killed: requests sent during the outage still complete
-            victim = _stages(joined["after"])[-1]["node"]
+            victim = _stages(lab.cluster()["plan"])[-1]["node"]  # drift may have moved stages since the join
             t_kill = lab.kill(victim)
             left = wait_for(lambda: [r for r in lab.replans(t_kill) if victim in r["reason"]], 60, "a re-plan")[0]
             assert victim not in left["after"]
@@ -101,8 +101,8 @@ def test_a_slowed_worker_is_noticed_and_units_move_off_it(model_dir: Path, tmp_p
         assert _units(before, "w2") >= 1
         with Load(lab.base) as load:
             t_thr = wait_for(lambda: lab.throttled_at("w2"), 90, "w2 to throttle")
-            drift = wait_for(lambda: lab.replans(t_thr, "drift"), 120, "a drift re-plan")[0]
-            assert "w2" in drift["reason"]
+            drift = wait_for(lambda: [r for r in lab.replans(t_thr, "drift") if "w2" in r["reason"]], 120,
+                             "a drift re-plan for w2")[0]  # fmt: skip
             assert _units(drift["after"], "w2") < _units(before, "w2")
             node = next(n for n in lab.cluster()["nodes"] if n["id"] == "w2")
             assert node["drift"] > 1.15
