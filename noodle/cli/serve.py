@@ -110,6 +110,8 @@ def serve_cmd(
     probe_interval: float = typer.Option(60.0, "--probe-interval", help="--cluster: seconds between link probes of every pair (joins are probed at once); 0: off"),
     drift_threshold: float = typer.Option(0.15, "--drift-threshold",
                                           help="--cluster: re-plan when a stage's measured compute strays this far from its prediction"),
+    replan_horizon: float = typer.Option(120.0, "--replan-horizon-s",
+                                         help="--cluster: a switch must pay for moving its units within this many seconds"),
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming, metrics)."""
     require_exec("noodle serve")
@@ -126,7 +128,7 @@ def serve_cmd(
                        chat_template=chat_template, concurrency=concurrency, max_queue=max_queue,
                        request_timeout=request_timeout, drain_timeout=drain_timeout, threads=threads,
                        min_workers=min_workers, replan_threshold=replan_threshold,
-                       heartbeat_timeout=heartbeat_timeout, probe_interval=probe_interval, drift_threshold=drift_threshold, conflicting={"--plan": plan, "--spec": spec,
+                       heartbeat_timeout=heartbeat_timeout, probe_interval=probe_interval, drift_threshold=drift_threshold, replan_horizon=replan_horizon, conflicting={"--plan": plan, "--spec": spec,
                        "--workers": workers, "--emulate": emulate or None})  # fmt: skip
         return
     if threads:
@@ -157,7 +159,8 @@ def _serve_cluster(model: Path, *, token: str | None, host: str, port: int, api_
                    served_model_name: str | None, chat_template: str | None, concurrency: int, max_queue: int,
                    request_timeout: float, drain_timeout: float, threads: int, min_workers: int,
                    replan_threshold: float, heartbeat_timeout: float, conflicting: dict[str, Any],
-                   probe_interval: float = 60.0, drift_threshold: float = 0.15) -> None:  # fmt: skip
+                   probe_interval: float = 60.0, drift_threshold: float = 0.15,
+                   replan_horizon: float = 120.0) -> None:  # fmt: skip
     """``--cluster``: serve over workers that join; see docs/cluster.md."""
     from noodle.serve.build import build_cluster_server
 
@@ -173,6 +176,7 @@ def _serve_cluster(model: Path, *, token: str | None, host: str, port: int, api_
     if probe_interval != 0 and not 1 <= probe_interval <= 86_400:  # NaN fails too
         raise SpecError(f"--probe-interval: must be 0 (no link probes) or 1 to 86400 seconds, got {probe_interval:g}")
     check_float("--drift-threshold", drift_threshold, gt=0, le=100)
+    check_float("--replan-horizon-s", replan_horizon, gt=0, le=1e7)
     if threads:
         import torch
 
@@ -181,6 +185,7 @@ def _serve_cluster(model: Path, *, token: str | None, host: str, port: int, api_
     served = build_cluster_server(model, tokenizer, token=token, min_workers=min_workers,
                                   gain_threshold=replan_threshold, heartbeat_timeout_s=heartbeat_timeout,
                                   drift_threshold=drift_threshold,
+                                  horizon_s=replan_horizon,
                                   concurrency=concurrency, max_queue=max_queue, request_timeout_s=request_timeout,
                                   drain_timeout_s=drain_timeout, api_key=api_key, model_id=served_model_name,
                                   probe_interval_s=probe_interval)  # fmt: skip

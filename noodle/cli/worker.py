@@ -62,6 +62,10 @@ def worker_cmd(
                                          help="--join: host:port the coordinator reaches this worker at (default: --host:port)"),
     cache_dir: Path = typer.Option(Path("~/.cache/noodle"), "--cache-dir", help="--join: where measured costs are cached"),
     join_timeout: float = typer.Option(60.0, "--join-timeout", help="--join: seconds to retry an unreachable coordinator"),
+    emulate_slowdown: float = typer.Option(1.0, "--emulate-slowdown",
+                                           help="grpc, tests and demos only: emulate throttling, each stage step takes FACTOR x its compute time"),
+    slowdown_after_s: float = typer.Option(0.0, "--slowdown-after-s",
+                                           help="--emulate-slowdown: start this many seconds after the first stage step"),
 ) -> None:
     """Serve stages of a model to a coordinator (`noodle exec --backend grpc|torchrpc`)."""
     require_exec("noodle worker")
@@ -79,6 +83,8 @@ def worker_cmd(
         import torch
 
         torch.set_num_threads(threads)
+    if backend == "torchrpc" and emulate_slowdown != 1.0:
+        raise SpecError("--emulate-slowdown: grpc workers only; drop it with --backend torchrpc")
     if backend == "torchrpc":
         from noodle.executors.ring.transport import world_from_env
         from noodle.executors.ring.worker import run_worker
@@ -99,6 +105,8 @@ def worker_cmd(
     check_int("--max-batch", max_batch, ge=1, le=65_536)
     check_int("--max-calls-per-caller", max_calls_per_caller, ge=0, le=100_000)
     check_float("--stream-idle-timeout", stream_idle_timeout, gt=0, le=1e7)
+    check_float("--emulate-slowdown", emulate_slowdown, ge=1, le=1000)
+    check_float("--slowdown-after-s", slowdown_after_s, ge=0, le=1e6)
     from noodle.executors.grpc.server import run_forever
     from noodle.executors.grpc.worker import WorkerConfig
 
@@ -107,7 +115,8 @@ def worker_cmd(
         model_dir=model, host=host, port=port, token=token, tls_cert=tls_cert, tls_key=tls_key, device=device,
         max_sessions=max_sessions, max_stages=max_stages, idle_timeout_s=idle_timeout, max_message_bytes=limit,
         max_tensor_bytes=min(limit or 2**31, 256 * 2**20), max_batch=max_batch, stream_idle_s=stream_idle_timeout,
-        max_calls_per_peer=max_calls_per_caller, insecure=insecure,
+        max_calls_per_peer=max_calls_per_caller, insecure=insecure, emulate_slowdown=emulate_slowdown,
+        slowdown_after_s=slowdown_after_s,
     )  # fmt: skip
     if join is None:
         raise typer.Exit(run_forever(config))

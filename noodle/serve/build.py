@@ -64,6 +64,7 @@ def build_cluster_server(
     gain_threshold: float = 0.10,
     heartbeat_timeout_s: float = 5.0,
     drift_threshold: float = 0.15,
+    horizon_s: float = 120.0,
     drain_s: float = 10.0,
     concurrency: int = 8,
     max_queue: int = 64,
@@ -95,7 +96,7 @@ def build_cluster_server(
                       request_timeout_s=request_timeout_s)  # fmt: skip
     ctl = ClusterController(registry, Path(model_dir), runtime.events, token=token, concurrency=concurrency,
                             max_queue=max_queue, min_workers=min_workers, gain_threshold=gain_threshold,
-                            drain_s=drain_s, drift_threshold=drift_threshold)  # fmt: skip
+                            drain_s=drain_s, drift_threshold=drift_threshold, horizon_s=horizon_s)  # fmt: skip
     holder["ctl"] = ctl
     ctl.prober = LinkProber(registry, probe_sizes(Path(model_dir)), token=token, events=runtime.events,
                             interval_s=probe_interval_s)  # fmt: skip

@@ -10,9 +10,12 @@ A background thread then watches the registry (every ``tick_s``):
 
 * a node the plan uses died (missed heartbeats), or a request failed beyond the executor's
   own failover: re-plan over the live nodes at once;
-* the set of nodes changed otherwise (a join): solve again, and switch only when the new
-  plan's predicted tokens/s beats the current one's by more than ``gain_threshold``
-  (default 10 %) and the last re-plan is ``cooldown_s`` old (hysteresis: a change that does
+* the set of nodes changed otherwise (a join), or a stage drifted: solve again, and switch
+  only when :func:`~noodle.serve.migration.weigh` says it pays: the new plan's predicted
+  tokens/s beats the current layout's (re-evaluated with the fresh figures) by more than
+  ``gain_threshold`` (default 10 %), and the extra tokens over ``horizon_s`` pay for moving the
+  units that change node (their bytes over the link, plus the hold the last switch measured).
+  A join is weighed once the last re-plan is ``cooldown_s`` old (hysteresis: a change that does
   not pay is recorded once and not re-examined until the nodes change again).
 
 Every re-plan is an entry in :attr:`ClusterController.replans` and an event on the status page
@@ -37,6 +40,7 @@ from prometheus_client.registry import Collector
 from noodle.errors import ExecutorError, NoodleError
 from noodle.plandoc import PlanDoc, plan_document
 from noodle.serve.drift import PredictionWatch, StageError, StageWindow, fresh_window
+from noodle.serve.migration import Verdict, layout_under, switch_cost, weigh
 from noodle.serve.registry import ClusterRegistry, WorkerRecord, cluster_spec, table_ms
 from noodle.serve.switching import LivePlan, SwitchingPipeline
 
@@ -65,7 +69,7 @@ class ClusterController:
     def __init__(self, registry: ClusterRegistry, model_dir: Path, events: Any, *, token: str | None,
                  concurrency: int = 8, max_queue: int = 64, min_workers: int = 1, gain_threshold: float = 0.10,
                  cooldown_s: float = 5.0, drain_s: float = 10.0, tick_s: float = 0.25,
-                 solve_time_limit_s: float = 5.0, drift_threshold: float = 0.15) -> None:  # fmt: skip
+                 solve_time_limit_s: float = 5.0, drift_threshold: float = 0.15, horizon_s: float = 120.0) -> None:  # fmt: skip
         self.registry = registry
         self.model_dir = Path(model_dir)
         self.events = events
@@ -77,6 +81,7 @@ class ClusterController:
         self.drain_s = drain_s
         self.tick_s = tick_s
         self.solve_time_limit_s = solve_time_limit_s
+        self.horizon_s = horizon_s
         self.plan = LivePlan()
         self.pipeline = SwitchingPipeline(max_queue=max_queue, on_trouble=self._on_trouble)
         self.replans: list[dict[str, Any]] = []
@@ -122,15 +127,20 @@ class ClusterController:
             self._thread.join(timeout=5.0)
 
     # -- planning -----------------------------------------------------------------------------------
-    def solve(self, records: list[WorkerRecord]) -> PlanDoc:
-        from noodle.solvers import solve
+    def problem(self, records: list[WorkerRecord]) -> Any:
+        """The planning problem the live records make (their measured figures, as ``noodle cluster export``)."""
         from noodle.spec import parse_spec
 
         data = cluster_spec(records, self.model_dir, concurrency=self.concurrency, time_limit_s=self.solve_time_limit_s,
                             links=self.registry.links.measurements())
         spec = parse_spec(data, source="noodle serve --cluster")
-        problem = spec.to_problem(self.model_dir, source="noodle serve --cluster")
-        result = solve(problem, solver=spec.solver.name, time_limit_s=spec.solver.time_limit_s)
+        return spec.to_problem(self.model_dir, source="noodle serve --cluster")
+
+    def solve(self, records: list[WorkerRecord]) -> PlanDoc:
+        from noodle.solvers import solve
+
+        problem = self.problem(records)
+        result = solve(problem, solver="auto", time_limit_s=self.solve_time_limit_s)
         return plan_document(problem, result)
 
     def _open(self, plan: PlanDoc, records: list[WorkerRecord]) -> tuple[Any, Any]:
@@ -159,10 +169,9 @@ class ClusterController:
         before = self.plan.current
         t0 = time.time()
         new = plan or self.solve(records)
-        gain = predicted_tps(new) / predicted_tps(before) - 1 if before is not None and predicted_tps(before) else None
-        if not force and gain is not None and gain <= self.gain_threshold:
-            self.events.add("info", f"nodes changed ({reason}); the best plan would change predicted tokens/s by "
-                            f"{gain:+.1%} (threshold {self.gain_threshold:.0%}): keeping {plan_layout(before)}")  # fmt: skip
+        verdict = None if force or before is None else self._weigh(records, before, new)
+        if verdict is not None and not verdict.switch:
+            self.events.add("info", f"{reason}: {verdict.why}: keeping {plan_layout(before)}")
             return False
         times = self.pipeline.switch_to(lambda: self._open(new, records), drain_s=self.drain_s)
         done = time.time()
@@ -173,6 +182,9 @@ class ClusterController:
         entry = {"t": done, "reason": reason, "before_tps": predicted_tps(before), "after_tps": predicted_tps(new),
                  "before": plan_layout(before), "after": plan_layout(new), "seconds": done - t0,
                  "since_cause_s": None if t_cause is None else done - t_cause, **times}  # fmt: skip
+        if verdict is not None:
+            entry.update(current_tps=verdict.current_tps, moved_units=len(verdict.cost.moved_units),
+                         moved_bytes=verdict.cost.moved_bytes, move_estimate_s=verdict.cost.seconds)  # fmt: skip
         self.replans.append(entry)
         self.on_plan(new)
         self.events.add("info" if reason == "start" else "warning",
@@ -180,6 +192,17 @@ class ClusterController:
                         f"{entry['before']} -> {entry['after']}; serving again after {entry['seconds']:.2f} s "
                         f"(drain {times['drain_s']:.2f}, close {times['close_s']:.2f}, open {times['open_s']:.2f})")  # fmt: skip
         return True
+
+    def _weigh(self, records: list[WorkerRecord], before: PlanDoc, new: PlanDoc) -> Verdict:
+        """Does switching from ``before`` to ``new`` pay? (:mod:`noodle.serve.migration`, fresh figures for both.)"""
+        problem = self.problem(records)
+        current = layout_under(problem, before)
+        last = self.replans[-1] if self.replans else {}
+        hold_s = float(last.get("drain_s", 0.0) + last.get("close_s", 0.0) + last.get("open_s", 1.0))
+        cost = switch_cost(before, new, [u.param_bytes for u in problem.units],
+                           bandwidth_gbps=problem.cluster.default_link.bandwidth_gbps, hold_s=hold_s)  # fmt: skip
+        return weigh(predicted_tps(current), predicted_tps(new), cost, threshold=self.gain_threshold,
+                     horizon_s=self.horizon_s)  # fmt: skip
 
     def _probe(self) -> None:
         """Mark dead every live node whose gRPC port refuses a connection (faster than missed heartbeats)."""
@@ -266,17 +289,7 @@ class ClusterController:
 
     def _repriced(self, plan: PlanDoc) -> PlanDoc:
         """``plan``'s layout with its predictions under the corrected costs (the layout is kept as it is)."""
-        from noodle.graph.costmodel import evaluate
-        from noodle.solvers.base import SolveResult
-        from noodle.spec import parse_spec
-        from noodle.types import Plan, Stage
-
-        data = cluster_spec(self.registry.records(alive_only=True), self.model_dir, concurrency=self.concurrency)
-        problem = parse_spec(data, source="noodle serve --cluster").to_problem(self.model_dir, source="noodle serve --cluster")
-        layout = Plan(tuple(Stage(s.node, s.start, s.end) for s in plan.stages))
-        ev = evaluate(problem, layout)
-        return plan_document(problem, SolveResult("kept", "feasible", layout, ev.objective_ms, None, 0.0,
-                                                   note="the served layout, re-priced with measured corrections"))  # fmt: skip
+        return layout_under(self.problem(self.registry.records(alive_only=True)), plan) or plan
 
     def _drift(self, err: StageError) -> None:
         """A stage's measured compute left its prediction: re-solve with the corrected costs.
@@ -288,16 +301,13 @@ class ClusterController:
                   f"{err.predicted_ms:.3f} ms ({err.error:+.0%})")  # fmt: skip
         new = self.solve(self.registry.records(alive_only=True))
         current = self.plan.current
-        if plan_layout(new) != plan_layout(current):
-            kept = self._repriced(current)
-            if predicted_tps(new) > predicted_tps(kept) * (1 + self.gain_threshold):
-                self._replan(reason, force=True, plan=new)
-                return
-            new = kept
-        self.events.add("info", f"{reason}; the corrected costs keep {plan_layout(new)} "
-                                f"({predicted_tps(new):.1f} predicted tokens/s): predictions corrected")  # fmt: skip
-        self.plan.current = new
-        self.on_plan(new)
+        if plan_layout(new) != plan_layout(current) and self._replan(reason, plan=new):
+            return  # switched: the move paid (see _weigh)
+        kept = self._repriced(current)
+        self.events.add("info", f"{reason}; the corrected costs keep {plan_layout(kept)} "
+                                f"({predicted_tps(kept):.1f} predicted tokens/s): predictions corrected")  # fmt: skip
+        self.plan.current = kept
+        self.on_plan(kept)
 
     # -- what the status page and /metrics show -----------------------------------------------------
     def status(self) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from typing import Any
 
 from noodle.errors import SpecError
 from noodle.executors.codec import DEFAULT_MAX_TENSOR_BYTES
+from noodle.executors.grpc.throttle import check_slowdown
 from noodle.executors.kvbudget import max_positions
 
 __all__ = ["WorkerConfig", "message_limit", "DEFAULT_MAX_MESSAGE_BYTES"]
@@ -40,6 +41,8 @@ class WorkerConfig:
     body_timeout_s: float = 30.0
     stream_idle_s: float = 60.0
     insecure: bool = False
+    emulate_slowdown: float = 1.0  # test/demo knob: see noodle.executors.grpc.throttle
+    slowdown_after_s: float = 0.0
 
     def check(self) -> None:
         """Refuse settings that cannot work or that would expose the worker."""
@@ -59,6 +62,7 @@ class WorkerConfig:
                         ("--max-calls", self.max_calls), ("--max-calls-per-caller", self.max_calls_per_peer)):  # fmt: skip
             if n < (1 if flag == "--max-batch" else 0):
                 raise SpecError(f"{flag}: must be >= {1 if flag == '--max-batch' else 0}, got {n}")
+        check_slowdown(self.emulate_slowdown, self.slowdown_after_s)
         if (self.tls_cert is None) != (self.tls_key is None):
             raise SpecError("--tls-cert/--tls-key: give both (certificate chain and private key) or neither")
         if self.token is not None and not self.token.strip():

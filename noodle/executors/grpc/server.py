@@ -97,6 +97,8 @@ def run_forever(config: WorkerConfig, on_started: Callable[[int], None] | None =
     mib = servicer.max_message_bytes / 2**20
     print(f"noodle worker: serving grpc on {config.host}:{port} ({config.model_dir}, {auth}, {tls}, "
           f"requests up to {mib:.1f} MiB)", flush=True)  # fmt: skip
+    if servicer.throttle.enabled:
+        print(f"noodle worker: {servicer.throttle.describe()}", flush=True)
     if on_started is not None:
         on_started(port)
     try:

@@ -47,6 +47,7 @@ from noodle.executors.grpc import stage_service_pb2_grpc as pb_grpc
 from noodle.executors.grpc.config import DEFAULT_MAX_MESSAGE_BYTES, WorkerConfig, message_limit
 from noodle.executors.grpc.gate import CallGate, CallLimits
 from noodle.executors.grpc.probe import LinkProbes, ProbeRefused
+from noodle.executors.grpc.throttle import Throttle
 from noodle.executors.grpc.wire import from_proto, to_proto
 from noodle.executors.kvbudget import max_positions
 from noodle.executors.messages import StageInput
@@ -99,6 +100,7 @@ class StageServicer(pb_grpc.StageServiceServicer):
         self._lock = threading.Lock()  # stages and sessions dicts
         self._compute = threading.Lock()  # one stage step at a time: torch threads do the parallel work
         self._load = threading.Lock()
+        self.throttle = Throttle(config.emulate_slowdown, config.slowdown_after_s)  # a no-op unless emulating
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap_loop, name="noodle-session-reaper", daemon=True)
         self._reaper.start()
@@ -213,10 +215,12 @@ class StageServicer(pb_grpc.StageServiceServicer):
             if not req.prefill and req.session not in stage.sessions():
                 raise _Refuse(grpc.StatusCode.FAILED_PRECONDITION, f"session {req.session!r}: the first step must be a prefill")
             self._check_positions(entry, req.session, req.prefill, batch, tokens)
+            t_step = time.perf_counter()
             try:
                 out = stage.step(msg)
             except ExecutorError as exc:  # StageRunner's own checks on the message
                 raise _Refuse(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+            self.throttle.after_step(time.perf_counter() - t_step)
             entry.batch, entry.seen = batch, (0 if req.prefill else entry.seen) + tokens
             result = out.data
             top1 = req.top1 and out.is_logits
