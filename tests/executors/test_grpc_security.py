@@ -25,27 +25,14 @@ import torch
 
 from noodle.executors.grpc import stage_service_pb2 as pb
 from noodle.executors.grpc import stage_service_pb2_grpc as pb_grpc
-from noodle.executors.grpc.server import serve
 from noodle.executors.grpc.wire import to_proto
-from noodle.executors.grpc.worker import WorkerConfig
+
+from .inprocess import Server
 
 TOKEN = "sec-token-5d1e"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
 SERVICE = "/noodle.stage.v1.StageService/"
 _LINE = re.compile(r"serving grpc on (\S+):(\d+)")
-
-
-class Server:
-    def __init__(self, model: Path, **kw: object) -> None:
-        self.server, self.servicer, self.port = serve(WorkerConfig(model_dir=model, port=0, **kw))  # type: ignore[arg-type]
-        self.address = f"127.0.0.1:{self.port}"
-        self.channel = grpc.insecure_channel(self.address)
-        self.stub = pb_grpc.StageServiceStub(self.channel)
-
-    def close(self) -> None:
-        self.channel.close()
-        self.server.stop(0)
-        self.servicer.close()
 
 
 class Stalled:

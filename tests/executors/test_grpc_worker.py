@@ -21,26 +21,13 @@ from noodle.cli.main import main
 from noodle.errors import ExecutorError, SpecError
 from noodle.executors.failover import RetryPolicy
 from noodle.executors.grpc import stage_service_pb2 as pb
-from noodle.executors.grpc import stage_service_pb2_grpc as pb_grpc
 from noodle.executors.grpc.coordinator import GrpcExecutor
 from noodle.executors.grpc.wire import from_proto, to_proto
 from noodle.executors.grpc.server import serve
 from noodle.executors.grpc.worker import ERROR_ID_KEY, WorkerConfig
 
 from .conformance import PROMPT_SETS, plan_for, reference
-
-
-class Server:
-    def __init__(self, model: Path, **kw: object) -> None:
-        self.server, self.servicer, self.port = serve(WorkerConfig(model_dir=model, port=0, **kw))  # type: ignore[arg-type]
-        self.address = f"127.0.0.1:{self.port}"
-        self.channel = grpc.insecure_channel(self.address)
-        self.stub = pb_grpc.StageServiceStub(self.channel)
-
-    def close(self) -> None:
-        self.channel.close()
-        self.server.stop(0)
-        self.servicer.close()
+from .inprocess import Server
 
 
 @pytest.fixture
