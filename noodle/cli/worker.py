@@ -120,7 +120,8 @@ def worker_cmd(
     )  # fmt: skip
     if join is None:
         raise typer.Exit(run_forever(config))
-    joiner = _joiner(join, token, name, advertise, host, model, device, cache_dir, join_timeout)
+    slow_from_start = emulate_slowdown if slowdown_after_s == 0 else 1.0  # measures itself slowed (see slowed_report)
+    joiner = _joiner(join, token, name, advertise, host, model, device, cache_dir, join_timeout, slow_from_start)
     code = run_forever(config, on_started=lambda bound: joiner(bound).start())
     raise typer.Exit(1 if _JOIN_FAILED else code)
 
@@ -129,13 +130,17 @@ _JOIN_FAILED: list[str] = []
 
 
 def _joiner(url: str, token: str | None, name: str | None, advertise: str | None, host: str, model: Path,
-            device: str, cache_dir: Path, join_timeout: float) -> Callable[[int], Any]:  # fmt: skip
-    """Checks the --join flags now; returns ``port -> Joiner`` to start once the gRPC server listens."""
+            device: str, cache_dir: Path, join_timeout: float, slowdown: float = 1.0) -> Callable[[int], Any]:  # fmt: skip
+    """Checks the --join flags now; returns ``port -> Joiner`` to start once the gRPC server listens.
+
+    ``slowdown``: the ``--emulate-slowdown`` factor when it applies from the first step; the join report's
+    unit times are multiplied by it (:func:`~noodle.serve.joining.slowed_report`).
+    """
     import os
     import signal
     import socket
 
-    from noodle.serve.joining import Joiner, self_report
+    from noodle.serve.joining import Joiner, self_report, slowed_report
 
     if not url.startswith(("http://", "https://")):
         raise SpecError(f"--join: {url!r} is not an http(s) URL, e.g. http://10.0.0.1:8000")
@@ -153,7 +158,8 @@ def _joiner(url: str, token: str | None, name: str | None, advertise: str | None
     def make(port: int) -> Any:
         address = advertise or f"{'0.0.0.0' if host in ('0.0.0.0', '::', '') else host}:{port}"  # coordinator fills it in
         node = name or f"{socket.gethostname()}-{port}"
-        return Joiner(url, token, node, address, lambda: self_report(model, device, cache_dir), give_up_s=join_timeout,
+        report = lambda: slowed_report(self_report(model, device, cache_dir), slowdown)  # noqa: E731
+        return Joiner(url, token, node, address, report, give_up_s=join_timeout,
                       on_fail=fail)  # fmt: skip
 
     return make

@@ -251,13 +251,14 @@ class ClusterController:
             self._trouble = None
             self._replan(reason, force=True, t_cause=cause)
             return
-        if time.monotonic() - self._drift_checked >= 1.0 and current is not None:
-            self._drift_checked = time.monotonic()
-            self._feedback(current)
         if self.registry.version != self._considered and time.monotonic() - self._last_switch >= self.cooldown_s:
             self._considered = self.registry.version
             newest = max(self.registry.records(alive_only=True), key=lambda r: r.joined_at, default=None)
             self._replan(f"nodes changed: {len(alive)} live", t_cause=newest.joined_at if newest else None)
+            return
+        if time.monotonic() - self._drift_checked >= 1.0 and self.plan.current is not None:
+            self._drift_checked = time.monotonic()
+            self._feedback(self.plan.current)
 
     def _windows(self, plan: PlanDoc) -> list[StageWindow]:
         """Each stage's fresh window of decode steps: the median of its worker's own compute time (ms)."""
@@ -284,7 +285,7 @@ class ClusterController:
         updates, drifted = self.drift.observe(self._windows(plan), self.registry.factors())
         for (node, start, end), factor in updates.items():
             self.registry.correct(node, start, end, factor)
-        if drifted:
+        if drifted and self.registry.version == self._considered:  # a change of nodes is weighed first, as itself
             self._drift(max(drifted, key=lambda e: abs(e.error)))
 
     def _repriced(self, plan: PlanDoc) -> PlanDoc:

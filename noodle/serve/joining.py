@@ -30,7 +30,8 @@ from typing import Any
 from noodle.errors import ExecutorError
 from noodle.profile.unitcosts import UNIT_COSTS_FORMAT
 
-__all__ = ["model_hash", "device_info", "measure_model", "whole_model_ms", "self_report", "Joiner", "DEFAULT_CACHE_DIR"]
+__all__ = ["model_hash", "device_info", "measure_model", "whole_model_ms", "self_report", "slowed_report", "Joiner",
+           "DEFAULT_CACHE_DIR"]
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,23 @@ def self_report(model_dir: Path, device: str, cache_dir: Path | None = None) -> 
     return {"device": info, "model_hash": mhash, "costs": costs, "cache_file": str(path)}
 
 
+def slowed_report(report: dict[str, Any], factor: float) -> dict[str, Any]:
+    """``report`` (:func:`self_report`'s) as a device ``factor`` x slower measures it: every unit's times x ``factor``.
+
+    For ``noodle worker --emulate-slowdown F --slowdown-after-s 0``: a worker emulating a device that is slow
+    from its first step reports itself slow when it joins, as a real slow device would measure itself. The
+    cache keeps the real measurement (the factor is applied on top, each time); the report says
+    ``emulated_slowdown`` (the coordinator ignores the field). ``factor`` 1 returns ``report`` unchanged.
+    """
+    if factor == 1.0:
+        return report
+    costs = dict(report["costs"])
+    costs["units"] = [{**u, "decode_ms": {b: float(ms) * factor for b, ms in u["decode_ms"].items()},
+                       "prefill_ms_per_token": float(u["prefill_ms_per_token"]) * factor} for u in costs["units"]]  # fmt: skip
+    costs["emulated_slowdown"] = factor
+    return {**report, "costs": costs}
+
+
 class Joiner:
     """Registers a worker with a coordinator and keeps it registered (heartbeats) on a daemon thread.
 
@@ -202,7 +220,8 @@ class Joiner:
         c = report["costs"]
         decode, prefill = whole_model_ms(c)
         print(f"noodle worker: {'cached' if c.get('cached') else 'measured'} decode {decode:.2f} ms, "
-              f"prefill {prefill:.3f} ms/token over {len(c['units'])} units on {report['device']['kind']}",
+              f"prefill {prefill:.3f} ms/token over {len(c['units'])} units on {report['device']['kind']}"
+              + (f" (x{c['emulated_slowdown']:g}: emulated slowdown)" if c.get("emulated_slowdown") else ""),
               flush=True)  # fmt: skip
         deadline, delay = time.monotonic() + self.give_up_s, 0.25
         while not self._stop.is_set():

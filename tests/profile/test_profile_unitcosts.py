@@ -55,3 +55,19 @@ def test_self_report_caches_and_remeasures_an_older_format(tmp_path: Path) -> No
     redone = self_report(model_dir, "cpu", tmp_path / "cache")
     assert redone["costs"]["cached"] is False and len(redone["costs"]["units"]) == len(first["costs"]["units"])
     assert json.loads(path.read_text())["format"] == UNIT_COSTS_FORMAT
+
+
+def test_a_worker_slowed_from_the_start_reports_itself_slowed() -> None:
+    from noodle.serve.joining import slowed_report, whole_model_ms
+    from noodle.serve.registry import CostReport
+
+    units = [{"name": n, "decode_ms": {"1": ms}, "prefill_ms_per_token": ms / 10, "param_bytes": 8, "kv_bytes_per_token": 0}
+             for n, ms in (("embed", 0.1), ("block.0", 0.3))]  # fmt: skip
+    report = {"device": {"kind": "cpu"}, "costs": {"format": "noodle.unit-costs/1", "batch_size": 1, "prompt_tokens": 32,
+                                                   "units": units, "cached": True}}  # fmt: skip
+    assert slowed_report(report, 1.0) is report
+    slow = slowed_report(report, 4.0)
+    assert whole_model_ms(slow["costs"]) == pytest.approx(tuple(4 * x for x in whole_model_ms(report["costs"])))
+    assert slow["costs"]["emulated_slowdown"] == 4.0 and report["costs"]["units"][0]["decode_ms"]["1"] == 0.1  # a copy
+    wire = CostReport.model_validate(slow["costs"])  # the coordinator takes it (the extra field is ignored)
+    assert wire.profile("join").latency_ms == pytest.approx((0.4, 1.2))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,3 +108,29 @@ def test_a_join_that_does_not_pay_keeps_the_plan_without_touching_the_pipeline(m
     assert ctl._replan("nodes changed: 4 live") is False
     assert ctl.replans == [] and plan_layout(ctl.plan.current) == plan_layout(ctl.solve(reg.records()[:3]))
     assert any("keeping" in m and "threshold" in m for _, m in ctl.events.lines)
+
+
+def test_a_pending_join_is_weighed_before_drift_and_drift_waits_for_it(model_dir: Path) -> None:
+    from noodle.serve.drift import StageError
+
+    ctl, reg = _controller(model_dir, 3)
+    ctl.plan.current = ctl.solve(reg.records())
+    ctl._considered = reg.version
+    st = ctl.plan.current.stages[0]
+    err = StageError(0, st.node, st.start, st.end, 2.0, 1.0, 2.0, 1.0, 1.0, 2.0, 3)
+    ctl._windows = lambda plan: []  # type: ignore[method-assign]
+    ctl.drift.observe = lambda windows, factors: ({}, [err])  # type: ignore[method-assign]
+    calls: list[str] = []
+    ctl._replan = lambda reason, **kw: calls.append(reason) or False  # type: ignore[method-assign,assignment,func-returns-value]
+    ctl._drift = lambda e: calls.append(f"drift {e.node}")  # type: ignore[method-assign]
+    reg.join(_join("w4", 1.0))
+    ctl._last_switch = time.monotonic()  # within the cooldown: the join waits, and so does drift
+    ctl._tick()
+    assert calls == []
+    ctl._last_switch = 0.0
+    ctl._drift_checked = 0.0
+    ctl._tick()  # the join is weighed as a change of nodes, not under a drift reason
+    assert calls == ["nodes changed: 4 live"]
+    ctl._drift_checked = 0.0
+    ctl._tick()  # nothing pending now: drift acts
+    assert calls == ["nodes changed: 4 live", f"drift {st.node}"]
