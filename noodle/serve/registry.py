@@ -301,14 +301,15 @@ def shared_bias(records: list[WorkerRecord]) -> dict[str, float]:
     A node that has not served yet is priced with its peers' bias rather than its raw table: otherwise
     an unmeasured node always looks faster than a measured one whose table missed a cost they share
     (the stage runner's per-step work), and stages would hop onto it for nothing. The smallest factor
-    is the part every node showed; what a slowed node adds on top is its own.
+    is the part every node showed; what a slowed node adds on top is its own. It takes two nodes of a
+    kind to show a shared bias: one node's factor may be its own trouble (throttling, a stale table),
+    and spreading it to its peers would keep the plan on it.
     """
-    latest: dict[str, float] = {}
+    latest: dict[str, list[float]] = {}
     for r in records:
         if r.corrections:
-            f = r.corrections[-1][2]
-            latest[r.device_kind] = min(f, latest.get(r.device_kind, f))
-    return latest
+            latest.setdefault(r.device_kind, []).append(r.corrections[-1][2])
+    return {kind: min(fs) for kind, fs in latest.items() if len(fs) >= 2}
 
 
 def table_ms(rec: WorkerRecord, start: int, end: int, batch_size: int = PLAN_BATCH) -> float:
