@@ -14,9 +14,9 @@ What the export writes, per node:
 
 * ``memory_gb``: the free memory the node reported (what it can give now), else its total,
   rounded down to whole MiB;
-* ``profile``: the node's measured unit costs inline (``{batch_size, source, units: [{name,
-  latency_ms, decode_ms: {batch: ms}, param_bytes, kv_bytes_per_token, prefill_ms_per_token}]}``,
-  see docs/spec.md), or the profile path the record names; ``source`` says which device and
+* ``profile``: the node's measured unit costs inline (``{batch_size, source, step_overhead_ms,
+  prefill_overhead_ms, units: [{name, latency_ms, decode_ms: {batch: ms}, param_bytes,
+  kv_bytes_per_token, prefill_ms_per_token}]}``, see docs/spec.md; the overheads when measured), or the profile path the record names; ``source`` says which device and
   how many torch threads measured them. A record without measured costs needs a
   ``compute_score`` (exported as is); one with neither is refused;
 * ``links.pairs``: one symmetric entry per measured pair. A pair measured from both ends
@@ -101,7 +101,12 @@ def _profile_doc(record: NodeRecord, prof: NodeProfile) -> dict[str, Any]:
             row["prefill_ms_per_token"] = prof.prefill_ms_per_token[i]
         units.append(row)
     source = measured_on if prof.source == "inline" else f"{measured_on} ({prof.source})"
-    return {"batch_size": prof.batch_size, "source": source, "units": units}
+    doc: dict[str, Any] = {"batch_size": prof.batch_size, "source": source}
+    if prof.step_overhead_ms:
+        doc["step_overhead_ms"] = prof.step_overhead_ms
+    if prof.prefill_overhead_ms is not None:
+        doc["prefill_overhead_ms"] = prof.prefill_overhead_ms
+    return {**doc, "units": units}
 
 
 def _node_doc(record: NodeRecord) -> dict[str, Any]:

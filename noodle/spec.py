@@ -113,6 +113,9 @@ class NodeProfileSpec(_Strict):
 
     batch_size: int = Field(1, ge=1, le=MAX_BATCH, description="the batch size latency_ms was measured at")
     source: str | None = Field(None, description="where the numbers come from (free text)")
+    step_overhead_ms: float = Field(0.0, ge=0, le=MAX_MS, description="fixed work of one decode step of a stage on "
+                                    "this node, paid once per step by the stage it holds")
+    prefill_overhead_ms: float | None = Field(None, ge=0, le=MAX_MS, description="the same for a prefill step")
     units: list[UnitCostSpec] = Field(min_length=1, max_length=MAX_UNITS, description="every unit, in chain order")
 
 
@@ -306,7 +309,8 @@ def _node_profile(n: NodeSpec, i: int, units: tuple[Unit, ...], base: Path, sour
             else tuple(u.kv_bytes_per_token if r.kv_bytes_per_token is None else r.kv_bytes_per_token
                        for r, u in zip(rows, units)),
             prefill_ms_per_token=None if None in prefill else tuple(p for p in prefill if p is not None),
-            source=prof.source,
+            source=prof.source, step_overhead_ms=n.profile.step_overhead_ms,
+            prefill_overhead_ms=n.profile.prefill_overhead_ms,
         )
     wrong = prof.mismatch([u.name for u in units])
     if wrong:

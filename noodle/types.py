@@ -81,6 +81,10 @@ class NodeProfile:
         kv_bytes_per_token: KV-cache bytes per token and sequence per unit; None: the model's.
         prefill_ms_per_token: prefill per prompt token per unit, when measured (informational).
         source: where the numbers come from (a profile path, or a note such as the measuring device).
+        step_overhead_ms: the fixed work of one decode step of a stage on this node, whatever its units
+            (slicing, masks, KV-cache bookkeeping: what timing units inside one whole-model forward misses);
+            every stage placed on the node pays it once per step.
+        prefill_overhead_ms: the same for one prefill step, when measured (informational, like the prefill times).
     """
 
     unit_names: tuple[str, ...]
@@ -91,6 +95,8 @@ class NodeProfile:
     kv_bytes_per_token: tuple[int, ...] | None = None
     prefill_ms_per_token: tuple[float, ...] | None = None
     source: str = "inline"
+    step_overhead_ms: float = 0.0
+    prefill_overhead_ms: float | None = None
 
     def __post_init__(self) -> None:
         n = len(self.unit_names)
@@ -102,6 +108,9 @@ class NodeProfile:
                 raise ValueError(f"NodeProfile.{key}: {len(col)} values for {n} units")
         if self.batch_size < 1 or any(b < 1 for b, _ in self.decode_ms):
             raise ValueError("NodeProfile: batch sizes are at least 1")
+        for key, ms in (("step_overhead_ms", self.step_overhead_ms), ("prefill_overhead_ms", self.prefill_overhead_ms)):
+            if ms is not None and not 0.0 <= ms < float("inf"):
+                raise ValueError(f"NodeProfile.{key}: {ms}; a finite time of at least 0 ms")
 
     def decode_latency_ms(self, batch_size: int) -> tuple[float, ...]:
         """Per-unit decode step at ``batch_size`` when measured at it, else at the profile's own batch size."""

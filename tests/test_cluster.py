@@ -119,6 +119,25 @@ def test_bad_records_are_refused_with_the_reason(records, message):
         export_spec(records, MODEL, WORKLOAD)
 
 
+def test_export_writes_the_step_overhead_and_solve_uses_it(tmp_path):
+    import dataclasses
+
+    recs = _records()
+    recs[0] = dataclasses.replace(recs[0], costs=dataclasses.replace(recs[0].costs, step_overhead_ms=0.4,
+                                                                     prefill_overhead_ms=2.0))
+    doc = export_spec(recs, MODEL, WORKLOAD)
+    gpu, laptop, _ = doc["cluster"]["nodes"]
+    assert gpu["profile"]["step_overhead_ms"] == 0.4 and gpu["profile"]["prefill_overhead_ms"] == 2.0
+    assert "step_overhead_ms" not in laptop["profile"]  # not measured: nothing written, 0 when loaded
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    _, problem = load_spec(path)
+    node = problem.cluster.node("gpu-box")
+    assert node.profile.step_overhead_ms == 0.4
+    assert PerNodeCostModel().stage_compute_ms(problem, node, 1, 3) == pytest.approx(0.11 + 0.12 + 0.4)
+    assert solve(problem, time_limit_s=10).plan is not None
+
+
 def test_unmeasured_cluster_gets_the_spec_default_link():
     records = [NodeRecord(i, None, "cpu", total_memory_bytes=GIB, compute_score=1.0) for i in ("a", "b")]
     links = export_spec(records, MODEL, WORKLOAD)["cluster"]["links"]

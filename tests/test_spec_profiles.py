@@ -92,6 +92,15 @@ def test_batch_size_of_the_workload_picks_the_measured_decode(tmp_path):
     assert PerNodeCostModel().stage_compute_ms(problem, problem.cluster.nodes[0], 0, 3) == pytest.approx(1.70)
 
 
+def test_an_inline_step_overhead_is_paid_by_the_nodes_stage(tmp_path):
+    node = {"id": "a", "memory_gb": 1, "profile": {**INLINE, "step_overhead_ms": 0.25, "prefill_overhead_ms": 1.5}}
+    _, problem = load_spec(_spec(tmp_path, [node]))
+    a = problem.cluster.nodes[0]
+    assert a.profile.step_overhead_ms == 0.25 and a.profile.prefill_overhead_ms == 1.5
+    assert PerNodeCostModel().stage_compute_ms(problem, a, 0, 3) == pytest.approx(0.04 + 0.9 + 0.1 + 0.25)
+    assert PerNodeCostModel().stage_compute_ms(problem, a, 1, 2) == pytest.approx(0.9 + 0.25)
+
+
 def _bad_inline(**unit_changes):
     prof = copy.deepcopy(INLINE)
     for i, change in unit_changes.items():
@@ -112,6 +121,10 @@ def _bad_inline(**unit_changes):
      r"cluster\.nodes\[0\]\.profile\.units\[2\]\.decode_ms: batch sizes \[8\] differ from units\[0\]'s \[4\]"),
     ({"id": "a", "memory_gb": 1, "profile": _bad_inline(u1={"latency_ms": -1})},
      r"cluster\.nodes\[0\]\.profile\.inline\.units\[1\]\.latency_ms: .*greater than or equal to 0"),
+    ({"id": "a", "memory_gb": 1, "profile": {**INLINE, "step_overhead_ms": -0.5}},
+     r"cluster\.nodes\[0\]\.profile\.inline\.step_overhead_ms: .*greater than or equal to 0"),
+    ({"id": "a", "memory_gb": 1, "profile": {**INLINE, "step_overhead_ms": "fast"}},
+     r"cluster\.nodes\[0\]\.profile\.inline\.step_overhead_ms: "),
     ({"id": "a", "memory_gb": 1, "profile": 5},
      r"cluster\.nodes\[0\]\.profile: expected a profile path \(folder, units\.json or metrics\.jsonl\) "
      r"or an inline profile"),

@@ -4,7 +4,8 @@
 whole model, last heartbeat, the stages each runs), the links the coordinator measured and the
 re-plans so far; ``export`` prints
 the spec the measured figures make (``noodle cluster export --url URL > cluster.yaml``, then
-``noodle solve cluster.yaml``).
+``noodle solve cluster.yaml``); ``--links relay`` prices each hop through the coordinator, as the
+grpc executor of ``noodle serve --cluster`` runs it (default ``direct``: worker to worker).
 """
 
 from __future__ import annotations
@@ -94,9 +95,17 @@ def _links_table(con: Any, links: list[dict[str, Any]]) -> None:
 
 
 @cluster_app.command("export")
-def export_cmd(url: str = typer.Option("http://127.0.0.1:8000", "--url", help="the coordinator (noodle serve --cluster)")) -> None:
+def export_cmd(url: str = typer.Option("http://127.0.0.1:8000", "--url", help="the coordinator (noodle serve --cluster)"),
+               links: str = typer.Option("direct", "--links", help="direct: the links the workers measured to each other "
+                                         "(what a ring/torchrpc deployment pays); relay: each hop through the "
+                                         "coordinator (what the grpc executor of noodle serve --cluster pays)")) -> None:
     """Print the spec of the live workers with their measured figures (YAML, for `noodle solve`)."""
-    sys.stdout.write(fetch(url, "/noodle/cluster/export").text)
+    if links not in _LINK_MODES:
+        raise SpecError(f"--links: {links!r} is not a links mode; give one of {', '.join(_LINK_MODES)}")
+    sys.stdout.write(fetch(url, f"/noodle/cluster/export?links={links}").text)
+
+
+_LINK_MODES = ("direct", "relay")  # noodle.serve.links.LINK_MODES, without importing the server
 
 
 def register(app: typer.Typer) -> None:

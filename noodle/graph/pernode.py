@@ -6,8 +6,11 @@ When a node carries a :class:`~noodle.types.NodeProfile` (its own ``noodle profi
 the cost table a worker measured on itself), :class:`PerNodeCostModel` reads it. For stage
 ``k`` holding units ``[s_k, e_k)`` on node ``v_k``, ``b`` the workload's batch size::
 
-    c_k = sum_{i in [s_k, e_k)} d_v(i, b)                          if v_k has a profile
+    c_k = o_v + sum_{i in [s_k, e_k)} d_v(i, b)                    if v_k has a profile
         = sum_{i in [s_k, e_k)} latency_ms(i) / compute_score(v_k)  otherwise (the default model)
+
+    o_v = v's step_overhead_ms: the stage runner's fixed work per step on v (0 when not measured),
+          paid once per step by the one stage v holds
 
     d_v(i, b) = v's decode step of unit i at batch size b when v measured it at b,
                 else at the batch size v's profile was measured at
@@ -17,9 +20,11 @@ the cost table a worker measured on itself), :class:`PerNodeCostModel` reads it.
 with ``param_bytes_v``/``kv_bytes_per_token_v`` the node profile's figures when it has
 them, else the model's. Hops, the token's return, latency and throughput are those of
 :class:`~noodle.graph.costmodel.DefaultCostModel` (the model's ``activation_bytes`` over
-the link). Sums are differences of per-node prefix sums, so the model is additive and the
+the link). Sums are differences of per-node prefix sums plus a per-node constant, so the
 solvers' tables (:func:`noodle.solvers.tables.build_tables`) are built in numpy with
-bit-identical floats. A cluster may mix nodes with and without profiles.
+bit-identical floats; the model is additive (a difference of prefix sums) when no node has
+an overhead. Every solver reads the full ``compute[node, start, end]`` table, so a constant
+per stage keeps the exact ones exact. A cluster may mix nodes with and without profiles.
 
 :func:`~noodle.graph.costmodel.cost_model_for` picks this model for a problem in which some usable node carries a
 profile, else the default model; ``solve``, ``evaluate`` and the plan file use it when no
@@ -32,7 +37,12 @@ import itertools
 
 from noodle.types import Node, NodeProfile, Problem
 
-__all__ = ["PerNodeCostModel", "node_prefixes"]
+__all__ = ["PerNodeCostModel", "node_prefixes", "node_overhead_ms"]
+
+
+def node_overhead_ms(node: Node) -> float:
+    """The fixed cost per step of a stage on ``node``: its profile's ``step_overhead_ms``, 0.0 without a profile."""
+    return node.profile.step_overhead_ms if node.profile is not None else 0.0
 
 
 def node_prefixes(problem: Problem, node: Node) -> tuple[list[float], float, list[int]]:
@@ -79,7 +89,7 @@ class PerNodeCostModel:
 
     def stage_compute_ms(self, problem: Problem, node: Node, start: int, end: int) -> float:
         compute, divisor, _ = self._prefix(problem, node)
-        return (compute[end] - compute[start]) / divisor
+        return (compute[end] - compute[start]) / divisor + node_overhead_ms(node)
 
     def stage_memory_bytes(self, problem: Problem, node: Node, start: int, end: int) -> int:
         _, _, memory = self._prefix(problem, node)

@@ -3,7 +3,8 @@
 ``POST /noodle/cluster/join`` and ``POST /noodle/cluster/heartbeat`` need
 ``Authorization: Bearer <cluster token>`` (the workers' gRPC token: one secret for the
 cluster). ``GET /noodle/cluster`` (nodes, plan, re-plans) and ``GET /noodle/cluster/export``
-(the measured spec, YAML) are open like ``/noodle/status``.
+(the measured spec, YAML; ``?links=relay`` prices each hop through the coordinator, default
+``direct``) are open like ``/noodle/status``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
 
 from noodle.serve.controller import ClusterController
+from noodle.serve.links import LINK_MODES
 from noodle.serve.protocol import ApiError
 from noodle.serve.registry import Heartbeat, JoinRequest, cluster_spec, unit_mismatch
 
@@ -68,11 +70,15 @@ def cluster_router(ctl: ClusterController, token: str | None) -> APIRouter:
         return ctl.status()
 
     @router.get("/noodle/cluster/export")
-    async def export() -> PlainTextResponse:
+    async def export(links: str = "direct") -> PlainTextResponse:
+        if links not in LINK_MODES:
+            raise ApiError(400, f"links: {links!r} is not a links mode; give one of {', '.join(LINK_MODES)}",
+                           param="links", code="invalid_value")  # fmt: skip
         records = ctl.registry.records(alive_only=True)
         if not records:
             raise ApiError(409, "no live worker has joined; nothing to export", code="no_workers")
-        data = cluster_spec(records, ctl.model_dir, concurrency=ctl.concurrency, links=ctl.registry.links.measurements())
+        data = cluster_spec(records, ctl.model_dir, concurrency=ctl.concurrency,
+                            links=ctl.registry.links.measurements(mode=links))
         head = "# measured by noodle serve --cluster; solve with `noodle solve FILE`\n"
         return PlainTextResponse(head + yaml.safe_dump(data, sort_keys=False), media_type="application/yaml")
 

@@ -128,11 +128,12 @@ class ClusterController:
 
     # -- planning -----------------------------------------------------------------------------------
     def problem(self, records: list[WorkerRecord]) -> Any:
-        """The planning problem the live records make (their measured figures, as ``noodle cluster export``)."""
+        """The planning problem the live records make (their measured figures, as ``noodle cluster export
+        --links relay``: the grpc executor this coordinator runs relays every hop through itself)."""
         from noodle.spec import parse_spec
 
         data = cluster_spec(records, self.model_dir, concurrency=self.concurrency, time_limit_s=self.solve_time_limit_s,
-                            links=self.registry.links.measurements())
+                            links=self.registry.links.measurements(mode="relay"))
         spec = parse_spec(data, source="noodle serve --cluster")
         return spec.to_problem(self.model_dir, source="noodle serve --cluster")
 

@@ -4,8 +4,10 @@ A joining worker measures itself once per (device, model, dtype, threads): the m
 placement units timed on the worker's own device by the profiler engine (decode step per
 unit at the planner's batch sizes, prefill per token per unit, weight and KV bytes per
 unit: :func:`~noodle.profile.unitcosts.measure_unit_costs`, a short run: one warm-up
-iteration, then medians over a few), its total and free memory and its torch threads.
-The figures are cached as JSON (format ``noodle.unit-costs/1``; an older cache file is
+iteration, then medians over a few; then the stage runner's fixed work per step beyond
+those units: :func:`~noodle.profile.overhead.measure_step_overhead`), its total and
+free memory and its torch threads. The figures are cached as JSON (format
+``noodle.unit-costs/1``; an older cache file, or one without the step overhead, is
 measured again) under
 ``<cache dir>/<device>-<model hash>-<dtype>-t<threads>.json`` (default
 ``~/.cache/noodle``), so a restarted worker joins at once. It then POSTs them to
@@ -80,6 +82,7 @@ def measure_model(model_dir: Path, device: str = "cpu", *, batch_sizes: tuple[in
 
     from noodle.executors.kvbudget import max_positions
     from noodle.executors.slicing import read_config
+    from noodle.profile.overhead import measure_step_overhead
     from noodle.profile.unitcosts import measure_unit_costs
 
     config = read_config(model_dir)
@@ -87,13 +90,18 @@ def measure_model(model_dir: Path, device: str = "cpu", *, batch_sizes: tuple[in
     p = max(1, min(prompt_tokens, positions // 2))
     steps = max(1, min(decode_steps, positions - p - 1))
     model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
-    return measure_unit_costs(model, device, batch_sizes=batch_sizes, prompt_tokens=p, decode_tokens=steps,
-                              iterations=repeats)  # fmt: skip
+    costs = measure_unit_costs(model, device, batch_sizes=batch_sizes, prompt_tokens=p, decode_tokens=steps,
+                               iterations=repeats)  # fmt: skip
+    del model
+    costs["step_overhead_ms"] = measure_step_overhead(model_dir, costs, device, decode_tokens=steps, repeats=repeats)
+    return costs
 
 
 def _valid_cache(costs: Any) -> bool:
-    """A cached report in the current format (an older whole-model one is measured again)."""
-    return isinstance(costs, dict) and costs.get("format") == UNIT_COSTS_FORMAT and isinstance(costs.get("units"), list)
+    """A cached report in the current format (an older whole-model one, or one without the step overhead, is
+    measured again)."""
+    return (isinstance(costs, dict) and costs.get("format") == UNIT_COSTS_FORMAT and isinstance(costs.get("units"), list)
+            and isinstance(costs.get("step_overhead_ms"), dict))
 
 
 def whole_model_ms(costs: dict[str, Any]) -> tuple[float, float]:
@@ -145,6 +153,8 @@ def slowed_report(report: dict[str, Any], factor: float) -> dict[str, Any]:
     costs = dict(report["costs"])
     costs["units"] = [{**u, "decode_ms": {b: float(ms) * factor for b, ms in u["decode_ms"].items()},
                        "prefill_ms_per_token": float(u["prefill_ms_per_token"]) * factor} for u in costs["units"]]  # fmt: skip
+    if isinstance(costs.get("step_overhead_ms"), dict):  # the throttle stretches the whole step, overhead included
+        costs["step_overhead_ms"] = {k: float(v) * factor for k, v in costs["step_overhead_ms"].items()}
     costs["emulated_slowdown"] = factor
     return {**report, "costs": costs}
 
@@ -221,6 +231,7 @@ class Joiner:
         decode, prefill = whole_model_ms(c)
         print(f"noodle worker: {'cached' if c.get('cached') else 'measured'} decode {decode:.2f} ms, "
               f"prefill {prefill:.3f} ms/token over {len(c['units'])} units on {report['device']['kind']}"
+              f"{'; step overhead %.3f ms' % c['step_overhead_ms']['decode_ms'] if c.get('step_overhead_ms') else ''}"
               + (f" (x{c['emulated_slowdown']:g}: emulated slowdown)" if c.get("emulated_slowdown") else ""),
               flush=True)  # fmt: skip
         deadline, delay = time.monotonic() + self.give_up_s, 0.25

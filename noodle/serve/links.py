@@ -7,6 +7,19 @@ to carry the probe's large payload (``latency + bytes / bandwidth``) moved by mo
 ``threshold`` (25 %) and by more than ``floor_ms`` (0.5 ms; sub-millisecond loopback figures
 jitter by more than 25 % from one probe to the next). The registry then bumps its version, and
 the controller weighs a re-plan (with its own gain threshold and cooldown).
+
+:meth:`LinkTable.measurements` gives the links the spec carries, per source node, in one of two
+:data:`LINK_MODES`: ``direct`` (what each worker measured to its peers: what a ring or torchrpc
+deployment pays) or ``relay`` (the grpc executor's star, which the coordinator runs: stage k's
+output goes worker a -> coordinator -> worker b). A relayed hop a->b is priced from the
+coordinator's own probes of a and b (:func:`relay_link`)::
+
+    latency   = lat(a, coord) + lat(coord, b)
+    bandwidth = 1 / (1 / bw(a, coord) + 1 / bw(coord, b))      (the two legs in series)
+
+A probe of a worker measures both directions; the slower one's bandwidth and the one-way latency
+(half the round trip) are used for either leg. A pair whose relay legs are not both measured yet
+keeps the workers' direct figures when there are some (else the spec's default).
 """
 
 from __future__ import annotations
@@ -20,9 +33,10 @@ from typing import Any
 from noodle.cluster import LinkMeasurement
 from noodle.spec import MAX_SCORE, MIN_SCORE
 
-__all__ = ["COORDINATOR", "LinkSample", "LinkTable", "hop_ms"]
+__all__ = ["COORDINATOR", "LINK_MODES", "LinkSample", "LinkTable", "hop_ms", "relay_link"]
 
 COORDINATOR = "(coordinator)"  # not a valid node id, so it never names a worker
+LINK_MODES = ("direct", "relay")
 
 
 @dataclass(frozen=True)
@@ -44,6 +58,12 @@ class LinkSample:
 def hop_ms(latency_ms: float, bandwidth_gbps: float, nbytes: int) -> float:
     """Time to carry ``nbytes`` over a link: its latency plus the bytes at its bandwidth."""
     return latency_ms + nbytes * 8 / (bandwidth_gbps * 1e6)
+
+
+def relay_link(a: LinkSample, b: LinkSample) -> tuple[float, float]:
+    """``(bandwidth_gbps, latency_ms)`` of a hop relayed through the coordinator, from its probes ``a`` and ``b``
+    of the two workers: the latencies add, the bandwidths combine in series."""
+    return 1.0 / (1.0 / a.bandwidth_gbps + 1.0 / b.bandwidth_gbps), a.latency_ms + b.latency_ms
 
 
 class LinkTable:
@@ -71,15 +91,31 @@ class LinkTable:
         with self._lock:
             return sorted(self._samples.values(), key=lambda s: (s.source, s.target))
 
-    def measurements(self, ids: Iterable[str] | None = None) -> dict[str, tuple[LinkMeasurement, ...]]:
-        """Per source node, what it measured to the others (``ids`` only, when given): for the spec's links."""
+    def measurements(self, ids: Iterable[str] | None = None, *,
+                     mode: str = "direct") -> dict[str, tuple[LinkMeasurement, ...]]:  # fmt: skip
+        """Per source node, its links to the others (``ids`` only, when given): for the spec's links.
+
+        ``mode``: ``direct`` (what each worker measured to its peers) or ``relay`` (through the coordinator,
+        see the module docstring).
+        """
+        if mode not in LINK_MODES:
+            raise ValueError(f"links mode {mode!r}; one of {', '.join(LINK_MODES)}")
         keep = None if ids is None else set(ids)
+        samples = self.samples()
+        pairs: dict[tuple[str, str], tuple[float, float]] = {}
+        for s in samples:
+            if s.source != COORDINATOR and (keep is None or (s.source in keep and s.target in keep)):
+                pairs[(s.source, s.target)] = (s.bandwidth_gbps, s.latency_ms)
+        if mode == "relay":
+            legs = {s.target: s for s in samples if s.source == COORDINATOR and (keep is None or s.target in keep)}
+            for a in legs:
+                for b in legs:
+                    if a != b:
+                        pairs[(a, b)] = relay_link(legs[a], legs[b])
         out: dict[str, list[LinkMeasurement]] = {}
-        for s in self.samples():
-            if s.source == COORDINATOR or (keep is not None and (s.source not in keep or s.target not in keep)):
-                continue
-            out.setdefault(s.source, []).append(LinkMeasurement(
-                peer=s.target, bandwidth_gbps=min(max(s.bandwidth_gbps, MIN_SCORE), MAX_SCORE), latency_ms=s.latency_ms))
+        for (a, b), (bw, lat) in sorted(pairs.items()):
+            out.setdefault(a, []).append(LinkMeasurement(
+                peer=b, bandwidth_gbps=min(max(bw, MIN_SCORE), MAX_SCORE), latency_ms=lat))
         return {k: tuple(v) for k, v in out.items()}
 
     def rows(self, now: float | None = None) -> list[dict[str, Any]]:

@@ -37,7 +37,7 @@ from noodle.profile.unitcosts import UNIT_COSTS_FORMAT
 from noodle.sizes import MAX_UNITS
 from noodle.types import NodeProfile
 
-__all__ = ["JoinRequest", "Heartbeat", "CostReport", "UnitCostReport", "WorkerRecord", "ClusterRegistry",
+__all__ = ["JoinRequest", "Heartbeat", "CostReport", "UnitCostReport", "StepOverheadReport", "WorkerRecord", "ClusterRegistry",
            "cluster_spec", "unit_mismatch", "corrected", "shared_bias", "table_ms", "PLAN_BATCH"]
 
 MAX_WIRE_MS = 1e7  # per unit and step: about 2.8 hours
@@ -69,8 +69,18 @@ class UnitCostReport(_Wire):
     kv_bytes_per_token: int = Field(ge=0, le=MAX_WIRE_BYTES)
 
 
+class StepOverheadReport(_Wire):
+    """The stage runner's fixed work per step that the unit table misses (:func:`~noodle.profile.unitcosts.measure_step_overhead`)."""
+
+    decode_ms: float = Field(ge=0, le=MAX_WIRE_MS)
+    prefill_ms: float = Field(ge=0, le=MAX_WIRE_MS)
+
+
 class CostReport(_Wire):
-    """The model's units timed on the worker's own device (:func:`~noodle.profile.unitcosts.measure_unit_costs`)."""
+    """The model's units timed on the worker's own device (:func:`~noodle.profile.unitcosts.measure_unit_costs`).
+
+    ``step_overhead_ms`` is absent in reports of workers from before it was measured: their stages cost no overhead.
+    """
 
     format: Literal["noodle.unit-costs/1"]
     batch_size: int = Field(ge=1, le=2**16)
@@ -78,6 +88,7 @@ class CostReport(_Wire):
     dtype: str = Field("float32", max_length=32)
     cached: bool = False
     units: list[UnitCostReport] = Field(min_length=1, max_length=MAX_UNITS)
+    step_overhead_ms: StepOverheadReport | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -107,6 +118,8 @@ class CostReport(_Wire):
             param_bytes=tuple(u.param_bytes for u in self.units),
             kv_bytes_per_token=tuple(u.kv_bytes_per_token for u in self.units),
             prefill_ms_per_token=tuple(u.prefill_ms_per_token for u in self.units), source=source,
+            step_overhead_ms=self.step_overhead_ms.decode_ms if self.step_overhead_ms else 0.0,
+            prefill_overhead_ms=self.step_overhead_ms.prefill_ms if self.step_overhead_ms else None,
         )  # fmt: skip
 
 
@@ -272,7 +285,7 @@ class ClusterRegistry:
 def corrected(prof: NodeProfile, corrections: tuple[tuple[int, int, float], ...], prior: float | None = None) -> NodeProfile:
     """``prof`` with its decode and prefill times multiplied by the measured corrections.
 
-    A unit inside a corrected range takes that range's factor (the most recent range holding it);
+    The step overheads take the node's most recent factor (its stage's). A unit inside a corrected range takes that range's factor (the most recent range holding it);
     the node's other units take its most recent factor (a node that runs slower than its table
     on one range is likely to on the others). A node with no correction of its own takes ``prior``
     (what its peers of the same device kind measured: the tables' shared bias, e.g. the per-step
@@ -291,8 +304,11 @@ def corrected(prof: NodeProfile, corrections: tuple[tuple[int, int, float], ...]
     def times(col: tuple[float, ...]) -> tuple[float, ...]:
         return tuple(x * k for x, k in zip(col, f))
 
+    last = corrections[-1][2]
     return replace(prof, latency_ms=times(prof.latency_ms), decode_ms=tuple((b, times(ms)) for b, ms in prof.decode_ms),
-                   prefill_ms_per_token=None if prof.prefill_ms_per_token is None else times(prof.prefill_ms_per_token))  # fmt: skip
+                   prefill_ms_per_token=None if prof.prefill_ms_per_token is None else times(prof.prefill_ms_per_token),
+                   step_overhead_ms=prof.step_overhead_ms * last,
+                   prefill_overhead_ms=None if prof.prefill_overhead_ms is None else prof.prefill_overhead_ms * last)  # fmt: skip
 
 
 def shared_bias(records: list[WorkerRecord]) -> dict[str, float]:
@@ -313,8 +329,9 @@ def shared_bias(records: list[WorkerRecord]) -> dict[str, float]:
 
 
 def table_ms(rec: WorkerRecord, start: int, end: int, batch_size: int = PLAN_BATCH) -> float:
-    """The node's join-time (uncorrected) decode cost of units ``[start, end)`` at ``batch_size``."""
-    return float(sum(rec.profile.decode_latency_ms(batch_size)[start:end]))
+    """The node's join-time (uncorrected) decode cost of a stage of units ``[start, end)`` at ``batch_size``:
+    the units' sum plus the node's step overhead (as the per-node cost model prices it)."""
+    return float(sum(rec.profile.decode_latency_ms(batch_size)[start:end])) + rec.profile.step_overhead_ms
 
 
 def cluster_spec(records: list[WorkerRecord], model_dir: Path, *, concurrency: int = 8,

@@ -31,7 +31,7 @@ import numpy as np
 
 from noodle.errors import InfeasibleError, SpecError
 from noodle.graph.costmodel import CostModel, DefaultCostModel
-from noodle.graph.pernode import PerNodeCostModel, node_prefixes
+from noodle.graph.pernode import PerNodeCostModel, node_overhead_ms, node_prefixes
 from noodle.sizes import size_problem
 from noodle.types import GIB, Node, Plan, Problem
 
@@ -164,7 +164,8 @@ def _link_tables(problem: Problem, nodes: tuple[Node, ...]) -> tuple[np.ndarray,
 
 
 def _build_per_node(problem: Problem) -> CostTables:
-    """:class:`PerNodeCostModel` in numpy: per-node prefix sums, the same float operations as its methods."""
+    """:class:`PerNodeCostModel` in numpy: per-node prefix sums (+ the node's step overhead), the same float
+    operations as its methods; additive (prefixes set) only when no node has an overhead."""
     nodes = tuple(problem.usable_nodes())
     n, m = problem.num_units, len(nodes)
     rows = [node_prefixes(problem, nd) for nd in nodes]
@@ -177,11 +178,15 @@ def _build_per_node(problem: Problem) -> CostTables:
     ok = _allowed(problem, nodes, memory)
     compute = lat[:, None, :] - lat[:, :, None]
     compute /= divisor[:, None, None]
+    overhead = np.array([node_overhead_ms(nd) for nd in nodes], dtype=float)
+    compute += overhead[:, None, None]
     compute[~ok] = INF
     hop, ret = _link_tables(problem, nodes)
     cap = problem.constraints.max_stages or m
+    additive = not np.any(overhead)
     return CostTables(nodes, n, compute, memory, hop, ret, min(cap, m),
-                      compute_prefix=lat / divisor[:, None], memory_prefix=mem)
+                      compute_prefix=lat / divisor[:, None] if additive else None,
+                      memory_prefix=mem if additive else None)
 
 
 def _build_generic(problem: Problem, cost_model: CostModel) -> CostTables:

@@ -94,6 +94,32 @@ def test_numpy_tables_are_bit_identical_to_the_generic_loop(seed):
     assert np.array_equal(fast.memory_prefix, slow.memory_prefix)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_a_step_overhead_is_paid_once_per_stage_and_the_tables_match_the_loop(seed):
+    cons = Constraints(pins=(Pin(0, 2, "n1"),), exclude=frozenset({"n2"})) if seed % 2 else Constraints()
+    p = dataclasses.replace(_profiled(seed, step_overhead=True), constraints=cons)
+    plain = _profiled(seed)
+    for node, bare in zip(p.cluster.nodes, plain.cluster.nodes):
+        o = node.profile.step_overhead_ms if node.profile is not None else 0.0
+        for s, e in ((0, 1), (2, 5), (0, p.num_units)):
+            assert PN.stage_compute_ms(p, node, s, e) == pytest.approx(PN.stage_compute_ms(plain, bare, s, e) + o,
+                                                                        rel=1e-12)
+    fast, slow = build_tables(p, PerNodeCostModel()), _build_generic(p, PerNodeCostModel())
+    for name in ("compute", "memory", "hop", "ret"):
+        assert np.array_equal(getattr(fast, name), getattr(slow, name)), name
+    assert not fast.additive and not slow.additive  # a constant per segment is no difference of prefix sums
+    if not cons.pins:  # a two-stage plan priced by the model equals the independent sum
+        plan = Plan.from_cuts([n.id for n in p.cluster.nodes[:2]], [0, 3, p.num_units])
+        assert evaluate(p, plan).objective_ms == pytest.approx(true_objective(p, plan), rel=1e-12)
+
+
+def test_node_profile_refuses_a_negative_or_infinite_overhead():
+    prof = NodeProfile(("a",), (1.0,))
+    for bad in (-0.1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="step_overhead_ms"):
+            dataclasses.replace(prof, step_overhead_ms=bad)
+
+
 def test_cost_model_for_picks_per_node_only_with_a_profile():
     assert type(cost_model_for(random_problem(1))) is DefaultCostModel
     p = _profiled()

@@ -169,6 +169,7 @@ def test_join_unreachable_coordinator_is_one_line(model_dir: Path, tmp_path: Pat
 @pytest.mark.parametrize(("args", "message"), [
     (["cluster", "status", "--url", "http://127.0.0.1:9"], "--url: cannot reach http://127.0.0.1:9"),
     (["cluster", "export", "--url", "127.0.0.1:9"], "--url: '127.0.0.1:9' is not an http(s) URL"),
+    (["cluster", "export", "--links", "star"], "--links: 'star' is not a links mode; give one of direct, relay"),
     (["serve", "--model", "MODEL", "--cluster"], "--cluster: needs --token"),
     (["serve", "--model", "MODEL", "--cluster", "--token", "t", "--spec", "x.yaml"], "--cluster: plans over the workers"),
 ])  # fmt: skip

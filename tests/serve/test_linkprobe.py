@@ -62,6 +62,54 @@ def test_only_material_link_changes_count() -> None:
     assert [s.latency_ms for s in table.samples()] == [1.0]
 
 
+def _leg(source: str, target: str, latency_ms: float, gbps: float) -> LinkSample:
+    return LinkSample(source=source, target=target, latency_ms=latency_ms, bandwidth_gbps=gbps, rtt_ms=2 * latency_ms,
+                      up_gbps=gbps, down_gbps=gbps, bytes=49_152, rounds=5, t=0.0)  # fmt: skip
+
+
+def test_relay_links_compose_the_coordinators_legs() -> None:
+    """The grpc star: a hop a -> b crosses a -> coordinator -> b; latencies add, bandwidths combine in series."""
+    table = LinkTable()
+    table.record(_leg("a", "b", 0.1, 10.0))  # the workers' direct link, fast
+    table.record(_leg("b", "a", 0.1, 10.0))
+    table.record(_leg("a", "c", 0.3, 2.0))  # c is not probed by the coordinator yet
+    table.record(_leg(COORDINATOR, "a", 2.0, 1.0))
+    table.record(_leg(COORDINATOR, "b", 20.0, 4.0))
+    direct = table.measurements()
+    assert {(k, m.peer): (m.bandwidth_gbps, m.latency_ms) for k, v in direct.items() for m in v} == {
+        ("a", "b"): (10.0, 0.1), ("b", "a"): (10.0, 0.1), ("a", "c"): (2.0, 0.3)}
+    relay = {(k, m.peer): (m.bandwidth_gbps, m.latency_ms) for k, v in table.measurements(mode="relay").items()
+             for m in v}
+    assert relay[("a", "b")] == pytest.approx((1 / (1 / 1.0 + 1 / 4.0), 22.0))  # 0.8 Gb/s, 2 + 20 ms
+    assert relay[("b", "a")] == pytest.approx((0.8, 22.0))
+    assert relay[("a", "c")] == (2.0, 0.3)  # a leg not measured yet: the direct figures stay
+    only = table.measurements(ids=["a", "c"], mode="relay")
+    assert [(m.peer, m.latency_ms) for m in only["a"]] == [("c", 0.3)]
+    with pytest.raises(ValueError, match="links mode 'star'"):
+        table.measurements(mode="star")
+
+
+def test_the_relay_spec_prices_a_hop_through_the_coordinator(model_dir: Path) -> None:
+    from noodle.graph.pernode import PerNodeCostModel
+
+    reg = ClusterRegistry()
+    for node in ("a", "b"):
+        reg.join(_join(node, f"127.0.0.1:{5000 + ord(node)}"))
+        reg.record_link(_leg(node, "b" if node == "a" else "a", 0.05, 20.0))
+    reg.record_link(_leg(COORDINATOR, "a", 1.0, 2.0))
+    reg.record_link(_leg(COORDINATOR, "b", 3.0, 2.0))
+    hops = {}
+    for mode in ("direct", "relay"):
+        data = cluster_spec(reg.records(), model_dir, links=reg.links.measurements(mode=mode))
+        problem = parse_spec(data, source="t").to_problem(model_dir, source="t")
+        a, b = problem.cluster.node("a"), problem.cluster.node("b")
+        hops[mode] = PerNodeCostModel().hop_ms(problem, a, b, 2)
+        assert PerNodeCostModel().return_ms(problem, b, a) == pytest.approx(0.05 if mode == "direct" else 4.0)
+    act = 4 * 64  # the tiny GPT-2's hidden size in float32
+    assert hops["direct"] == pytest.approx(0.05 + act * 8 / 20e9 * 1e3)
+    assert hops["relay"] == pytest.approx(4.0 + act * 8 / 1e9 * 1e3)  # 1 + 3 ms; 2 Gb/s legs in series: 1 Gb/s
+
+
 @pytest.fixture(scope="module")
 def workers(model_dir: Path) -> Iterator[list[Any]]:
     started = [serve(WorkerConfig(model_dir=model_dir, port=0, token=TOKEN)) for _ in range(4)]

@@ -179,3 +179,31 @@ def test_a_node_that_has_not_served_is_priced_with_its_peers_shared_bias(model_d
 
     assert decode_ms("c") == pytest.approx(4.1 * 1.5)  # the smallest factor: what every node showed
     assert decode_ms("b") == pytest.approx(4.1 * 3.0)
+
+
+def test_a_reported_step_overhead_reaches_the_table_the_spec_and_the_corrections(model_dir: Path) -> None:
+    from noodle.serve.registry import corrected, table_ms
+
+    body = _body("a", [1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    body["costs"]["step_overhead_ms"] = {"decode_ms": 0.5, "prefill_ms": 2.0}
+    reg = ClusterRegistry()
+    rec = reg.join(JoinRequest.model_validate(body))
+    assert rec.profile.step_overhead_ms == 0.5 and rec.profile.prefill_overhead_ms == 2.0
+    assert table_ms(rec, 1, 3) == pytest.approx(5.5)  # the units plus the stage's overhead, as the planner prices it
+    reg.correct("a", 1, 3, 2.0)
+    prof = corrected(reg.records()[0].profile, reg.records()[0].corrections)
+    assert prof.step_overhead_ms == pytest.approx(1.0)  # scaled with the stage: corrected cost = factor x table
+    node = next(n for n in cluster_spec(reg.records(), model_dir)["cluster"]["nodes"] if n["id"] == "a")
+    assert node["profile"]["step_overhead_ms"] == pytest.approx(1.0)
+    old = reg.join(_join("b", 1.0))  # a worker from before the overhead: none
+    assert old.profile.step_overhead_ms == 0.0 and table_ms(old, 0, 6) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("overhead, field", [({"decode_ms": -1.0, "prefill_ms": 0.0}, "decode_ms"),
+                                             ({"decode_ms": 0.1}, "prefill_ms"),
+                                             ({"decode_ms": float("nan"), "prefill_ms": 0.0}, "decode_ms")])
+def test_a_bad_step_overhead_is_refused_naming_the_field(overhead: dict, field: str) -> None:
+    body = _body("a", 1.0)
+    body["costs"]["step_overhead_ms"] = overhead
+    with pytest.raises(ValidationError, match=rf"costs\.step_overhead_ms\.{field}"):
+        JoinRequest.model_validate(body)

@@ -107,13 +107,15 @@ def llama_like_units(n_blocks: int, *, block_ms: float = 34.3, block_gib: float 
 
 
 def random_pernode_problem(seed: int, *, n_units: int = 6, n_nodes: int = 3, objective: str = "throughput",
-                           tight: bool = True, batch_size: int = 1) -> Problem:
+                           tight: bool = True, batch_size: int = 1, step_overhead: bool = False) -> Problem:
     """:func:`random_problem` whose nodes (all but one, at random) carry their own measured unit costs.
 
     Each profiled node is its own mix: a speed-up on blocks (2-10x) and a 2-5x smaller one on the
     first and last unit (memory-bound; at least 1x), each unit jittered by +-15 %; some nodes were timed
     at batch size 4 as well, and some load their weights at half the bytes (another dtype).
-    ``compute_score`` stays the single number the default model would use.
+    ``compute_score`` stays the single number the default model would use. With ``step_overhead``,
+    each profiled node also pays a fixed cost per stage and step of 0.3-3x its mean unit (drawn from a
+    separate stream, so the instance is otherwise the same).
     """
     p = random_problem(seed, n_units=n_units, n_nodes=n_nodes, objective=objective, tight=tight)
     rng = random.Random(seed * 7919 + 1)
@@ -132,6 +134,9 @@ def random_pernode_problem(seed: int, *, n_units: int = 6, n_nodes: int = 3, obj
         decode = ((4, tuple(x * rng.uniform(1.2, 2.5) for x in lat)),) if rng.random() < 0.5 else ()
         params = tuple(u.param_bytes // 2 for u in p.units) if rng.random() < 0.3 else None
         prof = NodeProfile(tuple(u.name for u in p.units), tuple(lat), 1, decode, params)
+        if step_overhead:
+            extra = random.Random(seed * 104729 + j).uniform(0.3, 3.0) * sum(lat) / len(lat)
+            prof = replace(prof, step_overhead_ms=extra)
         nodes.append(replace(node, profile=prof))
     cluster = replace(p.cluster, nodes=tuple(nodes))
     return replace(p, cluster=cluster, workload=replace(p.workload, batch_size=batch_size))
@@ -149,7 +154,7 @@ def true_objective(problem: Problem, plan: Plan) -> float:
         else:
             per_batch = dict(node.profile.decode_ms)
             lat = per_batch.get(b, node.profile.latency_ms) if b != node.profile.batch_size else node.profile.latency_ms
-            compute = sum(lat[s.start:s.end])
+            compute = sum(lat[s.start:s.end]) + node.profile.step_overhead_ms
         if k + 1 < len(st):
             link = problem.cluster.link(s.node, st[k + 1].node)
             out = link.latency_ms + problem.units[s.end - 1].activation_bytes * 8 / (link.bandwidth_gbps * 1e9) * 1e3

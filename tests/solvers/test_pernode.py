@@ -50,6 +50,44 @@ def test_every_solver_reaches_the_brute_force_optimum_under_per_node_costs(seed,
         assert best is not None and result.objective_ms >= best * (1 - 1e-9), name
 
 
+@pytest.mark.parametrize("objective", ["throughput", "latency"])
+@pytest.mark.parametrize("seed", range(10))
+def test_exact_solvers_reach_the_brute_force_optimum_with_a_step_overhead_per_stage(seed, objective):
+    """Each stage pays its node's fixed cost per step: the tables stay exact, so do the solvers."""
+    rng = random.Random(seed)
+    p = random_pernode_problem(seed, n_units=rng.randint(4, 7), n_nodes=rng.randint(3, 4), objective=objective,
+                               tight=seed % 4 != 0, batch_size=rng.choice((1, 4)), step_overhead=True)
+    assert any(n.profile is not None and n.profile.step_overhead_ms > 0 for n in p.cluster.nodes)
+    cm = PerNodeCostModel()
+    best = brute_force(p, cm)
+    for name in EXACT:
+        if best is None:
+            with pytest.raises(InfeasibleError):
+                solve(p, solver=name, time_limit_s=10)
+            continue
+        result = solve(p, solver=name, time_limit_s=10)
+        assert is_feasible(p, result.plan, cm), name
+        assert result.objective_ms == pytest.approx(best, rel=1e-9), name
+        assert true_objective(p, result.plan) == pytest.approx(best, rel=1e-9), name
+        if name != "heuristic":
+            assert result.status == "optimal", name
+
+
+def test_a_step_overhead_changes_the_optimum():
+    """Not vacuous: on some instances the overhead makes another plan optimal (fewer or other stages)."""
+    changed = 0
+    for seed in range(10):
+        for objective in ("throughput", "latency"):
+            plain = random_pernode_problem(seed, n_units=6, n_nodes=3, objective=objective, tight=False)
+            heavy = random_pernode_problem(seed, n_units=6, n_nodes=3, objective=objective, tight=False,
+                                           step_overhead=True)
+            a = solve(plain, solver="cpsat", time_limit_s=10).plan
+            b = solve(heavy, solver="cpsat", time_limit_s=10).plan
+            assert true_objective(heavy, b) <= true_objective(heavy, a) * (1 + 1e-9)
+            changed += [(s.node, s.start, s.end) for s in a.stages] != [(s.node, s.start, s.end) for s in b.stages]
+    assert changed >= 3
+
+
 def test_instances_have_per_unit_speed_ratios_and_both_outcomes():
     """The random instances are what they claim: profiled nodes whose speed-up differs from unit to unit."""
     feasible = 0
