@@ -63,6 +63,17 @@ def plan_layout(plan: PlanDoc | None) -> str:
     return ", ".join(f"{s.node}[{s.start}:{s.end})" for s in plan.stages)
 
 
+def change_reason(changes: list[str], alive: int) -> str:
+    """A re-plan's reason from the registry's changes: ``nodes changed: 4 live (w4 joined)``, or ``links
+    re-measured: ...`` when only links moved."""
+    links = [c for c in changes if c.startswith("link ")]
+    if changes and len(links) == len(changes):
+        shown = ", ".join(c.removeprefix("link ").removesuffix(" measured") for c in links[-3:])
+        return f"links re-measured: {shown}" + (f" (+{len(links) - 3} more)" if len(links) > 3 else "")
+    nodes = [c for c in changes if not c.startswith("link ")]
+    return f"nodes changed: {alive} live" + (f" ({', '.join(nodes[-4:])})" if nodes else "")
+
+
 class ClusterController:
     """Plans and re-plans ``noodle serve`` over joined workers (see the module docstring)."""
 
@@ -110,6 +121,7 @@ class ClusterController:
             self.registry.reap()
             try:
                 self._replan("start", force=True)
+                self.registry.take_changes()  # the joins the first plan already covers
                 break
             except NoodleError as exc:
                 self.events.add("warning", f"first plan failed ({exc}); retrying")
@@ -255,7 +267,8 @@ class ClusterController:
         if self.registry.version != self._considered and time.monotonic() - self._last_switch >= self.cooldown_s:
             self._considered = self.registry.version
             newest = max(self.registry.records(alive_only=True), key=lambda r: r.joined_at, default=None)
-            self._replan(f"nodes changed: {len(alive)} live", t_cause=newest.joined_at if newest else None)
+            self._replan(change_reason(self.registry.take_changes(), len(alive)),
+                         t_cause=newest.joined_at if newest else None)  # fmt: skip
             return
         if time.monotonic() - self._drift_checked >= 1.0 and self.plan.current is not None:
             self._drift_checked = time.monotonic()

@@ -198,7 +198,8 @@ class ClusterRegistry:
         self.unit_names = tuple(unit_names)  # the served model's units (empty: not checked)
         self._lock = threading.Lock()
         self._nodes: dict[str, WorkerRecord] = {}
-        self.version = 0  # bumps on every join and death: the controller re-plans on a change
+        self.version = 0  # bumps on every join, death and material link change: the controller re-plans on a change
+        self._changes: list[str] = []  # what bumped it since the controller last took them
         self.changed = threading.Event()
         self.links = LinkTable()  # measured by noodle.serve.linkprobe
 
@@ -214,9 +215,20 @@ class ClusterRegistry:
         )  # fmt: skip
         with self._lock:
             self._nodes[req.id] = rec
-            self.version += 1
+            self._bump(f"{req.id} joined")
         self.changed.set()
         return rec
+
+    def _bump(self, what: str) -> None:
+        """One change (under the lock): the version moves and ``what`` is kept for the re-plan's reason."""
+        self.version += 1
+        self._changes = [*self._changes, what][-32:]
+
+    def take_changes(self) -> list[str]:
+        """What changed since the last call (joins, deaths, links), oldest first; clears the list."""
+        with self._lock:
+            out, self._changes = self._changes, []
+        return out
 
     def heartbeat(self, hb: Heartbeat) -> bool:
         """Refresh a node; False when it is unknown or was declared dead (it must join again)."""
@@ -237,8 +249,8 @@ class ClusterRegistry:
                 if rec.alive and now - rec.last_heartbeat > self.heartbeat_timeout_s:
                     self._nodes[nid] = replace(rec, alive=False)
                     dead.append(nid)
-            if dead:
-                self.version += 1
+            for nid in dead:
+                self._bump(f"{nid} died")
         if dead:
             self.changed.set()
         return dead
@@ -248,7 +260,7 @@ class ClusterRegistry:
             rec = self._nodes.get(node_id)
             if rec is not None and rec.alive:
                 self._nodes[node_id] = replace(rec, alive=False)
-                self.version += 1
+                self._bump(f"{node_id} died")
         self.changed.set()
 
     def correct(self, node_id: str, start: int, end: int, factor: float) -> None:
@@ -269,7 +281,7 @@ class ClusterRegistry:
         material = self.links.record(sample)
         if material:
             with self._lock:
-                self.version += 1
+                self._bump(f"link {sample.source}->{sample.target} measured")
             self.changed.set()
         return material
 

@@ -99,7 +99,8 @@ def test_joins_replan_when_they_pay_a_throttle_moves_units_and_a_kill_replans(mo
             # (b) a normal worker joins: ~2x the slow pipeline's predicted rate, so it is planned in
             t_w4 = time.time()
             lab.worker("w4", cache, "--emulate-slowdown", "10", "--slowdown-after-s", str(THROTTLE_AFTER_S))
-            joined = wait_for(lambda: lab.replans(t_w4, "nodes"), 120, "w4 to be planned in")[0]
+            joined = wait_for(lambda: [r for r in lab.replans(t_w4, "nodes") if "w4 joined" in r["reason"]], 120,
+                              "w4 to be planned in")[0]  # fmt: skip
             assert "w4" in joined["after"] and joined["moved_units"] >= 1, (joined, {n: w.poll() for n, w in lab.workers.items()})
             assert joined["after_tps"] > joined["current_tps"] * 1.5
             wait_for(lambda: load.first_after(joined["t"]), 60, "a request on the joined plan")
@@ -107,16 +108,17 @@ def test_joins_replan_when_they_pay_a_throttle_moves_units_and_a_kill_replans(mo
             # ... a fifth, slow again, cannot beat it: weighed, and the plan is kept (hysteresis)
             t_w5 = time.time()
             lab.worker("w5", cache, *SLOW)
-            kept = wait_for(lambda: [e for e in lab.events() if e["t"] > t_w5 and e["message"].startswith("nodes changed")]
-                            or lab.replans(t_w5, "nodes"), 120, "w5 to be weighed")  # fmt: skip
+            kept = wait_for(lambda: [e for e in lab.events() if e["t"] > t_w5 and "w5 joined" in e["message"]]
+                            or [r for r in lab.replans(t_w5, "nodes") if "w5 joined" in r["reason"]], 120,
+                            "w5 to be weighed")  # fmt: skip
             assert "message" in kept[0] and "keeping" in kept[0]["message"], f"a join that does not pay switched: {kept[0]}"
             _settle(lab, "w5", 5)
-            kept = [e for e in lab.events() if e["t"] > t_w5 and e["message"].startswith("nodes changed")]
+            kept = [e for e in lab.events() if e["t"] > t_w5 and "w5 joined" in e["message"]]
             assert kept and all("keeping" in e["message"] for e in kept), kept
             assert all(w.poll() is None for w in lab.workers.values()), {n: w.poll() for n, w in lab.workers.items()}
             assert lab.throttled_at("w4") is None, "w4 throttled before w5 was weighed: raise THROTTLE_AFTER_S"
             before = lab.cluster()["plan"]
-            assert lab.replans(t_w5, "nodes") == [] and "w5" not in before and _units(before, "w4") >= 1
+            assert "w5" not in before and _units(before, "w4") >= 1
             # (c) w4 throttles 10x: its stage's measured compute leaves the prediction; units move off it
             t_thr = wait_for(lambda: lab.throttled_at("w4"), THROTTLE_AFTER_S + 60, "w4 to throttle")
             drift = wait_for(lambda: [r for r in lab.replans(t_thr, "drift") if "w4" in r["reason"]], 60,

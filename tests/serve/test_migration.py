@@ -116,6 +116,7 @@ def test_a_pending_join_is_weighed_before_drift_and_drift_waits_for_it(model_dir
     ctl, reg = _controller(model_dir, 3)
     ctl.plan.current = ctl.solve(reg.records())
     ctl._considered = reg.version
+    reg.take_changes()  # as the opener does after the first plan
     st = ctl.plan.current.stages[0]
     err = StageError(0, st.node, st.start, st.end, 2.0, 1.0, 2.0, 1.0, 1.0, 2.0, 3)
     ctl._windows = lambda plan: []  # type: ignore[method-assign]
@@ -130,7 +131,7 @@ def test_a_pending_join_is_weighed_before_drift_and_drift_waits_for_it(model_dir
     ctl._last_switch = 0.0
     ctl._drift_checked = 0.0
     ctl._tick()  # the join is weighed as a change of nodes, not under a drift reason
-    assert calls == ["nodes changed: 4 live"]
+    assert calls == ["nodes changed: 4 live (w4 joined)"]
     ctl._drift_checked = 0.0
     ctl._tick()  # nothing pending now: drift acts
-    assert calls == ["nodes changed: 4 live", f"drift {st.node}"]
+    assert calls == ["nodes changed: 4 live (w4 joined)", f"drift {st.node}"]
