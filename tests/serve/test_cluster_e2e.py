@@ -26,7 +26,6 @@ Every process is stopped (``ClusterLab`` stops them on exit, killing any that do
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import time
 from collections.abc import Callable
@@ -108,12 +107,14 @@ def test_joins_replan_when_they_pay_a_throttle_moves_units_and_a_kill_replans(mo
             # ... a fifth, slow again, cannot beat it: weighed, and the plan is kept (hysteresis)
             t_w5 = time.time()
             lab.worker("w5", cache, *SLOW)
-            kept = wait_for(lambda: [e for e in lab.events() if e["t"] > t_w5 and "w5 joined" in e["message"]]
+            kept = wait_for(lambda: [e for e in lab.events() if e["t"] > t_w5 and e["message"].startswith("nodes changed")
+                                     and "w5 joined" in e["message"]]
                             or [r for r in lab.replans(t_w5, "nodes") if "w5 joined" in r["reason"]], 120,
                             "w5 to be weighed")  # fmt: skip
             assert "message" in kept[0] and "keeping" in kept[0]["message"], f"a join that does not pay switched: {kept[0]}"
             _settle(lab, "w5", 5)
-            kept = [e for e in lab.events() if e["t"] > t_w5 and "w5 joined" in e["message"]]
+            kept = [e for e in lab.events() if e["t"] > t_w5 and e["message"].startswith("nodes changed")
+                    and "w5 joined" in e["message"]]  # fmt: skip
             assert kept and all("keeping" in e["message"] for e in kept), kept
             assert all(w.poll() is None for w in lab.workers.values()), {n: w.poll() for n, w in lab.workers.items()}
             assert lab.throttled_at("w4") is None, "w4 throttled before w5 was weighed: raise THROTTLE_AFTER_S"
@@ -136,9 +137,6 @@ def test_joins_replan_when_they_pay_a_throttle_moves_units_and_a_kill_replans(mo
         assert load.texts() == {expected}, "every completion must equal the local executor's tokens"
 
 
-_DRIFT = re.compile(r"drift: stage \d+ on (\S+) computes in ([0-9.]+) ms, predicted ([0-9.]+) ms")
-
-
 def test_a_worker_described_too_fast_is_corrected(model_dir: Path, tmp_path: Path, cache: Path, expected: str) -> None:
     stale = tmp_path / "stale-cache"
     shutil.copytree(cache, stale)
@@ -158,15 +156,15 @@ def test_a_worker_described_too_fast_is_corrected(model_dir: Path, tmp_path: Pat
         assert _units(status["plan"], "w3") >= 1  # it looks 4x faster: the plan counts on it
         t0, predicted = time.time(), status["predicted_tps"]
         with Load(lab.base) as load:
-            def noticed() -> list[str]:
-                texts = [r["reason"] for r in lab.replans(t0, "drift")] + [e["message"] for e in lab.events() if e["t"] > t0]
-                return [t for t in texts if (m := _DRIFT.search(t)) and m.group(1) == "w3"]
-
-            found = _DRIFT.search(wait_for(noticed, 90, "the coordinator to notice w3's prediction error")[0])
-            assert found is not None and float(found.group(2)) > 2 * float(found.group(3))  # measured >> predicted
-            assert _node(lab, "w3")["correction"] > 2.0  # its table is corrected by what it measured
-            after = lab.cluster()
-            assert after["predicted_tps"] < 0.6 * predicted  # the plan's predictions follow the measurement
-            wait_for(lambda: load.first_after(time.time()), 60, "a request after the correction")
+            # w3 serves; its stage's measured compute is ~4x the table's: the feedback corrects its table (the
+            # re-plan that follows may come from the drift watch or from any other change that re-solves first)
+            wait_for(lambda: _node(lab, "w3").get("correction", 1.0) > 2.0, 90, "w3's table to be corrected")
+            after = wait_for(lambda: (st := lab.cluster())["predicted_tps"] < 0.6 * predicted and st, 60,
+                             "the plan's predictions to follow the measurement")  # fmt: skip
+            noticed = [r for r in after["replans"] if r["t"] > t0] + [e for e in lab.events() if e["t"] > t0
+                                                                       and "predictions corrected" in e["message"]]
+            assert noticed, "the correction reached the plan without a re-plan or a corrected prediction"
+            t_fix = time.time()
+            wait_for(lambda: load.first_after(t_fix), 60, "a request after the correction")
         assert load.errors == []
         assert load.texts() == {expected}
