@@ -323,21 +323,25 @@ def corrected(prof: NodeProfile, corrections: tuple[tuple[int, int, float], ...]
                    prefill_overhead_ms=None if prof.prefill_overhead_ms is None else prof.prefill_overhead_ms * last)  # fmt: skip
 
 
+SHARED_BIAS_MAX = 1.5  # a correction within [1/1.5, 1.5] may be the tables' common bias; beyond, a node's own trouble
+
+
 def shared_bias(records: list[WorkerRecord]) -> dict[str, float]:
-    """Per device kind, the smallest latest correction among the nodes of that kind that have one.
+    """Per device kind, the smallest latest correction among the nodes of that kind, when it is moderate.
 
     A node that has not served yet is priced with its peers' bias rather than its raw table: otherwise
     an unmeasured node always looks faster than a measured one whose table missed a cost they share
-    (the stage runner's per-step work), and stages would hop onto it for nothing. The smallest factor
-    is the part every node showed; what a slowed node adds on top is its own. It takes two nodes of a
-    kind to show a shared bias: one node's factor may be its own trouble (throttling, a stale table),
-    and spreading it to its peers would keep the plan on it.
+    (e.g. per-step work the hook-timed units do not see), and stages would hop onto it for nothing.
+    The smallest factor is the part every serving node showed. Only a moderate factor (within
+    ``SHARED_BIAS_MAX`` of 1) is taken as shared: a node 4x off its table is throttled or was described
+    wrongly, and spreading that to its peers would keep the plan on it.
     """
-    latest: dict[str, list[float]] = {}
+    latest: dict[str, float] = {}
     for r in records:
         if r.corrections:
-            latest.setdefault(r.device_kind, []).append(r.corrections[-1][2])
-    return {kind: min(fs) for kind, fs in latest.items() if len(fs) >= 2}
+            f = r.corrections[-1][2]
+            latest[r.device_kind] = min(f, latest.get(r.device_kind, f))
+    return {kind: f for kind, f in latest.items() if 1 / SHARED_BIAS_MAX <= f <= SHARED_BIAS_MAX}
 
 
 def table_ms(rec: WorkerRecord, start: int, end: int, batch_size: int = PLAN_BATCH) -> float:

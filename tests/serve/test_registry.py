@@ -169,7 +169,7 @@ def test_a_node_that_has_not_served_is_priced_with_its_peers_shared_bias(model_d
     reg = ClusterRegistry()
     for n in ("a", "b", "c"):
         reg.join(_join(n, [0.05, 1.0, 1.0, 1.0, 1.0, 0.05]))
-    reg.correct("a", 0, 3, 1.5)  # both serving nodes run 1.5x / 3x their tables; c has not served yet
+    reg.correct("a", 0, 3, 1.3)  # both serving nodes run 1.3x / 3x their tables; c has not served yet
     reg.correct("b", 3, 6, 3.0)
 
     def decode_ms(node: str) -> float:
@@ -177,8 +177,10 @@ def test_a_node_that_has_not_served_is_priced_with_its_peers_shared_bias(model_d
         doc = next(n for n in spec["cluster"]["nodes"] if n["id"] == node)
         return sum(u["latency_ms"] for u in doc["profile"]["units"])  # decode at the profile's batch size, 1
 
-    assert decode_ms("c") == pytest.approx(4.1 * 1.5)  # the smallest factor: what every node showed
+    assert decode_ms("c") == pytest.approx(4.1 * 1.3)  # the smallest factor: what every node showed
     assert decode_ms("b") == pytest.approx(4.1 * 3.0)
+    reg.correct("a", 0, 3, 4.0)  # now every serving node is far off its table: its own trouble, not shared
+    assert decode_ms("c") == pytest.approx(4.1)
 
 
 def test_a_reported_step_overhead_reaches_the_table_the_spec_and_the_corrections(model_dir: Path) -> None:
