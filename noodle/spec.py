@@ -21,7 +21,6 @@ from pydantic import (
 from noodle.docfile import load_document, validation_message
 from noodle.errors import NoodleError, SpecError
 from noodle.extras import require_exec
-from noodle.graph.build import build_cost_graph, problem_from_graph
 from noodle.sizes import MAX_NODES, MAX_UNITS, size_problem
 from noodle.types import Cluster, Constraints, Link, Node, NodeProfile, Pin, Problem, Unit, Workload
 
@@ -216,8 +215,7 @@ class Spec(_Strict):
             raise SpecError(f"{source}: model, cluster.nodes: {too_big} (see noodle/sizes.py)")
         cluster = _cluster(self, source, units, Path(base_dir))
         constraints = _constraints(self, units, cluster, source)
-        graph = build_cost_graph(units, cluster, workload)
-        problem = problem_from_graph(graph, objective=self.objective, constraints=constraints, name=self.name)
+        problem = Problem(units, cluster, workload, self.objective, constraints, self.name)
         if self.formats is None and all(n.formats is None for n in self.cluster.nodes):
             if self.accuracy is not None:
                 raise SpecError(f"{source}: accuracy: an accuracy budget needs formats to choose from; add formats")
