@@ -40,7 +40,7 @@ from typing import Any
 
 import httpx
 
-__all__ = ["ClusterLab", "Load", "measure_cache", "run_scenario"]
+__all__ = ["ClusterLab", "Load", "join_decisions", "measure_cache", "run_scenario"]
 
 TOKEN = "cluster-bench-token"
 PROMPT = "The planner measures"
@@ -240,8 +240,16 @@ class Load:
         return min(ends) if ends else None
 
 
+def join_decisions(lab: ClusterLab, since: float, name: str) -> list[dict[str, Any]]:
+    """The coordinator's decisions on ``name``'s join since ``since``: its "keeping" events (``message``), then the
+    re-plans it caused (``reason``)."""
+    kept = [e for e in lab.events() if e["t"] > since and e["message"].startswith("nodes changed")
+            and f"{name} joined" in e["message"]]  # fmt: skip
+    return kept + [r for r in lab.replans(since, "nodes") if f"{name} joined" in r["reason"]]
+
+
 def _joined(lab: ClusterLab, load: Load, name: str, t_start: float, window_s: float) -> dict[str, Any]:
-    joined = wait_for(lambda: [r for r in lab.replans(t_start, "nodes") if f"{name} joined" in r["reason"]], 120,
+    joined = wait_for(lambda: [d for d in join_decisions(lab, t_start, name) if "reason" in d], 120,
                       f"{name} to be planned in")[0]  # fmt: skip
     reg = next(n for n in lab.cluster()["nodes"] if n["id"] == name)
     time.sleep(window_s)
@@ -277,10 +285,7 @@ def run_scenario(model_dir: Path, workdir: Path, *, window_s: float = 6.0, slowd
             log(f"join w4: {res['join_paying']}")
             t_w5 = time.time()
             lab.worker("w5", cache, *SLOW)
-            kept = wait_for(lambda: [e for e in lab.events() if e["t"] > t_w5 and e["message"].startswith("nodes changed")
-                                     and "w5 joined" in e["message"]]
-                            or [r for r in lab.replans(t_w5, "nodes") if "w5 joined" in r["reason"]], 120,
-                            "w5 to be weighed")  # fmt: skip
+            kept = wait_for(lambda: join_decisions(lab, t_w5, "w5"), 120, "w5 to be weighed")
             res["join_not_paying"] = {"node": "w5", "decision": kept[0].get("message") or f"switched: {kept[0]['after']}",
                                       "to_decision_s": kept[0]["t"] - t_w5}  # fmt: skip
             log(f"join w5: {res['join_not_paying']}")
