@@ -35,10 +35,7 @@ def build_server(
     The executor is built (and the plan checked against the model) now, so bad input fails
     before the server listens; entering it and starting the pipeline happen on start-up.
     """
-    config = read_config(model_dir)
     executor = EXECUTORS.get(backend)(plan, model_dir, emulate=emulate, **(backend_options or {}))
-    eos = executor.eos_token_id
-    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
 
     def opener() -> tuple[Any, Any]:
         executor.__enter__()
@@ -48,11 +45,21 @@ def build_server(
             executor.__exit__(None, None, None)
             raise
 
-    context = max_positions(config) or 2048
-    limits = Limits(prompt_tokens=context - 1, context_tokens=context, vocab_size=int(config.vocab_size))
+    limits, eos_ids = _model_limits(model_dir)
     runtime = Runtime(opener, tokenizer, limits, eos_ids=eos_ids, request_timeout_s=request_timeout_s)
     return ServeApp(runtime, plan, model_id=model_id or Path(model_dir).resolve().name, backend=backend,
                     emulate=emulate, api_key=api_key, drain_timeout_s=drain_timeout_s)  # fmt: skip
+
+
+def _model_limits(model_dir: Path) -> tuple[Limits, list[int]]:
+    """The request limits of the model's context and vocabulary, and its end-of-sequence ids."""
+    from noodle.executors.generation import token_ids_of
+
+    config = read_config(model_dir)
+    eos, _pad = token_ids_of(config)
+    context = max_positions(config) or 2048
+    limits = Limits(prompt_tokens=context - 1, context_tokens=context, vocab_size=int(config.vocab_size))
+    return limits, [eos] if isinstance(eos, int) else list(eos or [])
 
 
 def build_cluster_server(
@@ -78,17 +85,12 @@ def build_cluster_server(
 
     ``probe_interval_s``: seconds between rounds of link probes (:mod:`noodle.serve.linkprobe`); 0: none.
     """
-    from noodle.executors.generation import token_ids_of
     from noodle.serve.controller import ClusterController
     from noodle.serve.joining import model_hash
     from noodle.serve.linkprobe import LinkProber, probe_sizes
     from noodle.serve.registry import ClusterRegistry
 
-    config = read_config(model_dir)
-    eos, _pad = token_ids_of(config)
-    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-    context = max_positions(config) or 2048
-    limits = Limits(prompt_tokens=context - 1, context_tokens=context, vocab_size=int(config.vocab_size))
+    limits, eos_ids = _model_limits(model_dir)
     registry = ClusterRegistry(heartbeat_s=max(0.2, heartbeat_timeout_s / 4), heartbeat_timeout_s=heartbeat_timeout_s,
                                model_hash=model_hash(model_dir), unit_names=tuple(unit_names_of(model_dir)))  # fmt: skip
     holder: dict[str, ClusterController] = {}

@@ -161,8 +161,6 @@ class WorkerRecord:
     free_memory_bytes: int
     threads: int
     profile: NodeProfile  # the model's units timed on this worker
-    decode_ms: float  # the whole model's decode step (the sum of its units), for display
-    prefill_ms_per_token: float
     measured_prompt_tokens: int
     dtype: str
     cached: bool
@@ -171,6 +169,15 @@ class WorkerRecord:
     load: float = 0.0
     alive: bool = True
     corrections: tuple[tuple[int, int, float], ...] = ()  # (start, end, measured / table), oldest first
+
+    @property
+    def decode_ms(self) -> float:
+        """The whole model's decode step as joined (the sum of its units), for display."""
+        return float(sum(self.profile.latency_ms))
+
+    @property
+    def prefill_ms_per_token(self) -> float:
+        return float(sum(self.profile.prefill_ms_per_token or ()))
 
     @property
     def correction(self) -> float:
@@ -183,6 +190,7 @@ class WorkerRecord:
         d["units"] = len(self.profile.unit_names)
         d["corrections"] = [{"start": a, "end": b, "factor": f} for a, b, f in self.corrections]
         d["correction"] = self.correction
+        d["decode_ms"], d["prefill_ms_per_token"] = self.decode_ms, self.prefill_ms_per_token
         d["heartbeat_age_s"] = (now or time.time()) - self.last_heartbeat
         return d
 
@@ -209,8 +217,7 @@ class ClusterRegistry:
         rec = WorkerRecord(
             id=req.id, address=req.address, device_kind=req.device.kind, device_name=req.device.name,
             total_memory_bytes=req.device.total_memory_bytes, free_memory_bytes=req.device.free_memory_bytes,
-            threads=req.device.threads, profile=prof, decode_ms=float(sum(prof.latency_ms)),
-            prefill_ms_per_token=float(sum(prof.prefill_ms_per_token or ())), measured_prompt_tokens=req.costs.prompt_tokens,
+            threads=req.device.threads, profile=prof, measured_prompt_tokens=req.costs.prompt_tokens,
             dtype=req.costs.dtype, cached=req.costs.cached, joined_at=now, last_heartbeat=now,
         )  # fmt: skip
         with self._lock:

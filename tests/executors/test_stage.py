@@ -12,41 +12,12 @@ from noodle.executors.generation import left_pad
 from noodle.models import load_model
 
 from .conformance import PROMPT_SETS
-
-
-def _record_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    reads: list[str] = []
-    real = safetensors.safe_open
-
-    class Recording:
-        def __init__(self, *a, **kw):
-            self._f = real(*a, **kw)
-
-        def __enter__(self):
-            self._inner = self._f.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self._f.__exit__(*exc)
-
-        def keys(self):
-            return self._inner.keys()
-
-        def get_tensor(self, name):
-            reads.append(name)
-            return self._inner.get_tensor(name)
-
-        def get_slice(self, name):  # transformers' conversion reads lazily, through slices
-            reads.append(name)
-            return self._inner.get_slice(name)
-
-    monkeypatch.setattr(safetensors, "safe_open", Recording)
-    return reads
+from .readrecorder import record_reads
 
 
 def test_middle_stage_reads_and_holds_only_its_blocks(tiny_models, monkeypatch):
     model = tiny_models["llama"]
-    reads = _record_reads(monkeypatch)
+    reads = record_reads(monkeypatch)
     stage = StageRunner(model, 2, 4)
     assert stage.layers == [1, 2] and not stage.is_first and not stage.is_last
     assert reads and all(r.startswith(("model.layers.1.", "model.layers.2.")) for r in reads)
@@ -61,7 +32,7 @@ def test_middle_stage_reads_and_holds_only_its_blocks(tiny_models, monkeypatch):
 def test_tied_head_without_embedding_loads_its_own_copy(tiny_models, monkeypatch):
     model = tiny_models["gpt2"]
     full = load_model(model)
-    reads = _record_reads(monkeypatch)
+    reads = record_reads(monkeypatch)
     last = StageRunner(model, 5, 6)
     assert sorted(reads) == ["transformer.ln_f.bias", "transformer.ln_f.weight", "transformer.wte.weight"]
     torch.testing.assert_close(last.slice.head.weight, full.transformer.wte.weight)

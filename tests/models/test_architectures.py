@@ -23,6 +23,7 @@ from noodle.models.conformance import CASES, check_verified
 from noodle.plandoc import dump_plan
 
 from ..executors.conformance import CUTS, PROMPT_SETS, check_executor, plan_for
+from ..executors.readrecorder import record_reads
 
 STAGINGS = ("1-stage", "3-stages", "4-stages")
 
@@ -123,7 +124,6 @@ def test_uncovered_variant_of_a_verified_family_is_refused(model_type, change, n
 
 def test_sharded_moe_stage_reads_only_its_checkpoint_keys(folders, tmp_path, monkeypatch):
     """Fused experts: the checkpoint holds per-expert tensors in several shards; a stage converts only its own."""
-    import safetensors
     import torch
 
     from noodle.executors.stage import StageRunner
@@ -133,28 +133,7 @@ def test_sharded_moe_stage_reads_only_its_checkpoint_keys(folders, tmp_path, mon
     sharded = tmp_path / "sharded"
     full.save_pretrained(sharded, max_shard_size="100KB")
     assert (sharded / "model.safetensors.index.json").is_file() and len(list(sharded.glob("*.safetensors"))) > 2
-    reads: list[str] = []
-    real = safetensors.safe_open
-
-    class Recording:
-        def __init__(self, *a, **kw):
-            self._f = real(*a, **kw)
-
-        def __enter__(self):
-            self._inner = self._f.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self._f.__exit__(*exc)
-
-        def keys(self):
-            return self._inner.keys()
-
-        def get_slice(self, name):
-            reads.append(name)
-            return self._inner.get_slice(name)
-
-    monkeypatch.setattr(safetensors, "safe_open", Recording)
+    reads = record_reads(monkeypatch)
     stage = StageRunner(sharded, 2, 4)  # blocks 1 and 2
     assert reads and all(r.startswith(("model.layers.1.", "model.layers.2.")) for r in reads)
     assert any(".experts.0." in r for r in reads)  # the per-expert layout on disk, converted on load
