@@ -24,6 +24,7 @@ from noodle.executors.base import ClosesOnExit, RunReport, RunResult, StageRepor
 from noodle.executors.generation import Sampling, generate, new_session_id, token_ids_of
 from noodle.executors.kvbudget import kv_capacity_tokens, max_positions
 from noodle.executors.messages import StageInput, StageOutput
+from noodle.executors.batching import DEFAULT_MAX_BATCH_TOKENS, make_pipeline
 from noodle.executors.scheduler import Pipeline
 from noodle.executors.slicing import read_config, unit_names_of, weight_index
 from noodle.executors.stage import StageRunner
@@ -180,16 +181,18 @@ class LocalExecutor(ClosesOnExit):
         ]
 
     # -- pipelined --------------------------------------------------------------------------------
-    def pipeline(self, *, concurrency: int = 1, micro_batch: int = 1, prefill_chunk: int = 0, max_queue: int = 256) -> Pipeline:
-        """A :class:`~noodle.executors.scheduler.Pipeline` over this executor's stages (call ``start()``)."""
+    def pipeline(self, *, concurrency: int = 1, micro_batch: int = 1, prefill_chunk: int = 0, max_queue: int = 256,
+                 batching: str = "groups", max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS) -> Pipeline:
+        """The pipelined engine over this executor's stages (call ``start()``); see :func:`make_pipeline`."""
         if not self.stages:
             raise ExecutorError("local executor: use it as a context manager (`with LocalExecutor(...) as ex:`)")
         lanes = self._lanes()
         elem = next((p.element_size() for st in self.stages for m in st.slice.modules() for p in m.parameters()), 4)
         caps = kv_capacity_tokens(self.plan, self.config, [s.param_bytes() for s in self.stages],
                                   [len(s.layers) for s in self.stages], elem)  # fmt: skip
-        return Pipeline(
-            lanes, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id, concurrency=concurrency,
+        return make_pipeline(
+            lanes, batching=batching, max_batch_tokens=max_batch_tokens,
+            eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id, concurrency=concurrency,
             micro_batch=micro_batch, prefill_chunk=prefill_chunk, max_queue=max_queue, kv_capacity_tokens=caps,
             max_context=max_positions(self.config), planned_ms=[d.expected_latency_ms for d in self.plan.stages],
         )  # fmt: skip

@@ -17,7 +17,28 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["StageInput", "StageOutput", "payload_bytes"]
+__all__ = ["SeqChunk", "StageInput", "StageOutput", "payload_bytes"]
+
+
+@dataclass(frozen=True)
+class SeqChunk:
+    """One sequence's share of a packed step (continuous batching, :mod:`noodle.executors.packed`).
+
+    Attributes:
+        seq: the sequence's id (one KV cache per id on every stage).
+        tokens: how many of the step's packed tokens are this sequence's (>= 1), in order.
+        start: its first chunk: the stage starts a fresh KV cache for it.
+        logits: the last stage returns the logits of this chunk's last token.
+    """
+
+    seq: str
+    tokens: int
+    start: bool = False
+    logits: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens < 1:
+            raise ValueError(f"SeqChunk {self.seq!r}: tokens must be an integer >= 1, got {self.tokens!r}")
 
 
 @dataclass(frozen=True)
@@ -32,6 +53,11 @@ class StageInput:
             ``None`` means all ones (no padding).
         prefill: ``True`` starts the session (a fresh KV cache), ``False`` continues it.
         all_logits: the last stage returns logits of every new position, not only the last.
+        seqs: a packed step: ``data`` is ``(1, N)`` / ``(1, N, hidden)``, the new tokens of these
+            sequences back to back (``session`` then names the step's batch; ``attention_mask``,
+            ``prefill`` and ``all_logits`` are unused). The last stage returns ``(M, 1, vocab)``
+            logits, one row per chunk with ``logits`` set, in order.
+        exact: with ``seqs``, run each sequence on its own (the reference) instead of in one forward.
     """
 
     session: str
@@ -39,10 +65,16 @@ class StageInput:
     attention_mask: torch.Tensor | None = None
     prefill: bool = False
     all_logits: bool = False
+    seqs: tuple[SeqChunk, ...] = ()
+    exact: bool = False
 
     @property
     def batch_size(self) -> int:
-        return int(self.data.shape[0])
+        return len(self.seqs) if self.seqs else int(self.data.shape[0])
+
+    @property
+    def packed(self) -> bool:
+        return bool(self.seqs)
 
     @property
     def new_tokens(self) -> int:
@@ -63,19 +95,22 @@ class StageOutput:
             ``(batch, positions, vocab)`` (``positions`` is 1 unless ``all_logits``).
         attention_mask: the input's padding mask, passed on unchanged.
         is_logits: ``True`` when ``data`` holds logits (the stage holds ``lm_head``).
+        seqs, exact: a packed step's chunks and mode, passed on unchanged.
     """
 
     session: str
     data: torch.Tensor
     attention_mask: torch.Tensor | None = None
     is_logits: bool = False
+    seqs: tuple[SeqChunk, ...] = ()
+    exact: bool = False
 
     def nbytes(self) -> int:
         return payload_bytes(self.data, self.attention_mask)
 
     def next_input(self, *, prefill: bool, all_logits: bool = False) -> StageInput:
         """The input of the following stage."""
-        return StageInput(self.session, self.data, self.attention_mask, prefill, all_logits)
+        return StageInput(self.session, self.data, self.attention_mask, prefill, all_logits, self.seqs, self.exact)
 
 
 def payload_bytes(*tensors: torch.Tensor | None) -> int:

@@ -31,6 +31,7 @@ import torch
 
 from noodle.errors import ExecutorError, ModelError
 from noodle.executors.messages import StageInput, StageOutput
+from noodle.executors.packed import PACKABLE_ATTENTION, PackedStep, SeqKV
 from noodle.executors.slicing import ModelSlice, load_slice
 from noodle.models.quant import apply_format
 from noodle.models.glue import alibi_bias, block_call, embed_multiplier, logits_glue, positions_call, uses_alibi
@@ -93,9 +94,13 @@ class StageRunner:
             self._kinds.setdefault(kind, i)
             self._block_kinds.append(kind)
         self._sessions: dict[str, Session] = {}
+        self._seqs: dict[str, SeqKV] = {}  # packed steps' sequences (continuous batching)
+        self._layer_index = {g: k for k, g in enumerate(self.layers)}
         blocks = [b for _, b in self.slice.blocks]
         self._call = block_call(blocks[0], self.slice.rotary) if blocks else None
         self._alibi = self._call is not None and self._call.alibi and uses_alibi(cfg)
+        self._attn = str(getattr(cfg, "_attn_implementation", None))
+        self.packable = not (self._call is not None and self._call.alibi) and self._attn in PACKABLE_ATTENTION
         self._embed_mult = embed_multiplier(cfg)
         self._logits = logits_glue(cfg)
 
@@ -118,6 +123,8 @@ class StageRunner:
 
     def cache_bytes(self, session: str) -> int:
         """Bytes of KV cache held for ``session`` (0 if unknown)."""
+        if session in self._seqs:
+            return self._seqs[session].nbytes()
         state = self._sessions.get(session)
         if state is None:
             return 0
@@ -129,11 +136,12 @@ class StageRunner:
         return total
 
     def sessions(self) -> list[str]:
-        return list(self._sessions)
+        return [*self._sessions, *self._seqs]
 
     def end_session(self, session: str) -> None:
-        """Drop a session's KV cache (unknown ids are ignored)."""
+        """Drop a session's (or a packed sequence's) KV cache (unknown ids are ignored)."""
         self._sessions.pop(session, None)
+        self._seqs.pop(session, None)
 
     # -- running -------------------------------------------------------------------------------
     def _begin(self, msg: StageInput) -> Session:
@@ -202,7 +210,9 @@ class StageRunner:
 
     @torch.inference_mode()
     def step(self, msg: StageInput) -> StageOutput:
-        """Run this stage on one step (prefill or decode) of a session."""
+        """Run this stage on one step (prefill or decode) of a session, or on a packed step of many."""
+        if msg.seqs:
+            return self._step_packed(msg)
         state = self._check(msg)
         batch, tokens = msg.batch_size, msg.new_tokens
         self._grow_mask(state, msg.attention_mask, batch, tokens)
@@ -251,6 +261,47 @@ class StageRunner:
                                is_logits=False)
         if not msg.all_logits:
             hidden = hidden[:, -1:, :]
+        return StageOutput(msg.session, self._head(hidden), msg.attention_mask, is_logits=True)
+
+    def _device(self) -> torch.device:
+        return next((p.device for m in self.slice.modules() for p in m.parameters()), torch.device("cpu"))
+
+    def _step_packed(self, msg: StageInput) -> StageOutput:
+        n = sum(c.tokens for c in msg.seqs)
+        data = msg.data
+        want = 2 if self.is_first else 3
+        if data.dim() != want or data.shape[0] != 1 or data.shape[1] != n:
+            raise ExecutorError(f"{self.name}: a packed step of {len(msg.seqs)} sequences and {n} tokens needs data of "
+                                f"shape (1, {n}{')' if self.is_first else ', hidden)'}, got {tuple(data.shape)}")  # fmt: skip
+        if msg.exact or not self.packable:
+            return self._step_each(msg)
+        step = PackedStep.begin(msg.seqs, self._seqs, self._layer_index, self._device(), self.name)
+        positions = step.positions()
+        hidden = self._embed(data, positions) if self.is_first else data
+        if self._dtype is not None:
+            hidden = hidden.to(self._dtype)
+        call = self._call
+        if call is not None:
+            masks = {kind: step.mask(kind, self.config, hidden.dtype, self._attn == "eager") for kind in self._kinds}
+            rotary: dict[str, Any] = {}
+            if self.slice.rotary is not None:
+                for kind in self._kinds:
+                    rotary[kind] = self.slice.rotary(hidden, positions, *((kind,) if call.rotary_by_kind else ()))
+            extra: dict[str, Any] = {call.cache_kw: step.cache, "use_cache": True}
+            if call.position_ids:
+                extra["position_ids"] = positions
+            for (_, block), kind in zip(self.slice.blocks, self._block_kinds):
+                if kind in rotary:
+                    extra["position_embeddings"] = rotary[kind]
+                out = block(hidden, attention_mask=masks[kind], **extra)
+                hidden = out[0] if isinstance(out, tuple) else out
+        step.finish()
+        if not self.is_last:
+            return StageOutput(msg.session, hidden if self._dtype is None else hidden.float(), None, False, msg.seqs)
+        hidden = hidden[:, step.last_rows(msg.seqs), :]
+        return StageOutput(msg.session, self._head(hidden)[0].unsqueeze(1), None, True, msg.seqs)
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         for mod in self.slice.final:
             hidden = mod(hidden)
         head = self.slice.head
@@ -259,9 +310,22 @@ class StageRunner:
         logits = head(hidden)
         if self._dtype is not None:
             logits = logits.float()
-        if self._logits is not None:
-            logits = self._logits(logits)
-        return StageOutput(msg.session, logits, msg.attention_mask, is_logits=True)
+        return logits if self._logits is None else self._logits(logits)
+
+    def _step_each(self, msg: StageInput) -> StageOutput:
+        """A packed step, one sequence at a time (exact mode: each is ``generate`` on its own)."""
+        outs: list[torch.Tensor] = []
+        offset = 0
+        for c in msg.seqs:
+            out = self.step(StageInput(c.seq, msg.data[:, offset : offset + c.tokens], None, prefill=c.start))
+            offset += c.tokens
+            if not self.is_last or c.logits:
+                outs.append(out.data)
+        if not self.is_last:
+            return StageOutput(msg.session, torch.cat(outs, dim=1), None, False, msg.seqs, True)
+        vocab = int(self.config.get_text_config().vocab_size) if not outs else outs[0].shape[-1]
+        data = torch.cat(outs, dim=0) if outs else torch.empty(0, 1, vocab)
+        return StageOutput(msg.session, data, None, True, msg.seqs, True)
 
     def __repr__(self) -> str:
         return f"StageRunner({self.name!r}, units=[{self.start}, {self.end}), layers={self.layers})"

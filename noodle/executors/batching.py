@@ -1,0 +1,244 @@
+"""Continuous batching: every stage steps all the sequences it holds in one forward.
+
+:class:`BatchingPipeline` keeps the lanes, threads, queue, stats and callbacks of
+:class:`~noodle.executors.scheduler.Pipeline` and changes what circulates. Instead of fixed
+groups, ``slots`` batches (one per stage by default, so every stage has one to work on) go
+round the pipeline. A batch is rebuilt each time it comes back from the last stage:
+
+1. the logits of its chunks that asked for them are sampled, each row with its request's own
+   sampler; finished sequences leave (their KV freed on every stage) at once;
+2. waiting requests join the slot while fewer than ``concurrency`` sequences are in flight and
+   the stages' KV budget holds their context (a slot takes at most its share,
+   ``ceil(concurrency / slots)``, so the batches stay even);
+3. the next step packs one decode token per decoding sequence, then prefill chunks of the
+   sequences still reading their prompt, under ``max_batch_tokens`` (``prefill_chunk`` caps one
+   sequence's chunk). A long prompt is read over several steps beside the others' decodes, so
+   new requests start while old ones stream.
+
+The step crosses every stage as one message (:class:`~noodle.executors.messages.SeqChunk` s and
+the packed tokens). ``exact=True`` runs each sequence on its own inside the step: the tokens are
+then those of ``generate`` on each prompt alone, whatever else is in flight (the reference).
+
+KV admission reserves each sequence's whole context (prompt + ``max_new_tokens``) on admission, so
+a running sequence never runs out of KV and nothing needs to be preempted.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from noodle.errors import SpecError
+from noodle.executors.messages import SeqChunk, StageInput
+from noodle.executors.requests import Lane, _End, _Request, _Step
+from noodle.executors.scheduler import Pipeline
+
+__all__ = ["BATCHING_MODES", "BatchingPipeline", "DEFAULT_MAX_BATCH_TOKENS", "make_pipeline"]
+
+DEFAULT_MAX_BATCH_TOKENS = 256
+
+
+@dataclass(eq=False)
+class _Seq:
+    req: _Request
+    ids: list[int]  # what its KV must hold before it decodes (the prompt)
+    reserved: int
+    fed: int = 0  # tokens of ``ids`` sent so far
+
+    @property
+    def reading(self) -> bool:
+        return self.fed < len(self.ids)
+
+
+@dataclass(eq=False)
+class _Slot:
+    sid: int
+    members: list[_Seq] = field(default_factory=list)
+    step: list[tuple[_Seq, SeqChunk]] = field(default_factory=list)  # what is in flight
+    busy: bool = False
+
+    @property
+    def requests(self) -> list[_Request]:  # what Pipeline.stats counts
+        return [s.req for s in self.members]
+
+
+class BatchingPipeline(Pipeline):
+    """Serves many requests at once, every running sequence in one batched step per stage.
+
+    Args (beyond :class:`~noodle.executors.scheduler.Pipeline`'s):
+        concurrency: sequences in flight at most (>= 1).
+        max_batch_tokens: tokens one step may carry (decode tokens always go; prefill chunks fill the rest).
+        slots: batches circulating (default: one per stage).
+        exact: one forward per sequence inside each step (tokens identical to ``generate`` alone).
+    """
+
+    def __init__(self, lanes: Sequence[Lane], *, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+                 slots: int | None = None, exact: bool = False, **kwargs: Any) -> None:  # fmt: skip
+        if kwargs.get("micro_batch", 1) != 1:
+            raise SpecError("--micro-batch: continuous batching batches every sequence in flight; leave it at 1")
+        super().__init__(lanes, **kwargs)
+        n_slots = len(self.lanes) if slots is None else slots
+        for name, value in (("max_batch_tokens", max_batch_tokens), ("slots", n_slots)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise SpecError(f"--{name.replace('_', '-')}: must be an integer >= 1, got {value!r}")
+        self.max_batch_tokens = max_batch_tokens
+        self.exact = exact
+        self._slots = [_Slot(i) for i in range(n_slots)]
+        self._groups = {s.sid: s for s in self._slots}  # type: ignore[misc]  # stats count their requests
+        self._share = max(1, math.ceil(self.concurrency / n_slots))
+
+    @property
+    def batching(self) -> str:
+        return "exact" if self.exact else "continuous"
+
+    def _members(self) -> int:
+        return sum(len(s.members) for s in self._slots)
+
+    # -- admission and steps ---------------------------------------------------------------------
+    def _admit(self) -> None:
+        for slot in self._slots:
+            if slot.busy:
+                continue
+            self._join(slot)
+            self._send(slot)
+
+    def _join(self, slot: _Slot) -> None:
+        now = time.monotonic()
+        with self._lock:
+            while self._waiting and len(slot.members) < self._share and self._members() < self.concurrency:
+                req = self._waiting[0]
+                need = len(req.prompt) + req.max_new_tokens
+                if self._kv_cap is not None and self._reserved + need > self._kv_cap:
+                    return  # waits until a sequence ends and frees its KV
+                self._waiting.popleft()
+                self._reserved += need
+                req.t_admit = now
+                slot.members.append(_Seq(req, list(req.prompt), need))
+            self._peak = max(self._peak, self._members())
+
+    def _send(self, slot: _Slot) -> None:
+        budget = self.max_batch_tokens
+        step: list[tuple[_Seq, SeqChunk]] = []
+        data: list[int] = []
+        for s in slot.members:
+            if not s.reading and s.req.finish is None:
+                step.append((s, SeqChunk(s.req.rid, 1, logits=True)))
+                data.append(s.req.tokens[-1])
+                budget -= 1
+        for s in slot.members:
+            if not s.reading or budget <= 0:
+                continue
+            n = min(len(s.ids) - s.fed, budget, self.prefill_chunk or budget)
+            done = s.fed + n == len(s.ids)
+            step.append((s, SeqChunk(s.req.rid, n, start=s.fed == 0, logits=done)))
+            data.extend(s.ids[s.fed : s.fed + n])
+            s.fed += n
+            budget -= n
+        if not step:
+            return
+        slot.step, slot.busy = step, True
+        msg = StageInput(f"b{slot.sid}", torch.tensor([data], dtype=torch.long), seqs=tuple(c for _, c in step),
+                         exact=self.exact)  # fmt: skip
+        self._queues[0].put(_Step(slot.sid, msg, final=True))
+
+    def _on_logits(self, gid: int, logits: torch.Tensor) -> None:
+        slot = self._slots[gid]
+        step, slot.step, slot.busy = slot.step, [], False
+        now = time.monotonic()
+        rows = iter(range(logits.shape[0]))
+        for s, chunk in step:
+            if not chunk.logits:
+                continue
+            row = next(rows)
+            req = s.req
+            if req.finish is not None:
+                continue
+            token = int(req.sampler(logits[row : row + 1])[0])
+            req.tokens.append(token)
+            req.stamps.append(now)
+            with self._lock:
+                self._tokens += 1
+                self._token_times.append(now)
+            self._call(req.on_token, token, req)
+            if token in self._eos:
+                req.finish = "stop"
+            elif len(req.tokens) >= req.max_new_tokens:
+                req.finish = "length"
+        self._retire(slot)
+
+    def _retire(self, slot: _Slot, only: list[_Seq] | None = None) -> None:
+        """End the slot's finished sequences (or ``only`` these): free their KV everywhere, notify."""
+        gone = [s for s in (only if only is not None else slot.members) if s.req.finish is not None]
+        for s in gone:
+            slot.members.remove(s)
+            with self._lock:
+                self._reserved -= s.reserved
+            if s.fed:
+                self._queues[0].put(_End(s.req.rid))
+            self._finish(s.req)
+
+    # -- failures and cancellation ---------------------------------------------------------------
+    def _fail_group(self, gid: int, text: str) -> None:
+        slot = self._slots[gid]
+        step, slot.step, slot.busy = slot.step, [], False
+        for s, _ in step:
+            if s.req.finish is None:
+                s.req.finish, s.req.error = "error", text
+        self._retire(slot, [s for s, _ in step])
+
+    def _cancel(self, rid: str) -> None:
+        with self._lock:
+            req = self._by_rid.get(rid)
+            if req is None or req.finish is not None:
+                return
+            req.finish = "cancelled"
+            if req in self._waiting:
+                self._waiting.remove(req)
+                queued = True
+            else:
+                queued = False
+        if queued:
+            self._finish(req)
+            return
+        for slot in self._slots:
+            if not slot.busy and any(s.req is req for s in slot.members):
+                self._retire(slot)  # an idle slot frees it now; a busy one when its step comes back
+
+    def _fail_everything(self, text: str) -> None:
+        with self._lock:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        for req in waiting:
+            req.finish, req.error = "cancelled", text
+            self._finish(req)
+        for slot in self._slots:
+            for s in slot.members:
+                if s.req.finish is None:
+                    s.req.finish, s.req.error = "cancelled", text
+            slot.step, slot.busy = [], False
+            self._retire(slot)
+
+    def stats(self, window_s: float = 10.0) -> Any:
+        """As :meth:`Pipeline.stats`; ``groups_in_flight`` counts the batches now in the pipeline."""
+        snap = super().stats(window_s)
+        return replace(snap, groups_in_flight=sum(1 for s in self._slots if s.busy))
+
+
+BATCHING_MODES = ("continuous", "exact", "groups")
+
+
+def make_pipeline(lanes: Sequence[Lane], *, batching: str = "groups", max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+                  **kwargs: Any) -> Pipeline:  # fmt: skip
+    """The engine for ``batching``: ``continuous`` (every sequence in one batched step per stage, the
+    serving default), ``exact`` (the same scheduler, one forward per sequence: ``generate``'s tokens), or
+    ``groups`` (fixed left-padded groups of ``micro_batch`` requests, each its own KV session)."""
+    if batching == "groups":
+        return Pipeline(lanes, **kwargs)
+    if batching in ("continuous", "exact"):
+        return BatchingPipeline(lanes, exact=batching == "exact", max_batch_tokens=max_batch_tokens, **kwargs)
+    raise SpecError(f"--batching: must be one of {', '.join(BATCHING_MODES)}, got {batching!r}")
