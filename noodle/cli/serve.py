@@ -85,6 +85,14 @@ def _check_flags(backend: str, port: int, concurrency: int, max_queue: int, requ
     check_threads("--threads", threads)
 
 
+def _check_batching(batching: str, max_batch_tokens: int) -> None:
+    from noodle.executors.batching import BATCHING_MODES
+
+    if batching not in BATCHING_MODES:
+        raise SpecError(f"--batching: must be one of {', '.join(BATCHING_MODES)}, got {batching!r}")
+    check_int("--max-batch-tokens", max_batch_tokens, ge=1, le=1 << 20)
+
+
 def serve_cmd(
     model: Path = typer.Option(..., "--model", "-m", help="model folder (config, weights, tokenizer)"),
     plan: Path | None = typer.Option(None, "--plan", help="serve this plan (from `noodle solve`)"),
@@ -99,6 +107,10 @@ def serve_cmd(
     chat_template: str | None = typer.Option(None, "--chat-template", help="Jinja chat template (file or text) when the tokenizer has none"),
     emulate: bool = typer.Option(False, "--emulate", help="sleep to stretch stages and hops to the plan's nodes and links"),
     concurrency: int = typer.Option(8, "--concurrency", help="sequences generated at once"),
+    batching: str = typer.Option("auto", "--batching", help="auto, continuous (every running sequence in one step per "
+                                 "stage), exact (one forward per sequence: generate()'s tokens) or groups"),
+    max_batch_tokens: int = typer.Option(256, "--max-batch-tokens", help="tokens one batched step may carry "
+                                         "(decode tokens first, prefill chunks fill the rest)"),
     max_queue: int = typer.Option(64, "--max-queue", help="requests that may wait; more get 429"),
     request_timeout: float = typer.Option(300.0, "--request-timeout", help="seconds a request may run"),
     drain_timeout: float = typer.Option(30.0, "--drain-timeout", help="seconds in-flight requests get on SIGTERM"),
@@ -123,6 +135,7 @@ def serve_cmd(
     from noodle.serve.planning import resolve_plan
 
     _check_flags(backend, port, concurrency, max_queue, request_timeout, threads, drain_timeout)
+    _check_batching(batching, max_batch_tokens)
     if cluster:
         _serve_cluster(model, token=token, host=host, port=port, api_key=api_key, served_model_name=served_model_name,
                        chat_template=chat_template, concurrency=concurrency, max_queue=max_queue,
@@ -145,7 +158,8 @@ def serve_cmd(
     options = backend_options(backend, workers=workers, spare=None, token=token, tls_ca=None, step_timeout=None)
     served = build_server(model, doc, tokenizer, backend=backend, backend_options=options, emulate=emulate,
                           concurrency=concurrency, max_queue=max_queue, request_timeout_s=request_timeout,
-                          drain_timeout_s=drain_timeout, api_key=api_key, model_id=served_model_name)  # fmt: skip
+                          drain_timeout_s=drain_timeout, api_key=api_key, model_id=served_model_name,
+                          batching=batching, max_batch_tokens=max_batch_tokens)  # fmt: skip
     model_id = served.model.model_id
     sock = bind_socket(host, port)
     bound = sock.getsockname()[1]

@@ -38,7 +38,7 @@ from noodle.executors.messages import SeqChunk, StageInput
 from noodle.executors.requests import Lane, _End, _Request, _Step
 from noodle.executors.scheduler import Pipeline
 
-__all__ = ["BATCHING_MODES", "BatchingPipeline", "DEFAULT_MAX_BATCH_TOKENS", "make_pipeline"]
+__all__ = ["BATCHING_MODES", "BatchingPipeline", "DEFAULT_MAX_BATCH_TOKENS", "resolve_batching", "make_pipeline"]
 
 DEFAULT_MAX_BATCH_TOKENS = 256
 
@@ -229,16 +229,29 @@ class BatchingPipeline(Pipeline):
         return replace(snap, groups_in_flight=sum(1 for s in self._slots if s.busy))
 
 
-BATCHING_MODES = ("continuous", "exact", "groups")
+BATCHING_MODES = ("auto", "continuous", "exact", "groups")
+
+
+def resolve_batching(batching: str, lanes: Sequence[Lane]) -> str:
+    """``auto`` -> ``continuous`` where every stage takes packed steps, else ``groups``; the rest as given."""
+    if batching != "auto":
+        return batching
+    return "continuous" if all(getattr(lane, "packed_steps", False) for lane in lanes) else "groups"
 
 
 def make_pipeline(lanes: Sequence[Lane], *, batching: str = "groups", max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
                   **kwargs: Any) -> Pipeline:  # fmt: skip
     """The engine for ``batching``: ``continuous`` (every sequence in one batched step per stage, the
     serving default), ``exact`` (the same scheduler, one forward per sequence: ``generate``'s tokens), or
-    ``groups`` (fixed left-padded groups of ``micro_batch`` requests, each its own KV session)."""
+    ``groups`` (fixed left-padded groups of ``micro_batch`` requests, each its own KV session), or ``auto``
+    (:func:`resolve_batching`)."""
+    batching = resolve_batching(batching, lanes)
     if batching == "groups":
         return Pipeline(lanes, **kwargs)
     if batching in ("continuous", "exact"):
+        other = [lane.name for lane in lanes if not getattr(lane, "packed_steps", False)]
+        if other:
+            raise SpecError(f"--batching {batching}: this backend's stages ({', '.join(other)}) do not take packed steps "
+                            "yet; use --batching groups (or the local backend)")  # fmt: skip
         return BatchingPipeline(lanes, exact=batching == "exact", max_batch_tokens=max_batch_tokens, **kwargs)
     raise SpecError(f"--batching: must be one of {', '.join(BATCHING_MODES)}, got {batching!r}")

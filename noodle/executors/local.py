@@ -43,7 +43,11 @@ class LocalLane:
     cancels); then the hop lasts the planned link's latency plus the bytes handed on at its
     bandwidth. Both are measured from the step's start, so this machine's own speed drops
     out. A step already slower than planned is not shortened (the stats show the overshoot).
+    A packed step (continuous batching) is scaled like a prefill: by its measured time over a
+    one-sequence decode step's.
     """
+
+    packed_steps = True  # takes continuous batching's packed steps (noodle.executors.batching)
 
     def __init__(self, stage: StageRunner, doc: StageDoc, *, score: float, hop_ms: Callable[[int], float], emulate: bool,
                  last: bool, decode_ref_s: float | None = None) -> None:  # fmt: skip
@@ -59,7 +63,7 @@ class LocalLane:
 
     def _planned_s(self, msg: StageInput, dt: float) -> float:
         planned = self.doc.compute_ms / 1e3
-        if not msg.prefill and msg.new_tokens == 1:
+        if not msg.prefill and msg.new_tokens == 1 and not msg.seqs:
             self._decode_dt.append(dt)
             return planned
         if self._decode_dt:

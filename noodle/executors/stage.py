@@ -33,6 +33,7 @@ from noodle.errors import ExecutorError, ModelError
 from noodle.executors.messages import StageInput, StageOutput
 from noodle.executors.packed import PACKABLE_ATTENTION, PackedStep, SeqKV
 from noodle.executors.slicing import ModelSlice, load_slice
+from noodle.models.conformance import UNPACKED
 from noodle.models.quant import apply_format
 from noodle.models.glue import alibi_bias, block_call, embed_multiplier, logits_glue, positions_call, uses_alibi
 
@@ -100,7 +101,8 @@ class StageRunner:
         self._call = block_call(blocks[0], self.slice.rotary) if blocks else None
         self._alibi = self._call is not None and self._call.alibi and uses_alibi(cfg)
         self._attn = str(getattr(cfg, "_attn_implementation", None))
-        self.packable = not (self._call is not None and self._call.alibi) and self._attn in PACKABLE_ATTENTION
+        self.packable = (not (self._call is not None and self._call.alibi) and self._attn in PACKABLE_ATTENTION
+                         and getattr(cfg, "model_type", "") not in UNPACKED)  # fmt: skip
         self._embed_mult = embed_multiplier(cfg)
         self._logits = logits_glue(cfg)
 

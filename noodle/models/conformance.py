@@ -18,7 +18,7 @@ from typing import Any
 
 from noodle.errors import ModelError
 
-__all__ = ["CASES", "LIMITS", "TINY", "check_verified", "verified_types"]
+__all__ = ["CASES", "LIMITS", "TINY", "UNPACKED", "check_verified", "verified_types"]
 
 TINY: dict[str, Any] = dict(
     num_hidden_layers=4, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
@@ -74,6 +74,14 @@ CASES: dict[str, dict[str, Any]] = {
     )},
 }
 
+
+# Verified architectures whose stages run packed steps (continuous batching) one sequence at a time: their
+# attention does not take the packed 4-D mask as every other case does. tests/executors/test_batching.py
+# checks that every other case packs to the tokens and logits of each sequence run alone.
+UNPACKED: dict[str, str] = {
+    "gpt_neo": "its local attention builds its own causal window from the key length",
+    "doge": "its dynamic mask adds learned biases wherever the attention mask is materialized",
+}
 
 def _falcon(config: Any) -> str | None:
     if getattr(config, "alibi", False):

@@ -29,18 +29,23 @@ def build_server(
     drain_timeout_s: float = 30.0,
     api_key: str | None = None,
     model_id: str | None = None,
+    batching: str = "auto",
+    max_batch_tokens: int = 256,
 ) -> ServeApp:
     """A :class:`ServeApp` whose stages load when the app starts (``/readyz`` turns 200 then).
 
     The executor is built (and the plan checked against the model) now, so bad input fails
     before the server listens; entering it and starting the pipeline happen on start-up.
+    ``batching``: the engine's mode (:func:`noodle.executors.batching.make_pipeline`; ``auto`` batches
+    every running sequence in one step per stage where the backend's stages take packed steps).
     """
     executor = EXECUTORS.get(backend)(plan, model_dir, emulate=emulate, **(backend_options or {}))
 
     def opener() -> tuple[Any, Any]:
         executor.__enter__()
         try:
-            return executor, executor.pipeline(concurrency=concurrency, max_queue=max_queue)
+            return executor, executor.pipeline(concurrency=concurrency, max_queue=max_queue, batching=batching,
+                                               max_batch_tokens=max_batch_tokens)
         except BaseException:
             executor.__exit__(None, None, None)
             raise

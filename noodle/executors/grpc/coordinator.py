@@ -358,9 +358,11 @@ class GrpcExecutor(ClosesOnExit):
         self.failovers.append(ev)
         self._log(f"noodle: failover at step {step}: {action}: {detail} ({ev.seconds:.2f} s)")
 
-    def pipeline(self, *, concurrency: int = 1, micro_batch: int = 1, prefill_chunk: int = 0, max_queue: int = 256) -> Pipeline:
+    def pipeline(self, *, concurrency: int = 1, micro_batch: int = 1, prefill_chunk: int = 0, max_queue: int = 256,
+                 batching: str = "groups", max_batch_tokens: int = 256) -> Pipeline:
         """A :class:`~noodle.executors.scheduler.Pipeline` over the workers (see :mod:`~noodle.executors.grpc.lanes`)."""
-        return grpc_pipeline(self, concurrency=concurrency, micro_batch=micro_batch, prefill_chunk=prefill_chunk, max_queue=max_queue)
+        return grpc_pipeline(self, concurrency=concurrency, micro_batch=micro_batch, prefill_chunk=prefill_chunk, max_queue=max_queue,
+                             batching=batching, max_batch_tokens=max_batch_tokens)
 
     # -- running ---------------------------------------------------------------------------------
     def generate(

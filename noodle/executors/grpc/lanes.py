@@ -188,7 +188,8 @@ class GrpcLane:
                      f"in flight replayed ({replayed} steps, {ev.seconds:.2f} s)")  # fmt: skip
 
 
-def grpc_pipeline(executor: GrpcExecutor, *, concurrency: int, micro_batch: int, prefill_chunk: int, max_queue: int) -> Pipeline:
+def grpc_pipeline(executor: GrpcExecutor, *, concurrency: int, micro_batch: int, prefill_chunk: int, max_queue: int,
+                  batching: str = "groups", max_batch_tokens: int = 256) -> Pipeline:
     """A pipeline over ``executor``'s workers; concurrency is capped by the workers' ``--max-sessions``."""
     from noodle.executors.kvbudget import kv_capacity_tokens, max_positions, stage_layers
     from noodle.executors.scheduler import Pipeline
@@ -207,7 +208,10 @@ def grpc_pipeline(executor: GrpcExecutor, *, concurrency: int, micro_batch: int,
     executor._lanes.extend(lanes)
     caps = kv_capacity_tokens(executor.plan, executor.config, [s.param_bytes for s in executor._slots],
                               [stage_layers(s.doc.layers) for s in executor._slots])  # fmt: skip
-    return Pipeline(
+    from noodle.executors.batching import make_pipeline
+
+    return make_pipeline(
+        lanes, batching=batching, max_batch_tokens=max_batch_tokens,
         lanes, eos_token_id=executor.eos_token_id, pad_token_id=executor.pad_token_id, concurrency=concurrency,
         micro_batch=micro_batch, prefill_chunk=prefill_chunk, max_queue=max_queue, kv_capacity_tokens=caps,
         max_context=max_positions(executor.config), planned_ms=[d.expected_latency_ms for d in executor.plan.stages],

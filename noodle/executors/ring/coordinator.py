@@ -311,9 +311,11 @@ class TorchRpcExecutor(ClosesOnExit):
         self.failovers.append(FailoverEvent(step=step, node=lost, reason=reason, action="restarted", detail=detail,
                                             replayed_steps=len(history), seconds=time.perf_counter() - t0))  # fmt: skip
 
-    def pipeline(self, *, concurrency: int = 1, micro_batch: int = 1, prefill_chunk: int = 0, max_queue: int = 256) -> Pipeline:
+    def pipeline(self, *, concurrency: int = 1, micro_batch: int = 1, prefill_chunk: int = 0, max_queue: int = 256,
+                 batching: str = "groups", max_batch_tokens: int = 256) -> Pipeline:
         """A :class:`~noodle.executors.scheduler.Pipeline` over the ring (see :mod:`~noodle.executors.ring.lanes`)."""
-        return ring_pipeline(self, concurrency=concurrency, micro_batch=micro_batch, prefill_chunk=prefill_chunk, max_queue=max_queue)
+        return ring_pipeline(self, concurrency=concurrency, micro_batch=micro_batch, prefill_chunk=prefill_chunk, max_queue=max_queue,
+                             batching=batching, max_batch_tokens=max_batch_tokens)
 
     def generate(
         self,

@@ -187,14 +187,18 @@ class RecvLane:
         self.driver.recv(session, end=True)
 
 
-def ring_pipeline(ex: TorchRpcExecutor, *, concurrency: int, micro_batch: int, prefill_chunk: int, max_queue: int) -> Pipeline:
+def ring_pipeline(ex: TorchRpcExecutor, *, concurrency: int, micro_batch: int, prefill_chunk: int, max_queue: int,
+                  batching: str = "groups", max_batch_tokens: int = 256) -> Pipeline:
     """A pipeline over ``ex``'s ring (see the module docstring)."""
     ex._live_ring()
     driver = RingDriver(ex)
     stages = ex.plan.stages
     caps = kv_capacity_tokens(ex.plan, ex.config, ex.param_bytes, [stage_layers(s.layers) for s in stages])
     lanes = [SendLane(driver, f"ring -> {stages[0].node}"), RecvLane(driver, f"{stages[-1].node} -> ring")]
-    return Pipeline(
+    from noodle.executors.batching import make_pipeline
+
+    return make_pipeline(
+        lanes, batching=batching, max_batch_tokens=max_batch_tokens,
         lanes, eos_token_id=ex.eos_token_id, pad_token_id=ex.pad_token_id, concurrency=concurrency,
         micro_batch=micro_batch, prefill_chunk=prefill_chunk, max_queue=max_queue, kv_capacity_tokens=caps,
         max_context=max_positions(ex.config), failovers=lambda: list(ex.failovers),
