@@ -211,8 +211,7 @@ def grpc_pipeline(executor: GrpcExecutor, *, concurrency: int, micro_batch: int,
     from noodle.executors.batching import make_pipeline
 
     return make_pipeline(
-        lanes, batching=batching, max_batch_tokens=max_batch_tokens,
-        lanes, eos_token_id=executor.eos_token_id, pad_token_id=executor.pad_token_id, concurrency=concurrency,
+        lanes, batching=batching, max_batch_tokens=max_batch_tokens, eos_token_id=executor.eos_token_id, pad_token_id=executor.pad_token_id, concurrency=concurrency,
         micro_batch=micro_batch, prefill_chunk=prefill_chunk, max_queue=max_queue, kv_capacity_tokens=caps,
         max_context=max_positions(executor.config), planned_ms=[d.expected_latency_ms for d in executor.plan.stages],
         failovers=lambda: list(executor.failovers),

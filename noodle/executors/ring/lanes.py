@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from noodle.errors import ExecutorError
+from noodle.executors.batching import make_pipeline
 from noodle.executors.kvbudget import kv_capacity_tokens, max_positions, stage_layers
 from noodle.executors.messages import StageInput, StageOutput
 from noodle.executors.netreport import FailoverEvent
@@ -195,11 +196,8 @@ def ring_pipeline(ex: TorchRpcExecutor, *, concurrency: int, micro_batch: int, p
     stages = ex.plan.stages
     caps = kv_capacity_tokens(ex.plan, ex.config, ex.param_bytes, [stage_layers(s.layers) for s in stages])
     lanes = [SendLane(driver, f"ring -> {stages[0].node}"), RecvLane(driver, f"{stages[-1].node} -> ring")]
-    from noodle.executors.batching import make_pipeline
-
     return make_pipeline(
-        lanes, batching=batching, max_batch_tokens=max_batch_tokens,
-        lanes, eos_token_id=ex.eos_token_id, pad_token_id=ex.pad_token_id, concurrency=concurrency,
+        lanes, batching=batching, max_batch_tokens=max_batch_tokens, eos_token_id=ex.eos_token_id, pad_token_id=ex.pad_token_id, concurrency=concurrency,
         micro_batch=micro_batch, prefill_chunk=prefill_chunk, max_queue=max_queue, kv_capacity_tokens=caps,
         max_context=max_positions(ex.config), failovers=lambda: list(ex.failovers),
     )  # fmt: skip
