@@ -151,6 +151,7 @@ class BatchingPipeline(Pipeline):
         step, slot.step, slot.busy = slot.step, [], False
         now = time.monotonic()
         rows = iter(range(logits.shape[0]))
+        emitted: list[tuple[_Request, int]] = []
         for s, chunk in step:
             if not chunk.logits:
                 continue
@@ -161,18 +162,24 @@ class BatchingPipeline(Pipeline):
             token = int(req.sampler(logits[row : row + 1])[0])
             req.tokens.append(token)
             req.stamps.append(now)
-            with self._lock:
-                self._tokens += 1
-                self._token_times.append(now)
-            self._call(req.on_token, token, req)
+            emitted.append((req, token))
             if token in self._eos:
                 req.finish = "stop"
             elif len(req.tokens) >= req.max_new_tokens:
                 req.finish = "length"
-        self._retire(slot)
+        with self._lock:
+            self._tokens += len(emitted)
+            self._token_times.extend([now] * len(emitted))
+        gone = self._retire(slot, notify=False)
+        self._join(slot)  # the next step leaves before any callback runs: the stages never wait on them
+        self._send(slot)
+        for req, token in emitted:
+            self._call(req.on_token, token, req)
+        for req in gone:
+            self._finish(req)
 
-    def _retire(self, slot: _Slot, only: list[_Seq] | None = None) -> None:
-        """End the slot's finished sequences (or ``only`` these): free their KV everywhere, notify."""
+    def _retire(self, slot: _Slot, only: list[_Seq] | None = None, *, notify: bool = True) -> list[_Request]:
+        """End the slot's finished sequences (or ``only`` these): free their KV everywhere, notify (or return them)."""
         gone = [s for s in (only if only is not None else slot.members) if s.req.finish is not None]
         for s in gone:
             slot.members.remove(s)
@@ -180,7 +187,9 @@ class BatchingPipeline(Pipeline):
                 self._reserved -= s.reserved
             if s.fed:
                 self._queues[0].put(_End(s.req.rid))
-            self._finish(s.req)
+            if notify:
+                self._finish(s.req)
+        return [s.req for s in gone]
 
     # -- failures and cancellation ---------------------------------------------------------------
     def _fail_group(self, gid: int, text: str) -> None:
