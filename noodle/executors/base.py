@@ -207,11 +207,12 @@ class ExecutorFactory(Protocol):
     def __call__(self, plan: PlanDoc, model_dir: str | Path, *, emulate: bool = False) -> Executor: ...
 
 
-def check_formats(plan: PlanDoc, backend: str, *, where: str = "plan") -> None:
+def check_formats(plan: PlanDoc, backend: str, *, where: str = "plan", devices: Sequence[str] | None = None) -> None:
     """Refuse, in one line, a stage format the backend or its device cannot run.
 
-    ``local`` runs every stage on this machine's CPU in its plan format; the other backends do not
-    pass a format to their workers yet and load float32 only.
+    ``local`` runs every stage on this machine in its plan format, on ``devices`` (each stage's torch
+    device type; the CPU when not given); the other backends do not pass a format to their workers yet
+    and load float32 only.
 
     Raises:
         ExecutorError: naming the stage, its node and format, and what would run.
@@ -224,7 +225,8 @@ def check_formats(plan: PlanDoc, backend: str, *, where: str = "plan") -> None:
                 f"{where}: stages.{i}.format: {st.format} on {st.node}: the {backend} executor loads stages in float32 "
                 f"only (its workers are not told a format yet); run this plan with --backend local, or solve it "
                 f"again with formats: [float32]")
-        check_format(st.format, "cpu", f"{where}: stages.{i}.format ({st.node}, run on this CPU)")
+        dev = devices[i] if devices is not None else "cpu"
+        check_format(st.format, dev, f"{where}: stages.{i}.format ({st.node}, run on this machine's {dev})")
 
 
 def check_plan(plan: PlanDoc, unit_names: list[str], *, where: str = "plan") -> None:

@@ -20,11 +20,12 @@ import numpy as np
 import torch
 
 from noodle.errors import ExecutorError
+from noodle.executors.batching import DEFAULT_MAX_BATCH_TOKENS, make_pipeline
 from noodle.executors.base import ClosesOnExit, RunReport, RunResult, StageReport, check_formats, check_plan, check_workload, percentile
+from noodle.executors.devices import make_stage, stage_devices
 from noodle.executors.generation import Sampling, generate, new_session_id, token_ids_of
 from noodle.executors.kvbudget import kv_capacity_tokens, max_positions
 from noodle.executors.messages import StageInput, StageOutput
-from noodle.executors.batching import DEFAULT_MAX_BATCH_TOKENS, make_pipeline
 from noodle.executors.scheduler import Pipeline
 from noodle.executors.slicing import read_config, unit_names_of, weight_index
 from noodle.executors.stage import StageRunner
@@ -117,7 +118,8 @@ class LocalExecutor(ClosesOnExit):
         self.config = config
         weight_index(self.model_dir)  # no weights -> ModelError now, not mid-load
         check_plan(plan, unit_names_of(self.model_dir))
-        check_formats(plan, "local")
+        self._devices, self._device_note = stage_devices([s.device for s in plan.stages])
+        check_formats(plan, "local", devices=[d.type for d in self._devices])
         self.eos_token_id, self.pad_token_id = token_ids_of(config)
         self._scores = {n.id: n.compute_score for n in plan.nodes}
         self._links = {frozenset((ln.a, ln.b)): Link(ln.bandwidth_gbps, ln.latency_ms) for ln in plan.links}
@@ -125,8 +127,10 @@ class LocalExecutor(ClosesOnExit):
     # -- lifecycle -----------------------------------------------------------------------------
     def __enter__(self) -> LocalExecutor:
         if not self.stages:
-            self.stages = [StageRunner(self.model_dir, s.start, s.end, name=s.node, format=s.format)
-                           for s in self.plan.stages]  # fmt: skip
+            if self._device_note:
+                self._log(f"noodle: {self._device_note}")
+            self.stages = [make_stage(self.model_dir, s.start, s.end, name=s.node, device=dev, format=s.format)
+                           for s, dev in zip(self.plan.stages, self._devices)]  # fmt: skip
             self._warm_up()
             if self.emulate:
                 self._log(self._emulation_note())
@@ -237,7 +241,7 @@ class LocalExecutor(ClosesOnExit):
             steps.append((time.perf_counter() - t_step) * 1e3)
             if on_step is not None:
                 on_step(len(steps))
-            return out.data[:, -1, :]
+            return out.data[:, -1, :].cpu()
 
         t0 = time.perf_counter()
         try:

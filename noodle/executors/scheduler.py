@@ -291,7 +291,7 @@ class Pipeline:
                 if kind == "result":
                     gid, out, final = payload
                     if final:
-                        self._on_logits(gid, out.data[:, -1, :])
+                        self._on_logits(gid, out.data[:, -1, :].cpu())
                 elif kind == "error":
                     gid, text = payload
                     self._fail_group(gid, text)

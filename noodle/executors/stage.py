@@ -23,7 +23,7 @@ hidden states from the session's 2-D padding mask:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -213,6 +213,9 @@ class StageRunner:
     @torch.inference_mode()
     def step(self, msg: StageInput) -> StageOutput:
         """Run this stage on one step (prefill or decode) of a session, or on a packed step of many."""
+        if msg.data.device.type != "cpu" and type(self) is StageRunner:  # from a stage on an accelerator
+            mask = msg.attention_mask
+            msg = replace(msg, data=msg.data.cpu(), attention_mask=None if mask is None else mask.cpu())
         if msg.seqs:
             return self._step_packed(msg)
         state = self._check(msg)

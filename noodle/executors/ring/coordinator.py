@@ -43,7 +43,7 @@ import torch.distributed as dist
 
 from noodle.errors import ExecutorError, SpecError
 from noodle.executors.base import ClosesOnExit, RunResult, check_formats, check_plan, check_workload
-from noodle.executors.devices import gpu_indices
+from noodle.executors.devices import gpu_indices, ring_backend
 from noodle.executors.failover import RetryPolicy
 from noodle.executors.generation import Sampling, generate, token_ids_of
 from noodle.executors.messages import StageInput
@@ -121,15 +121,17 @@ class TorchRpcExecutor(ClosesOnExit):
         n = len(plan.stages)
         self.world = n + 1
         self.threads = threads or max(1, (os.cpu_count() or 1) // n)
-        self.devices = gpu_indices([s.device for s in plan.stages]) if self.spawn else [-1] * n
+        self.devices = gpu_indices([s.device for s in plan.stages], reserve_first=True) if self.spawn else [-1] * n
         # one decode step of the planned batch travels inside its message (see transport.Ring)
         batch = int(plan.workload.get("batch_size", 1) or 1)
         self.inline_bytes = batch * int(config.hidden_size) * 4 + batch * 8 + 8
         self._sent = 0
         if backend == "auto" and not self.spawn:  # workers started elsewhere: say which with NOODLE_DIST_BACKEND
             backend = os.environ.get("NOODLE_DIST_BACKEND", "gloo")
-        gpu_all = all(d >= 0 for d in self.devices) and torch.cuda.is_available() and dist.is_nccl_available()
-        self.backend = ("nccl" if gpu_all else "gloo") if backend == "auto" else backend
+        if self.spawn:
+            self.backend, self.backend_reason = ring_backend(backend, self.devices, nccl_available=dist.is_nccl_available())
+        else:
+            self.backend, self.backend_reason = backend, f"{backend}: the workers' --dist-backend"
         self._procs: list[WorkerProcess] = []
         self._ring: Ring | None = None
         self._store: Any = None  # the TCPStore: kept alive as long as the ring
@@ -141,6 +143,7 @@ class TorchRpcExecutor(ClosesOnExit):
     # -- lifecycle -------------------------------------------------------------------------------
     def __enter__(self) -> TorchRpcExecutor:
         if self._ring is None:
+            logging.getLogger(__name__).info("torchrpc data path: %s", self.backend_reason)
             try:
                 self._start()
             except _Lost as exc:
