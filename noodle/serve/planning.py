@@ -25,25 +25,34 @@ from noodle.spec import load_spec, parse_spec
 __all__ = ["measure_reference", "embedded_spec", "plan_this_machine", "plan_from_spec", "resolve_plan"]
 
 
-def measure_reference(seconds: float = 0.15) -> ReferenceDevice:
-    """This machine's float32 matmul throughput (TFLOP/s) and memory bandwidth (GB/s), measured."""
+def measure_reference(seconds: float = 0.15, device: str = "cpu") -> ReferenceDevice:
+    """``device``'s float32 matmul throughput (TFLOP/s) and memory bandwidth (GB/s), measured."""
     import torch
 
-    n = 512
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+
+    big = device != "cpu"
+    n = 4096 if big else 512
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     torch.mm(a, b)
+    sync()
     reps, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         torch.mm(a, b)
         reps += 1
+        sync()
     tflops = 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
-    src = torch.empty(16 * 2**20 // 4)  # 16 MiB of float32
+    src = torch.empty((256 if big else 16) * 2**20 // 4, device=device)  # float32, larger than a GPU's caches
     dst = torch.empty_like(src)
     dst.copy_(src)
+    sync()
     reps, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         dst.copy_(src)
         reps += 1
+        sync()
     gbps = 2 * src.numel() * 4 * reps / (time.perf_counter() - t0) / 1e9  # read + write
     return ReferenceDevice(tflops=max(tflops, 1e-4), mem_bandwidth_gbps=max(gbps, 1e-3))
 
@@ -53,8 +62,13 @@ def _node_id() -> str:
 
 
 def embedded_spec(model_dir: Path, config: Any, *, concurrency: int, reference: ReferenceDevice,
-                  memory_bytes: int, device: str = "cpu") -> dict[str, Any]:  # fmt: skip
-    """The spec of this machine alone serving ``model_dir`` (as a mapping for :func:`noodle.spec.parse_spec`)."""
+                  memory_bytes: int, device: str = "cpu", gpu: tuple[int, float] | None = None) -> dict[str, Any]:  # fmt: skip
+    """The spec of this machine alone serving ``model_dir`` (as a mapping for :func:`noodle.spec.parse_spec`).
+
+    ``gpu``: ``(free bytes, speed relative to the CPU)`` of a CUDA device: it becomes a node of its own
+    beside the CPU, linked over PCIe, so a model that fits runs on the GPU and one that does not spills
+    its last units to the CPU.
+    """
     from noodle.executors.kvbudget import max_positions
 
     positions = max_positions(config) or 2048
@@ -66,15 +80,26 @@ def embedded_spec(model_dir: Path, config: Any, *, concurrency: int, reference: 
             "reference": {"tflops": reference.tflops, "mem_bandwidth_gbps": reference.mem_bandwidth_gbps},
         },
         "workload": {"prompt_tokens": prompt, "max_new_tokens": max(1, positions - prompt), "batch_size": concurrency},
-        "cluster": {"nodes": [{"id": _node_id(), "device": device, "memory_gb": memory_bytes / 2**30,
-                               "compute_score": 1.0}]},  # fmt: skip
+        "cluster": _cluster(device, memory_bytes, gpu),
         "objective": "throughput",
         "solver": {"name": "auto", "time_limit_s": 5.0},
     }
 
 
+def _cluster(device: str, memory_bytes: int, gpu: tuple[int, float] | None) -> dict[str, Any]:
+    cpu = {"id": _node_id(), "device": device, "memory_gb": memory_bytes / 2**30, "compute_score": 1.0}
+    if gpu is None:
+        return {"nodes": [cpu]}
+    free, score = gpu
+    gpu_node = {"id": f"{_node_id()}-gpu", "device": "gpu", "memory_gb": free / 2**30, "compute_score": score}
+    return {"nodes": [gpu_node, cpu], "links": {"default": {"bandwidth_gbps": 100.0, "latency_ms": 0.02}}}  # PCIe
+
+
 def plan_this_machine(model_dir: Path, *, concurrency: int) -> tuple[PlanDoc, dict[str, Any]]:
-    """Solve the one-node plan of this machine; returns the plan and what was measured."""
+    """Solve the plan of this machine (its CPU, and its first GPU as a second node); returns it and what was measured.
+
+    GPU stages run in bfloat16 where the GPU supports it (the plan's stage says so), the CPU's in float32.
+    """
     import psutil
     import torch
 
@@ -83,13 +108,31 @@ def plan_this_machine(model_dir: Path, *, concurrency: int) -> tuple[PlanDoc, di
     config = read_config(model_dir)
     ref = measure_reference()
     memory = int(psutil.virtual_memory().available)
-    device = "gpu" if torch.cuda.is_available() else "cpu"
-    data = embedded_spec(model_dir, config, concurrency=concurrency, reference=ref, memory_bytes=memory, device=device)
+    gpu: tuple[int, float] | None = None
+    measured: dict[str, Any] = {"tflops": ref.tflops, "mem_bandwidth_gbps": ref.mem_bandwidth_gbps, "memory_gb": memory / 2**30}
+    if torch.cuda.is_available():
+        free, _total = torch.cuda.mem_get_info(0)
+        gref = measure_reference(device="cuda:0")
+        score = gref.mem_bandwidth_gbps / ref.mem_bandwidth_gbps  # decode reads every weight once a step
+        gpu = (int(free * 0.9), max(score, 1e-3))  # 10 % left for the allocator and activations
+        measured["gpu"] = {"tflops": gref.tflops, "mem_bandwidth_gbps": gref.mem_bandwidth_gbps, "free_gb": free / 2**30,
+                           "compute_score": score}  # fmt: skip
+    data = embedded_spec(model_dir, config, concurrency=concurrency, reference=ref, memory_bytes=memory, gpu=gpu)
     spec = parse_spec(data, source="noodle serve (this machine)")
     problem = spec.to_problem(model_dir, source="noodle serve (this machine)")
     result = solve(problem, solver=spec.solver.name, time_limit_s=spec.solver.time_limit_s)
-    measured = {"tflops": ref.tflops, "mem_bandwidth_gbps": ref.mem_bandwidth_gbps, "memory_gb": memory / 2**30}
-    return plan_document(problem, result), measured
+    doc = plan_document(problem, result)
+    if gpu is not None and torch.cuda.is_bf16_supported():
+        doc = _bfloat16_on_gpus(doc)
+    return doc, measured
+
+
+def _bfloat16_on_gpus(doc: PlanDoc) -> PlanDoc:
+    """GPU stages in bfloat16 (half the memory the float32 plan reserved for their weights)."""
+    stages = [st.model_copy(update={"format": "bfloat16", "rationale": f"{st.rationale}; bfloat16 on the GPU "
+                                    "(the plan reserved float32 memory)"}) if st.device == "gpu" else st
+              for st in doc.stages]  # fmt: skip
+    return doc.model_copy(update={"stages": stages})
 
 
 def plan_from_spec(spec_path: Path) -> PlanDoc:
@@ -108,5 +151,8 @@ def resolve_plan(model_dir: Path, *, plan: Path | None, spec: Path | None, concu
     if spec is not None:
         return plan_from_spec(spec), f"spec {spec}"
     doc, m = plan_this_machine(model_dir, concurrency=concurrency)
+    gpu = m.get("gpu")
+    also = (f"; its GPU {gpu['tflops']:.1f} TFLOP/s, {gpu['mem_bandwidth_gbps']:.0f} GB/s, {gpu['free_gb']:.1f} GiB free"
+            if gpu else "")  # fmt: skip
     return doc, (f"this machine alone (measured {m['tflops'] * 1e3:.0f} GFLOP/s, {m['mem_bandwidth_gbps']:.1f} GB/s, "
-                 f"{m['memory_gb']:.1f} GiB free)")  # fmt: skip
+                 f"{m['memory_gb']:.1f} GiB free{also})")  # fmt: skip

@@ -72,3 +72,44 @@ def test_spec_is_solved_at_start_up(model_dir: Path, tmp_path: Path) -> None:
     assert source == f"spec {spec}"
     assert {s.node for s in doc.stages} <= {"desktop-gpu", "laptop-igpu", "nas-cpu"}
     assert doc.stages[0].start == 0 and doc.stages[-1].end == len(doc.units) == 6
+
+
+def _fake_gpu(monkeypatch: pytest.MonkeyPatch, free_bytes: int, gpu_gbps: float, bf16: bool = True) -> None:
+    """A CUDA device that only exists for the planner: its free memory and its measured bandwidth."""
+    import torch
+
+    import noodle.serve.planning as planning
+
+    cpu_ref = ReferenceDevice(tflops=0.05, mem_bandwidth_gbps=10.0)
+    gpu_ref = ReferenceDevice(tflops=50.0, mem_bandwidth_gbps=gpu_gbps)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i=0: (free_bytes, 2 * free_bytes))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16)
+    monkeypatch.setattr(planning, "measure_reference", lambda seconds=0.15, device="cpu": gpu_ref if device != "cpu" else cpu_ref)
+
+
+def test_a_gpu_machine_plans_its_gpu_and_its_cpu_as_two_nodes(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from noodle.serve.planning import plan_this_machine
+
+    _fake_gpu(monkeypatch, free_bytes=8 * 2**30, gpu_gbps=1000.0)
+    doc, measured = plan_this_machine(model_dir, concurrency=4)
+    gpu_node, cpu_node = doc.nodes
+    assert (gpu_node.device, cpu_node.device) == ("gpu", "cpu")
+    assert gpu_node.compute_score == pytest.approx(100.0) and gpu_node.memory_gb == pytest.approx(8 * 0.9)
+    (stage,) = doc.stages  # the model fits: all of it on the 100x faster GPU, in bfloat16
+    assert stage.node == gpu_node.id and stage.format == "bfloat16" and "bfloat16 on the GPU" in stage.rationale
+    assert measured["gpu"]["compute_score"] == pytest.approx(100.0)
+
+
+def test_a_model_too_big_for_the_gpu_spills_units_to_the_cpu(model_dir: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    from noodle.serve.planning import plan_this_machine
+
+    _fake_gpu(monkeypatch, free_bytes=2**40, gpu_gbps=1000.0)
+    whole = plan_this_machine(model_dir, concurrency=1)[0].stages[0].memory_required_mb
+    _fake_gpu(monkeypatch, free_bytes=int(whole * 2**20 * 0.6 / 0.9), gpu_gbps=1000.0, bf16=False)  # ~60 % fits
+    doc, _ = plan_this_machine(model_dir, concurrency=1)
+    assert sorted(st.device for st in doc.stages) == ["cpu", "gpu"], [(s.node, s.layers) for s in doc.stages]
+    gpu = next(st for st in doc.stages if st.device == "gpu")
+    assert gpu.memory_required_mb <= gpu.memory_available_mb and doc.stages[-1].end == len(doc.units)
+    assert all(st.format == "float32" for st in doc.stages), "no bfloat16 where the GPU does not support it"
