@@ -157,9 +157,10 @@ def render_report(report: RunReport, console: Console) -> None:
     if report.concurrency is not None:
         pred = report.predicted_tokens_per_s
         share = report.throughput_of_plan
+        how = (f"{report.batching} batching" if report.batching in ("continuous", "exact")
+               else f"micro-batch {report.micro_batch}")  # fmt: skip
         console.print(
-            f"{report.requests} requests, up to {report.concurrency} in flight (peak {report.peak_in_flight}; "
-            f"micro-batch {report.micro_batch}"
+            f"{report.requests} requests, up to {report.concurrency} in flight (peak {report.peak_in_flight}; {how}"
             f"{f', prefill chunks of {report.prefill_chunk}' if report.prefill_chunk else ''}) | "
             f"{report.tokens_per_s:.1f} tokens/s"
             f"{'' if report.steady_tokens_per_s is None else f' ({report.steady_tokens_per_s:.1f} while full)'}"
@@ -207,6 +208,9 @@ def exec_cmd(
     concurrency: int | None = typer.Option(None, "--concurrency", "-c", help="pipeline the prompts: up to N sequences in flight, each prompt its own request"),
     micro_batch: int = typer.Option(1, "--micro-batch", help="with --concurrency: prompts per group (1 keeps each one exact on its own)"),
     prefill_chunk: int = typer.Option(0, "--prefill-chunk", help="with --concurrency: prefill prompts in chunks of N tokens (0: whole)"),
+    batching: str = typer.Option("auto", "--batching", help="with --concurrency: auto, continuous (every running sequence "
+                                 "in one step per stage), exact (one forward per sequence) or groups (--micro-batch)"),
+    max_batch_tokens: int = typer.Option(256, "--max-batch-tokens", help="with --concurrency: tokens one batched step carries"),
 ) -> None:
     """Run a plan's stages on a model and report measured vs planned latency per stage."""
     require_exec("noodle exec")
@@ -236,6 +240,11 @@ def exec_cmd(
     check_int("--prefill-chunk", prefill_chunk, ge=0, le=2**24)
     if concurrency is None and (micro_batch != 1 or prefill_chunk):
         raise SpecError("--micro-batch and --prefill-chunk need --concurrency N (the pipelined engine)")
+    from noodle.executors.batching import BATCHING_MODES
+
+    if batching not in BATCHING_MODES:
+        raise SpecError(f"--batching: must be one of {', '.join(BATCHING_MODES)}, got {batching!r}")
+    check_int("--max-batch-tokens", max_batch_tokens, ge=1, le=1 << 20)
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     doc = load_plan(plan)
     from noodle.executors.slicing import read_config, unit_names_of
@@ -280,8 +289,8 @@ def exec_cmd(
                 task = progress.add_task("requests", total=len(prompts))
                 result = run_concurrent(
                     executor, prompts, max_new_tokens=max_new_tokens, sampling=sampling, concurrency=concurrency,
-                    micro_batch=micro_batch, prefill_chunk=prefill_chunk,
-                    on_done=lambda n: progress.update(task, completed=n),
+                    micro_batch=micro_batch, prefill_chunk=prefill_chunk, batching=batching,
+                    max_batch_tokens=max_batch_tokens, on_done=lambda n: progress.update(task, completed=n),
                 )  # fmt: skip
     finally:
         executor.__exit__(None, None, None)

@@ -111,6 +111,7 @@ class RunReport:
     predicted_token_latency_ms: float | None = None
     concurrency: int | None = None
     micro_batch: int | None = None
+    batching: str | None = None  # the pipelined engine's mode: continuous | exact | groups
     prefill_chunk: int | None = None
     requests: int | None = None
     predicted_tokens_per_s: float | None = None

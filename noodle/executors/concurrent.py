@@ -62,14 +62,19 @@ def run_concurrent(
     micro_batch: int = 1,
     prefill_chunk: int = 0,
     on_done: Callable[[int], None] | None = None,
+    batching: str = "groups",
+    max_batch_tokens: int = 256,
 ) -> RunResult:
     """Generate for every prompt with up to ``concurrency`` groups in flight (the executor must be entered).
 
     Every request gets ``sampling`` with its own seed (``seed + index``), so sampled runs are
-    reproducible whatever the interleaving. ``on_done(n)`` is called as requests finish.
+    reproducible whatever the interleaving. ``on_done(n)`` is called as requests finish. ``batching``:
+    see :func:`noodle.executors.batching.make_pipeline` (``auto`` with ``micro_batch > 1`` means groups).
     """
+    if batching == "auto" and micro_batch > 1:
+        batching = "groups"
     pipe = executor.pipeline(concurrency=concurrency, micro_batch=micro_batch, prefill_chunk=prefill_chunk,
-                             max_queue=max(1, len(prompts)))  # fmt: skip
+                             max_queue=max(1, len(prompts)), batching=batching, max_batch_tokens=max_batch_tokens)  # fmt: skip
     finished = [0]
 
     def done(_: Completion) -> None:
@@ -114,6 +119,7 @@ def run_concurrent(
             )  # fmt: skip
         )
     pred = plan.predicted
+    mode = getattr(pipe, "batching", "groups")
     tps = total / wall if wall > 0 else 0.0
     groups = max(1, min(concurrency, -(-(stats.peak_in_flight or 1) // micro_batch)))  # KV memory may admit fewer
     report = RunReport(
@@ -123,7 +129,10 @@ def run_concurrent(
         tokens_per_s=tps, decode_tokens_per_s=tps, stages=tuple(stages),
         predicted_token_latency_ms=pred.token_latency_ms, concurrency=concurrency, micro_batch=micro_batch,
         prefill_chunk=prefill_chunk, requests=len(prompts),
-        predicted_tokens_per_s=predicted_tokens_per_s(pred.token_latency_ms, pred.bottleneck_ms, groups, micro_batch),
+        # the plan prices one sequence (or one group) per step; a batched step's cost is not in it yet
+        predicted_tokens_per_s=(predicted_tokens_per_s(pred.token_latency_ms, pred.bottleneck_ms, groups, micro_batch)
+                                if mode != "continuous" else None),
+        batching=mode,
         ttft_ms_p50=_pct(ttft, 50), ttft_ms_p95=_pct(ttft, 95), itl_ms_p50=_pct(itl, 50), itl_ms_p95=_pct(itl, 95),
         steady_tokens_per_s=steady_tokens_per_s(comps, min(concurrency * micro_batch, stats.peak_in_flight or 1)),
         peak_in_flight=stats.peak_in_flight,

@@ -180,6 +180,11 @@ class Pipeline:
         self._threads = []
 
     @property
+    def batching(self) -> str:
+        """The engine's mode (:func:`noodle.executors.batching.make_pipeline`): fixed groups here."""
+        return "groups"
+
+    @property
     def accepting(self) -> bool:
         return self._accepting
 

@@ -165,23 +165,29 @@ def test_missing_plan_file(tiny_models, tmp_path, capsys):
     _one_line_error(capsys, rc, 2, "none.json", "cannot read plan")
 
 
-def test_concurrency_runs_each_prompt_alone_and_reports_the_plans_rate(tiny_models, tmp_path, capsys):
+@pytest.mark.parametrize("batching", ["exact", "groups", "continuous"])
+def test_concurrency_runs_each_prompt_alone_and_reports_the_plans_rate(tiny_models, tmp_path, capsys, batching):
     model = tiny_models["llama"]
     plan = _write(tmp_path, plan_for(model, [0, 2, 4, 6], batch_size=1))
     prompts = [[5, 17, 99, 42, 7, 300, 12, 8, 41], [77, 3, 250], [9, 10, 11, 12, 13, 14], [4], [8, 8, 8, 8, 8]]
     batch = tmp_path / "ids.txt"
     batch.write_text("\n".join(",".join(map(str, p)) for p in prompts) + "\n")
     rc = main(["exec", plan, "--model", str(model), "--batch-ids", str(batch), "-n", "6", "--concurrency", "3",
-               "--prefill-chunk", "4", "--format", "json"])  # fmt: skip
+               "--prefill-chunk", "4", "--format", "json", "--batching", batching])  # fmt: skip
     assert rc == 0
     data = json.loads(capsys.readouterr().out)
+    assert data["report"]["batching"] == batching
     for p, got in zip(prompts, data["tokens"]):
         want = reference(model, [p], 6)[0][0]
         assert got == (want[: want.index(2) + 1] if 2 in want else want)
     rep = data["report"]
     assert rep["concurrency"] == 3 and rep["requests"] == 5 and rep["prefill_chunk"] == 4
-    # hand-made plan: 3 stages of 1 ms -> one trip 3 ms, bottleneck 1 ms: 3 groups reach 1000 tokens/s
-    assert rep["predicted_tokens_per_s"] == pytest.approx(1000.0)
+    # hand-made plan: 3 stages of 1 ms -> one trip 3 ms, bottleneck 1 ms: 3 groups reach 1000 tokens/s;
+    # the plan prices one sequence per step, so a batched step has no prediction (rather than a wrong one)
+    if batching == "continuous":
+        assert rep["predicted_tokens_per_s"] is None
+    else:
+        assert rep["predicted_tokens_per_s"] == pytest.approx(1000.0)
     assert rep["tokens_per_s"] > 0 and rep["ttft_ms_p50"] > 0 and rep["itl_ms_p50"] > 0
     assert all(0 <= s["busy_fraction"] <= 1 for s in rep["stages"])
 
@@ -189,7 +195,9 @@ def test_concurrency_runs_each_prompt_alone_and_reports_the_plans_rate(tiny_mode
 @pytest.mark.parametrize(
     "flags,needle",
     [(["--concurrency", "0"], "--concurrency"), (["--concurrency", "2", "--micro-batch", "0"], "--micro-batch"),
-     (["--concurrency", "2", "--prefill-chunk", "-3"], "--prefill-chunk"), (["--prefill-chunk", "8"], "need --concurrency")],
+     (["--concurrency", "2", "--prefill-chunk", "-3"], "--prefill-chunk"), (["--prefill-chunk", "8"], "need --concurrency"),
+     (["--concurrency", "2", "--batching", "paged"], "--batching: must be one of auto, continuous, exact, groups"),
+     (["--concurrency", "2", "--max-batch-tokens", "0"], "--max-batch-tokens")],
 )  # fmt: skip
 def test_bad_concurrency_flags_are_one_line(tiny_models, tmp_path, capsys, flags, needle):
     model = tiny_models["llama"]

@@ -50,6 +50,8 @@ def test_plan_and_spec_together_are_refused(model_dir: Path, tmp_path: Path) -> 
         (["--backend", "carrier-pigeon"], "--backend: unknown executor"),
         (["--request-timeout", "0"], "--request-timeout: must be a finite number in (0"),
         (["--threads", "100000"], "--threads: must be in [0, "),
+        (["--batching", "paged"], "--batching: must be one of auto, continuous, exact, groups, got 'paged'"),
+        (["--max-batch-tokens", "0"], "--max-batch-tokens: must be in [1, "),
     ],
 )
 def test_bad_flags_are_one_line_errors(model_dir: Path, args: list[str], message: str,
