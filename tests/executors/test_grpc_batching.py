@@ -173,6 +173,33 @@ def test_a_worker_without_packed_steps_keeps_groups_and_refuses_continuous(tiny_
         s.close()
 
 
+def test_serve_with_auto_batching_over_grpc_runs_continuous(tiny_models):
+    """``noodle serve --backend grpc --batching auto``: the server's pipeline batches every running sequence."""
+    from noodle.cli.network import backend_options
+    from noodle.serve.build import build_server
+
+    model = tiny_models["gpt2"]
+    s = Server(model)
+    try:
+        options = backend_options("grpc", workers=f"node0={s.address},node1={s.address}", spare=None, token=None,
+                                  tls_ca=None, step_timeout=None)  # fmt: skip
+        served = build_server(model, plan_for(model, [0, 4, 6]), None, backend="grpc", backend_options=options,
+                              concurrency=4, batching="auto")  # fmt: skip
+        runtime = served.runtime
+        runtime.load()
+        try:
+            assert runtime.state == "ready", runtime.error
+            assert isinstance(runtime.pipeline, BatchingPipeline) and runtime.pipeline.batching == "continuous"
+            prompts = [[5, 17, 99], [7, 8], [300, 1, 2, 3]]
+            got = [h.result(timeout=60).tokens for h in [runtime.pipeline.submit(p, max_new_tokens=5) for p in prompts]]
+        finally:
+            runtime.close()
+        assert got == [alone(model, p, 5) for p in prompts]
+        assert s.stub.Health(pb.HealthRequest(), timeout=5).sessions == 0  # the lanes closed their packed sessions
+    finally:
+        s.close()
+
+
 # -- replay ---------------------------------------------------------------------------------------------
 
 
@@ -253,7 +280,7 @@ def test_sixteen_requests_batched_over_three_workers_equal_generate_alone(tiny_m
         live = [len(lane._seqs) for lane in lanes]
     for (p, n), c in zip(work, comps):
         assert c.tokens == alone(model, p, n), f"prompt of {len(p)} tokens"
-    assert open_sessions == [1, 1, 1], "one worker session per stage for every sequence"
+    assert open_sessions == [0, 0, 0], "the last sequence's end closed each lane's session on its worker"
     assert live == [0, 0, 0], "every finished sequence was ended on every stage"
     tokens = sum(len(c.tokens) for c in comps)
     assert stats.peak_in_flight == 8 and all(st.steps == lanes[0]._steps for st in stats.stages)

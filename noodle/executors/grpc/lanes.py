@@ -132,12 +132,16 @@ class GrpcLane:
         return StageOutput(msg.session, data, None, is_logits=reply.is_logits, seqs=msg.seqs, exact=msg.exact)
 
     def end(self, session: str) -> None:
-        if self._seqs.end(session):  # one sequence of the packed steps: free its KV, keep the session
+        if self._seqs.end(session):  # one sequence of the packed steps: free its KV there
             wsid = self._sessions.get(_PACKED)
-            if wsid is not None:
-                with contextlib.suppress(WorkerGone, ExecutorError):  # best effort: the session's close frees it too
-                    self.client.unary("CloseSession", pb.CloseSessionRequest(session=wsid, seqs=[session]),
-                                      self.ex.policy.health_timeout_s, self.where)  # fmt: skip
+            if wsid is None:
+                return
+            if self._seqs:
+                req = pb.CloseSessionRequest(session=wsid, seqs=[session])
+            else:  # the last one: close the session too, so an idle pipeline leaves nothing for the reaper
+                req = pb.CloseSessionRequest(session=self._sessions.pop(_PACKED))
+            with contextlib.suppress(WorkerGone, ExecutorError):  # best effort: the session's close frees it too
+                self.client.unary("CloseSession", req, self.ex.policy.health_timeout_s, self.where)
             return
         self._history.pop(session, None)
         wsid = self._sessions.pop(session, None)

@@ -18,18 +18,14 @@ stage under that session (:func:`~noodle.executors.grpc.edge.seq_key`), is freed
 ``CloseSession(session, seqs=[...])`` (the session stays open) and with the whole session
 (``CloseSession``, the reaper, eviction). A session runs batch steps or packed steps, never both.
 
-What it refuses, and keeps serving (the checks are in :mod:`~noodle.executors.grpc.edge`): a
-malformed tensor, token ids outside the vocabulary, a hidden size or dtype the stage does not take,
-a batch over ``max_batch``, positions past the model's, a decode whose batch is not its prefill's,
-packed chunks that do not add up to the data or break ``max_seqs``/``max_step_tokens`` ->
-``INVALID_ARGUMENT``; a decode before its prefill, a chunk of an unknown (or an already live)
-sequence, a session over ``max_seqs`` live sequences -> ``FAILED_PRECONDITION``; an unknown
-session or stage -> ``NOT_FOUND``; more than ``max_sessions`` open sessions ->
-``RESOURCE_EXHAUSTED`` (after reaping the longest-idle session idle for ``evict_idle_s``, if
-any). Sessions idle for ``idle_timeout_s`` (default 60 s) are closed by a reaper thread. Anything
-else that goes wrong inside a stage is ``INTERNAL`` with a one-line message and an error id
-(trailing metadata ``noodle-error-id``); the traceback goes to the worker's log under that id,
-never to the caller.
+What it refuses, and keeps serving: every check of a ``Forward`` request is in
+:mod:`~noodle.executors.grpc.edge` (``INVALID_ARGUMENT`` for a malformed step,
+``FAILED_PRECONDITION`` for one the session's state does not allow, each naming the field and
+the numbers; docs/distributed.md has the table); an unknown session or stage -> ``NOT_FOUND``;
+more than ``max_sessions`` open sessions -> ``RESOURCE_EXHAUSTED`` (after closing the session idle
+longest if idle for ``evict_idle_s``). Sessions idle for ``idle_timeout_s`` (60 s) are closed by a
+reaper thread. Anything else that goes wrong inside a stage is ``INTERNAL`` with one line and an
+error id (trailing metadata ``noodle-error-id``); the traceback stays in the worker's log.
 """
 
 from __future__ import annotations
@@ -127,10 +123,7 @@ class StageServicer(pb_grpc.StageServiceServicer):
     def _release(self, sid: str, entry: _SessionEntry, seqs: list[str] | None = None) -> int:
         """Free the KV of a closed session (a packed one's sequences too), or only ``seqs`` of it; the bytes they held."""
         stage = self.stages.get(entry.stage_id)
-        if seqs is None:
-            keys = [sid, *(seq_key(sid, q) for q in list(entry.seqs or ()))]
-        else:
-            keys = [seq_key(sid, q) for q in seqs]
+        keys = [sid, *(seq_key(sid, q) for q in list(entry.seqs or ()))] if seqs is None else [seq_key(sid, q) for q in seqs]
         if stage is None:
             return 0
         kv = sum(stage.cache_bytes(k) for k in keys)
@@ -240,7 +233,13 @@ class StageServicer(pb_grpc.StageServiceServicer):
                           "a packed step (seqs) needs a session of its own")  # fmt: skip
         after = admit_packed(req.session, chunks, entry.seqs or {}, self.packed)
         keyed = tuple(SeqChunk(seq_key(req.session, c.seq), c.tokens, c.start, c.logits) for c in chunks)
-        out = self._run(stage, StageInput(req.session, data, seqs=keyed, exact=req.exact))
+        try:
+            out = self._run(stage, StageInput(req.session, data, seqs=keyed, exact=req.exact))
+        except BaseException:
+            for c in keyed:  # the step's new sequences hold nothing the session knows of
+                if c.start:
+                    stage.end_session(c.seq)
+            raise
         entry.seqs = after
         per_position = stage.cache_bytes(keyed[0].seq) / max(1, after[chunks[0].seq])
         return out, int(per_position * sum(after.values()))
