@@ -321,3 +321,22 @@ def test_a_killed_worker_moves_to_a_spare_and_every_sequence_is_replayed_exactly
     (ev,) = events
     assert ev.action == "spare" and ev.node == "node1" and d.address in ev.detail and ev.replayed_steps >= 1
     assert any(re.search(r"0 group\(s\) and [1-9]\d* sequence\(s\) in flight replayed", line) for line in notes), notes
+
+
+def test_without_a_spare_continuous_sequences_move_to_a_neighbours_worker(tiny_models, pools):
+    model = tiny_models["gpt2"]
+    a, b, c = pools["gpt2"].workers
+    work = random_requests(10, seed=41, prompt=(4, 20), new=(6, 12))
+    fired, on_token = _kill_after_tokens(15, b)
+    addrs = {"node0": a.address, "node1": b.address, "node2": c.address}
+    with GrpcExecutor(plan_for(model, [0, 2, 4, 6]), model, workers=addrs, token=TOKEN, policy=FAST,
+                      log=lambda _: None) as ex:  # fmt: skip
+        with ex.pipeline(concurrency=5, batching="continuous", max_batch_tokens=16) as pipe:
+            comps = [h.result(timeout=120) for h in [pipe.submit(p, max_new_tokens=n, on_token=on_token) for p, n in work]]
+        events = list(ex.failovers)
+    assert fired.is_set() and not b.alive
+    assert [comp.finish_reason for comp in comps].count("error") == 0
+    for (p, n), comp in zip(work, comps):
+        assert comp.tokens == alone(model, p, n)  # the replayed KV differs from the lost one by float reassociation only
+    (ev,) = events
+    assert ev.action == "merged" and ev.node == "node1" and ev.replayed_steps >= 1
