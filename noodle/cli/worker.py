@@ -43,6 +43,9 @@ def worker_cmd(
     max_stages: int = typer.Option(4, "--max-stages", help="grpc: stages held at most (idle ones are dropped first)"),
     idle_timeout: float = typer.Option(60.0, "--idle-timeout", help="grpc: close sessions idle this many seconds"),
     max_batch: int = typer.Option(8, "--max-batch", help="grpc: sequences per step at most (sizes the message limit)"),
+    max_seqs: int = typer.Option(64, "--max-seqs", help="grpc: live sequences per packed session (continuous batching)"),
+    max_step_tokens: int = typer.Option(0, "--max-step-tokens",
+                                        help="grpc: tokens per packed step (0: as many as fit the message limit)"),
     max_message_mb: int = typer.Option(0, "--max-message-mb",
                                        help="grpc: largest request in MiB (0: a --max-batch prefill at the model's full length)"),
     stream_idle_timeout: float = typer.Option(60.0, "--stream-idle-timeout", help="grpc: close streams idle this many seconds"),
@@ -103,6 +106,8 @@ def worker_cmd(
     check_int("--max-sessions", max_sessions, ge=1, le=100_000)
     check_int("--max-stages", max_stages, ge=1, le=100_000)
     check_int("--max-batch", max_batch, ge=1, le=65_536)
+    check_int("--max-seqs", max_seqs, ge=1, le=65_536)
+    check_int("--max-step-tokens", max_step_tokens, ge=0, le=1 << 24)
     check_int("--max-calls-per-caller", max_calls_per_caller, ge=0, le=100_000)
     check_float("--stream-idle-timeout", stream_idle_timeout, gt=0, le=1e7)
     check_float("--emulate-slowdown", emulate_slowdown, ge=1, le=1000)
@@ -115,6 +120,7 @@ def worker_cmd(
         model_dir=model, host=host, port=port, token=token, tls_cert=tls_cert, tls_key=tls_key, device=device,
         max_sessions=max_sessions, max_stages=max_stages, idle_timeout_s=idle_timeout, max_message_bytes=limit,
         max_tensor_bytes=min(limit or 2**31, 256 * 2**20), max_batch=max_batch, stream_idle_s=stream_idle_timeout,
+        max_seqs=max_seqs, max_step_tokens=max_step_tokens,
         max_calls_per_peer=max_calls_per_caller, insecure=insecure, emulate_slowdown=emulate_slowdown,
         slowdown_after_s=slowdown_after_s,
     )  # fmt: skip

@@ -12,7 +12,7 @@ from noodle.executors.codec import DEFAULT_MAX_TENSOR_BYTES
 from noodle.executors.grpc.throttle import check_slowdown
 from noodle.executors.kvbudget import max_positions
 
-__all__ = ["WorkerConfig", "message_limit", "DEFAULT_MAX_MESSAGE_BYTES"]
+__all__ = ["WorkerConfig", "message_limit", "step_token_limit", "DEFAULT_MAX_MESSAGE_BYTES"]
 
 DEFAULT_MAX_MESSAGE_BYTES = 512 * 2**20  # what a coordinator accepts; workers size theirs from the model
 _SLACK_BYTES = 64 * 2**10
@@ -36,6 +36,8 @@ class WorkerConfig:
     max_message_bytes: int = 0  # 0: sized from the model (see message_limit)
     max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES
     max_batch: int = 8
+    max_seqs: int = 64  # live sequences of one packed session (continuous batching)
+    max_step_tokens: int = 0  # tokens of one packed step; 0: as many as a tensor under the limit holds
     max_calls: int = 0  # 0: 2 x max_sessions + 8
     max_calls_per_peer: int = 0  # 0: max_sessions + 4
     body_timeout_s: float = 30.0
@@ -59,9 +61,11 @@ class WorkerConfig:
         if not self.evict_idle_s >= 0:
             raise SpecError(f"evict_idle_s: must be >= 0 seconds, got {self.evict_idle_s}")
         for flag, n in (("--max-batch", self.max_batch), ("--max-message-mb", self.max_message_bytes),
-                        ("--max-calls", self.max_calls), ("--max-calls-per-caller", self.max_calls_per_peer)):  # fmt: skip
-            if n < (1 if flag == "--max-batch" else 0):
-                raise SpecError(f"{flag}: must be >= {1 if flag == '--max-batch' else 0}, got {n}")
+                        ("--max-calls", self.max_calls), ("--max-calls-per-caller", self.max_calls_per_peer),
+                        ("--max-seqs", self.max_seqs), ("--max-step-tokens", self.max_step_tokens)):  # fmt: skip
+            low = 1 if flag in ("--max-batch", "--max-seqs") else 0
+            if n < low:
+                raise SpecError(f"{flag}: must be >= {low}, got {n}")
         check_slowdown(self.emulate_slowdown, self.slowdown_after_s)
         if (self.tls_cert is None) != (self.tls_key is None):
             raise SpecError("--tls-cert/--tls-key: give both (certificate chain and private key) or neither")
@@ -99,6 +103,13 @@ def message_limit(model_config: Any, max_batch: int, cap: int = 0) -> int:
     if cap:
         need = min(need, cap)
     return min(need, 2**31 - 1)
+
+
+def step_token_limit(model_config: Any, max_bytes: int) -> int:
+    """Tokens of a packed step whose hidden states (float32, or float64 for a float64 model) fit ``max_bytes``."""
+    hidden = int(getattr(model_config, "hidden_size", 0) or getattr(model_config, "n_embd", 0) or 4096)
+    item = 8 if "float64" in str(getattr(model_config, "dtype", None) or "") else 4
+    return max(1, (max_bytes - _SLACK_BYTES) // (hidden * item))
 
 
 def _is_loopback(host: str) -> bool:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)noodle/executors/grpc/stage_service.proto\x12\x0fnoodle.stage.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x0f\n\rHealthRequest\"^\n\tStageInfo\x12\x10\n\x08stage_id\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x05\x12\x13\n\x0bparam_bytes\x18\x04 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\"\x94\x01\n\x0bHealthReply\x12\x0e\n\x06status\x18\x01 \x01(\t\x12*\n\x06stages\x18\x02 \x03(\x0b\x32\x1a.noodle.stage.v1.StageInfo\x12\x10\n\x08sessions\x18\x03 \x01(\x05\x12\x14\n\x0cmax_sessions\x18\x04 \x01(\x05\x12\x10\n\x08\x63lock_ns\x18\x05 \x01(\x03\x12\x0f\n\x07version\x18\x06 \x01(\t\"L\n\x10LoadStageRequest\x12\r\n\x05start\x18\x01 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\"Z\n\x0eLoadStageReply\x12)\n\x05stage\x18\x01 \x01(\x0b\x32\x1a.noodle.stage.v1.StageInfo\x12\r\n\x05units\x18\x02 \x03(\t\x12\x0e\n\x06load_s\x18\x03 \x01(\x01\"&\n\x12UnloadStageRequest\x12\x10\n\x08stage_id\x18\x01 \x01(\t\"+\n\x10UnloadStageReply\x12\x17\n\x0f\x63losed_sessions\x18\x01 \x01(\x05\"9\n\x14\x43reateSessionRequest\x12\x10\n\x08stage_id\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\"%\n\x12\x43reateSessionReply\x12\x0f\n\x07session\x18\x01 \x01(\t\"\xb9\x01\n\x0e\x46orwardRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12%\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x17.noodle.stage.v1.Tensor\x12/\n\x0e\x61ttention_mask\x18\x03 \x01(\x0b\x32\x17.noodle.stage.v1.Tensor\x12\x0f\n\x07prefill\x18\x04 \x01(\x08\x12\x12\n\nall_logits\x18\x05 \x01(\x08\x12\x0c\n\x04top1\x18\x06 \x01(\x08\x12\x0b\n\x03seq\x18\x07 \x01(\x04\"\xd8\x01\n\x0c\x46orwardReply\x12\x0f\n\x07session\x18\x01 \x01(\t\x12%\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x17.noodle.stage.v1.Tensor\x12\x11\n\tis_logits\x18\x03 \x01(\x08\x12\x0f\n\x07is_top1\x18\x04 \x01(\x08\x12\x0b\n\x03seq\x18\x05 \x01(\x04\x12\x0f\n\x07t_in_ns\x18\x06 \x01(\x03\x12\x10\n\x08t_out_ns\x18\x07 \x01(\x03\x12\x11\n\tdecode_ns\x18\x08 \x01(\x03\x12\x11\n\tencode_ns\x18\t \x01(\x03\x12\x16\n\x0ekv_cache_bytes\x18\n \x01(\x03\"&\n\x13\x43loseSessionRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\"+\n\x11\x43loseSessionReply\x12\x16\n\x0ekv_cache_bytes\x18\x01 \x01(\x03\"D\n\x0b\x45\x63hoRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x13\n\x0breply_bytes\x18\x02 \x01(\x03\x12\x0f\n\x07version\x18\x03 \x01(\t\"E\n\tEchoReply\x12\x16\n\x0ereceived_bytes\x18\x01 \x01(\x03\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x0f\n\x07version\x18\x03 \x01(\t\"z\n\x0cProbeRequest\x12\x0c\n\x04peer\x18\x01 \x01(\t\x12\x13\n\x0bsmall_bytes\x18\x02 \x01(\x03\x12\x13\n\x0blarge_bytes\x18\x03 \x01(\x03\x12\x0e\n\x06rounds\x18\x04 \x01(\x05\x12\x11\n\ttimeout_s\x18\x05 \x01(\x01\x12\x0f\n\x07version\x18\x06 \x01(\t\"\xa7\x01\n\nProbeReply\x12\x0c\n\x04peer\x18\x01 \x01(\t\x12\x0e\n\x06rtt_ms\x18\x02 \x01(\x01\x12\x16\n\x0e\x62\x61ndwidth_gbps\x18\x03 \x01(\x01\x12\x0f\n\x07up_gbps\x18\x04 \x01(\x01\x12\x11\n\tdown_gbps\x18\x05 \x01(\x01\x12\r\n\x05\x62ytes\x18\x06 \x01(\x03\x12\x0e\n\x06rounds\x18\x07 \x01(\x05\x12\x0f\n\x07seconds\x18\x08 \x01(\x01\x12\x0f\n\x07version\x18\t \x01(\t2\xdc\x05\n\x0cStageService\x12\x46\n\x06Health\x12\x1e.noodle.stage.v1.HealthRequest\x1a\x1c.noodle.stage.v1.HealthReply\x12O\n\tLoadStage\x12!.noodle.stage.v1.LoadStageRequest\x1a\x1f.noodle.stage.v1.LoadStageReply\x12U\n\x0bUnloadStage\x12#.noodle.stage.v1.UnloadStageRequest\x1a!.noodle.stage.v1.UnloadStageReply\x12[\n\rCreateSession\x12%.noodle.stage.v1.CreateSessionRequest\x1a#.noodle.stage.v1.CreateSessionReply\x12I\n\x07\x46orward\x12\x1f.noodle.stage.v1.ForwardRequest\x1a\x1d.noodle.stage.v1.ForwardReply\x12S\n\rForwardStream\x12\x1f.noodle.stage.v1.ForwardRequest\x1a\x1d.noodle.stage.v1.ForwardReply(\x01\x30\x01\x12X\n\x0c\x43loseSession\x12$.noodle.stage.v1.CloseSessionRequest\x1a\".noodle.stage.v1.CloseSessionReply\x12@\n\x04\x45\x63ho\x12\x1c.noodle.stage.v1.EchoRequest\x1a\x1a.noodle.stage.v1.EchoReply\x12\x43\n\x05Probe\x12\x1d.noodle.stage.v1.ProbeRequest\x1a\x1b.noodle.stage.v1.ProbeReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)noodle/executors/grpc/stage_service.proto\x12\x0fnoodle.stage.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x0f\n\rHealthRequest\"^\n\tStageInfo\x12\x10\n\x08stage_id\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x05\x12\x13\n\x0bparam_bytes\x18\x04 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\"\xbf\x01\n\x0bHealthReply\x12\x0e\n\x06status\x18\x01 \x01(\t\x12*\n\x06stages\x18\x02 \x03(\x0b\x32\x1a.noodle.stage.v1.StageInfo\x12\x10\n\x08sessions\x18\x03 \x01(\x05\x12\x14\n\x0cmax_sessions\x18\x04 \x01(\x05\x12\x10\n\x08\x63lock_ns\x18\x05 \x01(\x03\x12\x0f\n\x07version\x18\x06 \x01(\t\x12\x10\n\x08max_seqs\x18\x07 \x01(\x05\x12\x17\n\x0fmax_step_tokens\x18\x08 \x01(\x05\"L\n\x10LoadStageRequest\x12\r\n\x05start\x18\x01 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\"Z\n\x0eLoadStageReply\x12)\n\x05stage\x18\x01 \x01(\x0b\x32\x1a.noodle.stage.v1.StageInfo\x12\r\n\x05units\x18\x02 \x03(\t\x12\x0e\n\x06load_s\x18\x03 \x01(\x01\"&\n\x12UnloadStageRequest\x12\x10\n\x08stage_id\x18\x01 \x01(\t\"+\n\x10UnloadStageReply\x12\x17\n\x0f\x63losed_sessions\x18\x01 \x01(\x05\"9\n\x14\x43reateSessionRequest\x12\x10\n\x08stage_id\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\"%\n\x12\x43reateSessionReply\x12\x0f\n\x07session\x18\x01 \x01(\t\"F\n\x08SeqChunk\x12\x0b\n\x03seq\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x01(\x05\x12\r\n\x05start\x18\x03 \x01(\x08\x12\x0e\n\x06logits\x18\x04 \x01(\x08\"\xf1\x01\n\x0e\x46orwardRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12%\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x17.noodle.stage.v1.Tensor\x12/\n\x0e\x61ttention_mask\x18\x03 \x01(\x0b\x32\x17.noodle.stage.v1.Tensor\x12\x0f\n\x07prefill\x18\x04 \x01(\x08\x12\x12\n\nall_logits\x18\x05 \x01(\x08\x12\x0c\n\x04top1\x18\x06 \x01(\x08\x12\x0b\n\x03seq\x18\x07 \x01(\x04\x12\'\n\x04seqs\x18\x08 \x03(\x0b\x32\x19.noodle.stage.v1.SeqChunk\x12\r\n\x05\x65xact\x18\t \x01(\x08\"\xd8\x01\n\x0c\x46orwardReply\x12\x0f\n\x07session\x18\x01 \x01(\t\x12%\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x17.noodle.stage.v1.Tensor\x12\x11\n\tis_logits\x18\x03 \x01(\x08\x12\x0f\n\x07is_top1\x18\x04 \x01(\x08\x12\x0b\n\x03seq\x18\x05 \x01(\x04\x12\x0f\n\x07t_in_ns\x18\x06 \x01(\x03\x12\x10\n\x08t_out_ns\x18\x07 \x01(\x03\x12\x11\n\tdecode_ns\x18\x08 \x01(\x03\x12\x11\n\tencode_ns\x18\t \x01(\x03\x12\x16\n\x0ekv_cache_bytes\x18\n \x01(\x03\"4\n\x13\x43loseSessionRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x0c\n\x04seqs\x18\x02 \x03(\t\"+\n\x11\x43loseSessionReply\x12\x16\n\x0ekv_cache_bytes\x18\x01 \x01(\x03\"D\n\x0b\x45\x63hoRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x13\n\x0breply_bytes\x18\x02 \x01(\x03\x12\x0f\n\x07version\x18\x03 \x01(\t\"E\n\tEchoReply\x12\x16\n\x0ereceived_bytes\x18\x01 \x01(\x03\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x0f\n\x07version\x18\x03 \x01(\t\"z\n\x0cProbeRequest\x12\x0c\n\x04peer\x18\x01 \x01(\t\x12\x13\n\x0bsmall_bytes\x18\x02 \x01(\x03\x12\x13\n\x0blarge_bytes\x18\x03 \x01(\x03\x12\x0e\n\x06rounds\x18\x04 \x01(\x05\x12\x11\n\ttimeout_s\x18\x05 \x01(\x01\x12\x0f\n\x07version\x18\x06 \x01(\t\"\xa7\x01\n\nProbeReply\x12\x0c\n\x04peer\x18\x01 \x01(\t\x12\x0e\n\x06rtt_ms\x18\x02 \x01(\x01\x12\x16\n\x0e\x62\x61ndwidth_gbps\x18\x03 \x01(\x01\x12\x0f\n\x07up_gbps\x18\x04 \x01(\x01\x12\x11\n\tdown_gbps\x18\x05 \x01(\x01\x12\r\n\x05\x62ytes\x18\x06 \x01(\x03\x12\x0e\n\x06rounds\x18\x07 \x01(\x05\x12\x0f\n\x07seconds\x18\x08 \x01(\x01\x12\x0f\n\x07version\x18\t \x01(\t2\xdc\x05\n\x0cStageService\x12\x46\n\x06Health\x12\x1e.noodle.stage.v1.HealthRequest\x1a\x1c.noodle.stage.v1.HealthReply\x12O\n\tLoadStage\x12!.noodle.stage.v1.LoadStageRequest\x1a\x1f.noodle.stage.v1.LoadStageReply\x12U\n\x0bUnloadStage\x12#.noodle.stage.v1.UnloadStageRequest\x1a!.noodle.stage.v1.UnloadStageReply\x12[\n\rCreateSession\x12%.noodle.stage.v1.CreateSessionRequest\x1a#.noodle.stage.v1.CreateSessionReply\x12I\n\x07\x46orward\x12\x1f.noodle.stage.v1.ForwardRequest\x1a\x1d.noodle.stage.v1.ForwardReply\x12S\n\rForwardStream\x12\x1f.noodle.stage.v1.ForwardRequest\x1a\x1d.noodle.stage.v1.ForwardReply(\x01\x30\x01\x12X\n\x0c\x43loseSession\x12$.noodle.stage.v1.CloseSessionRequest\x1a\".noodle.stage.v1.CloseSessionReply\x12@\n\x04\x45\x63ho\x12\x1c.noodle.stage.v1.EchoRequest\x1a\x1a.noodle.stage.v1.EchoReply\x12\x43\n\x05Probe\x12\x1d.noodle.stage.v1.ProbeRequest\x1a\x1b.noodle.stage.v1.ProbeReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,35 +38,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STAGEINFO']._serialized_start=133
   _globals['_STAGEINFO']._serialized_end=227
   _globals['_HEALTHREPLY']._serialized_start=230
-  _globals['_HEALTHREPLY']._serialized_end=378
-  _globals['_LOADSTAGEREQUEST']._serialized_start=380
-  _globals['_LOADSTAGEREQUEST']._serialized_end=456
-  _globals['_LOADSTAGEREPLY']._serialized_start=458
-  _globals['_LOADSTAGEREPLY']._serialized_end=548
-  _globals['_UNLOADSTAGEREQUEST']._serialized_start=550
-  _globals['_UNLOADSTAGEREQUEST']._serialized_end=588
-  _globals['_UNLOADSTAGEREPLY']._serialized_start=590
-  _globals['_UNLOADSTAGEREPLY']._serialized_end=633
-  _globals['_CREATESESSIONREQUEST']._serialized_start=635
-  _globals['_CREATESESSIONREQUEST']._serialized_end=692
-  _globals['_CREATESESSIONREPLY']._serialized_start=694
-  _globals['_CREATESESSIONREPLY']._serialized_end=731
-  _globals['_FORWARDREQUEST']._serialized_start=734
-  _globals['_FORWARDREQUEST']._serialized_end=919
-  _globals['_FORWARDREPLY']._serialized_start=922
-  _globals['_FORWARDREPLY']._serialized_end=1138
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=1140
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=1178
-  _globals['_CLOSESESSIONREPLY']._serialized_start=1180
-  _globals['_CLOSESESSIONREPLY']._serialized_end=1223
-  _globals['_ECHOREQUEST']._serialized_start=1225
-  _globals['_ECHOREQUEST']._serialized_end=1293
-  _globals['_ECHOREPLY']._serialized_start=1295
-  _globals['_ECHOREPLY']._serialized_end=1364
-  _globals['_PROBEREQUEST']._serialized_start=1366
-  _globals['_PROBEREQUEST']._serialized_end=1488
-  _globals['_PROBEREPLY']._serialized_start=1491
-  _globals['_PROBEREPLY']._serialized_end=1658
-  _globals['_STAGESERVICE']._serialized_start=1661
-  _globals['_STAGESERVICE']._serialized_end=2393
+  _globals['_HEALTHREPLY']._serialized_end=421
+  _globals['_LOADSTAGEREQUEST']._serialized_start=423
+  _globals['_LOADSTAGEREQUEST']._serialized_end=499
+  _globals['_LOADSTAGEREPLY']._serialized_start=501
+  _globals['_LOADSTAGEREPLY']._serialized_end=591
+  _globals['_UNLOADSTAGEREQUEST']._serialized_start=593
+  _globals['_UNLOADSTAGEREQUEST']._serialized_end=631
+  _globals['_UNLOADSTAGEREPLY']._serialized_start=633
+  _globals['_UNLOADSTAGEREPLY']._serialized_end=676
+  _globals['_CREATESESSIONREQUEST']._serialized_start=678
+  _globals['_CREATESESSIONREQUEST']._serialized_end=735
+  _globals['_CREATESESSIONREPLY']._serialized_start=737
+  _globals['_CREATESESSIONREPLY']._serialized_end=774
+  _globals['_SEQCHUNK']._serialized_start=776
+  _globals['_SEQCHUNK']._serialized_end=846
+  _globals['_FORWARDREQUEST']._serialized_start=849
+  _globals['_FORWARDREQUEST']._serialized_end=1090
+  _globals['_FORWARDREPLY']._serialized_start=1093
+  _globals['_FORWARDREPLY']._serialized_end=1309
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=1311
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=1363
+  _globals['_CLOSESESSIONREPLY']._serialized_start=1365
+  _globals['_CLOSESESSIONREPLY']._serialized_end=1408
+  _globals['_ECHOREQUEST']._serialized_start=1410
+  _globals['_ECHOREQUEST']._serialized_end=1478
+  _globals['_ECHOREPLY']._serialized_start=1480
+  _globals['_ECHOREPLY']._serialized_end=1549
+  _globals['_PROBEREQUEST']._serialized_start=1551
+  _globals['_PROBEREQUEST']._serialized_end=1673
+  _globals['_PROBEREPLY']._serialized_start=1676
+  _globals['_PROBEREPLY']._serialized_end=1843
+  _globals['_STAGESERVICE']._serialized_start=1846
+  _globals['_STAGESERVICE']._serialized_end=2578
 # @@protoc_insertion_point(module_scope)

@@ -35,20 +35,24 @@ class StageInfo(_message.Message):
     def __init__(self, stage_id: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., param_bytes: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
 
 class HealthReply(_message.Message):
-    __slots__ = ("status", "stages", "sessions", "max_sessions", "clock_ns", "version")
+    __slots__ = ("status", "stages", "sessions", "max_sessions", "clock_ns", "version", "max_seqs", "max_step_tokens")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     CLOCK_NS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEQS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STEP_TOKENS_FIELD_NUMBER: _ClassVar[int]
     status: str
     stages: _containers.RepeatedCompositeFieldContainer[StageInfo]
     sessions: int
     max_sessions: int
     clock_ns: int
     version: str
-    def __init__(self, status: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., clock_ns: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
+    max_seqs: int
+    max_step_tokens: int
+    def __init__(self, status: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., clock_ns: _Optional[int] = ..., version: _Optional[str] = ..., max_seqs: _Optional[int] = ..., max_step_tokens: _Optional[int] = ...) -> None: ...
 
 class LoadStageRequest(_message.Message):
     __slots__ = ("start", "end", "device", "name")
@@ -98,8 +102,20 @@ class CreateSessionReply(_message.Message):
     session: str
     def __init__(self, session: _Optional[str] = ...) -> None: ...
 
+class SeqChunk(_message.Message):
+    __slots__ = ("seq", "tokens", "start", "logits")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    LOGITS_FIELD_NUMBER: _ClassVar[int]
+    seq: str
+    tokens: int
+    start: bool
+    logits: bool
+    def __init__(self, seq: _Optional[str] = ..., tokens: _Optional[int] = ..., start: _Optional[bool] = ..., logits: _Optional[bool] = ...) -> None: ...
+
 class ForwardRequest(_message.Message):
-    __slots__ = ("session", "data", "attention_mask", "prefill", "all_logits", "top1", "seq")
+    __slots__ = ("session", "data", "attention_mask", "prefill", "all_logits", "top1", "seq", "seqs", "exact")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +123,8 @@ class ForwardRequest(_message.Message):
     ALL_LOGITS_FIELD_NUMBER: _ClassVar[int]
     TOP1_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
+    SEQS_FIELD_NUMBER: _ClassVar[int]
+    EXACT_FIELD_NUMBER: _ClassVar[int]
     session: str
     data: Tensor
     attention_mask: Tensor
@@ -114,7 +132,9 @@ class ForwardRequest(_message.Message):
     all_logits: bool
     top1: bool
     seq: int
-    def __init__(self, session: _Optional[str] = ..., data: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., prefill: _Optional[bool] = ..., all_logits: _Optional[bool] = ..., top1: _Optional[bool] = ..., seq: _Optional[int] = ...) -> None: ...
+    seqs: _containers.RepeatedCompositeFieldContainer[SeqChunk]
+    exact: bool
+    def __init__(self, session: _Optional[str] = ..., data: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., prefill: _Optional[bool] = ..., all_logits: _Optional[bool] = ..., top1: _Optional[bool] = ..., seq: _Optional[int] = ..., seqs: _Optional[_Iterable[_Union[SeqChunk, _Mapping]]] = ..., exact: _Optional[bool] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
     __slots__ = ("session", "data", "is_logits", "is_top1", "seq", "t_in_ns", "t_out_ns", "decode_ns", "encode_ns", "kv_cache_bytes")
@@ -141,10 +161,12 @@ class ForwardReply(_message.Message):
     def __init__(self, session: _Optional[str] = ..., data: _Optional[_Union[Tensor, _Mapping]] = ..., is_logits: _Optional[bool] = ..., is_top1: _Optional[bool] = ..., seq: _Optional[int] = ..., t_in_ns: _Optional[int] = ..., t_out_ns: _Optional[int] = ..., decode_ns: _Optional[int] = ..., encode_ns: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ...) -> None: ...
 
 class CloseSessionRequest(_message.Message):
-    __slots__ = ("session",)
+    __slots__ = ("session", "seqs")
     SESSION_FIELD_NUMBER: _ClassVar[int]
+    SEQS_FIELD_NUMBER: _ClassVar[int]
     session: str
-    def __init__(self, session: _Optional[str] = ...) -> None: ...
+    seqs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, session: _Optional[str] = ..., seqs: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CloseSessionReply(_message.Message):
     __slots__ = ("kv_cache_bytes",)

@@ -8,22 +8,24 @@ and ``CloseSession``.
 Who may call: with a token (``--token`` / ``NOODLE_TOKEN``) every call must carry
 ``authorization: Bearer <token>`` or is refused with ``UNAUTHENTICATED``; with
 ``--tls-cert/--tls-key`` the port speaks TLS only. A worker refuses to listen on
-a non-loopback address without a token unless told ``--insecure``.
+a non-loopback address without a token unless told ``--insecure``. Who may call, how many at
+once and for how long is decided from each call's metadata, before its body is read, by
+:class:`~noodle.executors.grpc.gate.CallGate`.
 
-Who may call, how many at once and for how long is decided from each call's metadata,
-before its body is read, by :class:`~noodle.executors.grpc.gate.CallGate`.
+Packed steps (continuous batching): a ``ForwardRequest`` with ``seqs`` carries the new tokens of
+many sequences back to back. A lane opens one session for them; each sequence's KV lives on the
+stage under that session (:func:`~noodle.executors.grpc.edge.seq_key`), is freed by
+``CloseSession(session, seqs=[...])`` (the session stays open) and with the whole session
+(``CloseSession``, the reaper, eviction). A session runs batch steps or packed steps, never both.
 
-What it refuses, and keeps serving: a tensor with an unknown dtype, a shape that
-does not match its bytes, more bytes than ``max_tensor_bytes``, token ids outside
-the vocabulary, a hidden size or dtype the stage does not take, a batch over
-``max_batch``, a prefill or decode past the model's positions, a decode whose batch
-is not its prefill's -> ``INVALID_ARGUMENT``; an unknown session or stage ->
-``NOT_FOUND``; more than ``max_sessions`` open sessions -> ``RESOURCE_EXHAUSTED``
-(after reaping the longest-idle session idle for ``evict_idle_s``, if any). Sessions
-idle for ``idle_timeout_s`` (default 60 s) are closed by a reaper thread. Anything
-else that goes wrong inside a stage is ``INTERNAL`` with a one-line message and an
-error id (trailing metadata ``noodle-error-id``); the traceback goes to the worker's
-log under that id, never to the caller.
+What it refuses, and keeps serving: every check of a ``Forward`` request is in
+:mod:`~noodle.executors.grpc.edge` (``INVALID_ARGUMENT`` for a malformed step,
+``FAILED_PRECONDITION`` for one the session's state does not allow, each naming the field and
+the numbers; docs/distributed.md has the table); an unknown session or stage -> ``NOT_FOUND``;
+more than ``max_sessions`` open sessions -> ``RESOURCE_EXHAUSTED`` (after closing the session idle
+longest if idle for ``evict_idle_s``). Sessions idle for ``idle_timeout_s`` (60 s) are closed by a
+reaper thread. Anything else that goes wrong inside a stage is ``INTERNAL`` with one line and an
+error id (trailing metadata ``noodle-error-id``); the traceback stays in the worker's log.
 """
 
 from __future__ import annotations
@@ -44,13 +46,15 @@ from noodle.errors import ExecutorError, ModelError, SpecError
 from noodle.executors.devices import make_stage, parse_device, warm_up
 from noodle.executors.grpc import stage_service_pb2 as pb
 from noodle.executors.grpc import stage_service_pb2_grpc as pb_grpc
-from noodle.executors.grpc.config import DEFAULT_MAX_MESSAGE_BYTES, WorkerConfig, message_limit
+from noodle.executors.grpc.config import DEFAULT_MAX_MESSAGE_BYTES, WorkerConfig, message_limit, step_token_limit
+from noodle.executors.grpc.edge import (PackedLimits, Refused, admit_packed, check_batch_positions, check_id, check_input,
+                                        check_packed, seq_key)  # fmt: skip
 from noodle.executors.grpc.gate import CallGate, CallLimits
 from noodle.executors.grpc.probe import LinkProbes, ProbeRefused
 from noodle.executors.grpc.throttle import Throttle
 from noodle.executors.grpc.wire import from_proto, to_proto
 from noodle.executors.kvbudget import max_positions
-from noodle.executors.messages import StageInput
+from noodle.executors.messages import SeqChunk, StageInput, StageOutput
 from noodle.executors.slicing import read_config, unit_names_of, weight_index
 from noodle.executors.stage import StageRunner
 
@@ -62,18 +66,13 @@ ERROR_ID_KEY = "noodle-error-id"
 _VERSION = "noodle.stage.v1"
 
 
-class _Refuse(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
 @dataclass
 class _SessionEntry:
     stage_id: str
     last_used: float
     batch: int = 0  # of its prefill
     seen: int = 0  # positions used so far
+    seqs: dict[str, int] | None = None  # a packed session's live sequences -> positions used (None: batch steps)
 
 
 class StageServicer(pb_grpc.StageServiceServicer):
@@ -89,6 +88,8 @@ class StageServicer(pb_grpc.StageServiceServicer):
         self.max_positions = max_positions(model_config)
         self.max_message_bytes = message_limit(model_config, config.max_batch, config.max_message_bytes)
         self.max_tensor_bytes = min(config.max_tensor_bytes, self.max_message_bytes)
+        fit = step_token_limit(model_config, self.max_tensor_bytes)
+        self.packed = PackedLimits(config.max_seqs, min(config.max_step_tokens or fit, fit), self.max_positions)
         self.limits = CallLimits(max_calls=config.calls_limit, max_calls_per_peer=config.calls_per_peer_limit,
                                  body_timeout_s=config.body_timeout_s, stream_idle_s=config.stream_idle_s)  # fmt: skip
         self.gate = CallGate(config.token, self.limits)
@@ -116,11 +117,19 @@ class StageServicer(pb_grpc.StageServiceServicer):
         with self._lock:
             idle = [s for s, e in self.sessions.items() if now - e.last_used > self.config.idle_timeout_s]
             for sid in idle:
-                entry = self.sessions.pop(sid)
-                stage = self.stages.get(entry.stage_id)
-                if stage is not None:
-                    stage.end_session(sid)
+                self._release(sid, self.sessions.pop(sid))
         return idle
+
+    def _release(self, sid: str, entry: _SessionEntry, seqs: list[str] | None = None) -> int:
+        """Free the KV of a closed session (a packed one's sequences too), or only ``seqs`` of it; the bytes they held."""
+        stage = self.stages.get(entry.stage_id)
+        keys = [sid, *(seq_key(sid, q) for q in list(entry.seqs or ()))] if seqs is None else [seq_key(sid, q) for q in seqs]
+        if stage is None:
+            return 0
+        kv = sum(stage.cache_bytes(k) for k in keys)
+        for k in keys:
+            stage.end_session(k)
+        return kv
 
     def _evict_idlest_session(self) -> None:
         """At the session cap: close the session idle the longest, if idle for ``evict_idle_s`` (lock held)."""
@@ -128,10 +137,7 @@ class StageServicer(pb_grpc.StageServiceServicer):
         sid, entry = min(self.sessions.items(), key=lambda kv: kv[1].last_used)
         if now - entry.last_used < self.config.evict_idle_s:
             return
-        del self.sessions[sid]
-        stage = self.stages.get(entry.stage_id)
-        if stage is not None:
-            stage.end_session(sid)
+        self._release(sid, self.sessions.pop(sid))
         log.info("session %s idle for %.1f s closed to make room (--max-sessions %d)", sid, now - entry.last_used,
                  self.config.max_sessions)  # fmt: skip
 
@@ -149,11 +155,11 @@ class StageServicer(pb_grpc.StageServiceServicer):
         with self._lock:
             entry = self.sessions.get(session)
             if entry is None:
-                raise _Refuse(grpc.StatusCode.NOT_FOUND, f"session: unknown session {session!r}; create it first")
+                raise Refused(grpc.StatusCode.NOT_FOUND, f"session: unknown session {session!r}; create it first")
             entry.last_used = time.monotonic()
             stage = self.stages.get(entry.stage_id)
         if stage is None:
-            raise _Refuse(grpc.StatusCode.NOT_FOUND, f"session {session!r}: its stage {entry.stage_id} was unloaded")
+            raise Refused(grpc.StatusCode.NOT_FOUND, f"session {session!r}: its stage {entry.stage_id} was unloaded")
         return entry, stage
 
     def _dtype_of(self, stage: StageRunner) -> torch.dtype:
@@ -163,41 +169,6 @@ class StageServicer(pb_grpc.StageServiceServicer):
             self._dtypes[id(stage)] = dtype
         return dtype
 
-    def _check_input(self, stage: StageRunner, data: torch.Tensor, mask: torch.Tensor | None) -> None:
-        bad = grpc.StatusCode.INVALID_ARGUMENT
-        if stage.is_first:
-            if data.dtype not in (torch.int64, torch.int32) or data.dim() != 2:
-                raise _Refuse(bad, f"data: the first stage takes int64 token ids (batch, tokens), got {data.dtype} {list(data.shape)}")
-            if data.numel() and (int(data.min()) < 0 or int(data.max()) >= self.vocab_size):
-                raise _Refuse(bad, f"data: token ids must lie in [0, {self.vocab_size}), got [{int(data.min())}, {int(data.max())}]")
-        else:
-            hidden = int(stage.config.hidden_size)
-            want = self._dtype_of(stage)
-            if data.dim() != 3 or data.shape[-1] != hidden:
-                raise _Refuse(bad, f"data: stage takes hidden states (batch, tokens, {hidden}), got {list(data.shape)}")
-            if data.dtype != want:
-                raise _Refuse(bad, f"data.dtype: stage computes in {str(want).removeprefix('torch.')}, got {str(data.dtype).removeprefix('torch.')}")
-        if data.shape[0] < 1 or data.shape[1] < 1:
-            raise _Refuse(bad, f"data: empty batch or no tokens, shape {list(data.shape)}")
-        if mask is not None:
-            if mask.dtype not in (torch.int64, torch.int32) or tuple(mask.shape) != tuple(data.shape[:2]):
-                raise _Refuse(bad, f"attention_mask: expected int64 {list(data.shape[:2])}, got {mask.dtype} {list(mask.shape)}")
-            if bool(((mask != 0) & (mask != 1)).any()):
-                raise _Refuse(bad, "attention_mask: values must be 0 or 1")
-
-    def _check_positions(self, entry: _SessionEntry, session: str, prefill: bool, batch: int, tokens: int) -> None:
-        """The step fits the session: batch within ``max_batch`` and its prefill's, positions within the model's."""
-        bad = grpc.StatusCode.INVALID_ARGUMENT
-        if batch > self.config.max_batch:
-            raise _Refuse(bad, f"data: batch of {batch} sequences, over this worker's limit of {self.config.max_batch} (--max-batch)")
-        if not prefill and batch != entry.batch:
-            raise _Refuse(bad, f"data: session {session!r} was prefilled with batch {entry.batch}, got {batch} sequences")
-        used = 0 if prefill else entry.seen
-        limit = self.max_positions
-        if limit is not None and used + tokens > limit:
-            what = f"a prefill of {tokens} tokens" if prefill else f"{tokens} more token(s) after {used}"
-            raise _Refuse(bad, f"data: {what} would pass the model's {limit} positions")
-
     def _forward(self, req: pb.ForwardRequest) -> pb.ForwardReply:
         t0 = time.monotonic_ns()
         entry, stage = self._entry(req.session)
@@ -206,27 +177,21 @@ class StageServicer(pb_grpc.StageServiceServicer):
             data = from_proto(req.data, field="data", max_bytes=limit)
             mask = from_proto(req.attention_mask, field="attention_mask", max_bytes=limit) if req.HasField("attention_mask") else None
         except SpecError as exc:
-            raise _Refuse(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-        self._check_input(stage, data, mask)
-        batch, tokens = int(data.shape[0]), int(data.shape[1])
-        msg = StageInput(req.session, data.to(torch.long) if stage.is_first else data, mask, req.prefill, req.all_logits)
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        hidden = 0 if stage.is_first else int(stage.config.hidden_size)
+        check_input(stage.is_first, hidden, self._dtype_of(stage), self.vocab_size, data, mask)
+        data = data.to(torch.long) if stage.is_first else data
+        chunks = check_packed(req, data, self.packed) if len(req.seqs) else None
         t_in = time.monotonic_ns()
         with self._compute:
-            if not req.prefill and req.session not in stage.sessions():
-                raise _Refuse(grpc.StatusCode.FAILED_PRECONDITION, f"session {req.session!r}: the first step must be a prefill")
-            self._check_positions(entry, req.session, req.prefill, batch, tokens)
-            t_step = time.perf_counter()
-            try:
-                out = stage.step(msg)
-            except ExecutorError as exc:  # StageRunner's own checks on the message
-                raise _Refuse(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-            self.throttle.after_step(time.perf_counter() - t_step)
-            entry.batch, entry.seen = batch, (0 if req.prefill else entry.seen) + tokens
+            if chunks is None:
+                out, kv = self._step_batch(req, entry, stage, data, mask)
+            else:
+                out, kv = self._step_packed(req, entry, stage, data, chunks)
             result = out.data
             top1 = req.top1 and out.is_logits
             if top1:
                 result = result[:, -1, :].argmax(dim=-1)
-            kv = stage.cache_bytes(req.session)
         t_out = time.monotonic_ns()
         reply = pb.ForwardReply(
             session=req.session, data=to_proto(result), is_logits=out.is_logits and not top1, is_top1=top1,
@@ -235,6 +200,50 @@ class StageServicer(pb_grpc.StageServiceServicer):
         reply.encode_ns = time.monotonic_ns() - t_out
         return reply
 
+    def _run(self, stage: StageRunner, msg: StageInput) -> StageOutput:
+        t_step = time.perf_counter()
+        try:
+            out = stage.step(msg)
+        except ExecutorError as exc:  # StageRunner's own checks on the message
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        self.throttle.after_step(time.perf_counter() - t_step)
+        return out
+
+    def _step_batch(self, req: pb.ForwardRequest, entry: _SessionEntry, stage: StageRunner, data: torch.Tensor,
+                    mask: torch.Tensor | None) -> tuple[StageOutput, int]:  # fmt: skip
+        """A batch step of one session (compute lock held); the output and the session's KV bytes."""
+        if entry.seqs is not None:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"session {req.session!r} runs packed steps (seqs); "
+                          "a batch step needs a session of its own")  # fmt: skip
+        if not req.prefill and req.session not in stage.sessions():
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"session {req.session!r}: the first step must be a prefill")
+        batch, tokens = int(data.shape[0]), int(data.shape[1])
+        check_batch_positions(req.session, req.prefill, batch, tokens, seen=entry.seen, prefilled_batch=entry.batch,
+                              max_batch=self.config.max_batch, max_positions=self.max_positions)  # fmt: skip
+        out = self._run(stage, StageInput(req.session, data, mask, req.prefill, req.all_logits))
+        entry.batch, entry.seen = batch, (0 if req.prefill else entry.seen) + tokens
+        return out, stage.cache_bytes(req.session)
+
+    def _step_packed(self, req: pb.ForwardRequest, entry: _SessionEntry, stage: StageRunner, data: torch.Tensor,
+                     chunks: tuple[SeqChunk, ...]) -> tuple[StageOutput, int]:  # fmt: skip
+        """A packed step of one session's sequences (compute lock held); the output and the session's KV bytes
+        (its live positions times the bytes per position of the step's first sequence)."""
+        if entry.seqs is None and entry.batch:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"session {req.session!r} runs batch steps; "
+                          "a packed step (seqs) needs a session of its own")  # fmt: skip
+        after = admit_packed(req.session, chunks, entry.seqs or {}, self.packed)
+        keyed = tuple(SeqChunk(seq_key(req.session, c.seq), c.tokens, c.start, c.logits) for c in chunks)
+        try:
+            out = self._run(stage, StageInput(req.session, data, seqs=keyed, exact=req.exact))
+        except BaseException:
+            for c in keyed:  # the step's new sequences hold nothing the session knows of
+                if c.start:
+                    stage.end_session(c.seq)
+            raise
+        entry.seqs = after
+        per_position = stage.cache_bytes(keyed[0].seq) / max(1, after[chunks[0].seq])
+        return out, int(per_position * sum(after.values()))
+
     # -- the service ---------------------------------------------------------------------------
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
         with self._lock:
@@ -242,7 +251,8 @@ class StageServicer(pb_grpc.StageServiceServicer):
             n = len(self.sessions)
         return pb.HealthReply(
             status="serving", stages=stages, sessions=n, max_sessions=self.config.max_sessions,
-            clock_ns=time.monotonic_ns(), version=_VERSION,
+            clock_ns=time.monotonic_ns(), version=_VERSION, max_seqs=self.packed.max_seqs,
+            max_step_tokens=self.packed.max_step_tokens,
         )  # fmt: skip
 
     def LoadStage(self, request: pb.LoadStageRequest, context: grpc.ServicerContext) -> pb.LoadStageReply:
@@ -251,14 +261,14 @@ class StageServicer(pb_grpc.StageServiceServicer):
     def _load_stage(self, request: pb.LoadStageRequest) -> pb.LoadStageReply:
         n = len(self.units)
         if not 0 <= request.start < request.end <= n:
-            raise _Refuse(
+            raise Refused(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"start/end: unit range [{request.start}, {request.end}) is not inside this model's [0, {n})",
             )
         try:
             device = parse_device(request.device, field="device") if request.device else self.default_device
         except SpecError as exc:
-            raise _Refuse(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from None
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from None
         sid = f"{request.start}-{request.end}@{device}"
         t0 = time.perf_counter()
         with self._load:
@@ -270,7 +280,7 @@ class StageServicer(pb_grpc.StageServiceServicer):
                     stage = make_stage(self.model_dir, request.start, request.end, name=request.name or sid, device=device)
                     warm_up(stage)
                 except ModelError as exc:
-                    raise _Refuse(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from None
+                    raise Refused(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from None
                 with self._lock:
                     self.stages[sid] = stage
         return pb.LoadStageReply(stage=self._stage_info(sid, stage), units=self.units, load_s=time.perf_counter() - t0)
@@ -284,7 +294,7 @@ class StageServicer(pb_grpc.StageServiceServicer):
                     break
                 del self.stages[sid]
             if len(self.stages) >= self.config.max_stages:
-                raise _Refuse(
+                raise Refused(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"start/end: this worker holds {len(self.stages)} stages with open sessions, its limit (--max-stages)",
                 )
@@ -293,7 +303,7 @@ class StageServicer(pb_grpc.StageServiceServicer):
         def run() -> pb.UnloadStageReply:
             with self._lock:
                 if self.stages.pop(request.stage_id, None) is None:
-                    raise _Refuse(grpc.StatusCode.NOT_FOUND, f"stage_id: no stage {request.stage_id!r} is loaded")
+                    raise Refused(grpc.StatusCode.NOT_FOUND, f"stage_id: no stage {request.stage_id!r} is loaded")
                 gone = [s for s, e in self.sessions.items() if e.stage_id == request.stage_id]
                 for s in gone:
                     del self.sessions[s]
@@ -303,18 +313,17 @@ class StageServicer(pb_grpc.StageServiceServicer):
 
     def CreateSession(self, request: pb.CreateSessionRequest, context: grpc.ServicerContext) -> pb.CreateSessionReply:
         def run() -> pb.CreateSessionReply:
-            if not request.session or len(request.session) > 128:
-                raise _Refuse(grpc.StatusCode.INVALID_ARGUMENT, "session: give an id of 1 to 128 characters")
+            check_id(request.session, "session")
             self.reap()
             with self._lock:
                 if request.stage_id not in self.stages:
-                    raise _Refuse(grpc.StatusCode.NOT_FOUND, f"stage_id: no stage {request.stage_id!r} is loaded; call LoadStage")
+                    raise Refused(grpc.StatusCode.NOT_FOUND, f"stage_id: no stage {request.stage_id!r} is loaded; call LoadStage")
                 if request.session in self.sessions:
-                    raise _Refuse(grpc.StatusCode.ALREADY_EXISTS, f"session: {request.session!r} already exists")
+                    raise Refused(grpc.StatusCode.ALREADY_EXISTS, f"session: {request.session!r} already exists")
                 if len(self.sessions) >= self.config.max_sessions:
                     self._evict_idlest_session()
                 if len(self.sessions) >= self.config.max_sessions:
-                    raise _Refuse(
+                    raise Refused(
                         grpc.StatusCode.RESOURCE_EXHAUSTED,
                         f"session: this worker holds {len(self.sessions)} sessions, its limit (--max-sessions)",
                     )
@@ -332,18 +341,37 @@ class StageServicer(pb_grpc.StageServiceServicer):
 
     def CloseSession(self, request: pb.CloseSessionRequest, context: grpc.ServicerContext) -> pb.CloseSessionReply:
         def run() -> pb.CloseSessionReply:
+            if len(request.seqs):
+                return self._close_seqs(request)
             with self._lock:
                 entry = self.sessions.pop(request.session, None)
                 if entry is None:
-                    raise _Refuse(grpc.StatusCode.NOT_FOUND, f"session: unknown session {request.session!r}")
-                stage = self.stages.get(entry.stage_id)
-            kv = 0
-            if stage is not None:
-                kv = stage.cache_bytes(request.session)
-                stage.end_session(request.session)
-            return pb.CloseSessionReply(kv_cache_bytes=kv)
+                    raise Refused(grpc.StatusCode.NOT_FOUND, f"session: unknown session {request.session!r}")
+            return pb.CloseSessionReply(kv_cache_bytes=self._release(request.session, entry))
 
         return _guard(context, run)
+
+    def _close_seqs(self, request: pb.CloseSessionRequest) -> pb.CloseSessionReply:
+        """Free some sequences of a packed session (not during one of its steps); the session stays open."""
+        seqs = list(dict.fromkeys(request.seqs))
+        if len(seqs) > self.packed.max_seqs:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"seqs: {len(seqs)} sequences to free, more than a session "
+                          f"holds ({self.packed.max_seqs}, --max-seqs)")  # fmt: skip
+        with self._compute:
+            with self._lock:
+                entry = self.sessions.get(request.session)
+            if entry is None:
+                raise Refused(grpc.StatusCode.NOT_FOUND, f"session: unknown session {request.session!r}")
+            live = entry.seqs or {}
+            unknown = [q for q in seqs if q not in live]
+            if unknown:
+                raise Refused(grpc.StatusCode.NOT_FOUND, f"seqs: {len(unknown)} of {len(seqs)} sequences are not live in "
+                              f"session {request.session!r} (first: {unknown[0][:40]!r}); nothing freed")  # fmt: skip
+            kv = self._release(request.session, entry, seqs)
+            for q in seqs:
+                del live[q]
+            entry.last_used = time.monotonic()
+        return pb.CloseSessionReply(kv_cache_bytes=kv)
 
     # -- link probing (noodle.probe.v1, see probe.py) ------------------------------------------
     def Echo(self, request: pb.EchoRequest, context: grpc.ServicerContext) -> pb.EchoReply:
@@ -361,7 +389,7 @@ def _guard(context: grpc.ServicerContext, fn: Callable[[], Any]) -> Any:
     """
     try:
         return fn()
-    except (_Refuse, ProbeRefused) as exc:
+    except (Refused, ProbeRefused) as exc:
         context.abort(exc.code, str(exc))
     except Exception as exc:  # noqa: BLE001 - logged here, one line to the caller
         ref = uuid.uuid4().hex[:12]
