@@ -212,8 +212,8 @@ def check_formats(plan: PlanDoc, backend: str, *, where: str = "plan", devices: 
     """Refuse, in one line, a stage format the backend or its device cannot run.
 
     ``local`` runs every stage on this machine in its plan format, on ``devices`` (each stage's torch
-    device type; the CPU when not given); the other backends do not pass a format to their workers yet
-    and load float32 only.
+    device type; the CPU when not given); ``grpc`` workers load each stage in its format and refuse, at
+    load time, one their device cannot run; ``torchrpc`` loads float32 only.
 
     Raises:
         ExecutorError: naming the stage, its node and format, and what would run.
@@ -221,6 +221,8 @@ def check_formats(plan: PlanDoc, backend: str, *, where: str = "plan", devices: 
     for i, st in enumerate(plan.stages):
         if st.format == "float32":
             continue
+        if backend == "grpc":
+            continue  # the worker loads the stage in its format and refuses one its device cannot run
         if backend != "local":
             raise ExecutorError(
                 f"{where}: stages.{i}.format: {st.format} on {st.node}: the {backend} executor loads stages in float32 "

@@ -113,8 +113,7 @@ def warm_up(stage: StageRunner) -> None:
     if stage.is_first:
         data = torch.zeros(1, 1, dtype=torch.long)
     else:
-        dtype = next((p.dtype for m in stage.slice.modules() for p in m.parameters()), torch.float32)
-        data = torch.zeros(1, 1, int(stage.config.hidden_size), dtype=dtype)
+        data = torch.zeros(1, 1, int(stage.config.hidden_size), dtype=stage.io_dtype)
     stage.step(StageInput("warm-up", data, None, prefill=True))
     stage.end_session("warm-up")
 

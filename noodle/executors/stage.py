@@ -119,6 +119,13 @@ class StageRunner:
     def units(self) -> list[str]:
         return self.slice.layout.unit_names[self.start : self.end]
 
+    @property
+    def io_dtype(self) -> torch.dtype:
+        """The dtype of the hidden states this stage takes and hands on (float32 whenever a format is applied)."""
+        if self.format != "float32":
+            return torch.float32
+        return next((p.dtype for m in self.slice.modules() for p in m.parameters()), torch.float32)
+
     def param_bytes(self) -> int:
         """Bytes of weights this stage holds."""
         return self.slice.param_bytes()

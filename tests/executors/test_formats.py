@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grpc
 import pytest
 import torch
 
@@ -65,9 +66,37 @@ def test_formats_a_device_or_backend_cannot_run_are_refused_in_one_line(tiny_mod
         StageRunner(model, 0, 3, format="int3")
     int8 = _with_formats(plan_for(model, [0, 3, 6]), ["int8", "float32"])
     check_formats(int8, "local")
-    for backend in ("grpc", "torchrpc"):
-        with pytest.raises(ExecutorError, match=rf"stages\.0\.format: int8 on node0: the {backend} executor loads"):
-            check_formats(int8, backend)
+    check_formats(int8, "grpc")  # its workers load the format (and refuse one their device cannot run)
+    with pytest.raises(ExecutorError, match=r"stages\.0\.format: int8 on node0: the torchrpc executor loads"):
+        check_formats(int8, "torchrpc")
+
+
+@pytest.mark.parametrize("batching", ["groups", "continuous"])
+def test_grpc_workers_load_each_stage_in_its_plan_format(tiny_models, batching):
+    from noodle.executors.grpc import stage_service_pb2 as pb
+    from noodle.executors.grpc.coordinator import GrpcExecutor
+
+    from .inprocess import Server
+
+    model = tiny_models["llama"]
+    plan = _with_formats(plan_for(model, [0, 3, 6]), ["int8", "bfloat16"])
+    prompts = [[5, 17, 99, 42], [7, 8, 9]]
+    with LocalExecutor(plan, model) as ex:
+        want = [ex.generate([p], max_new_tokens=6).tokens[0] for p in prompts]
+    s = Server(model)
+    try:
+        with GrpcExecutor(plan, model, workers={"node0": s.address, "node1": s.address}) as ex:
+            with ex.pipeline(concurrency=2, batching=batching) as pipe:
+                got = [h.result(timeout=120).tokens for h in [pipe.submit(p, max_new_tokens=6) for p in prompts]]
+        formats = sorted(st.format for st in s.servicer.stages.values())
+        assert formats == ["bfloat16", "int8"]
+        bad = pb.LoadStageRequest(start=0, end=3, format="int3")
+        with pytest.raises(grpc.RpcError) as err:
+            s.stub.LoadStage(bad, timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "format: unknown format 'int3'" in err.value.details()
+    finally:
+        s.close()
+    assert got == want, "the same formats on the same CPU give the same tokens in one process and over gRPC"
 
 
 def test_old_plans_without_format_load_as_float32(tiny_models):

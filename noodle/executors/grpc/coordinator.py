@@ -210,7 +210,7 @@ class GrpcExecutor(ClosesOnExit):
 
     def _load(self, slot: _Slot) -> None:
         st = slot.doc
-        req = pb.LoadStageRequest(start=st.start, end=st.end, name=st.node)
+        req = pb.LoadStageRequest(start=st.start, end=st.end, name=st.node, format=st.format)
         try:
             reply = slot.client.unary("LoadStage", req, 600.0, slot.doc.node)
         except WorkerGone as exc:

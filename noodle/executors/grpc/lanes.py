@@ -213,7 +213,7 @@ class GrpcLane:
                 raise ExecutorError(f"{client.address}: this worker takes no packed steps (an older noodle); "
                                     f"{len(self._seqs)} sequence(s) in flight need one that does")  # fmt: skip
             self._take_limits(health)
-        req = pb.LoadStageRequest(start=self.doc.start, end=self.doc.end, name=self.name)
+        req = pb.LoadStageRequest(start=self.doc.start, end=self.doc.end, name=self.name, format=self.doc.format)
         reply = client.unary("LoadStage", req, 600.0, self.name)
         self.client = client
         self.stage_id = reply.stage.stage_id  # type: ignore[attr-defined]

@@ -21,18 +21,20 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StageInfo(_message.Message):
-    __slots__ = ("stage_id", "start", "end", "param_bytes", "device")
+    __slots__ = ("stage_id", "start", "end", "param_bytes", "device", "format")
     STAGE_ID_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
     PARAM_BYTES_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
     stage_id: str
     start: int
     end: int
     param_bytes: int
     device: str
-    def __init__(self, stage_id: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., param_bytes: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
+    format: str
+    def __init__(self, stage_id: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., param_bytes: _Optional[int] = ..., device: _Optional[str] = ..., format: _Optional[str] = ...) -> None: ...
 
 class HealthReply(_message.Message):
     __slots__ = ("status", "stages", "sessions", "max_sessions", "clock_ns", "version", "max_seqs", "max_step_tokens")
@@ -55,16 +57,18 @@ class HealthReply(_message.Message):
     def __init__(self, status: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., clock_ns: _Optional[int] = ..., version: _Optional[str] = ..., max_seqs: _Optional[int] = ..., max_step_tokens: _Optional[int] = ...) -> None: ...
 
 class LoadStageRequest(_message.Message):
-    __slots__ = ("start", "end", "device", "name")
+    __slots__ = ("start", "end", "device", "name", "format")
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
     start: int
     end: int
     device: str
     name: str
-    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., device: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+    format: str
+    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., device: _Optional[str] = ..., name: _Optional[str] = ..., format: _Optional[str] = ...) -> None: ...
 
 class LoadStageReply(_message.Message):
     __slots__ = ("stage", "units", "load_s")

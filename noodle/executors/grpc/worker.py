@@ -57,6 +57,7 @@ from noodle.executors.kvbudget import max_positions
 from noodle.executors.messages import SeqChunk, StageInput, StageOutput
 from noodle.executors.slicing import read_config, unit_names_of, weight_index
 from noodle.executors.stage import StageRunner
+from noodle.formats import FORMATS, format_problem
 
 __all__ = ["WorkerConfig", "StageServicer", "ERROR_ID_KEY", "DEFAULT_MAX_MESSAGE_BYTES", "message_limit"]
 
@@ -149,7 +150,8 @@ class StageServicer(pb_grpc.StageServiceServicer):
     # -- helpers -----------------------------------------------------------------------------
     def _stage_info(self, sid: str, stage: StageRunner) -> pb.StageInfo:
         device = str(getattr(stage, "device", "cpu"))
-        return pb.StageInfo(stage_id=sid, start=stage.start, end=stage.end, param_bytes=stage.param_bytes(), device=device)
+        return pb.StageInfo(stage_id=sid, start=stage.start, end=stage.end, param_bytes=stage.param_bytes(), device=device,
+                            format=stage.format)  # fmt: skip
 
     def _entry(self, session: str) -> tuple[_SessionEntry, StageRunner]:
         with self._lock:
@@ -165,7 +167,7 @@ class StageServicer(pb_grpc.StageServiceServicer):
     def _dtype_of(self, stage: StageRunner) -> torch.dtype:
         dtype = self._dtypes.get(id(stage))
         if dtype is None:
-            dtype = next((p.dtype for m in stage.slice.modules() for p in m.parameters()), torch.float32)
+            dtype = stage.io_dtype
             self._dtypes[id(stage)] = dtype
         return dtype
 
@@ -269,7 +271,12 @@ class StageServicer(pb_grpc.StageServiceServicer):
             device = parse_device(request.device, field="device") if request.device else self.default_device
         except SpecError as exc:
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from None
-        sid = f"{request.start}-{request.end}@{device}"
+        fmt = request.format or "float32"
+        wrong = format_problem(fmt, device.type)
+        if wrong:
+            code = grpc.StatusCode.INVALID_ARGUMENT if fmt not in FORMATS else grpc.StatusCode.FAILED_PRECONDITION
+            raise Refused(code, f"format: {wrong}")
+        sid = f"{request.start}-{request.end}@{device}" + ("" if fmt == "float32" else f"/{fmt}")
         t0 = time.perf_counter()
         with self._load:
             with self._lock:
@@ -277,7 +284,8 @@ class StageServicer(pb_grpc.StageServiceServicer):
             if stage is None:
                 self._evict_for_one_more()
                 try:
-                    stage = make_stage(self.model_dir, request.start, request.end, name=request.name or sid, device=device)
+                    stage = make_stage(self.model_dir, request.start, request.end, name=request.name or sid, device=device,
+                                       format=fmt)  # fmt: skip
                     warm_up(stage)
                 except ModelError as exc:
                     raise Refused(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from None
