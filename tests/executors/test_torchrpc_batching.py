@@ -102,7 +102,8 @@ def test_malformed_packed_steps_are_refused_by_the_workers_and_the_ring_stays_in
 def test_a_failing_packed_step_and_a_cancel_free_their_sequences_and_the_ring_goes_on(tiny_models, ring):
     family, ex = ring
     model = tiny_models[family]
-    with ex.pipeline(concurrency=3, batching="continuous") as pipe:
+    with ex.pipeline(concurrency=3, batching="auto") as pipe:  # what `noodle serve --backend torchrpc` asks for
+        assert isinstance(pipe, BatchingPipeline) and pipe.batching == "continuous"
         bad = pipe.submit([9, 600, 9], max_new_tokens=5).result(timeout=60)  # 600 is outside the 512-token vocabulary
         assert bad.finish_reason == "error" and "stage on node0 (rank 1) failed" in (bad.error or "")
         assert "IndexError" in (bad.error or "")
