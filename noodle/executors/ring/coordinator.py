@@ -56,7 +56,7 @@ from noodle.executors.remote import (
 )
 from noodle.executors.ring.lanes import ring_pipeline
 from noodle.executors.ring.transport import NO_REPLACEMENT, Ring, open_ring, short_error, wait_ready, world_from_env
-from noodle.executors.ring.wire import Flag, LoadSlot, Op, RingHeader, step_flags, units_hash
+from noodle.executors.ring.wire import CHUNK_WORDS, Flag, LoadSlot, Op, RingHeader, step_flags, units_hash
 from noodle.executors.ring.worker import run_worker
 from noodle.executors.scheduler import Pipeline
 from noodle.executors.slicing import read_config, unit_names_of
@@ -122,9 +122,9 @@ class TorchRpcExecutor(ClosesOnExit):
         self.world = n + 1
         self.threads = threads or max(1, (os.cpu_count() or 1) // n)
         self.devices = gpu_indices([s.device for s in plan.stages], reserve_first=True) if self.spawn else [-1] * n
-        # one decode step of the planned batch travels inside its message (see transport.Ring)
+        # one decode step of the planned batch (with its mask, or a packed step's chunk table) travels inside its message
         batch = int(plan.workload.get("batch_size", 1) or 1)
-        self.inline_bytes = batch * int(config.hidden_size) * 4 + batch * 8 + 8
+        self.inline_bytes = batch * int(config.hidden_size) * 4 + batch * 8 * CHUNK_WORDS + 8
         self._sent = 0
         if backend == "auto" and not self.spawn:  # workers started elsewhere: say which with NOODLE_DIST_BACKEND
             backend = os.environ.get("NOODLE_DIST_BACKEND", "gloo")
@@ -293,7 +293,7 @@ class TorchRpcExecutor(ClosesOnExit):
             back, got = ring.recv(self.world - 1, self.policy.step_timeout_s)
             if back.op == Op.ERROR:
                 raise self._remote_error(back)
-            data, _ = ring.recv_data(back, got, self.world - 1, self.policy.step_timeout_s)
+            data = ring.recv_data(back, got, self.world - 1, self.policy.step_timeout_s)[0]
         except RuntimeError as exc:
             raise _Lost(f"waiting for the step to come round: {short_error(exc)}") from None
         return data.cpu(), bool(back.flags & Flag.TOP1 and data.dim() == 1), back, start, time.monotonic_ns()

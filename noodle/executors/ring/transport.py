@@ -5,7 +5,8 @@ around the ring ``0 -> 1 -> ... -> S -> 0`` as point-to-point ``send``/``recv``
 on process groups of our own on a ``TCPStore`` (Gloo on CPUs, NCCL when every rank
 has a GPU; the global default group is left alone, so several executors can live in
 one process): a :class:`~noodle.executors.ring.wire.RingHeader` with the data inline,
-or the data as a second message on another group when it is big. A stage's error
+or the data as a second message on another group when it is big. A packed step's chunk
+table opens its payload (inline or big alike), so the step still travels as one message. A stage's error
 travels as an ``ERROR`` message carrying its traceback (bytes in a uint8 tensor).
 Nothing received is unpickled.
 
@@ -27,7 +28,20 @@ import torch.distributed as dist
 
 from noodle.errors import ExecutorError, SpecError
 from noodle.executors.codec import DTYPES, header_of
-from noodle.executors.ring.wire import LoadSlot, Op, RingHeader, StepSlot, align8, header_len
+from noodle.executors.ring.wire import (
+    CHUNK_WORDS,
+    Flag,
+    LoadSlot,
+    Op,
+    RingHeader,
+    StepSlot,
+    WireChunk,
+    align8,
+    announced_big_bytes,
+    chunk_words,
+    header_len,
+    read_chunks,
+)
 
 __all__ = ["Ring", "payload_bytes", "world_from_env", "make_group", "open_ring", "short_error", "wait_ready",
            "NO_REPLACEMENT"]  # fmt: skip
@@ -173,14 +187,21 @@ class Ring:
 
     def send(self, head: RingHeader, dst: int, timeout_s: float | None = None) -> int:
         """Send a message without data; returns the bytes sent."""
-        return self._send(self._buffer(replace(head, data=None, mask=None, big_bytes=0)), dst, None, timeout_s)
+        return self._send(self._buffer(replace(head, data=None, mask=None, big_bytes=0, chunks=0)), dst, None, timeout_s)
 
     def recv(self, src: int, timeout_s: float | None = None) -> tuple[RingHeader, torch.Tensor]:
         """The next message from ``src``: its decoded header and its buffer (for :meth:`recv_data`)."""
         buf = torch.empty(self.msg_bytes, dtype=torch.uint8, device=self.device)
         self._wait(self.small.recv([buf], src, 0), timeout_s)
         buf = buf.cpu()
-        return RingHeader.read(buf[: self.hbytes].view(torch.int64)), buf
+        words = buf[: self.hbytes].view(torch.int64)
+        try:
+            return RingHeader.read(words), buf
+        except SpecError:
+            extra = announced_big_bytes(words)
+            if extra:  # take the refused message's payload off the other group: the ring stays in step
+                self._recv_big(extra, src, timeout_s)
+            raise
 
     def _recv_big(self, nbytes: int, src: int, timeout_s: float | None) -> torch.Tensor:
         raw = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
@@ -188,50 +209,60 @@ class Ring:
         return raw
 
     # -- data and errors -----------------------------------------------------------------------------
-    def send_data(self, head: RingHeader, data: torch.Tensor, mask: torch.Tensor | None, dst: int) -> int:
-        """Send ``head`` describing ``data`` (and ``mask`` unless sending to the coordinator); returns bytes."""
+    def send_data(self, head: RingHeader, data: torch.Tensor, mask: torch.Tensor | None, dst: int,
+                  chunks: Sequence[WireChunk] = ()) -> int:  # fmt: skip
+        """Send ``head`` describing ``data`` (and ``mask`` unless sending to the coordinator); returns bytes.
+
+        ``chunks`` (a packed step) travel as a table ahead of ``data`` in the same payload.
+        """
         send_mask = mask is not None and dst != 0  # the coordinator keeps its own copy of the mask
-        parts = [data.contiguous().reshape(-1).view(torch.uint8)]
+        parts = [chunk_words(chunks).view(torch.uint8)] if chunks else []
+        parts.append(data.contiguous().reshape(-1).view(torch.uint8))
         if send_mask and mask is not None:
             parts.append(mask.to(torch.int64).contiguous().reshape(-1).view(torch.uint8))
-        total = align8(parts[0].numel()) + (parts[1].numel() if len(parts) > 1 else 0)
+        offsets, total = [], 0  # each part starts on an int64 boundary
+        for part in parts:
+            offsets.append(align8(total))
+            total = offsets[-1] + part.numel()
         big = 0 if total <= self.inline_bytes else total
-        head = replace(head, data=header_of(data), big_bytes=big,
+        head = replace(head, data=header_of(data), big_bytes=big, chunks=len(chunks),
                        mask=(int(mask.shape[0]), int(mask.shape[1])) if send_mask and mask is not None else None)  # fmt: skip
         buf = self._buffer(head)
         if big:
             dest = extra = torch.zeros(total, dtype=torch.uint8, device=data.device)
         else:
             dest, extra = buf[self.hbytes :], None
-        dest[: parts[0].numel()].copy_(parts[0])
-        if len(parts) > 1:
-            off = align8(parts[0].numel())
-            dest[off : off + parts[1].numel()].copy_(parts[1])
+        for off, part in zip(offsets, parts):
+            dest[off : off + part.numel()].copy_(part)
         return self._send(buf, dst, extra, None)
 
-    def recv_data(self, head: RingHeader, buf: torch.Tensor, src: int,
-                  timeout_s: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
-        """The data (and mask) a received message carries, inline or as its big payload."""
+    def recv_data(self, head: RingHeader, buf: torch.Tensor, src: int, timeout_s: float | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[WireChunk, ...]]:  # fmt: skip
+        """The data, mask and chunks (a packed step's, else ``()``) a received message carries, inline or big."""
+        where = f"ring message from rank {src}"
         if head.data is None:
-            raise SpecError(f"ring message from rank {src}: {head.op.name} carries no tensor")
-        nbytes = head.data.check(field=f"ring message from rank {src}")
+            raise SpecError(f"{where}: {head.op.name} carries no tensor")
         raw = self._recv_big(head.big_bytes, src, timeout_s) if head.big_bytes else buf[self.hbytes :]
+        nbytes = head.data.check(field=where)  # after taking the payload, so a refusal leaves the ring in step
         if head.mask is not None and min(head.mask) < 0:
-            raise SpecError(f"ring message from rank {src}: mask shape {list(head.mask)} has a negative dimension")
+            raise SpecError(f"{where}: mask shape {list(head.mask)} has a negative dimension")
+        table = head.chunks * CHUNK_WORDS * 8
         mask_bytes = head.mask[0] * head.mask[1] * 8 if head.mask is not None else 0
-        need = align8(nbytes) + mask_bytes if head.mask is not None else nbytes
+        need = table + (align8(nbytes) + mask_bytes if head.mask is not None else nbytes)
         if need > raw.numel():
-            raise SpecError(f"ring message from rank {src}: {need} bytes described, {raw.numel()} carried")
-        data = raw[:nbytes].clone().view(DTYPES[head.data.dtype]).reshape(head.data.shape)
+            raise SpecError(f"{where}: {need} bytes described, {raw.numel()} carried")
+        chunks = read_chunks(raw[:table].clone().view(torch.int64), head, field=where) if head.chunks else ()
+        data = raw[table : table + nbytes].clone().view(DTYPES[head.data.dtype]).reshape(head.data.shape)
         mask = None
         if head.mask is not None:
-            off = align8(nbytes)
+            off = table + align8(nbytes)
             mask = raw[off : off + mask_bytes].clone().view(torch.int64).reshape(head.mask)
-        return data, mask
+        return data, mask, chunks
 
     def send_error(self, head: RingHeader, text: str, dst: int, timeout_s: float | None = None) -> None:
         raw = torch.frombuffer(bytearray(text.encode()[-60000:] or b"?"), dtype=torch.uint8)
-        head = replace(head, op=Op.ERROR, rank=head.rank or self.rank, data=None, mask=None, big_bytes=raw.numel())
+        head = replace(head, op=Op.ERROR, rank=head.rank or self.rank, data=None, mask=None, big_bytes=raw.numel(),
+                       flags=Flag.NONE, chunks=0)  # fmt: skip
         self._send(self._buffer(head), dst, raw, timeout_s)
 
     def recv_error(self, head: RingHeader, src: int, timeout_s: float | None = None) -> str:
@@ -244,7 +275,8 @@ class Ring:
         self._send(buf, dst, raw, None)
 
 
-def payload_bytes(ring: Ring, data: torch.Tensor, mask: torch.Tensor | None) -> int:
+def payload_bytes(ring: Ring, data: torch.Tensor, mask: torch.Tensor | None, chunks: int = 0) -> int:
     """Bytes of the big payload :meth:`Ring.send_data` will add (0 when the data fits inline)."""
-    total = align8(data.numel() * data.element_size()) + (mask.numel() * 8 if mask is not None else 0)
+    table = chunks * CHUNK_WORDS * 8
+    total = table + align8(data.numel() * data.element_size()) + (mask.numel() * 8 if mask is not None else 0)
     return 0 if total <= ring.inline_bytes else total

@@ -2,12 +2,14 @@
 
 :func:`run_worker` is what ``noodle worker --backend torchrpc`` and the processes the
 coordinator spawns run. A worker takes each message from the previous rank, does what its
-:class:`~noodle.executors.ring.wire.RingHeader` asks (``LOAD`` its units, ``STEP`` a session,
-``END`` one, ``PING``), writes its own slot (arrival and departure on its monotonic clock,
-KV-cache bytes, bytes sent on) and passes the message on, so the coordinator learns every
-stage's compute time and every hop's transit from the one message that comes back. A stage
-that fails turns the message into an ``ERROR`` carrying its traceback and the rest of the
-ring passes it on: the coordinator re-raises it, and the ring stays in step.
+:class:`~noodle.executors.ring.wire.RingHeader` asks (``LOAD`` its units; ``STEP`` a session,
+or a packed step of many sequences named by their chunk table, each sequence ``s<id>``;
+``END`` a session or one sequence; ``PING``), writes its own slot (arrival and departure on
+its monotonic clock, KV-cache bytes, bytes sent on) and passes the message on, so the
+coordinator learns every stage's compute time and every hop's transit from the one message
+that comes back. A stage that fails (a malformed chunk table included) turns the message into
+an ``ERROR`` carrying its traceback and the rest of the ring passes it on: the coordinator
+re-raises it, and the ring stays in step.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ import torch.distributed as dist
 
 from noodle.errors import ExecutorError, SpecError
 from noodle.executors.devices import make_stage, parse_device, warm_up
-from noodle.executors.messages import StageInput
+from noodle.executors.messages import SeqChunk, StageInput
 from noodle.executors.ring.transport import Ring, open_ring, payload_bytes, short_error, world_from_env
-from noodle.executors.ring.wire import Flag, Op, StepSlot, units_hash
+from noodle.executors.ring.wire import Flag, Op, RingHeader, StepSlot, WireChunk, units_hash
 from noodle.executors.slicing import unit_names_of
 
 __all__ = ["run_worker"]
@@ -39,6 +41,16 @@ def _report_lost(ring: Ring, text: str) -> None:
         ring.send_error(head, text, ring.next, timeout_s=5.0)
     except RuntimeError:
         pass
+
+
+def _stage_input(head: RingHeader, data: torch.Tensor, mask: torch.Tensor | None,
+                 chunks: tuple[WireChunk, ...]) -> StageInput:  # fmt: skip
+    """The :class:`StageInput` a ``STEP`` carries: one session's step, or a packed step of many sequences."""
+    flags = head.flags
+    if not chunks:
+        return StageInput(f"s{head.session}", data, mask, bool(flags & Flag.PREFILL), bool(flags & Flag.ALL_LOGITS))
+    seqs = tuple(SeqChunk(f"s{c.seq}", c.tokens, c.start, c.logits) for c in chunks)
+    return StageInput(f"b{head.session}", data, None, seqs=seqs, exact=bool(flags & Flag.EXACT))
 
 
 def _parent_watch(parent: int) -> None:
@@ -98,11 +110,15 @@ def run_worker(model_dir: str | Path, *, device: str = "cpu", backend: str = "gl
             return 0
         try:
             if head.op == Op.STEP:
-                data, mask = ring.recv_data(head, buf, ring.prev)
+                try:
+                    data, mask, chunks = ring.recv_data(head, buf, ring.prev)
+                except RuntimeError as exc:  # the previous rank went away in the middle of the message
+                    _report_lost(ring, f"rank {rank} lost its connection to rank {ring.prev} ({short_error(exc)})")
+                    return 4
                 if stage is None:
                     raise ExecutorError(f"rank {rank}: a step arrived before its stage was loaded")
                 flags = head.flags
-                msg = StageInput(f"s{head.session}", data, mask, bool(flags & Flag.PREFILL), bool(flags & Flag.ALL_LOGITS))
+                msg = _stage_input(head, data, mask, chunks)
                 t_in = time.monotonic_ns()
                 out = stage.step(msg)
                 result = out.data
@@ -110,18 +126,19 @@ def run_worker(model_dir: str | Path, *, device: str = "cpu", backend: str = "gl
                     result = result[:, -1, :].argmax(dim=-1)
                 elif out.is_logits:
                     flags |= Flag.LOGITS
-                kv_bytes = stage.cache_bytes(msg.session)
+                kv_bytes = sum(stage.cache_bytes(c.seq) for c in msg.seqs) if chunks else stage.cache_bytes(msg.session)
                 t_out = time.monotonic_ns()
                 nxt = ring.next
-                size = ring.msg_bytes + payload_bytes(ring, result, mask if nxt != 0 else None)
+                size = ring.msg_bytes + payload_bytes(ring, result, mask if nxt != 0 else None, len(chunks))
                 head = replace(head, flags=flags).with_slot(k, StepSlot(t_in, t_out, kv_bytes, size))
-                ring.send_data(head, result if comm.type == "cuda" else result.cpu(), mask, nxt)
+                ring.send_data(head, result if comm.type == "cuda" else result.cpu(), mask, nxt, chunks)
             elif head.op == Op.END:
                 if stage is not None:
                     stage.end_session(f"s{head.session}")
                 ring.send(head, ring.next)
             elif head.op == Op.PING:
-                ring.send(head.with_slot(k, StepSlot(t_in=time.monotonic_ns())), ring.next)
+                held = sum(stage.cache_bytes(s) for s in stage.sessions()) if stage is not None else 0
+                ring.send(head.with_slot(k, StepSlot(t_in=time.monotonic_ns(), kv_bytes=held)), ring.next)
             elif head.op == Op.LOAD:
                 if head.units_hash != units_hash(units):
                     raise SpecError(
@@ -136,4 +153,7 @@ def run_worker(model_dir: str | Path, *, device: str = "cpu", backend: str = "gl
             else:
                 raise ExecutorError(f"rank {rank}: unexpected operation {head.op.name} in a header")
         except Exception:  # noqa: BLE001 - travels to the coordinator with its traceback
-            ring.send_error(replace(head, rank=rank), f"rank {rank} (stage {k}):\n{traceback.format_exc()}", ring.next)
+            try:
+                ring.send_error(replace(head, rank=rank), f"rank {rank} (stage {k}):\n{traceback.format_exc()}", ring.next)
+            except RuntimeError:  # the next rank is gone (it failed our send too): its successor reports it
+                return 4
