@@ -211,9 +211,9 @@ class ExecutorFactory(Protocol):
 def check_formats(plan: PlanDoc, backend: str, *, where: str = "plan", devices: Sequence[str] | None = None) -> None:
     """Refuse, in one line, a stage format the backend or its device cannot run.
 
-    ``local`` runs every stage on this machine in its plan format, on ``devices`` (each stage's torch
-    device type; the CPU when not given); ``grpc`` workers load each stage in its format and refuse, at
-    load time, one their device cannot run; ``torchrpc`` loads float32 only.
+    ``local`` (and a spawned ``torchrpc`` ring) runs every stage on this machine in its plan format, on
+    ``devices`` (each stage's torch device type; the CPU when not given); remote workers (``grpc``, a
+    joined ring) load each stage in its format and refuse, at load time, one their device cannot run.
 
     Raises:
         ExecutorError: naming the stage, its node and format, and what would run.
@@ -221,13 +221,8 @@ def check_formats(plan: PlanDoc, backend: str, *, where: str = "plan", devices: 
     for i, st in enumerate(plan.stages):
         if st.format == "float32":
             continue
-        if backend == "grpc":
-            continue  # the worker loads the stage in its format and refuses one its device cannot run
-        if backend != "local":
-            raise ExecutorError(
-                f"{where}: stages.{i}.format: {st.format} on {st.node}: the {backend} executor loads stages in float32 "
-                f"only (its workers are not told a format yet); run this plan with --backend local, or solve it "
-                f"again with formats: [float32]")
+        if backend != "local" and devices is None:
+            continue  # remote workers load the stage in its format and refuse one their device cannot run
         dev = devices[i] if devices is not None else "cpu"
         check_format(st.format, dev, f"{where}: stages.{i}.format ({st.node}, run on this machine's {dev})")
 

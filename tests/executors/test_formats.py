@@ -66,9 +66,24 @@ def test_formats_a_device_or_backend_cannot_run_are_refused_in_one_line(tiny_mod
         StageRunner(model, 0, 3, format="int3")
     int8 = _with_formats(plan_for(model, [0, 3, 6]), ["int8", "float32"])
     check_formats(int8, "local")
-    check_formats(int8, "grpc")  # its workers load the format (and refuse one their device cannot run)
-    with pytest.raises(ExecutorError, match=r"stages\.0\.format: int8 on node0: the torchrpc executor loads"):
-        check_formats(int8, "torchrpc")
+    check_formats(int8, "grpc")  # remote workers load the format (and refuse one their device cannot run)
+    check_formats(int8, "torchrpc", devices=["cpu", "cpu"])
+    with pytest.raises(ExecutorError, match=r"stages\.0\.format \(node0, run on this machine's mps\): format int8"):
+        check_formats(int8, "torchrpc", devices=["mps", "cpu"])
+
+
+def test_torchrpc_ranks_load_each_stage_in_its_plan_format(tiny_models):
+    from noodle.executors.ring.coordinator import TorchRpcExecutor
+
+    model = tiny_models["llama"]
+    plan = _with_formats(plan_for(model, [0, 3, 6]), ["int8", "bfloat16"])
+    prompts = [[5, 17, 99, 42], [7, 8, 9]]
+    with LocalExecutor(plan, model) as ex:
+        want = [ex.generate([p], max_new_tokens=6).tokens[0] for p in prompts]
+    with TorchRpcExecutor(plan, model, threads=1) as ex:
+        with ex.pipeline(concurrency=2, batching="continuous") as pipe:
+            got = [h.result(timeout=120).tokens for h in [pipe.submit(p, max_new_tokens=6) for p in prompts]]
+    assert got == want
 
 
 @pytest.mark.parametrize("batching", ["groups", "continuous"])

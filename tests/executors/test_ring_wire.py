@@ -18,6 +18,7 @@ from noodle.executors.ring.wire import (
     MAX_BIG_BYTES,
     MAX_CHUNKS,
     Flag,
+    LoadSlot,
     Op,
     RingHeader,
     StepSlot,
@@ -123,6 +124,26 @@ def test_a_malformed_packed_header_is_refused_naming_the_field(head, match):
     words = torch.zeros(header_len(4), dtype=torch.int64)
     head.write(words)
     with pytest.raises(SpecError, match=match):
+        RingHeader.read(words)
+
+
+@pytest.mark.parametrize("fmt", ["float32", "bfloat16", "int8", "int4"])
+def test_a_load_carries_each_stage_format(fmt):
+    from noodle.formats import FORMATS
+
+    head = RingHeader(Op.LOAD, units_hash=7, slots=(LoadSlot(0, 3, -1, format=FORMATS.index(fmt)), LoadSlot(3, 6, 0)))
+    words = torch.zeros(header_len(3), dtype=torch.int64)
+    head.write(words)
+    back = RingHeader.read(words)
+    assert [s.format_name for s in back.slots] == [fmt, "float32"] and back.slots[1].device == 0
+
+
+@pytest.mark.parametrize("code", [-1, 4, 1 << 40])
+def test_a_load_with_an_unknown_format_code_is_refused(code):
+    words = torch.zeros(header_len(3), dtype=torch.int64)
+    RingHeader(Op.LOAD, units_hash=7, slots=(LoadSlot(0, 3), LoadSlot(3, 6))).write(words)
+    words[16 + 4] = code  # stage 0's format word
+    with pytest.raises(SpecError, match=rf"ring header.slots.format: {code}, expected 0 to 3"):
         RingHeader.read(words)
 
 

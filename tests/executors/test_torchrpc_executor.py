@@ -47,10 +47,10 @@ def test_report_measures_the_ring(llama_ring):
     rep = llama_ring.generate(PROMPT_SETS["padded"], max_new_tokens=5).report
     assert llama_ring.backend == "gloo" and rep.backend == "torchrpc"
     assert [h.name for h in rep.hops] == ["coordinator->node0", "node0->node1", "node1->node2", "node2->coordinator"]
-    # every decode-step message is one fixed-size buffer: the int64 header (16 + 4 per stage) and
+    # every decode-step message is one fixed-size buffer: the int64 header (16 + 5 per stage) and
     # room for a decode step of the planned batch (4 x 64 float32 + 3 int64 a row: the mask, or a packed
     # step's chunk table + 8)
-    msg = 8 * (16 + 4 * 3) + 4 * 64 * 4 + 4 * 8 * 3 + 8
+    msg = 8 * (16 + 5 * 3) + 4 * 64 * 4 + 4 * 8 * 3 + 8
     assert llama_ring._ring.msg_bytes == msg
     assert [h.bytes_per_decode for h in rep.hops] == [msg] * 4
     prefill = 3 * 9 * 64 * 4 + 3 * 9 * 8  # batch 3 x 9 tokens: too big to go inline, a second message

@@ -44,6 +44,7 @@ import torch.distributed as dist
 from noodle.errors import ExecutorError, SpecError
 from noodle.executors.base import ClosesOnExit, RunResult, check_formats, check_plan, check_workload
 from noodle.executors.devices import gpu_indices, ring_backend
+from noodle.formats import FORMATS
 from noodle.executors.failover import RetryPolicy
 from noodle.executors.generation import Sampling, generate, token_ids_of
 from noodle.executors.messages import StageInput
@@ -113,7 +114,6 @@ class TorchRpcExecutor(ClosesOnExit):
         self.config = config
         self.units = unit_names_of(self.model_dir)
         check_plan(plan, self.units)
-        check_formats(plan, "torchrpc")
         (self.eos_token_id, self.pad_token_id), self.vocab_size = token_ids_of(config), int(config.vocab_size)
         self.spawn = ("WORLD_SIZE" not in os.environ) if spawn is None else spawn
         self.policy, self.restarts, self.host, self.startup_timeout_s = policy or RetryPolicy(), restarts, host, startup_timeout_s
@@ -122,6 +122,8 @@ class TorchRpcExecutor(ClosesOnExit):
         self.world = n + 1
         self.threads = threads or max(1, (os.cpu_count() or 1) // n)
         self.devices = gpu_indices([s.device for s in plan.stages], reserve_first=True) if self.spawn else [-1] * n
+        if self.spawn:
+            check_formats(plan, "torchrpc", devices=["cuda" if d >= 0 else "cpu" for d in self.devices])
         # one decode step of the planned batch (with its mask, or a packed step's chunk table) travels inside its message
         batch = int(plan.workload.get("batch_size", 1) or 1)
         self.inline_bytes = batch * int(config.hidden_size) * 4 + batch * 8 * CHUNK_WORDS + 8
@@ -199,7 +201,8 @@ class TorchRpcExecutor(ClosesOnExit):
 
     def _load(self) -> None:
         ring = self._live_ring()
-        slots = tuple(LoadSlot(st.start, st.end, self.devices[k]) for k, st in enumerate(self.plan.stages))
+        slots = tuple(LoadSlot(st.start, st.end, self.devices[k], format=FORMATS.index(st.format))
+                      for k, st in enumerate(self.plan.stages))
         back = self._roundtrip(RingHeader(Op.LOAD, units_hash=units_hash(self.units), slots=slots), self.startup_timeout_s)
         self.param_bytes = [back.load_slot(k).param_bytes for k in range(len(self.plan.stages))]
         pings = []  # (round trip, sent, stamps): the fastest gives the ring's ping and the clock offsets

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import astuple, dataclass, field, replace
+from dataclasses import astuple, dataclass, field, fields, replace
 from enum import IntEnum, IntFlag
 
 import torch
 
 from noodle.errors import SpecError
+from noodle.formats import FORMATS
 from noodle.executors.codec import DEFAULT_MAX_TENSOR_BYTES, MAX_DIMS, TensorHeader
 from noodle.executors.messages import StageInput
 
@@ -83,24 +84,35 @@ class StepSlot:
 
 @dataclass(frozen=True)
 class LoadSlot:
-    """Stage ``k`` of a ``LOAD``: its units ``[start, end)``, CUDA index (-1: the worker's device), parameter bytes back."""
+    """Stage ``k`` of a ``LOAD``: units ``[start, end)``, CUDA index (-1: the worker's device), parameter bytes back,
+    and the weight format (its index in :data:`noodle.formats.FORMATS`; 0 is float32)."""
 
     start: int = 0
     end: int = 0
     device: int = -1
     param_bytes: int = 0
+    format: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.format < len(FORMATS):
+            raise SpecError(f"ring header.slots.format: {self.format}, expected 0 to {len(FORMATS) - 1} ({', '.join(FORMATS)})")
+
+    @property
+    def format_name(self) -> str:
+        return FORMATS[self.format]
 
 
-# Positions in the int64 header, used by RingHeader.write/read only; then 4 per stage from _BASE.
+# Positions in the int64 header, used by RingHeader.write/read only; then _SLOT per stage from _BASE.
 _OP, _SESSION, _FLAGS, _DTYPE, _NDIM, _SHAPE, _MASK, _RANK, _UNITS, _LOST, _BIG, _CHUNKS, _BASE = (
     0, 1, 2, 3, 4, 5, 9, 11, 12, 13, 14, 15, 16)  # fmt: skip
+_SLOT = 5  # words per stage slot (a StepSlot leaves its last word 0)
 _HAS_MASK = 1 << 40  # in the flags word, beside Flag
 _ALL_FLAGS = int(Flag.PREFILL | Flag.ALL_LOGITS | Flag.TOP1 | Flag.EXACT | Flag.LOGITS)
 
 
 def header_len(world_size: int) -> int:
     """int64 words in the header of a ring of ``world_size`` ranks."""
-    return _BASE + 4 * max(world_size - 1, 1)
+    return _BASE + _SLOT * max(world_size - 1, 1)
 
 
 @dataclass(frozen=True)
@@ -161,7 +173,8 @@ class RingHeader:
         words[_RANK], words[_UNITS], words[_LOST], words[_BIG] = self.rank, self.units_hash, int(self.lost), self.big_bytes
         words[_CHUNKS] = self.chunks
         for k, slot in enumerate(self.slots):
-            words[_BASE + 4 * k : _BASE + 4 * k + 4] = astuple(slot)
+            values = astuple(slot)
+            words[_BASE + _SLOT * k : _BASE + _SLOT * k + len(values)] = values
         out.copy_(torch.tensor(words, dtype=torch.int64))
 
     @classmethod
@@ -189,12 +202,12 @@ class RingHeader:
         if not 0 <= words[_BIG] <= MAX_BIG_BYTES:
             raise SpecError(f"ring header.big_bytes: {words[_BIG]}, expected 0 to {MAX_BIG_BYTES}")
         slot_type = LoadSlot if op == Op.LOAD else StepSlot
-        n = (len(words) - _BASE) // 4
+        n, width = (len(words) - _BASE) // _SLOT, len(fields(slot_type))
         head = cls(
             op=op, session=words[_SESSION], flags=Flag(raw_flags & ~_HAS_MASK), data=data,
             mask=(words[_MASK], words[_MASK + 1]) if raw_flags & _HAS_MASK else None, rank=words[_RANK],
             units_hash=words[_UNITS], lost=bool(words[_LOST]), big_bytes=words[_BIG], chunks=words[_CHUNKS],
-            slots=tuple(slot_type(*words[_BASE + 4 * k : _BASE + 4 * k + 4]) for k in range(n)),
+            slots=tuple(slot_type(*words[_BASE + _SLOT * k : _BASE + _SLOT * k + width]) for k in range(n)),
         )  # fmt: skip
         head.check_packed()
         return head

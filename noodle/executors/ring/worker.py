@@ -147,7 +147,8 @@ def run_worker(model_dir: str | Path, *, device: str = "cpu", backend: str = "gl
                     )
                 want = head.load_slot(k)
                 stage_dev = dev if want.device < 0 else parse_device(f"cuda:{want.device}", field="plan device")
-                stage = make_stage(model_dir, want.start, want.end, name=f"rank{rank}", device=stage_dev)
+                stage = make_stage(model_dir, want.start, want.end, name=f"rank{rank}", device=stage_dev,
+                                   format=want.format_name)  # fmt: skip
                 warm_up(stage)
                 ring.send(head.with_slot(k, replace(want, param_bytes=stage.param_bytes())), ring.next)
             else:
