@@ -237,6 +237,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=1, help="interleaved repeats of every contender; the median is kept")
     ap.add_argument("--formats", default="", help="extra noodle weight formats to serve (int8,int4)")
     ap.add_argument("--no-groups", action="store_true", help="skip the grouped engine (the 'before' figure)")
     ap.add_argument("--check", action="store_true", help="also run the exactness check")
@@ -248,31 +249,41 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     levels = [int(x) for x in a.levels.split(",")]
     load = [os.getloadavg()[0]]
-    results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="noodle-engine-") as tmp:
         plans = {}
         for fmt in ["float32", *[f for f in a.formats.split(",") if f]]:
             plans[fmt] = Path(tmp) / f"plan-{fmt}.json"
             plans[fmt].write_text(json.dumps(one_stage_plan(a.model, fmt, 16.0).as_dict()))
-        print(f"engine bench: {a.model}, threads {a.threads}, levels {levels}, {a.rounds} rounds x {a.new_tokens} tokens")
-        results["noodle continuous float32"] = serve_levels(a.model, plans["float32"], "continuous", levels, a.rounds,
-                                                            a.new_tokens, a.threads)  # fmt: skip
-        results["generate() float32"] = generate_levels(a.model, levels, a.rounds, a.new_tokens)
-        if not a.no_groups:
-            results["noodle groups float32 (before)"] = serve_levels(a.model, plans["float32"], "groups", levels,
-                                                                     a.rounds, a.new_tokens, a.threads)  # fmt: skip
-        for fmt in plans:
-            if fmt != "float32":
-                results[f"noodle continuous {fmt}"] = serve_levels(a.model, plans[fmt], "continuous", levels,
-                                                                   a.rounds, a.new_tokens, a.threads)  # fmt: skip
-        if a.gguf.is_file():
-            cpp = llamacpp_levels(a.gguf, levels, a.rounds, a.new_tokens, a.threads)
-            if cpp is not None:
-                results[f"llama.cpp {a.gguf.stem.split('.')[-1]} (serial)"] = cpp
+        print(f"engine bench: {a.model}, threads {a.threads}, levels {levels}, {a.rounds} rounds x {a.new_tokens} tokens, "
+              f"{a.repeats} interleaved repeat(s)")  # fmt: skip
+        runs: dict[str, list[dict[int, dict[str, Any]]]] = {}
+        for rep in range(a.repeats):
+            print(f"repeat {rep + 1} of {a.repeats}", flush=True)
+            runs.setdefault("noodle continuous float32", []).append(
+                serve_levels(a.model, plans["float32"], "continuous", levels, a.rounds, a.new_tokens, a.threads))
+            runs.setdefault("generate() float32", []).append(generate_levels(a.model, levels, a.rounds, a.new_tokens))
+            if not a.no_groups:
+                runs.setdefault("noodle groups float32 (before)", []).append(
+                    serve_levels(a.model, plans["float32"], "groups", levels, a.rounds, a.new_tokens, a.threads))
+            for fmt in plans:
+                if fmt != "float32":
+                    runs.setdefault(f"noodle continuous {fmt}", []).append(
+                        serve_levels(a.model, plans[fmt], "continuous", levels, a.rounds, a.new_tokens, a.threads))
+            if a.gguf.is_file():
+                cpp = llamacpp_levels(a.gguf, levels, a.rounds, a.new_tokens, a.threads)
+                if cpp is not None:
+                    runs.setdefault(f"llama.cpp {a.gguf.stem.split('.')[-1]} (serial)", []).append(cpp)
+        results = {name: {n: median_run(rs, n) for n in levels} for name, rs in runs.items()}
         load.append(os.getloadavg()[0])
         check = exactness(a.model, plans["float32"], a.check_prompts, a.new_tokens, a.threads) if a.check else None
     load.append(os.getloadavg()[0])
     write(a, levels, results, check, load)
+
+
+def median_run(runs: list[dict[int, dict[str, Any]]], n: int) -> dict[str, Any]:
+    """Of the repeats at level ``n``, the one with the median tokens/s (all of them kept under ``repeats``)."""
+    ordered = sorted((r[n] for r in runs), key=lambda x: x["tokens_per_s"])
+    return {**ordered[(len(ordered) - 1) // 2], "repeats": [round(x["tokens_per_s"], 2) for x in (r[n] for r in runs)]}
 
 
 def write(a: argparse.Namespace, levels: list[int], results: dict[str, Any], check: dict[str, Any] | None,
