@@ -16,11 +16,15 @@ round the pipeline. A batch is rebuilt each time it comes back from the last sta
    new requests start while old ones stream.
 
 The step crosses every stage as one message (:class:`~noodle.executors.messages.SeqChunk` s and
-the packed tokens). ``exact=True`` runs each sequence on its own inside the step: the tokens are
-then those of ``generate`` on each prompt alone, whatever else is in flight (the reference).
+the packed tokens). ``exact=True`` runs each sequence on its own inside the step and reads each
+prompt whole (or in ``prefill_chunk`` pieces): the tokens are then those of ``generate`` on each
+prompt alone, whatever else is in flight (the reference).
 
 KV admission reserves each sequence's whole context (prompt + ``max_new_tokens``) on admission, so
-a running sequence never runs out of KV and nothing needs to be preempted.
+a running sequence never outgrows its reservation and nothing needs to be preempted (a stage's
+buffers round each sequence up to whole KV blocks, :data:`noodle.executors.packed.BLOCK` tokens).
+A step's result is matched to its slot by a step number, so a late answer of a failed step is
+dropped; a result whose logits rows do not match the chunks that asked for them fails the step.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import torch
 
 from noodle.errors import SpecError
 from noodle.executors.messages import SeqChunk, StageInput
-from noodle.executors.requests import Lane, _End, _Request, _Step
+from noodle.executors.requests import Lane, PipelineStats, _End, _Request, _Step
 from noodle.executors.scheduler import Pipeline
 
 __all__ = ["BATCHING_MODES", "BatchingPipeline", "DEFAULT_MAX_BATCH_TOKENS", "resolve_batching", "make_pipeline"]
@@ -61,6 +65,7 @@ class _Slot:
     members: list[_Seq] = field(default_factory=list)
     step: list[tuple[_Seq, SeqChunk]] = field(default_factory=list)  # what is in flight
     busy: bool = False
+    epoch: int = 0  # counts the slot's steps: a result or error of an older step is stale
 
     @property
     def requests(self) -> list[_Request]:  # what Pipeline.stats counts
@@ -72,9 +77,11 @@ class BatchingPipeline(Pipeline):
 
     Args (beyond :class:`~noodle.executors.scheduler.Pipeline`'s):
         concurrency: sequences in flight at most (>= 1).
-        max_batch_tokens: tokens one step may carry (decode tokens always go; prefill chunks fill the rest).
+        max_batch_tokens: tokens one step may carry: decode tokens always go; prefill chunks fill the
+            rest, and at least a quarter of it, so prompts are read even when many sequences decode.
         slots: batches circulating (default: one per stage).
-        exact: one forward per sequence inside each step (tokens identical to ``generate`` alone).
+        exact: one forward per sequence inside each step, prompts read whole (or in ``prefill_chunk``
+            pieces): tokens identical to ``generate`` on each prompt alone.
     """
 
     def __init__(self, lanes: Sequence[Lane], *, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
@@ -99,6 +106,11 @@ class BatchingPipeline(Pipeline):
     def _members(self) -> int:
         return sum(len(s.members) for s in self._slots)
 
+    def _slot_of(self, gid: int) -> _Slot | None:
+        """The slot a step id names, if that step is the one in flight (else a stale result: None)."""
+        slot = self._slots[gid % len(self._slots)]
+        return slot if slot.busy and slot.epoch == gid // len(self._slots) else None
+
     # -- admission and steps ---------------------------------------------------------------------
     def _admit(self) -> None:
         for slot in self._slots:
@@ -114,7 +126,7 @@ class BatchingPipeline(Pipeline):
                 req = self._waiting[0]
                 need = len(req.prompt) + req.max_new_tokens
                 if self._kv_cap is not None and self._reserved + need > self._kv_cap:
-                    return  # waits until a sequence ends and frees its KV
+                    break  # waits until a sequence ends and frees its KV
                 self._waiting.popleft()
                 self._reserved += need
                 req.t_admit = now
@@ -122,18 +134,19 @@ class BatchingPipeline(Pipeline):
             self._peak = max(self._peak, self._members())
 
     def _send(self, slot: _Slot) -> None:
-        budget = self.max_batch_tokens
         step: list[tuple[_Seq, SeqChunk]] = []
         data: list[int] = []
         for s in slot.members:
             if not s.reading and s.req.finish is None:
                 step.append((s, SeqChunk(s.req.rid, 1, logits=True)))
                 data.append(s.req.tokens[-1])
-                budget -= 1
+        budget = max(self.max_batch_tokens - len(step), self.max_batch_tokens // 4, 1)
         for s in slot.members:
-            if not s.reading or budget <= 0:
+            if not s.reading or s.req.finish is not None or budget <= 0:
                 continue
-            n = min(len(s.ids) - s.fed, budget, self.prefill_chunk or budget)
+            left = len(s.ids) - s.fed
+            n = left if self.exact else min(left, budget)  # exact mode reads a prompt whole (chunks differ in rounding)
+            n = min(n, self.prefill_chunk or n)
             done = s.fed + n == len(s.ids)
             step.append((s, SeqChunk(s.req.rid, n, start=s.fed == 0, logits=done)))
             data.extend(s.ids[s.fed : s.fed + n])
@@ -141,16 +154,23 @@ class BatchingPipeline(Pipeline):
             budget -= n
         if not step:
             return
+        slot.epoch += 1
         slot.step, slot.busy = step, True
         msg = StageInput(f"b{slot.sid}", torch.tensor([data], dtype=torch.long), seqs=tuple(c for _, c in step),
                          exact=self.exact)  # fmt: skip
-        self._queues[0].put(_Step(slot.sid, msg, final=True))
+        self._queues[0].put(_Step(slot.epoch * len(self._slots) + slot.sid, msg, final=True))
 
     def _on_logits(self, gid: int, logits: torch.Tensor) -> None:
-        slot = self._slots[gid]
+        slot = self._slot_of(gid)
+        if slot is None:
+            return
+        want = sum(1 for _, c in slot.step if c.logits)
+        if logits.dim() != 2 or logits.shape[0] != want:
+            self._fail_group(gid, f"the last stage returned {tuple(logits.shape)} logits for {want} sequence(s)")
+            return
         step, slot.step, slot.busy = slot.step, [], False
         now = time.monotonic()
-        rows = iter(range(logits.shape[0]))
+        rows = iter(range(want))
         emitted: list[tuple[_Request, int]] = []
         for s, chunk in step:
             if not chunk.logits:
@@ -159,7 +179,11 @@ class BatchingPipeline(Pipeline):
             req = s.req
             if req.finish is not None:
                 continue
-            token = int(req.sampler(logits[row : row + 1])[0])
+            try:
+                token = int(req.sampler(logits[row : row + 1])[0])
+            except Exception as exc:  # noqa: BLE001 - bad logits (NaN, inf) end this request, not the engine
+                req.finish, req.error = "error", f"sampling failed: {exc}"
+                continue
             req.tokens.append(token)
             req.stamps.append(now)
             emitted.append((req, token))
@@ -171,16 +195,18 @@ class BatchingPipeline(Pipeline):
             self._tokens += len(emitted)
             self._token_times.extend([now] * len(emitted))
         gone = self._retire(slot, notify=False)
-        self._join(slot)  # the next step leaves before any callback runs: the stages never wait on them
-        self._send(slot)
-        for req, token in emitted:
-            self._call(req.on_token, token, req)
-        for req in gone:
-            self._finish(req)
+        try:
+            self._join(slot)  # the next step leaves before any callback runs: the stages never wait on them
+            self._send(slot)
+        finally:
+            for req, token in emitted:
+                self._call(req.on_token, token, req)
+            for req in gone:
+                self._finish(req)
 
-    def _retire(self, slot: _Slot, only: list[_Seq] | None = None, *, notify: bool = True) -> list[_Request]:
-        """End the slot's finished sequences (or ``only`` these): free their KV everywhere, notify (or return them)."""
-        gone = [s for s in (only if only is not None else slot.members) if s.req.finish is not None]
+    def _retire(self, slot: _Slot, *, notify: bool = True) -> list[_Request]:
+        """End the slot's finished sequences: free their KV everywhere, notify them (or return them)."""
+        gone = [s for s in slot.members if s.req.finish is not None]
         for s in gone:
             slot.members.remove(s)
             with self._lock:
@@ -193,12 +219,14 @@ class BatchingPipeline(Pipeline):
 
     # -- failures and cancellation ---------------------------------------------------------------
     def _fail_group(self, gid: int, text: str) -> None:
-        slot = self._slots[gid]
+        slot = self._slot_of(gid)
+        if slot is None:
+            return
         step, slot.step, slot.busy = slot.step, [], False
         for s, _ in step:
             if s.req.finish is None:
                 s.req.finish, s.req.error = "error", text
-        self._retire(slot, [s for s, _ in step])
+        self._retire(slot)
 
     def _cancel(self, rid: str) -> None:
         with self._lock:
@@ -213,10 +241,7 @@ class BatchingPipeline(Pipeline):
                 queued = False
         if queued:
             self._finish(req)
-            return
-        for slot in self._slots:
-            if not slot.busy and any(s.req is req for s in slot.members):
-                self._retire(slot)  # an idle slot frees it now; a busy one when its step comes back
+        # an admitted sequence is freed when its slot's step comes back (every slot with members is in flight)
 
     def _fail_everything(self, text: str) -> None:
         with self._lock:
@@ -232,7 +257,7 @@ class BatchingPipeline(Pipeline):
             slot.step, slot.busy = [], False
             self._retire(slot)
 
-    def stats(self, window_s: float = 10.0) -> Any:
+    def stats(self, window_s: float = 10.0) -> PipelineStats:
         """As :meth:`Pipeline.stats`; ``groups_in_flight`` counts the batches now in the pipeline."""
         snap = super().stats(window_s)
         return replace(snap, groups_in_flight=sum(1 for s in self._slots if s.busy))

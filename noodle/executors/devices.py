@@ -129,7 +129,10 @@ def gpu_indices(devices: list[str], *, reserve_first: bool = False) -> list[int]
     count, out = torch.cuda.device_count(), []
     k = 1 if reserve_first and count > sum(1 for d in devices if is_gpu(d)) else 0
     for dev in devices:
-        if is_gpu(dev):
+        named = dev.lower().removeprefix("cuda:")
+        if dev.lower().startswith("cuda:") and named.isdigit() and int(named) < count:
+            out.append(int(named))  # the plan names the GPU
+        elif is_gpu(dev):
             out.append(k % count)
             k += 1
         else:
@@ -148,6 +151,8 @@ def ring_backend(requested: str, gpus: list[int], *, nccl_available: bool) -> tu
     on_gpu = [g for g in gpus if g >= 0]
     ranks = [0, *on_gpu]
     if requested != "auto":
+        if requested == "nccl" and not nccl_available:
+            raise SpecError("torchrpc backend: nccl asked for, but this torch has no NCCL; use the backend auto or gloo")
         if requested == "nccl" and (len(on_gpu) < len(gpus) or len(set(ranks)) < len(ranks)):
             raise SpecError(f"torchrpc backend: nccl needs one distinct GPU per rank; the coordinator and {len(gpus)} "
                             f"stage(s) ({len(gpus) - len(on_gpu)} on the CPU) have {len(set(ranks))} GPU(s) between "

@@ -38,7 +38,7 @@ def stage_layers(units: Sequence[str]) -> int:
 
 
 def kv_capacity_tokens(
-    plan: PlanDoc, config: Any, param_bytes: Sequence[int], layers: Sequence[int], element_size: int = 4
+    plan: PlanDoc, config: Any, param_bytes: Sequence[int], layers: Sequence[int], element_size: int | Sequence[int] = 4
 ) -> list[int]:
     """Per stage: ``(memory_available - weights) / KV bytes per token`` (a stage with no layers is unbounded).
 
@@ -47,10 +47,12 @@ def kv_capacity_tokens(
         config: the model config.
         param_bytes: bytes of weights each stage holds.
         layers: decoder layers each stage holds.
+        element_size: bytes of one cached value, for every stage or per stage (its compute dtype's).
     """
-    per_layer = kv_bytes_per_token_per_layer(config, element_size)
+    sizes = [element_size] * len(plan.stages) if isinstance(element_size, int) else list(element_size)
     caps = []
-    for doc, weights, n in zip(plan.stages, param_bytes, layers):
+    for doc, weights, n, size in zip(plan.stages, param_bytes, layers, sizes):
+        per_layer = kv_bytes_per_token_per_layer(config, size)
         if n == 0 or per_layer == 0:
             caps.append(2**62)
             continue

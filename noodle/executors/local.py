@@ -195,9 +195,9 @@ class LocalExecutor(ClosesOnExit):
         if not self.stages:
             raise ExecutorError("local executor: use it as a context manager (`with LocalExecutor(...) as ex:`)")
         lanes = self._lanes()
-        elem = next((p.element_size() for st in self.stages for m in st.slice.modules() for p in m.parameters()), 4)
+        elems = [torch.finfo(torch.bfloat16 if s.format == "bfloat16" else s.io_dtype).bits // 8 for s in self.stages]
         caps = kv_capacity_tokens(self.plan, self.config, [s.param_bytes() for s in self.stages],
-                                  [len(s.layers) for s in self.stages], elem)  # fmt: skip
+                                  [len(s.layers) for s in self.stages], elems)  # fmt: skip
         return make_pipeline(
             lanes, batching=batching, max_batch_tokens=max_batch_tokens,
             eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id, concurrency=concurrency,

@@ -161,7 +161,8 @@ class Pipeline:
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Stop accepting, let in-flight requests finish for up to ``timeout_s``, cancel the rest, join."""
-        self._accepting = False
+        with self._lock:
+            self._accepting = False
         if not self._threads:
             self._fail_everything("the pipeline was closed before it started")
             self._stopped.set()
@@ -221,6 +222,8 @@ class Pipeline:
         handle = RequestHandle(self, rid)
         req = _Request(rid, ids, max_new_tokens, Sampler(sampling), on_token, on_done, handle, time.monotonic())
         with self._lock:
+            if not self._accepting:
+                raise ExecutorError("pipeline: not accepting requests (shutting down)")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"queue full: {len(self._waiting)} requests wait already (max_queue {self.max_queue})")
             self._waiting.append(req)
@@ -274,16 +277,19 @@ class Pipeline:
                 self._events.put(("error", (item.group, f"{lane.name}: {exc}")))
                 continue
             t1 = time.monotonic()
-            meter.busy.append((t0, t1))
-            meter.step_ms.append((t1 - t0) * 1e3)
-            meter.hop_ms.append(float(getattr(lane, "last_hop_ms", 0.0)))
-            meter.bytes_out += out.nbytes()
-            meter.steps += 1
-            if last:
-                self._events.put(("result", (item.group, out, item.final)))
-            else:
-                nxt = out.next_input(prefill=item.msg.prefill, all_logits=item.msg.all_logits)
-                self._queues[k + 1].put(_Step(item.group, nxt, item.final, item.decode))
+            try:
+                meter.busy.append((t0, t1))
+                meter.step_ms.append((t1 - t0) * 1e3)
+                meter.hop_ms.append(float(getattr(lane, "last_hop_ms", 0.0)))
+                meter.bytes_out += out.nbytes()
+                meter.steps += 1
+                if last:
+                    self._events.put(("result", (item.group, out, item.final)))
+                else:
+                    nxt = out.next_input(prefill=item.msg.prefill, all_logits=item.msg.all_logits)
+                    self._queues[k + 1].put(_Step(item.group, nxt, item.final, item.decode))
+            except Exception as exc:  # noqa: BLE001 - a malformed output fails its group, not the lane
+                self._events.put(("error", (item.group, f"{lane.name}: bad output: {exc}")))
 
     # -- scheduler thread ------------------------------------------------------------------------
     def _schedule_loop(self) -> None:
@@ -305,7 +311,10 @@ class Pipeline:
                 self._admit()
         except Exception as exc:  # noqa: BLE001 - never leave callers waiting on a dead scheduler
             log.exception("pipeline scheduler failed")
+            with self._lock:
+                self._accepting = False  # a dead engine takes no more requests (and the server stops being ready)
             self._fail_everything(f"scheduler failed: {exc}")
+            self._queues[0].put(None)
             self._stopped.set()
 
     def _admit(self) -> None:
@@ -399,8 +408,8 @@ class Pipeline:
         self._end_group(group)
 
     def _end_group(self, group: _Group) -> None:
-        self._groups.pop(group.gid, None)
         with self._lock:
+            self._groups.pop(group.gid, None)
             self._reserved -= group.reserved_tokens
         self._queues[0].put(_End(group.session))
         for req in group.requests:

@@ -23,6 +23,7 @@ hidden states from the session's 2-D padding mask:
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ import torch
 
 from noodle.errors import ExecutorError, ModelError
 from noodle.executors.messages import StageInput, StageOutput
-from noodle.executors.packed import PACKABLE_ATTENTION, PackedStep, SeqKV
+from noodle.executors.packed import PACKABLE_ATTENTION, PackedStep, SeqKV, packed_attention
 from noodle.executors.slicing import ModelSlice, load_slice
 from noodle.models.conformance import UNPACKED
 from noodle.models.quant import apply_format
@@ -96,6 +97,7 @@ class StageRunner:
             self._block_kinds.append(kind)
         self._sessions: dict[str, Session] = {}
         self._seqs: dict[str, SeqKV] = {}  # packed steps' sequences (continuous batching)
+        self._packing = threading.Lock()
         self._layer_index = {g: k for k, g in enumerate(self.layers)}
         blocks = [b for _, b in self.slice.blocks]
         self._call = block_call(blocks[0], self.slice.rotary) if blocks else None
@@ -103,6 +105,9 @@ class StageRunner:
         self._attn = str(getattr(cfg, "_attn_implementation", None))
         self.packable = (not (self._call is not None and self._call.alibi) and self._attn in PACKABLE_ATTENTION
                          and getattr(cfg, "model_type", "") not in UNPACKED)  # fmt: skip
+        # the configs the attention modules read their implementation from (switched during a packed step)
+        self._attn_configs = list({id(c): c for b in blocks for m in b.modules()
+                                   if (c := getattr(m, "config", None)) is not None and hasattr(c, "_attn_implementation")}.values())
         self._embed_mult = embed_multiplier(cfg)
         self._logits = logits_glue(cfg)
 
@@ -287,6 +292,10 @@ class StageRunner:
                                 f"shape (1, {n}{')' if self.is_first else ', hidden)'}, got {tuple(data.shape)}")  # fmt: skip
         if msg.exact or not self.packable:
             return self._step_each(msg)
+        with self._packing:  # one packed step at a time on a stage (its attention configs are switched)
+            return self._run_packed(msg, data)
+
+    def _run_packed(self, msg: StageInput, data: torch.Tensor) -> StageOutput:
         step = PackedStep.begin(msg.seqs, self._seqs, self._layer_index, self._device(), self.name)
         positions = step.positions()
         hidden = self._embed(data, positions) if self.is_first else data
@@ -294,7 +303,7 @@ class StageRunner:
             hidden = hidden.to(self._dtype)
         call = self._call
         if call is not None:
-            masks = {kind: step.mask(kind, self.config, hidden.dtype, self._attn == "eager") for kind in self._kinds}
+            step.prepare(self.config, dict(zip(self.layers, self._block_kinds)), self._attn, hidden.dtype)
             rotary: dict[str, Any] = {}
             if self.slice.rotary is not None:
                 for kind in self._kinds:
@@ -302,11 +311,12 @@ class StageRunner:
             extra: dict[str, Any] = {call.cache_kw: step.cache, "use_cache": True}
             if call.position_ids:
                 extra["position_ids"] = positions
-            for (_, block), kind in zip(self.slice.blocks, self._block_kinds):
-                if kind in rotary:
-                    extra["position_embeddings"] = rotary[kind]
-                out = block(hidden, attention_mask=masks[kind], **extra)
-                hidden = out[0] if isinstance(out, tuple) else out
+            with packed_attention(step, self._attn_configs):
+                for (_, block), kind in zip(self.slice.blocks, self._block_kinds):
+                    if kind in rotary:
+                        extra["position_embeddings"] = rotary[kind]
+                    out = block(hidden, attention_mask=None, **extra)  # noodle's attention masks each sequence itself
+                    hidden = out[0] if isinstance(out, tuple) else out
         step.finish()
         if not self.is_last:
             return StageOutput(msg.session, hidden if self._dtype is None else hidden.float(), None, False, msg.seqs)

@@ -122,7 +122,7 @@ def plan_this_machine(model_dir: Path, *, concurrency: int) -> tuple[PlanDoc, di
     problem = spec.to_problem(model_dir, source="noodle serve (this machine)")
     result = solve(problem, solver=spec.solver.name, time_limit_s=spec.solver.time_limit_s)
     doc = plan_document(problem, result)
-    if gpu is not None and torch.cuda.is_bf16_supported():
+    if gpu is not None and torch.cuda.is_bf16_supported(including_emulation=False):  # native bf16 (Ampere on)
         doc = _bfloat16_on_gpus(doc)
     return doc, measured
 

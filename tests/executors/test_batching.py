@@ -224,3 +224,91 @@ def test_modes_are_checked_and_auto_picks_what_the_lanes_take(tiny_models):
     assert resolve_batching("auto", [Remote()]) == "groups"
     with pytest.raises(SpecError, match=r"stages \(far\) do not take packed steps"):
         make_pipeline([Remote()], batching="continuous", eos_token_id=2, pad_token_id=0)  # type: ignore[list-item]
+
+
+class _Corrupt(_Recorder):
+    """The last lane, giving back the wrong number of logits rows, or NaN logits, when a token id is in the step."""
+
+    def __init__(self, lane, first) -> None:
+        super().__init__(lane)
+        self.first = first  # the first lane's recorder: its last step's token ids tell which requests are in
+        self.rows_on: int | None = None
+        self.nan_on: int | None = None
+
+    def run(self, msg):
+        out = self.lane.run(msg)
+        ids = self.first.last_ids
+        if self.rows_on is not None and self.rows_on in ids:
+            return StageOutput(out.session, out.data[:-1], None, True, out.seqs)
+        if self.nan_on is not None and self.nan_on in ids:
+            return StageOutput(out.session, torch.full_like(out.data, float("nan")), None, True, out.seqs)
+        return out
+
+
+class _Ids(_Recorder):
+    def run(self, msg):
+        self.last_ids = set(msg.data.flatten().tolist())
+        return super().run(msg)
+
+
+def test_bad_logits_fail_their_step_or_request_and_the_engine_goes_on(tiny_models):
+    model = tiny_models["llama"]
+    with LocalExecutor(plan_for(model, [0, 3, 6]), model) as ex:
+        base = ex.pipeline(batching="continuous")
+        first = _Ids(base.lanes[0])
+        last = _Corrupt(base.lanes[1], first)
+        pipe = make_pipeline([first, last], batching="continuous", eos_token_id=EOS, pad_token_id=0, concurrency=4)
+        with pipe:
+            last.rows_on = 451
+            got = pipe.submit([3, 451, 9], max_new_tokens=4).result(timeout=60)
+            assert got.finish_reason == "error" and "logits for 1 sequence" in (got.error or "")
+            last.rows_on, last.nan_on = None, 452
+            got = pipe.submit([3, 452, 9], max_new_tokens=4).result(timeout=60)
+            assert got.finish_reason == "error" and "sampling failed" in (got.error or "")
+            last.nan_on = None
+            ok = pipe.submit([3, 4, 5], max_new_tokens=4).result(timeout=60)
+            assert ok.tokens == alone(model, [3, 4, 5], 4), "the engine goes on"
+        assert all(st.sessions() == [] for st in ex.stages)
+
+
+def test_a_dead_scheduler_refuses_new_requests(tiny_models):
+    model = tiny_models["llama"]
+    with LocalExecutor(plan_for(model, [0, 6]), model) as ex:
+        pipe = ex.pipeline(batching="continuous")
+
+        def boom(*_a, **_k):
+            raise RuntimeError("scheduler bug")
+
+        pipe._on_logits = boom  # type: ignore[method-assign]
+        with pipe:
+            got = pipe.submit([3, 4, 5], max_new_tokens=4).result(timeout=60)
+            assert got.finish_reason == "cancelled" and "scheduler failed: scheduler bug" in (got.error or "")
+            assert not pipe.accepting
+            with pytest.raises(ExecutorError, match="not accepting"):
+                pipe.submit([3], max_new_tokens=1)
+
+
+def test_exact_mode_reads_prompts_whole_and_prefill_gets_a_share_beside_many_decodes(tiny_models):
+    model = tiny_models["llama"]
+    long = [(5 * i) % 400 + 3 for i in range(40)]
+    with LocalExecutor(plan_for(model, [0, 6]), model) as ex:
+        base = ex.pipeline(batching="exact")
+        lane = _Recorder(base.lanes[0])
+        pipe = make_pipeline([lane], batching="exact", max_batch_tokens=8, eos_token_id=EOS, pad_token_id=0,
+                             concurrency=4)  # fmt: skip
+        with pipe:
+            got = pipe.submit(long, max_new_tokens=3).result(timeout=60)
+        assert any(c.start and c.tokens == 40 for s in lane.steps for c in s), "exact mode: one chunk of 40 > budget 8"
+        assert got.tokens == alone(model, long, 3)
+        base = ex.pipeline(batching="continuous")
+        lane = _Recorder(base.lanes[0])
+        pipe = make_pipeline([lane], batching="continuous", max_batch_tokens=8, eos_token_id=EOS, pad_token_id=0,
+                             concurrency=12)  # fmt: skip
+        with pipe:
+            hs = [pipe.submit([3 + i, 4], max_new_tokens=30) for i in range(10)]
+            late = pipe.submit(long, max_new_tokens=2)
+            late.result(timeout=120)
+            for h in hs:
+                h.result(timeout=120)
+        crowded = [s for s in lane.steps if sum(1 for c in s if c.tokens == 1 and not c.start) >= 8]
+        assert any(any(c.tokens > 1 for c in s) for s in crowded), "a prompt is read beside 8+ decodes (a quarter of the budget)"

@@ -36,6 +36,7 @@ def test_gpu_stages_take_the_gpus_round_robin(gpus):
     assert gpu_indices(["gpu", "gpu"], reserve_first=True) == [0, 1], "two GPUs are not enough to spare one"
     gpus(3)
     assert gpu_indices(["gpu", "gpu"], reserve_first=True) == [1, 2]
+    assert gpu_indices(["cuda:2", "gpu", "cuda:7"]) == [2, 0, 0], "a named GPU is taken as named (when it exists)"
 
 
 def test_stage_devices_say_when_a_gpu_stage_runs_on_the_cpu(gpus):
@@ -67,6 +68,8 @@ def test_asking_nccl_for_a_shared_gpu_is_refused_in_one_line():
         ring_backend("nccl", [0, 0], nccl_available=True)
     assert ring_backend("gloo", [0, 0], nccl_available=True)[0] == "gloo"
     assert ring_backend("nccl", [1, 2], nccl_available=True)[0] == "nccl"
+    with pytest.raises(SpecError, match="this torch has no NCCL"):
+        ring_backend("nccl", [1, 2], nccl_available=False)
 
 
 def test_local_runs_a_gpu_plan_on_the_cpu_and_says_so(tiny_models):

@@ -86,7 +86,7 @@ def _fake_gpu(monkeypatch: pytest.MonkeyPatch, free_bytes: int, gpu_gbps: float,
     gpu_ref = ReferenceDevice(tflops=50.0, mem_bandwidth_gbps=gpu_gbps)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i=0: (free_bytes, 2 * free_bytes))
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16)
     monkeypatch.setattr(planning, "measure_reference", lambda seconds=0.15, device="cpu": gpu_ref if device != "cpu" else cpu_ref)
 
 
