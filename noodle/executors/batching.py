@@ -179,9 +179,12 @@ class BatchingPipeline(Pipeline):
             req = s.req
             if req.finish is not None:
                 continue
+            scores = logits[row : row + 1]
             try:
-                token = int(req.sampler(logits[row : row + 1])[0])
-            except Exception as exc:  # noqa: BLE001 - bad logits (NaN, inf) end this request, not the engine
+                if bool(torch.isnan(scores).any()) or bool(torch.isposinf(scores).any()):
+                    raise ValueError("the logits hold NaN or +inf")
+                token = int(req.sampler(scores)[0])
+            except Exception as exc:  # noqa: BLE001 - bad logits end this request, not the engine
                 req.finish, req.error = "error", f"sampling failed: {exc}"
                 continue
             req.tokens.append(token)

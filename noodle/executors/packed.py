@@ -151,6 +151,7 @@ class PackedStep:
     """The bookkeeping of one packed step on one stage: entries, positions, masks, the cache view."""
 
     def __init__(self, entries: list[_Entry], layer_index: dict[int, int], device: torch.device) -> None:
+        self.ragged = True  # attention through _packed_attention; False: keys back to back under one mask
         self.entries = entries
         self._local = layer_index
         self.device = device
@@ -183,20 +184,39 @@ class PackedStep:
         return torch.cat([torch.arange(e.past, e.past + e.tokens) for e in self.entries]).unsqueeze(0).to(self.device)
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write each sequence's new keys/values into its buffers; hand the new ones back unchanged.
+        """Write each sequence's new keys/values into its buffers.
 
-        Only :func:`_packed_attention` reads them (it takes every sequence's past from its buffers), so
-        a model whose attention does not go through the attention interface is wrong here: the
-        architecture suite finds it and ``UNPACKED`` runs it one sequence at a time.
+        Ragged, the new ones go back unchanged: :func:`_packed_attention` takes every sequence's past
+        from its buffers. Otherwise every sequence's past + new keys go back to back, for attention
+        under :meth:`mask` (models whose attention does not go through transformers' interface as
+        :func:`_packed_attention` needs: ``KEYS_BACK_TO_BACK`` in :mod:`noodle.models.conformance`).
         """
         local = self._local.get(layer_idx)
         if local is None:
             raise ExecutorError(f"packed step: layer {layer_idx} is not on this stage")
         if k.shape[0] != 1 or k.shape[-2] != self.total:
             raise ExecutorError(f"packed step: layer {layer_idx} gave keys of shape {tuple(k.shape)} for {self.total} tokens")
+        ks, vs = [], []
         for e in self.entries:
-            e.kv.write(local, k[..., e.offset : e.offset + e.tokens, :], v[..., e.offset : e.offset + e.tokens, :], e.past)
-        return k, v
+            kk, vv = e.kv.write(local, k[..., e.offset : e.offset + e.tokens, :], v[..., e.offset : e.offset + e.tokens, :],
+                                e.past)  # fmt: skip
+            ks.append(kk)
+            vs.append(vv)
+        if self.ragged:
+            return k, v
+        return (ks[0], vs[0]) if len(ks) == 1 else (torch.cat(ks, dim=-2), torch.cat(vs, dim=-2))
+
+    def mask(self, kind: str, config: Any, dtype: torch.dtype, eager: bool) -> torch.Tensor:
+        """``(1, 1, N, K)`` over every sequence's keys back to back (for attention that is not ragged)."""
+        self._config = config
+        seg_q = torch.repeat_interleave(torch.arange(len(self.entries)), torch.tensor([e.tokens for e in self.entries]))
+        seg_k = torch.repeat_interleave(torch.arange(len(self.entries)),
+                                        torch.tensor([e.past + e.tokens for e in self.entries]))  # fmt: skip
+        q = torch.cat([torch.arange(e.past, e.past + e.tokens) for e in self.entries])[:, None]
+        k = torch.cat([torch.arange(e.past + e.tokens) for e in self.entries])[None, :]
+        allowed = (seg_q[:, None] == seg_k[None, :]) & self._allowed(kind, q, k)
+        self._eager, self._dtype = eager, dtype
+        return self._as_mask(allowed[None, None])
 
     # -- attention -----------------------------------------------------------------------------------
     def prepare(self, config: Any, kinds: dict[int, str], attn: str, dtype: torch.dtype) -> None:

@@ -34,7 +34,7 @@ from noodle.errors import ExecutorError, ModelError
 from noodle.executors.messages import StageInput, StageOutput
 from noodle.executors.packed import PACKABLE_ATTENTION, PackedStep, SeqKV, packed_attention
 from noodle.executors.slicing import ModelSlice, load_slice
-from noodle.models.conformance import UNPACKED
+from noodle.models.conformance import KEYS_BACK_TO_BACK, UNPACKED
 from noodle.models.quant import apply_format
 from noodle.models.glue import alibi_bias, block_call, embed_multiplier, logits_glue, positions_call, uses_alibi
 
@@ -105,6 +105,7 @@ class StageRunner:
         self._attn = str(getattr(cfg, "_attn_implementation", None))
         self.packable = (not (self._call is not None and self._call.alibi) and self._attn in PACKABLE_ATTENTION
                          and getattr(cfg, "model_type", "") not in UNPACKED)  # fmt: skip
+        self._ragged = getattr(cfg, "model_type", "") not in KEYS_BACK_TO_BACK
         # the configs the attention modules read their implementation from (switched during a packed step)
         self._attn_configs = list({id(c): c for b in blocks for m in b.modules()
                                    if (c := getattr(m, "config", None)) is not None and hasattr(c, "_attn_implementation")}.values())
@@ -303,7 +304,12 @@ class StageRunner:
             hidden = hidden.to(self._dtype)
         call = self._call
         if call is not None:
-            step.prepare(self.config, dict(zip(self.layers, self._block_kinds)), self._attn, hidden.dtype)
+            step.ragged = self._ragged
+            if self._ragged:
+                step.prepare(self.config, dict(zip(self.layers, self._block_kinds)), self._attn, hidden.dtype)
+                masks: dict[str, Any] = dict.fromkeys(self._kinds)  # each sequence is masked by noodle's attention
+            else:
+                masks = {kind: step.mask(kind, self.config, hidden.dtype, self._attn == "eager") for kind in self._kinds}
             rotary: dict[str, Any] = {}
             if self.slice.rotary is not None:
                 for kind in self._kinds:
@@ -311,11 +317,11 @@ class StageRunner:
             extra: dict[str, Any] = {call.cache_kw: step.cache, "use_cache": True}
             if call.position_ids:
                 extra["position_ids"] = positions
-            with packed_attention(step, self._attn_configs):
+            with packed_attention(step, self._attn_configs if self._ragged else []):
                 for (_, block), kind in zip(self.slice.blocks, self._block_kinds):
                     if kind in rotary:
                         extra["position_embeddings"] = rotary[kind]
-                    out = block(hidden, attention_mask=None, **extra)  # noodle's attention masks each sequence itself
+                    out = block(hidden, attention_mask=masks[kind], **extra)
                     hidden = out[0] if isinstance(out, tuple) else out
         step.finish()
         if not self.is_last:

@@ -18,7 +18,7 @@ from typing import Any
 
 from noodle.errors import ModelError
 
-__all__ = ["CASES", "LIMITS", "TINY", "UNPACKED", "check_verified", "verified_types"]
+__all__ = ["CASES", "KEYS_BACK_TO_BACK", "LIMITS", "TINY", "UNPACKED", "check_verified", "verified_types"]
 
 TINY: dict[str, Any] = dict(
     num_hidden_layers=4, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
@@ -82,6 +82,16 @@ UNPACKED: dict[str, str] = {
     "gpt_neo": "its local attention builds its own causal window from the key length",
     "doge": "its dynamic mask adds learned biases wherever the attention mask is materialized",
 }
+
+# Verified architectures whose packed steps attend over all the step's keys back to back under one mask
+# (attention cost: the step's sequences times all their keys) instead of each sequence against its own
+# keys through noodle's attention function: their attention modules compute attention themselves or
+# reshape keys and values around the attention interface (multi-head latent attention, differential
+# attention, per-expert attention).
+KEYS_BACK_TO_BACK: frozenset[str] = frozenset({
+    "deepseek_v2", "deepseek_v3", "glm4_moe_lite", "minicpm3", "youtu", "sarvam_mla", "axk1", "diffllama",
+    "gpt_neox_japanese", "jetmoe",
+})  # fmt: skip
 
 def _falcon(config: Any) -> str | None:
     if getattr(config, "alibi", False):

@@ -36,7 +36,7 @@ def test_gpu_stages_take_the_gpus_round_robin(gpus):
     assert gpu_indices(["gpu", "gpu"], reserve_first=True) == [0, 1], "two GPUs are not enough to spare one"
     gpus(3)
     assert gpu_indices(["gpu", "gpu"], reserve_first=True) == [1, 2]
-    assert gpu_indices(["cuda:2", "gpu", "cuda:7"]) == [2, 0, 0], "a named GPU is taken as named (when it exists)"
+    assert gpu_indices(["cuda:2", "gpu", "cuda:7"]) == [2, 0, 1], "a named GPU is taken as named (when it exists)"
 
 
 def test_stage_devices_say_when_a_gpu_stage_runs_on_the_cpu(gpus):
