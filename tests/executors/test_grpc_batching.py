@@ -147,7 +147,7 @@ def test_one_sequence_is_freed_alone_and_a_reaped_session_frees_them_all(tiny_mo
         code, msg = refused(s.stub.CloseSession, pb.CloseSessionRequest(session="p", seqs=["a", "ghost"]))
         assert code == GONE and "1 of 2 sequences are not live" in msg and "'ghost'" in msg and "nothing freed" in msg
         kv = s.stub.CloseSession(pb.CloseSessionRequest(session="p", seqs=["b"]), timeout=10).kv_cache_bytes
-        assert kv == 3 * 2 * 2 * 64 * 4  # 3 positions x 2 layers x (K, V) x 64 wide x float32
+        assert kv == 64 * 2 * 2 * 64 * 4  # one 64-token KV block (3 positions used) x 2 layers x (K, V) x 64 wide x float32
         assert stage.sessions() == [seq_key("p", "a")] and s.stub.Health(pb.HealthRequest(), timeout=5).sessions == 1
         code, msg = refused(s.stub.Forward, packed("p", torch.tensor([[9]]), ("b", 1)))
         assert code == STATE and "unknown sequence 'b'" in msg

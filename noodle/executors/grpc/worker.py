@@ -228,8 +228,8 @@ class StageServicer(pb_grpc.StageServiceServicer):
 
     def _step_packed(self, req: pb.ForwardRequest, entry: _SessionEntry, stage: StageRunner, data: torch.Tensor,
                      chunks: tuple[SeqChunk, ...]) -> tuple[StageOutput, int]:  # fmt: skip
-        """A packed step of one session's sequences (compute lock held); the output and the session's KV bytes
-        (its live positions times the bytes per position of the step's first sequence)."""
+        """A packed step of one session's sequences (compute lock held); the output and the KV bytes its live
+        sequences' buffers hold."""
         if entry.seqs is None and entry.batch:
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"session {req.session!r} runs batch steps; "
                           "a packed step (seqs) needs a session of its own")  # fmt: skip
@@ -243,8 +243,7 @@ class StageServicer(pb_grpc.StageServiceServicer):
                     stage.end_session(c.seq)
             raise
         entry.seqs = after
-        per_position = stage.cache_bytes(keyed[0].seq) / max(1, after[chunks[0].seq])
-        return out, int(per_position * sum(after.values()))
+        return out, sum(stage.cache_bytes(seq_key(req.session, seq)) for seq in after)
 
     # -- the service ---------------------------------------------------------------------------
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
