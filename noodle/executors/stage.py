@@ -19,6 +19,9 @@ hidden states from the session's 2-D padding mask:
   where the rotary helper takes the layer type, as Gemma 3's does);
 - the family's top-level glue (:mod:`noodle.models.glue`): ALiBi biases, embedding
   multipliers, logit scaling and soft-capping, the block's KV-cache keyword.
+
+A *packed* step (``StageInput.seqs``, continuous batching) carries many sequences' new tokens in
+one forward; :mod:`noodle.executors.packed` keeps their KV caches and their attention apart.
 """
 
 from __future__ import annotations
