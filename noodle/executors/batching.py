@@ -247,12 +247,7 @@ class BatchingPipeline(Pipeline):
         # an admitted sequence is freed when its slot's step comes back (every slot with members is in flight)
 
     def _fail_everything(self, text: str) -> None:
-        with self._lock:
-            waiting = list(self._waiting)
-            self._waiting.clear()
-        for req in waiting:
-            req.finish, req.error = "cancelled", text
-            self._finish(req)
+        self._cancel_waiting(text)
         for slot in self._slots:
             for s in slot.members:
                 if s.req.finish is None:

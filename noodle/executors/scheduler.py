@@ -446,13 +446,17 @@ class Pipeline:
         except Exception as exc:  # noqa: BLE001 - a caller's callback must not kill the engine
             log.warning("request %s: callback failed: %s", req.rid, exc)
 
-    def _fail_everything(self, text: str) -> None:
+    def _cancel_waiting(self, text: str) -> None:
+        """Cancel every request still waiting for admission."""
         with self._lock:
             waiting = list(self._waiting)
             self._waiting.clear()
         for req in waiting:
             req.finish, req.error = "cancelled", text
             self._finish(req)
+
+    def _fail_everything(self, text: str) -> None:
+        self._cancel_waiting(text)
         for group in list(self._groups.values()):
             for req in group.requests:
                 if req.finish is None:
