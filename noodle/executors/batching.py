@@ -20,9 +20,16 @@ the packed tokens). ``exact=True`` runs each sequence on its own inside the step
 prompt whole (or in ``prefill_chunk`` pieces): the tokens are then those of ``generate`` on each
 prompt alone, whatever else is in flight (the reference).
 
-KV admission reserves each sequence's whole context (prompt + ``max_new_tokens``) on admission, so
-a running sequence never outgrows its reservation and nothing needs to be preempted (a stage's
-buffers round each sequence up to whole KV blocks, :data:`noodle.executors.packed.BLOCK` tokens).
+KV memory (the tightest stage's ``kv_capacity_tokens``) is shared the way a paged cache shares it.
+A sequence is admitted when its prompt fits beside what the others hold (keeping a small headroom
+for their next tokens), and grows by one token per decode step. When a step's growth would not fit,
+the slot preempts its most recently admitted sequence: its KV is freed on every stage and it goes
+back to the front of the queue, to be read again later as prompt + the tokens it has generated
+(recompute: nothing it produced is lost, its sampler goes on where it was). ``exact=True`` instead
+reserves each sequence's whole context (prompt + ``max_new_tokens``) on admission and never
+preempts, since reading generated tokens again as a prompt would round differently from decoding
+them (a stage's buffers round each sequence up to whole KV blocks,
+:data:`noodle.executors.packed.BLOCK` tokens, in either mode).
 A step's result is matched to its slot by a step number, so a late answer of a failed step is
 dropped; a result whose logits rows do not match the chunks that asked for them fails the step.
 """
@@ -50,8 +57,8 @@ DEFAULT_MAX_BATCH_TOKENS = 256
 @dataclass(eq=False)
 class _Seq:
     req: _Request
-    ids: list[int]  # what its KV must hold before it decodes (the prompt)
-    reserved: int
+    ids: list[int]  # what its KV must hold before it decodes (the prompt; after a preemption + its tokens)
+    reserved: int  # KV tokens counted against the budget for it
     fed: int = 0  # tokens of ``ids`` sent so far
 
     @property
@@ -98,6 +105,7 @@ class BatchingPipeline(Pipeline):
         self._slots = [_Slot(i) for i in range(n_slots)]
         self._groups = {s.sid: s for s in self._slots}  # type: ignore[misc]  # stats count their requests
         self._share = max(1, math.ceil(self.concurrency / n_slots))
+        self.preemptions = 0
 
     @property
     def batching(self) -> str:
@@ -124,16 +132,42 @@ class BatchingPipeline(Pipeline):
         with self._lock:
             while self._waiting and len(slot.members) < self._share and self._members() < self.concurrency:
                 req = self._waiting[0]
-                need = len(req.prompt) + req.max_new_tokens
-                if self._kv_cap is not None and self._reserved + need > self._kv_cap:
-                    break  # waits until a sequence ends and frees its KV
+                ids = list(req.prompt) + req.tokens  # a preempted request reads what it generated again
+                need = len(req.prompt) + req.max_new_tokens if self.exact else len(ids)
+                if self._kv_cap is not None and self._members():
+                    headroom = 0 if self.exact else self._members() + 1 + self._kv_cap // 64
+                    if self._reserved + need + headroom > self._kv_cap:
+                        break  # waits until a sequence ends (or is preempted) and frees its KV
                 self._waiting.popleft()
                 self._reserved += need
-                req.t_admit = now
-                slot.members.append(_Seq(req, list(req.prompt), need))
+                req.t_admit = req.t_admit or now
+                slot.members.append(_Seq(req, ids, need))
             self._peak = max(self._peak, self._members())
 
+    def _make_room(self, slot: _Slot) -> None:
+        """Preempt the slot's newest sequences until its decoding ones can each grow by a token."""
+        if self.exact or self._kv_cap is None:
+            return
+        while True:
+            growing = [s for s in slot.members if not s.reading and s.req.finish is None]
+            if not growing or self._reserved + len(growing) <= self._kv_cap:
+                break
+            victim = max(slot.members, key=lambda s: s.req.t_admit or 0.0)
+            slot.members.remove(victim)
+            with self._lock:
+                self._reserved -= victim.reserved
+                self._waiting.appendleft(victim.req)
+                self.preemptions += 1
+            if victim.fed:
+                self._queues[0].put(_End(victim.req.rid))
+        for s in slot.members:
+            if not s.reading and s.req.finish is None:
+                s.reserved += 1
+                with self._lock:
+                    self._reserved += 1
+
     def _send(self, slot: _Slot) -> None:
+        self._make_room(slot)
         step: list[tuple[_Seq, SeqChunk]] = []
         data: list[int] = []
         for s in slot.members:
@@ -258,7 +292,7 @@ class BatchingPipeline(Pipeline):
     def stats(self, window_s: float = 10.0) -> PipelineStats:
         """As :meth:`Pipeline.stats`; ``groups_in_flight`` counts the batches now in the pipeline."""
         snap = super().stats(window_s)
-        return replace(snap, groups_in_flight=sum(1 for s in self._slots if s.busy))
+        return replace(snap, groups_in_flight=sum(1 for s in self._slots if s.busy), preemptions=self.preemptions)
 
 
 BATCHING_MODES = ("auto", "continuous", "exact", "groups")

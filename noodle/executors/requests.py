@@ -88,6 +88,7 @@ class PipelineStats:
     peak_in_flight: int = 0  # most sequences in flight at once so far
     kv_capacity_tokens: int | None = None  # the tightest stage's KV budget (None: unbounded)
     kv_reserved_tokens: int = 0  # context tokens the sequences in flight hold on every stage
+    preemptions: int = 0  # sequences sent back to the queue to free KV (recomputed later, continuous batching)
 
 
 class RequestHandle:

@@ -76,6 +76,15 @@ class _PipelineCollector(Collector):
         done = CounterMetricFamily("noodle_pipeline_completed", "requests the pipeline finished")
         done.add_metric([], float(field_of(stats, "completed", 0) or 0))
         yield done
+        pre = CounterMetricFamily("noodle_preemptions", "sequences sent back to the queue to free KV memory (recomputed)")
+        pre.add_metric([], float(field_of(stats, "preemptions", 0) or 0))
+        yield pre
+        kv = GaugeMetricFamily("noodle_kv_tokens", "KV cache tokens of the tightest stage", labels=["kind"])
+        cap = field_of(stats, "kv_capacity_tokens", None)
+        if cap is not None:
+            kv.add_metric(["capacity"], float(cap))
+        kv.add_metric(["reserved"], float(field_of(stats, "kv_reserved_tokens", 0) or 0))
+        yield kv
         failovers = field_of(stats, "failovers", None)
         if failovers is not None:
             fo = CounterMetricFamily("noodle_failovers", "stages moved to a spare worker")

@@ -312,3 +312,45 @@ def test_exact_mode_reads_prompts_whole_and_prefill_gets_a_share_beside_many_dec
                 h.result(timeout=120)
         crowded = [s for s in lane.steps if sum(1 for c in s if c.tokens == 1 and not c.start) >= 8]
         assert any(any(c.tokens > 1 for c in s) for s in crowded), "a prompt is read beside 8+ decodes (a quarter of the budget)"
+
+
+@pytest.mark.parametrize("cuts", [[0, 6], [0, 2, 4, 6]])
+def test_kv_pressure_preempts_and_recomputes_without_losing_a_token(tiny_models, cuts):
+    """A KV budget far below every request's context: sequences are preempted and read again, tokens unchanged."""
+    model = tiny_models["llama"]
+    work = random_requests(10, seed=7, prompt=(8, 30), new=(40, 60))
+    cap = 160  # every request needs 48-90 tokens; ten at once need ~700
+    with LocalExecutor(plan_for(model, cuts), model) as ex:
+        base = ex.pipeline(concurrency=8, batching="continuous")
+        pipe = make_pipeline(base.lanes, batching="continuous", eos_token_id=EOS, pad_token_id=0, concurrency=8,
+                             max_batch_tokens=32, kv_capacity_tokens=[cap])  # fmt: skip
+        seen: list[int] = []
+        with pipe:
+            handles = [pipe.submit(p, max_new_tokens=n) for p, n in work]
+            while not all(h.done() for h in handles):
+                seen.append(pipe.stats().kv_reserved_tokens)
+                threading.Event().wait(0.002)
+            done = [h.result(timeout=120) for h in handles]
+            stats = pipe.stats()
+        assert all(st.sessions() == [] for st in ex.stages), "preempted and finished sequences leave no KV behind"
+    assert stats.preemptions > 0, "the budget forces preemption"
+    assert max(seen) <= cap and stats.kv_reserved_tokens == 0
+    assert stats.peak_in_flight > 2, "admission does not reserve whole contexts up front"
+    for (prompt, new), comp in zip(work, done):
+        assert comp.tokens == alone(model, prompt, new)
+        assert len(comp.tokens) == new or comp.tokens[-1] == EOS
+
+
+def test_exact_mode_reserves_whole_contexts_and_never_preempts(tiny_models):
+    model = tiny_models["llama"]
+    work = random_requests(6, seed=3, prompt=(8, 30), new=(40, 60))
+    with LocalExecutor(plan_for(model, [0, 6]), model) as ex:
+        base = ex.pipeline(concurrency=8, batching="exact")
+        pipe = make_pipeline(base.lanes, batching="exact", eos_token_id=EOS, pad_token_id=0, concurrency=8,
+                             kv_capacity_tokens=[160])  # fmt: skip
+        with pipe:
+            done = [h.result(timeout=120) for h in [pipe.submit(p, max_new_tokens=n) for p, n in work]]
+            stats = pipe.stats()
+    assert stats.preemptions == 0 and stats.peak_in_flight <= 2
+    for (prompt, new), comp in zip(work, done):
+        assert comp.tokens == alone(model, prompt, new)

@@ -91,7 +91,7 @@ def test_metrics_health_and_status_page(server: ServeProc) -> None:
     assert re.search(r'noodle_requests_total\{endpoint="/v1/completions",status="200"\} [1-9]', text)
     assert re.search(r'noodle_requests_total\{endpoint="/v1/completions",status="404"\} [1-9]', text)
     for name in ("noodle_time_to_first_token_seconds_count", "noodle_inter_token_latency_seconds_bucket",
-                 "noodle_generated_tokens_total", "noodle_tokens_per_second", "noodle_queue_depth", "noodle_in_flight",
+                 "noodle_generated_tokens_total", "noodle_tokens_per_second", "noodle_queue_depth", "noodle_in_flight", "noodle_preemptions_total", 'noodle_kv_tokens{kind="reserved"}',
                  'noodle_stage_busy_fraction{node=', 'noodle_stage_step_ms{kind="planned"', 'kind="measured"',
                  "noodle_stage_hop_ms", "noodle_stage_bytes_out_total"):  # fmt: skip
         assert name in text, name
