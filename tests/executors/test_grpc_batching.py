@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from noodle.errors import SpecError
-from noodle.executors.batching import BatchingPipeline
+from noodle.executors.batching import BatchingPipeline, make_pipeline
 from noodle.executors.failover import RetryPolicy
 from noodle.executors.grpc import stage_service_pb2 as pb
 from noodle.executors.grpc.coordinator import GrpcExecutor
@@ -285,6 +285,24 @@ def test_sixteen_requests_batched_over_three_workers_equal_generate_alone(tiny_m
     tokens = sum(len(c.tokens) for c in comps)
     assert stats.peak_in_flight == 8 and all(st.steps == lanes[0]._steps for st in stats.stages)
     assert lanes[0]._steps < tokens, "a step carries several sequences (one message per step and stage)"
+
+
+def test_kv_pressure_preempts_on_the_workers_and_recomputes(tiny_models, pools):
+    model = tiny_models["llama"]
+    addrs = {f"node{i}": w.address for i, w in enumerate(pools["llama"].workers[:3])}
+    work = random_requests(6, seed=9, prompt=(8, 24), new=(30, 45))
+    with GrpcExecutor(plan_for(model, [0, 2, 4, 6]), model, workers=addrs, token=TOKEN) as ex:
+        base = ex.pipeline(concurrency=6, batching="continuous")
+        pipe = make_pipeline(base.lanes, batching="continuous", concurrency=6, max_batch_tokens=24,
+                             eos_token_id=base._eos, pad_token_id=base.pad_token_id, kv_capacity_tokens=[110])  # fmt: skip
+        with pipe:
+            comps = [h.result(timeout=120) for h in [pipe.submit(p, max_new_tokens=n) for p, n in work]]
+            stats = pipe.stats()
+        live = [len(lane._seqs) for lane in ex._lanes]
+    assert stats.preemptions > 0 and stats.kv_reserved_tokens == 0
+    for (p, n), c in zip(work, comps):
+        assert c.tokens == alone(model, p, n), f"prompt of {len(p)} tokens"
+    assert live == [0, 0, 0], "preempted and finished sequences were ended on every stage"
 
 
 def _kill_after_tokens(n: int, worker) -> tuple[threading.Event, object]:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from noodle.errors import ExecutorError
-from noodle.executors.batching import BatchingPipeline
+from noodle.executors.batching import BatchingPipeline, make_pipeline
 from noodle.executors.failover import RetryPolicy
 from noodle.executors.ring.coordinator import TorchRpcExecutor
 from noodle.executors.ring.wire import Flag, Op, WireChunk
@@ -66,6 +66,23 @@ def test_sixteen_requests_packed_round_the_ring_equal_generate_alone(tiny_models
     driver = pipe.lanes[0].driver
     assert not driver._ids and not driver._fed and not driver._outstanding, "every sequence's wire id was released"
     assert _kv_held(ex) == [0, 0, 0], "every sequence's KV cache was freed on every stage"
+
+
+def test_kv_pressure_preempts_round_the_ring_and_recomputes(tiny_models, ring):
+    """A tiny KV budget: sequences are preempted (their KV freed on every rank) and read again, tokens unchanged."""
+    family, ex = ring
+    model = tiny_models[family]
+    work = random_requests(6, seed=5, prompt=(8, 24), new=(30, 45))
+    base = ex.pipeline(concurrency=6, batching="continuous")
+    pipe = make_pipeline(base.lanes, batching="continuous", concurrency=6, max_batch_tokens=24,
+                         eos_token_id=base._eos, pad_token_id=base.pad_token_id, kv_capacity_tokens=[110])  # fmt: skip
+    with pipe:
+        done = [h.result(timeout=180) for h in [pipe.submit(p, max_new_tokens=n) for p, n in work]]
+        stats = pipe.stats()
+    assert stats.preemptions > 0 and stats.kv_reserved_tokens == 0
+    for (prompt, new), comp in zip(work, done):
+        assert comp.tokens == alone(model, prompt, new), f"{family}: prompt of {len(prompt)} tokens"
+    assert _kv_held(ex) == [0, 0, 0], "preempted and finished sequences hold no KV on any rank"
 
 
 def _refused(ex: TorchRpcExecutor, data: torch.Tensor, chunks: tuple[WireChunk, ...], flags: Flag = Flag.NONE) -> str:
