@@ -17,7 +17,7 @@ shape (:mod:`noodle.executors.grpc.wire`). Greedy runs without ``keep_logits``
 ask the last stage for the argmax token only (8 bytes a sequence instead of the
 vocabulary's logits) and hand ``generate`` logits whose argmax is that token.
 
-Failures (see :mod:`noodle.executors.failover`): a call that loses its
+Failures (see :mod:`noodle.executors.grpc.recovery`): a call that loses its
 connection or has no reply within its step timeout is retried with backoff
 after a health check; a node that stays gone has its stage moved to the next
 ``--spare`` worker, or, without one, merged into a neighbour that has room. A
@@ -37,14 +37,13 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from noodle.errors import ExecutorError, SpecError
 from noodle.executors.base import ClosesOnExit, RunResult, check_formats, check_plan, check_workload
-from noodle.executors.failover import RetryPolicy, merge_stage, merge_target
+from noodle.executors.failover import RetryPolicy
 from noodle.executors.generation import Sampling, generate, token_ids_of
 from noodle.executors.grpc import stage_service_pb2 as pb
 from noodle.executors.grpc.client import (
@@ -61,6 +60,7 @@ from noodle.executors.grpc.client import (
     step_timeout,
 )  # fmt: skip
 from noodle.executors.grpc.lanes import GrpcLane, grpc_pipeline
+from noodle.executors.grpc.recovery import Recovery, _Slot
 from noodle.executors.grpc.wire import from_proto, to_proto
 from noodle.executors.grpc.worker import DEFAULT_MAX_MESSAGE_BYTES
 from noodle.executors.messages import StageInput
@@ -74,29 +74,7 @@ __all__ = ["GrpcExecutor", "step_timeout", "STEP_TIMEOUT_FLOOR_S", "STEP_TIMEOUT
 
 
 
-@dataclass
-class _Slot:
-    """One stage of the running pipeline and the worker holding it."""
-
-    doc: StageDoc
-    client: WorkerClient
-    stage_id: str = ""
-    param_bytes: int = 0
-    session: str = ""
-    stream: ForwardStream | None = None
-    history: list[pb.ForwardRequest] = field(default_factory=list)  # this generation's requests, for replay
-    kv: int = 0
-
-    @property
-    def where(self) -> str:
-        return f"{self.doc.node} ({self.client.address})"
-
-    @property
-    def peer(self) -> str:
-        return f"{self.doc.node}@{self.client.address}"
-
-
-class GrpcExecutor(ClosesOnExit):
+class GrpcExecutor(Recovery, ClosesOnExit):
     """Runs each stage of ``plan`` on a gRPC worker.
 
     Args:
@@ -287,76 +265,6 @@ class GrpcExecutor(ClosesOnExit):
         if mask is not None:
             req.attention_mask.CopyFrom(mask)
         return req
-
-    # -- failures --------------------------------------------------------------------------------
-    def _recover(self, i: int, x: pb.ForwardRequest, exc: Exception, step: int) -> tuple[int, pb.ForwardRequest]:
-        """Bring stage ``i`` back (retry, spare, merge); returns where to resume and with what input."""
-        slot = self._slots[i]
-        t0 = time.perf_counter()
-        reason = str(exc)
-        self._log(f"noodle: {slot.where} failed at step {step}: {reason}")
-        for delay in self.policy.delays():
-            time.sleep(delay)
-            if slot.client.alive(self.policy.health_timeout_s):
-                try:
-                    if isinstance(exc, StageLost):
-                        self._load(slot)
-                    self._open_session(slot, replay=True)
-                except (WorkerGone, ExecutorError) as again:
-                    reason = str(again)
-                    continue
-                self._event(step, slot, reason, "retried", f"same worker {slot.client.address}", t0)
-                return i, x
-        while self.spares:
-            addr = self.spares.pop(0)
-            client = self._client(addr)
-            try:
-                client.sync_clock(self.policy.health_timeout_s)
-                dead_addr = slot.client.address
-                slot.client = client
-                self._load(slot)
-                self._open_session(slot, replay=True)
-            except WorkerGone as again:
-                self._log(f"noodle: spare {addr} is not usable ({again})")
-                continue
-            self._event(step, slot, reason, "spare", f"stage [{slot.doc.start}, {slot.doc.end}) moved from {dead_addr} to spare {addr}", t0)
-            return i, x
-        return self._merge(i, x, step, reason, t0)
-
-    def _merge(self, i: int, x: pb.ForwardRequest, step: int, reason: str, t0: float) -> tuple[int, pb.ForwardRequest]:
-        j = merge_target(self.plan, i)
-        dead, nb = self._slots[i], self._slots[j]
-        new_plan = merge_stage(self.plan, i, j)
-        lo = min(i, j)
-        merged = _Slot(doc=new_plan.stages[lo], client=nb.client)
-        if j == i + 1:
-            merged.history, resume, x_next = list(dead.history), lo, x
-        else:
-            merged.history, resume, x_next = list(nb.history[:-1]), lo, nb.history[-1]
-        old_stage = nb.stage_id
-        if dead.stream is not None:  # its worker is gone: nothing to close there
-            dead.stream.close()
-        try:
-            self._end_session(nb)
-            self._load(merged)
-            self._open_session(merged, replay=True)
-            if old_stage != merged.stage_id:
-                nb.client.unary("UnloadStage", pb.UnloadStageRequest(stage_id=old_stage), self.policy.health_timeout_s, nb.doc.node)
-        except WorkerGone as again:
-            raise ExecutorError(
-                f"failover: {dead.where} is gone and merging its units into {nb.where} failed too ({again})"
-            ) from None
-        self._slots[lo : lo + 2] = [merged]
-        self.plan = new_plan
-        self._event(step, dead, reason, "merged",
-                    f"units [{dead.doc.start}, {dead.doc.end}) merged into {nb.doc.node}: now [{merged.doc.start}, {merged.doc.end})", t0)  # fmt: skip
-        return resume, x_next
-
-    def _event(self, step: int, slot: _Slot, reason: str, action: str, detail: str, t0: float) -> None:
-        ev = FailoverEvent(step=step, node=slot.doc.node, reason=reason, action=action, detail=detail,
-                           replayed_steps=len(slot.history), seconds=time.perf_counter() - t0)  # fmt: skip
-        self.failovers.append(ev)
-        self._log(f"noodle: failover at step {step}: {action}: {detail} ({ev.seconds:.2f} s)")
 
     def pipeline(self, *, concurrency: int = 1, micro_batch: int = 1, prefill_chunk: int = 0, max_queue: int = 256,
                  batching: str = "groups", max_batch_tokens: int = 256) -> Pipeline:
