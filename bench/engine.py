@@ -5,12 +5,16 @@ level (each warmed at the measured shapes first):
 
 * ``noodle serve`` over HTTP (streaming chat completions, a one-stage plan of the whole model), with
   continuous batching (the serving default) and with the grouped engine it replaces (``--batching groups``,
-  one sequence per step), at 1/4/8/16 concurrent streams; each stream sends ``--rounds`` requests back to
-  back; output tokens/s = completion tokens / wall time; TTFT per request;
+  one sequence per step), at 1/4/8/16 concurrent streams;
 * transformers' own ``generate()`` on the same prompts as left-padded batches of the same size (greedy,
   tokens counted up to each row's end of sequence);
 * llama.cpp through ``llama-cpp-python`` on the same GGUF (when installed): its high-level API generates
-  one sequence at a time, so its N-stream figure is N requests one after another;
+  one sequence at a time, so every level is the same requests one after another.
+
+Every level serves the same ``--requests`` chat prompts (the same work, so levels compare): N streams
+take the next prompt from one shared list as soon as their last answer ends (a closed loop with N
+clients, as serving benchmarks drive a server); ``generate()`` takes them N at a time as one batch.
+Output tokens/s = completion tokens / wall time of the level; TTFT per request.
 * ``--formats int8,int4``: noodle serve with the stage in that weight format, for the same-bits
   comparison with llama.cpp's Q4_1 / Q8_0.
 
@@ -96,15 +100,24 @@ async def _chat(client: httpx.AsyncClient, question: str, max_tokens: int) -> di
     return {"tokens": tokens, "ttft_s": (first or time.perf_counter()) - t0}
 
 
-async def _level(base: str, streams: int, rounds: int, max_tokens: int) -> dict[str, Any]:
+def questions(n: int) -> list[str]:
+    """The first ``n`` prompts every contender answers at every level."""
+    return [QUESTIONS[i % len(QUESTIONS)] + ("" if i < len(QUESTIONS) else " Answer briefly.") for i in range(n)]
+
+
+async def _level(base: str, streams: int, requests: int, max_tokens: int) -> dict[str, Any]:
     limits = httpx.Limits(max_connections=streams + 4, max_keepalive_connections=streams + 4)
+    todo = list(reversed(questions(requests)))
     async with httpx.AsyncClient(base_url=base, limits=limits, timeout=900) as client:
         t0 = time.perf_counter()
 
-        async def stream(w: int) -> list[dict[str, Any]]:
-            return [await _chat(client, QUESTIONS[(w * rounds + i) % len(QUESTIONS)], max_tokens) for i in range(rounds)]
+        async def stream() -> list[dict[str, Any]]:
+            got = []
+            while todo:
+                got.append(await _chat(client, todo.pop(), max_tokens))
+            return got
 
-        done = [r for rs in await asyncio.gather(*(stream(w) for w in range(streams))) for r in rs]
+        done = [r for rs in await asyncio.gather(*(stream() for _ in range(streams))) for r in rs]
         wall = time.perf_counter() - t0
     tokens = sum(r["tokens"] for r in done)
     ttft = sorted(r["ttft_s"] for r in done)
@@ -112,21 +125,21 @@ async def _level(base: str, streams: int, rounds: int, max_tokens: int) -> dict[
             "ttft_ms_max": 1e3 * ttft[-1]}  # fmt: skip
 
 
-def serve_levels(model: Path, plan: Path, batching: str, levels: list[int], rounds: int, max_tokens: int,
+def serve_levels(model: Path, plan: Path, batching: str, levels: list[int], requests: int, max_tokens: int,
                  threads: int) -> dict[int, dict[str, Any]]:  # fmt: skip
     args = ["--model", str(model), "--plan", str(plan), "--batching", batching, "--concurrency", str(max(levels)),
             "--max-queue", "1024", "--threads", str(threads), "--served-model-name", "m"]  # fmt: skip
     out: dict[int, dict[str, Any]] = {}
     with launch_serve(args) as (base, _proc):
-        asyncio.run(_level(base, max(levels), 1, 8))  # warm-up at the largest batch
+        asyncio.run(_level(base, max(levels), max(levels), 8))  # warm-up at the largest batch
         for n in levels:
-            out[n] = asyncio.run(_level(base, n, rounds, max_tokens))
+            out[n] = asyncio.run(_level(base, n, requests, max_tokens))
             print(f"  noodle serve {batching}: {n} streams {out[n]['tokens_per_s']:.1f} tokens/s", flush=True)
     return out
 
 
 # -- transformers generate() ---------------------------------------------------------------------------
-def generate_levels(model: Path, levels: list[int], rounds: int, max_tokens: int) -> dict[int, dict[str, Any]]:
+def generate_levels(model: Path, levels: list[int], requests: int, max_tokens: int) -> dict[int, dict[str, Any]]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -150,12 +163,11 @@ def generate_levels(model: Path, levels: list[int], rounds: int, max_tokens: int
         return sum(map(len, rows)), rows
 
     res: dict[int, dict[str, Any]] = {}
-    run(QUESTIONS[: max(levels)], 8)  # warm-up at the largest batch
+    run(questions(max(levels)), 8)  # warm-up at the largest batch
+    qs = questions(requests)
     for n in levels:
         t0 = time.perf_counter()
-        tokens = 0
-        for r in range(rounds):
-            tokens += run([QUESTIONS[(w * rounds + r) % len(QUESTIONS)] for w in range(n)], max_tokens)[0]
+        tokens = sum(run(qs[i : i + n], max_tokens)[0] for i in range(0, len(qs), n))
         wall = time.perf_counter() - t0
         res[n] = {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
         print(f"  generate(): batch {n} {res[n]['tokens_per_s']:.1f} tokens/s", flush=True)
@@ -168,7 +180,7 @@ def ids_of(tok: Any, question: str) -> list[int]:
 
 
 # -- llama.cpp -----------------------------------------------------------------------------------------
-def llamacpp_levels(gguf: Path, levels: list[int], rounds: int, max_tokens: int, threads: int) -> dict[int, dict[str, Any]] | None:
+def llamacpp_levels(gguf: Path, levels: list[int], requests: int, max_tokens: int, threads: int) -> dict[int, dict[str, Any]] | None:
     try:
         from llama_cpp import Llama
     except ImportError:
@@ -184,10 +196,10 @@ def llamacpp_levels(gguf: Path, levels: list[int], rounds: int, max_tokens: int,
     res: dict[int, dict[str, Any]] = {}
     for n in levels:
         t0 = time.perf_counter()
-        tokens = sum(one(QUESTIONS[(w * rounds + r) % len(QUESTIONS)], max_tokens) for w in range(n) for r in range(rounds))
+        tokens = sum(one(q, max_tokens) for q in questions(requests))
         wall = time.perf_counter() - t0
         res[n] = {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
-        print(f"  llama.cpp ({gguf.name}): {n} streams one after another {res[n]['tokens_per_s']:.1f} tokens/s", flush=True)
+        print(f"  llama.cpp ({gguf.name}): {n} streams' requests one after another {res[n]['tokens_per_s']:.1f} tokens/s", flush=True)
     return res
 
 
@@ -198,11 +210,11 @@ def exactness(model: Path, plan: Path, prompts: int, new: int, threads: int) -> 
     from openai import AsyncOpenAI
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    questions = [QUESTIONS[i % len(QUESTIONS)] + ("" if i < len(QUESTIONS) else " Answer briefly.") for i in range(prompts)]
+    asked = questions(prompts)
     tok = AutoTokenizer.from_pretrained(model)
     lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
     want = []
-    for q in questions:
+    for q in asked:
         ids = torch.tensor([ids_of(tok, q)])
         with torch.inference_mode():
             out = lm.generate(input_ids=ids, max_new_tokens=new, do_sample=False)
@@ -220,11 +232,11 @@ def exactness(model: Path, plan: Path, prompts: int, new: int, threads: int) -> 
 
         async def all_of() -> list[str]:
             sem = asyncio.Semaphore(8)
-            return list(await asyncio.gather(*(ask(q, sem) for q in questions)))
+            return list(await asyncio.gather(*(ask(q, sem) for q in asked)))
 
         got = asyncio.run(all_of())
     same = [g.strip() == w.strip() for g, w in zip(got, want)]
-    differ = [{"prompt": q, "noodle": g, "generate": w} for q, g, w, s in zip(questions, got, want, same) if not s]
+    differ = [{"prompt": q, "noodle": g, "generate": w} for q, g, w, s in zip(asked, got, want, same) if not s]
     print(f"  exactness: {sum(same)} of {len(same)} texts identical to generate() alone", flush=True)
     return {"prompts": len(same), "identical": sum(same), "new_tokens": new, "differ": differ}
 
@@ -234,7 +246,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=Path("out/models/smollm2"))
     ap.add_argument("--gguf", type=Path, default=Path.home() / ".cache/noodle/SmolLM2-135M-Instruct.Q4_1.gguf")
     ap.add_argument("--levels", default="1,4,8,16")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--requests", type=int, default=32, help="chat prompts served at every level")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=1, help="interleaved repeats of every contender; the median is kept")
@@ -254,23 +266,23 @@ def main() -> None:
         for fmt in ["float32", *[f for f in a.formats.split(",") if f]]:
             plans[fmt] = Path(tmp) / f"plan-{fmt}.json"
             plans[fmt].write_text(json.dumps(one_stage_plan(a.model, fmt, 16.0).as_dict()))
-        print(f"engine bench: {a.model}, threads {a.threads}, levels {levels}, {a.rounds} rounds x {a.new_tokens} tokens, "
+        print(f"engine bench: {a.model}, threads {a.threads}, levels {levels}, {a.requests} requests x {a.new_tokens} tokens at most, "
               f"{a.repeats} interleaved repeat(s)")  # fmt: skip
         runs: dict[str, list[dict[int, dict[str, Any]]]] = {}
         for rep in range(a.repeats):
             print(f"repeat {rep + 1} of {a.repeats}", flush=True)
             runs.setdefault("noodle continuous float32", []).append(
-                serve_levels(a.model, plans["float32"], "continuous", levels, a.rounds, a.new_tokens, a.threads))
-            runs.setdefault("generate() float32", []).append(generate_levels(a.model, levels, a.rounds, a.new_tokens))
+                serve_levels(a.model, plans["float32"], "continuous", levels, a.requests, a.new_tokens, a.threads))
+            runs.setdefault("generate() float32", []).append(generate_levels(a.model, levels, a.requests, a.new_tokens))
             if not a.no_groups:
                 runs.setdefault("noodle groups float32 (before)", []).append(
-                    serve_levels(a.model, plans["float32"], "groups", levels, a.rounds, a.new_tokens, a.threads))
+                    serve_levels(a.model, plans["float32"], "groups", levels, a.requests, a.new_tokens, a.threads))
             for fmt in plans:
                 if fmt != "float32":
                     runs.setdefault(f"noodle continuous {fmt}", []).append(
-                        serve_levels(a.model, plans[fmt], "continuous", levels, a.rounds, a.new_tokens, a.threads))
+                        serve_levels(a.model, plans[fmt], "continuous", levels, a.requests, a.new_tokens, a.threads))
             if a.gguf.is_file():
-                cpp = llamacpp_levels(a.gguf, levels, a.rounds, a.new_tokens, a.threads)
+                cpp = llamacpp_levels(a.gguf, levels, a.requests, a.new_tokens, a.threads)
                 if cpp is not None:
                     runs.setdefault(f"llama.cpp {a.gguf.stem.split('.')[-1]} (serial)", []).append(cpp)
         results = {name: {n: median_run(rs, n) for n in levels} for name, rs in runs.items()}
@@ -289,7 +301,7 @@ def median_run(runs: list[dict[int, dict[str, Any]]], n: int) -> dict[str, Any]:
 def write(a: argparse.Namespace, levels: list[int], results: dict[str, Any], check: dict[str, Any] | None,
           load: list[float]) -> None:  # fmt: skip
     a.out.mkdir(parents=True, exist_ok=True)
-    meta = {"model": str(a.model), "threads": a.threads, "rounds": a.rounds, "new_tokens": a.new_tokens,
+    meta = {"model": str(a.model), "threads": a.threads, "requests": a.requests, "new_tokens": a.new_tokens,
             "cpus": os.cpu_count(), "loadavg": load, "date": time.strftime("%Y-%m-%d %H:%M")}  # fmt: skip
     doc = {"meta": meta, "results": {k: {str(n): v for n, v in r.items()} for k, r in results.items()}, "exactness": check}
     (a.out / "engine.json").write_text(json.dumps(doc, indent=2) + "\n")
@@ -305,7 +317,7 @@ def write(a: argparse.Namespace, levels: list[int], results: dict[str, Any], che
         f"{cont[n]['tokens_per_s'] / cont[levels[0]]['tokens_per_s']:.2f}x" for n in levels) + " |")  # fmt: skip
     lines.append("| noodle continuous TTFT p50 / max (ms) | " + " | ".join(
         f"{cont[n]['ttft_ms_p50']:.0f} / {cont[n]['ttft_ms_max']:.0f}" for n in levels) + " |")  # fmt: skip
-    text = (f"Output tokens/s, {a.model.name}, {a.threads} thread(s), {a.rounds} requests x {a.new_tokens} tokens per stream, "
+    text = (f"Output tokens/s, {a.model.name}, {a.threads} thread(s), the same {a.requests} chat requests x {a.new_tokens} tokens at most at every level, "
             f"load average {load[0]:.1f} -> {load[-1]:.1f}\n\n" + "\n".join(lines) + "\n")  # fmt: skip
     if check:
         text += f"\nExactness: {check['identical']} of {check['prompts']} chat prompts x {check['new_tokens']} greedy tokens identical to generate() alone.\n"
