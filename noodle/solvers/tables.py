@@ -150,7 +150,8 @@ def _build_default(problem: Problem) -> CostTables:
 def _link_tables(problem: Problem, nodes: tuple[Node, ...]) -> tuple[np.ndarray, np.ndarray]:
     """Hops and returns of the default model (link latency + the model's activation bytes over its bandwidth)."""
     n, m = problem.num_units, len(nodes)
-    act = np.array([0.0, *(float(u.activation_bytes) for u in problem.units)])  # act[p] = unit p-1's bytes
+    rows = problem.workload.hop_rows
+    act = np.array([0.0, *(float(u.activation_bytes * rows) for u in problem.units)])  # act[p] = unit p-1's bytes
     hop = np.zeros((m, m, n + 1))
     ret = np.zeros((m, m))
     for j, a in enumerate(nodes):
