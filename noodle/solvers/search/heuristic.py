@@ -144,7 +144,8 @@ def dp_values(
     ``max(best bottleneck, best latency / mix)`` per order, a lower bound on its plans (to rank orders).
     """
     if objective != "latency" and tables.mix:
-        low = dp_values(tables, orders, "throughput", cutoff=cutoff, chunk_elems=chunk_elems, deadline=deadline)
+        low = dp_values(replace(tables, mix=0), orders, "throughput", cutoff=cutoff, chunk_elems=chunk_elems,
+                        deadline=deadline)
         lat = dp_values(tables, orders, "latency", cutoff=cutoff * tables.mix, chunk_elems=chunk_elems,
                         deadline=deadline)
         return np.maximum(low, lat / tables.mix)
