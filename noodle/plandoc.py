@@ -108,7 +108,14 @@ class PlanDoc(_Frozen):
     links: list[LinkDoc] = Field(default_factory=list, description="links between consecutive stages")
 
     def as_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        data = self.model_dump(mode="json")
+        for key in _BATCHED_ONLY:  # a plan priced in groups reads as it always did
+            if data["predicted"].get(key) is None:
+                data["predicted"].pop(key, None)
+        return data
+
+
+_BATCHED_ONLY = ("streams", "step_batch", "round_ms")
 
 
 def even_cuts(num_units: int, stages: int) -> list[int]:

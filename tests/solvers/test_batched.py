@@ -160,3 +160,21 @@ def test_parts_cover_every_stage_count_once():
                 assert part.batch == math.ceil(c / min(part.min_stages, c))
             else:
                 assert part.batch == 1
+
+
+def test_the_plan_file_reports_the_batched_pipeline(tmp_path):
+    from noodle.plandoc import dump_plan, load_plan, plan_document
+
+    p = _two_nodes(4)
+    res = solve(p, solver="cpsat", time_limit_s=5)
+    doc = plan_document(p, res)
+    ev = evaluate(p, res.plan)
+    pred = doc.predicted
+    assert (pred.streams, pred.step_batch) == (4, ev.step_batch) and pred.round_ms == pytest.approx(ev.round_ms)
+    assert pred.pipeline_tokens_per_s == pytest.approx(4e3 / ev.round_ms)
+    assert doc.workload["streams"] == 4 and doc.workload["batch_size"] == ev.step_batch
+    path = tmp_path / "plan.json"
+    path.write_text(dump_plan(doc))
+    assert load_plan(path).predicted == pred
+    plain = plan_document(replace(p, workload=Workload(8, 8)), res)
+    assert "streams" not in plain.as_dict()["predicted"] and "streams" not in plain.workload
