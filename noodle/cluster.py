@@ -184,13 +184,15 @@ def export_spec(
     try:
         w = workload if isinstance(workload, Workload) else Workload(**workload)
     except TypeError as exc:
-        raise SpecError(f"{_SOURCE}: workload: {exc}; give prompt_tokens, max_new_tokens, batch_size, concurrency") \
+        raise SpecError(f"{_SOURCE}: workload: {exc}; give prompt_tokens, max_new_tokens, batch_size, concurrency "
+                        "(or streams)") \
             from None
     doc: dict[str, Any] = {
         "name": name,
         "model": {"hf_config": model_ref} if isinstance(model_ref, str) else dict(model_ref),
         "workload": {"prompt_tokens": w.prompt_tokens, "max_new_tokens": w.max_new_tokens,
-                     "batch_size": w.batch_size, "concurrency": w.concurrency},
+                     **({"streams": w.streams} if w.streams is not None
+                        else {"batch_size": w.batch_size, "concurrency": w.concurrency})},
         "cluster": {"nodes": [_node_doc(r) for r in records], "links": _links_doc(records)},
         "objective": objective,
     }

@@ -20,7 +20,7 @@ from noodle.errors import SpecError
 from noodle.graph.costmodel import CostModel, Evaluation, cost_model_for, evaluate, pipeline_tokens_per_s
 from noodle.graph.formats import FixedFormats, FormatCostModel, choose_formats, format_reason
 from noodle.solvers.base import SolveResult
-from noodle.types import GIB, Problem
+from noodle.types import GIB, Problem, Workload
 
 __all__ = ["even_cuts", "check_consistent", "SolverInfo", "Predicted", "StageDoc", "NodeDoc", "LinkDoc", "PlanDoc", "load_plan", "dump_plan", "plan_document"]
 
@@ -53,8 +53,13 @@ class Predicted(_Frozen):
     bottleneck_ms: float
     tokens_per_s: float
     pipeline_tokens_per_s: float | None = Field(
-        None, description="tokens/s with the workload's concurrency groups of batch_size sequences in flight"
+        None, description="tokens/s with the workload's concurrency groups of batch_size sequences in flight; "
+                          "under continuous batching (streams) streams / round_ms"
     )
+    streams: int | None = Field(None, description="continuous batching: sequences in flight the plan is priced for")
+    step_batch: int | None = Field(None, description="continuous batching: sequences a stage steps at once")
+    round_ms: float | None = Field(None, description="continuous batching: max(batches x bottleneck, trip), the "
+                                                     "time in which every stream gains one token")
 
 
 class StageDoc(_Finite):
@@ -103,7 +108,14 @@ class PlanDoc(_Frozen):
     links: list[LinkDoc] = Field(default_factory=list, description="links between consecutive stages")
 
     def as_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        data = self.model_dump(mode="json")
+        for key in _BATCHED_ONLY:  # a plan priced in groups reads as it always did
+            if data["predicted"].get(key) is None:
+                data["predicted"].pop(key, None)
+        return data
+
+
+_BATCHED_ONLY = ("streams", "step_batch", "round_ms")
 
 
 def even_cuts(num_units: int, stages: int) -> list[int]:
@@ -273,19 +285,34 @@ def plan_document(problem: Problem, result: SolveResult, cost_model: CostModel |
             bound_ms=result.bound_ms,
             note=result.note,
         ),
-        predicted=Predicted(
-            token_latency_ms=ev.token_latency_ms,
-            bottleneck_ms=ev.bottleneck_ms,
-            tokens_per_s=ev.tokens_per_s,
-            pipeline_tokens_per_s=pipeline_tokens_per_s(ev.token_latency_ms, ev.bottleneck_ms, w.concurrency, w.batch_size),
-        ),
+        predicted=_predicted(ev, w),
         stages=stages,
         units=[u.name for u in problem.units],
-        workload={"prompt_tokens": w.prompt_tokens, "max_new_tokens": w.max_new_tokens, "batch_size": w.batch_size,
-                  "concurrency": w.concurrency},
+        workload=_workload(w, len(result.plan.stages)),
         nodes=[
             NodeDoc(id=n.id, device=n.device, memory_gb=n.memory_gb, compute_score=n.compute_score, address=n.address)
             for n in problem.cluster.nodes
         ],
         links=links,
     )
+
+
+def _predicted(ev: Evaluation, w: Workload) -> Predicted:
+    """The plan's figures: batched (``w.streams``) ``C / round``, else ``concurrency`` groups of ``batch_size``."""
+    if ev.streams is None:
+        pipe = pipeline_tokens_per_s(ev.token_latency_ms, ev.bottleneck_ms, w.concurrency, w.batch_size)
+        return Predicted(token_latency_ms=ev.token_latency_ms, bottleneck_ms=ev.bottleneck_ms,
+                         tokens_per_s=ev.tokens_per_s, pipeline_tokens_per_s=pipe)
+    rnd = ev.round_ms
+    return Predicted(token_latency_ms=ev.token_latency_ms, bottleneck_ms=ev.bottleneck_ms, tokens_per_s=ev.tokens_per_s,
+                     pipeline_tokens_per_s=ev.streams * 1e3 / rnd if rnd > 0 else None, streams=ev.streams,
+                     step_batch=ev.step_batch, round_ms=rnd)
+
+
+def _workload(w: Workload, stages: int) -> dict[str, int]:
+    """The plan's workload: batched, the step batch and batches of this plan plus ``streams``."""
+    out = {"prompt_tokens": w.prompt_tokens, "max_new_tokens": w.max_new_tokens, "batch_size": w.step_batch(stages),
+           "concurrency": w.groups(stages)}
+    if w.streams is not None:
+        out["streams"] = w.streams
+    return out

@@ -95,6 +95,18 @@ class WorkloadSpec(_Strict):
     max_new_tokens: int = Field(64, ge=1, le=MAX_TOKENS)
     batch_size: int = Field(1, ge=1, le=MAX_BATCH, description="sequences per group (micro-batch), stepped together")
     concurrency: int = Field(1, ge=1, le=MAX_BATCH, description="groups in flight at once in the pipeline; every stage holds their KV caches")
+    streams: int | None = Field(None, ge=1, le=MAX_BATCH, description="continuous batching (the serving engine): "
+                                "sequences in flight; with S stages min(S, streams) batches circulate, each stage "
+                                "steps one per forward (replaces batch_size and concurrency)")
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> WorkloadSpec:
+        given = [k for k in ("batch_size", "concurrency") if k in self.model_fields_set]
+        if self.streams is not None and given:
+            raise ValueError(f"streams ({self.streams}) sizes the batches itself: drop "
+                             f"{' and '.join(f'{k} ({getattr(self, k)})' for k in given)}, or drop streams "
+                             f"for fixed groups")
+        return self
 
 
 class UnitCostSpec(_Strict):

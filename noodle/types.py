@@ -11,7 +11,7 @@ norm + LM head). Units form a chain in that order.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 __all__ = [
@@ -113,12 +113,26 @@ class NodeProfile:
                 raise ValueError(f"NodeProfile.{key}: {ms}; a finite time of at least 0 ms")
 
     def decode_latency_ms(self, batch_size: int) -> tuple[float, ...]:
-        """Per-unit decode step at ``batch_size`` when measured at it, else at the profile's own batch size."""
-        if batch_size != self.batch_size:
-            for b, ms in self.decode_ms:
-                if b == batch_size:
-                    return ms
-        return self.latency_ms
+        """Per-unit decode step at ``batch_size``, piecewise-linear in the measured batch sizes.
+
+        At a measured size: its figures. Between two measured sizes ``b0 < b < b1``: each unit's
+        ``ms(b0) + (ms(b1) - ms(b0)) * (b - b0) / (b1 - b0)``. Below the smallest: the smallest's figures
+        (clamped: a smaller batch is assumed to cost no less). Above the largest: the slope of the last two
+        sizes, floored at 0 (extrapolated; with one measured size only, that size's figures).
+        """
+        points = sorted({self.batch_size: self.latency_ms, **dict(self.decode_ms)}.items())
+        b0, ms0 = points[0]
+        if batch_size <= b0 or len(points) == 1:
+            return ms0
+        for (lo, ms_lo), (hi, ms_hi) in zip(points, points[1:]):
+            if batch_size <= hi:
+                if batch_size == hi:
+                    return ms_hi
+                t = (batch_size - lo) / (hi - lo)
+                return tuple(a + (b - a) * t for a, b in zip(ms_lo, ms_hi))
+        (lo, ms_lo), (hi, ms_hi) = points[-2], points[-1]
+        t = (batch_size - hi) / (hi - lo)
+        return tuple(b + max(0.0, b - a) * t for a, b in zip(ms_lo, ms_hi))
 
     def mismatch(self, names: Sequence[str]) -> str | None:
         """Words for the first unit where this profile and the chain ``names`` differ; None when they agree."""
@@ -196,15 +210,26 @@ class Cluster:
 class Workload:
     """What the pipeline decodes: every stage's KV cache holds ``context_tokens`` for each sequence in flight.
 
-    ``batch_size`` sequences step together as one group (a micro-batch); ``concurrency`` groups
-    are in flight at once, each on a different stage, so a stage holds ``batch_size * concurrency``
-    sequences' caches.
+    Two modes:
+
+    * groups (``streams`` None, the default): ``batch_size`` sequences step together as one group (a
+      micro-batch); ``concurrency`` groups are in flight at once, each on a different stage, so a stage
+      holds ``batch_size * concurrency`` sequences' caches;
+    * continuous batching (``streams = C``): the serving engine's mode. ``C`` sequences are in flight; with
+      ``S`` stages, ``G = min(S, C)`` batches of about ``b = ceil(C / G)`` sequences circulate and every stage
+      steps one batch per forward (see :func:`~noodle.graph.costmodel.batched_round_ms`). ``batch_size``
+      is then the batch a stage steps, set by the planner per stage count (:meth:`at_stages`).
     """
 
     prompt_tokens: int = 128
     max_new_tokens: int = 64
     batch_size: int = 1
     concurrency: int = 1
+    streams: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.streams is not None and self.streams < 1:
+            raise ValueError(f"Workload.streams: {self.streams}; at least 1 sequence in flight")
 
     @property
     def context_tokens(self) -> int:
@@ -213,7 +238,34 @@ class Workload:
     @property
     def sequences(self) -> int:
         """Sequences whose KV cache every stage holds at once."""
-        return self.batch_size * self.concurrency
+        return self.streams if self.streams is not None else self.batch_size * self.concurrency
+
+    @property
+    def batched(self) -> bool:
+        """Continuous batching (``streams`` given)."""
+        return self.streams is not None
+
+    def groups(self, stages: int) -> int:
+        """Batches circulating in a pipeline of ``stages`` stages: ``min(S, C)`` (batched), ``concurrency`` else."""
+        return min(stages, self.streams) if self.streams is not None else self.concurrency
+
+    def step_batch(self, stages: int) -> int:
+        """Sequences a stage steps at once with ``stages`` stages: ``ceil(C / min(S, C))`` (batched), else
+        ``batch_size``."""
+        if self.streams is None:
+            return self.batch_size
+        return -(-self.streams // self.groups(stages))
+
+    def at_stages(self, stages: int) -> Workload:
+        """This workload priced for a pipeline of ``stages`` stages (batched: ``batch_size`` = the step batch)."""
+        if self.streams is None:
+            return self
+        return replace(self, batch_size=self.step_batch(stages))
+
+    @property
+    def hop_rows(self) -> int:
+        """Rows of activations one hop carries: the step batch when batched; 1 in groups mode (as always priced)."""
+        return self.batch_size if self.streams is not None else 1
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,10 @@ BAD = [
     (lambda d: d.update(constraints={"max_stages": 0}), r"constraints\.max_stages: Input should be greater than or equal to 1"),
     (lambda d: d["model"]["layers"].append(dict(d["model"]["layers"][0])), r"model\.layers: duplicate unit names embed"),
     (lambda d: d.update(workload={"prompt_tokens": 0}), r"workload\.prompt_tokens: Input should be greater than or equal to 1"),
+    (lambda d: d.update(workload={"streams": 0}), r"workload\.streams: Input should be greater than or equal to 1 \(got 0\)"),
+    (lambda d: d.update(workload={"streams": 8, "batch_size": 4, "concurrency": 2}),
+     r"workload: streams \(8\) sizes the batches itself: drop batch_size \(4\) and concurrency \(2\)"),
+    (lambda d: d.update(workload={"streams": 8, "concurrency": 1}), r"workload: streams \(8\) .*drop concurrency \(1\)"),
 ]
 
 
@@ -137,3 +141,21 @@ def test_concurrency_multiplies_the_kv_cache_every_stage_holds(tmp_path):
     assert grown == kv * 2 * 3  # three more groups of two sequences each
     assert pipeline_tokens_per_s(30.0, 10.0, 2, 4) == pytest.approx(4 * 2 / 30.0 * 1e3)
     assert pipeline_tokens_per_s(30.0, 10.0, 5, 1) == pytest.approx(100.0)
+
+
+def test_streams_is_continuous_batching_with_every_streams_kv_on_each_stage(tmp_path):
+    from noodle.graph.costmodel import DefaultCostModel
+
+    data = copy.deepcopy(BASE)
+    data["workload"] = {"prompt_tokens": 64, "max_new_tokens": 32, "streams": 6}
+    _, p = load_spec(_write(tmp_path, data))
+    w = p.workload
+    assert w.batched and w.sequences == 6 and (w.batch_size, w.concurrency) == (1, 1)
+    assert [(w.groups(s), w.step_batch(s)) for s in (1, 2, 4, 6, 9)] == [(1, 6), (2, 3), (4, 2), (6, 1), (6, 1)]
+    assert w.at_stages(4).batch_size == 2 and w.at_stages(4).sequences == 6
+    kv = sum(u.kv_bytes_per_token for u in p.units[0:2]) * 96 * 6
+    params = sum(u.param_bytes for u in p.units[0:2])
+    assert DefaultCostModel().stage_memory_bytes(p, p.cluster.nodes[0], 0, 2) == params + kv
+    data["workload"] = {"prompt_tokens": 64, "max_new_tokens": 32, "batch_size": 2, "concurrency": 3}
+    _, old = load_spec(_write(tmp_path, data))
+    assert not old.workload.batched and old.workload.step_batch(4) == 2 and old.workload.groups(4) == 3

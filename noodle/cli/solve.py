@@ -42,7 +42,14 @@ def render_table(doc: PlanDoc, console: Console) -> None:
         f"token latency {p.token_latency_ms:.3f} ms | bottleneck {p.bottleneck_ms:.3f} ms | "
         f"{p.tokens_per_s:.1f} tokens/s | objective {doc.objective_ms:.4f} ms"
     )
-    if p.pipeline_tokens_per_s is not None and p.token_latency_ms > 0 and p.bottleneck_ms > 0:
+    if p.streams is not None and p.pipeline_tokens_per_s is not None and p.round_ms:
+        console.print(
+            f"continuous batching: {p.streams} streams in {doc.workload.get('concurrency', 1)} batch(es) of "
+            f"{p.step_batch} -> {p.pipeline_tokens_per_s:.1f} tokens/s (round {p.round_ms:.3f} ms: every stream "
+            f"gains one token per round)",
+            highlight=False,
+        )
+    elif p.pipeline_tokens_per_s is not None and p.token_latency_ms > 0 and p.bottleneck_ms > 0:
         groups, batch = doc.workload.get("concurrency", 1), doc.workload.get("batch_size", 1)
         saturate = math.ceil(p.token_latency_ms / p.bottleneck_ms - 1e-9)
         console.print(

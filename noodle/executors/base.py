@@ -268,11 +268,11 @@ def check_workload(plan: PlanDoc, prompts: Sequence[Sequence[int]], max_new_toke
             f"prompt: {longest} tokens, but {where} was planned for prompts of at most {limit} tokens "
             "(workload.prompt_tokens); shorten the prompt or plan again with a larger workload"
         )
-    batch = plan.workload.get("batch_size")
+    batch = plan.workload.get("streams") or plan.workload.get("batch_size")
     if batch is not None and len(prompts) > batch:
+        field = "workload.streams" if plan.workload.get("streams") else "workload.batch_size"
         raise SpecError(
-            f"--batch: {len(prompts)} prompts, but {where} was planned for batches of at most {batch} "
-            "(workload.batch_size)"
+            f"--batch: {len(prompts)} prompts, but {where} was planned for batches of at most {batch} ({field})"
         )
     gen = plan.workload.get("max_new_tokens")
     if limit is not None and gen is not None and longest + max_new_tokens > limit + gen:

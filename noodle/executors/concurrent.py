@@ -18,6 +18,7 @@ from noodle.errors import ExecutorError
 from noodle.executors.base import RunReport, RunResult, StageReport
 from noodle.executors.generation import Sampling
 from noodle.executors.scheduler import Completion, predicted_tokens_per_s
+from noodle.plandoc import Predicted
 
 __all__ = ["run_concurrent", "steady_tokens_per_s"]
 
@@ -129,12 +130,20 @@ def run_concurrent(
         tokens_per_s=tps, decode_tokens_per_s=tps, stages=tuple(stages),
         predicted_token_latency_ms=pred.token_latency_ms, concurrency=concurrency, micro_batch=micro_batch,
         prefill_chunk=prefill_chunk, requests=len(prompts),
-        # the plan prices one sequence (or one group) per step; a batched step's cost is not in it yet
-        predicted_tokens_per_s=(predicted_tokens_per_s(pred.token_latency_ms, pred.bottleneck_ms, groups, micro_batch)
-                                if mode != "continuous" else None),
+        predicted_tokens_per_s=_predicted(pred, mode, concurrency, groups, micro_batch),
         batching=mode,
         ttft_ms_p50=_pct(ttft, 50), ttft_ms_p95=_pct(ttft, 95), itl_ms_p50=_pct(itl, 50), itl_ms_p95=_pct(itl, 95),
         steady_tokens_per_s=steady_tokens_per_s(comps, min(concurrency * micro_batch, stats.peak_in_flight or 1)),
         peak_in_flight=stats.peak_in_flight,
     )  # fmt: skip
     return RunResult(tokens=[c.tokens for c in comps], report=report)
+
+
+def _predicted(pred: Predicted, mode: str, concurrency: int, groups: int, micro_batch: int) -> float | None:
+    """The plan's tokens/s for this run: batched, the plan's own figure when it was priced for this many
+    streams (None otherwise: the plan cannot be re-priced here); grouped, ``groups`` groups of ``micro_batch``."""
+    if mode == "continuous":
+        return pred.pipeline_tokens_per_s if pred.streams == concurrency else None
+    if pred.streams is not None:  # a batched plan run in groups: its figures are priced at another batch
+        return None
+    return predicted_tokens_per_s(pred.token_latency_ms, pred.bottleneck_ms, groups, micro_batch)

@@ -13,6 +13,29 @@ pipeline order, stage ``k`` holding units ``[s_k, e_k)`` on node ``v_k``::
     memory_k   = sum(param_bytes) + sum(kv_bytes_per_token) * context_tokens * batch_size * concurrency
                  <= memory_gb(v_k) * 2**30
 
+Continuous batching (``Workload.streams = C``, the serving engine of
+:mod:`noodle.executors.batching`). A plan of ``S`` stages runs ``G = min(S, C)`` batches of
+``b = ceil(C / G)`` sequences; every stage steps one whole batch per forward. Each term above is
+priced at the batch a stage steps: ``c_k(b)`` from the node's per-unit ``decode_ms`` at ``b``
+(interpolated, :meth:`~noodle.types.NodeProfile.decode_latency_ms`; a node without a profile has
+no batch curve, so its step costs the same at any ``b``), hops carry ``b`` rows of activations
+(``activation_bytes * b``), memory holds all ``C`` sequences' KV on every stage. With
+``t_k = c_k(b) + out_k(b)``::
+
+    round   R = max(G * max_k t_k, sum_k t_k)          (ms in which every stream gains one token)
+    throughput = C / R tokens per ms;  objective_ms = R / C (ms per generated token)
+    latency objective: objective_ms = R (a stream's time per token: it gains one token per round)
+
+Why: each sequence gains one token per round, since a batch must return from the last stage
+(its tokens sampled) before its next step enters the first. One batch's trip is ``sum_k t_k``
+(a batch is at one stage at a time), so ``R >= sum_k t_k``; every stage steps all ``G`` batches
+once per round, one at a time, so ``R >= G * t_k`` for each ``k``. A closed cyclic line with
+deterministic times and ``G`` batches reaches that bound (throughput ``min(G / L, 1 / B)``
+batches per ms, ``L`` the trip, ``B`` the bottleneck). For ``S <= C`` the trip never binds
+(``sum_k t_k <= S * max_k t_k``), so ``R = S * max_k t_k``; for ``S > C`` (fewer streams than
+stages) the ``C`` single-sequence batches leave stages idle and ``R = max(C * B, L)``. Batches
+of ``floor(C / G)`` (when ``G`` does not divide ``C``) are priced at ``b`` too: a bound from above.
+
 Any object with the four methods of :class:`CostModel` can replace it; exact
 solvers precompute every (node, range) cost from it, so a custom model needs no
 special structure (see ``examples/custom_cost_model.py``). Nodes that carry their own
@@ -23,14 +46,14 @@ measured unit costs (``Node.profile``) are priced by
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
 from noodle.graph.pernode import PerNodeCostModel
 from noodle.types import Node, Plan, Problem
 
 __all__ = ["CostModel", "DefaultCostModel", "PerNodeCostModel", "StageCost", "Evaluation", "evaluate",
-           "cost_model_for", "pipeline_tokens_per_s"]
+           "cost_model_for", "pipeline_tokens_per_s", "batched_round_ms"]
 
 
 @runtime_checkable
@@ -84,7 +107,8 @@ class DefaultCostModel:
         return self._mem[end] - self._mem[start]
 
     def hop_ms(self, problem: Problem, src: Node, dst: Node, cut: int) -> float:
-        return problem.cluster.link(src.id, dst.id).transfer_ms(problem.units[cut - 1].activation_bytes)
+        nbytes = problem.units[cut - 1].activation_bytes * problem.workload.hop_rows  # a batched step's rows
+        return problem.cluster.link(src.id, dst.id).transfer_ms(nbytes)
 
     def return_ms(self, problem: Problem, last: Node, first: Node) -> float:
         return problem.cluster.link(last.id, first.id).latency_ms
@@ -124,22 +148,46 @@ class StageCost:
 
 @dataclass(frozen=True)
 class Evaluation:
-    """A plan re-evaluated under a cost model."""
+    """A plan re-evaluated under a cost model.
+
+    ``streams`` is set under continuous batching (then ``round_ms`` is the round of the module
+    docstring, the stage costs are priced at ``step_batch``, and ``groups`` batches circulate).
+    """
 
     stages: tuple[StageCost, ...]
     token_latency_ms: float
     bottleneck_ms: float
     objective: str
+    streams: int | None = None
+    groups: int = 1
+    step_batch: int = 1
+
+    @property
+    def round_ms(self) -> float:
+        """Batched: ``max(G * bottleneck, trip)``, the time in which every stream gains one token."""
+        return max(self.groups * self.bottleneck_ms, self.token_latency_ms)
 
     @property
     def objective_ms(self) -> float:
+        if self.streams is not None:
+            return self.round_ms / self.streams if self.objective == "throughput" else self.round_ms
         return self.bottleneck_ms if self.objective == "throughput" else self.token_latency_ms
 
     @property
     def tokens_per_s(self) -> float:
         """Steady-state tokens/s of a full pipeline (throughput) or of one sequence (latency)."""
-        ms = self.bottleneck_ms if self.objective == "throughput" else self.token_latency_ms
+        if self.streams is not None:
+            ms = self.round_ms / (self.streams if self.objective == "throughput" else 1)
+        else:
+            ms = self.bottleneck_ms if self.objective == "throughput" else self.token_latency_ms
         return 1e3 / ms if ms > 0 else float("inf")
+
+
+def batched_round_ms(totals: list[float], streams: int) -> float:
+    """The batched round of stage totals ``t_k`` (compute + out) with ``C = streams``: ``max(G max t, sum t)``."""
+    if not totals:
+        return 0.0
+    return max(min(len(totals), streams) * max(totals), sum(totals))
 
 
 def pipeline_tokens_per_s(token_latency_ms: float, bottleneck_ms: float, concurrency: int, batch_size: int = 1) -> float:
@@ -156,6 +204,9 @@ def pipeline_tokens_per_s(token_latency_ms: float, bottleneck_ms: float, concurr
 def evaluate(problem: Problem, plan: Plan, cost_model: CostModel | None = None) -> Evaluation:
     """Cost of ``plan`` for ``problem`` under ``cost_model`` (default: :func:`cost_model_for` the problem)."""
     cm = cost_model or cost_model_for(problem)
+    w = problem.workload
+    if w.batched:  # every term at the batch a stage of this plan steps
+        problem = replace(problem, workload=w.at_stages(len(plan.stages)))
     nodes = [problem.cluster.node(s.node) for s in plan.stages]
     stages: list[StageCost] = []
     for k, (stage, node) in enumerate(zip(plan.stages, nodes)):
@@ -178,4 +229,8 @@ def evaluate(problem: Problem, plan: Plan, cost_model: CostModel | None = None) 
         )
     latency = sum(s.total_ms for s in stages)
     bottleneck = max((s.total_ms for s in stages), default=0.0)
-    return Evaluation(tuple(stages), latency, bottleneck, problem.objective)
+    if not w.batched:
+        return Evaluation(tuple(stages), latency, bottleneck, problem.objective)
+    k = len(plan.stages)
+    return Evaluation(tuple(stages), latency, bottleneck, problem.objective, streams=w.streams, groups=w.groups(k),
+                      step_batch=w.step_batch(k))

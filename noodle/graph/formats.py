@@ -89,7 +89,8 @@ class FormatCostModel:
         return self.best(problem, node, start, end)[2]
 
     def hop_ms(self, problem: Problem, src: Node, dst: Node, cut: int) -> float:
-        return problem.cluster.link(src.id, dst.id).transfer_ms(problem.units[cut - 1].activation_bytes)
+        nbytes = problem.units[cut - 1].activation_bytes * problem.workload.hop_rows  # a batched step's rows
+        return problem.cluster.link(src.id, dst.id).transfer_ms(nbytes)
 
     def return_ms(self, problem: Problem, last: Node, first: Node) -> float:
         return problem.cluster.link(last.id, first.id).latency_ms
@@ -114,9 +115,16 @@ def choose_formats(problem: Problem, plan: Plan, cm: FormatCostModel | None = No
 
     For throughput a stage below the bottleneck takes the most precise allowed format that fits
     memory and keeps its total (compute + out) at or under the bottleneck; for latency every extra
-    millisecond counts, so the fastest format stays.
+    millisecond counts, so the fastest format stays. Under continuous batching (``workload.streams``) the
+    stages are priced at the plan's step batch, and a stage is raised (either objective) only when the round
+    is ``G * bottleneck`` (``S <= streams``), which a stage at or under the bottleneck cannot grow.
     """
     cm = cm or FormatCostModel()
+    w = problem.workload
+    raise_ok = problem.objective == "throughput"
+    if w.batched and w.streams is not None:
+        problem = replace(problem, workload=w.at_stages(len(plan.stages)))
+        raise_ok = len(plan.stages) <= w.streams
     nodes = [problem.cluster.node(st.node) for st in plan.stages]
     outs = [cm.hop_ms(problem, a, b, st.end) for st, a, b in zip(plan.stages, nodes, nodes[1:])]
     outs.append(cm.return_ms(problem, nodes[-1], nodes[0]) if len(nodes) > 1 else 0.0)
@@ -124,7 +132,7 @@ def choose_formats(problem: Problem, plan: Plan, cm: FormatCostModel | None = No
     bottleneck = max(b[1] + out for b, out in zip(best, outs))
     chosen = []
     for st, node, (name, _, _), out in zip(plan.stages, nodes, best, outs):
-        if problem.objective == "throughput":
+        if raise_ok:
             for fmt, ms, mem in cm.options(problem, node, st.start, st.end):
                 if mem <= node.memory_bytes and ms + out <= bottleneck:
                     name = fmt  # options are most precise first

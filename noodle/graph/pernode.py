@@ -96,7 +96,8 @@ class PerNodeCostModel:
         return memory[end] - memory[start]
 
     def hop_ms(self, problem: Problem, src: Node, dst: Node, cut: int) -> float:
-        return problem.cluster.link(src.id, dst.id).transfer_ms(problem.units[cut - 1].activation_bytes)
+        nbytes = problem.units[cut - 1].activation_bytes * problem.workload.hop_rows  # a batched step's rows
+        return problem.cluster.link(src.id, dst.id).transfer_ms(nbytes)
 
     def return_ms(self, problem: Problem, last: Node, first: Node) -> float:
         return problem.cluster.link(last.id, first.id).latency_ms

@@ -27,7 +27,7 @@ from dataclasses import replace
 from typing import Any
 
 from noodle.solvers.base import SolveResult, SolverBase, plan_from_segments, relative_gap
-from noodle.solvers.bounds import latency_bound, relaxed_picks, throughput_bound
+from noodle.solvers.bounds import objective_bound, relaxed_picks
 from noodle.solvers.exact.fallback import exact_fallback
 from noodle.solvers.exact.limits import bound_cost_seconds
 from noodle.solvers.exact.subsetdp import Interrupted, dp_seconds, node_classes, solve_subset_dp
@@ -47,9 +47,7 @@ def lower_bound(
 
     For throughput the bisection stops within ``rel_tol``; a proof still checks ``upper`` exactly.
     """
-    if objective == "latency":
-        return latency_bound(tables, upper=upper, time_limit_s=time_limit_s)
-    return throughput_bound(tables, upper=upper, time_limit_s=time_limit_s, rel_tol=rel_tol)
+    return objective_bound(tables, objective, upper=upper, time_limit_s=time_limit_s, rel_tol=rel_tol)
 
 
 class AutoSolver(SolverBase):

@@ -88,10 +88,13 @@ def installed(modules: tuple[str, ...]) -> bool:
 
 
 class SolverBase:
-    """Defaults for the declared attributes: not exact, needs nothing, takes no options."""
+    """Defaults for the declared attributes: not exact, needs nothing, takes no options; ``optimises``
+    (False for a fixed rule such as a baseline) lets :func:`~noodle.solvers.solve` run it once per part of a
+    batched problem (:mod:`noodle.solvers.batched`)."""
 
     name: str = ""
     exact: ClassVar[bool] = False
+    optimises: ClassVar[bool] = True
     requires: tuple[str, ...] = ()
     options: ClassVar[Mapping[str, OptionSpec]] = {}
 

@@ -124,6 +124,7 @@ class BaselineSolver(SolverBase):
     """One of :data:`BASELINES`; returns its rule's plan (status ``baseline``) or no plan and why."""
 
     exact = False
+    optimises = False  # a fixed rule: under continuous batching it is placed once, not per stage count
 
     def __init__(self, name: str) -> None:
         self.name = name

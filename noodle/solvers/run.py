@@ -14,7 +14,8 @@ from typing import Any
 
 from noodle.errors import InfeasibleError, NoodleError
 from noodle.graph.costmodel import CostModel, cost_model_for, evaluate
-from noodle.solvers.base import SOLVERS, SolveResult, check_options
+from noodle.solvers.base import SOLVERS, SolveResult, Solver, check_options
+from noodle.solvers.batched import solve_batched
 from noodle.solvers.search.heuristic import HeuristicSolver, default_budget
 from noodle.solvers.tables import CostTables, build_tables, check_feasible, explain_infeasible, plan_segments, segments_value
 from noodle.types import Problem
@@ -59,8 +60,29 @@ def solve(
     impl = SOLVERS.get(solver)
     opts = check_options(impl, options)
     start = time.perf_counter()
-    tables = build_tables(problem, cm)
-    check_feasible(problem, tables)
+    if problem.workload.batched and getattr(impl, "optimises", True):
+        result, tables = solve_batched(
+            problem, cm, lambda part, t, secs: _solve_tables(part, impl, t, secs, opts), time_limit_s)
+    else:  # (a baseline places by its rule; evaluate() prices its plan, batched or not)
+        tables = build_tables(replace(problem, workload=problem.workload.at_stages(1)), cm)
+        check_feasible(problem, tables)
+        result = _solve_tables(problem, impl, tables, time_limit_s, opts)
+    if result.status == "infeasible":
+        raise InfeasibleError(result.note or explain_infeasible(problem, tables))
+    if result.plan is None:
+        if result.interrupted:
+            raise KeyboardInterrupt
+        hint_txt = "" if result.status == "baseline" else " (raise the time limit?)"
+        raise NoodleError(f"solver {result.solver!r}: {result.note or 'no plan found'}{hint_txt}")
+    ev = evaluate(problem, result.plan, cm)
+    return replace(result, objective_ms=ev.objective_ms, solve_time_s=time.perf_counter() - start)
+
+
+def _solve_tables(problem: Problem, impl: Solver, tables: CostTables, time_limit_s: float,
+                  opts: dict[str, Any]) -> SolveResult:
+    """One solver on one set of tables: the heuristic's warm start for an exact one, never worse than it,
+    then local search for the time it left unused."""
+    start = time.perf_counter()
     hint_result = None
     if getattr(impl, "exact", False):
         warm = min(default_budget(len(tables.nodes), tables.n), WARM_START_SHARE * time_limit_s)
@@ -82,15 +104,7 @@ def solve(
         if hint_result is not None and result.plan is not None and result.status != "optimal" \
                 and not result.interrupted and left > 0.1:
             result = _polish(problem, tables, result, left, impl.name)
-    if result.status == "infeasible":
-        raise InfeasibleError(result.note or explain_infeasible(problem, tables))
-    if result.plan is None:
-        if result.interrupted:
-            raise KeyboardInterrupt
-        hint_txt = "" if result.status == "baseline" else " (raise the time limit?)"
-        raise NoodleError(f"solver {result.solver!r}: {result.note or 'no plan found'}{hint_txt}")
-    ev = evaluate(problem, result.plan, cm)
-    return replace(result, objective_ms=ev.objective_ms, solve_time_s=time.perf_counter() - start)
+    return result
 
 
 def _polish(problem: Problem, tables: CostTables, result: SolveResult, seconds: float, name: str) -> SolveResult:

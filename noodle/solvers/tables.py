@@ -57,6 +57,9 @@ class CostTables:
         compute_prefix: ``P[j, i]`` with ``compute[j, s, e] == P[j, e] - P[j, s]`` (up to rounding) on every
             allowed segment, when the cost model is additive; else None.
         memory_prefix: ``M[j, i]`` with ``memory[j, s, e] == M[j, e] - M[j, s]`` exactly, when additive; else None.
+        min_stages: plans have at least this many stages (a part of a batched problem, :mod:`.batched`).
+        mix: 0, or ``C``: the throughput objective is then ``max(bottleneck, sum of stage totals / C)``
+            (a batched part with more stages than streams, :mod:`.batched`).
     """
 
     nodes: tuple[Node, ...]
@@ -68,6 +71,8 @@ class CostTables:
     max_stages: int
     compute_prefix: np.ndarray | None = None
     memory_prefix: np.ndarray | None = None
+    min_stages: int = 1
+    mix: int = 0
 
     @property
     def additive(self) -> bool:
@@ -150,7 +155,8 @@ def _build_default(problem: Problem) -> CostTables:
 def _link_tables(problem: Problem, nodes: tuple[Node, ...]) -> tuple[np.ndarray, np.ndarray]:
     """Hops and returns of the default model (link latency + the model's activation bytes over its bandwidth)."""
     n, m = problem.num_units, len(nodes)
-    act = np.array([0.0, *(float(u.activation_bytes) for u in problem.units)])  # act[p] = unit p-1's bytes
+    rows = problem.workload.hop_rows
+    act = np.array([0.0, *(float(u.activation_bytes * rows) for u in problem.units)])  # act[p] = unit p-1's bytes
     hop = np.zeros((m, m, n + 1))
     ret = np.zeros((m, m))
     for j, a in enumerate(nodes):
@@ -316,7 +322,9 @@ def segments_value(tables: CostTables, segments: list[tuple[int, int, int]], obj
         else:
             outs.append(tables.ret[j, segs[0][0]] if len(segs) > 1 else 0.0)
     totals = [tables.compute[seg] + out for seg, out in zip(segs, outs)]
-    return float(sum(totals) if objective == "latency" else max(totals))
+    if objective == "latency":
+        return float(sum(totals))
+    return float(max(max(totals), sum(totals) / tables.mix) if tables.mix else max(totals))
 
 
 def plan_segments(tables: CostTables, plan: Plan) -> list[tuple[int, int, int]]:

@@ -183,7 +183,7 @@ def test_concurrency_runs_each_prompt_alone_and_reports_the_plans_rate(tiny_mode
     rep = data["report"]
     assert rep["concurrency"] == 3 and rep["requests"] == 5 and rep["prefill_chunk"] == 4
     # hand-made plan: 3 stages of 1 ms -> one trip 3 ms, bottleneck 1 ms: 3 groups reach 1000 tokens/s;
-    # the plan prices one sequence per step, so a batched step has no prediction (rather than a wrong one)
+    # the plan is priced in groups (no workload.streams), so a batched run has no prediction (rather than a wrong one)
     if batching == "continuous":
         assert rep["predicted_tokens_per_s"] is None
     else:

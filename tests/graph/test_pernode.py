@@ -52,10 +52,25 @@ def test_decode_at_the_workloads_batch_size_when_measured():
         one = dataclasses.replace(p, workload=dataclasses.replace(p.workload, batch_size=1))
         assert PerNodeCostModel().stage_compute_ms(one, node, 1, 4) == pytest.approx(
             sum(node.profile.latency_ms[1:4]), rel=1e-12)
-        # a batch size the node never measured: its profile's own
+        # a batch size the node never measured: interpolated between its measured sizes (1 and 4)
         three = dataclasses.replace(p, workload=dataclasses.replace(p.workload, batch_size=3))
-        assert PerNodeCostModel().stage_compute_ms(three, node, 1, 4) == pytest.approx(
-            sum(node.profile.latency_ms[1:4]), rel=1e-12)
+        at4 = dict(node.profile.decode_ms).get(4)
+        if at4 is not None and node.profile.batch_size == 1:
+            mid = [a + (b - a) * 2 / 3 for a, b in zip(node.profile.latency_ms, at4)]
+            assert PerNodeCostModel().stage_compute_ms(three, node, 1, 4) == pytest.approx(
+                sum(mid[1:4]) + node.profile.step_overhead_ms, rel=1e-12)
+
+
+def test_decode_latency_interpolates_clamps_and_extrapolates():
+    prof = NodeProfile(("a", "b"), (1.0, 2.0), batch_size=2, decode_ms=((4, (1.4, 2.0)), (8, (2.2, 1.0))))
+    assert prof.decode_latency_ms(1) == (1.0, 2.0)  # below the smallest measured size: clamped
+    assert prof.decode_latency_ms(2) == (1.0, 2.0)
+    assert prof.decode_latency_ms(3) == pytest.approx((1.2, 2.0))  # halfway between 2 and 4
+    assert prof.decode_latency_ms(6) == pytest.approx((1.8, 1.5))
+    assert prof.decode_latency_ms(8) == (2.2, 1.0)
+    # past the largest: the last segment's slope (0.2 ms per sequence), never a falling slope
+    assert prof.decode_latency_ms(12) == pytest.approx((3.0, 1.0))
+    assert NodeProfile(("a",), (5.0,), batch_size=4).decode_latency_ms(32) == (5.0,)  # one size: that size
 
 
 def test_memory_from_the_nodes_profile_or_the_models():

@@ -45,7 +45,7 @@ import numpy as np
 from noodle.solvers.bounds.knapsack import FIRST, INTERIOR, LAST, knap_min, max_cover, skew
 from noodle.solvers.tables import INF, CostTables
 
-__all__ = ["latency_bound", "throughput_bound", "throughput_feasible", "relaxed_picks"]
+__all__ = ["latency_bound", "throughput_bound", "throughput_feasible", "relaxed_picks", "objective_bound"]
 
 
 def _out_min(tables: CostTables, succ: np.ndarray | None = None) -> np.ndarray:
@@ -338,3 +338,15 @@ def relaxed_picks(tables: CostTables, objective: str, tau: float = INF) -> list[
         k -= dk
         u = prev_u
     return picks[::-1]
+
+
+def objective_bound(tables: CostTables, objective: str, *, upper: float, time_limit_s: float = 1.0,
+                    rel_tol: float = 1e-9) -> float:
+    """The bound for ``objective`` on ``tables``; with ``tables.mix`` (throughput = ``max(bottleneck,
+    latency / mix)``) the larger of the two bounds. ``tables.min_stages`` is relaxed (the bound stays valid)."""
+    if objective == "latency":
+        return latency_bound(tables, upper=upper, time_limit_s=time_limit_s)
+    low = throughput_bound(tables, upper=upper, time_limit_s=time_limit_s, rel_tol=rel_tol)
+    if tables.mix:
+        low = max(low, latency_bound(tables, upper=upper * tables.mix, time_limit_s=time_limit_s) / tables.mix)
+    return low

@@ -23,7 +23,7 @@ import numpy as np
 
 from noodle.errors import SolverUnavailable
 from noodle.solvers.base import SolveResult, SolverBase, plan_from_segments
-from noodle.solvers.bounds import latency_bound, throughput_bound
+from noodle.solvers.bounds import objective_bound
 from noodle.solvers.exact.limits import CPSAT_SECONDS_PER_VAR, bound_seconds, hard_stop, surely_too_large, too_large
 from noodle.solvers.exact.segments import build_segment_model, plan_in_model
 from noodle.solvers.tables import INF, CostTables, plan_segments, segments_value
@@ -85,8 +85,7 @@ class CpSatSolver(SolverBase):
         why = too_large(model, deadline - time.perf_counter(), CPSAT_SECONDS_PER_VAR)
         if why is None and hint_seg:
             secs = bound_seconds(time_limit_s)
-            lower = (latency_bound(tables, upper=upper, time_limit_s=secs) if obj == "latency"
-                     else throughput_bound(tables, upper=upper, time_limit_s=secs))
+            lower = objective_bound(tables, obj, upper=upper, time_limit_s=secs)
             model = replace(model, lower=max(0.0, float(lower)))
         if why is not None:
             elapsed = time.perf_counter() - t0
@@ -112,6 +111,8 @@ class CpSatSolver(SolverBase):
             md.add_at_most_one(by_node[j])
         if model.max_stages < m:
             md.add(sum(u) <= model.max_stages)
+        if model.min_stages > 1:
+            md.add(sum(u) >= model.min_stages)
         outs, ins = defaultdict(list), defaultdict(list)
         for i, (j, k, p) in enumerate(model.hop.tolist()):
             outs[j, p].append(h[i])
@@ -153,12 +154,17 @@ class CpSatSolver(SolverBase):
             for i, (j, _k) in enumerate(model.ret.tolist()):
                 load[j].append(ret_c[i] * r[i])
             top = max([*seg_c, 0]) + max([*hop_c, 0]) + max([*ret_c, 0]) + slack
+            if model.mix:  # the latency term may be the larger
+                top = max(top, sum(sorted(seg_c)[-m:]) + sum(sorted(hop_c)[-m:]) + max([*ret_c, 0]) + slack)
             if np.isfinite(upper):
                 top = min(top, _ns(upper) + slack)
             t = md.new_int_var(min(low, top), max(top, 1), "bottleneck")
             for j in range(m):
                 if load[j]:
                     md.add(t >= sum(load[j]))
+            if model.mix:  # mix * T >= every cost (objective max(bottleneck, latency / mix))
+                md.add(model.mix * t >= sum(c * v for c, v in zip(seg_c, u)) + sum(c * v for c, v in zip(hop_c, h))
+                       + sum(c * v for c, v in zip(ret_c, r)))
             md.minimize(t)
         start = plan_in_model(model, hint_seg) if hint_seg else None
         if start is not None:

@@ -24,7 +24,7 @@ import numpy as np
 
 from noodle.errors import SolverUnavailable
 from noodle.solvers.base import SolveResult, SolverBase, installed, plan_from_segments
-from noodle.solvers.bounds import latency_bound, throughput_bound
+from noodle.solvers.bounds import objective_bound
 from noodle.solvers.exact.limits import HIGHS_SECONDS_PER_VAR, bound_seconds, surely_too_large, too_large
 from noodle.solvers.exact.milp_model import milp_model
 from noodle.solvers.exact.mip_backends import (
@@ -41,9 +41,7 @@ STATUS_MAP = {"highs": HIGHS_STATUS_MAP, "cbc": CBC_STATUS_MAP}
 
 
 def _bound(tables: CostTables, objective: str, upper: float, seconds: float) -> float:
-    if objective == "latency":
-        return latency_bound(tables, upper=upper, time_limit_s=seconds)
-    return throughput_bound(tables, upper=upper, time_limit_s=seconds)
+    return objective_bound(tables, objective, upper=upper, time_limit_s=seconds)
 
 
 class MilpSolver(SolverBase):

@@ -87,8 +87,9 @@ def model_arrays(model: SegmentModel) -> dict[str, Any]:
     add_rows(np.full(int((E == n).sum()), b + 1), u0 + ids[E == n], one(int((E == n).sum())))
     b = new_rows(m, -INF, 1.0)
     add_rows(b + J, u0 + ids, one(S))
-    if model.max_stages < m:
-        b = new_rows(1, -INF, float(model.max_stages))
+    if model.max_stages < m or model.min_stages > 1:
+        b = new_rows(1, float(model.min_stages) if model.min_stages > 1 else -INF,
+                     float(model.max_stages) if model.max_stages < m else INF)
         add_rows(np.full(S, b), u0 + ids, one(S))
     # hop pairing at interior cuts: keys (j, p) for ends/outs and (k, p) for starts/ins
     key = lambda a, p: a * (n + 1) + p  # noqa: E731
@@ -123,6 +124,10 @@ def model_arrays(model: SegmentModel) -> dict[str, Any]:
         add_rows(b + J, u0 + ids, -model.seg_cost)
         add_rows(b + HJ, h0 + np.arange(H), -model.hop_cost)
         add_rows(b + RJ, r0 + np.arange(R), -model.ret_cost)
+        if model.mix:  # mix * T - every cost >= 0
+            b = new_rows(1, 0.0, INF)
+            add_rows(np.array([b]), np.array([t]), np.array([float(model.mix)]))
+            add_rows(np.full(S + H + R, b), np.arange(S + H + R), -cost)
     else:
         obj[: S + H + R] = cost
         if model.lower > 0:

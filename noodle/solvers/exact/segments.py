@@ -12,7 +12,8 @@ Variables (all binary):
 Constraints, with ``end[j,p] = sum_s u[j,s,p]`` and ``start[k,p] = sum_e u[k,p,e]``:
 
 * the chain starts and ends once: ``sum_j start[j,0] = 1``, ``sum_j end[j,n] = 1``;
-* one stage per node: ``sum_{s,e} u[j,s,e] <= 1``; at most K stages: ``sum u <= K``;
+* one stage per node: ``sum_{s,e} u[j,s,e] <= 1``; at most K stages: ``sum u <= K``; at least
+  ``K0`` (``tables.min_stages``, a part of a batched problem): ``sum u >= K0``;
 * hops pair the stage that ends at p with the one that starts there (this also makes
   the chain flow: ``sum_j end[j,p] = sum_k start[k,p]``):
   ``sum_k h[j,k,p] = end[j,p]`` and ``sum_j h[j,k,p] = start[k,p]``;
@@ -20,7 +21,9 @@ Constraints, with ``end[j,p] = sum_s u[j,s,p]`` and ``start[k,p] = sum_e u[k,p,e
 
 Objectives: latency ``min sum C u + sum H h + sum R r``; throughput ``min T`` with, for
 each node j (one stage at most, so its outgoing hop is unique),
-``T >= sum_{s,e} C[j,s,e] u[j,s,e] + sum_{k,p} H[j,k,p] h[j,k,p] + sum_k R[j,k] r[j,k]``.
+``T >= sum_{s,e} C[j,s,e] u[j,s,e] + sum_{k,p} H[j,k,p] h[j,k,p] + sum_k R[j,k] r[j,k]``;
+with ``mix = C > 0`` (a batched part with more stages than streams, :mod:`noodle.solvers.batched`)
+also ``C * T >= sum C u + sum H h + sum R r`` (the objective ``max(bottleneck, latency / C)``).
 
 Reductions, given an incumbent of value ``U`` (the heuristic's plan, passed as the
 hint) and a lower bound ``L`` (:mod:`noodle.solvers.bounds`); none removes a plan
@@ -63,6 +66,8 @@ class SegmentModel:
     max_stages: int
     objective: str
     lower: float  # valid lower bound on the optimum (0 when unknown)
+    min_stages: int = 1
+    mix: int = 0  # throughput: T >= (every cost) / mix as well, when > 0
 
     def segments(self) -> list[tuple[int, int, int]]:
         return [tuple(int(x) for x in row) for row in self.seg]  # type: ignore[misc]
@@ -152,7 +157,7 @@ def build_segment_model(
     rets = np.stack([RJ, RK], axis=1).astype(np.int64)
     ret_cost = np.where(RJ == RK, 0.0, ret[RJ, RK])
     return SegmentModel(n, m, seg, seg_cost, hops, hop_cost, rets, ret_cost, tables.max_stages, objective,
-                        max(0.0, float(lower)))
+                        max(0.0, float(lower)), tables.min_stages, tables.mix if objective != "latency" else 0)
 
 
 def plan_in_model(model: SegmentModel, segments: list[tuple[int, int, int]]) -> dict[str, np.ndarray] | None:

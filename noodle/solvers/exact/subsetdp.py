@@ -99,6 +99,8 @@ def dp_work(tables: CostTables, objective: str, classes: list[list[int]] | None 
 
 def dp_seconds(tables: CostTables, objective: str, classes: list[list[int]] | None = None) -> float:
     """Rough wall time of :func:`solve_subset_dp` (INF when the state space is out of reach)."""
+    if objective != "latency" and tables.mix:  # max(bottleneck, latency / mix) is not this DP's
+        return INF
     classes = classes if classes is not None else node_classes(tables)
     work = dp_work(tables, objective, classes)
     if not np.isfinite(work):
@@ -116,6 +118,8 @@ def solve_subset_dp(
     cutoff: float = INF,
 ) -> tuple[float, list[tuple[int, int, int]]]:
     """Exact optimum of ``tables``: (value, segments as (node, start, end)); (INF, []) if infeasible.
+
+    Plans of ``tables.min_stages`` to ``tables.max_stages`` stages; not for ``tables.mix`` (see :func:`dp_seconds`).
 
     With ``cutoff`` (an incumbent's value), only plans worth less are searched for: partial values at
     or above it are dropped (they never decrease), and (INF, []) then means "none better than cutoff".
@@ -178,7 +182,7 @@ def solve_subset_dp(
             last = Cj[None, :, :, n] + (0.0 if vec.sum() == 1 else Rfj[:, :, None])  # (F, J, P)
             fin = np.maximum(val, last).min(axis=2)
         fi, ji = np.unravel_index(np.argmin(fin), fin.shape)
-        if fin[fi, ji] < best:
+        if vec.sum() >= tables.min_stages and fin[fi, ji] < best:
             best = float(fin[fi, ji])
             best_state = (k, int(present[fi]), int(present[ji]))
         if vec.sum() >= tables.max_stages:

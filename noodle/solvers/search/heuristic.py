@@ -37,7 +37,7 @@ from noodle.solvers.base import SolveResult, SolverBase, plan_from_segments
 from noodle.solvers.exact.fallback import exact_fallback
 from noodle.solvers.exact.subsetdp import Interrupted, dp_seconds, solve_subset_dp
 from noodle.solvers.search.orders import picks_order, start_orders
-from noodle.solvers.tables import INF, CostTables
+from noodle.solvers.tables import INF, CostTables, segments_value
 from noodle.types import Plan, Problem
 
 __all__ = ["HeuristicSolver", "SearchResult", "dp_order", "dp_values", "search_orders", "start_orders", "default_budget",
@@ -66,8 +66,25 @@ def dp_order(
 ) -> tuple[float, list[tuple[int, int, int]]]:
     """Best plan whose stages use a prefix of ``order`` (node indices); (value, segments).
 
-    Plans worth ``cutoff`` or more are not reported (``(INF, [])`` when none is better).
+    Plans worth ``cutoff`` or more are not reported (``(INF, [])`` when none is better). With
+    ``tables.mix`` (throughput = ``max(bottleneck, latency / mix)``) the better of the order's
+    bottleneck-optimal and latency-optimal plans: a heuristic, not the order's optimum.
     """
+    if objective == "latency" or not tables.mix:
+        return _dp_order(tables, order, objective, cutoff=cutoff)
+    best: tuple[float, list[tuple[int, int, int]]] = (INF, [])
+    for obj in ("throughput", "latency"):
+        _, seg = _dp_order(tables, order, obj)
+        val = segments_value(tables, seg, "throughput") if seg else INF
+        if val < min(best[0], cutoff):
+            best = (val, seg)
+    return best
+
+
+def _dp_order(
+    tables: CostTables, order: list[int], objective: str, *, cutoff: float = INF
+) -> tuple[float, list[tuple[int, int, int]]]:
+    """:func:`dp_order` for the plain objectives (``tables.mix`` ignored)."""
     n = tables.n
     first = order[0]
     latency = objective == "latency"
@@ -100,7 +117,8 @@ def dp_order(
         rows_hist.append(rows)
         arg_hist.append(arg)
         total = vals[n] + (tables.ret[j, first] if (latency and i > 0) else 0.0)
-        if total < best_val - (1e-12 * abs(best_val) if np.isfinite(best_val) else 0.0):
+        if i + 1 >= tables.min_stages and \
+                total < best_val - (1e-12 * abs(best_val) if np.isfinite(best_val) else 0.0):
             best_val, best_end = float(total), i
         prev = vals
     if best_end < 0:
@@ -122,8 +140,15 @@ def dp_values(
 
     Values at or above ``cutoff`` may be reported as INF (orders and rows that cannot beat it are dropped).
     Past ``deadline`` the remaining orders are INF and the current ones keep the best plan over the stage
-    counts done so far (a valid plan's value, perhaps not the order's optimum).
+    counts done so far (a valid plan's value, perhaps not the order's optimum). With ``tables.mix``:
+    ``max(best bottleneck, best latency / mix)`` per order, a lower bound on its plans (to rank orders).
     """
+    if objective != "latency" and tables.mix:
+        low = dp_values(replace(tables, mix=0), orders, "throughput", cutoff=cutoff, chunk_elems=chunk_elems,
+                        deadline=deadline)
+        lat = dp_values(tables, orders, "latency", cutoff=cutoff * tables.mix, chunk_elems=chunk_elems,
+                        deadline=deadline)
+        return np.maximum(low, lat / tables.mix)
     orders = np.asarray(orders, dtype=np.int64)
     k_all, m = orders.shape
     n = tables.n
@@ -165,7 +190,8 @@ def dp_values(
             cand = np.maximum(p_rows[:, :, None], stage)
         vals = cand.min(axis=1)
         total = vals[:, n] + (tables.ret[j, first] if (latency and i > 0) else 0.0)
-        best[live] = np.minimum(best[live], total)
+        if i + 1 >= tables.min_stages:
+            best[live] = np.minimum(best[live], total)
         vals[:, n] = INF
         cutoff = min(cutoff, float(best.min()))
         keep = (vals < cutoff).any(axis=1)
