@@ -14,10 +14,12 @@ import re
 
 from noodle.errors import DependencyMissing
 
-__all__ = ["EXEC_MODULES", "TESTED_TRANSFORMERS", "check_transformers", "require_exec"]
+__all__ = ["EXEC_MODULES", "TESTED_TRANSFORMERS", "check_transformers", "require_exec", "tested_span"]
 
 EXEC_MODULES = ("torch", "transformers", "safetensors", "grpc")
-TESTED_TRANSFORMERS: tuple[str, str] = ("5.17.0", "5.25.0")  # (floor, newest tested release)
+# (floor, newest tested release). 5.17-5.23 pass the staged conformance (noodle.models.compat) but give
+# wrong tokens for packed gptj/codegen steps (continuous batching); 5.16 and older lack the masks' layer_idx.
+TESTED_TRANSFORMERS: tuple[str, str] = ("5.25.0", "5.25.0")
 
 
 def _release(version: str) -> tuple[int, ...]:
@@ -29,6 +31,12 @@ def _release(version: str) -> tuple[int, ...]:
             break
         parts.append(int(digits[0]))
     return tuple(parts)
+
+
+def tested_span() -> str:
+    """The tested transformers range in words ("5.25.0", or "5.24.0 to 5.25.0")."""
+    floor, newest = TESTED_TRANSFORMERS
+    return floor if floor == newest else f"{floor} to {newest}"
 
 
 def check_transformers(version: str | None = None) -> str | None:
@@ -46,7 +54,7 @@ def check_transformers(version: str | None = None) -> str | None:
         except importlib.metadata.PackageNotFoundError:
             return None
     floor, newest = TESTED_TRANSFORMERS
-    span = f"{floor} to {newest}"
+    span = tested_span()
     if _release(version) < _release(floor):
         raise DependencyMissing(
             f"transformers {version} is older than noodle is tested on ({span}); "

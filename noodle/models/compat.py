@@ -1,4 +1,4 @@
-"""Where transformers releases in the tested range (:data:`noodle.extras.TESTED_TRANSFORMERS`) differ.
+"""Where transformers releases differ in what noodle calls (the tested range: :data:`noodle.extras.TESTED_TRANSFORMERS`).
 
 Each shim inspects the signature once instead of comparing version numbers.
 """
@@ -14,7 +14,7 @@ __all__ = ["make_mask"]
 
 @lru_cache(maxsize=None)
 def _cache_keyword(func: Any) -> str:
-    """The name a mask builder takes the KV cache under (``cache`` from 5.24, ``past_key_values`` before)."""
+    """The name a mask builder takes the KV cache under (``cache`` in 5.25, ``past_key_values`` in 5.17)."""
     params = inspect.signature(func).parameters
     return "cache" if "cache" in params else "past_key_values"
 
