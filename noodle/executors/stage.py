@@ -37,6 +37,7 @@ from noodle.errors import ExecutorError, ModelError
 from noodle.executors.messages import StageInput, StageOutput
 from noodle.executors.packed import PACKABLE_ATTENTION, PackedStep, SeqKV, packed_attention
 from noodle.executors.slicing import ModelSlice, load_slice
+from noodle.models.compat import make_mask
 from noodle.models.conformance import KEYS_BACK_TO_BACK, UNPACKED
 from noodle.models.quant import apply_format
 from noodle.models.glue import alibi_bias, block_call, embed_multiplier, logits_glue, positions_call, uses_alibi
@@ -243,17 +244,8 @@ class StageRunner:
             hidden = hidden.to(self._dtype)
 
         if self.slice.blocks:
-            import transformers.masking_utils as mu
-
             masks = {
-                kind: getattr(mu, _MASK_FUNCS[kind])(
-                    config=self.config,
-                    inputs_embeds=hidden,
-                    attention_mask=state.mask,
-                    cache=state.cache,
-                    position_ids=positions,
-                    layer_idx=first,
-                )
+                kind: make_mask(_MASK_FUNCS[kind], self.config, hidden, state.mask, state.cache, positions, first)
                 for kind, first in self._kinds.items()
             }
             call = self._call

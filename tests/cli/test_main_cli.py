@@ -160,6 +160,35 @@ def test_execution_commands_without_the_exec_extra(monkeypatch, capsys, argv):
     assert err.startswith("noodle: error: ") and "pip install 'noodle[exec]'" in err and "torch" in err
 
 
+@pytest.mark.parametrize("argv", [["exec", "plan.json", "--model", "m", "--prompt-ids", "1"], ["worker", "--model", "m"]])
+def test_transformers_older_than_tested_is_refused_in_one_line(monkeypatch, capsys, argv):
+    """5.16 and older crash inside staged execution: refused at start, naming the tested range."""
+    import importlib.metadata
+
+    from noodle.extras import tested_span
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "5.13.0" if name == "transformers" else real(name))
+    assert main(argv) == 4
+    err = _no_traceback(capsys).strip()
+    assert err.startswith("noodle: error: transformers 5.13.0 is older than noodle is tested on"), err
+    assert f"({tested_span()})" in err and len(err.splitlines()) == 1
+
+
+def test_transformers_versions_judged_against_the_tested_range():
+    from noodle.errors import DependencyMissing
+    from noodle.extras import TESTED_TRANSFORMERS, check_transformers, tested_span
+
+    floor, newest = TESTED_TRANSFORMERS
+    assert check_transformers(floor) is None and check_transformers(newest) is None
+    assert check_transformers(newest.rsplit(".", 1)[0] + ".9") is None  # a patch release of the newest minor
+    major, minor = (int(x) for x in newest.split(".")[:2])
+    warning = check_transformers(f"{major}.{minor + 1}.0.dev0")
+    assert warning and warning.startswith(f"transformers {major}.{minor + 1}.0.dev0 is newer") and f"({tested_span()})" in warning
+    with pytest.raises(DependencyMissing, match=f"transformers 5.16.2 is older .*{tested_span()}"):
+        check_transformers("5.16.2")
+
+
 def test_planning_works_without_the_exec_extra(monkeypatch, capsys):
     import importlib.util
 

@@ -83,8 +83,8 @@ def test_reduced_models_keep_the_optimum(objective):
     p = _real_like(7, 30, 7, objective)
     tables = build_tables(p, CM)
     dp, _ = solve_subset_dp(tables, objective)
-    for name in ("cpsat", "milp", "auto"):
-        res = solve(p, solver=name, time_limit_s=30)
+    for name in ("cpsat", "milp", "auto"):  # each proves it in ~1 s; the limit is out of reach on a busy machine
+        res = solve(p, solver=name, time_limit_s=600)
         assert res.status == "optimal", (name, res)
         assert res.objective_ms == pytest.approx(dp, rel=1e-6), name
 

@@ -345,8 +345,8 @@ class HeuristicSolver(SolverBase):
     iterated local search stops improving; ``hint`` (a plan) seeds the search. When the
     exact set DP (:mod:`noodle.solvers.exact.subsetdp`) is estimated to take at most
     ``DP_BUDGET_FACTOR`` times that budget (small instances: ~6 nodes x 14 units), it
-    runs after the search with the search's value as cutoff, so the plan is then
-    proven optimal. When the search finds no plan, the set DP (if it fits in the time
+    runs after the search with the search's value as cutoff, within ``time_limit_s``, so the
+    plan is then proven optimal whatever the machine's load (the estimate counts work, not time). When the search finds no plan, the set DP (if it fits in the time
     limit) or an installed exact model proves that none exists (status ``infeasible``).
     """
 
@@ -381,8 +381,9 @@ class HeuristicSolver(SolverBase):
         if (small and seg) or (self.prove and not seg and est <= 0.8 * left):
             try:
                 cutoff = val * (1 + 1e-9) + 1e-12 if seg else INF
-                dp_deadline = deadline if not seg else min(deadline, t0 + (DP_BUDGET_FACTOR + 2) * budget)
-                v, s = solve_subset_dp(tables, obj, deadline=dp_deadline, cutoff=cutoff)
+                # chosen by its work estimate, the DP then has the caller's whole limit: a busy machine
+                # makes it slower, not unproven
+                v, s = solve_subset_dp(tables, obj, deadline=deadline, cutoff=cutoff)
             except Interrupted:
                 pass
             except KeyboardInterrupt:
