@@ -3,18 +3,22 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 NOODLE := $(VENV)/bin/noodle
 
-.PHONY: setup demo demo-gpt2 demo-plan test test-deps-min lock bench clean
+.PHONY: setup demo demo-gpt2 demo-plan test test-quick test-deps-min lock bench clean
 
 setup: $(VENV)/.installed
 
 # The dev/CI install is exact: every package at its version in constraints.txt (torch the CPU build);
 # pyproject.toml keeps the ranges users get. `make lock` rewrites constraints.txt from .venv.
+# TORCH_SPEC picks the torch build, e.g. on a CUDA machine:
+#   make setup TORCH_SPEC="torch==2.13.0 --extra-index-url https://download.pytorch.org/whl/cu128"
+TORCH_SPEC ?= torch==2.13.0
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt $(TORCH_SPEC)
 	$(PY) -m pip install -q -c constraints.txt -e '.[exec,dev]'
 	touch $@
+	@echo "noodle is installed in $(VENV): run '. $(VENV)/bin/activate' to put 'noodle' on your PATH"
 
 lock: setup
 	{ sed -n '/^#/p' constraints.txt; $(PY) -m pip freeze --exclude-editable | sed 's/+cpu$$//'; } > constraints.tmp
@@ -58,6 +62,16 @@ demo-plan: setup
 
 test: setup
 	$(PY) -m pytest
+
+# A couple of minutes: the planning core, the exact executors' conformance (local; one case each over
+# gRPC workers and the torchrpc ring), continuous batching, the OpenAI API with the official client.
+QUICK = tests/test_spec.py tests/graph/test_costmodel.py tests/solvers/test_protocol.py tests/solvers/test_tables.py \
+	tests/solvers/test_conformance.py tests/cli/test_solve_cli.py tests/executors/test_local.py \
+	tests/executors/test_grpc_executor.py::test_conformance_gpt2_two_stages \
+	tests/executors/test_torchrpc_executor.py::test_conformance_llama_three_stages \
+	tests/executors/test_batching.py tests/serve/test_openai_client.py
+test-quick: setup
+	$(PY) -m pytest -m 'not slow' $(QUICK)
 
 # The conformance subset (staged tokens and logits equal to generate()) on the lowest declared
 # transformers and torch, in a venv of its own: the floors are read from pyproject.toml.
