@@ -22,6 +22,7 @@ from noodle.cli.checks import check_float, check_int, check_threads
 from noodle.cli.output import stderr_console
 from noodle.errors import ModelError, SpecError
 from noodle.extras import require_exec
+from noodle.serve.guard import MAX_REQUEST_BYTES
 
 __all__ = ["register", "load_tokenizer", "bind_socket"]
 
@@ -112,6 +113,8 @@ def serve_cmd(
     max_batch_tokens: int = typer.Option(256, "--max-batch-tokens", help="tokens one batched step may carry "
                                          "(decode tokens first, prefill chunks fill the rest)"),
     max_queue: int = typer.Option(64, "--max-queue", help="requests that may wait; more get 429"),
+    max_request_bytes: int = typer.Option(MAX_REQUEST_BYTES, "--max-request-bytes",
+                                          help="largest body /v1/completions and /v1/chat/completions take; more: 413"),
     request_timeout: float = typer.Option(300.0, "--request-timeout", help="seconds a request may run"),
     drain_timeout: float = typer.Option(30.0, "--drain-timeout", help="seconds in-flight requests get on SIGTERM"),
     threads: int = typer.Option(0, "--threads", help="torch CPU threads (0: torch's default)"),
@@ -136,11 +139,12 @@ def serve_cmd(
 
     _check_flags(backend, port, concurrency, max_queue, request_timeout, threads, drain_timeout)
     _check_batching(batching, max_batch_tokens)
+    check_int("--max-request-bytes", max_request_bytes, ge=1024, le=1 << 30)
     if cluster:
         _serve_cluster(model, token=token, host=host, port=port, api_key=api_key, served_model_name=served_model_name,
                        chat_template=chat_template, concurrency=concurrency, max_queue=max_queue,
                        request_timeout=request_timeout, drain_timeout=drain_timeout, threads=threads,
-                       min_workers=min_workers, replan_threshold=replan_threshold,
+                       max_request_bytes=max_request_bytes, min_workers=min_workers, replan_threshold=replan_threshold,
                        heartbeat_timeout=heartbeat_timeout, probe_interval=probe_interval, drift_threshold=drift_threshold, replan_horizon=replan_horizon, conflicting={"--plan": plan, "--spec": spec,
                        "--workers": workers, "--emulate": emulate or None})  # fmt: skip
         return
@@ -159,7 +163,8 @@ def serve_cmd(
     served = build_server(model, doc, tokenizer, backend=backend, backend_options=options, emulate=emulate,
                           concurrency=concurrency, max_queue=max_queue, request_timeout_s=request_timeout,
                           drain_timeout_s=drain_timeout, api_key=api_key, model_id=served_model_name,
-                          batching=batching, max_batch_tokens=max_batch_tokens)  # fmt: skip
+                          batching=batching, max_batch_tokens=max_batch_tokens,
+                          max_request_bytes=max_request_bytes)  # fmt: skip
     model_id = served.model.model_id
     sock = bind_socket(host, port)
     bound = sock.getsockname()[1]
@@ -174,7 +179,7 @@ def _serve_cluster(model: Path, *, token: str | None, host: str, port: int, api_
                    request_timeout: float, drain_timeout: float, threads: int, min_workers: int,
                    replan_threshold: float, heartbeat_timeout: float, conflicting: dict[str, Any],
                    probe_interval: float = 60.0, drift_threshold: float = 0.15,
-                   replan_horizon: float = 120.0) -> None:  # fmt: skip
+                   replan_horizon: float = 120.0, max_request_bytes: int = MAX_REQUEST_BYTES) -> None:  # fmt: skip
     """``--cluster``: serve over workers that join; see docs/cluster.md."""
     from noodle.serve.build import build_cluster_server
 
@@ -202,7 +207,7 @@ def _serve_cluster(model: Path, *, token: str | None, host: str, port: int, api_
                                   horizon_s=replan_horizon,
                                   concurrency=concurrency, max_queue=max_queue, request_timeout_s=request_timeout,
                                   drain_timeout_s=drain_timeout, api_key=api_key, model_id=served_model_name,
-                                  probe_interval_s=probe_interval)  # fmt: skip
+                                  probe_interval_s=probe_interval, max_request_bytes=max_request_bytes)  # fmt: skip
     sock = bind_socket(host, port)
     bound = sock.getsockname()[1]
     print(f"noodle serve: {served.model.model_id!r} (cluster) on http://{host}:{bound}/v1 - status page "

@@ -1,0 +1,126 @@
+"""Strangers cannot stall the coordinator (issue 24, item 2): refused by headers, bodies counted as they stream.
+
+Real ``noodle serve`` processes on 127.0.0.1, spoken to with raw sockets (to send exactly the
+headers a hostile client sends, and no body) and httpx.
+"""
+
+from __future__ import annotations
+
+import select
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from noodle.serve.guard import JOIN_BYTES, MAX_REQUEST_BYTES, SMALL_BYTES
+
+from .conftest import API_KEY
+from .edge import connect, read_reply, request_head
+from .servers import ServeProc, start_serve
+
+TOKEN = "edge-cluster-token"
+MODEL = "gpt2-tiny"
+KEY = {"Authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def cluster(model_dir: Path) -> Iterator[ServeProc]:
+    """``noodle serve --cluster`` waiting for 9 workers that never come (its HTTP side serves meanwhile)."""
+    args = ["--model", str(model_dir), "--cluster", "--token", TOKEN, "--api-key", API_KEY, "--min-workers", "9"]
+    with start_serve(args, ready=False) as sp:
+        yield sp
+
+
+def _refused_by_headers(base: str, path: str, headers: dict[str, str], declared: int) -> tuple[int, dict[str, str]]:
+    """Send only the headers (declaring ``declared`` body bytes) and a few body bytes; the answer must come anyway."""
+    with connect(base) as sock:
+        sock.sendall(request_head("POST", path, {"Content-Type": "application/json", "Content-Length": str(declared),
+                                                 **headers}) + b'{"id": ')  # fmt: skip
+        reply = read_reply(sock)
+        assert sock.recv(1) == b""  # the connection is closed: the rest of the body is never read
+    return reply.status, reply.json()["error"]
+
+
+def test_cluster_routes_refuse_strangers_before_their_body(cluster: ServeProc) -> None:
+    status, err = _refused_by_headers(cluster.base, "/noodle/cluster/join", {}, 100_000_000)
+    assert status == 401 and err["code"] == "invalid_api_key", err
+    status, err = _refused_by_headers(cluster.base, "/noodle/cluster/join", {"Authorization": "Bearer wrong"}, 10**8)
+    assert status == 401, err
+    # a malformed body without the token: 401, not a 400 naming a field of the body it should never have read
+    r = httpx.post(f"{cluster.base}/noodle/cluster/join", content=b'{"id": 5, "costs": []}', timeout=10)
+    assert r.status_code == 401, r.text
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    status, err = _refused_by_headers(cluster.base, "/noodle/cluster/join", auth, JOIN_BYTES + 1)
+    assert status == 413 and err["code"] == "request_too_large" and str(JOIN_BYTES) in err["message"], err
+    status, err = _refused_by_headers(cluster.base, "/noodle/cluster/heartbeat", auth, SMALL_BYTES + 1)
+    assert status == 413, err
+    r = httpx.post(f"{cluster.base}/noodle/cluster/join", content=b'{"id": 5}', headers=auth, timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["param"], r.text  # with the token the body is read and judged
+
+
+def test_v1_refuses_by_headers(server: ServeProc) -> None:
+    status, err = _refused_by_headers(server.base, "/v1/completions", {}, 10_000_000)
+    assert status == 401 and err["code"] == "invalid_api_key", err
+    status, err = _refused_by_headers(server.base, "/v1/chat/completions", KEY, MAX_REQUEST_BYTES + 1)
+    assert status == 413 and "--max-request-bytes" in err["message"], err
+
+
+def _upload_chunked(base: str, path: str, headers: dict[str, str], chunk: bytes, during: int,
+                    probe: httpx.Client, probe_path: str, probe_kwargs: dict[str, object]) -> tuple[int, int, int]:  # fmt: skip
+    """Stream a chunked body; after ``during`` chunks, call the probe route. Returns (probe status, bytes sent, reply)."""
+    sent, probed = 0, 0
+    with connect(base) as sock:
+        sock.sendall(request_head("POST", path, {"Content-Type": "application/json", "Transfer-Encoding": "chunked",
+                                                 **headers}) + b"")  # fmt: skip
+        piece = b"%x\r\n%s\r\n" % (len(chunk), chunk)
+        for i in range(64):
+            if select.select([sock], [], [], 0.05)[0]:
+                break  # the server answered: stop sending
+            sock.sendall(piece)
+            sent += len(chunk)
+            if i + 1 == during:
+                assert not select.select([sock], [], [], 0)[0]  # the upload is still going on
+                t0 = time.perf_counter()
+                probed = probe.request("POST" if probe_kwargs else "GET", f"{base}{probe_path}", **probe_kwargs).status_code
+                print(f"{probe_path} answered {probed} in {(time.perf_counter() - t0) * 1e3:.1f} ms mid-upload")
+                assert not select.select([sock], [], [], 0)[0]  # ... and still not refused: the probe came first
+        reply = read_reply(sock)
+    return probed, sent, reply.status
+
+
+def test_a_chunked_body_is_cut_at_the_limit_while_healthz_answers(server: ServeProc) -> None:
+    chunk = b"x" * (1 << 20)
+    with httpx.Client(timeout=30) as probe:
+        healthz, sent, status = _upload_chunked(server.base, "/v1/completions", KEY, chunk, 3, probe, "/healthz", {})
+    assert healthz == 200
+    assert status == 413
+    assert MAX_REQUEST_BYTES < sent <= MAX_REQUEST_BYTES + 4 * len(chunk)  # cut at the limit, not at the end
+
+
+def test_heartbeats_answer_while_a_join_body_streams(cluster: ServeProc) -> None:
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    beat = {"json": {"id": "nobody", "load": 0.0, "free_memory_bytes": 1}, "headers": auth}
+    with httpx.Client(timeout=30) as probe:
+        answered, sent, status = _upload_chunked(cluster.base, "/noodle/cluster/join", auth, b"y" * (256 << 10), 4,
+                                                 probe, "/noodle/cluster/heartbeat", beat)  # fmt: skip
+    assert answered == 404  # judged (an unknown node) while the other body was still arriving
+    assert status == 413 and JOIN_BYTES < sent
+
+
+def test_a_huge_prompt_is_refused_before_it_is_tokenized(server: ServeProc) -> None:
+    proc = psutil.Process(server.proc.pid)
+    before = proc.memory_info().rss
+    prompt = "a" * (7 << 20)  # under the body limit, far over what 255 prompt tokens can spell
+    t0 = time.perf_counter()
+    r = httpx.post(f"{server.base}/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 1},
+                   headers=KEY, timeout=120)  # fmt: skip
+    print(f"7 MiB prompt refused in {time.perf_counter() - t0:.2f} s")
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["code"] == "context_length_exceeded" and "characters" in err["message"], err
+    grown = (proc.memory_info().rss - before) / 2**20
+    print(f"server RSS grew {grown:.0f} MiB")
+    assert grown < 200  # tokenizing 7 M characters would take GBs; parsing the body takes tens of MiB
+    assert httpx.get(f"{server.base}/healthz", timeout=10).status_code == 200
