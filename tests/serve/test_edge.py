@@ -124,3 +124,43 @@ def test_a_huge_prompt_is_refused_before_it_is_tokenized(server: ServeProc) -> N
     print(f"server RSS grew {grown:.0f} MiB")
     assert grown < 200  # tokenizing 7 M characters would take GBs; parsing the body takes tens of MiB
     assert httpx.get(f"{server.base}/healthz", timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_an_integer_of_4300_digits_is_a_400(server: ServeProc, path: str) -> None:
+    digits = "9" * 4301
+    raw = (f'{{"model": "{MODEL}", "prompt": "hi", "messages": [{{"role": "user", "content": "hi"}}], '
+           f'"max_tokens": 1, "seed": {digits}}}').encode()  # fmt: skip
+    r = httpx.post(f"{server.base}{path}", content=raw, headers={**KEY, "Content-Type": "application/json"}, timeout=30)
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["code"] == "invalid_json" and "4300 digits" in err["message"], r.text
+
+
+def test_an_integer_of_4300_digits_in_a_join_is_a_400(cluster: ServeProc) -> None:
+    raw = b'{"id": "w1", "load": 0, "free_memory_bytes": ' + b"1" * 5000 + b"}"
+    r = httpx.post(f"{cluster.base}/noodle/cluster/heartbeat", content=raw, timeout=30,
+                   headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})  # fmt: skip
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json", r.text
+
+
+def _count(base: str, endpoint: str, status: int) -> float:
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    line = f'noodle_requests_total{{endpoint="{endpoint}",status="{status}"}} '
+    return sum(float(row.removeprefix(line)) for row in text.splitlines() if row.startswith(line))
+
+
+def test_a_client_leaving_mid_body_is_a_quiet_log_line(server: ServeProc) -> None:
+    before_log = len(server.log())
+    before = _count(server.base, "/v1/completions", 499)
+    with connect(server.base) as sock:
+        sock.sendall(request_head("POST", "/v1/completions", {**KEY, "Content-Type": "application/json",
+                                                              "Content-Length": "1000"}) + b'{"model": "')  # fmt: skip
+        time.sleep(0.2)  # the server is waiting for the rest of the body
+    deadline = time.monotonic() + 30
+    while _count(server.base, "/v1/completions", 499) == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _count(server.base, "/v1/completions", 499) == before + 1  # seen as a client that left, not a 500
+    assert _count(server.base, "/v1/completions", 500) == 0
+    tail = server.log()[before_log:]
+    assert "Traceback" not in tail and "unhandled error" not in tail, tail
+    assert httpx.get(f"{server.base}/healthz", timeout=10).status_code == 200
