@@ -23,6 +23,7 @@ from noodle.cli.output import stderr_console
 from noodle.errors import ModelError, SpecError
 from noodle.extras import require_exec
 from noodle.serve.guard import MAX_REQUEST_BYTES
+from noodle.serve.limits import HEADER_TIMEOUT_S, MAX_CONNECTIONS
 
 __all__ = ["register", "load_tokenizer", "bind_socket"]
 
@@ -115,6 +116,10 @@ def serve_cmd(
     max_queue: int = typer.Option(64, "--max-queue", help="requests that may wait; more get 429"),
     max_request_bytes: int = typer.Option(MAX_REQUEST_BYTES, "--max-request-bytes",
                                           help="largest body /v1/completions and /v1/chat/completions take; more: 413"),
+    max_connections: int = typer.Option(MAX_CONNECTIONS, "--max-connections", help="connections held at once (cut to "
+                                        "the open-file limit); past it the longest idle one is closed"),
+    header_timeout: float = typer.Option(HEADER_TIMEOUT_S, "--header-timeout",
+                                         help="seconds a connection gets to send a request's headers"),
     request_timeout: float = typer.Option(300.0, "--request-timeout", help="seconds a request may run"),
     drain_timeout: float = typer.Option(30.0, "--drain-timeout", help="seconds in-flight requests get on SIGTERM"),
     threads: int = typer.Option(0, "--threads", help="torch CPU threads (0: torch's default)"),
@@ -140,11 +145,14 @@ def serve_cmd(
     _check_flags(backend, port, concurrency, max_queue, request_timeout, threads, drain_timeout)
     _check_batching(batching, max_batch_tokens)
     check_int("--max-request-bytes", max_request_bytes, ge=1024, le=1 << 30)
+    check_int("--max-connections", max_connections, ge=16, le=1 << 20)
+    check_float("--header-timeout", header_timeout, gt=0, le=3600)
+    edge = {"max_connections": max_connections, "header_timeout_s": header_timeout}
     if cluster:
         _serve_cluster(model, token=token, host=host, port=port, api_key=api_key, served_model_name=served_model_name,
                        chat_template=chat_template, concurrency=concurrency, max_queue=max_queue,
                        request_timeout=request_timeout, drain_timeout=drain_timeout, threads=threads,
-                       max_request_bytes=max_request_bytes, min_workers=min_workers, replan_threshold=replan_threshold,
+                       max_request_bytes=max_request_bytes, edge=edge, min_workers=min_workers, replan_threshold=replan_threshold,
                        heartbeat_timeout=heartbeat_timeout, probe_interval=probe_interval, drift_threshold=drift_threshold, replan_horizon=replan_horizon, conflicting={"--plan": plan, "--spec": spec,
                        "--workers": workers, "--emulate": emulate or None})  # fmt: skip
         return
@@ -170,7 +178,7 @@ def serve_cmd(
     bound = sock.getsockname()[1]
     print(f"noodle serve: {model_id!r} ({backend}{', emulated' if emulate else ''}) on http://{host}:{bound}/v1 "
           f"- status page http://{host}:{bound}/ - loading stages...", file=sys.stderr, flush=True)  # fmt: skip
-    _run(served, sock)
+    _run(served, sock, **edge)
     err.print("noodle serve: stopped", highlight=False)
 
 
@@ -179,7 +187,8 @@ def _serve_cluster(model: Path, *, token: str | None, host: str, port: int, api_
                    request_timeout: float, drain_timeout: float, threads: int, min_workers: int,
                    replan_threshold: float, heartbeat_timeout: float, conflicting: dict[str, Any],
                    probe_interval: float = 60.0, drift_threshold: float = 0.15,
-                   replan_horizon: float = 120.0, max_request_bytes: int = MAX_REQUEST_BYTES) -> None:  # fmt: skip
+                   replan_horizon: float = 120.0, max_request_bytes: int = MAX_REQUEST_BYTES,
+                   edge: dict[str, Any] | None = None) -> None:  # fmt: skip
     """``--cluster``: serve over workers that join; see docs/cluster.md."""
     from noodle.serve.build import build_cluster_server
 
@@ -213,12 +222,22 @@ def _serve_cluster(model: Path, *, token: str | None, host: str, port: int, api_
     print(f"noodle serve: {served.model.model_id!r} (cluster) on http://{host}:{bound}/v1 - status page "
           f"http://{host}:{bound}/ - workers join with `noodle worker --join http://{host}:{bound} --token ...`; "
           f"waiting for {min_workers}", file=sys.stderr, flush=True)  # fmt: skip
-    _run(served, sock)
+    _run(served, sock, **(edge or {}))
     stderr_console().print("noodle serve: stopped", highlight=False)
 
 
-def _run(served: Any, sock: socket.socket) -> None:
+def _run(served: Any, sock: socket.socket, *, max_connections: int = MAX_CONNECTIONS,
+         header_timeout_s: float = HEADER_TIMEOUT_S) -> None:  # fmt: skip
     import uvicorn
+
+    from noodle.serve.limits import connection_budget, raise_nofile, uvicorn_config
+
+    nofile = raise_nofile()
+    held = connection_budget(max_connections, nofile)
+    if held < max_connections:
+        log.warning("--max-connections %d: the open-file limit is %d, so at most %d connections are held",
+                    max_connections, nofile, held)  # fmt: skip
+    log.info("edge limits: %d connections, %d open files, %g s for headers", held, nofile, header_timeout_s)
 
     class _DrainingServer(uvicorn.Server):
         """First signal: drain (503 for new requests), then exit; a second signal: exit now."""
@@ -230,9 +249,7 @@ def _run(served: Any, sock: socket.socket) -> None:
             super().handle_exit(sig, frame)
             self._captured_signals.clear()  # exit 0 after a requested shutdown, not by the signal
 
-    config = uvicorn.Config(served.app, log_level="warning", access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=5, timeout_keep_alive=5)  # fmt: skip
-    server = _DrainingServer(config)
+    server = _DrainingServer(uvicorn_config(served.app, max_connections=held, header_timeout_s=header_timeout_s))
 
     def drained() -> None:
         server.should_exit = True

@@ -31,6 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from noodle.plandoc import PlanDoc
 from noodle.serve.guard import MAX_REQUEST_BYTES, EdgePolicy, Guard
+from noodle.serve.limits import quiet_accept_errors
 from noodle.serve.metrics import CONTENT_TYPE, ServeMetrics, stage_rows
 from noodle.serve.openai_api import ServedModel, openai_router
 from noodle.serve.protocol import ApiError, error_body
@@ -141,6 +142,7 @@ class ServeApp:
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        quiet_accept_errors(asyncio.get_running_loop())
         loader = asyncio.create_task(asyncio.to_thread(self.runtime.load))
         watcher = asyncio.create_task(self._watch())
         try:
