@@ -3,7 +3,8 @@
 The engine (:mod:`noodle.executors.scheduler`) runs on its own thread and calls back
 per token; :class:`Runtime` bridges those callbacks onto the asyncio loop with
 ``call_soon_threadsafe``, turns token ids into text (incremental detokenization, stop
-strings), enforces the per-request timeout and cancels the request when its client goes.
+strings), enforces the per-request timeout and cancels the request when its client goes
+(a stream finds out when a write fails; a non-streaming request checks every 0.25 s).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from noodle.serve.text import Detokenizer, StopMatcher
 __all__ = ["Limits", "Delta", "Finish", "Runtime", "Stream", "Opener"]
 
 log = logging.getLogger(__name__)
+DISCONNECT_CHECK_S = 0.25  # a non-streaming request looks for its client this often, tokens flowing or not
 
 # () -> (executor already entered, pipeline not yet started)
 Opener = Callable[[], tuple[Any, Any]]
@@ -267,15 +269,21 @@ class Stream:
         rt = self._rt
         deadline = self._t0 + rt.request_timeout_s
         last: float | None = None
+        next_check = time.perf_counter() + DISCONNECT_CHECK_S
         try:
             while True:
+                if disconnected is not None and time.perf_counter() >= next_check:  # tokens may never pause
+                    next_check = time.perf_counter() + DISCONNECT_CHECK_S
+                    if await disconnected():
+                        self.handle.cancel()
+                        return
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0:
                     self.handle.cancel()
                     rt.events.add("warning", f"request {self.handle.id} timed out after {rt.request_timeout_s:g} s")
                     yield self._finish("timeout", f"the request took longer than {rt.request_timeout_s:g} s")
                     return
-                wait = min(remaining, 0.5) if disconnected is not None else remaining
+                wait = min(remaining, DISCONNECT_CHECK_S) if disconnected is not None else remaining
                 try:
                     item = await asyncio.wait_for(self._queue.get(), timeout=wait)
                 except asyncio.TimeoutError:
