@@ -22,7 +22,7 @@ from noodle.cli.checks import check_float, check_int, check_threads
 from noodle.cli.output import stderr_console
 from noodle.errors import ModelError, SpecError
 from noodle.extras import require_exec
-from noodle.serve.guard import MAX_REQUEST_BYTES
+from noodle.serve.guard import MAX_REQUEST_BYTES, allowed_hosts
 from noodle.serve.limits import HEADER_TIMEOUT_S, MAX_CONNECTIONS
 
 __all__ = ["register", "load_tokenizer", "bind_socket"]
@@ -87,6 +87,19 @@ def _check_flags(backend: str, port: int, concurrency: int, max_queue: int, requ
     check_threads("--threads", threads)
 
 
+def _origins(given: list[str]) -> frozenset[str]:
+    """``--allow-origin`` values: ``*`` or ``scheme://host[:port]``, as browsers send ``Origin``."""
+    out = set()
+    for origin in given:
+        origin = origin.strip().rstrip("/")
+        scheme, sep, rest = origin.partition("://")
+        if origin != "*" and (not sep or scheme not in ("http", "https") or not rest or "/" in rest):
+            raise SpecError(f"--allow-origin: {origin!r} is not an origin; give scheme://host[:port] "
+                            "(https://chat.example) or *")  # fmt: skip
+        out.add(origin.lower())
+    return frozenset(out)
+
+
 def _check_batching(batching: str, max_batch_tokens: int) -> None:
     from noodle.executors.batching import BATCHING_MODES
 
@@ -116,6 +129,10 @@ def serve_cmd(
     max_queue: int = typer.Option(64, "--max-queue", help="requests that may wait; more get 429"),
     max_request_bytes: int = typer.Option(MAX_REQUEST_BYTES, "--max-request-bytes",
                                           help="largest body /v1/completions and /v1/chat/completions take; more: 413"),
+    allow_host: list[str] = typer.Option([], "--allow-host", help="also answer to this Host name (repeat; * : any); "
+                                         "127.0.0.1, localhost and --host always"),
+    allow_origin: list[str] = typer.Option([], "--allow-origin", help="let pages from this origin call the API "
+                                           "(https://chat.example; repeat; * : any); others get 403"),
     max_connections: int = typer.Option(MAX_CONNECTIONS, "--max-connections", help="connections held at once (cut to "
                                         "the open-file limit); past it the longest idle one is closed"),
     header_timeout: float = typer.Option(HEADER_TIMEOUT_S, "--header-timeout",
@@ -148,11 +165,12 @@ def serve_cmd(
     check_int("--max-connections", max_connections, ge=16, le=1 << 20)
     check_float("--header-timeout", header_timeout, gt=0, le=3600)
     edge = {"max_connections": max_connections, "header_timeout_s": header_timeout}
+    names = {"hosts": allowed_hosts(host, tuple(allow_host)), "origins": _origins(allow_origin)}
     if cluster:
         _serve_cluster(model, token=token, host=host, port=port, api_key=api_key, served_model_name=served_model_name,
                        chat_template=chat_template, concurrency=concurrency, max_queue=max_queue,
                        request_timeout=request_timeout, drain_timeout=drain_timeout, threads=threads,
-                       max_request_bytes=max_request_bytes, edge=edge, min_workers=min_workers, replan_threshold=replan_threshold,
+                       max_request_bytes=max_request_bytes, edge=edge, names=names, min_workers=min_workers, replan_threshold=replan_threshold,
                        heartbeat_timeout=heartbeat_timeout, probe_interval=probe_interval, drift_threshold=drift_threshold, replan_horizon=replan_horizon, conflicting={"--plan": plan, "--spec": spec,
                        "--workers": workers, "--emulate": emulate or None})  # fmt: skip
         return
@@ -172,7 +190,7 @@ def serve_cmd(
                           concurrency=concurrency, max_queue=max_queue, request_timeout_s=request_timeout,
                           drain_timeout_s=drain_timeout, api_key=api_key, model_id=served_model_name,
                           batching=batching, max_batch_tokens=max_batch_tokens,
-                          max_request_bytes=max_request_bytes)  # fmt: skip
+                          max_request_bytes=max_request_bytes, **names)  # fmt: skip
     model_id = served.model.model_id
     sock = bind_socket(host, port)
     bound = sock.getsockname()[1]
@@ -188,7 +206,7 @@ def _serve_cluster(model: Path, *, token: str | None, host: str, port: int, api_
                    replan_threshold: float, heartbeat_timeout: float, conflicting: dict[str, Any],
                    probe_interval: float = 60.0, drift_threshold: float = 0.15,
                    replan_horizon: float = 120.0, max_request_bytes: int = MAX_REQUEST_BYTES,
-                   edge: dict[str, Any] | None = None) -> None:  # fmt: skip
+                   edge: dict[str, Any] | None = None, names: dict[str, Any] | None = None) -> None:  # fmt: skip
     """``--cluster``: serve over workers that join; see docs/cluster.md."""
     from noodle.serve.build import build_cluster_server
 
@@ -216,7 +234,8 @@ def _serve_cluster(model: Path, *, token: str | None, host: str, port: int, api_
                                   horizon_s=replan_horizon,
                                   concurrency=concurrency, max_queue=max_queue, request_timeout_s=request_timeout,
                                   drain_timeout_s=drain_timeout, api_key=api_key, model_id=served_model_name,
-                                  probe_interval_s=probe_interval, max_request_bytes=max_request_bytes)  # fmt: skip
+                                  probe_interval_s=probe_interval, max_request_bytes=max_request_bytes,
+                                  **(names or {}))  # fmt: skip
     sock = bind_socket(host, port)
     bound = sock.getsockname()[1]
     print(f"noodle serve: {served.model.model_id!r} (cluster) on http://{host}:{bound}/v1 - status page "

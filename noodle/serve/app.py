@@ -30,7 +30,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from noodle.plandoc import PlanDoc
-from noodle.serve.guard import MAX_REQUEST_BYTES, EdgePolicy, Guard
+from noodle.serve.guard import LOCAL_HOSTS, MAX_REQUEST_BYTES, EdgePolicy, Guard, authorized
 from noodle.serve.limits import quiet_accept_errors
 from noodle.serve.metrics import CONTENT_TYPE, ServeMetrics, stage_rows
 from noodle.serve.openai_api import ServedModel, openai_router
@@ -93,6 +93,8 @@ class ServeApp:
         cluster: Any = None,
         cluster_token: str | None = None,
         max_request_bytes: int = MAX_REQUEST_BYTES,
+        hosts: frozenset[str] | None = LOCAL_HOSTS,
+        origins: frozenset[str] = frozenset(),
     ) -> None:
         self.runtime = runtime
         self.plan = plan
@@ -105,7 +107,8 @@ class ServeApp:
         self.metrics = ServeMetrics(runtime, plan)
         self.cluster = cluster  # a ClusterController with --cluster (its routes and metrics join the app)
         self.cluster_token = cluster_token
-        self.policy = EdgePolicy(api_key=api_key, cluster_token=cluster_token, max_request_bytes=max_request_bytes)
+        self.policy = EdgePolicy(api_key=api_key, cluster_token=cluster_token, max_request_bytes=max_request_bytes,
+                                 hosts=hosts, origins=origins)  # fmt: skip
         if cluster is not None:
             from noodle.serve.controller import ClusterCollector
 
@@ -211,8 +214,13 @@ class ServeApp:
             return Response(self.metrics.render(), media_type=CONTENT_TYPE)
 
         @app.get("/noodle/status")
-        async def status() -> dict[str, Any]:
-            return self.status()
+        async def status(request: Request) -> dict[str, Any]:
+            out = self.status()
+            secrets = self.policy.secrets_for("/noodle/cluster")
+            if out["cluster"] is not None and secrets and not authorized(request.headers.get("authorization"), secrets):
+                for node in out["cluster"]["nodes"]:  # addresses are for the key or token holders (/noodle/cluster)
+                    node["address"] = "(hidden)"
+            return out
 
         @app.get("/", response_class=HTMLResponse)
         async def page() -> HTMLResponse:
@@ -247,7 +255,13 @@ class ServeApp:
             return JSONResponse(error_body("internal server error; see the server log", type="server_error",
                                            code="internal_error"), status_code=500)  # fmt: skip
 
-        return _CountRequests(Guard(app, self.policy), self.metrics)  # type: ignore[return-value]
+        inner: ASGIApp = app
+        if self.policy.origins:  # pages from these origins may call the API: answer their CORS preflights
+            from starlette.middleware.cors import CORSMiddleware
+
+            inner = CORSMiddleware(app, allow_origins=sorted(self.policy.origins), allow_methods=["GET", "POST"],
+                                   allow_headers=["authorization", "content-type"])  # fmt: skip
+        return _CountRequests(Guard(inner, self.policy), self.metrics)  # type: ignore[return-value]
 
 
 def create_app(runtime: Runtime, plan: PlanDoc, **kwargs: Any) -> ServeApp:

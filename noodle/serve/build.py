@@ -10,7 +10,7 @@ from noodle.executors.kvbudget import max_positions
 from noodle.executors.slicing import read_config, unit_names_of
 from noodle.plandoc import PlanDoc
 from noodle.serve.app import ServeApp
-from noodle.serve.guard import MAX_REQUEST_BYTES
+from noodle.serve.guard import LOCAL_HOSTS, MAX_REQUEST_BYTES
 from noodle.serve.runtime import Limits, Runtime
 
 __all__ = ["build_server", "build_cluster_server"]
@@ -33,6 +33,8 @@ def build_server(
     batching: str = "auto",
     max_batch_tokens: int = 256,
     max_request_bytes: int = MAX_REQUEST_BYTES,
+    hosts: frozenset[str] | None = LOCAL_HOSTS,
+    origins: frozenset[str] = frozenset(),
 ) -> ServeApp:
     """A :class:`ServeApp` whose stages load when the app starts (``/readyz`` turns 200 then).
 
@@ -56,7 +58,7 @@ def build_server(
     runtime = Runtime(opener, tokenizer, limits, eos_ids=eos_ids, request_timeout_s=request_timeout_s)
     return ServeApp(runtime, plan, model_id=model_id or Path(model_dir).resolve().name, backend=backend,
                     emulate=emulate, api_key=api_key, drain_timeout_s=drain_timeout_s,
-                    max_request_bytes=max_request_bytes)  # fmt: skip
+                    max_request_bytes=max_request_bytes, hosts=hosts, origins=origins)  # fmt: skip
 
 
 def _model_limits(model_dir: Path) -> tuple[Limits, list[int]]:
@@ -89,6 +91,8 @@ def build_cluster_server(
     model_id: str | None = None,
     probe_interval_s: float = 60.0,
     max_request_bytes: int = MAX_REQUEST_BYTES,
+    hosts: frozenset[str] | None = LOCAL_HOSTS,
+    origins: frozenset[str] = frozenset(),
 ) -> ServeApp:
     """A :class:`ServeApp` over workers that join it (``noodle worker --join``); see :mod:`noodle.serve.controller`.
 
@@ -114,4 +118,5 @@ def build_cluster_server(
     ctl.prober.start()
     return ServeApp(runtime, ctl.plan, model_id=model_id or Path(model_dir).resolve().name,  # type: ignore[arg-type]
                     backend="grpc", api_key=api_key, drain_timeout_s=drain_timeout_s, cluster=ctl,
-                    cluster_token=token, max_request_bytes=max_request_bytes)  # fmt: skip
+                    cluster_token=token, max_request_bytes=max_request_bytes, hosts=hosts,
+                    origins=origins)  # fmt: skip

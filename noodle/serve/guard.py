@@ -2,10 +2,17 @@
 
 Per request, in this order, before the app sees it:
 
-1. the credentials the route needs (``Authorization: Bearer``): ``/v1/*`` the API key,
-   ``/noodle/cluster/join`` and ``/heartbeat`` the cluster token -> 401;
-2. ``Content-Length`` against the route's body limit -> 413, nothing read;
-3. then the body as it streams: bytes are counted (chunked bodies too) and the request is cut
+1. ``Host`` must name this server (``127.0.0.1``, ``localhost``, ``::1``, the ``--host`` it
+   listens on, or a name given with ``--allow-host``; any name when it listens on every
+   interface) -> 400: a DNS-rebinding page cannot reach a server on 127.0.0.1 under its own name;
+2. an ``Origin`` header (browsers send it) must be this server's or one given with
+   ``--allow-origin`` -> 403: a foreign page's "simple" cross-origin POST (``text/plain``, no
+   preflight) is refused rather than served;
+3. the credentials the route needs (``Authorization: Bearer``): ``/v1/*`` the API key,
+   ``/noodle/cluster/join`` and ``/heartbeat`` the cluster token, ``/noodle/cluster`` and
+   ``/noodle/cluster/export`` (worker addresses, the model's path) either of them -> 401;
+4. ``Content-Length`` against the route's body limit -> 413, nothing read;
+5. then the body as it streams: bytes are counted (chunked bodies too) and the request is cut
    at the limit (413), or when the whole body has not arrived within ``body_timeout_s`` (408).
    Either answer closes the connection; the app sees the client leave.
 
@@ -23,7 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from noodle.serve.protocol import error_body
 
-__all__ = ["EdgePolicy", "Guard", "MAX_REQUEST_BYTES", "JOIN_BYTES", "SMALL_BYTES", "BODY_TIMEOUT_S"]
+__all__ = ["EdgePolicy", "Guard", "allowed_hosts", "authorized", "LOCAL_HOSTS", "MAX_REQUEST_BYTES", "JOIN_BYTES", "SMALL_BYTES", "BODY_TIMEOUT_S"]
 
 MAX_REQUEST_BYTES = 8 << 20  # /v1/completions and /v1/chat/completions (--max-request-bytes)
 JOIN_BYTES = 4 << 20  # a join: one cost row per placement unit (at most 1024 units)
@@ -31,6 +38,17 @@ SMALL_BYTES = 64 << 10  # a heartbeat, and anything sent to another route
 BODY_TIMEOUT_S = 60.0  # the whole body must arrive within this long
 _BODY_ROUTES = ("/v1/completions", "/v1/chat/completions")
 _CLUSTER_WRITES = ("/noodle/cluster/join", "/noodle/cluster/heartbeat")
+_CLUSTER_READS = ("/noodle/cluster", "/noodle/cluster/export")
+LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+_WILDCARDS = frozenset({"", "0.0.0.0", "::", "*"})
+
+
+def allowed_hosts(listen_host: str, extra: tuple[str, ...] = ()) -> frozenset[str] | None:
+    """The ``Host`` names a server on ``listen_host`` answers to; ``None``: any (it listens everywhere, or ``*``)."""
+    names = {listen_host.strip("[]").lower(), *(h.strip().strip("[]").lower() for h in extra)}
+    if names & _WILDCARDS:
+        return None
+    return LOCAL_HOSTS | names
 
 
 @dataclass(frozen=True)
@@ -39,6 +57,8 @@ class EdgePolicy:
 
     api_key: str | None = None
     cluster_token: str | None = None
+    hosts: frozenset[str] | None = LOCAL_HOSTS  # None: any Host
+    origins: frozenset[str] = frozenset()  # foreign origins allowed ("*": any)
     max_request_bytes: int = MAX_REQUEST_BYTES
     join_bytes: int = JOIN_BYTES
     small_bytes: int = SMALL_BYTES
@@ -55,6 +75,8 @@ class EdgePolicy:
             keys: tuple[str | None, ...] = (self.api_key,)
         elif path in _CLUSTER_WRITES:
             keys = (self.cluster_token,)
+        elif path in _CLUSTER_READS:
+            keys = (self.api_key, self.cluster_token)
         else:
             return None
         given = tuple(k for k in keys if k)
@@ -68,7 +90,26 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-def _authorized(header: str | None, secrets: tuple[str, ...]) -> bool:
+def _hostname(value: str) -> str:
+    """``host[:port]`` or ``[v6][:port]`` -> the lower-case host."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:].partition("]")[0]
+    return value.rpartition(":")[0] if value.count(":") == 1 else value
+
+
+def _origin_ok(origin: str, policy: EdgePolicy) -> bool:
+    if "*" in policy.origins or origin in policy.origins:
+        return True
+    scheme, sep, rest = origin.partition("://")
+    if not sep or scheme not in ("http", "https"):
+        return False  # "null" (sandboxed pages, file://) and the like
+    host = _hostname(rest.partition("/")[0])
+    return policy.hosts is not None and host in policy.hosts
+
+
+def authorized(header: str | None, secrets: tuple[str, ...]) -> bool:
+    """Does ``Authorization: Bearer X`` carry one of ``secrets``?"""
     scheme, _, key = (header or "").partition(" ")
     if scheme.lower() != "bearer":
         return False
@@ -99,9 +140,26 @@ class Guard:
             await self.app(scope, receive, send)
             return
         path, pol = scope.get("path", ""), self.policy
+        host = _header(scope, b"host")
+        if pol.hosts is not None and host is not None and _hostname(host) not in pol.hosts:
+            await send_error(send, 400, f"Host: {host[:100]!r} is not a name this server answers to ("
+                             f"{', '.join(sorted(pol.hosts))}); start noodle serve with --allow-host NAME to add one",
+                             code="invalid_host", close=True)  # fmt: skip
+            return
+        origin = _header(scope, b"origin")
+        if origin is not None and not _origin_ok(origin, pol):
+            await send_error(send, 403, f"Origin: {origin[:100]!r} is another site; pages from it may not call this "
+                             "server (start noodle serve with --allow-origin ORIGIN to let them)",
+                             code="cross_origin", close=True)  # fmt: skip
+            return
+        if origin is not None and scope.get("method") == "OPTIONS" and _header(scope, b"access-control-request-method"):
+            await self.app(scope, receive, send)  # an allowed origin's CORS preflight: no credentials in it
+            return
         secrets = pol.secrets_for(path)
-        if secrets is not None and not _authorized(_header(scope, b"authorization"), secrets):
+        if secrets is not None and not authorized(_header(scope, b"authorization"), secrets):
             what = "cluster token (the --token of noodle serve)" if path in _CLUSTER_WRITES else "API key"
+            if path in _CLUSTER_READS:
+                what = "API key or the cluster token"
             await send_error(send, 401, f"missing or wrong credentials: send Authorization: Bearer <{what}>",
                              code="invalid_api_key", close=True)  # fmt: skip
             return

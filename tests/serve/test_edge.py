@@ -164,3 +164,71 @@ def test_a_client_leaving_mid_body_is_a_quiet_log_line(server: ServeProc) -> Non
     tail = server.log()[before_log:]
     assert "Traceback" not in tail and "unhandled error" not in tail, tail
     assert httpx.get(f"{server.base}/healthz", timeout=10).status_code == 200
+
+
+def _get(base: str, path: str, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+    with connect(base) as sock:
+        sock.sendall(request_head("GET", path, headers))
+        reply = read_reply(sock)
+    return reply.status, reply.headers, reply.body
+
+
+def test_host_must_name_this_server(server: ServeProc) -> None:
+    port = server.base.rsplit(":", 1)[1]
+    for host in ("127.0.0.1", f"127.0.0.1:{port}", f"localhost:{port}", "LOCALHOST", f"[::1]:{port}"):
+        assert _get(server.base, "/healthz", {"Host": host})[0] == 200, host
+    for host in ("evil.example", f"evil.example:{port}", f"127.0.0.1.evil.example:{port}"):  # DNS rebinding
+        status, _, body = _get(server.base, "/healthz", {"Host": host})
+        assert status == 400 and b"--allow-host" in body, (host, body)
+        assert _get(server.base, "/v1/models", {"Host": host, **KEY})[0] == 400
+
+
+def test_a_foreign_page_cannot_post(server: ServeProc) -> None:
+    body = f'{{"model": "{MODEL}", "prompt": "hi", "max_tokens": 1}}'
+    simple = {"Content-Type": "text/plain", **KEY}  # a "simple" request: browsers send it without a preflight
+    r = httpx.post(f"{server.base}/v1/completions", content=body, headers={**simple, "Origin": "http://evil.example"})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "cross_origin", r.text
+    r = httpx.post(f"{server.base}/v1/completions", content=body, headers={**simple, "Origin": "null"})
+    assert r.status_code == 403, r.text
+    own = server.base.replace("127.0.0.1", "localhost")
+    r = httpx.post(f"{server.base}/v1/completions", content=body, headers={**simple, "Origin": own}, timeout=60)
+    assert r.status_code == 200, r.text  # this server's own page (the status page's origin)
+
+
+def test_allow_host_and_allow_origin_flags(model_dir: Path, plan_file: Path) -> None:
+    args = ["--model", str(model_dir), "--plan", str(plan_file), "--allow-host", "box.lan",
+            "--allow-origin", "https://chat.example"]  # fmt: skip
+    with start_serve(args) as sp:
+        assert _get(sp.base, "/healthz", {"Host": "box.lan:8000"})[0] == 200
+        assert _get(sp.base, "/healthz", {"Host": "other.lan"})[0] == 400
+        pre = httpx.options(f"{sp.base}/v1/completions", headers={"Origin": "https://chat.example",
+                            "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"})  # fmt: skip
+        assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "https://chat.example"
+        body = {"model": MODEL, "prompt": "hi", "max_tokens": 1}
+        r = httpx.post(f"{sp.base}/v1/completions", json=body, headers={"Origin": "https://chat.example"}, timeout=60)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://chat.example", r.text
+        r = httpx.post(f"{sp.base}/v1/completions", json=body, headers={"Origin": "https://other.example"}, timeout=60)
+        assert r.status_code == 403
+
+
+def test_cluster_views_need_the_key_or_the_token(cluster: ServeProc, model_dir: Path) -> None:
+    from noodle.serve.joining import model_hash
+
+    from .test_registry import _body
+
+    joined = httpx.post(f"{cluster.base}/noodle/cluster/join", json={**_body("w1", 0.6), "model_hash": model_hash(model_dir)},
+                        headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)  # fmt: skip
+    assert joined.status_code == 200, joined.text
+    address = _body("w1", 0.6)["address"]
+    for path in ("/noodle/cluster", "/noodle/cluster/export"):
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            r = httpx.get(f"{cluster.base}{path}", headers=headers, timeout=30)
+            assert r.status_code == 401 and address not in r.text, (path, r.text)
+        for secret in (API_KEY, TOKEN):
+            r = httpx.get(f"{cluster.base}{path}", headers={"Authorization": f"Bearer {secret}"}, timeout=30)
+            assert r.status_code in (200, 409) and r.status_code != 401, (path, r.text)  # 409: no live worker to export
+    assert address in httpx.get(f"{cluster.base}/noodle/cluster", headers=KEY, timeout=30).text
+    status = httpx.get(f"{cluster.base}/noodle/status", timeout=30).json()  # the open status page's data
+    assert [n["address"] for n in status["cluster"]["nodes"]] == ["(hidden)"]
+    status = httpx.get(f"{cluster.base}/noodle/status", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30).json()
+    assert [n["address"] for n in status["cluster"]["nodes"]] == [address]

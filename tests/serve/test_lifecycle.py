@@ -31,7 +31,7 @@ def test_client_disconnect_cancels_its_sequence(model_dir: Path, plan_doc: PlanD
         body = json.dumps({"model": MODEL, "prompt": "hello", "max_tokens": 200, "stream": True}).encode()
         port = int(base.rsplit(":", 1)[1])
         sock = socket.create_connection(("127.0.0.1", port))
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
         received = b""
         while b"data: " not in received:  # streaming has begun
