@@ -152,11 +152,11 @@ class ServeApp:
             yield
         finally:
             watcher.cancel()
+            if self.cluster is not None:  # first: its opener may be waiting for workers until it is stopped
+                await asyncio.to_thread(self.cluster.close)
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await loader
             self.runtime.cancel_all()
-            if self.cluster is not None:
-                self.cluster.close()
             await asyncio.to_thread(self.runtime.close, min(10.0, self.drain_timeout_s))
 
     # -- the app -------------------------------------------------------------------------------
@@ -205,8 +205,10 @@ class ServeApp:
 
         @app.get("/readyz")
         async def readyz() -> JSONResponse:
-            ok = self.runtime.state == "ready"
-            return JSONResponse({"ready": ok, "state": self.runtime.state, "error": self.runtime.error},
+            rt = self.runtime
+            down = rt.unavailable() if rt.state == "ready" else None
+            ok = rt.state == "ready" and down is None
+            return JSONResponse({"ready": ok, "state": rt.state, "error": down[0] if down else rt.error},
                                 status_code=200 if ok else 503)  # fmt: skip
 
         @app.get("/metrics")

@@ -113,6 +113,7 @@ def build_cluster_server(
                             max_queue=max_queue, min_workers=min_workers, gain_threshold=gain_threshold,
                             drain_s=drain_s, drift_threshold=drift_threshold, horizon_s=horizon_s)  # fmt: skip
     holder["ctl"] = ctl
+    runtime.unavailable = ctl.unavailable
     ctl.prober = LinkProber(registry, probe_sizes(Path(model_dir)), token=token, events=runtime.events,
                             interval_s=probe_interval_s)  # fmt: skip
     ctl.prober.start()

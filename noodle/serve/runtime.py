@@ -120,6 +120,8 @@ class Runtime:
         self.started_at = time.time()
         self._active: dict[str, Any] = {}  # request id -> handle
         self.on_token_latency: Callable[[str, float], None] = lambda kind, seconds: None
+        # Why a ready engine cannot serve now (message, Retry-After seconds), e.g. no live worker; None: it can.
+        self.unavailable: Callable[[], tuple[str, int] | None] = lambda: None
 
     # -- lifecycle -----------------------------------------------------------------------------
     def load(self) -> None:
@@ -129,6 +131,9 @@ class Runtime:
             self.executor, self.pipeline = self._opener()
             self.pipeline.start()
         except Exception as exc:  # noqa: BLE001 - any load failure is reported on /readyz and the status page
+            if self.state in ("draining", "closed"):  # stopped while loading (or waiting for workers)
+                self.events.add("info", f"stopped before the stages were loaded ({exc})")
+                return
             self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
             self.events.add("warning", f"loading the stages failed: {self.error}")
             return
@@ -187,6 +192,10 @@ class Runtime:
     # -- requests ------------------------------------------------------------------------------
     def check_ready(self) -> None:
         if self.state == "ready":
+            down = self.unavailable()
+            if down is not None:
+                raise ApiError(503, down[0], type="server_error", code="unavailable",
+                               headers={"Retry-After": str(down[1])})  # fmt: skip
             return
         if self.state == "loading":
             raise ApiError(503, "the model's stages are still loading; retry shortly", type="server_error",
