@@ -156,7 +156,7 @@ class ClusterLab:
         wait_for(ready, timeout_s, "the first plan to serve", every_s=0.2)
 
     def cluster(self) -> dict[str, Any]:
-        return httpx.get(f"{self.base}/noodle/cluster", timeout=10).json()
+        return httpx.get(f"{self.base}/noodle/cluster", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10).json()
 
     def events(self) -> list[dict[str, Any]]:
         return httpx.get(f"{self.base}/noodle/status", timeout=10).json()["events"]

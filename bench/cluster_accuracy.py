@@ -63,11 +63,11 @@ def run(preset: str, requests: int, max_tokens: int, port: int, work: Path, stag
             procs.append(_noodle("worker", "--model", str(model), "--port", "0", "--join", base, "--name", f"w{i}",
                                  "--cache-dir", str(work / f"cache{i}"), "--threads", "1", log=work / f"w{i}.log"))  # fmt: skip
             if stagger:  # one measures at a time, as on separate machines (here they share 2 cores)
-                _wait(lambda: len(httpx.get(f"{base}/noodle/cluster", timeout=5).json()["nodes"]) > i, 600, f"w{i}")
+                _wait(lambda: len(httpx.get(f"{base}/noodle/cluster", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5).json()["nodes"]) > i, 600, f"w{i}")
         t0 = time.monotonic()
         _wait(lambda: httpx.get(f"{base}/readyz", timeout=5).status_code == 200, 600, "the first plan")
         ready_s = time.monotonic() - t0
-        start = httpx.get(f"{base}/noodle/cluster", timeout=10).json()
+        start = httpx.get(f"{base}/noodle/cluster", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10).json()
 
         def one(k: int) -> int:
             body = {"model": preset, "prompt": f"Request {k}: the planner measures", "max_tokens": max_tokens,
@@ -81,7 +81,7 @@ def run(preset: str, requests: int, max_tokens: int, port: int, work: Path, stag
             tokens = sum(pool.map(one, range(requests)))
         serve_s = time.monotonic() - t1
         time.sleep(2.5)  # the last window is fed within a second
-        status = httpx.get(f"{base}/noodle/cluster", timeout=10).json()
+        status = httpx.get(f"{base}/noodle/cluster", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10).json()
         events = httpx.get(f"{base}/noodle/status", timeout=10).json().get("events", [])
     finally:
         for p in procs:

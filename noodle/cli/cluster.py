@@ -22,19 +22,24 @@ from noodle.errors import ExecutorError, SpecError
 
 __all__ = ["register", "fetch"]
 
+_TOKEN_HELP = "the coordinator's cluster token or its --api-key (it shows worker addresses and paths only to them)"
 cluster_app = typer.Typer(help="Workers that joined a `noodle serve --cluster` coordinator.", no_args_is_help=True)
 
 
-def fetch(url: str, path: str, timeout_s: float = 10.0) -> Any:
-    """GET ``url + path``; one clear error when the coordinator cannot be reached or refuses."""
+def fetch(url: str, path: str, timeout_s: float = 10.0, token: str | None = None) -> Any:
+    """GET ``url + path`` (with ``token`` as the bearer); one clear error when the coordinator cannot be reached or refuses."""
     import httpx
 
     if not url.startswith(("http://", "https://")):
         raise SpecError(f"--url: {url!r} is not an http(s) URL, e.g. http://127.0.0.1:8000")
     try:
-        resp = httpx.get(url.rstrip("/") + path, timeout=timeout_s)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        resp = httpx.get(url.rstrip("/") + path, timeout=timeout_s, headers=headers)
     except httpx.HTTPError as exc:
         raise ExecutorError(f"--url: cannot reach {url} ({type(exc).__name__}: {exc}); is `noodle serve --cluster` running?") from None
+    if resp.status_code == 401:
+        raise ExecutorError(f"--token: {url} refused it (401); give the coordinator's --token or --api-key "
+                            "(or set NOODLE_TOKEN)")  # fmt: skip
     if resp.status_code == 404:
         raise ExecutorError(f"--url: {url} has no cluster (404); start it with `noodle serve --cluster`")
     if resp.status_code >= 400:
@@ -48,9 +53,10 @@ def fetch(url: str, path: str, timeout_s: float = 10.0) -> Any:
 
 @cluster_app.command("status")
 def status_cmd(url: str = typer.Option("http://127.0.0.1:8000", "--url", help="the coordinator (noodle serve --cluster)"),
-               json_out: bool = typer.Option(False, "--json", help="print the raw JSON")) -> None:  # fmt: skip
+               json_out: bool = typer.Option(False, "--json", help="print the raw JSON"),
+               token: str | None = typer.Option(None, "--token", envvar="NOODLE_TOKEN", help=_TOKEN_HELP)) -> None:  # fmt: skip
     """Joined workers: device, memory, measured speed, health and the stages each runs."""
-    data = fetch(url, "/noodle/cluster").json()
+    data = fetch(url, "/noodle/cluster", token=token).json()
     if json_out:
         import json
 
@@ -98,11 +104,12 @@ def _links_table(con: Any, links: list[dict[str, Any]]) -> None:
 def export_cmd(url: str = typer.Option("http://127.0.0.1:8000", "--url", help="the coordinator (noodle serve --cluster)"),
                links: str = typer.Option("direct", "--links", help="direct: the links the workers measured to each other "
                                          "(what a ring/torchrpc deployment pays); relay: each hop through the "
-                                         "coordinator (what the grpc executor of noodle serve --cluster pays)")) -> None:
+                                         "coordinator (what the grpc executor of noodle serve --cluster pays)"),
+               token: str | None = typer.Option(None, "--token", envvar="NOODLE_TOKEN", help=_TOKEN_HELP)) -> None:
     """Print the spec of the live workers with their measured figures (YAML, for `noodle solve`)."""
     if links not in _LINK_MODES:
         raise SpecError(f"--links: {links!r} is not a links mode; give one of {', '.join(_LINK_MODES)}")
-    sys.stdout.write(fetch(url, f"/noodle/cluster/export?links={links}").text)
+    sys.stdout.write(fetch(url, f"/noodle/cluster/export?links={links}", token=token).text)
 
 
 _LINK_MODES = ("direct", "relay")  # noodle.serve.links.LINK_MODES, without importing the server

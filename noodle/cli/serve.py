@@ -22,6 +22,8 @@ from noodle.cli.checks import check_float, check_int, check_threads
 from noodle.cli.output import stderr_console
 from noodle.errors import ModelError, SpecError
 from noodle.extras import require_exec
+from noodle.serve.guard import MAX_REQUEST_BYTES, allowed_hosts
+from noodle.serve.limits import HEADER_TIMEOUT_S, MAX_CONNECTIONS
 
 __all__ = ["register", "load_tokenizer", "bind_socket"]
 
@@ -85,6 +87,19 @@ def _check_flags(backend: str, port: int, concurrency: int, max_queue: int, requ
     check_threads("--threads", threads)
 
 
+def _origins(given: list[str]) -> frozenset[str]:
+    """``--allow-origin`` values: ``*`` or ``scheme://host[:port]``, as browsers send ``Origin``."""
+    out = set()
+    for origin in given:
+        origin = origin.strip().rstrip("/")
+        scheme, sep, rest = origin.partition("://")
+        if origin != "*" and (not sep or scheme not in ("http", "https") or not rest or "/" in rest):
+            raise SpecError(f"--allow-origin: {origin!r} is not an origin; give scheme://host[:port] "
+                            "(https://chat.example) or *")  # fmt: skip
+        out.add(origin.lower())
+    return frozenset(out)
+
+
 def _check_batching(batching: str, max_batch_tokens: int) -> None:
     from noodle.executors.batching import BATCHING_MODES
 
@@ -112,6 +127,16 @@ def serve_cmd(
     max_batch_tokens: int = typer.Option(256, "--max-batch-tokens", help="tokens one batched step may carry "
                                          "(decode tokens first, prefill chunks fill the rest)"),
     max_queue: int = typer.Option(64, "--max-queue", help="requests that may wait; more get 429"),
+    max_request_bytes: int = typer.Option(MAX_REQUEST_BYTES, "--max-request-bytes",
+                                          help="largest body /v1/completions and /v1/chat/completions take; more: 413"),
+    allow_host: list[str] = typer.Option([], "--allow-host", help="also answer to this Host name (repeat; * : any); "
+                                         "127.0.0.1, localhost and --host always"),
+    allow_origin: list[str] = typer.Option([], "--allow-origin", help="let pages from this origin call the API "
+                                           "(https://chat.example; repeat; * : any); others get 403"),
+    max_connections: int = typer.Option(MAX_CONNECTIONS, "--max-connections", help="connections held at once (cut to "
+                                        "the open-file limit); past it the longest idle one is closed"),
+    header_timeout: float = typer.Option(HEADER_TIMEOUT_S, "--header-timeout",
+                                         help="seconds a connection gets to send a request's headers"),
     request_timeout: float = typer.Option(300.0, "--request-timeout", help="seconds a request may run"),
     drain_timeout: float = typer.Option(30.0, "--drain-timeout", help="seconds in-flight requests get on SIGTERM"),
     threads: int = typer.Option(0, "--threads", help="torch CPU threads (0: torch's default)"),
@@ -136,11 +161,16 @@ def serve_cmd(
 
     _check_flags(backend, port, concurrency, max_queue, request_timeout, threads, drain_timeout)
     _check_batching(batching, max_batch_tokens)
+    check_int("--max-request-bytes", max_request_bytes, ge=1024, le=1 << 30)
+    check_int("--max-connections", max_connections, ge=16, le=1 << 20)
+    check_float("--header-timeout", header_timeout, gt=0, le=3600)
+    edge = {"max_connections": max_connections, "header_timeout_s": header_timeout}
+    names = {"hosts": allowed_hosts(host, tuple(allow_host)), "origins": _origins(allow_origin)}
     if cluster:
         _serve_cluster(model, token=token, host=host, port=port, api_key=api_key, served_model_name=served_model_name,
                        chat_template=chat_template, concurrency=concurrency, max_queue=max_queue,
                        request_timeout=request_timeout, drain_timeout=drain_timeout, threads=threads,
-                       min_workers=min_workers, replan_threshold=replan_threshold,
+                       max_request_bytes=max_request_bytes, edge=edge, names=names, min_workers=min_workers, replan_threshold=replan_threshold,
                        heartbeat_timeout=heartbeat_timeout, probe_interval=probe_interval, drift_threshold=drift_threshold, replan_horizon=replan_horizon, conflicting={"--plan": plan, "--spec": spec,
                        "--workers": workers, "--emulate": emulate or None})  # fmt: skip
         return
@@ -159,13 +189,14 @@ def serve_cmd(
     served = build_server(model, doc, tokenizer, backend=backend, backend_options=options, emulate=emulate,
                           concurrency=concurrency, max_queue=max_queue, request_timeout_s=request_timeout,
                           drain_timeout_s=drain_timeout, api_key=api_key, model_id=served_model_name,
-                          batching=batching, max_batch_tokens=max_batch_tokens)  # fmt: skip
+                          batching=batching, max_batch_tokens=max_batch_tokens,
+                          max_request_bytes=max_request_bytes, **names)  # fmt: skip
     model_id = served.model.model_id
     sock = bind_socket(host, port)
     bound = sock.getsockname()[1]
     print(f"noodle serve: {model_id!r} ({backend}{', emulated' if emulate else ''}) on http://{host}:{bound}/v1 "
           f"- status page http://{host}:{bound}/ - loading stages...", file=sys.stderr, flush=True)  # fmt: skip
-    _run(served, sock)
+    _run(served, sock, **edge)
     err.print("noodle serve: stopped", highlight=False)
 
 
@@ -174,7 +205,8 @@ def _serve_cluster(model: Path, *, token: str | None, host: str, port: int, api_
                    request_timeout: float, drain_timeout: float, threads: int, min_workers: int,
                    replan_threshold: float, heartbeat_timeout: float, conflicting: dict[str, Any],
                    probe_interval: float = 60.0, drift_threshold: float = 0.15,
-                   replan_horizon: float = 120.0) -> None:  # fmt: skip
+                   replan_horizon: float = 120.0, max_request_bytes: int = MAX_REQUEST_BYTES,
+                   edge: dict[str, Any] | None = None, names: dict[str, Any] | None = None) -> None:  # fmt: skip
     """``--cluster``: serve over workers that join; see docs/cluster.md."""
     from noodle.serve.build import build_cluster_server
 
@@ -202,18 +234,29 @@ def _serve_cluster(model: Path, *, token: str | None, host: str, port: int, api_
                                   horizon_s=replan_horizon,
                                   concurrency=concurrency, max_queue=max_queue, request_timeout_s=request_timeout,
                                   drain_timeout_s=drain_timeout, api_key=api_key, model_id=served_model_name,
-                                  probe_interval_s=probe_interval)  # fmt: skip
+                                  probe_interval_s=probe_interval, max_request_bytes=max_request_bytes,
+                                  **(names or {}))  # fmt: skip
     sock = bind_socket(host, port)
     bound = sock.getsockname()[1]
     print(f"noodle serve: {served.model.model_id!r} (cluster) on http://{host}:{bound}/v1 - status page "
           f"http://{host}:{bound}/ - workers join with `noodle worker --join http://{host}:{bound} --token ...`; "
           f"waiting for {min_workers}", file=sys.stderr, flush=True)  # fmt: skip
-    _run(served, sock)
+    _run(served, sock, **(edge or {}))
     stderr_console().print("noodle serve: stopped", highlight=False)
 
 
-def _run(served: Any, sock: socket.socket) -> None:
+def _run(served: Any, sock: socket.socket, *, max_connections: int = MAX_CONNECTIONS,
+         header_timeout_s: float = HEADER_TIMEOUT_S) -> None:  # fmt: skip
     import uvicorn
+
+    from noodle.serve.limits import connection_budget, raise_nofile, uvicorn_config
+
+    nofile = raise_nofile()
+    held = connection_budget(max_connections, nofile)
+    if held < max_connections:
+        log.warning("--max-connections %d: the open-file limit is %d, so at most %d connections are held",
+                    max_connections, nofile, held)  # fmt: skip
+    log.info("edge limits: %d connections, %d open files, %g s for headers", held, nofile, header_timeout_s)
 
     class _DrainingServer(uvicorn.Server):
         """First signal: drain (503 for new requests), then exit; a second signal: exit now."""
@@ -225,9 +268,7 @@ def _run(served: Any, sock: socket.socket) -> None:
             super().handle_exit(sig, frame)
             self._captured_signals.clear()  # exit 0 after a requested shutdown, not by the signal
 
-    config = uvicorn.Config(served.app, log_level="warning", access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=5, timeout_keep_alive=5)  # fmt: skip
-    server = _DrainingServer(config)
+    server = _DrainingServer(uvicorn_config(served.app, max_connections=held, header_timeout_s=header_timeout_s))
 
     def drained() -> None:
         server.should_exit = True

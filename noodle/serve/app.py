@@ -1,7 +1,8 @@
 """The ASGI app of ``noodle serve`` (FastAPI): OpenAI routes, auth, errors, metrics, health, status page.
 
-* ``/v1/*`` needs ``Authorization: Bearer KEY`` when the server has an API key;
-  ``/healthz``, ``/readyz``, ``/metrics``, ``/`` and ``/noodle/status`` do not (bind
+* :class:`~noodle.serve.guard.Guard` runs first: credentials and body limits are checked by the
+  headers before a body is read (``/v1/*`` needs ``Authorization: Bearer KEY`` when the server
+  has an API key); ``/healthz``, ``/readyz``, ``/metrics``, ``/`` and ``/noodle/status`` do not (bind
   to 127.0.0.1, the default, to keep them private).
 * Every error is OpenAI's error JSON; an unexpected exception is a 500 with a
   generic message (logged server-side), never a traceback.
@@ -15,20 +16,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from noodle.plandoc import PlanDoc
+from noodle.serve.guard import LOCAL_HOSTS, MAX_REQUEST_BYTES, EdgePolicy, Guard, authorized
+from noodle.serve.limits import quiet_accept_errors
 from noodle.serve.metrics import CONTENT_TYPE, ServeMetrics, stage_rows
 from noodle.serve.openai_api import ServedModel, openai_router
 from noodle.serve.protocol import ApiError, error_body
@@ -89,6 +92,9 @@ class ServeApp:
         on_drained: Callable[[], None] | None = None,
         cluster: Any = None,
         cluster_token: str | None = None,
+        max_request_bytes: int = MAX_REQUEST_BYTES,
+        hosts: frozenset[str] | None = LOCAL_HOSTS,
+        origins: frozenset[str] = frozenset(),
     ) -> None:
         self.runtime = runtime
         self.plan = plan
@@ -101,6 +107,8 @@ class ServeApp:
         self.metrics = ServeMetrics(runtime, plan)
         self.cluster = cluster  # a ClusterController with --cluster (its routes and metrics join the app)
         self.cluster_token = cluster_token
+        self.policy = EdgePolicy(api_key=api_key, cluster_token=cluster_token, max_request_bytes=max_request_bytes,
+                                 hosts=hosts, origins=origins)  # fmt: skip
         if cluster is not None:
             from noodle.serve.controller import ClusterCollector
 
@@ -137,31 +145,21 @@ class ServeApp:
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        quiet_accept_errors(asyncio.get_running_loop())
         loader = asyncio.create_task(asyncio.to_thread(self.runtime.load))
         watcher = asyncio.create_task(self._watch())
         try:
             yield
         finally:
             watcher.cancel()
+            if self.cluster is not None:  # first: its opener may be waiting for workers until it is stopped
+                await asyncio.to_thread(self.cluster.close)
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await loader
             self.runtime.cancel_all()
-            if self.cluster is not None:
-                self.cluster.close()
             await asyncio.to_thread(self.runtime.close, min(10.0, self.drain_timeout_s))
 
     # -- the app -------------------------------------------------------------------------------
-    def _check_key(self, request: Request) -> None:
-        if not self.api_key:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, key = header.partition(" ")
-        if not header:
-            raise ApiError(401, "missing API key: send the header Authorization: Bearer <key>",
-                           code="invalid_api_key")  # fmt: skip
-        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
-            raise ApiError(401, "incorrect API key", code="invalid_api_key")
-
     def status(self) -> dict[str, Any]:
         """What the status page shows, as JSON."""
         rt, plan = self.runtime, self.plan
@@ -195,11 +193,11 @@ class ServeApp:
     def _build(self) -> FastAPI:
         app = FastAPI(title="noodle", lifespan=self._lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
-        app.include_router(openai_router(self.model), dependencies=[Depends(self._check_key)])
+        app.include_router(openai_router(self.model))  # credentials: checked by the Guard, before any body
         if self.cluster is not None:
             from noodle.serve.cluster_api import cluster_router
 
-            app.include_router(cluster_router(self.cluster, self.cluster_token))
+            app.include_router(cluster_router(self.cluster))
 
         @app.get("/healthz")
         async def healthz() -> dict[str, str]:
@@ -207,8 +205,10 @@ class ServeApp:
 
         @app.get("/readyz")
         async def readyz() -> JSONResponse:
-            ok = self.runtime.state == "ready"
-            return JSONResponse({"ready": ok, "state": self.runtime.state, "error": self.runtime.error},
+            rt = self.runtime
+            down = rt.unavailable() if rt.state == "ready" else None
+            ok = rt.state == "ready" and down is None
+            return JSONResponse({"ready": ok, "state": rt.state, "error": down[0] if down else rt.error},
                                 status_code=200 if ok else 503)  # fmt: skip
 
         @app.get("/metrics")
@@ -216,8 +216,13 @@ class ServeApp:
             return Response(self.metrics.render(), media_type=CONTENT_TYPE)
 
         @app.get("/noodle/status")
-        async def status() -> dict[str, Any]:
-            return self.status()
+        async def status(request: Request) -> dict[str, Any]:
+            out = self.status()
+            secrets = self.policy.secrets_for("/noodle/cluster")
+            if out["cluster"] is not None and secrets and not authorized(request.headers.get("authorization"), secrets):
+                for node in out["cluster"]["nodes"]:  # addresses are for the key or token holders (/noodle/cluster)
+                    node["address"] = "(hidden)"
+            return out
 
         @app.get("/", response_class=HTMLResponse)
         async def page() -> HTMLResponse:
@@ -241,13 +246,24 @@ class ServeApp:
             return JSONResponse(error_body(f"{param or 'body'}: {err['msg']}", type="invalid_request_error",
                                            param=param, code="invalid_value"), status_code=400)  # fmt: skip
 
+        @app.exception_handler(ClientDisconnect)
+        async def client_left(request: Request, exc: ClientDisconnect) -> Response:
+            log.debug("client left %s %s before its body was read", request.method, request.url.path)
+            return Response(status_code=499)  # nobody reads it; counted in the metrics
+
         @app.exception_handler(Exception)
         async def unexpected(request: Request, exc: Exception) -> JSONResponse:
             log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
             return JSONResponse(error_body("internal server error; see the server log", type="server_error",
                                            code="internal_error"), status_code=500)  # fmt: skip
 
-        return _CountRequests(app, self.metrics)  # type: ignore[return-value]
+        inner: ASGIApp = app
+        if self.policy.origins:  # pages from these origins may call the API: answer their CORS preflights
+            from starlette.middleware.cors import CORSMiddleware
+
+            inner = CORSMiddleware(app, allow_origins=sorted(self.policy.origins), allow_methods=["GET", "POST"],
+                                   allow_headers=["authorization", "content-type"])  # fmt: skip
+        return _CountRequests(Guard(inner, self.policy), self.metrics)  # type: ignore[return-value]
 
 
 def create_app(runtime: Runtime, plan: PlanDoc, **kwargs: Any) -> ServeApp:

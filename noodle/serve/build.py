@@ -10,6 +10,7 @@ from noodle.executors.kvbudget import max_positions
 from noodle.executors.slicing import read_config, unit_names_of
 from noodle.plandoc import PlanDoc
 from noodle.serve.app import ServeApp
+from noodle.serve.guard import LOCAL_HOSTS, MAX_REQUEST_BYTES
 from noodle.serve.runtime import Limits, Runtime
 
 __all__ = ["build_server", "build_cluster_server"]
@@ -31,6 +32,9 @@ def build_server(
     model_id: str | None = None,
     batching: str = "auto",
     max_batch_tokens: int = 256,
+    max_request_bytes: int = MAX_REQUEST_BYTES,
+    hosts: frozenset[str] | None = LOCAL_HOSTS,
+    origins: frozenset[str] = frozenset(),
 ) -> ServeApp:
     """A :class:`ServeApp` whose stages load when the app starts (``/readyz`` turns 200 then).
 
@@ -53,7 +57,8 @@ def build_server(
     limits, eos_ids = _model_limits(model_dir)
     runtime = Runtime(opener, tokenizer, limits, eos_ids=eos_ids, request_timeout_s=request_timeout_s)
     return ServeApp(runtime, plan, model_id=model_id or Path(model_dir).resolve().name, backend=backend,
-                    emulate=emulate, api_key=api_key, drain_timeout_s=drain_timeout_s)  # fmt: skip
+                    emulate=emulate, api_key=api_key, drain_timeout_s=drain_timeout_s,
+                    max_request_bytes=max_request_bytes, hosts=hosts, origins=origins)  # fmt: skip
 
 
 def _model_limits(model_dir: Path) -> tuple[Limits, list[int]]:
@@ -85,6 +90,9 @@ def build_cluster_server(
     api_key: str | None = None,
     model_id: str | None = None,
     probe_interval_s: float = 60.0,
+    max_request_bytes: int = MAX_REQUEST_BYTES,
+    hosts: frozenset[str] | None = LOCAL_HOSTS,
+    origins: frozenset[str] = frozenset(),
 ) -> ServeApp:
     """A :class:`ServeApp` over workers that join it (``noodle worker --join``); see :mod:`noodle.serve.controller`.
 
@@ -105,9 +113,11 @@ def build_cluster_server(
                             max_queue=max_queue, min_workers=min_workers, gain_threshold=gain_threshold,
                             drain_s=drain_s, drift_threshold=drift_threshold, horizon_s=horizon_s)  # fmt: skip
     holder["ctl"] = ctl
+    runtime.unavailable = ctl.unavailable
     ctl.prober = LinkProber(registry, probe_sizes(Path(model_dir)), token=token, events=runtime.events,
                             interval_s=probe_interval_s)  # fmt: skip
     ctl.prober.start()
     return ServeApp(runtime, ctl.plan, model_id=model_id or Path(model_dir).resolve().name,  # type: ignore[arg-type]
                     backend="grpc", api_key=api_key, drain_timeout_s=drain_timeout_s, cluster=ctl,
-                    cluster_token=token)  # fmt: skip
+                    cluster_token=token, max_request_bytes=max_request_bytes, hosts=hosts,
+                    origins=origins)  # fmt: skip

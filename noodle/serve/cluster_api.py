@@ -4,17 +4,22 @@
 ``Authorization: Bearer <cluster token>`` (the workers' gRPC token: one secret for the
 cluster). ``GET /noodle/cluster`` (nodes, plan, re-plans) and ``GET /noodle/cluster/export``
 (the measured spec, YAML; ``?links=relay`` prices each hop through the coordinator, default
-``direct``) are open like ``/noodle/status``.
+``direct``) show worker addresses and the model's path: they need the API key or the cluster
+token. :class:`~noodle.serve.guard.Guard` checks all of it (and the body's size) before a body
+is read; bodies are parsed off the event loop.
 """
 
 from __future__ import annotations
 
-import hmac
-from typing import Any
+import asyncio
+import json
+from typing import Any, TypeVar
 
 import yaml
 from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse
+from pydantic import BaseModel, ValidationError
 
 from noodle.serve.controller import ClusterController
 from noodle.serve.links import LINK_MODES
@@ -23,21 +28,32 @@ from noodle.serve.registry import Heartbeat, JoinRequest, cluster_spec, unit_mis
 
 __all__ = ["cluster_router"]
 
+W = TypeVar("W", bound=BaseModel)
 
-def cluster_router(ctl: ClusterController, token: str | None) -> APIRouter:
+
+def _parse(raw: bytes, model: type[W]) -> W:
+    """A wire body, or the 400 that names its field (a RequestValidationError, as FastAPI raises it)."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, an integer of 4,300+ digits
+        raise ApiError(400, f"body: not valid JSON ({str(exc)[:200]}); send a JSON object", code="invalid_json") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from None
+
+
+async def _body(request: Request, model: type[W]) -> W:
+    return await asyncio.to_thread(_parse, await request.body(), model)
+
+
+def cluster_router(ctl: ClusterController) -> APIRouter:
+    """The cluster's routes; credentials and body sizes are the Guard's (see the module docstring)."""
     router = APIRouter()
 
-    def check(request: Request) -> None:
-        if not token:
-            return
-        scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), token.encode()):
-            raise ApiError(401, "missing or wrong cluster token: send Authorization: Bearer <the --token of noodle serve>",
-                           code="invalid_api_key")  # fmt: skip
-
     @router.post("/noodle/cluster/join")
-    async def join(body: JoinRequest, request: Request) -> dict[str, Any]:
-        check(request)
+    async def join(request: Request) -> dict[str, Any]:
+        body = await _body(request, JoinRequest)
         reg = ctl.registry
         if reg.model_hash and body.model_hash != reg.model_hash:
             raise ApiError(409, f"model_hash: the worker's model folder is {body.model_hash}, the coordinator serves "
@@ -58,8 +74,8 @@ def cluster_router(ctl: ClusterController, token: str | None) -> APIRouter:
         return {"ok": True, "heartbeat_s": reg.heartbeat_s}
 
     @router.post("/noodle/cluster/heartbeat")
-    async def heartbeat(body: Heartbeat, request: Request) -> dict[str, Any]:
-        check(request)
+    async def heartbeat(request: Request) -> dict[str, Any]:
+        body = await _body(request, Heartbeat)
         if not ctl.registry.heartbeat(body):
             raise ApiError(404, f"id: node {body.id!r} is not joined (or was declared dead); join again",
                            param="id", code="not_joined")  # fmt: skip

@@ -131,7 +131,15 @@ class ClusterController:
         self._thread.start()
         return self.pipeline, self.pipeline
 
+    def unavailable(self) -> tuple[str, int] | None:
+        """Why requests cannot be served now (no live worker), with the seconds to retry after; None: they can."""
+        if self.registry.alive_count() > 0:
+            return None
+        return (f"no live worker: all {len(self.registry.records())} joined worker(s) missed heartbeats; requests "
+                "are refused until one joins (`noodle worker --join`)", max(1, round(self.registry.heartbeat_s * 2)))
+
     def close(self) -> None:
+        """Stop waiting for workers (the opener raises), the watcher thread and the link prober; idempotent."""
         self._stop.set()
         if self.prober is not None:
             self.prober.close()

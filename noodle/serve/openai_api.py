@@ -1,12 +1,15 @@
 """The OpenAI-compatible routes: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``.
 
 Validation happens here (the HTTP edge): bodies through :mod:`noodle.serve.protocol`,
-prompt length against the plan's context, the model id. Streaming responses are
+prompt length against the plan's context, the model id. Parsing and tokenizing run on a
+thread, not on the event loop; a text longer than the context could hold even at the
+tokenizer's longest token is refused before it is tokenized. Streaming responses are
 server-sent events (``data: {json}`` blocks, ending with ``data: [DONE]``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -33,6 +36,23 @@ class ServedModel:
         self.runtime = runtime
         self.model_id = model_id
         self.created = int(time.time())
+        self._max_chars: int | None = None
+
+    def max_prompt_chars(self) -> int:
+        """Characters beyond which a text cannot fit the prompt limit, whatever it says (no need to tokenize it).
+
+        Each token covers at most as many characters as its longest vocabulary entry spells out
+        (a byte-level or byte-fallback entry spells at least one character per byte); x2 leaves room
+        for normalizers that compose characters.
+        """
+        if self._max_chars is None:
+            tok = self.runtime.tokenizer
+            try:
+                longest = max((len(t) for t in tok.get_vocab()), default=64)
+            except Exception:  # noqa: BLE001 - a tokenizer without get_vocab: a generous bound
+                longest = 64
+            self._max_chars = 2 * max(longest, 16) * (self.runtime.limits.prompt_tokens + 1) + 4096
+        return self._max_chars
 
     def card(self) -> dict[str, Any]:
         return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "noodle",
@@ -57,6 +77,16 @@ def _tokenize(tokenizer: Any, text: str, param: str, **kwargs: Any) -> list[int]
                        param=param, code="invalid_value") from None  # fmt: skip
 
 
+def _check_chars(sm: ServedModel, chars: int, param: str) -> None:
+    """A 400 ``context_length_exceeded`` for a text too long to fit the prompt limit, before tokenizing it."""
+    bound = sm.max_prompt_chars()
+    if chars > bound:
+        lim = sm.runtime.limits
+        raise ApiError(400, f"{param}: {chars} characters cannot fit this model's context of {lim.context_tokens} "
+                       f"tokens (prompts up to {lim.prompt_tokens} tokens, at most {bound} characters); shorten it",
+                       param=param, code="context_length_exceeded")  # fmt: skip
+
+
 def _encode_text(tokenizer: Any, text: str) -> list[int]:
     ids = _tokenize(tokenizer, text, "prompt")
     if not ids and getattr(tokenizer, "bos_token_id", None) is not None:
@@ -69,6 +99,7 @@ def _encode_text(tokenizer: Any, text: str) -> list[int]:
 def _completion_prompt(sm: ServedModel, body: CompletionRequest) -> list[int]:
     prompt = body.single_prompt()
     if isinstance(prompt, str):
+        _check_chars(sm, len(prompt), "prompt")
         return _encode_text(sm.runtime.tokenizer, prompt)
     vocab = sm.runtime.limits.vocab_size
     bad = [t for t in prompt if not 0 <= t < vocab]
@@ -85,6 +116,7 @@ def _chat_prompt(sm: ServedModel, body: ChatCompletionRequest) -> list[int]:
                        "or start noodle serve with --chat-template FILE", param="messages",
                        code="no_chat_template")  # fmt: skip
     messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in body.messages]
+    _check_chars(sm, sum(len(m["content"]) + len(m.get("name", "")) for m in messages), "messages")
     try:
         text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     except Exception as exc:  # noqa: BLE001 - a template may raise anything (jinja's raise_exception, TypeError)
@@ -196,23 +228,29 @@ def openai_router(sm: ServedModel) -> APIRouter:
         sm.check_model(model_id)
         return sm.card()
 
-    @router.post("/completions")
-    async def completions(request: Request) -> Any:
-        body = parse_body(await request.body(), CompletionRequest)
+    def prepare_completion(raw: bytes) -> tuple[CompletionRequest, list[int], int]:
+        body = parse_body(raw, CompletionRequest)
         sm.check_model(body.model)
         sm.runtime.check_ready()
         ids = _completion_prompt(sm, body)
-        n = _max_tokens(sm, body, len(ids), COMPLETIONS_DEFAULT_MAX_TOKENS, "max_tokens", "prompt")
-        return await _respond(sm, request, body, ids, n, chat=False)
+        return body, ids, _max_tokens(sm, body, len(ids), COMPLETIONS_DEFAULT_MAX_TOKENS, "max_tokens", "prompt")
 
-    @router.post("/chat/completions")
-    async def chat_completions(request: Request) -> Any:
-        body = parse_body(await request.body(), ChatCompletionRequest)
+    def prepare_chat(raw: bytes) -> tuple[ChatCompletionRequest, list[int], int]:
+        body = parse_body(raw, ChatCompletionRequest)
         sm.check_model(body.model)
         sm.runtime.check_ready()
         ids = _chat_prompt(sm, body)
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-        n = _max_tokens(sm, body, len(ids), None, param, "messages")
+        return body, ids, _max_tokens(sm, body, len(ids), None, param, "messages")
+
+    @router.post("/completions")
+    async def completions(request: Request) -> Any:
+        body, ids, n = await asyncio.to_thread(prepare_completion, await request.body())  # JSON, tokenizer: off the loop
+        return await _respond(sm, request, body, ids, n, chat=False)
+
+    @router.post("/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        body, ids, n = await asyncio.to_thread(prepare_chat, await request.body())
         return await _respond(sm, request, body, ids, n, chat=True)
 
     return router

@@ -191,8 +191,9 @@ def parse_body(raw: bytes, model: type[_Body]) -> Any:
     """Parse and validate a JSON body, or raise a 400 :class:`ApiError` naming the field."""
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise ApiError(400, f"body: not valid JSON ({exc}); send a JSON object", param=None, code="invalid_json") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, an integer of 4,300+ digits
+        raise ApiError(400, f"body: not valid JSON ({str(exc)[:200]}); send a JSON object", param=None,
+                       code="invalid_json") from None  # fmt: skip
     if not isinstance(data, dict):
         raise ApiError(400, f"body: expected a JSON object, got {type(data).__name__}", code="invalid_type")
     try:

@@ -3,7 +3,8 @@
 The engine (:mod:`noodle.executors.scheduler`) runs on its own thread and calls back
 per token; :class:`Runtime` bridges those callbacks onto the asyncio loop with
 ``call_soon_threadsafe``, turns token ids into text (incremental detokenization, stop
-strings), enforces the per-request timeout and cancels the request when its client goes.
+strings), enforces the per-request timeout and cancels the request when its client goes
+(a stream finds out when a write fails; a non-streaming request checks every 0.25 s).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from noodle.serve.text import Detokenizer, StopMatcher
 __all__ = ["Limits", "Delta", "Finish", "Runtime", "Stream", "Opener"]
 
 log = logging.getLogger(__name__)
+DISCONNECT_CHECK_S = 0.25  # a non-streaming request looks for its client this often, tokens flowing or not
 
 # () -> (executor already entered, pipeline not yet started)
 Opener = Callable[[], tuple[Any, Any]]
@@ -118,6 +120,8 @@ class Runtime:
         self.started_at = time.time()
         self._active: dict[str, Any] = {}  # request id -> handle
         self.on_token_latency: Callable[[str, float], None] = lambda kind, seconds: None
+        # Why a ready engine cannot serve now (message, Retry-After seconds), e.g. no live worker; None: it can.
+        self.unavailable: Callable[[], tuple[str, int] | None] = lambda: None
 
     # -- lifecycle -----------------------------------------------------------------------------
     def load(self) -> None:
@@ -127,6 +131,9 @@ class Runtime:
             self.executor, self.pipeline = self._opener()
             self.pipeline.start()
         except Exception as exc:  # noqa: BLE001 - any load failure is reported on /readyz and the status page
+            if self.state in ("draining", "closed"):  # stopped while loading (or waiting for workers)
+                self.events.add("info", f"stopped before the stages were loaded ({exc})")
+                return
             self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
             self.events.add("warning", f"loading the stages failed: {self.error}")
             return
@@ -185,6 +192,10 @@ class Runtime:
     # -- requests ------------------------------------------------------------------------------
     def check_ready(self) -> None:
         if self.state == "ready":
+            down = self.unavailable()
+            if down is not None:
+                raise ApiError(503, down[0], type="server_error", code="unavailable",
+                               headers={"Retry-After": str(down[1])})  # fmt: skip
             return
         if self.state == "loading":
             raise ApiError(503, "the model's stages are still loading; retry shortly", type="server_error",
@@ -267,15 +278,21 @@ class Stream:
         rt = self._rt
         deadline = self._t0 + rt.request_timeout_s
         last: float | None = None
+        next_check = time.perf_counter() + DISCONNECT_CHECK_S
         try:
             while True:
+                if disconnected is not None and time.perf_counter() >= next_check:  # tokens may never pause
+                    next_check = time.perf_counter() + DISCONNECT_CHECK_S
+                    if await disconnected():
+                        self.handle.cancel()
+                        return
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0:
                     self.handle.cancel()
                     rt.events.add("warning", f"request {self.handle.id} timed out after {rt.request_timeout_s:g} s")
                     yield self._finish("timeout", f"the request took longer than {rt.request_timeout_s:g} s")
                     return
-                wait = min(remaining, 0.5) if disconnected is not None else remaining
+                wait = min(remaining, DISCONNECT_CHECK_S) if disconnected is not None else remaining
                 try:
                     item = await asyncio.wait_for(self._queue.get(), timeout=wait)
                 except asyncio.TimeoutError:

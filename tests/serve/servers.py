@@ -65,15 +65,25 @@ class ServeProc:
 
 
 @contextlib.contextmanager
-def start_serve(args: Sequence[str], *, ready: bool = True) -> Iterator[ServeProc]:
-    """``noodle serve ARGS --port 0`` in a subprocess; yields once it is ready, stops it on exit."""
+def start_serve(args: Sequence[str], *, ready: bool = True,
+                nofile: tuple[int, int] | None = None) -> Iterator[ServeProc]:  # fmt: skip
+    """``noodle serve ARGS --port 0`` in a subprocess; yields once it is ready, stops it on exit.
+
+    ``nofile``: the (soft, hard) open-file limit the process starts with.
+    """
     fd, log_name = tempfile.mkstemp(prefix="noodle-serve-", suffix=".log")
     os.close(fd)
     log_path = Path(log_name)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    def limit() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
+
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "noodle.cli.main", "serve", *args, "--host", "127.0.0.1",
-                                 "--port", "0", "--threads", "1"], stdout=log, stderr=subprocess.STDOUT, env=env)  # fmt: skip
+                                 "--port", "0", "--threads", "1"], stdout=log, stderr=subprocess.STDOUT, env=env,
+                                preexec_fn=limit if nofile else None)  # fmt: skip
     sp = ServeProc(proc, "", log_path)
     try:
         deadline = time.monotonic() + 120

@@ -48,7 +48,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def _cluster(base: str) -> dict[str, Any]:
-    return httpx.get(f"{base}/noodle/cluster", timeout=10).json()
+    return httpx.get(f"{base}/noodle/cluster", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10).json()
 
 
 def _wait(cond: Any, timeout_s: float, what: str) -> Any:
@@ -136,7 +136,7 @@ def test_join_leave_rejoin_and_export(model_dir: Path, tmp_path: Path) -> None:
         assert "noodle_replans_total" in metrics
 
         exported = tmp_path / "cluster.yaml"
-        out = subprocess.run([sys.executable, "-m", "noodle.cli.main", "cluster", "export", "--url", sp.base],
+        out = subprocess.run([sys.executable, "-m", "noodle.cli.main", "cluster", "export", "--url", sp.base, "--token", TOKEN],
                              capture_output=True, check=True, timeout=120)  # fmt: skip
         exported.write_bytes(out.stdout)
         solved = subprocess.run([sys.executable, "-m", "noodle.cli.main", "solve", str(exported), "--out",
@@ -145,7 +145,7 @@ def test_join_leave_rejoin_and_export(model_dir: Path, tmp_path: Path) -> None:
         plan = json.loads((tmp_path / "plan.json").read_text())
         assert {s["node"] for s in plan["stages"]} <= {"w1", "w2", "w3", "w4"} - {victim}
 
-        table = subprocess.run([sys.executable, "-m", "noodle.cli.main", "cluster", "status", "--url", sp.base],
+        table = subprocess.run([sys.executable, "-m", "noodle.cli.main", "cluster", "status", "--url", sp.base, "--token", TOKEN],
                                capture_output=True, check=True, timeout=120, env={**os.environ, "COLUMNS": "200"})  # fmt: skip
         assert "dead" in table.stdout.decode() and "re-plan" in table.stdout.decode()
         print(f"\ncluster timings: node death -> serving again {death_to_serving:.2f} s "

@@ -71,7 +71,7 @@ def test_links_are_measured_and_exported(model_dir: Path, tmp_path: Path) -> Non
         client = OpenAI(base_url=f"{sp.base}/v1", api_key="unused", max_retries=0, timeout=120)
         assert _complete(client)  # serving goes on while links are probed
 
-        out = subprocess.run([sys.executable, "-m", "noodle.cli.main", "cluster", "export", "--url", sp.base],
+        out = subprocess.run([sys.executable, "-m", "noodle.cli.main", "cluster", "export", "--url", sp.base, "--token", TOKEN],
                              capture_output=True, check=True, timeout=120)  # fmt: skip
         doc = yaml.safe_load(out.stdout)
         pairs = {(p["a"], p["b"]): p for p in doc["cluster"]["links"]["pairs"]}
@@ -84,7 +84,7 @@ def test_links_are_measured_and_exported(model_dir: Path, tmp_path: Path) -> Non
                                  str(tmp_path / "plan.json")], capture_output=True, timeout=300)  # fmt: skip
         assert solved.returncode == 0, solved.stderr.decode()
 
-        table = subprocess.run([sys.executable, "-m", "noodle.cli.main", "cluster", "status", "--url", sp.base],
+        table = subprocess.run([sys.executable, "-m", "noodle.cli.main", "cluster", "status", "--url", sp.base, "--token", TOKEN],
                                capture_output=True, check=True, timeout=120, env={**os.environ, "COLUMNS": "200"})  # fmt: skip
         text = table.stdout.decode()
         assert "links measured" in text and "w1 -> w3" in text and "(coordinator) -> w2" in text, text

@@ -25,7 +25,7 @@ def client(model_dir: Path, tokenizer: Any) -> Iterator[tuple[TestClient, Any]]:
     from noodle.serve.joining import model_hash
 
     served = build_cluster_server(model_dir, tokenizer, token=TOKEN, min_workers=1000)
-    with TestClient(served.app, raise_server_exceptions=False) as tc:  # no lifespan: nothing is planned
+    with TestClient(served.app, base_url="http://127.0.0.1", raise_server_exceptions=False) as tc:  # no lifespan: nothing is planned
         yield tc, model_hash(model_dir)
         served.cluster.close()
 
@@ -43,7 +43,7 @@ def test_a_valid_report_joins(client: tuple[TestClient, Any]) -> None:
     tc, mhash = client
     resp = _post(tc, _valid(mhash))
     assert resp.status_code == 200, resp.text
-    nodes = tc.get("/noodle/cluster").json()["nodes"]
+    nodes = tc.get("/noodle/cluster", headers=AUTH).json()["nodes"]
     assert [(n["id"], n["units"]) for n in nodes] == [("w1", len(NAMES))]
     assert nodes[0]["decode_ms"] == pytest.approx(0.6)
 

@@ -31,7 +31,7 @@ def test_client_disconnect_cancels_its_sequence(model_dir: Path, plan_doc: PlanD
         body = json.dumps({"model": MODEL, "prompt": "hello", "max_tokens": 200, "stream": True}).encode()
         port = int(base.rsplit(":", 1)[1])
         sock = socket.create_connection(("127.0.0.1", port))
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
         received = b""
         while b"data: " not in received:  # streaming has begun
@@ -105,3 +105,28 @@ def test_metrics_health_and_status_page(server: ServeProc) -> None:
     page = httpx.get(f"{server.base}/")
     assert page.status_code == 200 and "noodle/status" in page.text
     assert "http://" not in page.text and "https://" not in page.text  # self-contained: no CDN
+
+
+def test_a_non_streaming_client_that_leaves_cancels_its_sequence(model_dir: Path, plan_doc: PlanDoc) -> None:
+    """As a stream's: the engine stops generating for a non-streaming request whose client went away."""
+    from transformers import AutoTokenizer
+
+    from noodle.serve.build import build_server
+
+    served = build_server(model_dir, slow_plan(plan_doc, 30.0), AutoTokenizer.from_pretrained(model_dir), emulate=True)
+    with app_server(served) as base:
+        body = json.dumps({"model": MODEL, "prompt": "hello", "max_tokens": 200, "temperature": 0}).encode()
+        sock = socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1])))
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+        deadline = time.monotonic() + 10
+        while (served.runtime.stats().tokens_generated < 10) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert served.runtime.stats().in_flight == 1 and served.runtime.stats().tokens_generated >= 10
+        sock.close()  # 200 tokens at 30 ms would take 6 s
+        deadline = time.monotonic() + 10
+        while served.runtime.stats().in_flight and time.monotonic() < deadline:
+            time.sleep(0.02)
+        stats = served.runtime.stats()
+        assert stats.in_flight == 0 and served.runtime.in_flight == 0
+        assert stats.tokens_generated < 150  # stopped long before max_tokens
