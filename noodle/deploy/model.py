@@ -20,7 +20,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from noodle.docfile import load_document, validation_message
 from noodle.errors import SpecError
@@ -83,6 +84,7 @@ class Toleration(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> Toleration:
+        _labels({self.key or "k": self.value or ""})
         if self.operator == "Exists" and self.value:
             raise ValueError("operator Exists takes no value; drop value or use operator Equal")
         if self.key is None and self.operator != "Exists":
@@ -248,23 +250,27 @@ class Deployment(_Strict):
     def _image(cls, value: str) -> str:
         return _check_image(value)
 
-    @model_validator(mode="after")
-    def _pools(self) -> Deployment:
+    @field_validator("pools")
+    @classmethod
+    def _pools(cls, pools: list[Pool], info: ValidationInfo) -> list[Pool]:
+        name = info.data.get("name", "noodle")
         seen: set[str] = set()
-        for pool in self.pools:
+        for pool in pools:
             if pool.name in seen:
-                raise ValueError(f"pools: two pools are named {pool.name!r}; give each pool its own name")
+                raise ValueError(f"two pools are named {pool.name!r}; give each pool its own name")
             seen.add(pool.name)
-            full = f"{self.name}-{pool.name}"
+            full = f"{name}-{pool.name}"
             if len(full) > MAX_NAME:
-                raise ValueError(f"pools: {full!r} (name + pool name) has {len(full)} characters, at most {MAX_NAME}; "
+                raise ValueError(f"{full!r} (name + pool name) has {len(full)} characters, at most {MAX_NAME}; "
                                  "shorten name or the pool's name")  # fmt: skip
-        if self.coordinator.min_workers is not None and self.coordinator.min_workers > self.total_replicas:
-            raise ValueError(f"coordinator.min_workers {self.coordinator.min_workers} is more than the pools' "
-                             f"{self.total_replicas} replicas; the first plan would never come")  # fmt: skip
-        if self.total_replicas == 0:
-            raise ValueError("pools: every pool has 0 replicas; the coordinator needs at least one worker")
-        return self
+        total = sum(p.replicas for p in pools)
+        if total == 0:
+            raise ValueError("every pool has 0 replicas; the coordinator needs at least one worker")
+        coordinator = info.data.get("coordinator")
+        if coordinator is not None and coordinator.min_workers is not None and coordinator.min_workers > total:
+            raise ValueError(f"coordinator.min_workers {coordinator.min_workers} is more than the pools' {total} "
+                             "replicas; the first plan would never come")  # fmt: skip
+        return pools
 
     @property
     def total_replicas(self) -> int:
