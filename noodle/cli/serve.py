@@ -18,7 +18,7 @@ from typing import Any
 
 import typer
 
-from noodle.cli.checks import check_float, check_int, check_threads
+from noodle.cli.checks import check_float, check_int, check_threads, read_token_file
 from noodle.cli.output import stderr_console
 from noodle.errors import ModelError, SpecError
 from noodle.extras import require_exec
@@ -115,6 +115,7 @@ def serve_cmd(
     backend: str = typer.Option("local", "--backend", "-b", help="executor: local, torchrpc or grpc"),
     workers: str | None = typer.Option(None, "--workers", envvar="NOODLE_WORKERS", help="grpc: node=host:port,..."),
     token: str | None = typer.Option(None, "--token", envvar="NOODLE_TOKEN", help="grpc: the workers' shared token"),
+    token_file: Path | None = typer.Option(None, "--token-file", help="read the token from this file (a mounted secret)"),
     host: str = typer.Option("127.0.0.1", "--host", help="address to listen on"),
     port: int = typer.Option(8000, "--port", "-p", help="port to listen on (0: a free one)"),
     api_key: str | None = typer.Option(None, "--api-key", envvar="NOODLE_API_KEY", help="require Authorization: Bearer KEY on /v1"),
@@ -160,6 +161,7 @@ def serve_cmd(
     from noodle.serve.planning import resolve_plan
 
     _check_flags(backend, port, concurrency, max_queue, request_timeout, threads, drain_timeout)
+    token = read_token_file(token, token_file)
     _check_batching(batching, max_batch_tokens)
     check_int("--max-request-bytes", max_request_bytes, ge=1024, le=1 << 30)
     check_int("--max-connections", max_connections, ge=16, le=1 << 20)
