@@ -19,7 +19,7 @@ from pydantic import (
 )
 
 from noodle.docfile import load_document, validation_message
-from noodle.errors import NoodleError, SpecError
+from noodle.errors import DependencyMissing, NoodleError, SpecError
 from noodle.extras import require_exec
 from noodle.sizes import MAX_NODES, MAX_UNITS, size_problem
 from noodle.types import Cluster, Constraints, Link, Node, NodeProfile, Pin, Problem, Unit, Workload
@@ -258,19 +258,26 @@ def _units(spec: Spec, base: Path, workload: Workload, source: str) -> tuple[Uni
             raise SpecError(f"{source}: model.layers: duplicate unit names {', '.join(dup)}")
         return tuple(Unit(**layer.model_dump(exclude={"formats"})) for layer in m.layers)
     if m.profile is not None:
-        from noodle.profile import load_units
+        from noodle.profile.units import load_units
 
         units, _meta = load_units(base / m.profile)
         return tuple(units)
-    require_exec(f"{source}: model.hf_config (the analytic profile builds the model on the meta device)")
     from noodle.graph.analytic import ReferenceDevice, analytic_units
-    from noodle.models.loading import load_config
+    from noodle.graph.paramcount import facts_of
 
     path = base / str(m.hf_config)
     try:
-        config = load_config(path)
+        raw = load_document(path / "config.json" if path.is_dir() else path, "model.hf_config")
         ref = ReferenceDevice(**m.reference.model_dump()) if m.reference else ReferenceDevice()
-        return analytic_units(config, workload, dtype=m.dtype, reference=ref).units
+        if isinstance(raw, dict) and facts_of(raw) is not None:  # counted from the config alone: no torch
+            return analytic_units(raw, workload, dtype=m.dtype, reference=ref).units
+        require_exec(f"{source}: model.hf_config of model_type {raw.get('model_type') if isinstance(raw, dict) else '?'!r} "
+                     "(counted by building the model on the meta device)")  # fmt: skip
+        from noodle.models.loading import load_config
+
+        return analytic_units(load_config(path), workload, dtype=m.dtype, reference=ref).units
+    except DependencyMissing:
+        raise
     except NoodleError as exc:
         raise SpecError(f"{source}: model.hf_config: {exc}") from None
 
@@ -281,7 +288,7 @@ def _node_profile(n: NodeSpec, i: int, units: tuple[Unit, ...], base: Path, sour
     if n.profile is None:
         raise SpecError(f"{where}: missing; give a profile folder, units.json or inline units")
     if isinstance(n.profile, str):
-        from noodle.profile import load_units
+        from noodle.profile.units import load_units
 
         try:
             mine, meta = load_units(base / n.profile)
