@@ -21,6 +21,7 @@ from pydantic import (
 from noodle.docfile import load_document, validation_message
 from noodle.errors import NoodleError, SpecError
 from noodle.extras import require_exec
+from noodle.graph.pernode import profile_decode_ms
 from noodle.sizes import MAX_NODES, MAX_UNITS, size_problem
 from noodle.types import Cluster, Constraints, Link, Node, NodeProfile, Pin, Problem, Unit, Workload
 
@@ -335,7 +336,7 @@ def _node(n: NodeSpec, i: int, units: tuple[Unit, ...], base: Path, source: str,
     if score is None:
         if prof is None:  # NodeSpec's validator requires one of them
             raise SpecError(f"{source}: cluster.nodes[{i}]: give compute_score or profile")
-        mine, ref = sum(prof.decode_latency_ms(batch_size)), sum(u.latency_ms for u in units)
+        mine, ref = sum(profile_decode_ms(prof, units, batch_size)), sum(u.latency_at(batch_size) for u in units)
         score = min(max(ref / mine, MIN_SCORE), MAX_SCORE) if mine > 0 and ref > 0 else 1.0
     return Node(id=n.id, device=n.device, memory_gb=n.memory_gb, compute_score=score, address=n.address, profile=prof)
 

@@ -18,6 +18,7 @@ __all__ = [
     "GIB",
     "OBJECTIVES",
     "Objective",
+    "BatchCurve",
     "Unit",
     "NodeProfile",
     "Node",
@@ -45,6 +46,20 @@ def unit_names(num_blocks: int) -> list[str]:
 
 
 @dataclass(frozen=True)
+class BatchCurve:
+    """A unit's decode step against the batch ``b`` of sequences it steps, on the reference device (a roofline):
+    ``ms(b) = max(b * row_compute_ms, fixed_read_ms + b * row_read_ms)``: its weights are read once per step,
+    each sequence adds its FLOPs and its own reads (KV cache, activations). Non-decreasing in ``b``."""
+
+    row_compute_ms: float  # one sequence's FLOPs / peak
+    fixed_read_ms: float  # bytes read once per step (the weights) / bandwidth
+    row_read_ms: float  # bytes read per sequence / bandwidth
+
+    def ms(self, batch: int) -> float:
+        return max(batch * self.row_compute_ms, self.fixed_read_ms + batch * self.row_read_ms)
+
+
+@dataclass(frozen=True)
 class Unit:
     """One placement unit with its per-token costs on the reference device.
 
@@ -55,6 +70,7 @@ class Unit:
         activation_bytes: bytes the unit hands to the next one per decoded token.
         kv_bytes_per_token: KV-cache bytes per token of context (per sequence).
         prefill_ms_per_token: prefill cost per prompt token, when known (informational).
+        curve: how a decode step grows with its batch (analytic models); None: measured at one batch only.
     """
 
     name: str
@@ -63,6 +79,11 @@ class Unit:
     activation_bytes: int
     kv_bytes_per_token: int = 0
     prefill_ms_per_token: float | None = None
+    curve: BatchCurve | None = None
+
+    def latency_at(self, batch: int) -> float:
+        """One decode step of ``batch`` sequences on the reference device: the curve's figure, else ``latency_ms``."""
+        return self.latency_ms if self.curve is None else self.curve.ms(batch)
 
 
 @dataclass(frozen=True)
