@@ -354,13 +354,10 @@ def shared_bias(records: list[WorkerRecord]) -> dict[str, float]:
 
 def table_ms(rec: WorkerRecord, start: int, end: int, batch_size: int = PLAN_BATCH,
              units: Sequence[Unit] | None = None) -> float:  # fmt: skip
-    """The node's join-time (uncorrected) decode cost of a stage of units ``[start, end)`` at ``batch_size``:
-    the units' sum plus the node's step overhead, as the per-node cost model prices it
-    (:func:`~noodle.graph.pernode.profile_decode_ms`: with the model's ``units``, a node measured at one batch
-    size follows their batch curves; without, its figures are interpolated between the sizes it measured)."""
-    prof = rec.profile
-    per_unit = profile_decode_ms(prof, units, batch_size) if units is not None else prof.decode_latency_ms(batch_size)
-    return float(sum(per_unit[start:end])) + prof.step_overhead_ms
+    """The node's join-time (uncorrected) decode cost of units ``[start, end)`` at ``batch_size`` plus its step overhead,
+    as the planner prices it (:func:`~noodle.graph.pernode.profile_decode_ms`; along the ``units``' batch curves)."""
+    per_unit = profile_decode_ms(rec.profile, units, batch_size) if units else rec.profile.decode_latency_ms(batch_size)
+    return float(sum(per_unit[start:end])) + rec.profile.step_overhead_ms
 
 
 def cluster_spec(records: list[WorkerRecord], model_dir: Path, *, concurrency: int = 8, continuous: bool = False,
@@ -392,10 +389,8 @@ def cluster_spec(records: list[WorkerRecord], model_dir: Path, *, concurrency: i
                                 torch_threads=r.threads, costs=corrected(r.profile, r.corrections, priors.get(r.device_kind))))  # fmt: skip
     if links:
         nodes = [replace(n, links=tuple(links.get(n.id, ()))) for n in nodes]
-    new_tokens = max(1, positions - prompt)
-    workload = (Workload(prompt_tokens=prompt, max_new_tokens=new_tokens, streams=concurrency) if continuous
-                else Workload(prompt_tokens=prompt, max_new_tokens=new_tokens, batch_size=PLAN_BATCH,
-                              concurrency=concurrency))  # fmt: skip
+    sizes = {"streams": concurrency} if continuous else {"batch_size": PLAN_BATCH, "concurrency": concurrency}
+    workload = Workload(prompt_tokens=prompt, max_new_tokens=max(1, positions - prompt), **sizes)
     doc = export_spec(nodes, {"hf_config": str(model_dir / "config.json")}, workload,
                       name=name or f"cluster-{model_dir.name}")  # fmt: skip
     doc["solver"] = {"name": "auto", "time_limit_s": time_limit_s}
