@@ -14,26 +14,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-__all__ = [
-    "GIB",
-    "OBJECTIVES",
-    "Objective",
-    "BatchCurve",
-    "Unit",
-    "NodeProfile",
-    "Node",
-    "Link",
-    "Cluster",
-    "Workload",
-    "Pin",
-    "Constraints",
-    "FormatOption",
-    "Formats",
-    "Problem",
-    "Stage",
-    "Plan",
-    "unit_names",
-]
+__all__ = ["GIB", "OBJECTIVES", "Objective", "BatchCurve", "Unit", "NodeProfile", "Node", "Link", "Cluster",
+           "Workload", "Pin", "Constraints", "FormatOption", "Formats", "Problem", "Stage", "Plan", "unit_names"]
 
 GIB = 2**30
 Objective = Literal["throughput", "latency"]
