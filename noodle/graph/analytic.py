@@ -13,7 +13,12 @@ and an average context of ``T = prompt_tokens + max_new_tokens / 2`` tokens:
   that ``lm_head`` hands back);
 * ``latency_ms`` = max(FLOPs / peak, bytes moved / bandwidth) on the reference device
   (a roofline), where FLOPs = 2 x B x matmul params (+ 4 x B x T x heads x head_dim for
-  attention) and bytes moved = weights read + KV cache read + activations.
+  attention) and bytes moved = weights read + KV cache read + activations;
+* ``curve`` = the same roofline as a function of the batch ``b`` (:class:`~noodle.types.BatchCurve`):
+  the weights are read once per step, FLOPs and KV/activation reads grow with each sequence, so
+  ``curve.ms(B) == latency_ms`` and a batch of ``b`` costs what the roofline says at ``b`` (the
+  planner prices continuous batching's step batches with it, and scales a node's measurement at one
+  batch size along it).
 
 The reference device is the one with ``compute_score: 1.0`` in the cluster.
 """
@@ -26,7 +31,7 @@ from typing import Any
 from noodle.errors import ModelError
 from noodle.graph.paramcount import UnitParams, facts_of, unit_params
 from noodle.sizes import MAX_UNITS
-from noodle.types import Unit, Workload
+from noodle.types import BatchCurve, Unit, Workload
 
 __all__ = ["ReferenceDevice", "AnalyticModel", "analytic_units", "DTYPE_BYTES"]
 
@@ -42,6 +47,11 @@ class ReferenceDevice:
 
     def time_ms(self, flops: float, nbytes: float) -> float:
         return max(flops / (self.tflops * 1e12), nbytes / (self.mem_bandwidth_gbps * 1e9)) * 1e3
+
+    def curve(self, row_flops: float, fixed_bytes: float, row_bytes: float) -> BatchCurve:
+        """The roofline of a unit that reads ``fixed_bytes`` once per step and ``row_flops``/``row_bytes`` per sequence."""
+        compute, read = 1e3 / (self.tflops * 1e12), 1e3 / (self.mem_bandwidth_gbps * 1e9)
+        return BatchCurve(row_flops * compute, fixed_bytes * read, row_bytes * read)
 
 
 @dataclass(frozen=True)
@@ -129,28 +139,27 @@ def _roofline_units(counted: UnitParams, sizes: tuple[int, int, int, int], nbyte
     avg_ctx = workload.prompt_tokens + workload.max_new_tokens / 2
     units: list[Unit] = []
     for name, params in zip(counted.names, counted.params):
+        # per sequence: FLOPs and bytes read; once per step: the weights (an embedding reads rows only)
         if name == "embed":
-            # A lookup reads B rows of each table, no matmul.
-            flops = 0.0
-            moved = batch * hidden * nbytes * counted.embed_tables
+            row_flops, fixed, row_bytes = 0.0, 0.0, float(hidden * nbytes * counted.embed_tables)
             act, kv = batch * hidden * nbytes, 0
         elif name == "lm_head":
-            flops = 2.0 * batch * params
-            moved = params * nbytes + batch * hidden * nbytes
+            row_flops, fixed, row_bytes = 2.0 * params, float(params * nbytes), float(hidden * nbytes)
             act, kv = 8 * batch, 0
         else:
-            attn = 4.0 * batch * avg_ctx * heads * head_dim
-            flops = 2.0 * batch * params + attn
-            moved = params * nbytes + kv_per_token * avg_ctx * batch + 2 * batch * hidden * nbytes
+            row_flops = 2.0 * params + 4.0 * avg_ctx * heads * head_dim
+            fixed, row_bytes = float(params * nbytes), kv_per_token * avg_ctx + 2.0 * hidden * nbytes
             act, kv = batch * hidden * nbytes, kv_per_token
+        curve = reference.curve(row_flops, fixed, row_bytes)
         units.append(
             Unit(
                 name=name,
-                latency_ms=reference.time_ms(flops, moved),
+                latency_ms=curve.ms(batch),
                 param_bytes=params * nbytes,
                 activation_bytes=act,
                 kv_bytes_per_token=kv,
-                prefill_ms_per_token=reference.time_ms(flops / batch, 0.0) if flops else 0.0,
+                prefill_ms_per_token=reference.time_ms(row_flops, 0.0),
+                curve=curve,
             )
         )
     return tuple(units)

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["ServeMetrics", "stage_rows", "field_of", "CONTENT_TYPE"]
+__all__ = ["ServeMetrics", "stage_rows", "field_of", "predicted_tps", "CONTENT_TYPE"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -26,6 +26,34 @@ def field_of(obj: Any, name: str, default: Any = None) -> Any:
     if isinstance(obj, dict):
         return obj.get(name, default)
     return getattr(obj, name, default)
+
+
+def predicted_tps(plan: Any) -> float:
+    """The served plan's predicted tokens/s with its workload in flight: the batched pipeline's (``streams / round``)
+    under continuous batching, the groups' pipeline figure else, one sequence's without either; 0 without a plan."""
+    plan = getattr(plan, "current", plan)  # a LivePlan reads through to its plan
+    if plan is None:
+        return 0.0
+    p = plan.predicted
+    return float(p.pipeline_tokens_per_s or p.tokens_per_s or 0.0)
+
+
+def _plan_gauges(plan: Any) -> Iterator[Metric]:
+    plan = getattr(plan, "current", plan)
+    if plan is None:
+        return
+    p = plan.predicted
+    for name, doc, value in (
+        ("noodle_plan_predicted_tokens_per_second", "the served plan's predicted tokens/s (the batched pipeline's "
+         "under continuous batching)", predicted_tps(plan)),
+        ("noodle_plan_streams", "sequences in flight the plan is priced for under continuous batching (0: priced "
+         "in groups)", p.streams or 0),
+        ("noodle_plan_step_batch", "sequences the plan prices each stage's step at (continuous batching; 0: groups)",
+         p.step_batch or 0),
+    ):
+        g = GaugeMetricFamily(name, doc)
+        g.add_metric([], float(value))
+        yield g
 
 
 def stage_rows(stats: Any, plan: Any) -> list[dict[str, Any]]:
@@ -63,6 +91,7 @@ class _PipelineCollector(Collector):
         ready = GaugeMetricFamily("noodle_ready", "1 once the stages are loaded and requests are accepted")
         ready.add_metric([], 1.0 if self._rt.state == "ready" else 0.0)
         yield ready
+        yield from _plan_gauges(self._plan)
         if stats is None:
             return
         for name, doc, attr in (

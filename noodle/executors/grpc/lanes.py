@@ -74,7 +74,8 @@ class GrpcLane:
             self._take_limits(health)
         self._steps = 0
         self.last_hop_ms = 0.0
-        self.compute_ms: deque[float] = deque(maxlen=512)  # the worker's own compute time of recent decode steps
+        # recent decode steps: (the worker's own compute time in ms, the sequences the step carried)
+        self.decode_log: deque[tuple[float, int]] = deque(maxlen=512)
         self.decode_steps = 0
 
     @property
@@ -104,8 +105,7 @@ class GrpcLane:
                 self._recover(exc)
         self._history[msg.session].append(req)
         if not msg.prefill:
-            self.compute_ms.append((reply.t_out_ns - reply.t_in_ns) / 1e6)
-            self.decode_steps += 1
+            self._decoded(reply, int(msg.data.shape[0]))
         data = from_proto(reply.data, field=f"{self.where}: reply data", max_bytes=self.ex.max_message_bytes)
         return StageOutput(msg.session, data, msg.attention_mask, is_logits=reply.is_logits)
 
@@ -124,12 +124,18 @@ class GrpcLane:
             except WorkerGone as exc:
                 self._recover(exc)
         self._seqs.record(msg)
-        one = msg.seqs[0]
-        if len(msg.seqs) == 1 and one.tokens == 1 and not one.start:  # a one-sequence decode: the drift figure
-            self.compute_ms.append((reply.t_out_ns - reply.t_in_ns) / 1e6)
-            self.decode_steps += 1
+        if all(c.tokens == 1 and not c.start for c in msg.seqs):  # a decode step (no prompt chunk): the drift figure
+            if msg.exact:  # each sequence ran alone: a one-sequence step's time, on average
+                self._decoded(reply, 1, len(msg.seqs))
+            else:
+                self._decoded(reply, len(msg.seqs))
         data = from_proto(reply.data, field=f"{self.where}: reply data", max_bytes=self.ex.max_message_bytes)
         return StageOutput(msg.session, data, None, is_logits=reply.is_logits, seqs=msg.seqs, exact=msg.exact)
+
+    def _decoded(self, reply: pb.ForwardReply, rows: int, runs: int = 1) -> None:
+        """Record a decode step: the worker's own compute time (per run when it ran ``runs`` times) and its batch."""
+        self.decode_log.append(((reply.t_out_ns - reply.t_in_ns) / 1e6 / runs, rows))
+        self.decode_steps += 1
 
     def end(self, session: str) -> None:
         if self._seqs.end(session):  # one sequence of the packed steps: free its KV there
