@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from noodle.errors import NoodleError, SpecError
-from noodle.executors.generation import Sampling
+from noodle.executors.generation import Sampling, TokenLogprobs
 from noodle.executors.scheduler import QueueFull
 from noodle.serve.protocol import ApiError
 from noodle.serve.text import Detokenizer, StopMatcher
@@ -45,9 +45,15 @@ class Limits:
 
 @dataclass(frozen=True)
 class Delta:
-    """New text; one per generated token (``""`` while text is held back), so clients see every token's timing."""
+    """New text; one per generated token (``""`` while text is held back), so clients see every token's timing.
+
+    ``token`` is the id it came from (``None`` for text released at the end); ``logprobs`` are that
+    token's when the request asked for them.
+    """
 
     text: str
+    token: int | None = None
+    logprobs: TokenLogprobs | None = None
 
 
 @dataclass(frozen=True)
@@ -239,7 +245,7 @@ class Runtime:
         try:
             handle = self.pipeline.submit(
                 prompt_ids, max_new_tokens=max_tokens, sampling=sampling,
-                on_token=lambda tok: put(int(tok)), on_done=done,
+                on_token=put, on_done=done,  # a SampledToken when logprobs were asked for
             )  # fmt: skip
         except QueueFull:
             raise ApiError(429, "the request queue is full; retry later", type="rate_limit_exceeded",
@@ -308,13 +314,14 @@ class Stream:
                     if item in rt.eos_ids:
                         continue
                     text = self._stop.feed(self._det.add(item))
+                    delta = Delta(text, int(item), getattr(item, "logprobs", None))
                     if self._stop.matched is not None:
-                        if text:
-                            yield Delta(text)
+                        if text or delta.logprobs is not None:
+                            yield delta
                         self.handle.cancel()
                         yield self._finish("stop")
                         return
-                    yield Delta(text)  # one event per token: "" while a character or a possible stop is held back
+                    yield delta  # one event per token: "" while a character or a possible stop is held back
                     continue
                 tail = self._stop.feed(self._det.flush()) + self._stop.flush()
                 if tail:
