@@ -1,5 +1,8 @@
 """The OpenAI-compatible routes: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``.
 
+``/v1/responses`` (OpenAI's Responses API) is not served: a 404 error body says so and points to
+chat completions. A response's ``id`` carries the request's ``X-Request-Id``.
+
 Validation happens here (the HTTP edge): bodies through :mod:`noodle.serve.protocol`,
 prompt length against the plan's context, the model id. Parsing and tokenizing run on a
 thread, not on the event loop; a text longer than the context could hold even at the
@@ -12,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,6 +23,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from noodle.executors.generation import Sampling
 from noodle.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, parse_body
+from noodle.serve.requestid import request_id_of
 from noodle.serve.runtime import Delta, Finish, Runtime, Stream
 from noodle.serve.text import TokenPieces
 
@@ -57,8 +60,9 @@ class ServedModel:
         return self._max_chars
 
     def card(self) -> dict[str, Any]:
+        ctx = self.runtime.limits.context_tokens
         return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "noodle",
-                "max_model_len": self.runtime.limits.context_tokens}  # fmt: skip
+                "max_model_len": ctx, "context_length": ctx}  # fmt: skip
 
     def check_model(self, name: str) -> None:
         if name != self.model_id:
@@ -144,9 +148,11 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
-def _usage(fin: Finish) -> dict[str, int]:
+def _usage(fin: Finish) -> dict[str, Any]:
+    """OpenAI's usage; ``cached_tokens`` is 0: noodle reads every prompt (no prefix cache)."""
     return {"prompt_tokens": fin.prompt_tokens, "completion_tokens": fin.completion_tokens,
-            "total_tokens": fin.prompt_tokens + fin.completion_tokens}  # fmt: skip
+            "total_tokens": fin.prompt_tokens + fin.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": 0}}  # fmt: skip
 
 
 def _finish_reason(fin: Finish) -> str:
@@ -228,8 +234,10 @@ async def _stream_chunks(sm: ServedModel, stream: Stream, chat: bool, base: dict
 
 async def _respond(sm: ServedModel, request: Request, body: Any, prompt_ids: list[int], max_tokens: int,
                    chat: bool) -> Any:  # fmt: skip
-    stream = sm.runtime.submit(prompt_ids, max_tokens=max_tokens, sampling=_sampling(body), stops=body.stops())
-    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+    request_id = request_id_of(request.scope)
+    stream = sm.runtime.submit(prompt_ids, max_tokens=max_tokens, sampling=_sampling(body), stops=body.stops(),
+                               name=request_id)  # fmt: skip
+    rid = f"{'chatcmpl' if chat else 'cmpl'}-{request_id}"
     base = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
             "created": int(time.time()), "model": sm.model_id}  # fmt: skip
     if body.stream:
@@ -275,6 +283,12 @@ def openai_router(sm: ServedModel) -> APIRouter:
         ids = _chat_prompt(sm, body)
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         return body, ids, _max_tokens(sm, body, len(ids), None, param, "messages")
+
+    @router.api_route("/responses", methods=["GET", "POST", "DELETE"])
+    @router.api_route("/responses/{rest:path}", methods=["GET", "POST", "DELETE"])
+    async def responses() -> Any:
+        raise ApiError(404, "/v1/responses: the Responses API is not served by noodle; use POST /v1/chat/completions "
+                       "(or /v1/completions)", type="not_found_error", code="unsupported_endpoint")  # fmt: skip
 
     @router.post("/completions")
     async def completions(request: Request) -> Any:

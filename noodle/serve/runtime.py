@@ -224,8 +224,12 @@ class Runtime:
                 code="context_length_exceeded",
             )
 
-    def submit(self, prompt_ids: list[int], *, max_tokens: int, sampling: Sampling, stops: Sequence[str]) -> Stream:
-        """Submit a request to the pipeline; the returned :class:`Stream` yields its text."""
+    def submit(self, prompt_ids: list[int], *, max_tokens: int, sampling: Sampling, stops: Sequence[str],
+               name: str | None = None) -> Stream:  # fmt: skip
+        """Submit a request to the pipeline; the returned :class:`Stream` yields its text.
+
+        ``name`` (the request's ``X-Request-Id``) names it in the log lines; default: the engine's id.
+        """
         self.check_ready()
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -259,16 +263,18 @@ class Runtime:
             raise ApiError(400, str(exc), code="invalid_value") from None
         submitted.append(handle)
         self._active[handle.id] = handle
-        return Stream(self, handle, queue, prompt_ids, stops, t0)
+        return Stream(self, handle, queue, prompt_ids, stops, t0, name or handle.id)
 
 
 class Stream:
     """One request's text as it is generated; iterate :meth:`events` exactly once."""
 
     def __init__(self, rt: Runtime, handle: Any, queue: asyncio.Queue[Any], prompt_ids: list[int],
-                 stops: Sequence[str], t0: float) -> None:  # fmt: skip
+                 stops: Sequence[str], t0: float, name: str) -> None:  # fmt: skip
         self._rt = rt
         self.handle = handle
+        self.name = name
+        self._ended = False
         self._queue = queue
         self._prompt_len = len(prompt_ids)
         self._det = Detokenizer(rt.tokenizer, prompt_ids)
@@ -277,6 +283,10 @@ class Stream:
         self.completion_tokens = 0
 
     def _finish(self, reason: str, error: str | None = None) -> Finish:
+        self._ended = True
+        log.info("request %s: %s after %.2f s, %d prompt + %d completion tokens%s", self.name, reason,
+                 time.perf_counter() - self._t0, self._prompt_len, self.completion_tokens,
+                 f" ({error})" if error else "")  # fmt: skip
         return Finish(reason, self._prompt_len, self.completion_tokens, error)
 
     async def events(self, disconnected: Callable[[], Awaitable[bool]] | None = None) -> AsyncIterator[Delta | Finish]:
@@ -295,7 +305,7 @@ class Stream:
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0:
                     self.handle.cancel()
-                    rt.events.add("warning", f"request {self.handle.id} timed out after {rt.request_timeout_s:g} s")
+                    rt.events.add("warning", f"request {self.name} timed out after {rt.request_timeout_s:g} s")
                     yield self._finish("timeout", f"the request took longer than {rt.request_timeout_s:g} s")
                     return
                 wait = min(remaining, DISCONNECT_CHECK_S) if disconnected is not None else remaining
@@ -328,9 +338,12 @@ class Stream:
                     yield Delta(tail)
                 reason = "stop" if self._stop.matched is not None else str(item.finish_reason)
                 if reason == "error":
-                    rt.events.add("warning", f"request {self.handle.id} failed: {item.error}")
+                    rt.events.add("warning", f"request {self.name} failed: {item.error}")
                 yield self._finish(reason, item.error)
                 return
         finally:
+            if not self._ended:
+                log.info("request %s: the client left after %.2f s, %d completion tokens", self.name,
+                         time.perf_counter() - self._t0, self.completion_tokens)  # fmt: skip
             self.handle.cancel()  # no-op once finished; frees the sequence when the client went away
             rt._active.pop(self.handle.id, None)
