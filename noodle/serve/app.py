@@ -107,7 +107,7 @@ class ServeApp:
         self.api_key = api_key
         self.drain_timeout_s = drain_timeout_s
         self.on_drained = on_drained or (lambda: None)
-        self.metrics = ServeMetrics(runtime, plan)
+        self.metrics = ServeMetrics(runtime, plan, model_name=model_id)
         self.cluster = cluster  # a ClusterController with --cluster (its routes and metrics join the app)
         self.cluster_token = cluster_token
         self.policy = EdgePolicy(api_key=api_key, cluster_token=cluster_token, max_request_bytes=max_request_bytes,
@@ -116,7 +116,7 @@ class ServeApp:
             from noodle.serve.controller import ClusterCollector
 
             self.metrics.registry.register(ClusterCollector(cluster))
-        runtime.on_token_latency = self.metrics.token_latency
+        runtime.observer = self.metrics
         self._drain_started: float | None = None
         self.app = self._build()
 

@@ -25,7 +25,7 @@ from noodle.executors.scheduler import QueueFull
 from noodle.serve.protocol import ApiError
 from noodle.serve.text import Detokenizer, StopMatcher
 
-__all__ = ["Limits", "Delta", "Finish", "Runtime", "Stream", "Opener"]
+__all__ = ["Limits", "Delta", "Finish", "Runtime", "Stream", "Opener", "RequestObserver"]
 
 log = logging.getLogger(__name__)
 DISCONNECT_CHECK_S = 0.25  # a non-streaming request looks for its client this often, tokens flowing or not
@@ -62,6 +62,26 @@ class Finish:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+
+
+class RequestObserver:
+    """What the runtime reports about each request (the server's metrics); this base ignores it all.
+
+    ``finished``'s reason is a :class:`Finish` reason, or ``disconnected`` when the client left.
+    ``queued`` is called on the engine's thread, the rest on the event loop.
+    """
+
+    def first_token(self, seconds: float, prompt_tokens: int) -> None:
+        """The first token came ``seconds`` after the request was submitted."""
+
+    def next_token(self, seconds: float) -> None:
+        """Another token came ``seconds`` after the one before."""
+
+    def queued(self, seconds: float) -> None:
+        """The request waited ``seconds`` for a place in the pipeline."""
+
+    def finished(self, reason: str, prompt_tokens: int, completion_tokens: int, seconds: float) -> None:
+        """The request ended ``seconds`` after it was submitted."""
 
 
 @dataclass
@@ -125,7 +145,7 @@ class Runtime:
         self.history: collections.deque[_Sample] = collections.deque(maxlen=600)
         self.started_at = time.time()
         self._active: dict[str, Any] = {}  # request id -> handle
-        self.on_token_latency: Callable[[str, float], None] = lambda kind, seconds: None
+        self.observer = RequestObserver()
         # Why a ready engine cannot serve now (message, Retry-After seconds), e.g. no live worker; None: it can.
         self.unavailable: Callable[[], tuple[str, int] | None] = lambda: None
 
@@ -241,6 +261,8 @@ class Runtime:
                 loop.call_soon_threadsafe(queue.put_nowait, item)
 
         def done(completion: Any) -> None:
+            with contextlib.suppress(Exception):  # a metric must never break a request
+                self.observer.queued(float(completion.queued_s))
             put(completion)
             with contextlib.suppress(RuntimeError):  # in case the stream was never read (client left early)
                 loop.call_soon_threadsafe(lambda: [self._active.pop(h.id, None) for h in submitted])
@@ -284,6 +306,7 @@ class Stream:
 
     def _finish(self, reason: str, error: str | None = None) -> Finish:
         self._ended = True
+        self._rt.observer.finished(reason, self._prompt_len, self.completion_tokens, time.perf_counter() - self._t0)
         log.info("request %s: %s after %.2f s, %d prompt + %d completion tokens%s", self.name, reason,
                  time.perf_counter() - self._t0, self._prompt_len, self.completion_tokens,
                  f" ({error})" if error else "")  # fmt: skip
@@ -318,7 +341,10 @@ class Stream:
                     continue
                 if isinstance(item, int):
                     now = time.perf_counter()
-                    rt.on_token_latency("ttft" if last is None else "itl", now - (self._t0 if last is None else last))
+                    if last is None:
+                        rt.observer.first_token(now - self._t0, self._prompt_len)
+                    else:
+                        rt.observer.next_token(now - last)
                     last = now
                     self.completion_tokens += 1
                     if item in rt.eos_ids:
@@ -343,6 +369,8 @@ class Stream:
                 return
         finally:
             if not self._ended:
+                rt.observer.finished("disconnected", self._prompt_len, self.completion_tokens,
+                                     time.perf_counter() - self._t0)  # fmt: skip
                 log.info("request %s: the client left after %.2f s, %d completion tokens", self.name,
                          time.perf_counter() - self._t0, self.completion_tokens)  # fmt: skip
             self.handle.cancel()  # no-op once finished; frees the sequence when the client went away
