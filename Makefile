@@ -61,6 +61,7 @@ demo-plan: setup
 	$(NOODLE) plot out/plan-analytic.json --out out/plan-analytic.png
 
 test: setup
+	$(VENV)/bin/ruff check noodle tests bench
 	$(PY) -m pytest
 
 # A couple of minutes: the planning core, the exact executors' conformance (local; one case each over
