@@ -4,7 +4,8 @@ xgrammar was the cheapest of the three maintained libraries per token on this CP
 (``bench/grammar_libs.py``: 0.023 ms p50 for a 49k-vocabulary mask) and is an optional dependency of
 the ``exec`` extra: without it a request that needs a grammar gets a 501 naming the field.
 Grammars are compiled with compact separators and no free whitespace, so even a random-weight model
-cannot wander in whitespace. Each request gets its own matcher (:class:`XgrammarConstraint`), which
+cannot wander in whitespace; and since compact JSON never holds a raw control character, tokens that
+spell one are masked too (xgrammar's string rule lets a tab through, which ``json.loads`` refuses). Each request gets its own matcher (:class:`XgrammarConstraint`), which
 the sampler applies to that request's row only (:mod:`noodle.executors.constraint`).
 """
 
@@ -60,6 +61,7 @@ class _State:
         self._matcher.fill_next_token_bitmask(self._bits)
         n = self._owner.vocab_size
         self._xgr.apply_token_bitmask_inplace(out[:, :n], self._bits, vocab_size=n)
+        out[:, self._owner.banned] = float("-inf")
         if out.shape[-1] > n:
             out[:, n:] = float("-inf")
         if not bool(torch.isfinite(out).any()):
@@ -74,10 +76,11 @@ class _State:
 class XgrammarConstraint:
     """A compiled grammar; :meth:`start` gives each sequence its own matcher."""
 
-    def __init__(self, compiled: Any, vocab_size: int, stop_ids: Sequence[int]) -> None:
+    def __init__(self, compiled: Any, vocab_size: int, stop_ids: Sequence[int], banned: torch.Tensor) -> None:
         self.compiled = compiled
         self.vocab_size = vocab_size
         self.stop_ids = tuple(stop_ids)
+        self.banned = banned  # token ids that spell a control character
 
     def start(self) -> _State:
         return _State(self)
@@ -91,6 +94,7 @@ class Grammars:
         self._vocab = vocab_size
         self._stop = tuple(int(i) for i in stop_ids)
         self._compiler: Any = None
+        self._banned = torch.zeros(0, dtype=torch.long)
         self._lock = threading.Lock()
 
     @staticmethod
@@ -108,6 +112,8 @@ class Grammars:
 
                 info = xgr.TokenizerInfo.from_huggingface(self._tokenizer, vocab_size=self._vocab,
                                                           stop_token_ids=list(self._stop) or None)  # fmt: skip
+                self._banned = torch.tensor([i for i, t in enumerate(info.decoded_vocab)
+                                             if i not in self._stop and any(b < 0x20 for b in t)], dtype=torch.long)  # fmt: skip
                 self._compiler = xgr.GrammarCompiler(info, max_threads=1)
             return self._compiler
 
@@ -119,7 +125,7 @@ class Grammars:
         except Exception as exc:  # noqa: BLE001 - xgrammar raises RuntimeError/ValueError for unsupported schemas
             raise ApiError(400, f"{param}: the schema cannot be compiled to a grammar ({str(exc)[:200]})",
                            param=param, code="invalid_value") from None  # fmt: skip
-        return XgrammarConstraint(compiled, self._vocab, self._stop)
+        return XgrammarConstraint(compiled, self._vocab, self._stop, self._banned)
 
     def json_object(self, param: str) -> XgrammarConstraint:
         """The grammar of any JSON object."""
