@@ -13,11 +13,15 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from noodle.errors import SpecError
 from noodle.executors.messages import StageInput
+
+if TYPE_CHECKING:
+    from noodle.executors.constraint import TokenConstraint
 
 __all__ = [
     "Sampling",
@@ -62,6 +66,8 @@ class Sampling:
         seed: seed of the sampler's own random generator (sampling only).
         logprobs: also compute log probabilities (see :class:`Sampler`): ``None`` does not, ``0`` gives
             the sampled token's, ``N`` also the ``N`` most likely tokens'.
+        constraint: a grammar the tokens must follow (one sequence per sampler): its mask is applied to
+            the logits before sampling (see :mod:`noodle.executors.constraint`).
     """
 
     temperature: float = 0.0
@@ -69,6 +75,7 @@ class Sampling:
     top_p: float = 1.0
     seed: int = 0
     logprobs: int | None = None
+    constraint: TokenConstraint | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -119,8 +126,18 @@ class Sampler:
         self.sampling = sampling
         self._gen = torch.Generator().manual_seed(sampling.seed)
         self.last: list[TokenLogprobs] = []
+        self._grammar = None if sampling.constraint is None else sampling.constraint.start()
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self._grammar is None:
+            return self._sample(logits)
+        if logits.shape[0] != 1:
+            raise ValueError(f"a constrained sampler draws one sequence, got {logits.shape[0]} rows")
+        tokens = self._sample(self._grammar.mask(logits))
+        self._grammar.accept(int(tokens[0]))
+        return tokens
+
+    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
         s = self.sampling
         if s.greedy:
             tokens = logits.argmax(dim=-1)

@@ -21,11 +21,15 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from noodle.executors.constraint import TokenConstraint
 from noodle.executors.generation import Sampling
+from noodle.serve.grammar import Grammars, check_schema
 from noodle.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, parse_body
 from noodle.serve.requestid import request_id_of
 from noodle.serve.runtime import Delta, Finish, Runtime, Stream
 from noodle.serve.text import TokenPieces
+from noodle.serve.tools import (ParsedCall, forced_call_schema, might_be_tool_call, parse_tool_calls, template_knows_tools,
+                                template_messages, tools_for_template)  # fmt: skip
 
 __all__ = ["ServedModel", "openai_router", "COMPLETIONS_DEFAULT_MAX_TOKENS"]
 
@@ -42,6 +46,7 @@ class ServedModel:
         self.created = int(time.time())
         self._max_chars: int | None = None
         self.pieces = TokenPieces(runtime.tokenizer)
+        self.grammars = Grammars(runtime.tokenizer, runtime.limits.vocab_size, sorted(runtime.eos_ids))
 
     def max_prompt_chars(self) -> int:
         """Characters beyond which a text cannot fit the prompt limit, whatever it says (no need to tokenize it).
@@ -70,9 +75,29 @@ class ServedModel:
                            param="model", code="model_not_found")  # fmt: skip
 
 
-def _sampling(body: Any) -> Sampling:
+def _sampling(body: Any, constraint: TokenConstraint | None = None) -> Sampling:
     seed = 0 if body.seed is None else body.seed % 2**63
-    return Sampling(temperature=body.temperature, top_p=body.top_p, seed=seed, logprobs=body.logprobs_count())
+    return Sampling(temperature=body.temperature, top_p=body.top_p, seed=seed, logprobs=body.logprobs_count(),
+                    constraint=constraint)  # fmt: skip
+
+
+def _constraint(sm: ServedModel, body: ChatCompletionRequest) -> TokenConstraint | None:
+    """The grammar a chat request's reply must follow (``response_format`` or a forced tool call), checked."""
+    for i, tool in enumerate(body.tools or []):
+        if tool.function.parameters is not None:
+            check_schema(tool.function.parameters, f"tools[{i}].function.parameters")
+    forced = body.forced_tools()
+    if forced is not None:
+        return sm.grammars.json_schema(forced_call_schema(forced), "tool_choice")
+    fmt = body.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return sm.grammars.json_object("response_format")
+    assert fmt.json_schema is not None  # the protocol's validator
+    schema = fmt.json_schema.schema_ if fmt.json_schema.schema_ is not None else {"type": "object"}
+    check_schema(schema, "response_format.json_schema.schema")
+    return sm.grammars.json_schema(schema, "response_format.json_schema.schema")
 
 
 def _tokenize(tokenizer: Any, text: str, param: str, **kwargs: Any) -> list[int]:
@@ -121,10 +146,13 @@ def _chat_prompt(sm: ServedModel, body: ChatCompletionRequest) -> list[int]:
         raise ApiError(400, f"messages: the tokenizer of {sm.model_id!r} has no chat template; use /v1/completions, "
                        "or start noodle serve with --chat-template FILE", param="messages",
                        code="no_chat_template")  # fmt: skip
-    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in body.messages]
-    _check_chars(sm, sum(len(m["content"]) + len(m.get("name", "")) for m in messages), "messages")
+    tools = body.active_tools()
+    knows = template_knows_tools(tok.chat_template)
+    messages = template_messages(body.messages, tools, knows)
+    _check_chars(sm, sum(len(json.dumps(m)) for m in messages), "messages")
+    extra = {"tools": tools_for_template(tools)} if tools and knows else {}
     try:
-        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
     except Exception as exc:  # noqa: BLE001 - a template may raise anything (jinja's raise_exception, TypeError)
         raise ApiError(400, f"messages: the chat template rejected them ({str(exc)[:200]})", param="messages",
                        code="invalid_value") from None  # fmt: skip
@@ -202,29 +230,63 @@ async def _collect(stream: Stream, request: Request) -> tuple[list[Delta], Finis
     raise ApiError(499, "client closed the request", type="client_closed", code="client_closed")
 
 
-async def _stream_chunks(sm: ServedModel, stream: Stream, chat: bool, base: dict[str, Any],
-                         usage: bool) -> AsyncIterator[str]:  # fmt: skip
+def _tool_call_chunks(calls: list[ParsedCall]) -> list[dict[str, Any]]:
+    """``delta.tool_calls`` as OpenAI streams them: id, type and name first, then the arguments."""
+    out: list[dict[str, Any]] = []
+    for i, c in enumerate(calls):
+        out.append({"tool_calls": [{"index": i, "id": c.id, "type": "function",
+                                    "function": {"name": c.name, "arguments": ""}}]})  # fmt: skip
+        out.append({"tool_calls": [{"index": i, "function": {"arguments": c.arguments}}]})
+    return out
+
+
+async def _stream_chunks(sm: ServedModel, stream: Stream, chat: bool, base: dict[str, Any], usage: bool,
+                         tools: _ToolMode | None = None) -> AsyncIterator[str]:  # fmt: skip
+    """SSE chunks; with ``tools``, text that may be a tool call is held back until it is parsed at the end."""
     extra = {"usage": None} if usage else {}
 
     def chunk(choice: dict[str, Any]) -> str:
         return _sse({**base, "choices": [{"index": 0, "logprobs": None, **choice}], **extra})
 
+    def text_chunk(deltas: list[Delta], offset: int) -> str:
+        lp = None if all(d.logprobs is None for d in deltas) else _logprobs(sm.pieces, deltas, chat, offset)
+        text = "".join(d.text for d in deltas)
+        return chunk({"delta": {"content": text}, "finish_reason": None, "logprobs": lp} if chat else
+                     {"text": text, "finish_reason": None, "logprobs": lp})  # fmt: skip
+
     if chat:
         yield chunk({"delta": {"role": "assistant", "content": ""}, "finish_reason": None})
     offset = 0
+    held: list[Delta] = []
+    holding = tools is not None
     async for ev in stream.events():
         if isinstance(ev, Delta):
-            lp = None if ev.logprobs is None else _logprobs(sm.pieces, [ev], chat, offset)
-            offset += len(ev.text)
-            yield chunk({"delta": {"content": ev.text}, "finish_reason": None, "logprobs": lp} if chat else
-                        {"text": ev.text, "finish_reason": None, "logprobs": lp})  # fmt: skip
+            if holding:
+                held.append(ev)
+                if (tools and tools.forced) or might_be_tool_call("".join(d.text for d in held)):
+                    continue
+                holding, ev_list, held = False, held, []
+            else:
+                ev_list = [ev]
+            yield text_chunk(ev_list, offset)
+            offset += sum(len(d.text) for d in ev_list)
             continue
+        calls: list[ParsedCall] = []
+        if held and tools is not None and ev.reason not in ("timeout", "error", "cancelled"):
+            content, calls = tools.parse("".join(d.text for d in held))
+            if calls:
+                if content:
+                    yield chunk({"delta": {"content": content}, "finish_reason": None})
+                for delta in _tool_call_chunks(calls):
+                    yield chunk({"delta": delta, "finish_reason": None})
+            else:
+                yield text_chunk(held, offset)
         if ev.reason in ("timeout", "error", "cancelled"):
             kind = "timeout_error" if ev.reason == "timeout" else "server_error"
             yield _sse({"error": {"message": f"generation ended: {ev.error or ev.reason}", "type": kind,
                                   "param": None, "code": ev.reason}})  # fmt: skip
         else:
-            reason = _finish_reason(ev)
+            reason = "tool_calls" if calls else _finish_reason(ev)
             yield chunk({"delta": {}, "finish_reason": reason} if chat else {"text": "", "finish_reason": reason})
             if usage:
                 yield _sse({**base, "choices": [], "usage": _usage(ev)})
@@ -232,23 +294,47 @@ async def _stream_chunks(sm: ServedModel, stream: Stream, chat: bool, base: dict
     yield "data: [DONE]\n\n"
 
 
+class _ToolMode:
+    """The tools a chat request offers, and how its reply is read for calls."""
+
+    def __init__(self, names: set[str], forced: bool, parallel: bool) -> None:
+        self.names, self.forced, self.parallel = names, forced, parallel
+
+    @classmethod
+    def of(cls, body: ChatCompletionRequest) -> _ToolMode | None:
+        tools = body.active_tools()
+        if not tools:
+            return None
+        return cls({t.function.name for t in tools}, body.forced_tools() is not None, body.parallel_tool_calls)
+
+    def parse(self, text: str) -> tuple[str | None, list[ParsedCall]]:
+        content, calls = parse_tool_calls(text, self.names)
+        return content, (calls if self.parallel else calls[:1])
+
+
 async def _respond(sm: ServedModel, request: Request, body: Any, prompt_ids: list[int], max_tokens: int,
-                   chat: bool) -> Any:  # fmt: skip
+                   chat: bool, constraint: TokenConstraint | None = None) -> Any:  # fmt: skip
     request_id = request_id_of(request.scope)
-    stream = sm.runtime.submit(prompt_ids, max_tokens=max_tokens, sampling=_sampling(body), stops=body.stops(),
-                               name=request_id)  # fmt: skip
+    stream = sm.runtime.submit(prompt_ids, max_tokens=max_tokens, sampling=_sampling(body, constraint),
+                               stops=body.stops(), name=request_id)  # fmt: skip
+    tools = _ToolMode.of(body) if chat else None
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{request_id}"
     base = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
             "created": int(time.time()), "model": sm.model_id}  # fmt: skip
     if body.stream:
-        gen = _stream_chunks(sm, stream, chat, base, body.include_usage())
+        gen = _stream_chunks(sm, stream, chat, base, body.include_usage(), tools)
         return StreamingResponse(gen, media_type="text/event-stream", headers=SSE_HEADERS)
     deltas, fin = await _collect(stream, request)
     text = "".join(d.text for d in deltas)
     lp = None if body.logprobs_count() is None else _logprobs(sm.pieces, deltas, chat)
     if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": lp,
-                  "finish_reason": _finish_reason(fin)}  # fmt: skip
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        reason = _finish_reason(fin)
+        content, calls = tools.parse(text) if tools is not None else (text, [])
+        if calls:
+            message = {"role": "assistant", "content": content, "tool_calls": [c.openai() for c in calls]}
+            reason = "tool_calls"
+        choice = {"index": 0, "message": message, "logprobs": lp, "finish_reason": reason}
         obj = "chat.completion"
     else:
         choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": _finish_reason(fin)}
@@ -276,13 +362,14 @@ def openai_router(sm: ServedModel) -> APIRouter:
         ids = _completion_prompt(sm, body)
         return body, ids, _max_tokens(sm, body, len(ids), COMPLETIONS_DEFAULT_MAX_TOKENS, "max_tokens", "prompt")
 
-    def prepare_chat(raw: bytes) -> tuple[ChatCompletionRequest, list[int], int]:
+    def prepare_chat(raw: bytes) -> tuple[ChatCompletionRequest, list[int], int, TokenConstraint | None]:
         body = parse_body(raw, ChatCompletionRequest)
         sm.check_model(body.model)
         sm.runtime.check_ready()
+        constraint = _constraint(sm, body)
         ids = _chat_prompt(sm, body)
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-        return body, ids, _max_tokens(sm, body, len(ids), None, param, "messages")
+        return body, ids, _max_tokens(sm, body, len(ids), None, param, "messages"), constraint
 
     @router.api_route("/responses", methods=["GET", "POST", "DELETE"])
     @router.api_route("/responses/{rest:path}", methods=["GET", "POST", "DELETE"])
@@ -297,7 +384,7 @@ def openai_router(sm: ServedModel) -> APIRouter:
 
     @router.post("/chat/completions")
     async def chat_completions(request: Request) -> Any:
-        body, ids, n = await asyncio.to_thread(prepare_chat, await request.body())
-        return await _respond(sm, request, body, ids, n, chat=True)
+        body, ids, n, constraint = await asyncio.to_thread(prepare_chat, await request.body())
+        return await _respond(sm, request, body, ids, n, chat=True, constraint=constraint)
 
     return router

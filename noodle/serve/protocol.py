@@ -20,6 +20,9 @@ __all__ = [
     "ChatCompletionRequest",
     "ChatMessage",
     "StreamOptions",
+    "ResponseFormat",
+    "Tool",
+    "MAX_TOOLS",
     "error_body",
     "parse_body",
 ]
@@ -27,6 +30,8 @@ __all__ = [
 MAX_STOPS = 4
 MAX_STOP_CHARS = 256
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+MAX_TOOLS = 128
+FUNCTION_NAME = r"^[A-Za-z0-9_.-]{1,64}$"
 
 
 class ApiError(Exception):
@@ -72,10 +77,25 @@ class _TextPart(_Body):
     text: str
 
 
+class _CalledFunction(_Body):
+    name: str = Field(min_length=1)
+    arguments: str
+
+
+class ToolCall(_Body):
+    """A tool call an assistant message made (as a client sends it back)."""
+
+    id: str = Field(min_length=1)
+    type: Literal["function"] = "function"
+    function: _CalledFunction
+
+
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[_TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -167,6 +187,49 @@ class CompletionRequest(_Sampling):
         return self.logprobs
 
 
+class _JsonSchemaFormat(_Body):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    """``response_format``: free text, any JSON object, or JSON valid for a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: _JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format.json_schema: required with type json_schema")
+        return self
+
+
+class _FunctionDef(_Body):
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Body):
+    """One entry of ``tools``: a function the model may call."""
+
+    type: Literal["function"]
+    function: _FunctionDef
+
+
+class _NamedFunction(_Body):
+    name: str = Field(min_length=1)
+
+
+class _NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: _NamedFunction
+
+
 class ChatCompletionRequest(_Sampling):
     """``POST /v1/chat/completions``."""
 
@@ -174,12 +237,59 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | _NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError(f"top_logprobs: needs logprobs: true, got top_logprobs={self.top_logprobs} without it")
         return self
+
+    @model_validator(mode="after")
+    def _tools_consistent(self) -> ChatCompletionRequest:
+        tools = self.tools or []
+        if len(tools) > MAX_TOOLS:
+            raise ValueError(f"tools: at most {MAX_TOOLS} tools, got {len(tools)}")
+        names = [t.function.name for t in tools]
+        if len(set(names)) != len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise ValueError(f"tools: function {dup!r} is defined twice")
+        choice = self.tool_choice
+        if choice not in (None, "none", "auto") and not tools:
+            raise ValueError("tool_choice: needs tools to choose from; send tools or leave tool_choice out")
+        if isinstance(choice, _NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"tool_choice: function {choice.function.name!r} is not among tools {names}")
+        if self.forced_tools() and self.response_format is not None and self.response_format.type != "text":
+            raise ValueError("response_format: cannot be combined with a tool_choice that forces a call")
+        seen: set[str] = set()
+        for i, m in enumerate(self.messages):
+            for call in m.tool_calls or []:
+                if m.role != "assistant":
+                    raise ValueError(f"messages[{i}].tool_calls: only assistant messages make tool calls")
+                seen.add(call.id)
+            if m.role == "tool":
+                if m.tool_call_id is None:
+                    raise ValueError(f"messages[{i}].tool_call_id: required in a tool message")
+                if m.tool_call_id not in seen:
+                    raise ValueError(f"messages[{i}].tool_call_id: {m.tool_call_id!r} answers no earlier assistant "
+                                     "tool call")  # fmt: skip
+        return self
+
+    def active_tools(self) -> list[Tool]:
+        """The tools the model is shown (none with ``tool_choice: "none"``)."""
+        return [] if self.tool_choice == "none" else list(self.tools or [])
+
+    def forced_tools(self) -> list[Tool] | None:
+        """The tools one of which must be called (``required`` or a named function); ``None``: no call forced."""
+        choice, tools = self.tool_choice, list(self.tools or [])
+        if choice == "required":
+            return tools
+        if isinstance(choice, _NamedToolChoice):
+            return [t for t in tools if t.function.name == choice.function.name]
+        return None
 
     def requested_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -189,8 +299,9 @@ class ChatCompletionRequest(_Sampling):
 
 
 def _field_names() -> frozenset[str]:
-    models = (StreamOptions, _TextPart, ChatMessage, CompletionRequest, ChatCompletionRequest)
-    return frozenset(name for m in models for name in m.model_fields)
+    models = (StreamOptions, _TextPart, ChatMessage, CompletionRequest, ChatCompletionRequest, ResponseFormat,
+              _JsonSchemaFormat, _FunctionDef, Tool, _NamedFunction, _NamedToolChoice, ToolCall, _CalledFunction)
+    return frozenset(f.alias or name for m in models for name, f in m.model_fields.items())
 
 
 def _param(loc: tuple[Any, ...]) -> str:

@@ -1,0 +1,167 @@
+"""Structured output and tool calling through the ``openai`` client against a real ``noodle serve``.
+
+The model is the random-weight gpt2-tiny with its config's EOS set to the tokenizer's ``<|endoftext|>``
+(init_model's config names id 2, which this tokenizer spells ``"``: every JSON string would end the
+reply). Constrained decoding must make its output valid anyway; the schemas bound their strings and
+numbers so that a random model finishes within ``max_tokens``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jsonschema
+import openai
+import pytest
+
+from noodle.plandoc import dump_plan
+
+from .conftest import API_KEY
+from .servers import ServeProc, start_serve
+
+pytest.importorskip("xgrammar")
+
+MODEL = "gpt2-tiny"
+TOOL_TEMPLATE = (
+    "{% if tools %}<|system|>tools:{% for t in tools %}{{ t.function.name }},{% endfor %}\n{% endif %}"
+    "{% for m in messages %}{% if m.role == 'tool' %}<|tool|>{{ m.tool_call_id }}={{ m.content }}\n"
+    "{% elif m.tool_calls %}<|assistant|>{% for c in m.tool_calls %}<tool_call>{{ c.function | tojson }}</tool_call>"
+    "{% endfor %}\n{% else %}<|{{ m.role }}|>{{ m.content }}\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+PERSON = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    "ok": {"type": "boolean"}, "kind": {"enum": ["cat", "dog"]}},
+    "required": ["name", "age", "ok", "kind"], "additionalProperties": False}  # fmt: skip
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 10}, "unit": {"enum": ["c", "f"]}},
+    "required": ["city", "unit"], "additionalProperties": False}}}  # fmt: skip
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"enum": ["utc", "cet"]}}, "required": ["zone"]}}}  # fmt: skip
+USER = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def json_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProc]:
+    from noodle.serve.planning import plan_this_machine
+
+    root = tmp_path_factory.mktemp("json-serve")
+    model = shutil.copytree(model_dir, root / "gpt2-tiny")
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "eos_token_id": 0, "bos_token_id": 0}))
+    gen = model / "generation_config.json"
+    if gen.exists():
+        gen.write_text(json.dumps({**json.loads(gen.read_text()), "eos_token_id": 0, "bos_token_id": 0}))
+    doc, _ = plan_this_machine(model, concurrency=8)
+    (root / "plan.json").write_text(dump_plan(doc))
+    (root / "chat.jinja").write_text(TOOL_TEMPLATE)
+    args = ["--model", str(model), "--plan", str(root / "plan.json"), "--api-key", API_KEY,
+            "--chat-template", str(root / "chat.jinja"), "--concurrency", "8"]  # fmt: skip
+    with start_serve(args) as sp:
+        yield sp
+
+
+def client(server: ServeProc) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.base}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+def schema_format(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "json_schema", "json_schema": {"name": "person", "schema": schema}}
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_json_schema_output_parses_and_validates(json_server: ServeProc, temperature: float) -> None:
+    res = client(json_server).chat.completions.create(model=MODEL, messages=USER, max_tokens=120, seed=3,
+                                                      temperature=temperature, response_format=schema_format(PERSON))  # fmt: skip
+    assert res.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(res.choices[0].message.content or ""), PERSON)
+
+
+def test_json_schema_streamed_and_beside_free_requests(json_server: ServeProc) -> None:
+    c = client(json_server)
+
+    def constrained(seed: int) -> str:
+        chunks = c.chat.completions.create(model=MODEL, messages=USER, max_tokens=120, seed=seed, temperature=1.0,
+                                           response_format=schema_format(PERSON), stream=True)  # fmt: skip
+        return "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+
+    def free(seed: int) -> str:
+        res = c.chat.completions.create(model=MODEL, messages=USER, max_tokens=40, seed=seed, temperature=1.0)
+        return res.choices[0].message.content or ""
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:  # constrained and free requests share the batch
+        texts = list(pool.map(constrained, range(3)))
+        frees = list(pool.map(free, range(3)))
+    for text in texts:
+        jsonschema.validate(json.loads(text), PERSON)
+    assert any(not f.lstrip().startswith("{") for f in frees)  # the free ones were not constrained
+
+
+def test_invalid_schema_is_a_400_naming_the_field(json_server: ServeProc) -> None:
+    c = client(json_server)
+    with pytest.raises(openai.BadRequestError) as err:
+        c.chat.completions.create(model=MODEL, messages=USER, response_format=schema_format({"type": "banana"}))
+    assert "response_format.json_schema.schema" in err.value.message
+    with pytest.raises(openai.BadRequestError) as err:
+        c.chat.completions.create(model=MODEL, messages=USER, response_format={"type": "json_schema"})  # type: ignore[typeddict-item]
+    assert "response_format.json_schema" in err.value.message
+    bad_tool = {"type": "function", "function": {"name": "f", "parameters": {"type": 3}}}
+    with pytest.raises(openai.BadRequestError) as err:
+        c.chat.completions.create(model=MODEL, messages=USER, tools=[bad_tool])  # type: ignore[list-item]
+    assert "tools[0].function.parameters" in err.value.message
+
+
+def test_bad_tool_requests_are_400s(json_server: ServeProc) -> None:
+    url = f"{json_server.base}/v1/chat/completions"
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    many = [{"type": "function", "function": {"name": f"f{i}"}} for i in range(10_000)]
+    cases = [({"tools": many}, "tools"), ({"tools": [WEATHER], "tool_choice": {"type": "function",
+              "function": {"name": "nope"}}}, "tool_choice"), ({"tool_choice": "required"}, "tool_choice"),
+             ({"messages": [*USER, {"role": "tool", "tool_call_id": "call_x", "content": "1"}]}, "messages[1]")]  # fmt: skip
+    for extra, field in cases:
+        r = httpx.post(url, json={"model": MODEL, "messages": USER, **extra}, headers=headers, timeout=60)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["message"].startswith(field), r.text
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_time"}}])
+def test_forced_tool_call_round_trip(json_server: ServeProc, choice: Any) -> None:
+    c = client(json_server)
+    res = c.chat.completions.create(model=MODEL, messages=USER, tools=[WEATHER, TIME], tool_choice=choice,
+                                    max_tokens=80, temperature=1.0, seed=5)  # fmt: skip
+    msg = res.choices[0].message
+    assert res.choices[0].finish_reason == "tool_calls" and msg.tool_calls and len(msg.tool_calls) == 1
+    call = msg.tool_calls[0]
+    tool = {"get_weather": WEATHER, "get_time": TIME}[call.function.name]
+    if isinstance(choice, dict):
+        assert call.function.name == "get_time"
+    jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
+    back = [*USER, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+            {"role": "tool", "tool_call_id": call.id, "content": "21 C"}]  # fmt: skip
+    res2 = c.chat.completions.create(model=MODEL, messages=back, tools=[WEATHER, TIME], max_tokens=8)
+    assert res2.choices[0].finish_reason in ("stop", "length") and res2.usage is not None
+    assert res2.usage.prompt_tokens > res.usage.prompt_tokens if res.usage else False
+
+
+def test_streamed_tool_calls_reassemble(json_server: ServeProc) -> None:
+    c = client(json_server)
+    with c.chat.completions.stream(model=MODEL, messages=USER, tools=[WEATHER], tool_choice="required",  # type: ignore[list-item]
+                                   max_tokens=80, temperature=1.0, seed=7) as stream:  # fmt: skip
+        final = stream.get_final_completion()
+    choice = final.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
+    call = choice.message.tool_calls[0]
+    assert call.function.name == "get_weather" and call.id.startswith("call_")
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+
+
+def test_tool_choice_none_answers_in_text(json_server: ServeProc) -> None:
+    res = client(json_server).chat.completions.create(model=MODEL, messages=USER, tools=[WEATHER], tool_choice="none",
+                                                      max_tokens=8)  # fmt: skip
+    assert res.choices[0].message.tool_calls is None and res.choices[0].finish_reason in ("stop", "length")
