@@ -17,6 +17,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt $(TORCH_SPEC)
 	$(PY) -m pip install -q -c constraints.txt -e '.[exec,dev]'
+	$(PY) -m pip install -q -c constraints.txt --no-deps xgrammar apache-tvm-ffi
 	touch $@
 	@echo "noodle is installed in $(VENV): run '. $(VENV)/bin/activate' to put 'noodle' on your PATH"
 

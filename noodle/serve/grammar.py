@@ -104,7 +104,7 @@ class Grammars:
     def _get_compiler(self, param: str) -> Any:
         if not self.available():
             raise ApiError(501, f"{param}: constrained decoding needs the xgrammar package, which this server "
-                           "does not have (pip install 'noodle[exec]'); leave it out", type="not_implemented",
+                           "does not have (pip install 'noodle[grammar]'); leave it out", type="not_implemented",
                            param=param, code="grammar_unavailable")  # fmt: skip
         with self._lock:
             if self._compiler is None:
