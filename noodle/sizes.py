@@ -18,7 +18,7 @@ here too, so every edge that reads such a number (the spec, the wire, the CLI) u
 
 from __future__ import annotations
 
-__all__ = ["MAX_NODES", "MAX_UNITS", "MAX_TABLE_CELLS", "size_problem", "MAX_BYTES", "MAX_MS", "MAX_TOKENS", "MAX_BATCH",
+__all__ = ["MAX_LOGPROBS", "MAX_NODES", "MAX_UNITS", "MAX_TABLE_CELLS", "size_problem", "MAX_BYTES", "MAX_MS", "MAX_TOKENS", "MAX_BATCH",
            "MAX_MEMORY_GB", "MIN_SCORE", "MAX_SCORE", "MAX_TIME_LIMIT_S"]
 
 MAX_NODES = 256
@@ -31,6 +31,7 @@ MAX_BYTES = 2**50  # 1 PiB per unit
 MAX_MS = 1e9  # about 11.6 days per step
 MAX_TOKENS = 2**24
 MAX_BATCH = 2**16
+MAX_LOGPROBS = 20  # most alternatives one token's log probabilities list (OpenAI's top_logprobs bound)
 MAX_MEMORY_GB = 2.0**20  # 1 PiB per node
 MIN_SCORE, MAX_SCORE = 1e-6, 1e6  # compute_score, tflops, GB/s: positive and not vanishingly small
 MAX_TIME_LIMIT_S = 1e6

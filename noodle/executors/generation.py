@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from noodle.errors import SpecError
+from noodle.sizes import MAX_LOGPROBS
 from noodle.executors.messages import StageInput
 
 if TYPE_CHECKING:
@@ -36,7 +37,6 @@ __all__ = [
     "token_ids_of",
 ]
 
-MAX_LOGPROBS = 20  # most alternatives one token's log probabilities list (OpenAI's top_logprobs bound)
 
 _session_counter = itertools.count()
 

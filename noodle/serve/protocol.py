@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from noodle.executors.generation import MAX_LOGPROBS
+from noodle.sizes import MAX_LOGPROBS
 
 __all__ = [
     "ApiError",
