@@ -123,7 +123,7 @@ def solve_cpsat(jt: JointTables, *, time_limit_s: float, hint: list[Segments] | 
     value = joint_value(jt, plans)
     if status == "optimal" and value - lower > 2 * (slack + 1) / SCALE * top + 1e-9 * value:
         status = "feasible"
-    return status, plans, min(lower, value), ""
+    return status, plans, value if status == "optimal" else min(lower, value), ""  # optimal: within rounding
 
 
 def _int(ms: float) -> int:

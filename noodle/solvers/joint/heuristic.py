@@ -10,7 +10,8 @@ node order ``v_1..v_S`` that is a DP over cuts (``O(S n^2)``)::
 with ``out_i(e)`` the hop to ``v_{i+1}`` at cut ``e`` (the return to ``v_1`` for the last stage). Orders: every
 ordered subset of the nodes when there are at most ``EXHAUSTIVE_NODES``, else prefixes of orders by speed and
 by memory plus seeded random orders. Start: models placed one after the other, heaviest first (several model
-orders are tried); then each model in turn is taken out and placed again given the others, kept when the
+orders are tried, and starts where each model keeps within its share of every node's memory, its memory
+need over all models' needs, so that the first ones leave room for the rest); then each model in turn is taken out and placed again given the others, kept when the
 nodes' loads sorted from the largest fall lexicographically, until no model moves or the time is up.
 """
 
@@ -29,6 +30,7 @@ __all__ = ["solve_heuristic", "place_one", "EXHAUSTIVE_NODES"]
 
 EXHAUSTIVE_NODES = 5
 RANDOM_ORDERS = 48
+SHARE_FACTORS = (None, 1.0, 1.25)  # starts: no cap; each model within (factor x its memory share) of each node
 
 
 def _orders(t: CostTables, offset: np.ndarray, rng: random.Random) -> list[tuple[int, ...]]:
@@ -114,13 +116,18 @@ def solve_heuristic(jt: JointTables, *, time_limit_s: float, seed: int = 0,
               if np.isfinite(t.compute[:, 0, t.n]).any() else a for t, a in zip(jt.tables, jt.coef)]
     heavy = sorted(range(k), key=lambda i: -weight[i])
     starts = [heavy, heavy[::-1], *(rng.sample(range(k), k) for _ in range(2))]
+    need = [float(np.min(t.memory[:, 0, t.n])) for t in jt.tables]
+    share = [x / sum(need) if sum(need) > 0 else 1.0 for x in need]
+    cap = np.array(jt.capacity, dtype=np.float64)
     best: list[Segments] | None = hint if hint is not None and fits(jt, hint) is None else None
-    for first, seq in enumerate(starts):
+    for first, (factor, seq) in enumerate(itertools.product(SHARE_FACTORS, starts)):
         if first and time.perf_counter() > deadline:
             break
         plans: list[Segments | None] = [None] * k
         for i in seq:
             offset, free = _rest(jt, plans, i)
+            if factor is not None:  # a start that leaves each other model its share of every node's memory
+                free = np.minimum(free, (factor * share[i] * cap).astype(np.int64))
             plans[i] = place_one(jt.tables[i], jt.coef[i], offset, free, _orders(jt.tables[i], offset, rng))
             if plans[i] is None:
                 break
