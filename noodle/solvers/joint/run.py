@@ -17,7 +17,7 @@ from noodle.solvers.base import relative_gap
 from noodle.solvers.joint.cpsat import solve_cpsat
 from noodle.solvers.joint.heuristic import solve_heuristic
 from noodle.solvers.joint.model import (
-    JointTables, Segments, build_joint_tables, fits, joint_plan, joint_value, tokens_per_s,
+    JointTables, build_joint_tables, fits, joint_plan, joint_value, tokens_per_s,
 )
 
 __all__ = ["JOINT_SOLVERS", "JointResult", "solve_joint", "WARM_START_SHARE"]
