@@ -149,6 +149,9 @@ def load_plan(path: str | Path) -> PlanDoc:
     """Read and validate a plan file (JSON or YAML)."""
     path = Path(path)
     data = load_document(path, "plan")  # JSON is YAML
+    if isinstance(data, dict) and data.get("kind") == "joint":
+        raise SpecError(f"{path}: kind: joint: a plan of several models (noodle.jointdoc); this reads one model's "
+                        f"plan, solve a spec with model: for it")
     try:
         doc = PlanDoc.model_validate(data)
     except ValidationError as exc:

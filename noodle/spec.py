@@ -27,11 +27,13 @@ from noodle.sizes import (
     size_problem,
 )
 from noodle.specresolve import resolve_cluster, resolve_constraints, resolve_units
+from noodle.joint import JointModel, JointProblem
 from noodle.types import Problem, Workload
 
-__all__ = ["Spec", "load_spec", "parse_spec", "spec_json_schema", "SOLVER_DEFAULT_TIME_LIMIT_S"]
+__all__ = ["Spec", "load_spec", "load_joint_spec", "parse_spec", "MAX_MODELS", "spec_json_schema", "SOLVER_DEFAULT_TIME_LIMIT_S"]
 
 SOLVER_DEFAULT_TIME_LIMIT_S = 10.0
+MAX_MODELS = 64  # models in one spec placed jointly
 
 
 
@@ -102,6 +104,24 @@ class WorkloadSpec(_Strict):
             raise ValueError(f"streams ({self.streams}) sizes the batches itself: drop "
                              f"{' and '.join(f'{k} ({getattr(self, k)})' for k in given)}, or drop streams "
                              f"for fixed groups")
+        return self
+
+
+class JointModelSpec(ModelSpec):
+    """One model of a spec with ``models:`` (placed jointly with the others on the shared cluster)."""
+
+    name: str = Field(min_length=1, max_length=200, description="the model's name (labels its stages in the plan)")
+    workload: WorkloadSpec | None = Field(None, description="its workload; default: the spec's workload")
+    weight: float | None = Field(None, gt=0, le=MAX_SCORE, description="its share: the planner maximises the "
+                                 "smallest tokens/s / weight over the models (default 1)")
+    required_tokens_per_s: float | None = Field(None, gt=0, le=MAX_SCORE, description="the tokens/s it must get "
+                                                "(instead of weight; then every model gives one)")
+
+    @model_validator(mode="after")
+    def _one_share(self) -> JointModelSpec:
+        if self.weight is not None and self.required_tokens_per_s is not None:
+            raise ValueError(f"model {self.name!r}: give weight ({self.weight:g}) or required_tokens_per_s "
+                             f"({self.required_tokens_per_s:g}), not both")
         return self
 
 
@@ -203,7 +223,9 @@ class Spec(_Strict):
     """A whole spec file, validated."""
 
     name: str = "noodle"
-    model: ModelSpec
+    model: ModelSpec | None = Field(None, description="the model to place (or models: several, placed jointly)")
+    models: list[JointModelSpec] | None = Field(None, min_length=1, max_length=MAX_MODELS, description="several "
+                                                "models placed jointly on the shared cluster (instead of model)")
     workload: WorkloadSpec = WorkloadSpec()
     cluster: ClusterSpec
     objective: Literal["throughput", "latency"] = "throughput"
@@ -213,8 +235,31 @@ class Spec(_Strict):
                                              "choose per stage (default: the checkpoint's float32 only)")
     accuracy: AccuracySpec | None = Field(None, description="accuracy budget a format must meet to be chosen")
 
+    @model_validator(mode="after")
+    def _model_or_models(self) -> Spec:
+        if (self.model is None) == (self.models is None):
+            raise ValueError("give model (one model) or models (a list, placed jointly), "
+                             + ("not both" if self.model is not None else "got neither"))
+        if self.models is None:
+            return self
+        if self.objective != "throughput":
+            raise ValueError("objective: models are placed for throughput (their weighted minimum); drop latency")
+        for key in ("formats", "accuracy"):
+            if getattr(self, key) is not None:
+                raise ValueError(f"{key}: weight formats are chosen for one model only; drop {key} with models")
+        if self.constraints.pins:
+            raise ValueError("constraints.pins: pins name one model's units; drop them with models")
+        for i, n in enumerate(self.cluster.nodes):
+            if n.profile is not None:
+                raise ValueError(f"cluster.nodes[{i}].profile: a node profile prices one model's units; "
+                                 f"give {n.id!r} a compute_score instead with models")
+        return self
+
     def to_problem(self, base_dir: str | Path = ".", *, source: str = "spec") -> Problem:
         """Resolve the model source and build the solver-facing Problem (checks cross-references)."""
+        if self.models is not None:
+            raise SpecError(f"{source}: models: {len(self.models)} models are placed jointly: plan them with "
+                            f"`noodle solve` (or give one model)")
         workload = Workload(**self.workload.model_dump())
         _check_counts(self, source)  # before anything that grows with them (links are nodes^2)
         units = resolve_units(self, Path(base_dir), workload, source)
@@ -233,16 +278,51 @@ class Spec(_Strict):
         return replace(problem, formats=resolve_formats(self, problem, Path(base_dir), source))
 
 
+    def to_joint_problem(self, base_dir: str | Path = ".", *, source: str = "spec") -> JointProblem:
+        """Resolve every model of ``models:`` into a :class:`~noodle.joint.JointProblem` on the shared cluster."""
+        if self.models is None:
+            raise SpecError(f"{source}: models: missing; this spec places one model (model:)")
+        _check_counts(self, source)
+        base = Path(base_dir)
+        entries = []
+        required = [m.required_tokens_per_s is not None for m in self.models]
+        for i, m in enumerate(self.models):
+            where = f"{source}: models[{i}]"
+            if any(required) and not required[i]:
+                raise SpecError(f"{where}: give required_tokens_per_s as the other models do (or weights for all)")
+            ws = m.workload or self.workload
+            if ws.streams is not None:
+                raise SpecError(f"{where}.workload.streams: joint placement prices fixed groups; give batch_size "
+                                f"and concurrency instead")
+            workload = Workload(**ws.model_dump())
+            units = resolve_units(self, base, workload, source, model=m, field=f"models[{i}]")
+            too_big = size_problem(len(units), len(self.cluster.nodes))
+            if too_big:
+                raise SpecError(f"{where}, cluster.nodes: {too_big} (see noodle/sizes.py)")
+            cluster = resolve_cluster(self, source, units, base)
+            constraints = resolve_constraints(self, units, cluster, source)
+            problem = Problem(units, cluster, workload, "throughput", constraints, f"{self.name}/{m.name}")
+            share = m.required_tokens_per_s if required[i] else (m.weight or 1.0)
+            entries.append(JointModel(m.name, problem, float(share or 1.0), required[i]))
+        names = [m.name for m in self.models]
+        for i, name in enumerate(names):
+            if names.index(name) != i:
+                raise SpecError(f"{source}: models[{i}].name: duplicate model name {name!r}")
+        return JointProblem(tuple(entries), self.name)
+
+
 def _check_counts(spec: Spec, source: str) -> None:
     """Node and layer counts within :mod:`noodle.sizes` (the spec file's size itself is checked on load)."""
     k = len(spec.cluster.nodes)
     if k > MAX_NODES:
         raise SpecError(f"{source}: cluster.nodes: {k} nodes, at most {MAX_NODES} are supported; "
                         f"group identical machines or plan a subset")
-    layers = spec.model.layers
-    if layers is not None and len(layers) > MAX_UNITS:
-        raise SpecError(f"{source}: model.layers: {len(layers)} units, at most {MAX_UNITS} are supported; "
-                        f"merge consecutive layers into coarser units")
+    models = [("model", spec.model)] if spec.model is not None else [
+        (f"models[{i}]", m) for i, m in enumerate(spec.models or [])]
+    for field, m in models:
+        if m is not None and m.layers is not None and len(m.layers) > MAX_UNITS:
+            raise SpecError(f"{source}: {field}.layers: {len(m.layers)} units, at most {MAX_UNITS} are supported; "
+                            f"merge consecutive layers into coarser units")
 
 
 def parse_spec(data: Any, source: str = "spec") -> Spec:
@@ -260,6 +340,15 @@ def load_spec(path: str | Path) -> tuple[Spec, Problem]:
     path = Path(path)
     data = load_document(path, "spec")
     spec = parse_spec(data, str(path))
+    return spec, spec.to_problem(path.parent, source=str(path))
+
+
+def load_joint_spec(path: str | Path) -> tuple[Spec, Problem | JointProblem]:
+    """Like :func:`load_spec`, but a spec with ``models:`` resolves to a :class:`~noodle.joint.JointProblem`."""
+    path = Path(path)
+    spec = parse_spec(load_document(path, "spec"), str(path))
+    if spec.models is not None:
+        return spec, spec.to_joint_problem(path.parent, source=str(path))
     return spec, spec.to_problem(path.parent, source=str(path))
 
 

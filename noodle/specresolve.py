@@ -21,19 +21,25 @@ from noodle.sizes import MAX_BATCH, MAX_SCORE, MIN_SCORE
 from noodle.types import Cluster, Constraints, Link, Node, NodeProfile, Pin, Unit, Workload
 
 if TYPE_CHECKING:
-    from noodle.spec import NodeSpec, Spec
+    from noodle.spec import ModelSpec, NodeSpec, Spec
 
 __all__ = ["resolve_units", "resolve_cluster", "resolve_constraints"]
 
 
-def resolve_units(spec: Spec, base: Path, workload: Workload, source: str) -> tuple[Unit, ...]:
-    """The model's unit chain: its ``layers``, its ``profile``, or the analytic estimate of its ``hf_config``."""
-    m = spec.model
+def resolve_units(spec: Spec, base: Path, workload: Workload, source: str, *, model: ModelSpec | None = None,
+                  field: str = "model") -> tuple[Unit, ...]:
+    """The model's unit chain: its ``layers``, its ``profile``, or the analytic estimate of its ``hf_config``.
+
+    ``model``: one entry of ``models:`` (named ``field`` in errors) instead of the spec's ``model``.
+    """
+    m = model if model is not None else spec.model
+    if m is None:
+        raise SpecError(f"{source}: {field}: missing; give layers, profile or hf_config")
     if m.layers is not None:
         names = [layer.name for layer in m.layers]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
-            raise SpecError(f"{source}: model.layers: duplicate unit names {', '.join(dup)}")
+            raise SpecError(f"{source}: {field}.layers: duplicate unit names {', '.join(dup)}")
         return tuple(Unit(**layer.model_dump(exclude={"formats"})) for layer in m.layers)
     if m.profile is not None:
         from noodle.profile.units import load_units
@@ -45,19 +51,19 @@ def resolve_units(spec: Spec, base: Path, workload: Workload, source: str) -> tu
 
     path = base / str(m.hf_config)
     try:
-        raw = load_document(path / "config.json" if path.is_dir() else path, "model.hf_config")
+        raw = load_document(path / "config.json" if path.is_dir() else path, f"{field}.hf_config")
         ref = ReferenceDevice(**m.reference.model_dump()) if m.reference else ReferenceDevice()
         if isinstance(raw, dict) and facts_of(raw) is not None:  # counted from the config alone: no torch
             return analytic_units(raw, workload, dtype=m.dtype, reference=ref).units
         kind = raw.get("model_type") if isinstance(raw, dict) else None
-        require_exec(f"{source}: model.hf_config of model_type {kind!r} (counted by building the model on the meta device)")
+        require_exec(f"{source}: {field}.hf_config of model_type {kind!r} (counted by building the model on the meta device)")
         from noodle.models.loading import load_config
 
         return analytic_units(load_config(path), workload, dtype=m.dtype, reference=ref).units
     except DependencyMissing:
         raise
     except NoodleError as exc:
-        raise SpecError(f"{source}: model.hf_config: {exc}") from None
+        raise SpecError(f"{source}: {field}.hf_config: {exc}") from None
 
 
 def _node_profile(n: NodeSpec, i: int, units: tuple[Unit, ...], base: Path, source: str) -> NodeProfile:

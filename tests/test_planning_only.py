@@ -65,6 +65,10 @@ def test_every_shipped_spec_solves_and_plots(env: dict[str, str], spec: str, tmp
     assert json.loads(plan.read_text())["stages"]
     png = tmp_path / "plan.png"
     drawn = noodle(env, "plot", str(plan), "--out", str(png))
+    if json.loads(plan.read_text()).get("kind") == "joint":  # several models: not drawn (yet), said in one line
+        assert drawn.returncode != 0 and "kind: joint: a plan of several models" in drawn.stderr, drawn.stderr[-2000:]
+        assert "Traceback" not in drawn.stderr
+        return
     assert drawn.returncode == 0 and png.stat().st_size > 0, drawn.stderr[-2000:]
 
 

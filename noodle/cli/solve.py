@@ -18,9 +18,12 @@ from noodle.graph.build import build_cost_graph
 from noodle.plandoc import PlanDoc, dump_plan, plan_document
 from noodle.solvers import SOLVERS, check_options, solve
 from noodle.sizes import MAX_TIME_LIMIT_S
-from noodle.spec import load_spec
+from noodle.joint import JointProblem
+from noodle.jointdoc import JointPlanDoc, dump_joint_plan, joint_document
+from noodle.solvers.joint import JOINT_SOLVERS, solve_joint
+from noodle.spec import load_joint_spec
 
-__all__ = ["register", "render_table"]
+__all__ = ["register", "render_table", "render_joint"]
 
 FORMATS = ("table", "json", "yaml")
 
@@ -64,6 +67,54 @@ def render_table(doc: PlanDoc, console: Console) -> None:
         console.print(f"  stage {s.stage_id}: {s.rationale}", style="dim")
 
 
+def render_joint(doc: JointPlanDoc, console: Console) -> None:
+    """The human view of a joint plan: one table per model, then the shared nodes."""
+    for m in doc.models:
+        share = f"requires {m.weight:g} tokens/s" if m.required else f"weight {m.weight:g}"
+        table = Table(title=f"{doc.name}: model {m.name} ({share}) -> {m.tokens_per_s:.1f} tokens/s")
+        for col in ("stage", "node", "device", "units", "compute ms", "out ms", "round share ms", "memory MiB"):
+            table.add_column(col, justify="right" if "ms" in col or "MiB" in col else "left")
+        for s in (s for s in doc.stages if s.model == m.name):
+            units = s.layers[0] if len(s.layers) == 1 else f"{s.layers[0]}..{s.layers[-1]} ({len(s.layers)})"
+            table.add_row(str(s.stage_id), s.node, s.device, units, f"{s.compute_ms:.3f}", f"{s.hop_ms:.3f}",
+                          f"{s.round_share_ms:.3f}", f"{s.memory_required_mb:.0f}")
+        console.print(table)
+    nodes = Table(title="shared nodes (round: every model m gains its weight in tokens)")
+    for col in ("node", "device", "round ms", "memory MiB"):
+        nodes.add_column(col, justify="right" if "ms" in col or "MiB" in col else "left")
+    for n in doc.nodes:
+        nodes.add_row(n.id, n.device, f"{n.round_ms:.3f}", f"{n.memory_used_mb:.0f} / {n.memory_available_mb:.0f}")
+    console.print(nodes)
+    sv = doc.solver
+    gap = "n/a" if sv.gap is None else f"{sv.gap:.2%}"
+    console.print(f"objective {doc.objective}: busiest round {doc.objective_ms:.4f} ms | " + ", ".join(
+        f"{m.name} {m.tokens_per_s:.1f}" for m in doc.models) + " tokens/s", highlight=False)
+    console.print(f"solver {sv.name}: {sv.status}, gap {gap}, {sv.solve_time_s:.2f} s" + (f" - {sv.note}" if sv.note else ""))
+
+
+def _solve_joint(spec: Path, jp: JointProblem, name: str, limit: float, out: Path | None, fmt: str,
+                 flags: dict[str, object]) -> None:
+    """``noodle solve`` for a spec with ``models:``."""
+    for flag, value in flags.items():
+        if value is not None:
+            raise SpecError(f"{flag}: not available for a spec with models ({spec}); drop it")
+    if name not in JOINT_SOLVERS:
+        raise SpecError(f"solver: {name!r} does not place several models; use one of {', '.join(JOINT_SOLVERS)}")
+    err = stderr_console()
+    with err.status(f"solving {jp.name}: {len(jp.models)} models on {len(jp.cluster.nodes)} nodes with {name} "
+                    f"(limit {limit:g} s)"):
+        result = solve_joint(jp, solver=name, time_limit_s=limit)
+    doc = joint_document(jp, result)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(dump_joint_plan(doc, "yaml" if out.suffix in (".yaml", ".yml") else "json"))
+        err.print(f"plan written to {out}")
+    if fmt == "table":
+        render_joint(doc, stdout_console())
+    else:
+        sys.stdout.write(dump_joint_plan(doc, fmt))
+
+
 def solve_cmd(
     spec: Path = typer.Argument(..., help="spec file (YAML)"),
     out: Path | None = typer.Option(None, "--out", "-o", help="write the plan here (.json or .yaml)"),
@@ -81,7 +132,13 @@ def solve_cmd(
     if time_limit is not None:
         check_float("--time-limit", time_limit, gt=0, le=MAX_TIME_LIMIT_S)
     err = stderr_console()
-    spec_obj, problem = load_spec(spec)
+    spec_obj, problem = load_joint_spec(spec)
+    if isinstance(problem, JointProblem):
+        if spec_obj.solver.options:
+            raise SpecError(f"{spec}: solver.options: not taken when placing several models; drop them")
+        flags = {"--objective": objective, "--graph": graph}
+        return _solve_joint(spec, problem, solver or spec_obj.solver.name, time_limit or spec_obj.solver.time_limit_s,
+                            out, fmt, flags)
     if objective:
         problem = replace(problem, objective=objective)
     name = solver or spec_obj.solver.name

@@ -154,3 +154,32 @@ def test_quiet_and_verbose_flags(capsys):
     assert logging.getLogger("noodle").level == logging.DEBUG
     assert main(["solve", str(SPECS / "inline-pins.yaml"), "-f", "json"]) == 0
     assert logging.getLogger("noodle").level == logging.INFO
+
+
+def test_solve_places_several_models_jointly_and_labels_each_stage(tmp_path, capsys):
+    out = tmp_path / "joint.json"
+    spec = SPECS / "two-models-home-lab.yaml"
+    assert main(["solve", str(spec), "--out", str(out), "-f", "json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    written = json.loads(out.read_text())
+    assert printed["stages"] == written["stages"] and written["kind"] == "joint"
+    assert written["solver"]["status"] == "optimal"
+    models = {m["name"]: m for m in written["models"]}
+    assert set(models) == {"chat", "summaries"}
+    assert models["chat"]["tokens_per_s"] == pytest.approx(2 * models["summaries"]["tokens_per_s"])  # weights 2:1
+    for name, m in models.items():
+        layers = [u for s in written["stages"] if s["model"] == name for u in s["layers"]]
+        assert layers == m["units"]  # each model's stages cover its chain in order
+    busiest = max(n["round_ms"] for n in written["nodes"])
+    assert busiest == pytest.approx(written["objective_ms"])
+    for n in written["nodes"]:
+        assert n["memory_used_mb"] <= n["memory_available_mb"]
+    assert main(["solve", str(spec)]) == 0
+    table = capsys.readouterr().out
+    assert "model chat (weight 2)" in table and "model summaries (weight 1)" in table and "shared nodes" in table
+
+
+def test_solve_with_models_refuses_single_model_flags_in_one_line(capsys):
+    assert main(["solve", str(SPECS / "two-models-home-lab.yaml"), "--objective", "latency"]) != 0
+    err = capsys.readouterr().err
+    assert "--objective: not available for a spec with models" in err and "Traceback" not in err
