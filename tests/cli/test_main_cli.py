@@ -117,7 +117,7 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
     def bug(*_a, **_k):
         raise ZeroDivisionError("bug")
 
-    monkeypatch.setattr("noodle.cli.solve.load_spec", bug)
+    monkeypatch.setattr("noodle.cli.solve.load_joint_spec", bug)
     with pytest.raises(ZeroDivisionError):
         main(["solve", "spec.yaml"])
 
