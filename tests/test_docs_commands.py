@@ -1,8 +1,8 @@
 """Every fenced command in README.md and docs/*.md runs as written, in order, in a fresh folder.
 
 The folder stands in for a clone after ``make demo``/``make demo-gpt2``, with tiny models instead of the real ones
-(SmolLM2 and GPT-2 small take minutes to fetch, build and profile on two cores): ``out/models/gpt2`` is the
-``gpt2-tiny`` preset, ``out/models/smollm2`` the ``llama-tiny`` one, ``out/profile/gpt2`` a short profile of the
+(SmolLM2 and GPT-2 small take minutes to fetch, build and profile on two cores): ``out/models/gpt2`` is a 4-block,
+64-wide GPT-2 with GPT-2's vocabulary, ``out/models/smollm2`` the ``llama-tiny`` one, ``out/profile/gpt2`` a short profile of the
 former, and the spec's GPT-2 config (``specs/models/gpt2-small.json``) is the tiny model's, so the shipped specs
 plan the model the commands run. The few rewrites of the commands themselves are listed in ``REWRITES``, each with
 its reason. A block that needs what no test machine has (a CUDA device, Kubernetes, other machines) carries
@@ -38,10 +38,13 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SHELL_LANGS = {"bash", "console", "sh", "shell"}
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
 SKIP = re.compile(r"<!--\s*docs-test:\s*skip\s*\((.+)\)\s*-->\s*$")
+TRAILING_COMMENT = re.compile(r"\s+# .*$")
 OPTIONAL = re.compile(r" \[--[^\]]*\]")  # doc notation for an optional flag: `[--device cuda]`
+# GPT-2's vocabulary (the docs' token ids are GPT-2's), 4 blocks 64 wide.
+TINY_GPT2 = '{"model_type": "gpt2", "n_layer": 4, "n_embd": 64, "n_head": 4, "n_positions": 1024, "vocab_size": 50257}'
 # (doc text, what the test runs, why): sizes only, never a flag or a path the reader would type differently.
 REWRITES = [
-    ("--preset gpt2 ", "--preset gpt2-tiny ", "GPT-2 small takes minutes to build and profile on two cores"),
+    ("--preset gpt2 ", "--config tiny-gpt2.json ", "GPT-2 small takes minutes to build and profile on two cores"),
 ]
 CMD_TIMEOUT_S = 180.0
 
@@ -68,7 +71,7 @@ def _commands(lang: str, body: str) -> list[str]:
     joined = re.sub(r"\s*\\\n\s*", " ", "\n".join(lines))
     out = []
     for ln in joined.splitlines():
-        ln = OPTIONAL.sub("", ln).strip()
+        ln = TRAILING_COMMENT.sub("", OPTIONAL.sub("", ln)).strip()
         if ln and not ln.startswith("#"):
             out.append(ln)
     return out
@@ -100,9 +103,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
         shutil.copytree(ROOT / name, work / name)
     (work / "noodle" / "executors" / "grpc").mkdir(parents=True)  # where the protoc line writes
     (work / ".venv").symlink_to(sys.prefix)
+    (work / "tiny-gpt2.json").write_text(TINY_GPT2)
     os.chdir(work)
     try:
-        _run_noodle(["-q", "model", "init", "--preset", "gpt2-tiny", "--out", "out/models/gpt2"])
+        _run_noodle(["-q", "model", "init", "--config", "tiny-gpt2.json", "--out", "out/models/gpt2"])
         _run_noodle(["-q", "model", "init", "--preset", "llama-tiny", "--out", "out/models/smollm2"])
         shutil.copy(work / "out/models/gpt2/config.json", work / "specs/models/gpt2-small.json")
         _run_noodle(["-q", "profile", "--model", "out/models/gpt2", "--out", "out/profile/gpt2", "--iterations", "2",
@@ -188,6 +192,8 @@ def _run_page(page: Path, work: Path, env: dict[str, str], skipped: list[str]) -
                     assert res.returncode == 0, (
                         f"{where}: `{cmd}` exited {res.returncode}\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
                     )
+                    if cmd.startswith("curl "):  # `curl -s` exits 0 on an HTTP error: the body says
+                        assert '"error"' not in res.stdout and res.stdout.strip(), f"{where}: `{cmd}`: {res.stdout}"
                 ran += 1
     finally:
         _stop(procs)
@@ -257,4 +263,4 @@ def test_skip_marker_and_console_parsing() -> None:
     assert _commands("console", "$ noodle solve a.yaml \\\n    --out p.json\nplan written\n") == [
         "noodle solve a.yaml --out p.json"]
     assert _commands("bash", "noodle serve --cluster [--min-workers 3]  # x\n# only a comment\n") == [
-        "noodle serve --cluster  # x"]
+        "noodle serve --cluster"]

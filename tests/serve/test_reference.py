@@ -1,0 +1,37 @@
+"""The plan warns when its measured reference is far from what the stages then take (issue 20, item 6)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from noodle.serve.reference import SAMPLES_NEEDED, ReferenceCheck, far_stages
+from noodle.serve.runtime import Events
+
+
+def _row(stage: int, planned: float, seen: float) -> dict[str, object]:
+    return {"stage": stage, "node": f"n{stage}", "units": "embed..lm_head", "planned_ms": planned, "step_ms_p50": seen}
+
+
+def test_far_means_beyond_2x_either_way_and_needs_a_measurement() -> None:
+    rows = [_row(0, 2183.0, 616.0), _row(1, 10.0, 19.0), _row(2, 10.0, 25.0), _row(3, 10.0, 0.0)]
+    assert [(r["stage"], round(x, 2)) for r, x in far_stages(rows)] == [(0, 0.28), (2, 2.5)]
+
+
+def test_warns_once_per_stage_after_consecutive_samples_and_again_after_a_replan(
+        caplog: pytest.LogCaptureFixture) -> None:
+    events = Events()
+    check = ReferenceCheck(lambda msg: events.add("warning", msg))
+    plan_a, plan_b = object(), object()
+    far = [_row(0, 2183.0, 616.0)]
+    with caplog.at_level(logging.WARNING):
+        for _ in range(SAMPLES_NEEDED - 1):
+            assert check.observe(plan_a, far) == []
+        assert check.observe(plan_a, [_row(0, 2183.0, 2000.0)]) == []  # a near sample breaks the streak
+        given = [m for _ in range(SAMPLES_NEEDED + 2) for m in check.observe(plan_a, far)]
+    assert len(given) == 1
+    assert "616.0 ms" in given[0] and "2183.0 ms" in given[0] and "0.28x, faster" in given[0]
+    assert [e["message"] for e in events.recent()] == given
+    assert given[0] in caplog.text  # the event is a log line too
+    assert [m for _ in range(SAMPLES_NEEDED) for m in check.observe(plan_b, far)] != []  # a new plan is judged anew
