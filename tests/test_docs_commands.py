@@ -45,6 +45,8 @@ TINY_GPT2 = '{"model_type": "gpt2", "n_layer": 4, "n_embd": 64, "n_head": 4, "n_
 # (doc text, what the test runs, why): sizes only, never a flag or a path the reader would type differently.
 REWRITES = [
     ("--preset gpt2 ", "--config tiny-gpt2.json ", "GPT-2 small takes minutes to build and profile on two cores"),
+    ("--out runs/profile/gpt2 ", "--out runs/profile/gpt2 --time-budget 5 --module-iterations 0 ",
+     "the default measures for about a minute"),
 ]
 CMD_TIMEOUT_S = 180.0
 

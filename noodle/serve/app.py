@@ -187,8 +187,8 @@ class ServeApp:
             },  # fmt: skip
             "stages": stage_rows(stats, plan),
             "pipeline": None if stats is None else {
-                k: float(getattr(stats, k, 0) or 0)
-                for k in ("queue_depth", "in_flight", "completed", "tokens_generated", "tokens_per_s")
+                **{k: float(getattr(stats, k, 0) or 0) for k in ("queue_depth", "in_flight", "tokens_generated", "tokens_per_s")},
+                "completed": float(self.metrics.completed),  # since the server started, across re-plans
             },  # fmt: skip
             "in_flight_requests": rt.in_flight,
             "requests": self.metrics.request_counts(),
