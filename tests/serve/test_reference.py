@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+import time
+from pathlib import Path
 
 import pytest
 
+from noodle.plandoc import PlanDoc
 from noodle.serve.reference import SAMPLES_NEEDED, ReferenceCheck, far_stages
 from noodle.serve.runtime import Events
 
@@ -35,3 +38,25 @@ def test_warns_once_per_stage_after_consecutive_samples_and_again_after_a_replan
     assert [e["message"] for e in events.recent()] == given
     assert given[0] in caplog.text  # the event is a log line too
     assert [m for _ in range(SAMPLES_NEEDED) for m in check.observe(plan_b, far)] != []  # a new plan is judged anew
+
+
+def test_a_served_plan_far_from_what_its_stages_take_warns(model_dir: Path, plan_doc: PlanDoc) -> None:
+    """A real server whose plan says 1 s per step while the tiny model steps in milliseconds: an event says so."""
+    import httpx
+    from transformers import AutoTokenizer
+
+    from noodle.serve.build import build_server
+    from tests.serve.servers import app_server, slow_plan
+
+    served = build_server(model_dir, slow_plan(plan_doc, 1000.0), AutoTokenizer.from_pretrained(model_dir))
+    body = {"model": "gpt2-tiny", "prompt": "hello", "max_tokens": 8, "temperature": 0}
+    with app_server(served) as base:
+        warned: list[str] = []
+        deadline = time.monotonic() + 60
+        while not warned and time.monotonic() < deadline:
+            assert httpx.post(f"{base}/v1/completions", json=body, timeout=60).status_code == 200
+            time.sleep(0.3)
+            events = httpx.get(f"{base}/noodle/status", timeout=10).json()["events"]
+            warned = [e["message"] for e in events if e["level"] == "warning" and e["message"].startswith("plan: ")]
+    assert len(warned) == 1, warned
+    assert "the plan predicted 1000.0 ms" in warned[0] and "faster" in warned[0]
