@@ -100,9 +100,19 @@ class Events:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, level: str, message: str) -> None:
+        """Record an event (and log it); the same event again right after is counted on the last one instead."""
         with self._lock:
-            self.items.append({"t": time.time(), "level": level, "message": message})
-        getattr(log, "warning" if level == "warning" else "info")(message)
+            last = self.items[-1] if self.items else None
+            if last is not None and last["level"] == level and last["message"] == message:
+                last["t"], last["repeats"] = time.time(), last["repeats"] + 1
+                repeat = True
+            else:
+                self.items.append({"t": time.time(), "level": level, "message": message, "repeats": 1})
+                repeat = False
+        if repeat:
+            log.debug("again: %s", message)
+        else:
+            getattr(log, "warning" if level == "warning" else "info")(message)
 
     def recent(self) -> list[dict[str, Any]]:
         with self._lock:

@@ -60,3 +60,16 @@ def test_a_served_plan_far_from_what_its_stages_take_warns(model_dir: Path, plan
             warned = [e["message"] for e in events if e["level"] == "warning" and e["message"].startswith("plan: ")]
     assert len(warned) == 1, warned
     assert "the plan predicted 1000.0 ms" in warned[0] and "faster" in warned[0]
+
+
+def test_the_same_event_again_is_counted_not_repeated(caplog: pytest.LogCaptureFixture) -> None:
+    """The status page's events do not flood: an identical event right after the last one counts on it."""
+    events = Events()
+    with caplog.at_level(logging.INFO):
+        for _ in range(5):
+            events.add("info", "links re-measured: a-b 0.2 ms: keeping a[0:3) b[3:6)")
+        events.add("info", "joined: w4")
+        events.add("info", "links re-measured: a-b 0.2 ms: keeping a[0:3) b[3:6)")
+    got = [(e["message"][:6], e["repeats"]) for e in events.recent()]
+    assert got == [("links ", 1), ("joined", 1), ("links ", 5)]
+    assert caplog.text.count("links re-measured") == 2  # one log line per shown event, the repeats at debug

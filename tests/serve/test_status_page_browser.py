@@ -57,12 +57,19 @@ def test_status_page_after_a_kill_in_chromium(model_dir: Path, tmp_path: Path) -
         wait_for(lambda: not next(n for n in lab.cluster()["nodes"] if n["id"] == victim)["alive"], 30, "dead")
         time.sleep(1.5)  # one more status sample after the load stopped
         dom = render(f"{lab.base}/", tmp_path)
+    (tmp_path / "status.html").write_text(dom)  # for a look after a failure
     assert 'class="state ready"' in dom, dom[:2000]
     # completed requests count the server's life, not the pipeline's since the re-plan
     assert float(re.search(r'<div class="v" id="done">([0-9.,]+)</div>', dom).group(1).replace(",", "")) >= finished
     row = _row_of(dom, victim)
     assert "dead" in row and "spare" not in row and "none (dead)" in row, row
     assert "spare" not in _row_of(dom, next(n for n in ("w1", "w2", "w3") if n != victim))
+    # each stage's hop is measured over gRPC (the call's round trip beyond the worker's compute), not 0.000
+    stage_rows = re.findall(r"<tr>(.*?)</tr>", re.search(r'<tbody id="stages">(.*?)</tbody>', dom, re.S).group(1), re.S)
+    hops = [float(re.findall(r"<td[^>]*>([^<]*)</td>", r)[6]) for r in stage_rows]
+    assert stage_rows and all(h > 0 for h in hops), hops
+    prediction = re.search(r'<tbody id="prediction">(.*?)</tbody>', dom, re.S).group(1)
+    assert "<tr>" in prediction, "the stage-compute table (measured vs predicted) is empty"
     line = re.search(r'<path id="inflight-line" d="([^"]+)"', dom)
     assert line, "no in-flight line on the chart"
     ys = [float(y) for y in re.findall(r"[ML][0-9.]+,([0-9.]+)", line.group(1))]
