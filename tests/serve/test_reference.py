@@ -66,10 +66,12 @@ def test_the_same_event_again_is_counted_not_repeated(caplog: pytest.LogCaptureF
     """The status page's events do not flood: an identical event right after the last one counts on it."""
     events = Events()
     with caplog.at_level(logging.INFO):
-        for _ in range(5):
-            events.add("info", "links re-measured: a-b 0.2 ms: keeping a[0:3) b[3:6)")
+        for ms in (0.2, 0.25, 0.21, 0.3, 0.2):
+            events.add("info", f"links re-measured: a-b {ms} ms: keeping a[0:3) b[3:6)")
         events.add("info", "joined: w4")
+        events.add("info", "joined: w5")  # names differ: two events
         events.add("info", "links re-measured: a-b 0.2 ms: keeping a[0:3) b[3:6)")
     got = [(e["message"][:6], e["repeats"]) for e in events.recent()]
-    assert got == [("links ", 1), ("joined", 1), ("links ", 5)]
+    assert got == [("links ", 1), ("joined", 1), ("joined", 1), ("links ", 5)]
+    assert events.recent()[-1]["message"] == "links re-measured: a-b 0.2 ms: keeping a[0:3) b[3:6)"  # the latest
     assert caplog.text.count("links re-measured") == 2  # one log line per shown event, the repeats at debug
