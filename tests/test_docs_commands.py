@@ -101,7 +101,7 @@ def _run_noodle(args: list[str]) -> None:
 def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh folder that looks like a clone after `make demo` and `make demo-gpt2`, with tiny models."""
     work = tmp_path_factory.mktemp("docs")
-    for name in ("specs", "protos", "deploy"):
+    for name in ("specs", "protos", "deploy", "bench/results"):
         shutil.copytree(ROOT / name, work / name)
     (work / "noodle" / "executors" / "grpc").mkdir(parents=True)  # where the protoc line writes
     (work / ".venv").symlink_to(sys.prefix)
@@ -179,6 +179,9 @@ def _run_page(page: Path, work: Path, env: dict[str, str], skipped: list[str]) -
                 print(f"$ {cmd}    [{where}]")
                 long_running = cmd.endswith("&") or re.search(r"\bnoodle (serve|worker)\b", cmd)
                 if long_running:
+                    with socket.socket() as probe:  # someone else's server there would answer in its stead
+                        taken = probe.connect_ex(("127.0.0.1", _port_of(cmd))) == 0
+                    assert not taken, f"{where}: port {_port_of(cmd)} is taken on this machine; free it to run `{cmd}`"
                     proc = subprocess.Popen(["bash", "-c", cmd.rstrip("&").strip()], cwd=work, env=env,
                                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
                     procs.append(proc)
