@@ -2,10 +2,11 @@
 
 The folder stands in for a clone after ``make demo``/``make demo-gpt2``, with tiny models instead of the real ones
 (SmolLM2 and GPT-2 small take minutes to fetch, build and profile on two cores): ``out/models/gpt2`` is a 4-block,
-64-wide GPT-2 with GPT-2's vocabulary, ``out/models/smollm2`` the ``llama-tiny`` one, ``out/profile/gpt2`` a short profile of the
-former, and the spec's GPT-2 config (``specs/models/gpt2-small.json``) is the tiny model's, so the shipped specs
-plan the model the commands run. The few rewrites of the commands themselves are listed in ``REWRITES``, each with
-its reason. A block that needs what no test machine has (a CUDA device, Kubernetes, other machines) carries
+64-wide GPT-2 with GPT-2's vocabulary, ``out/models/smollm2`` the ``llama-tiny`` preset with a chat template,
+``out/profile/gpt2`` a short profile of the former and ``out/plan.json`` its plan on ``specs/gpt2-profiled.yaml``;
+the spec's GPT-2 config (``specs/models/gpt2-small.json``) is the tiny model's, so the shipped specs plan the model
+the commands run. The few rewrites of the commands themselves are listed in ``REWRITES``, each with its reason.
+A block that needs what no test machine has (a CUDA device, Kubernetes, other machines, a download) carries
 ``<!-- docs-test: skip (why) -->`` on the line before its fence; the skipped blocks are printed with their reason.
 Long-running commands (``noodle serve``, ``noodle worker``, anything ending in ``&``) start in the background, are
 waited on until they answer, and are stopped at the end of their page. Rows of the README's command table are
@@ -30,6 +31,7 @@ from pathlib import Path
 import pytest
 
 from noodle.cli.main import main as noodle_main
+from tests.serve.servers import CHAT_TEMPLATE
 
 pytestmark = pytest.mark.slow
 
@@ -110,6 +112,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     try:
         _run_noodle(["-q", "model", "init", "--config", "tiny-gpt2.json", "--out", "out/models/gpt2"])
         _run_noodle(["-q", "model", "init", "--preset", "llama-tiny", "--out", "out/models/smollm2"])
+        (work / "out/models/smollm2/chat_template.jinja").write_text(CHAT_TEMPLATE)  # SmolLM2 comes with one
         shutil.copy(work / "out/models/gpt2/config.json", work / "specs/models/gpt2-small.json")
         _run_noodle(["-q", "profile", "--model", "out/models/gpt2", "--out", "out/profile/gpt2", "--iterations", "2",
                      "--warmup", "1", "--module-iterations", "0", "--threads", "1"])
