@@ -36,6 +36,7 @@ from noodle.serve.limits import quiet_accept_errors
 from noodle.serve.metrics import CONTENT_TYPE, ServeMetrics, stage_rows
 from noodle.serve.openai_api import ServedModel, openai_router
 from noodle.serve.protocol import ApiError, error_body
+from noodle.serve.reference import ReferenceCheck
 from noodle.serve.requestid import RequestId
 from noodle.serve.runtime import Runtime
 
@@ -118,6 +119,7 @@ class ServeApp:
             self.metrics.registry.register(ClusterCollector(cluster))
         runtime.observer = self.metrics
         self._drain_started: float | None = None
+        self._reference = ReferenceCheck(lambda msg: self.runtime.events.add("warning", msg))
         self.app = self._build()
 
     # -- draining ------------------------------------------------------------------------------
@@ -145,6 +147,8 @@ class ServeApp:
             if time.monotonic() - last_sample >= 1.0:
                 last_sample = time.monotonic()
                 self.runtime.sample()
+                if getattr(self.plan, "current", self.plan) is not None:
+                    self._reference.observe(self.plan, stage_rows(self.runtime.stats(), self.plan))
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: FastAPI) -> AsyncIterator[None]:
@@ -183,8 +187,8 @@ class ServeApp:
             },  # fmt: skip
             "stages": stage_rows(stats, plan),
             "pipeline": None if stats is None else {
-                k: float(getattr(stats, k, 0) or 0)
-                for k in ("queue_depth", "in_flight", "completed", "tokens_generated", "tokens_per_s")
+                **{k: float(getattr(stats, k, 0) or 0) for k in ("queue_depth", "in_flight", "tokens_generated", "tokens_per_s")},
+                "completed": float(self.metrics.completed),  # since the server started, across re-plans
             },  # fmt: skip
             "in_flight_requests": rt.in_flight,
             "requests": self.metrics.request_counts(),

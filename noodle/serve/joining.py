@@ -10,7 +10,11 @@ free memory and its torch threads. The figures are cached as JSON (format
 ``noodle.unit-costs/1``; an older cache file, or one without the step overhead, is
 measured again) under
 ``<cache dir>/<device>-<model hash>-<dtype>-t<threads>.json`` (default
-``~/.cache/noodle``), so a restarted worker joins at once. It then POSTs them to
+``~/.cache/noodle``), so a restarted worker joins at once. Each file records when it was measured
+(``measured_at``) and the machine's load then (``load_per_cpu``, the 1-minute load average per CPU);
+it is reused while it is younger than ``CACHE_MAX_AGE_S`` (a day) and unless it was measured on a
+busy machine (``load_per_cpu`` at least ``BUSY_LOAD``) that is now at most half as loaded: then, as
+for a file without these fields, the worker measures again (:func:`stale_reason`). It then POSTs them to
 ``URL/noodle/cluster/join`` with ``Authorization: Bearer <token>`` and sends a
 heartbeat (load, free memory) every ``heartbeat_s`` the coordinator asked for; a
 heartbeat the coordinator does not recognise (it restarted) joins again.
@@ -97,6 +101,30 @@ def measure_model(model_dir: Path, device: str = "cpu", *, batch_sizes: tuple[in
     return costs
 
 
+CACHE_MAX_AGE_S = 24 * 3600.0  # a cached measurement older than this is taken again
+BUSY_LOAD = 1.0  # load per CPU from which a measurement counts as taken under load
+
+
+def load_per_cpu() -> float:
+    """The 1-minute load average per CPU (0.0 where the platform has none)."""
+    try:
+        return os.getloadavg()[0] / max(1, os.cpu_count() or 1)
+    except (AttributeError, OSError):
+        return 0.0
+
+
+def stale_reason(costs: dict[str, Any], *, now: float, load: float) -> str | None:
+    """Why a cached measurement must be taken again (too old, or taken under a load gone since), or None."""
+    at, then = costs.get("measured_at"), costs.get("load_per_cpu")
+    if not isinstance(at, (int, float)) or not isinstance(then, (int, float)):
+        return "it records no time or load of measurement"
+    if now - at > CACHE_MAX_AGE_S or now < at:
+        return f"it is {(now - at) / 3600:.1f} h old (kept {CACHE_MAX_AGE_S / 3600:g} h)"
+    if then >= BUSY_LOAD and load <= then / 2:
+        return f"it was measured under load {then:.2f} per CPU, the machine is at {load:.2f} now"
+    return None
+
+
 def _valid_cache(costs: Any) -> bool:
     """A cached report in the current format (an older whole-model one, or one without the step overhead, is
     measured again)."""
@@ -129,8 +157,13 @@ def self_report(model_dir: Path, device: str, cache_dir: Path | None = None) -> 
         costs["cached"] = True
     except (OSError, ValueError):
         costs = None
-    if not _valid_cache(costs):
+    stale = stale_reason(costs, now=time.time(), load=load_per_cpu()) if _valid_cache(costs) else "older format"
+    if stale is not None:
+        if costs is not None:
+            log.info("measuring again: the cached costs in %s are stale (%s)", path, stale)
+        load = load_per_cpu()
         costs = measure_model(model_dir, device)
+        costs["measured_at"], costs["load_per_cpu"] = time.time(), round(max(load, load_per_cpu()), 3)
         try:
             folder.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(costs, indent=1))

@@ -234,6 +234,9 @@ class ServeMetrics(RequestObserver):
         success = Counter("vllm:request_success", "Count of successfully processed requests.",
                           [*lab, "finished_reason"], registry=r)  # fmt: skip
         self.v_success = {reason: success.labels(model, reason) for reason in sorted(set(_FINISHED.values()))}
+        # Requests that ran to their end (stop or length) since the server started: the status page's count, which a
+        # re-plan (a new pipeline, whose own count starts at 0) does not reset.
+        self.completed = 0
 
     # -- RequestObserver -------------------------------------------------------------------------
     def first_token(self, seconds: float, prompt_tokens: int) -> None:
@@ -259,6 +262,8 @@ class ServeMetrics(RequestObserver):
         self.v_prompt_hist.observe(prompt_tokens)
         self.v_gen_hist.observe(completion_tokens)
         self.v_success[_FINISHED.get(reason, "abort")].inc()
+        if reason in ("stop", "length"):
+            self.completed += 1
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

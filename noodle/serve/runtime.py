@@ -13,6 +13,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -92,6 +93,14 @@ class _Sample:
     queue_depth: int
 
 
+def _shape(message: str) -> str:
+    """An event's text with its numbers masked: repeats of one event differ in their figures only."""
+    return _NUMBER.sub("#", message)
+
+
+_NUMBER = re.compile(r"(?<![A-Za-z_-])\d+(?:\.\d+)?")  # not the digits of a name (w1, node-2)
+
+
 @dataclass
 class Events:
     """Recent events for the status page (thread-safe, bounded)."""
@@ -100,9 +109,20 @@ class Events:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, level: str, message: str) -> None:
+        """Record an event (and log it); the same event again right after (numbers aside, e.g. links re-measured at
+        other milliseconds) replaces the last one and counts its repeats instead of flooding the list."""
         with self._lock:
-            self.items.append({"t": time.time(), "level": level, "message": message})
-        getattr(log, "warning" if level == "warning" else "info")(message)
+            last = self.items[-1] if self.items else None
+            if last is not None and last["level"] == level and _shape(last["message"]) == _shape(message):
+                last["t"], last["message"], last["repeats"] = time.time(), message, last["repeats"] + 1
+                repeat = True
+            else:
+                self.items.append({"t": time.time(), "level": level, "message": message, "repeats": 1})
+                repeat = False
+        if repeat:
+            log.debug("again: %s", message)
+        else:
+            getattr(log, "warning" if level == "warning" else "info")(message)
 
     def recent(self) -> list[dict[str, Any]]:
         with self._lock:

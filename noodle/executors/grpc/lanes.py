@@ -183,7 +183,12 @@ class GrpcLane:
             if watchdog is None:
                 raise ExecutorError("grpc executor: not open; use it as a context manager")
             self._stream = ForwardStream(self.client, watchdog, self.where)
-        return self._stream.call(req, self.ex.step_timeout_s(self.doc, req))
+        t0 = time.perf_counter()
+        reply = self._stream.call(req, self.ex.step_timeout_s(self.doc, req))
+        # the hop this stage's call cost: its round trip (transport, (de)serialisation, queueing) minus the worker's compute
+        wall_ms = (time.perf_counter() - t0) * 1e3
+        self.last_hop_ms = max(0.0, wall_ms - (reply.t_out_ns - reply.t_in_ns) / 1e6)
+        return reply
 
     # -- failures ----------------------------------------------------------------------------------
     def _rebuild(self) -> None:
