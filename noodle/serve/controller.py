@@ -105,6 +105,7 @@ class ClusterController:
         self.drift = PredictionWatch(threshold=drift_threshold)
         self._drift_checked = 0.0
         self.prober: Any = None  # a noodle.serve.linkprobe.LinkProber, closed with the controller
+        self.verifier: Any = None  # a noodle.serve.verify.JoinVerifier (None: joins are planned as claimed)
         self._fed: tuple[Any, dict[int, int]] = (None, {})  # (executor, decode steps already fed per stage)
 
     # -- start-up (the runtime's opener) ------------------------------------------------------------
@@ -139,10 +140,12 @@ class ClusterController:
                 "are refused until one joins (`noodle worker --join`)", max(1, round(self.registry.heartbeat_s * 2)))
 
     def close(self) -> None:
-        """Stop waiting for workers (the opener raises), the watcher thread and the link prober; idempotent."""
+        """Stop waiting for workers (the opener raises), the watcher thread, the link prober and the join
+        verifier; idempotent."""
         self._stop.set()
-        if self.prober is not None:
-            self.prober.close()
+        for helper in (self.prober, self.verifier):
+            if helper is not None:
+                helper.close()
         if self._thread is not None:
             self._thread.join(timeout=5.0)
 
