@@ -188,7 +188,10 @@ class ClusterController:
         version = self.registry.version
         records = self.registry.records(alive_only=True)
         if not records:
-            self.events.add("warning", f"re-plan ({reason}): no live worker; requests wait for one to join")
+            failed = self.pipeline.fail_waiting(f"no live worker is left to finish this request ({reason}); retry "
+                                                "when a worker has joined (`noodle worker --join`)")  # fmt: skip
+            self.events.add("warning", f"re-plan ({reason}): no live worker; {failed} waiting request(s) ended with "
+                                       "an error, new ones are refused (503) until a worker joins")  # fmt: skip
             return False
         before = self.plan.current
         t0 = time.time()

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 
 __all__ = ["GrpcLane", "grpc_pipeline"]
 
+OBSERVED_FACTOR = 4.0  # an honest worker's reported compute is well within this of the coordinator's view
 _PACKED = "packed"  # the pipeline-side name of the lane's one worker session for packed steps
 
 
@@ -74,7 +75,7 @@ class GrpcLane:
             self._take_limits(health)
         self._steps = 0
         self.last_hop_ms = 0.0
-        self.compute_ms: deque[float] = deque(maxlen=512)  # the worker's own compute time of recent decode steps
+        self.compute_ms: deque[float] = deque(maxlen=512)  # recent decode steps' compute (see _judged)
         self.decode_steps = 0
 
     @property
@@ -98,13 +99,14 @@ class GrpcLane:
             try:
                 if msg.session not in self._sessions:
                     self._create(msg.session)
+                t0 = time.perf_counter()
                 reply = self._send(msg.session, req)
                 break
             except WorkerGone as exc:
                 self._recover(exc)
         self._history[msg.session].append(req)
         if not msg.prefill:
-            self.compute_ms.append((reply.t_out_ns - reply.t_in_ns) / 1e6)
+            self.compute_ms.append(self._judged(reply, (time.perf_counter() - t0) * 1e3))
             self.decode_steps += 1
         data = from_proto(reply.data, field=f"{self.where}: reply data", max_bytes=self.ex.max_message_bytes)
         return StageOutput(msg.session, data, msg.attention_mask, is_logits=reply.is_logits)
@@ -119,6 +121,7 @@ class GrpcLane:
             try:
                 if _PACKED not in self._sessions:
                     self._create(_PACKED)
+                t0 = time.perf_counter()
                 reply = self._send(_PACKED, req)
                 break
             except WorkerGone as exc:
@@ -126,7 +129,7 @@ class GrpcLane:
         self._seqs.record(msg)
         one = msg.seqs[0]
         if len(msg.seqs) == 1 and one.tokens == 1 and not one.start:  # a one-sequence decode: the drift figure
-            self.compute_ms.append((reply.t_out_ns - reply.t_in_ns) / 1e6)
+            self.compute_ms.append(self._judged(reply, (time.perf_counter() - t0) * 1e3))
             self.decode_steps += 1
         data = from_proto(reply.data, field=f"{self.where}: reply data", max_bytes=self.ex.max_message_bytes)
         return StageOutput(msg.session, data, None, is_logits=reply.is_logits, seqs=msg.seqs, exact=msg.exact)
@@ -168,6 +171,16 @@ class GrpcLane:
             self._load_on(self.client)
             self.client.unary("CreateSession", pb.CreateSessionRequest(stage_id=self.stage_id, session=wsid), timeout, self.where)
         self._sessions[session] = wsid
+
+    def _judged(self, reply: pb.ForwardReply, wall_ms: float) -> float:
+        """A decode step's compute for the drift feedback: the worker's own figure, unless what the coordinator
+        saw (the step's wall time less the link's ping) is over ``OBSERVED_FACTOR`` x it; then the observed one.
+
+        A worker cannot report itself faster than it answers: its table is corrected by what is observed.
+        """
+        reported = max(0, reply.t_out_ns - reply.t_in_ns) / 1e6
+        observed = wall_ms - (self.client.ping_ms or 0.0)
+        return observed if observed > OBSERVED_FACTOR * reported else reported
 
     def _send(self, session: str, req: pb.ForwardRequest) -> pb.ForwardReply:
         req.session = self._sessions[session]
