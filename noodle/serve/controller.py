@@ -48,6 +48,7 @@ __all__ = ["ClusterController", "predicted_tps", "plan_layout"]
 
 log = logging.getLogger(__name__)
 CONNECT_S = 2.0  # how long a re-plan's executor retries a worker's first health check
+CLOSE_S = 5.0  # how long close() waits for the watcher, the link prober and the join verifier together
 
 
 def predicted_tps(plan: PlanDoc | None) -> float:
@@ -143,11 +144,13 @@ class ClusterController:
         """Stop waiting for workers (the opener raises), the watcher thread, the link prober and the join
         verifier; idempotent."""
         self._stop.set()
-        for helper in (self.prober, self.verifier):
-            if helper is not None:
-                helper.close()
-        if self._thread is not None:
-            self._thread.join(timeout=5.0)
+        # the helpers close side by side, on daemon threads: a probe stuck on a worker that hangs holds none of it
+        closers = [threading.Thread(target=h.close, daemon=True) for h in (self.prober, self.verifier) if h is not None]
+        for c in closers:
+            c.start()
+        deadline = time.monotonic() + CLOSE_S
+        for t in [*closers, *([self._thread] if self._thread is not None else [])]:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
 
     # -- planning -----------------------------------------------------------------------------------
     def problem(self, records: list[WorkerRecord]) -> Any:

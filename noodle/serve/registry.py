@@ -1,9 +1,12 @@
 """The coordinator's registry of joined workers, and the spec their measured figures make.
 
-Workers register with ``POST /noodle/cluster/join`` (validated by :class:`JoinRequest`)
-and keep their record fresh with heartbeats; :class:`ClusterRegistry` holds one frozen
-:class:`WorkerRecord` per node id, thread-safe. A node whose last heartbeat is older
-than ``heartbeat_timeout_s`` is *dead* (:meth:`ClusterRegistry.reap`); it joins again by
+Workers register with ``POST /noodle/cluster/join`` (validated by :class:`JoinRequest`, bounded by
+:mod:`noodle.serve.claims`) and keep their record fresh with heartbeats; :class:`ClusterRegistry`
+holds one frozen :class:`WorkerRecord` per node id, thread-safe. A join gets a secret that its
+heartbeats must carry (a heartbeat speaks only for its own node), and an id held by a live node is
+refused. A node joined with ``verified=False`` is not planned until :meth:`ClusterRegistry.verify`
+(the coordinator timed a stage on it: :mod:`noodle.serve.verify`). A node whose last heartbeat is
+older than ``heartbeat_timeout_s`` is *dead* (:meth:`ClusterRegistry.reap`); it joins again by
 sending a new join.
 
 :func:`cluster_spec` turns the live records into a spec (a mapping for

@@ -127,6 +127,8 @@ def test_sigterm_while_re_planning(model_dir: Path, tmp_path: Path) -> None:
             w1.kill()  # the plan must move onto w2, which hangs: the re-plan retries
             _wait(lambda: "re-plan failed" in sp.log(), 60, "a re-plan to hang on w2")
             held = _long_request(sp.base)
+            _wait(lambda: httpx.get(f"{sp.base}/noodle/status", timeout=10).json()["in_flight_requests"], 30,
+                  "the request to be held")  # fmt: skip
             _ends_on_first(sp, signal.SIGTERM)
             resp = held.result(timeout=30)  # the held request was ended, not left to its 600 s timeout
             assert resp.status_code >= 500 and "Traceback" not in resp.text, resp.text
