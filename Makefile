@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 NOODLE := $(VENV)/bin/noodle
 
-.PHONY: setup demo demo-gpt2 demo-plan test test-quick test-deps-min lock bench clean
+.PHONY: setup demo demo-gpt2 demo-plan test test-quick test-planning test-deps-min lock bench clean
 
 setup: $(VENV)/.installed
 
@@ -61,6 +61,7 @@ demo-plan: setup
 	$(NOODLE) plot out/plan-analytic.json --out out/plan-analytic.png
 
 test: setup
+	$(VENV)/bin/ruff check noodle tests bench
 	$(PY) -m pytest
 
 # A couple of minutes: the planning core, the exact executors' conformance (local; one case each over
@@ -72,6 +73,19 @@ QUICK = tests/test_spec.py tests/graph/test_costmodel.py tests/solvers/test_prot
 	tests/executors/test_batching.py tests/serve/test_openai_client.py
 test-quick: setup
 	$(PY) -m pytest -m 'not slow' $(QUICK)
+
+# Planning on a real planning-only install (`pip install .`, no exec extra): torch must not even be
+# importable there, and every shipped spec solves and plots (tests/test_planning_only.py, run against it).
+PLAN_VENV ?= .venv-plan
+$(PLAN_VENV)/.installed: pyproject.toml constraints.txt
+	python3 -m venv $(PLAN_VENV)
+	$(PLAN_VENV)/bin/python -m pip install -q --upgrade pip
+	$(PLAN_VENV)/bin/python -m pip install -q -c constraints.txt . pytest
+	touch $@
+
+test-planning: $(PLAN_VENV)/.installed
+	@! $(PLAN_VENV)/bin/python -c "import torch" 2>/dev/null || { echo "torch is importable in $(PLAN_VENV)"; exit 1; }
+	cd tests && ../$(PLAN_VENV)/bin/python -m pytest -q -p no:cacheprovider --rootdir=.. test_planning_only.py
 
 # The conformance subset (staged tokens and logits equal to generate()) on the lowest declared
 # transformers and torch, in a venv of its own: the floors are read from pyproject.toml.
@@ -91,4 +105,4 @@ test-deps-min: $(MIN_VENV)/.installed
 	$(MIN_VENV)/bin/python -m pytest -m 'not slow' $(CONFORMANCE)
 
 clean:
-	rm -rf $(VENV) $(MIN_VENV) out runs models
+	rm -rf $(VENV) $(MIN_VENV) $(PLAN_VENV) out runs models

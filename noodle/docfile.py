@@ -160,13 +160,16 @@ def load_document(path: str | Path, what: str) -> Any:
     return parse_document(read_text(path, what), str(path))
 
 
-def validation_message(source: str, exc: ValidationError) -> str:
-    """One line for the first pydantic error: ``<source>: <field path>: <problem> (got <value>)``."""
+def validation_message(source: str, exc: ValidationError, *, schema: str = "specs/spec.schema.json") -> str:
+    """One line for the first pydantic error: ``<source>: <field path>: <problem> (got <value>)``.
+
+    ``schema``: the JSON Schema an unknown key's message points to.
+    """
     err = exc.errors()[0]
     loc = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in err["loc"]).replace(".[", "[")
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
-        msg = "unknown key (check the spelling; see specs/spec.schema.json)"
+        msg = f"unknown key (check the spelling; see {schema})"
     elif err["type"] == "missing":
         msg = "required key is missing"
     value = err.get("input")

@@ -91,7 +91,7 @@ def _format_units(spec: Spec, problem: Problem, base: Path, source: str, fmt: st
         return tuple(Unit(u.name, layer.formats[fmt].latency_ms, layer.formats[fmt].param_bytes, u.activation_bytes,
                           u.kv_bytes_per_token) for u, layer in zip(problem.units, m.layers))
     if m.profile is not None:
-        from noodle.profile import load_units
+        from noodle.profile.units import load_units
         from noodle.profile.units import format_units
 
         _, meta = load_units(base / m.profile)
@@ -113,7 +113,7 @@ def _node_profile(spec: Spec, problem: Problem, base: Path, i: int, fmt: str,
         return node.profile
     if not isinstance(n.profile, str) or node.profile is None:
         return None
-    from noodle.profile import load_units
+    from noodle.profile.units import load_units
     from noodle.profile.units import format_units
 
     _, meta = load_units(base / n.profile)

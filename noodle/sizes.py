@@ -11,15 +11,29 @@ instead of spending minutes and gigabytes before any solver starts:
 * ``nodes x (units + 1)^2 <= MAX_TABLE_CELLS`` (2^24: 256 MiB of stage tables, built in
   ~1.5 s on the 2-core development machine), e.g. 258 units x 128 nodes (8.6 M cells) and
   254 units x 256 nodes are fine, 1024 units need 15 nodes or fewer.
+
+The bounds on the numbers a spec holds (bytes, times, tokens, batch sizes, memory, speeds) live
+here too, so every edge that reads such a number (the spec, the wire, the CLI) uses the same ones.
 """
 
 from __future__ import annotations
 
-__all__ = ["MAX_NODES", "MAX_UNITS", "MAX_TABLE_CELLS", "size_problem"]
+__all__ = ["MAX_NODES", "MAX_UNITS", "MAX_TABLE_CELLS", "size_problem", "MAX_BYTES", "MAX_MS", "MAX_TOKENS", "MAX_BATCH",
+           "MAX_MEMORY_GB", "MIN_SCORE", "MAX_SCORE", "MAX_TIME_LIMIT_S"]
 
 MAX_NODES = 256
 MAX_UNITS = 1024
 MAX_TABLE_CELLS = 2**24
+
+# Bounds on numbers (documented in docs/spec.md and docs/troubleshooting.md): finite, and small enough that
+# sums and products over every unit and node stay exact in float64 and int64.
+MAX_BYTES = 2**50  # 1 PiB per unit
+MAX_MS = 1e9  # about 11.6 days per step
+MAX_TOKENS = 2**24
+MAX_BATCH = 2**16
+MAX_MEMORY_GB = 2.0**20  # 1 PiB per node
+MIN_SCORE, MAX_SCORE = 1e-6, 1e6  # compute_score, tflops, GB/s: positive and not vanishingly small
+MAX_TIME_LIMIT_S = 1e6
 
 
 def size_problem(num_units: int, num_nodes: int) -> str | None:

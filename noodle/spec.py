@@ -1,6 +1,8 @@
 """``spec.yaml`` -> validated, frozen :class:`Spec` -> :class:`~noodle.types.Problem`.
 
-All checks on user input live here. Errors read
+All checks on user input live here: the document's shape and bounds (these models; the bounds in
+:mod:`noodle.sizes`) and its cross-references, resolved into a Problem's units, nodes, links and
+pins by :mod:`noodle.specresolve` (weight formats by :mod:`noodle.formatspec`). Errors read
 ``<file>: <field path>: <what is wrong>`` and raise :class:`~noodle.errors.SpecError`.
 The JSON Schema in ``specs/spec.schema.json`` is generated from these models
 (``python -m noodle.spec > specs/spec.schema.json``).
@@ -19,24 +21,18 @@ from pydantic import (
 )
 
 from noodle.docfile import load_document, validation_message
-from noodle.errors import NoodleError, SpecError
-from noodle.extras import require_exec
-from noodle.sizes import MAX_NODES, MAX_UNITS, size_problem
-from noodle.types import Cluster, Constraints, Link, Node, NodeProfile, Pin, Problem, Unit, Workload
+from noodle.errors import SpecError
+from noodle.sizes import (
+    MAX_BATCH, MAX_BYTES, MAX_MEMORY_GB, MAX_MS, MAX_NODES, MAX_SCORE, MAX_TIME_LIMIT_S, MAX_TOKENS, MAX_UNITS, MIN_SCORE,
+    size_problem,
+)
+from noodle.specresolve import resolve_cluster, resolve_constraints, resolve_units
+from noodle.types import Problem, Workload
 
 __all__ = ["Spec", "load_spec", "parse_spec", "spec_json_schema", "SOLVER_DEFAULT_TIME_LIMIT_S"]
 
 SOLVER_DEFAULT_TIME_LIMIT_S = 10.0
 
-# Bounds on numbers (documented in docs/spec.md and docs/troubleshooting.md): finite, and small enough that
-# sums and products over every unit and node stay exact in float64 and int64.
-MAX_BYTES = 2**50  # 1 PiB per unit
-MAX_MS = 1e9  # about 11.6 days per step
-MAX_TOKENS = 2**24
-MAX_BATCH = 2**16
-MAX_MEMORY_GB = 2.0**20  # 1 PiB per node
-MIN_SCORE, MAX_SCORE = 1e-6, 1e6  # compute_score, tflops, GB/s: positive and not vanishingly small
-MAX_TIME_LIMIT_S = 1e6
 
 
 class _Strict(BaseModel):
@@ -221,12 +217,12 @@ class Spec(_Strict):
         """Resolve the model source and build the solver-facing Problem (checks cross-references)."""
         workload = Workload(**self.workload.model_dump())
         _check_counts(self, source)  # before anything that grows with them (links are nodes^2)
-        units = _units(self, Path(base_dir), workload, source)
+        units = resolve_units(self, Path(base_dir), workload, source)
         too_big = size_problem(len(units), len(self.cluster.nodes))
         if too_big:
             raise SpecError(f"{source}: model, cluster.nodes: {too_big} (see noodle/sizes.py)")
-        cluster = _cluster(self, source, units, Path(base_dir))
-        constraints = _constraints(self, units, cluster, source)
+        cluster = resolve_cluster(self, source, units, Path(base_dir))
+        constraints = resolve_constraints(self, units, cluster, source)
         problem = Problem(units, cluster, workload, self.objective, constraints, self.name)
         if self.formats is None and all(n.formats is None for n in self.cluster.nodes):
             if self.accuracy is not None:
@@ -247,156 +243,6 @@ def _check_counts(spec: Spec, source: str) -> None:
     if layers is not None and len(layers) > MAX_UNITS:
         raise SpecError(f"{source}: model.layers: {len(layers)} units, at most {MAX_UNITS} are supported; "
                         f"merge consecutive layers into coarser units")
-
-
-def _units(spec: Spec, base: Path, workload: Workload, source: str) -> tuple[Unit, ...]:
-    m = spec.model
-    if m.layers is not None:
-        names = [layer.name for layer in m.layers]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise SpecError(f"{source}: model.layers: duplicate unit names {', '.join(dup)}")
-        return tuple(Unit(**layer.model_dump(exclude={"formats"})) for layer in m.layers)
-    if m.profile is not None:
-        from noodle.profile import load_units
-
-        units, _meta = load_units(base / m.profile)
-        return tuple(units)
-    require_exec(f"{source}: model.hf_config (the analytic profile builds the model on the meta device)")
-    from noodle.graph.analytic import ReferenceDevice, analytic_units
-    from noodle.models.loading import load_config
-
-    path = base / str(m.hf_config)
-    try:
-        config = load_config(path)
-        ref = ReferenceDevice(**m.reference.model_dump()) if m.reference else ReferenceDevice()
-        return analytic_units(config, workload, dtype=m.dtype, reference=ref).units
-    except NoodleError as exc:
-        raise SpecError(f"{source}: model.hf_config: {exc}") from None
-
-
-def _node_profile(n: NodeSpec, i: int, units: tuple[Unit, ...], base: Path, source: str) -> NodeProfile:
-    """The node's own profile, read and checked against the model's unit chain."""
-    where = f"{source}: cluster.nodes[{i}].profile"
-    if n.profile is None:
-        raise SpecError(f"{where}: missing; give a profile folder, units.json or inline units")
-    if isinstance(n.profile, str):
-        from noodle.profile import load_units
-
-        try:
-            mine, meta = load_units(base / n.profile)
-        except SpecError as exc:
-            raise SpecError(f"{where}: {exc}") from None
-        batch = (meta.get("workload") or {}).get("batch_size")
-        prefill = [u.prefill_ms_per_token for u in mine]
-        prof = NodeProfile(
-            unit_names=tuple(u.name for u in mine), latency_ms=tuple(u.latency_ms for u in mine),
-            batch_size=batch if isinstance(batch, int) and 1 <= batch <= MAX_BATCH else 1,
-            param_bytes=tuple(u.param_bytes for u in mine), kv_bytes_per_token=tuple(u.kv_bytes_per_token for u in mine),
-            prefill_ms_per_token=None if None in prefill else tuple(p for p in prefill if p is not None),
-            source=str(meta.get("source", n.profile)),
-        )
-    else:
-        rows = n.profile.units
-        model_names = [u.name for u in units]
-        prof = NodeProfile(unit_names=tuple(r.name for r in rows), latency_ms=tuple(r.latency_ms for r in rows),
-                           batch_size=n.profile.batch_size, source=n.profile.source or "inline")
-        wrong = prof.mismatch(model_names)
-        if wrong:
-            raise SpecError(f"{where}.units: {wrong}; list the model's {len(units)} units in chain order")
-        batches = sorted(rows[0].decode_ms)
-        for k, r in enumerate(rows):
-            if sorted(r.decode_ms) != batches:
-                raise SpecError(f"{where}.units[{k}].decode_ms: batch sizes {sorted(r.decode_ms)} differ from "
-                                f"units[0]'s {batches}; give every unit the same batch sizes")
-        prefill = [r.prefill_ms_per_token for r in rows]
-        prof = NodeProfile(
-            unit_names=prof.unit_names, latency_ms=prof.latency_ms, batch_size=prof.batch_size,
-            decode_ms=tuple((b, tuple(r.decode_ms[b] for r in rows)) for b in batches if b != prof.batch_size),
-            param_bytes=None if all(r.param_bytes is None for r in rows)
-            else tuple(u.param_bytes if r.param_bytes is None else r.param_bytes for r, u in zip(rows, units)),
-            kv_bytes_per_token=None if all(r.kv_bytes_per_token is None for r in rows)
-            else tuple(u.kv_bytes_per_token if r.kv_bytes_per_token is None else r.kv_bytes_per_token
-                       for r, u in zip(rows, units)),
-            prefill_ms_per_token=None if None in prefill else tuple(p for p in prefill if p is not None),
-            source=prof.source, step_overhead_ms=n.profile.step_overhead_ms,
-            prefill_overhead_ms=n.profile.prefill_overhead_ms,
-        )
-    wrong = prof.mismatch([u.name for u in units])
-    if wrong:
-        raise SpecError(f"{where}: {wrong}; profile the same model on {n.id!r}")
-    return prof
-
-
-def _node(n: NodeSpec, i: int, units: tuple[Unit, ...], base: Path, source: str, batch_size: int) -> Node:
-    """A node; one with a profile and no compute_score gets the model's total decode time over its own."""
-    prof = _node_profile(n, i, units, base, source) if n.profile is not None else None
-    score = n.compute_score
-    if score is None:
-        if prof is None:  # NodeSpec's validator requires one of them
-            raise SpecError(f"{source}: cluster.nodes[{i}]: give compute_score or profile")
-        mine, ref = sum(prof.decode_latency_ms(batch_size)), sum(u.latency_ms for u in units)
-        score = min(max(ref / mine, MIN_SCORE), MAX_SCORE) if mine > 0 and ref > 0 else 1.0
-    return Node(id=n.id, device=n.device, memory_gb=n.memory_gb, compute_score=score, address=n.address, profile=prof)
-
-
-def _cluster(spec: Spec, source: str, units: tuple[Unit, ...], base: Path) -> Cluster:
-    ids = [n.id for n in spec.cluster.nodes]
-    first: dict[str, int] = {}
-    for i, nid in enumerate(ids):
-        if first.setdefault(nid, i) != i:
-            raise SpecError(f"{source}: cluster.nodes[{i}].id: duplicate node id {nid!r}")
-    pairs = []
-    seen: set[frozenset[str]] = set()
-    for i, p in enumerate(spec.cluster.links.pairs):
-        for end in ("a", "b"):
-            if getattr(p, end) not in ids:
-                raise SpecError(
-                    f"{source}: cluster.links.pairs[{i}].{end}: unknown node {getattr(p, end)!r}; "
-                    f"nodes are {', '.join(ids)}"
-                )
-        if p.a == p.b:
-            raise SpecError(f"{source}: cluster.links.pairs[{i}]: a link joins two different nodes (a = b = {p.a!r})")
-        key = frozenset((p.a, p.b))
-        if key in seen:
-            raise SpecError(f"{source}: cluster.links.pairs[{i}]: link {p.a}-{p.b} is given twice")
-        seen.add(key)
-        pairs.append((p.a, p.b, Link(p.bandwidth_gbps, p.latency_ms)))
-    batch = spec.workload.batch_size
-    nodes = tuple(_node(n, i, units, base, source, batch) for i, n in enumerate(spec.cluster.nodes))
-    default = Link(**spec.cluster.links.default.model_dump())
-    return Cluster(nodes, default, tuple(pairs))
-
-
-def _constraints(spec: Spec, units: tuple[Unit, ...], cluster: Cluster, source: str) -> Constraints:
-    c = spec.constraints
-    ids = cluster.node_ids
-    for i, nid in enumerate(c.exclude):
-        if nid not in ids:
-            raise SpecError(f"{source}: constraints.exclude[{i}]: unknown node {nid!r}; nodes are {', '.join(ids)}")
-    if len(set(c.exclude)) == len(ids):
-        raise SpecError(f"{source}: constraints.exclude: all {len(ids)} nodes are excluded; leave at least one")
-    index = {u.name: i for i, u in enumerate(units)}
-    pins: list[Pin] = []
-    for i, p in enumerate(c.pins):
-        where = f"{source}: constraints.pins[{i}]"
-        if p.node not in ids:
-            raise SpecError(f"{where}.node: unknown node {p.node!r}; nodes are {', '.join(ids)}")
-        if p.node in c.exclude:
-            raise SpecError(f"{where}.node: node {p.node!r} is pinned and excluded at once")
-        first, last = p.from_, p.to or p.from_
-        for field, name in (("from", first), ("to", last)):
-            if name not in index:
-                sample = ", ".join(list(index)[:4])
-                raise SpecError(f"{where}.{field}: unknown unit {name!r}; units are {sample}, ... ({len(index)} in all)")
-        if index[last] < index[first]:
-            raise SpecError(f"{where}: 'to' ({last}) comes before 'from' ({first}) in the unit chain")
-        pin = Pin(index[first], index[last] + 1, p.node)
-        for j, other in enumerate(pins):
-            if other.node != pin.node and other.start < pin.end and pin.start < other.end:
-                raise SpecError(f"{where}: overlaps pins[{j}] on node {other.node!r}; a unit sits on one node")
-        pins.append(pin)
-    return Constraints(tuple(pins), frozenset(c.exclude), c.max_stages)
 
 
 def parse_spec(data: Any, source: str = "spec") -> Spec:

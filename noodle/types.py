@@ -14,25 +14,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-__all__ = [
-    "GIB",
-    "OBJECTIVES",
-    "Objective",
-    "Unit",
-    "NodeProfile",
-    "Node",
-    "Link",
-    "Cluster",
-    "Workload",
-    "Pin",
-    "Constraints",
-    "FormatOption",
-    "Formats",
-    "Problem",
-    "Stage",
-    "Plan",
-    "unit_names",
-]
+__all__ = ["GIB", "OBJECTIVES", "Objective", "BatchCurve", "Unit", "NodeProfile", "Node", "Link", "Cluster",
+           "Workload", "Pin", "Constraints", "FormatOption", "Formats", "Problem", "Stage", "Plan", "unit_names"]
 
 GIB = 2**30
 Objective = Literal["throughput", "latency"]
@@ -42,6 +25,20 @@ OBJECTIVES: tuple[str, ...] = ("throughput", "latency")
 def unit_names(num_blocks: int) -> list[str]:
     """Chain of placement-unit names for a decoder with ``num_blocks`` blocks."""
     return ["embed", *(f"block.{i}" for i in range(num_blocks)), "lm_head"]
+
+
+@dataclass(frozen=True)
+class BatchCurve:
+    """A unit's decode step against the batch ``b`` of sequences it steps, on the reference device (a roofline):
+    ``ms(b) = max(b * row_compute_ms, fixed_read_ms + b * row_read_ms)``: its weights are read once per step,
+    each sequence adds its FLOPs and its own reads (KV cache, activations). Non-decreasing in ``b``."""
+
+    row_compute_ms: float  # one sequence's FLOPs / peak
+    fixed_read_ms: float  # bytes read once per step (the weights) / bandwidth
+    row_read_ms: float  # bytes read per sequence / bandwidth
+
+    def ms(self, batch: int) -> float:
+        return max(batch * self.row_compute_ms, self.fixed_read_ms + batch * self.row_read_ms)
 
 
 @dataclass(frozen=True)
@@ -55,6 +52,7 @@ class Unit:
         activation_bytes: bytes the unit hands to the next one per decoded token.
         kv_bytes_per_token: KV-cache bytes per token of context (per sequence).
         prefill_ms_per_token: prefill cost per prompt token, when known (informational).
+        curve: how a decode step grows with its batch (analytic models); None: measured at one batch only.
     """
 
     name: str
@@ -63,6 +61,11 @@ class Unit:
     activation_bytes: int
     kv_bytes_per_token: int = 0
     prefill_ms_per_token: float | None = None
+    curve: BatchCurve | None = None
+
+    def latency_at(self, batch: int) -> float:
+        """One decode step of ``batch`` sequences on the reference device: the curve's figure, else ``latency_ms``."""
+        return self.latency_ms if self.curve is None else self.curve.ms(batch)
 
 
 @dataclass(frozen=True)

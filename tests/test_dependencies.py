@@ -44,5 +44,6 @@ def test_declared_transformers_floor_is_the_tested_one_and_the_lock_its_newest()
 
 def test_makefile_installs_the_locked_torch():
     makefile = (ROOT / "Makefile").read_text()
-    assert f"-c constraints.txt torch=={_locked()['torch']}" in makefile
+    assert f"TORCH_SPEC ?= torch=={_locked()['torch']}" in makefile  # the default; a CUDA build is a TORCH_SPEC away
+    assert "-c constraints.txt $(TORCH_SPEC)" in makefile
     assert makefile.count("-c constraints.txt") >= 2  # torch first, then the project with its extras

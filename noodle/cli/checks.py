@@ -8,13 +8,45 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 from noodle.errors import SpecError
 
-__all__ = ["MAX_SEED", "max_threads", "check_float", "check_int", "check_threads", "max_positions", "check_positions"]
+__all__ = ["MAX_SEED", "max_threads", "check_float", "check_int", "check_threads", "max_positions", "check_positions",
+           "read_token_file", "MAX_TOKEN_BYTES"]
 
 MAX_SEED = 2**63 - 1
+MAX_TOKEN_BYTES = 4096
+
+
+def read_token_file(token: str | None, token_file: Path | None) -> str | None:
+    """``--token-file``'s token (read, stripped), else ``token``; a SpecError for an unusable file.
+
+    Refuses both given (``--token``/``NOODLE_TOKEN`` and the file), an unreadable, empty or oversized file,
+    and a token with characters an HTTP or gRPC header cannot carry.
+    """
+    if token_file is None:
+        return token
+    if token:
+        raise SpecError("--token-file: give the token once, by --token (or NOODLE_TOKEN) or by --token-file, not both")
+    try:
+        with token_file.open("rb") as f:
+            data = f.read(MAX_TOKEN_BYTES + 1)
+    except OSError as exc:
+        raise SpecError(f"--token-file: cannot read {token_file} ({exc.strerror or exc})") from None
+    if len(data) > MAX_TOKEN_BYTES:
+        raise SpecError(f"--token-file: {token_file} is over {MAX_TOKEN_BYTES} bytes; it should hold only the token")
+    text = data.decode("ascii", errors="replace").strip()
+    if not text:
+        raise SpecError(f"--token-file: {token_file} is empty; write the cluster token into it")
+    bad = next((i for i, ch in enumerate(text) if not "!" <= ch <= "~"), None)
+    if bad is not None:
+        raise SpecError(f"--token-file: {token_file}: character {bad + 1} of the token is not printable ASCII "
+                        "(a header cannot carry it); e.g. `openssl rand -hex 32`")  # fmt: skip
+    return text
+
+
 def max_threads() -> int:
     """The most ``--threads`` a command accepts: 4 x the CPUs of this machine, at most 1024."""
     return min(1024, 4 * (os.cpu_count() or 1))

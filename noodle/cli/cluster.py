@@ -10,8 +10,12 @@ grpc executor of ``noodle serve --cluster`` runs it (default ``direct``: worker 
 
 from __future__ import annotations
 
+import json
 import sys
 import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
 from typing import Any
 
 import typer
@@ -22,33 +26,51 @@ from noodle.errors import ExecutorError, SpecError
 
 __all__ = ["register", "fetch"]
 
+MAX_REPLY_BYTES = 64 << 20  # a coordinator's status or exported spec; more is cut off
+
 _TOKEN_HELP = "the coordinator's cluster token or its --api-key (it shows worker addresses and paths only to them)"
 cluster_app = typer.Typer(help="Workers that joined a `noodle serve --cluster` coordinator.", no_args_is_help=True)
 
 
-def fetch(url: str, path: str, timeout_s: float = 10.0, token: str | None = None) -> Any:
-    """GET ``url + path`` (with ``token`` as the bearer); one clear error when the coordinator cannot be reached or refuses."""
-    import httpx
+@dataclass(frozen=True)
+class _Reply:
+    status_code: int
+    text: str
 
+    def json(self) -> Any:
+        return json.loads(self.text)
+
+
+def fetch(url: str, path: str, timeout_s: float = 10.0, token: str | None = None) -> _Reply:
+    """GET ``url + path`` (with ``token`` as the bearer); one clear error when the coordinator cannot be reached or refuses.
+
+    Uses the standard library's HTTP client, so a planning-only install talks to a coordinator too.
+    """
     if not url.startswith(("http://", "https://")):
         raise SpecError(f"--url: {url!r} is not an http(s) URL, e.g. http://127.0.0.1:8000")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        resp = httpx.get(url.rstrip("/") + path, timeout=timeout_s, headers=headers)
-    except httpx.HTTPError as exc:
-        raise ExecutorError(f"--url: cannot reach {url} ({type(exc).__name__}: {exc}); is `noodle serve --cluster` running?") from None
-    if resp.status_code == 401:
+        with urllib.request.urlopen(urllib.request.Request(url.rstrip("/") + path, headers=headers),
+                                    timeout=timeout_s) as resp:  # fmt: skip
+            reply = _Reply(resp.status, resp.read(MAX_REPLY_BYTES).decode("utf-8", "replace"))
+    except urllib.error.HTTPError as exc:
+        reply = _Reply(exc.code, exc.read(MAX_REPLY_BYTES).decode("utf-8", "replace"))
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ExecutorError(f"--url: cannot reach {url} ({type(exc).__name__}: {reason}); is `noodle serve --cluster` "
+                            "running?") from None  # fmt: skip
+    if reply.status_code == 401:
         raise ExecutorError(f"--token: {url} refused it (401); give the coordinator's --token or --api-key "
                             "(or set NOODLE_TOKEN)")  # fmt: skip
-    if resp.status_code == 404:
+    if reply.status_code == 404:
         raise ExecutorError(f"--url: {url} has no cluster (404); start it with `noodle serve --cluster`")
-    if resp.status_code >= 400:
+    if reply.status_code >= 400:
         try:
-            msg = resp.json()["error"]["message"]
+            msg = reply.json()["error"]["message"]
         except (ValueError, KeyError, TypeError):
-            msg = resp.text[:200]
-        raise ExecutorError(f"--url: {url}{path}: {resp.status_code}: {msg}")
-    return resp
+            msg = reply.text[:200]
+        raise ExecutorError(f"--url: {url}{path}: {reply.status_code}: {msg}")
+    return reply
 
 
 @cluster_app.command("status")

@@ -35,6 +35,7 @@ COMMAND_MODULES = (
     "noodle.cli.bench_exec",
     "noodle.cli.model",
     "noodle.cli.cluster",
+    "noodle.cli.deploy",
     "noodle.cli.profile",
     "noodle.cli.bench_profile",
     "noodle.cli.worker",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import math
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,7 @@ from noodle.extras import require_exec
 __all__ = ["register", "open_model", "quiet_transformers"]
 
 _MB = 1024.0**2
+_log = logging.getLogger(__name__)
 
 
 def quiet_transformers() -> None:
@@ -104,8 +108,11 @@ def profile_cmd(
     prompt_tokens: int = typer.Option(128, "--prompt-tokens", help="prompt length of the prefill"),
     decode_tokens: int = typer.Option(16, "--decode-tokens", help="decode steps per iteration"),
     batch_size: int = typer.Option(1, "--batch-size", help="sequences per forward"),
-    warmup: int = typer.Option(10, "--warmup", help="warm-up iterations (not counted)"),
-    iterations: int = typer.Option(100, "--iterations", "-n", help="profiled iterations"),
+    warmup: int | None = typer.Option(None, "--warmup", help="warm-up iterations, not counted (default: 2, up to 10 "
+                                      "within a tenth of --time-budget)"),
+    iterations: int | None = typer.Option(None, "--iterations", "-n", help="profiled iterations (default: as many as "
+                                          "fit in --time-budget, 5 to 100)"),
+    time_budget: float = typer.Option(60.0, "--time-budget", help="seconds the automatic --iterations aim at"),
     hooks: str = typer.Option("specialized", "--hooks", help="specialized (units, low overhead) | generic (every module)"),
     module_iterations: int = typer.Option(5, "--module-iterations", help="extra generic-hook iterations for the module breakdown (0: none)"),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda | auto"),
@@ -121,14 +128,19 @@ def profile_cmd(
 
     cfg = ProfileConfig(  # validates the numbers before the model is built
         model_name=name or "model", strategy=hooks, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens,
-        batch_size=batch_size, warmup=warmup, iterations=iterations, module_iterations=module_iterations,
+        batch_size=batch_size, warmup=10 if warmup is None else warmup, iterations=iterations or 100,
+        module_iterations=module_iterations,
         device=device, seed=seed, progress=True,
     )
     for flag, value, top in (("--prompt-tokens", prompt_tokens, 2**24), ("--decode-tokens", decode_tokens, 2**24),
-                             ("--batch-size", batch_size, 2**16), ("--warmup", warmup, 10**6),
-                             ("--iterations", iterations, 10**6), ("--module-iterations", module_iterations, 10**6)):
+                             ("--batch-size", batch_size, 2**16), ("--warmup", cfg.warmup, 10**6),
+                             ("--iterations", cfg.iterations, 10**6), ("--module-iterations", module_iterations, 10**6)):
         check_int(flag, value, ge=0, le=top)  # lower bounds: ProfileConfig above
     check_int("--seed", seed, ge=0, le=MAX_SEED)
+    if not math.isfinite(time_budget) or not 1 <= time_budget <= 86400:
+        raise SpecError(f"--time-budget: must be between 1 and 86400 seconds, got {time_budget}")
+    if iterations is None and warmup == 0:
+        raise SpecError("--warmup 0 needs --iterations N (the automatic count is timed on warm-up iterations)")
     fmts = _formats(formats, device)
     out = _output_folder(out)
     if threads is not None:
@@ -146,13 +158,45 @@ def profile_cmd(
     engine = ObservabilityEngine(lm, out, cfg)
     with engine:
         inputs = engine.make_inputs()
-        engine.warmup(inputs)
-        report = engine.profile(inputs)
+        n, warmed = _warm_and_count(engine, inputs, warmup, iterations, time_budget, cfg)
+        cfg = engine.config = replace(engine.config, iterations=n, warmup=warmed)  # what profile_config.json records
+        report = engine.profile(inputs, n)
         if dashboard:
             engine.save_dashboard(f"noodle profile: {cfg.model_name}")
     _render(report, out, console)
     if fmts:
         _profile_formats(fmts, lm, model, config, preset, seed, cfg, out, console)
+
+
+def _warm_and_count(engine: Any, inputs: Any, warmup: int | None, iterations: int | None, budget_s: float,
+                    cfg: Any) -> tuple[int, int]:  # fmt: skip
+    """Run the warm-up, time an iteration on it, and say how long profiling will take.
+
+    Returns (profiled iterations, warm-up iterations run).
+
+    Automatic counts: warm-up 2 iterations (up to 10 while within a tenth of ``budget_s``); profiled iterations
+    as many as fit in ``budget_s`` (5 to 100). Counts the user gave are run as given.
+    """
+    per = None
+    warm = 2 if warmup is None else warmup
+    if warm > 1:
+        engine.warmup(inputs, warm - 1)
+    if warm > 0:
+        t0 = time.perf_counter()
+        engine.warmup(inputs, 1)
+        per = time.perf_counter() - t0
+    if warmup is None and per is not None:
+        extra = min(8, int(0.1 * budget_s / per))
+        if extra > 0:
+            engine.warmup(inputs, extra)
+            warm += extra
+    n = iterations if iterations is not None else max(5, min(100, int(budget_s / per))) if per else 100
+    if per is not None:
+        modules = cfg.module_iterations if cfg.strategy == "specialized" else 0
+        _log.info("profiling %d iteration(s) (prefill of %d tokens + %d decode steps, %.2f s each)%s: about %.0f s",
+                  n, cfg.prompt_tokens, cfg.decode_tokens, per,
+                  f", then {modules} with every module timed" if modules else "", per * (n + modules))  # fmt: skip
+    return n, warm
 
 
 def _formats(text: str, device: str) -> list[str]:

@@ -18,7 +18,7 @@ from typing import Any
 
 import typer
 
-from noodle.cli.checks import check_float, check_int, check_threads
+from noodle.cli.checks import check_float, check_int, check_threads, read_token_file
 from noodle.cli.output import stderr_console
 from noodle.errors import ModelError, SpecError
 from noodle.extras import require_exec
@@ -115,6 +115,7 @@ def serve_cmd(
     backend: str = typer.Option("local", "--backend", "-b", help="executor: local, torchrpc or grpc"),
     workers: str | None = typer.Option(None, "--workers", envvar="NOODLE_WORKERS", help="grpc: node=host:port,..."),
     token: str | None = typer.Option(None, "--token", envvar="NOODLE_TOKEN", help="grpc: the workers' shared token"),
+    token_file: Path | None = typer.Option(None, "--token-file", help="read the token from this file (a mounted secret)"),
     host: str = typer.Option("127.0.0.1", "--host", help="address to listen on"),
     port: int = typer.Option(8000, "--port", "-p", help="port to listen on (0: a free one)"),
     api_key: str | None = typer.Option(None, "--api-key", envvar="NOODLE_API_KEY", help="require Authorization: Bearer KEY on /v1"),
@@ -160,6 +161,7 @@ def serve_cmd(
     from noodle.serve.planning import resolve_plan
 
     _check_flags(backend, port, concurrency, max_queue, request_timeout, threads, drain_timeout)
+    token = read_token_file(token, token_file)
     _check_batching(batching, max_batch_tokens)
     check_int("--max-request-bytes", max_request_bytes, ge=1024, le=1 << 30)
     check_int("--max-connections", max_connections, ge=16, le=1 << 20)
@@ -171,7 +173,8 @@ def serve_cmd(
                        chat_template=chat_template, concurrency=concurrency, max_queue=max_queue,
                        request_timeout=request_timeout, drain_timeout=drain_timeout, threads=threads,
                        max_request_bytes=max_request_bytes, edge=edge, names=names, min_workers=min_workers, replan_threshold=replan_threshold,
-                       heartbeat_timeout=heartbeat_timeout, probe_interval=probe_interval, drift_threshold=drift_threshold, replan_horizon=replan_horizon, conflicting={"--plan": plan, "--spec": spec,
+                       heartbeat_timeout=heartbeat_timeout, probe_interval=probe_interval, drift_threshold=drift_threshold, replan_horizon=replan_horizon, batching=batching,
+                       max_batch_tokens=max_batch_tokens, conflicting={"--plan": plan, "--spec": spec,
                        "--workers": workers, "--emulate": emulate or None})  # fmt: skip
         return
     if threads:
@@ -181,7 +184,7 @@ def serve_cmd(
     err = stderr_console()
     tokenizer = load_tokenizer(model, chat_template)
     with err.status("planning"):
-        doc, source = resolve_plan(model, plan=plan, spec=spec, concurrency=concurrency)
+        doc, source = resolve_plan(model, plan=plan, spec=spec, concurrency=concurrency, batching=batching)
     check_plan(doc, unit_names_of(model), where=str(plan or spec or "plan"))
     err.print(f"plan: {source}", highlight=False)
     render_table(doc, err)
@@ -206,7 +209,8 @@ def _serve_cluster(model: Path, *, token: str | None, host: str, port: int, api_
                    replan_threshold: float, heartbeat_timeout: float, conflicting: dict[str, Any],
                    probe_interval: float = 60.0, drift_threshold: float = 0.15,
                    replan_horizon: float = 120.0, max_request_bytes: int = MAX_REQUEST_BYTES,
-                   edge: dict[str, Any] | None = None, names: dict[str, Any] | None = None) -> None:  # fmt: skip
+                   edge: dict[str, Any] | None = None, names: dict[str, Any] | None = None,
+                   batching: str = "auto", max_batch_tokens: int = 256) -> None:  # fmt: skip
     """``--cluster``: serve over workers that join; see docs/cluster.md."""
     from noodle.serve.build import build_cluster_server
 
@@ -235,6 +239,7 @@ def _serve_cluster(model: Path, *, token: str | None, host: str, port: int, api_
                                   concurrency=concurrency, max_queue=max_queue, request_timeout_s=request_timeout,
                                   drain_timeout_s=drain_timeout, api_key=api_key, model_id=served_model_name,
                                   probe_interval_s=probe_interval, max_request_bytes=max_request_bytes,
+                                  batching=batching, max_batch_tokens=max_batch_tokens,
                                   **(names or {}))  # fmt: skip
     sock = bind_socket(host, port)
     bound = sock.getsockname()[1]

@@ -17,7 +17,8 @@ from noodle.errors import SpecError
 from noodle.graph.build import build_cost_graph
 from noodle.plandoc import PlanDoc, dump_plan, plan_document
 from noodle.solvers import SOLVERS, check_options, solve
-from noodle.spec import MAX_TIME_LIMIT_S, load_spec
+from noodle.sizes import MAX_TIME_LIMIT_S
+from noodle.spec import load_spec
 
 __all__ = ["register", "render_table"]
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import typer
 
-from noodle.cli.checks import check_float, check_int, check_threads
+from noodle.cli.checks import check_float, check_int, check_threads, read_token_file
 from noodle.errors import ExecutorError, SpecError
 from noodle.extras import require_exec
 
@@ -36,6 +36,7 @@ def worker_cmd(
     port: int = typer.Option(50051, "--port", "-p", help="grpc: TCP port (0 picks a free one)"),
     token: str | None = typer.Option(None, "--token", envvar="NOODLE_TOKEN", show_envvar=True,
                                      help="grpc: shared token every call must carry (prefer the env var: flags show in ps)"),
+    token_file: Path | None = typer.Option(None, "--token-file", help="grpc: read the token from this file (a mounted secret)"),
     tls_cert: Path | None = typer.Option(None, "--tls-cert", help="grpc: PEM certificate chain (turns TLS on)"),
     tls_key: Path | None = typer.Option(None, "--tls-key", help="grpc: PEM private key of --tls-cert"),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N: where this worker's stages run"),
@@ -76,6 +77,7 @@ def worker_cmd(
         raise SpecError(f"--backend: {backend!r}; workers speak {', '.join(BACKENDS)}")
     check_threads("--threads", threads)
     check_int("--port", port, ge=0, le=65535)
+    token = read_token_file(token, token_file)
     check_float("--timeout", timeout, gt=0, le=1e6)
     check_float("--idle-timeout", idle_timeout, gt=0, le=1e7)
     check_float("--connect-timeout", connect_timeout, gt=0, le=1e6)
@@ -151,7 +153,7 @@ def _joiner(url: str, token: str | None, name: str | None, advertise: str | None
     if not url.startswith(("http://", "https://")):
         raise SpecError(f"--join: {url!r} is not an http(s) URL, e.g. http://10.0.0.1:8000")
     if not token:
-        raise SpecError("--join: needs --token (or NOODLE_TOKEN), the coordinator's `noodle serve --cluster --token`")
+        raise SpecError("--join: needs --token (or NOODLE_TOKEN, or --token-file), the coordinator's `noodle serve --cluster --token`")
     check_float("--join-timeout", join_timeout, gt=0, le=1e6)
     if advertise is not None and (":" not in advertise or not advertise.rsplit(":", 1)[1].isdigit()):
         raise SpecError(f"--advertise: {advertise!r} is not host:port")

@@ -19,7 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from noodle.errors import ExecutorError, SpecError
+from noodle.errors import SpecError
 from noodle.executors.generation import Sampling
 from noodle.formats import check_format
 from noodle.plandoc import PlanDoc

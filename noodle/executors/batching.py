@@ -223,7 +223,7 @@ class BatchingPipeline(Pipeline):
                 continue
             req.tokens.append(token)
             req.stamps.append(now)
-            emitted.append((req, token))
+            emitted.append((req, req.sampler.emitted(token)))
             if token in self._eos:
                 req.finish = "stop"
             elif len(req.tokens) >= req.max_new_tokens:

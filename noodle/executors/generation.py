@@ -19,7 +19,20 @@ import torch
 from noodle.errors import SpecError
 from noodle.executors.messages import StageInput
 
-__all__ = ["Sampling", "Generation", "Sampler", "left_pad", "generate", "new_session_id", "token_ids_of"]
+__all__ = [
+    "Sampling",
+    "Generation",
+    "Sampler",
+    "SampledToken",
+    "TokenLogprobs",
+    "MAX_LOGPROBS",
+    "left_pad",
+    "generate",
+    "new_session_id",
+    "token_ids_of",
+]
+
+MAX_LOGPROBS = 20  # most alternatives one token's log probabilities list (OpenAI's top_logprobs bound)
 
 _session_counter = itertools.count()
 
@@ -47,12 +60,15 @@ class Sampling:
         top_k: keep the ``k`` most likely tokens (0 keeps all).
         top_p: keep the smallest set of tokens whose probability reaches ``p`` (1.0 keeps all).
         seed: seed of the sampler's own random generator (sampling only).
+        logprobs: also compute log probabilities (see :class:`Sampler`): ``None`` does not, ``0`` gives
+            the sampled token's, ``N`` also the ``N`` most likely tokens'.
     """
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -61,23 +77,55 @@ class Sampling:
             raise SpecError(f"--top-k: must be >= 0 (0 keeps every token), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise SpecError(f"--top-p: must be in (0, 1], got {self.top_p}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise SpecError(f"logprobs: must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
 
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """Log probabilities of one sampled token: its own, and the ``top`` most likely ``(id, logprob)``, best first."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+class SampledToken(int):
+    """A sampled token id (an ``int``) carrying its :class:`TokenLogprobs`; ``on_token`` gets one when asked."""
+
+    logprobs: TokenLogprobs
+
+    def __new__(cls, token: int, logprobs: TokenLogprobs) -> SampledToken:
+        obj = super().__new__(cls, token)
+        obj.logprobs = logprobs
+        return obj
+
+
+LOGPROB_FLOOR = -9999.0  # a token the processing removed (top-k/top-p: -inf) is reported at this, as vLLM does
+
+
 class Sampler:
-    """Turns last-position logits ``(batch, vocab)`` into next tokens ``(batch,)``."""
+    """Turns last-position logits ``(batch, vocab)`` into next tokens ``(batch,)``.
+
+    With ``sampling.logprobs`` set, each call also keeps :attr:`last`: per row, the log-softmax of
+    the *processed* logits the token was drawn from (divided by the temperature, after top-k and
+    top-p; greedy: the raw logits), so the sampled token's probability is the one it was drawn with.
+    """
 
     def __init__(self, sampling: Sampling) -> None:
         self.sampling = sampling
         self._gen = torch.Generator().manual_seed(sampling.seed)
+        self.last: list[TokenLogprobs] = []
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         s = self.sampling
         if s.greedy:
-            return logits.argmax(dim=-1)
+            tokens = logits.argmax(dim=-1)
+            self._keep(logits, tokens)
+            return tokens
         scores = logits.float() / s.temperature
         if s.top_k > 0:
             k = min(s.top_k, scores.shape[-1])
@@ -90,7 +138,28 @@ class Sampler:
             sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
             scores = torch.full_like(scores, float("-inf")).scatter(-1, order, sorted_scores)
         probs = scores.softmax(dim=-1)
-        return torch.multinomial(probs, 1, generator=self._gen).squeeze(-1)
+        tokens = torch.multinomial(probs, 1, generator=self._gen).squeeze(-1)
+        self._keep(scores, tokens)
+        return tokens
+
+    def _keep(self, scores: torch.Tensor, tokens: torch.Tensor) -> None:
+        n = self.sampling.logprobs
+        if n is None:
+            return
+        logp = torch.log_softmax(scores.float(), dim=-1).clamp_min(LOGPROB_FLOOR)
+        chosen = logp.gather(-1, tokens.view(-1, 1)).squeeze(-1).tolist()
+        if n:
+            values, ids = torch.topk(logp, min(n, logp.shape[-1]), dim=-1)
+            tops = [tuple(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+        else:
+            tops = [() for _ in chosen]
+        self.last = [TokenLogprobs(float(c), top) for c, top in zip(chosen, tops)]
+
+    def emitted(self, token: int, row: int = 0) -> int:
+        """What ``on_token`` receives for ``token`` of ``row``: the id, with its log probabilities when asked."""
+        if self.sampling.logprobs is None or row >= len(self.last):
+            return token
+        return SampledToken(token, self.last[row])
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -173,7 +173,11 @@ class PipelineCore:
         on_token: Callable[[int], None] | None = None,
         on_done: Callable[[Completion], None] | None = None,
     ) -> RequestHandle:
-        """Queue one request; see :class:`RequestHandle`. Raises :class:`QueueFull` or ``SpecError``."""
+        """Queue one request; see :class:`RequestHandle`. Raises :class:`QueueFull` or ``SpecError``.
+
+        ``on_token`` gets each token id, a :class:`~noodle.executors.generation.SampledToken` (an ``int``
+        with its log probabilities) when ``sampling.logprobs`` is set.
+        """
         if not self._accepting:
             raise ExecutorError("pipeline: not accepting requests (shutting down)")
         ids = [int(t) for t in prompt]

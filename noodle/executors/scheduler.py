@@ -117,7 +117,7 @@ class Pipeline(PipelineCore):
             with self._lock:
                 self._tokens += 1
                 self._token_times.append(now)
-            self._call(req.on_token, token, req)
+            self._call(req.on_token, req.sampler.emitted(token), req)
             if token in self._eos:
                 req.finish = "stop"
             elif len(req.tokens) >= req.max_new_tokens:

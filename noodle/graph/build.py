@@ -29,6 +29,7 @@ def build_cost_graph(units: tuple[Unit, ...], cluster: Cluster, workload: Worklo
             activation_bytes=u.activation_bytes,
             kv_bytes_per_token=u.kv_bytes_per_token,
             prefill_ms_per_token=u.prefill_ms_per_token,
+            curve=u.curve,
         )
         if i:
             g.add_edge(("unit", i - 1), ("unit", i), kind="chain", bytes=units[i - 1].activation_bytes)
@@ -70,6 +71,7 @@ def problem_from_graph(
             activation_bytes=g.nodes[k]["activation_bytes"],
             kv_bytes_per_token=g.nodes[k]["kv_bytes_per_token"],
             prefill_ms_per_token=g.nodes[k]["prefill_ms_per_token"],
+            curve=g.nodes[k].get("curve"),
         )
         for k in unit_keys
     )

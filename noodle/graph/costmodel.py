@@ -3,7 +3,7 @@
 The default model (:class:`DefaultCostModel`) is, for stages ``k = 1..S`` in
 pipeline order, stage ``k`` holding units ``[s_k, e_k)`` on node ``v_k``::
 
-    c_k   = sum(latency_ms of its units) / compute_score(v_k)             # compute
+    c_k   = sum(latency_ms of its units at batch b) / compute_score(v_k)  # compute, b = batch_size
     h_k   = link(v_k, v_k+1).latency_ms
             + activation_bytes(unit e_k - 1) * 8 / (bandwidth_gbps * 1e9) * 1e3   # hop, k < S
     r     = link(v_S, v_1).latency_ms if S >= 2 else 0                   # token returns
@@ -17,8 +17,11 @@ Continuous batching (``Workload.streams = C``, the serving engine of
 :mod:`noodle.executors.batching`). A plan of ``S`` stages runs ``G = min(S, C)`` batches of
 ``b = ceil(C / G)`` sequences; every stage steps one whole batch per forward. Each term above is
 priced at the batch a stage steps: ``c_k(b)`` from the node's per-unit ``decode_ms`` at ``b``
-(interpolated, :meth:`~noodle.types.NodeProfile.decode_latency_ms`; a node without a profile has
-no batch curve, so its step costs the same at any ``b``), hops carry ``b`` rows of activations
+(interpolated, :meth:`~noodle.types.NodeProfile.decode_latency_ms`), or from the unit's batch curve where
+the node has none measured (an analytic model's roofline, :class:`~noodle.types.BatchCurve`: the weights
+read once per step, each sequence's FLOPs and KV reads on top; a node profiled at one batch size scales its
+figures along it; see :mod:`noodle.graph.pernode`). Only a unit with neither (a ``layers`` or ``profile``
+model on a node measured at one batch) costs the same at any ``b``. Hops carry ``b`` rows of activations
 (``activation_bytes * b``), memory holds all ``C`` sequences' KV on every stage. With
 ``t_k = c_k(b) + out_k(b)``::
 
@@ -94,7 +97,8 @@ class DefaultCostModel:
         if self._cached is not None and self._cached[0] is problem.units and self._cached[1] == problem.workload:
             return
         per_token = problem.workload.context_tokens * problem.workload.sequences
-        self._lat = [0.0, *itertools.accumulate(u.latency_ms for u in problem.units)]
+        b = problem.workload.batch_size
+        self._lat = [0.0, *itertools.accumulate(u.latency_at(b) for u in problem.units)]
         self._mem = [0, *itertools.accumulate(u.param_bytes + u.kv_bytes_per_token * per_token for u in problem.units)]
         self._cached = (problem.units, problem.workload)
 

@@ -7,13 +7,17 @@ the cost table a worker measured on itself), :class:`PerNodeCostModel` reads it.
 ``k`` holding units ``[s_k, e_k)`` on node ``v_k``, ``b`` the workload's batch size::
 
     c_k = o_v + sum_{i in [s_k, e_k)} d_v(i, b)                    if v_k has a profile
-        = sum_{i in [s_k, e_k)} latency_ms(i) / compute_score(v_k)  otherwise (the default model)
+        = sum_{i in [s_k, e_k)} latency_ms(i, b) / compute_score(v_k)  otherwise (the default model)
 
     o_v = v's step_overhead_ms: the stage runner's fixed work per step on v (0 when not measured),
           paid once per step by the one stage v holds
 
-    d_v(i, b) = v's decode step of unit i at batch size b when v measured it at b,
-                else at the batch size v's profile was measured at
+    d_v(i, b) = v's decode step of unit i at batch size b: interpolated between the batch sizes v measured
+                (NodeProfile.decode_latency_ms); with one measured size b0 and a unit that has a batch
+                curve (an analytic model's roofline, Unit.curve), d_v(i, b0) * curve_i(b) / curve_i(b0);
+                else d_v(i, b0) at any b (flat: optimistic for b > b0)
+
+    a node without a profile prices unit i at latency_ms(i) from its curve at b (Unit.latency_at)
 
     memory_k = sum_i param_bytes_v(i) + sum_i kv_bytes_per_token_v(i) * context_tokens * batch_size * concurrency
 
@@ -34,10 +38,28 @@ cost model is given.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 
-from noodle.types import Node, NodeProfile, Problem
+from noodle.types import Node, NodeProfile, Problem, Unit
 
-__all__ = ["PerNodeCostModel", "node_prefixes", "node_overhead_ms"]
+__all__ = ["PerNodeCostModel", "node_prefixes", "node_overhead_ms", "profile_decode_ms"]
+
+
+def profile_decode_ms(prof: NodeProfile, units: Sequence[Unit], batch: int) -> tuple[float, ...]:
+    """``prof``'s decode step per unit at ``batch`` (``d_v(i, b)`` of the module docstring).
+
+    Measured at several batch sizes: interpolated between them. Measured at one size ``b0``: each unit
+    with a batch curve scales its figure by ``curve(b) / curve(b0)`` (exactly the measured figure at ``b0``);
+    a unit without one keeps its figure at every batch.
+    """
+    b0 = prof.batch_size
+    if prof.decode_ms or batch == b0:
+        return prof.decode_latency_ms(batch)
+    out = []
+    for ms, u in zip(prof.latency_ms, units):
+        at_b0 = u.curve.ms(b0) if u.curve is not None else 0.0
+        out.append(ms * (u.curve.ms(batch) / at_b0) if u.curve is not None and at_b0 > 0 else ms)
+    return tuple(out)
 
 
 def node_overhead_ms(node: Node) -> float:
@@ -54,12 +76,12 @@ def node_prefixes(problem: Problem, node: Node) -> tuple[list[float], float, lis
     per_token = w.context_tokens * w.sequences
     prof: NodeProfile | None = node.profile
     if prof is None:
-        lat = [u.latency_ms for u in problem.units]
+        lat = [u.latency_at(w.batch_size) for u in problem.units]
         params = [u.param_bytes for u in problem.units]
         kv = [u.kv_bytes_per_token for u in problem.units]
         divisor = node.compute_score
     else:
-        lat = list(prof.decode_latency_ms(w.batch_size))
+        lat = list(profile_decode_ms(prof, problem.units, w.batch_size))
         params = list(prof.param_bytes) if prof.param_bytes is not None else [u.param_bytes for u in problem.units]
         kv = list(prof.kv_bytes_per_token) if prof.kv_bytes_per_token is not None \
             else [u.kv_bytes_per_token for u in problem.units]

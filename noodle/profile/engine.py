@@ -15,8 +15,9 @@ step's greedy token and the KV cache. Warm-up iterations are not counted.
 from __future__ import annotations
 
 import inspect
-import logging
 import json
+import logging
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -103,10 +104,30 @@ class ProfileInputs:
 
 
 @contextmanager
-def progress_bar(enabled: bool, label: str, total: int) -> Iterator[Callable[[], None]]:
-    """A rich progress bar on stderr (or nothing); yields a function that advances it by one."""
+def progress_bar(enabled: bool, label: str, total: int, every_s: float = 5.0) -> Iterator[Callable[[], None]]:
+    """Progress on stderr: a rich bar on a terminal, else a log line every ``every_s`` seconds (or nothing).
+
+    Yields a function that advances it by one.
+    """
     if not enabled:
         yield lambda: None
+        return
+    import sys
+
+    if not sys.stderr.isatty():
+        t0 = last = time.monotonic()
+        done = 0
+
+        def advance() -> None:
+            nonlocal done, last
+            done += 1
+            now = time.monotonic()
+            if now - last >= every_s and done < total:
+                last = now
+                left = (now - t0) / done * (total - done)
+                _log.info("%s: %d/%d, about %.0f s left", label, done, total, left)
+
+        yield advance
         return
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn

@@ -2,14 +2,15 @@
 
 * :class:`~noodle.serve.guard.Guard` runs first: credentials and body limits are checked by the
   headers before a body is read (``/v1/*`` needs ``Authorization: Bearer KEY`` when the server
-  has an API key); ``/healthz``, ``/readyz``, ``/metrics``, ``/`` and ``/noodle/status`` do not (bind
-  to 127.0.0.1, the default, to keep them private).
+  has an API key); ``/health``, ``/healthz``, ``/readyz``, ``/metrics``, ``/`` and ``/noodle/status``
+  do not (bind to 127.0.0.1, the default, to keep them private).
+* :class:`~noodle.serve.requestid.RequestId` is outermost: every response echoes ``X-Request-Id``.
 * Every error is OpenAI's error JSON; an unexpected exception is a 500 with a
   generic message (logged server-side), never a traceback.
 * The stages load on a thread after start-up, so ``/healthz`` answers at once and
-  ``/readyz`` turns 200 when the pipeline runs. :meth:`ServeApp.begin_drain` (called on
-  SIGTERM/SIGINT) refuses new requests with 503, waits up to ``drain_timeout_s`` for
-  in-flight ones, cancels the rest and calls ``on_drained``.
+  ``/readyz`` (and vLLM's ``/health``) turns 200 when the pipeline runs.
+  :meth:`ServeApp.begin_drain` (called on SIGTERM/SIGINT) refuses new requests with 503, waits up
+  to ``drain_timeout_s`` for in-flight ones, cancels the rest and calls ``on_drained``.
 """
 
 from __future__ import annotations
@@ -36,13 +37,15 @@ from noodle.serve.limits import quiet_accept_errors
 from noodle.serve.metrics import CONTENT_TYPE, ServeMetrics, stage_rows
 from noodle.serve.openai_api import ServedModel, openai_router
 from noodle.serve.protocol import ApiError, error_body
+from noodle.serve.requestid import RequestId
 from noodle.serve.runtime import Runtime
 
 __all__ = ["ServeApp", "create_app"]
 
 log = logging.getLogger(__name__)
 _STATUS_HTML = Path(__file__).with_name("status.html")
-_ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/metrics", "/healthz", "/readyz", "/",
+_ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/responses", "/metrics", "/health",
+              "/healthz", "/readyz", "/",
               "/noodle/status", "/noodle/cluster", "/noodle/cluster/join", "/noodle/cluster/heartbeat",
               "/noodle/cluster/export")  # fmt: skip
 
@@ -105,7 +108,7 @@ class ServeApp:
         self.api_key = api_key
         self.drain_timeout_s = drain_timeout_s
         self.on_drained = on_drained or (lambda: None)
-        self.metrics = ServeMetrics(runtime, plan)
+        self.metrics = ServeMetrics(runtime, plan, model_name=model_id)
         self.cluster = cluster  # a ClusterController with --cluster (its routes and metrics join the app)
         self.cluster_token = cluster_token
         self.policy = EdgePolicy(api_key=api_key, cluster_token=cluster_token, max_request_bytes=max_request_bytes,
@@ -114,7 +117,7 @@ class ServeApp:
             from noodle.serve.controller import ClusterCollector
 
             self.metrics.registry.register(ClusterCollector(cluster))
-        runtime.on_token_latency = self.metrics.token_latency
+        runtime.observer = self.metrics
         self._drain_started: float | None = None
         self.app = self._build()
 
@@ -226,6 +229,8 @@ class ServeApp:
             return JSONResponse({"ready": ok, "state": rt.state, "error": down[0] if down else rt.error},
                                 status_code=200 if ok else 503)  # fmt: skip
 
+        app.add_api_route("/health", readyz, methods=["GET"])  # vLLM's probe: 200 once requests can be served
+
         @app.get("/metrics")
         async def metrics() -> Response:
             return Response(self.metrics.render(), media_type=CONTENT_TYPE)
@@ -277,8 +282,9 @@ class ServeApp:
             from starlette.middleware.cors import CORSMiddleware
 
             inner = CORSMiddleware(app, allow_origins=sorted(self.policy.origins), allow_methods=["GET", "POST"],
-                                   allow_headers=["authorization", "content-type"])  # fmt: skip
-        return _CountRequests(Guard(inner, self.policy), self.metrics)  # type: ignore[return-value]
+                                   allow_headers=["authorization", "content-type", "x-request-id"],
+                                   expose_headers=["x-request-id"])  # fmt: skip
+        return RequestId(_CountRequests(Guard(inner, self.policy), self.metrics))  # type: ignore[return-value]
 
 
 def create_app(runtime: Runtime, plan: PlanDoc, **kwargs: Any) -> ServeApp:

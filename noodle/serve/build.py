@@ -93,10 +93,13 @@ def build_cluster_server(
     max_request_bytes: int = MAX_REQUEST_BYTES,
     hosts: frozenset[str] | None = LOCAL_HOSTS,
     origins: frozenset[str] = frozenset(),
+    batching: str = "auto",
+    max_batch_tokens: int = 256,
 ) -> ServeApp:
     """A :class:`ServeApp` over workers that join it (``noodle worker --join``); see :mod:`noodle.serve.controller`.
 
     ``probe_interval_s``: seconds between rounds of link probes (:mod:`noodle.serve.linkprobe`); 0: none.
+    ``batching``: the engine's mode, which the plans are priced for (continuous: ``streams = concurrency``).
     """
     from noodle.serve.controller import ClusterController
     from noodle.serve.joining import model_hash, weights_hash
@@ -113,7 +116,8 @@ def build_cluster_server(
                       request_timeout_s=request_timeout_s)  # fmt: skip
     ctl = ClusterController(registry, Path(model_dir), runtime.events, token=token, concurrency=concurrency,
                             max_queue=max_queue, min_workers=min_workers, gain_threshold=gain_threshold,
-                            drain_s=drain_s, drift_threshold=drift_threshold, horizon_s=horizon_s)  # fmt: skip
+                            drain_s=drain_s, drift_threshold=drift_threshold, horizon_s=horizon_s,
+                            batching=batching, max_batch_tokens=max_batch_tokens)  # fmt: skip
     holder["ctl"] = ctl
     runtime.unavailable = ctl.unavailable
     ctl.prober = LinkProber(registry, probe_sizes(Path(model_dir)), token=token, events=runtime.events,

@@ -20,6 +20,12 @@ A background thread then watches the registry (every ``tick_s``):
 
 Every re-plan is an entry in :attr:`ClusterController.replans` and an event on the status page
 with its reason, before/after predicted tokens/s and how long requests were held.
+
+The engine runs ``batching`` (``auto``: continuous batching where the workers take packed steps, as
+every current worker does); under continuous batching the plan is priced for ``streams = concurrency``
+(the batched pipeline's tokens/s, :mod:`noodle.graph.costmodel`), under ``groups``/``exact`` for
+``concurrency`` groups of one sequence. Drift compares each stage's steps at the plan's step batch
+(:mod:`noodle.serve.drift`).
 """
 
 from __future__ import annotations
@@ -40,8 +46,10 @@ from prometheus_client.registry import Collector
 from noodle.errors import ExecutorError, NoodleError
 from noodle.plandoc import PlanDoc, plan_document
 from noodle.serve.drift import PredictionWatch, StageError, StageWindow, fresh_window
+from noodle.serve.metrics import predicted_tps
 from noodle.serve.migration import Verdict, layout_under, switch_cost, weigh
-from noodle.serve.registry import ClusterRegistry, WorkerRecord, cluster_spec, table_ms
+from noodle.serve.planning import plans_streams
+from noodle.serve.registry import PLAN_BATCH, ClusterRegistry, WorkerRecord, cluster_spec, table_ms
 from noodle.serve.switching import LivePlan, SwitchingPipeline
 
 __all__ = ["ClusterController", "predicted_tps", "plan_layout"]
@@ -49,13 +57,6 @@ __all__ = ["ClusterController", "predicted_tps", "plan_layout"]
 log = logging.getLogger(__name__)
 CONNECT_S = 2.0  # how long a re-plan's executor retries a worker's first health check
 CLOSE_S = 5.0  # how long close() waits for the watcher, the link prober and the join verifier together
-
-
-def predicted_tps(plan: PlanDoc | None) -> float:
-    if plan is None:
-        return 0.0
-    p = plan.predicted
-    return float(p.pipeline_tokens_per_s or p.tokens_per_s or 0.0)
 
 
 def plan_layout(plan: PlanDoc | None) -> str:
@@ -81,12 +82,17 @@ class ClusterController:
     def __init__(self, registry: ClusterRegistry, model_dir: Path, events: Any, *, token: str | None,
                  concurrency: int = 8, max_queue: int = 64, min_workers: int = 1, gain_threshold: float = 0.10,
                  cooldown_s: float = 5.0, drain_s: float = 10.0, tick_s: float = 0.25,
-                 solve_time_limit_s: float = 5.0, drift_threshold: float = 0.15, horizon_s: float = 120.0) -> None:  # fmt: skip
+                 solve_time_limit_s: float = 5.0, drift_threshold: float = 0.15, horizon_s: float = 120.0,
+                 batching: str = "auto", max_batch_tokens: int = 256) -> None:  # fmt: skip
         self.registry = registry
         self.model_dir = Path(model_dir)
         self.events = events
         self.token = token
         self.concurrency = concurrency
+        self.batching = batching
+        self.max_batch_tokens = max_batch_tokens
+        self.continuous = plans_streams(batching)  # plans for streams = concurrency
+        self.units: tuple[Any, ...] | None = None  # the model's units (batch curves) of the last problem built
         self.min_workers = min_workers
         self.gain_threshold = gain_threshold
         self.cooldown_s = cooldown_s
@@ -158,10 +164,12 @@ class ClusterController:
         --links relay``: the grpc executor this coordinator runs relays every hop through itself)."""
         from noodle.spec import parse_spec
 
-        data = cluster_spec(records, self.model_dir, concurrency=self.concurrency, time_limit_s=self.solve_time_limit_s,
-                            links=self.registry.links.measurements(mode="relay"))
+        data = cluster_spec(records, self.model_dir, concurrency=self.concurrency, continuous=self.continuous,
+                            time_limit_s=self.solve_time_limit_s, links=self.registry.links.measurements(mode="relay"))
         spec = parse_spec(data, source="noodle serve --cluster")
-        return spec.to_problem(self.model_dir, source="noodle serve --cluster")
+        problem = spec.to_problem(self.model_dir, source="noodle serve --cluster")
+        self.units = problem.units
+        return problem
 
     def solve(self, records: list[WorkerRecord]) -> PlanDoc:
         from noodle.solvers import solve
@@ -181,10 +189,16 @@ class ClusterController:
         ex.policy = dataclasses.replace(ex.policy, connect_s=CONNECT_S)  # they answered a heartbeat just now
         ex.__enter__()
         try:
-            return ex, ex.pipeline(concurrency=self.concurrency, max_queue=self.pipeline.max_queue)
+            pipe = ex.pipeline(concurrency=self.concurrency, max_queue=self.pipeline.max_queue, batching=self.batching,
+                               max_batch_tokens=self.max_batch_tokens)  # fmt: skip
         except BaseException:
             ex.__exit__(None, None, None)
             raise
+        if self.continuous and pipe.batching != "continuous":
+            self.events.add("warning", f"the plan is priced for continuous batching of {self.concurrency} streams, "
+                                       f"but the workers step {pipe.batching} (a worker without packed steps): "
+                                       "its predicted tokens/s is optimistic")  # fmt: skip
+        return ex, pipe
 
     def _replan(self, reason: str, *, force: bool = False, plan: PlanDoc | None = None,
                 t_cause: float | None = None) -> bool:  # fmt: skip
@@ -292,23 +306,27 @@ class ClusterController:
             self._feedback(self.plan.current)
 
     def _windows(self, plan: PlanDoc) -> list[StageWindow]:
-        """Each stage's fresh window of decode steps: the median of its worker's own compute time (ms)."""
+        """Each stage's fresh window of decode steps: the median of its worker's own compute time (ms), each step
+        brought to the plan's step batch along the node's join-time batch curve (see :mod:`noodle.serve.drift`)."""
         ex = self.pipeline.executor
         if self._fed[0] is not ex:
             self._fed = (ex, {})
         seen = self._fed[1]
         lanes = list(getattr(ex, "_lanes", ()) or ())[-len(plan.stages):]
         recs = {r.id: r for r in self.registry.records()}
+        ref = plan.predicted.step_batch or PLAN_BATCH
         out = []
         for i, (stage, lane) in enumerate(zip(plan.stages, lanes)):
             total = int(getattr(lane, "decode_steps", 0))
-            window = fresh_window(getattr(lane, "compute_ms", ()), total, seen.get(i, 0), self.drift.min_steps)
+            window = fresh_window(list(getattr(lane, "decode_log", ())), total, seen.get(i, 0), self.drift.min_steps)
             rec = recs.get(stage.node)
             if window is None or rec is None:
                 continue
             seen[i] = total
-            out.append(StageWindow(i, stage.node, stage.start, stage.end, statistics.median(window),
-                                   float(stage.compute_ms), table_ms(rec, stage.start, stage.end)))  # fmt: skip
+            tables = {b: table_ms(rec, stage.start, stage.end, b, self.units) for b in {ref, *(b for _, b in window)}}
+            at_ref = [ms * tables[ref] / tables[b] if tables[b] > 0 else ms for ms, b in window]
+            out.append(StageWindow(i, stage.node, stage.start, stage.end, statistics.median(at_ref),
+                                   float(stage.compute_ms), tables[ref], ref))  # fmt: skip
         return out
 
     def _feedback(self, plan: PlanDoc) -> None:
@@ -359,7 +377,8 @@ class ClusterController:
 
 
 class ClusterCollector(Collector):
-    """``noodle_cluster_nodes{state}``, ``noodle_replans_total{reason}``, ``noodle_replan_seconds`` and the plan's rate."""
+    """``noodle_cluster_nodes{state}``, ``noodle_replans_total{reason}``, ``noodle_replan_seconds``, stage errors (the
+    plan's rate is the server's ``noodle_plan_predicted_tokens_per_second``, :mod:`noodle.serve.metrics`)."""
 
     def __init__(self, ctl: ClusterController) -> None:
         self._ctl = ctl
@@ -381,9 +400,6 @@ class ClusterCollector(Collector):
         last = GaugeMetricFamily("noodle_replan_seconds", "how long the last re-plan held requests")
         last.add_metric([], float(self._ctl.replans[-1]["seconds"]) if self._ctl.replans else 0.0)
         yield last
-        tps = GaugeMetricFamily("noodle_plan_predicted_tokens_per_second", "the served plan's predicted tokens/s")
-        tps.add_metric([], predicted_tps(self._ctl.plan.current))
-        yield tps
         err = GaugeMetricFamily("noodle_stage_prediction_error", "measured / predicted stage compute - 1, last window",
                                 labels=["stage", "node"])  # fmt: skip
         for i, e in sorted(self._ctl.drift.errors.items()):

@@ -3,8 +3,14 @@
 Stage ``k`` of the served plan holds units ``[s, e)`` on node ``v``. Each fresh window of at
 least ``min_steps`` decode steps gives ``m_k``, the median of the worker's own compute time of
 those steps (``t_out_ns - t_in_ns`` of its ForwardReply: no network, no coordinator queueing).
-With ``r_k`` the node's join-time cost of ``[s, e)`` (its measured unit table) and ``p_k`` the
-plan's predicted compute of the stage::
+The plan prices a stage's step at the plan's step batch ``b*`` (``predicted.step_batch`` under
+continuous batching, else one sequence), while a served step carries however many sequences were
+running (the lane records each decode step's batch ``b_j``). Each step's time is first brought to
+``b*`` along the node's join-time batch curve ``T_v(s, e, b)`` (the table the planner priced it with,
+:func:`noodle.serve.registry.table_ms`): ``m_j * T_v(s, e, b*) / T_v(s, e, b_j)``, so a window of
+batches of 3 is not read as a stage 3x slower than its batch-1 figure. ``m_k`` is the median of those.
+With ``r_k = T_v(s, e, b*)`` the node's join-time cost of ``[s, e)`` and ``p_k`` the plan's predicted
+compute of the stage (at ``b*``)::
 
     ratio       = m_k / r_k                                  how far the join-time table is off
     f_v[s, e]   = ratio                                      on the first window
@@ -24,10 +30,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 __all__ = ["StageWindow", "StageError", "PredictionWatch", "ewma", "fresh_window"]
 
 Key = tuple[str, int, int]  # (node, start, end)
+T = TypeVar("T")
 
 
 def ewma(old: float | None, value: float, alpha: float) -> float:
@@ -35,7 +43,7 @@ def ewma(old: float | None, value: float, alpha: float) -> float:
     return value if old is None else (1.0 - alpha) * old + alpha * value
 
 
-def fresh_window(samples: Sequence[float], total: int, seen: int, min_steps: int) -> list[float] | None:
+def fresh_window(samples: Sequence[T], total: int, seen: int, min_steps: int) -> list[T] | None:
     """The samples recorded since ``seen`` of ``total`` (``samples`` holds the most recent ones); None when too few."""
     fresh = total - seen
     if fresh < min_steps:
@@ -45,7 +53,8 @@ def fresh_window(samples: Sequence[float], total: int, seen: int, min_steps: int
 
 @dataclass(frozen=True)
 class StageWindow:
-    """One stage's fresh window: the worker's measured compute (median, ms), the plan's and the table's figures."""
+    """One stage's fresh window: the worker's measured compute (median, ms), the plan's and the table's figures,
+    all at ``batch`` sequences per step (the plan's step batch)."""
 
     index: int
     node: str
@@ -54,6 +63,7 @@ class StageWindow:
     measured_ms: float
     predicted_ms: float
     table_ms: float
+    batch: int = 1
 
 
 @dataclass(frozen=True)
@@ -71,9 +81,10 @@ class StageError:
     corrected_error: float  # measured / the corrected estimate before this window - 1
     factor: float
     windows: int
+    batch: int = 1  # the step batch the figures are at
 
     def as_dict(self) -> dict[str, float | int | str]:
-        return {"stage": self.index, "node": self.node, "units": f"[{self.start}, {self.end})",
+        return {"stage": self.index, "node": self.node, "units": f"[{self.start}, {self.end})", "batch": self.batch,
                 "measured_ms": self.measured_ms, "predicted_ms": self.predicted_ms, "corrected_ms": self.corrected_ms,
                 "error_pct": 100 * self.error, "corrected_error_pct": 100 * self.corrected_error,
                 "correction": self.factor, "windows": self.windows}  # fmt: skip
@@ -113,7 +124,7 @@ class PredictionWatch:
             prev = self.errors.get(w.index)
             err = StageError(w.index, w.node, w.start, w.end, w.measured_ms, w.predicted_ms, w.table_ms * factor,
                              w.measured_ms / w.predicted_ms - 1.0, w.measured_ms / before - 1.0, factor,
-                             (prev.windows if prev is not None else 0) + 1)  # fmt: skip
+                             (prev.windows if prev is not None else 0) + 1, w.batch)  # fmt: skip
             self.errors[w.index] = err
             if abs(err.error) > self.threshold:
                 self._strikes[w.index] = self._strikes.get(w.index, 0) + 1

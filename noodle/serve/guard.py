@@ -26,9 +26,12 @@ import asyncio
 import hmac
 import json
 from dataclasses import dataclass
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from typing import TYPE_CHECKING
 
 from noodle.serve.protocol import error_body
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["EdgePolicy", "Guard", "allowed_hosts", "authorized", "LOCAL_HOSTS", "MAX_REQUEST_BYTES", "JOIN_BYTES", "SMALL_BYTES", "BODY_TIMEOUT_S"]
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from noodle.cluster import LinkMeasurement
-from noodle.spec import MAX_SCORE, MIN_SCORE
+from noodle.sizes import MAX_SCORE, MIN_SCORE
 
 __all__ = ["COORDINATOR", "LINK_MODES", "LinkSample", "LinkTable", "hop_ms", "relay_link"]
 

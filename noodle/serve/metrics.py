@@ -4,6 +4,11 @@ Request-side figures (counts by endpoint and status, time to first token, inter-
 latency, generated tokens) are recorded as requests run; pipeline figures (queue depth,
 in flight, tokens/s, per-stage busy fraction, step time next to the planned time, hop
 latency and bytes) are read from ``pipeline.stats()`` at scrape time by a collector.
+
+Beside noodle's own ``noodle_*`` series, the request-level series also go out under vLLM's
+names (``vllm:time_to_first_token_seconds``, ``vllm:num_requests_running``, ... labelled
+``model_name``; names, kinds and buckets as ``vllm/v1/metrics/loggers.py`` has them, the latency
+buckets extended below 10 ms for CPU-sized models), so dashboards written for vLLM read them.
 """
 
 from __future__ import annotations
@@ -15,10 +20,33 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["ServeMetrics", "stage_rows", "field_of", "CONTENT_TYPE"]
+from noodle.serve.runtime import RequestObserver
+
+__all__ = ["ServeMetrics", "stage_rows", "field_of", "predicted_tps", "count_buckets", "CONTENT_TYPE"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_VLLM_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                      20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)  # fmt: skip
+_VLLM_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
+                       1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)  # fmt: skip
+_VLLM_REQUEST_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0,
+                         40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
+# noodle's finish reasons -> vLLM's finished_reason label
+_FINISHED = {"stop": "stop", "length": "length", "error": "error", "timeout": "abort", "cancelled": "abort",
+             "disconnected": "abort"}  # fmt: skip
+
+
+def count_buckets(most: int) -> tuple[float, ...]:
+    """1, 2, 5, 10, 20, 50, ... up to ``most`` (vLLM's buckets for token counts)."""
+    out: list[float] = []
+    scale = 1
+    while True:
+        for m in (1, 2, 5):
+            if m * scale > most:
+                return tuple(out) or (1.0,)
+            out.append(float(m * scale))
+        scale *= 10
 
 
 def field_of(obj: Any, name: str, default: Any = None) -> Any:
@@ -26,6 +54,34 @@ def field_of(obj: Any, name: str, default: Any = None) -> Any:
     if isinstance(obj, dict):
         return obj.get(name, default)
     return getattr(obj, name, default)
+
+
+def predicted_tps(plan: Any) -> float:
+    """The served plan's predicted tokens/s with its workload in flight: the batched pipeline's (``streams / round``)
+    under continuous batching, the groups' pipeline figure else, one sequence's without either; 0 without a plan."""
+    plan = getattr(plan, "current", plan)  # a LivePlan reads through to its plan
+    if plan is None:
+        return 0.0
+    p = plan.predicted
+    return float(p.pipeline_tokens_per_s or p.tokens_per_s or 0.0)
+
+
+def _plan_gauges(plan: Any) -> Iterator[Metric]:
+    plan = getattr(plan, "current", plan)
+    if plan is None:
+        return
+    p = plan.predicted
+    for name, doc, value in (
+        ("noodle_plan_predicted_tokens_per_second", "the served plan's predicted tokens/s (the batched pipeline's "
+         "under continuous batching)", predicted_tps(plan)),
+        ("noodle_plan_streams", "sequences in flight the plan is priced for under continuous batching (0: priced "
+         "in groups)", p.streams or 0),
+        ("noodle_plan_step_batch", "sequences the plan prices each stage's step at (continuous batching; 0: groups)",
+         p.step_batch or 0),
+    ):
+        g = GaugeMetricFamily(name, doc)
+        g.add_metric([], float(value))
+        yield g
 
 
 def stage_rows(stats: Any, plan: Any) -> list[dict[str, Any]]:
@@ -54,15 +110,39 @@ def stage_rows(stats: Any, plan: Any) -> list[dict[str, Any]]:
 
 
 class _PipelineCollector(Collector):
-    def __init__(self, runtime: Any, plan: Any) -> None:
+    def __init__(self, runtime: Any, plan: Any, model_name: str) -> None:
         self._rt = runtime
         self._plan = plan
+        self._model = model_name
+
+    def _vllm(self, stats: Any) -> Iterator[Metric]:
+        """The engine's state under vLLM's names (zeros before the pipeline runs)."""
+        labels = ["model_name"]
+        cap = field_of(stats, "kv_capacity_tokens", None) if stats is not None else None
+        reserved = float(field_of(stats, "kv_reserved_tokens", 0) or 0) if stats is not None else 0.0
+        for name, doc, value in (
+            ("vllm:num_requests_running", "Number of requests in model execution batches.",
+             field_of(stats, "in_flight", 0) if stats is not None else 0),
+            ("vllm:num_requests_waiting", "Number of requests waiting to be processed.",
+             field_of(stats, "queue_depth", 0) if stats is not None else 0),
+            ("vllm:kv_cache_usage_perc", "KV-cache usage of the tightest stage. 1 means 100 percent usage "
+             "(0 while no stage has a KV budget).", reserved / cap if cap else 0.0),
+        ):  # fmt: skip
+            g = GaugeMetricFamily(name, doc, labels=labels)
+            g.add_metric([self._model], float(value or 0))
+            yield g
+        pre = CounterMetricFamily("vllm:num_preemptions", "Cumulative number of preemption from the engine.",
+                                  labels=labels)  # fmt: skip
+        pre.add_metric([self._model], float(field_of(stats, "preemptions", 0) or 0) if stats is not None else 0.0)
+        yield pre
 
     def collect(self) -> Iterator[Metric]:
         stats = self._rt.stats()
         ready = GaugeMetricFamily("noodle_ready", "1 once the stages are loaded and requests are accepted")
         ready.add_metric([], 1.0 if self._rt.state == "ready" else 0.0)
         yield ready
+        yield from _plan_gauges(self._plan)
+        yield from self._vllm(stats)
         if stats is None:
             return
         for name, doc, attr in (
@@ -106,10 +186,14 @@ class _PipelineCollector(Collector):
         yield from (busy, step, hop, nbytes)
 
 
-class ServeMetrics:
-    """Every metric of one server, in its own registry (several apps can live in one process)."""
+class ServeMetrics(RequestObserver):
+    """Every metric of one server, in its own registry (several apps can live in one process).
 
-    def __init__(self, runtime: Any, plan: Any) -> None:
+    It is the runtime's :class:`~noodle.serve.runtime.RequestObserver`: each request's timings and
+    token counts go to the ``noodle_*`` series and to the vLLM-named ones.
+    """
+
+    def __init__(self, runtime: Any, plan: Any, *, model_name: str = "noodle") -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("noodle_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r)
@@ -118,12 +202,63 @@ class ServeMetrics:
         self.itl = Histogram("noodle_inter_token_latency_seconds", "between consecutive tokens of a request",
                              buckets=_LATENCY_BUCKETS, registry=r)  # fmt: skip
         self.tokens = Counter("noodle_generated_tokens", "tokens generated for clients", registry=r)
-        self.prompt_tokens = Counter("noodle_prompt_tokens", "prompt tokens of accepted requests", registry=r)
-        r.register(_PipelineCollector(runtime, plan))
+        self.prompt_tokens = Counter("noodle_prompt_tokens", "prompt tokens read (counted at each request's first "
+                                     "token)", registry=r)  # fmt: skip
+        self._vllm(model_name, int(getattr(getattr(runtime, "limits", None), "context_tokens", 0) or 0) or 8192)
+        r.register(_PipelineCollector(runtime, plan, model_name))
 
-    def token_latency(self, kind: str, seconds: float) -> None:
-        (self.ttft if kind == "ttft" else self.itl).observe(seconds)
+    def _vllm(self, model: str, context: int) -> None:
+        r, lab = self.registry, ["model_name"]
+
+        def hist(name: str, doc: str, buckets: tuple[float, ...]) -> Any:
+            return Histogram(name, doc, lab, buckets=buckets, registry=r).labels(model)
+
+        self.v_ttft = hist("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
+                           _VLLM_TTFT_BUCKETS)  # fmt: skip
+        self.v_itl = hist("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
+                          _VLLM_TOKEN_BUCKETS)  # fmt: skip
+        self.v_tpot = hist("vllm:time_per_output_token_seconds", "Histogram of time per output token in seconds "
+                           "(the older name of the inter-token latency; the same observations).",
+                           _VLLM_TOKEN_BUCKETS)  # fmt: skip
+        self.v_e2e = hist("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
+                          _VLLM_REQUEST_BUCKETS)  # fmt: skip
+        self.v_queue = hist("vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase for request.",
+                            _VLLM_REQUEST_BUCKETS)  # fmt: skip
+        self.v_prompt_hist = hist("vllm:request_prompt_tokens", "Number of prefill tokens processed.",
+                                  count_buckets(context))  # fmt: skip
+        self.v_gen_hist = hist("vllm:request_generation_tokens", "Number of generation tokens processed.",
+                               count_buckets(context))  # fmt: skip
+        self.v_prompt = Counter("vllm:prompt_tokens", "Number of prefill tokens processed.", lab, registry=r).labels(model)
+        self.v_gen = Counter("vllm:generation_tokens", "Number of generation tokens processed.", lab,
+                             registry=r).labels(model)  # fmt: skip
+        success = Counter("vllm:request_success", "Count of successfully processed requests.",
+                          [*lab, "finished_reason"], registry=r)  # fmt: skip
+        self.v_success = {reason: success.labels(model, reason) for reason in sorted(set(_FINISHED.values()))}
+
+    # -- RequestObserver -------------------------------------------------------------------------
+    def first_token(self, seconds: float, prompt_tokens: int) -> None:
+        self.ttft.observe(seconds)
+        self.v_ttft.observe(seconds)
+        self.prompt_tokens.inc(prompt_tokens)
+        self.v_prompt.inc(prompt_tokens)
         self.tokens.inc()
+        self.v_gen.inc()
+
+    def next_token(self, seconds: float) -> None:
+        self.itl.observe(seconds)
+        self.v_itl.observe(seconds)
+        self.v_tpot.observe(seconds)
+        self.tokens.inc()
+        self.v_gen.inc()
+
+    def queued(self, seconds: float) -> None:
+        self.v_queue.observe(seconds)
+
+    def finished(self, reason: str, prompt_tokens: int, completion_tokens: int, seconds: float) -> None:
+        self.v_e2e.observe(seconds)
+        self.v_prompt_hist.observe(prompt_tokens)
+        self.v_gen_hist.observe(completion_tokens)
+        self.v_success[_FINISHED.get(reason, "abort")].inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

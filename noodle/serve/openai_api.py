@@ -1,5 +1,8 @@
 """The OpenAI-compatible routes: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``.
 
+``/v1/responses`` (OpenAI's Responses API) is not served: a 404 error body says so and points to
+chat completions. A response's ``id`` carries the request's ``X-Request-Id``.
+
 Validation happens here (the HTTP edge): bodies through :mod:`noodle.serve.protocol`,
 prompt length against the plan's context, the model id. Parsing and tokenizing run on a
 thread, not on the event loop; a text longer than the context could hold even at the
@@ -12,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,7 +23,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from noodle.executors.generation import Sampling
 from noodle.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, parse_body
+from noodle.serve.requestid import request_id_of
 from noodle.serve.runtime import Delta, Finish, Runtime, Stream
+from noodle.serve.text import TokenPieces
 
 __all__ = ["ServedModel", "openai_router", "COMPLETIONS_DEFAULT_MAX_TOKENS"]
 
@@ -37,6 +41,7 @@ class ServedModel:
         self.model_id = model_id
         self.created = int(time.time())
         self._max_chars: int | None = None
+        self.pieces = TokenPieces(runtime.tokenizer)
 
     def max_prompt_chars(self) -> int:
         """Characters beyond which a text cannot fit the prompt limit, whatever it says (no need to tokenize it).
@@ -55,8 +60,9 @@ class ServedModel:
         return self._max_chars
 
     def card(self) -> dict[str, Any]:
+        ctx = self.runtime.limits.context_tokens
         return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "noodle",
-                "max_model_len": self.runtime.limits.context_tokens}  # fmt: skip
+                "max_model_len": ctx, "context_length": ctx}  # fmt: skip
 
     def check_model(self, name: str) -> None:
         if name != self.model_id:
@@ -66,7 +72,7 @@ class ServedModel:
 
 def _sampling(body: Any) -> Sampling:
     seed = 0 if body.seed is None else body.seed % 2**63
-    return Sampling(temperature=body.temperature, top_p=body.top_p, seed=seed)
+    return Sampling(temperature=body.temperature, top_p=body.top_p, seed=seed, logprobs=body.logprobs_count())
 
 
 def _tokenize(tokenizer: Any, text: str, param: str, **kwargs: Any) -> list[int]:
@@ -142,9 +148,11 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
-def _usage(fin: Finish) -> dict[str, int]:
+def _usage(fin: Finish) -> dict[str, Any]:
+    """OpenAI's usage; ``cached_tokens`` is 0: noodle reads every prompt (no prefix cache)."""
     return {"prompt_tokens": fin.prompt_tokens, "completion_tokens": fin.completion_tokens,
-            "total_tokens": fin.prompt_tokens + fin.completion_tokens}  # fmt: skip
+            "total_tokens": fin.prompt_tokens + fin.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": 0}}  # fmt: skip
 
 
 def _finish_reason(fin: Finish) -> str:
@@ -158,18 +166,44 @@ def _raise_for(fin: Finish) -> None:
         raise ApiError(500, f"generation failed: {fin.error or fin.reason}", type="server_error", code="engine_error")
 
 
-async def _collect(stream: Stream, request: Request) -> tuple[str, Finish]:
-    parts: list[str] = []
+def _logprobs(pieces: TokenPieces, deltas: list[Delta], chat: bool, offset: int = 0) -> dict[str, Any]:
+    """OpenAI's ``logprobs`` of a choice (or of one chunk), from the deltas that carry them.
+
+    Chat: ``{"content": [{"token", "logprob", "bytes", "top_logprobs"}]}``; completions: the legacy
+    ``tokens`` / ``token_logprobs`` / ``top_logprobs`` (the top tokens and the sampled one) / ``text_offset``.
+    """
+    content: list[dict[str, Any]] = []
+    legacy: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    pos = offset
+    for d in deltas:
+        lp = d.logprobs
+        if lp is not None and d.token is not None:
+            text, raw = pieces(d.token)
+            if chat:
+                top = [{"token": t, "logprob": v, "bytes": b} for i, v in lp.top for t, b in (pieces(i),)]
+                content.append({"token": text, "logprob": lp.logprob, "bytes": raw, "top_logprobs": top})
+            else:
+                legacy["tokens"].append(text)
+                legacy["token_logprobs"].append(lp.logprob)
+                legacy["top_logprobs"].append({**{pieces(i)[0]: v for i, v in lp.top}, text: lp.logprob})
+                legacy["text_offset"].append(pos)
+        pos += len(d.text)
+    return {"content": content, "refusal": None} if chat else legacy
+
+
+async def _collect(stream: Stream, request: Request) -> tuple[list[Delta], Finish]:
+    deltas: list[Delta] = []
     async for ev in stream.events(request.is_disconnected):
         if isinstance(ev, Delta):
-            parts.append(ev.text)
+            deltas.append(ev)
         else:
             _raise_for(ev)
-            return "".join(parts), ev
+            return deltas, ev
     raise ApiError(499, "client closed the request", type="client_closed", code="client_closed")
 
 
-async def _stream_chunks(stream: Stream, chat: bool, base: dict[str, Any], usage: bool) -> AsyncIterator[str]:
+async def _stream_chunks(sm: ServedModel, stream: Stream, chat: bool, base: dict[str, Any],
+                         usage: bool) -> AsyncIterator[str]:  # fmt: skip
     extra = {"usage": None} if usage else {}
 
     def chunk(choice: dict[str, Any]) -> str:
@@ -177,10 +211,13 @@ async def _stream_chunks(stream: Stream, chat: bool, base: dict[str, Any], usage
 
     if chat:
         yield chunk({"delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+    offset = 0
     async for ev in stream.events():
         if isinstance(ev, Delta):
-            yield chunk({"delta": {"content": ev.text}, "finish_reason": None} if chat else
-                        {"text": ev.text, "finish_reason": None})  # fmt: skip
+            lp = None if ev.logprobs is None else _logprobs(sm.pieces, [ev], chat, offset)
+            offset += len(ev.text)
+            yield chunk({"delta": {"content": ev.text}, "finish_reason": None, "logprobs": lp} if chat else
+                        {"text": ev.text, "finish_reason": None, "logprobs": lp})  # fmt: skip
             continue
         if ev.reason in ("timeout", "error", "cancelled"):
             kind = "timeout_error" if ev.reason == "timeout" else "server_error"
@@ -197,20 +234,24 @@ async def _stream_chunks(stream: Stream, chat: bool, base: dict[str, Any], usage
 
 async def _respond(sm: ServedModel, request: Request, body: Any, prompt_ids: list[int], max_tokens: int,
                    chat: bool) -> Any:  # fmt: skip
-    stream = sm.runtime.submit(prompt_ids, max_tokens=max_tokens, sampling=_sampling(body), stops=body.stops())
-    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+    request_id = request_id_of(request.scope)
+    stream = sm.runtime.submit(prompt_ids, max_tokens=max_tokens, sampling=_sampling(body), stops=body.stops(),
+                               name=request_id)  # fmt: skip
+    rid = f"{'chatcmpl' if chat else 'cmpl'}-{request_id}"
     base = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
             "created": int(time.time()), "model": sm.model_id}  # fmt: skip
     if body.stream:
-        gen = _stream_chunks(stream, chat, base, body.include_usage())
+        gen = _stream_chunks(sm, stream, chat, base, body.include_usage())
         return StreamingResponse(gen, media_type="text/event-stream", headers=SSE_HEADERS)
-    text, fin = await _collect(stream, request)
+    deltas, fin = await _collect(stream, request)
+    text = "".join(d.text for d in deltas)
+    lp = None if body.logprobs_count() is None else _logprobs(sm.pieces, deltas, chat)
     if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": lp,
                   "finish_reason": _finish_reason(fin)}  # fmt: skip
         obj = "chat.completion"
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": _finish_reason(fin)}
+        choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": _finish_reason(fin)}
         obj = "text_completion"
     return JSONResponse({**base, "object": obj, "choices": [choice], "usage": _usage(fin)})
 
@@ -242,6 +283,12 @@ def openai_router(sm: ServedModel) -> APIRouter:
         ids = _chat_prompt(sm, body)
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         return body, ids, _max_tokens(sm, body, len(ids), None, param, "messages")
+
+    @router.api_route("/responses", methods=["GET", "POST", "DELETE"])
+    @router.api_route("/responses/{rest:path}", methods=["GET", "POST", "DELETE"])
+    async def responses() -> Any:
+        raise ApiError(404, "/v1/responses: the Responses API is not served by noodle; use POST /v1/chat/completions "
+                       "(or /v1/completions)", type="not_found_error", code="unsupported_endpoint")  # fmt: skip
 
     @router.post("/completions")
     async def completions(request: Request) -> Any:

@@ -5,7 +5,11 @@ hand-written numbers: its free memory from psutil, and its matmul throughput and
 memory bandwidth with two short torch timings; those become the reference device
 (``compute_score`` 1.0) of the analytic unit costs (:mod:`noodle.graph.analytic`).
 The workload is the model's context: 3/4 of its positions for the prompt, the rest
-for new tokens, ``concurrency`` sequences at once.
+for new tokens, ``concurrency`` sequences at once: under continuous batching (``--batching``
+``auto`` or ``continuous``, the serving default) as ``workload.streams``, so the plan is priced
+at the batch each stage steps and predicts the batched pipeline's tokens/s
+(:mod:`noodle.graph.costmodel`); under ``groups`` and ``exact`` on the older terms
+(``batch_size = concurrency``).
 """
 
 from __future__ import annotations
@@ -22,7 +26,18 @@ from noodle.plandoc import PlanDoc, load_plan, plan_document
 from noodle.solvers import solve
 from noodle.spec import load_spec, parse_spec
 
-__all__ = ["measure_reference", "embedded_spec", "plan_this_machine", "plan_from_spec", "resolve_plan"]
+__all__ = ["measure_reference", "embedded_spec", "plan_this_machine", "plan_from_spec", "resolve_plan",
+           "plans_streams"]
+
+
+def plans_streams(batching: str) -> bool:
+    """Whether a server whose engine runs ``batching`` is planned for continuous batching (``workload.streams``).
+
+    ``auto`` batches continuously wherever the stages take packed steps (every backend's stages do);
+    ``exact`` runs each sequence alone inside a step and ``groups`` steps fixed groups: both keep the
+    groups terms.
+    """
+    return batching in ("auto", "continuous")
 
 
 def measure_reference(seconds: float = 0.15, device: str = "cpu") -> ReferenceDevice:
@@ -62,8 +77,12 @@ def _node_id() -> str:
 
 
 def embedded_spec(model_dir: Path, config: Any, *, concurrency: int, reference: ReferenceDevice,
-                  memory_bytes: int, device: str = "cpu", gpu: tuple[int, float] | None = None) -> dict[str, Any]:  # fmt: skip
+                  memory_bytes: int, device: str = "cpu", gpu: tuple[int, float] | None = None,
+                  batching: str = "auto") -> dict[str, Any]:  # fmt: skip
     """The spec of this machine alone serving ``model_dir`` (as a mapping for :func:`noodle.spec.parse_spec`).
+
+    ``concurrency`` sequences in flight: ``workload.streams`` when ``batching`` is continuous
+    (:func:`plans_streams`), else one group of ``batch_size = concurrency``.
 
     ``gpu``: ``(free bytes, speed relative to the CPU)`` of a CUDA device: it becomes a node of its own
     beside the CPU, linked over PCIe, so a model that fits runs on the GPU and one that does not spills
@@ -79,7 +98,8 @@ def embedded_spec(model_dir: Path, config: Any, *, concurrency: int, reference: 
             "hf_config": str((model_dir / "config.json").resolve()),
             "reference": {"tflops": reference.tflops, "mem_bandwidth_gbps": reference.mem_bandwidth_gbps},
         },
-        "workload": {"prompt_tokens": prompt, "max_new_tokens": max(1, positions - prompt), "batch_size": concurrency},
+        "workload": {"prompt_tokens": prompt, "max_new_tokens": max(1, positions - prompt),
+                     ("streams" if plans_streams(batching) else "batch_size"): concurrency},
         "cluster": _cluster(device, memory_bytes, gpu),
         "objective": "throughput",
         "solver": {"name": "auto", "time_limit_s": 5.0},
@@ -95,7 +115,7 @@ def _cluster(device: str, memory_bytes: int, gpu: tuple[int, float] | None) -> d
     return {"nodes": [gpu_node, cpu], "links": {"default": {"bandwidth_gbps": 100.0, "latency_ms": 0.02}}}  # PCIe
 
 
-def plan_this_machine(model_dir: Path, *, concurrency: int) -> tuple[PlanDoc, dict[str, Any]]:
+def plan_this_machine(model_dir: Path, *, concurrency: int, batching: str = "auto") -> tuple[PlanDoc, dict[str, Any]]:
     """Solve the plan of this machine (its CPU, and its first GPU as a second node); returns it and what was measured.
 
     GPU stages run in bfloat16 where the GPU supports it (the plan's stage says so), the CPU's in float32.
@@ -117,7 +137,8 @@ def plan_this_machine(model_dir: Path, *, concurrency: int) -> tuple[PlanDoc, di
         gpu = (int(free * 0.9), max(score, 1e-3))  # 10 % left for the allocator and activations
         measured["gpu"] = {"tflops": gref.tflops, "mem_bandwidth_gbps": gref.mem_bandwidth_gbps, "free_gb": free / 2**30,
                            "compute_score": score}  # fmt: skip
-    data = embedded_spec(model_dir, config, concurrency=concurrency, reference=ref, memory_bytes=memory, gpu=gpu)
+    data = embedded_spec(model_dir, config, concurrency=concurrency, reference=ref, memory_bytes=memory, gpu=gpu,
+                         batching=batching)  # fmt: skip
     spec = parse_spec(data, source="noodle serve (this machine)")
     problem = spec.to_problem(model_dir, source="noodle serve (this machine)")
     result = solve(problem, solver=spec.solver.name, time_limit_s=spec.solver.time_limit_s)
@@ -142,17 +163,21 @@ def plan_from_spec(spec_path: Path) -> PlanDoc:
     return plan_document(problem, result)
 
 
-def resolve_plan(model_dir: Path, *, plan: Path | None, spec: Path | None, concurrency: int) -> tuple[PlanDoc, str]:
-    """The plan to serve and where it came from (``plan`` | ``spec`` | ``this machine``)."""
+def resolve_plan(model_dir: Path, *, plan: Path | None, spec: Path | None, concurrency: int,
+                 batching: str = "auto") -> tuple[PlanDoc, str]:  # fmt: skip
+    """The plan to serve and where it came from (``plan`` | ``spec`` | ``this machine``, planned for ``batching``)."""
     if plan is not None and spec is not None:
         raise SpecError("serve: give --plan or --spec, not both")
     if plan is not None:
         return load_plan(plan), f"plan {plan}"
     if spec is not None:
         return plan_from_spec(spec), f"spec {spec}"
-    doc, m = plan_this_machine(model_dir, concurrency=concurrency)
+    doc, m = plan_this_machine(model_dir, concurrency=concurrency, batching=batching)
     gpu = m.get("gpu")
     also = (f"; its GPU {gpu['tflops']:.1f} TFLOP/s, {gpu['mem_bandwidth_gbps']:.0f} GB/s, {gpu['free_gb']:.1f} GiB free"
             if gpu else "")  # fmt: skip
+    p = doc.predicted
+    how = (f"; {p.streams} streams in batches of {p.step_batch}: {p.pipeline_tokens_per_s:.1f} tokens/s predicted"
+           if p.streams is not None and p.pipeline_tokens_per_s is not None else "")  # fmt: skip
     return doc, (f"this machine alone (measured {m['tflops'] * 1e3:.0f} GFLOP/s, {m['mem_bandwidth_gbps']:.1f} GB/s, "
-                 f"{m['memory_gb']:.1f} GiB free{also})")  # fmt: skip
+                 f"{m['memory_gb']:.1f} GiB free{also}){how}")  # fmt: skip

@@ -2,7 +2,7 @@
 
 Bodies are validated strictly (``"1"`` is not an integer) with pydantic; unknown keys
 are ignored, as OpenAI-compatible servers do, but known options that noodle cannot honour
-(``n > 1``, ``logprobs``, non-zero penalties) are refused with a 400 that names the field.
+(``n > 1``, non-zero penalties) are refused with a 400 that names the field.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from noodle.executors.generation import MAX_LOGPROBS
 
 __all__ = [
     "ApiError",
@@ -100,7 +102,6 @@ class _Sampling(_Body):
     stream_options: StreamOptions | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logprobs: bool | int | None = None
     user: str | None = None
 
     @model_validator(mode="after")
@@ -112,8 +113,6 @@ class _Sampling(_Body):
         for field in ("presence_penalty", "frequency_penalty"):
             if getattr(self, field) != 0.0:
                 raise ValueError(f"{field}: not supported by noodle, got {getattr(self, field)}; send 0 or leave it out")
-        if self.logprobs not in (None, False, 0):
-            raise ValueError(f"logprobs: not supported by noodle, got {self.logprobs!r}; leave it out")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options: only allowed with stream: true")
         return self
@@ -129,11 +128,16 @@ class _Sampling(_Body):
     def requested_tokens(self) -> int | None:
         return self.max_tokens
 
+    def logprobs_count(self) -> int | None:
+        """How many alternatives per token the response lists (``None``: no log probabilities)."""
+        return None
+
 
 class CompletionRequest(_Sampling):
     """``POST /v1/completions``: one prompt, as text or token ids."""
 
     prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
@@ -159,15 +163,29 @@ class CompletionRequest(_Sampling):
             return p[0]  # type: ignore[return-value]
         return p  # type: ignore[return-value]
 
+    def logprobs_count(self) -> int | None:
+        return self.logprobs
+
 
 class ChatCompletionRequest(_Sampling):
     """``POST /v1/chat/completions``."""
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError(f"top_logprobs: needs logprobs: true, got top_logprobs={self.top_logprobs} without it")
+        return self
 
     def requested_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def logprobs_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 def _field_names() -> frozenset[str]:

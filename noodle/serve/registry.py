@@ -29,22 +29,23 @@ import hmac
 import secrets
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from noodle.cluster import LinkMeasurement
+from noodle.graph.pernode import profile_decode_ms
 from noodle.serve.claims import (ClaimRefused, CostReport, Heartbeat, JoinRequest, StepOverheadReport, UnitCostReport,
                                  unit_mismatch)
 from noodle.serve.links import LinkSample, LinkTable
 from noodle.sizes import size_problem
-from noodle.types import NodeProfile
+from noodle.types import NodeProfile, Unit
 
 __all__ = ["JoinRequest", "Heartbeat", "CostReport", "UnitCostReport", "StepOverheadReport", "WorkerRecord", "ClusterRegistry",
            "cluster_spec", "unit_mismatch", "corrected", "shared_bias", "table_ms", "PLAN_BATCH"]
 
-PLAN_BATCH = 1  # sequences per step the cluster's plan is priced at (noodle serve --cluster steps one per group)
+PLAN_BATCH = 1  # sequences per group of a groups-priced cluster plan (noodle serve --cluster --batching groups)
 
 
 @dataclass(frozen=True)
@@ -314,19 +315,22 @@ def shared_bias(records: list[WorkerRecord]) -> dict[str, float]:
     return {kind: f for kind, f in latest.items() if 1 / SHARED_BIAS_MAX <= f <= SHARED_BIAS_MAX}
 
 
-def table_ms(rec: WorkerRecord, start: int, end: int, batch_size: int = PLAN_BATCH) -> float:
-    """The node's join-time (uncorrected) decode cost of a stage of units ``[start, end)`` at ``batch_size``:
-    the units' sum plus the node's step overhead (as the per-node cost model prices it)."""
-    return float(sum(rec.profile.decode_latency_ms(batch_size)[start:end])) + rec.profile.step_overhead_ms
+def table_ms(rec: WorkerRecord, start: int, end: int, batch_size: int = PLAN_BATCH,
+             units: Sequence[Unit] | None = None) -> float:  # fmt: skip
+    """The node's join-time (uncorrected) decode cost of units ``[start, end)`` at ``batch_size`` plus its step overhead,
+    as the planner prices it (:func:`~noodle.graph.pernode.profile_decode_ms`; along the ``units``' batch curves)."""
+    per_unit = profile_decode_ms(rec.profile, units, batch_size) if units else rec.profile.decode_latency_ms(batch_size)
+    return float(sum(per_unit[start:end])) + rec.profile.step_overhead_ms
 
 
-def cluster_spec(records: list[WorkerRecord], model_dir: Path, *, concurrency: int = 8,
+def cluster_spec(records: list[WorkerRecord], model_dir: Path, *, concurrency: int = 8, continuous: bool = False,
                  name: str | None = None, time_limit_s: float = 5.0,
                  links: Mapping[str, tuple[LinkMeasurement, ...]] | None = None) -> dict[str, Any]:  # fmt: skip
     """A spec (mapping) for ``records`` serving ``model_dir``: each node's memory, its measured unit costs and links.
 
-    The workload is the model's context (3/4 prompt, 1/4 new tokens), one sequence per group and
-    ``concurrency`` groups in flight, as ``noodle serve`` runs it. ``hf_config`` is the absolute path
+    The workload is the model's context (3/4 prompt, 1/4 new tokens) with ``concurrency`` sequences in flight,
+    as ``noodle serve`` runs them: ``continuous`` (its engine batches every running sequence per step) as
+    ``streams = concurrency``, else one sequence per group and ``concurrency`` groups. ``hf_config`` is the absolute path
     of the model's config, so the document solves from any folder. ``links``: what each node measured
     to its peers (:meth:`LinkTable.measurements`), written to ``links.pairs``.
     """
@@ -348,8 +352,8 @@ def cluster_spec(records: list[WorkerRecord], model_dir: Path, *, concurrency: i
                                 torch_threads=r.threads, costs=corrected(r.profile, r.corrections, priors.get(r.device_kind))))  # fmt: skip
     if links:
         nodes = [replace(n, links=tuple(links.get(n.id, ()))) for n in nodes]
-    workload = Workload(prompt_tokens=prompt, max_new_tokens=max(1, positions - prompt), batch_size=PLAN_BATCH,
-                        concurrency=concurrency)  # fmt: skip
+    sizes = {"streams": concurrency} if continuous else {"batch_size": PLAN_BATCH, "concurrency": concurrency}
+    workload = Workload(prompt_tokens=prompt, max_new_tokens=max(1, positions - prompt), **sizes)
     doc = export_spec(nodes, {"hf_config": str(model_dir / "config.json")}, workload,
                       name=name or f"cluster-{model_dir.name}")  # fmt: skip
     doc["solver"] = {"name": "auto", "time_limit_s": time_limit_s}

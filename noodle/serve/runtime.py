@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from noodle.errors import NoodleError, SpecError
-from noodle.executors.generation import Sampling
+from noodle.executors.generation import Sampling, TokenLogprobs
 from noodle.executors.scheduler import QueueFull
 from noodle.serve.protocol import ApiError
 from noodle.serve.text import Detokenizer, StopMatcher
 
-__all__ = ["Limits", "Delta", "Finish", "Runtime", "Stream", "Opener"]
+__all__ = ["Limits", "Delta", "Finish", "Runtime", "Stream", "Opener", "RequestObserver"]
 
 log = logging.getLogger(__name__)
 DISCONNECT_CHECK_S = 0.25  # a non-streaming request looks for its client this often, tokens flowing or not
@@ -45,9 +45,15 @@ class Limits:
 
 @dataclass(frozen=True)
 class Delta:
-    """New text; one per generated token (``""`` while text is held back), so clients see every token's timing."""
+    """New text; one per generated token (``""`` while text is held back), so clients see every token's timing.
+
+    ``token`` is the id it came from (``None`` for text released at the end); ``logprobs`` are that
+    token's when the request asked for them.
+    """
 
     text: str
+    token: int | None = None
+    logprobs: TokenLogprobs | None = None
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,26 @@ class Finish:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+
+
+class RequestObserver:
+    """What the runtime reports about each request (the server's metrics); this base ignores it all.
+
+    ``finished``'s reason is a :class:`Finish` reason, or ``disconnected`` when the client left.
+    ``queued`` is called on the engine's thread, the rest on the event loop.
+    """
+
+    def first_token(self, seconds: float, prompt_tokens: int) -> None:
+        """The first token came ``seconds`` after the request was submitted."""
+
+    def next_token(self, seconds: float) -> None:
+        """Another token came ``seconds`` after the one before."""
+
+    def queued(self, seconds: float) -> None:
+        """The request waited ``seconds`` for a place in the pipeline."""
+
+    def finished(self, reason: str, prompt_tokens: int, completion_tokens: int, seconds: float) -> None:
+        """The request ended ``seconds`` after it was submitted."""
 
 
 @dataclass
@@ -119,7 +145,7 @@ class Runtime:
         self.history: collections.deque[_Sample] = collections.deque(maxlen=600)
         self.started_at = time.time()
         self._active: dict[str, Any] = {}  # request id -> handle
-        self.on_token_latency: Callable[[str, float], None] = lambda kind, seconds: None
+        self.observer = RequestObserver()
         # Why a ready engine cannot serve now (message, Retry-After seconds), e.g. no live worker; None: it can.
         self.unavailable: Callable[[], tuple[str, int] | None] = lambda: None
 
@@ -218,8 +244,12 @@ class Runtime:
                 code="context_length_exceeded",
             )
 
-    def submit(self, prompt_ids: list[int], *, max_tokens: int, sampling: Sampling, stops: Sequence[str]) -> Stream:
-        """Submit a request to the pipeline; the returned :class:`Stream` yields its text."""
+    def submit(self, prompt_ids: list[int], *, max_tokens: int, sampling: Sampling, stops: Sequence[str],
+               name: str | None = None) -> Stream:  # fmt: skip
+        """Submit a request to the pipeline; the returned :class:`Stream` yields its text.
+
+        ``name`` (the request's ``X-Request-Id``) names it in the log lines; default: the engine's id.
+        """
         self.check_ready()
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -231,6 +261,8 @@ class Runtime:
                 loop.call_soon_threadsafe(queue.put_nowait, item)
 
         def done(completion: Any) -> None:
+            with contextlib.suppress(Exception):  # a metric must never break a request
+                self.observer.queued(float(completion.queued_s))
             put(completion)
             with contextlib.suppress(RuntimeError):  # in case the stream was never read (client left early)
                 loop.call_soon_threadsafe(lambda: [self._active.pop(h.id, None) for h in submitted])
@@ -239,7 +271,7 @@ class Runtime:
         try:
             handle = self.pipeline.submit(
                 prompt_ids, max_new_tokens=max_tokens, sampling=sampling,
-                on_token=lambda tok: put(int(tok)), on_done=done,
+                on_token=put, on_done=done,  # a SampledToken when logprobs were asked for
             )  # fmt: skip
         except QueueFull:
             raise ApiError(429, "the request queue is full; retry later", type="rate_limit_exceeded",
@@ -253,16 +285,18 @@ class Runtime:
             raise ApiError(400, str(exc), code="invalid_value") from None
         submitted.append(handle)
         self._active[handle.id] = handle
-        return Stream(self, handle, queue, prompt_ids, stops, t0)
+        return Stream(self, handle, queue, prompt_ids, stops, t0, name or handle.id)
 
 
 class Stream:
     """One request's text as it is generated; iterate :meth:`events` exactly once."""
 
     def __init__(self, rt: Runtime, handle: Any, queue: asyncio.Queue[Any], prompt_ids: list[int],
-                 stops: Sequence[str], t0: float) -> None:  # fmt: skip
+                 stops: Sequence[str], t0: float, name: str) -> None:  # fmt: skip
         self._rt = rt
         self.handle = handle
+        self.name = name
+        self._ended = False
         self._queue = queue
         self._prompt_len = len(prompt_ids)
         self._det = Detokenizer(rt.tokenizer, prompt_ids)
@@ -271,6 +305,11 @@ class Stream:
         self.completion_tokens = 0
 
     def _finish(self, reason: str, error: str | None = None) -> Finish:
+        self._ended = True
+        self._rt.observer.finished(reason, self._prompt_len, self.completion_tokens, time.perf_counter() - self._t0)
+        log.info("request %s: %s after %.2f s, %d prompt + %d completion tokens%s", self.name, reason,
+                 time.perf_counter() - self._t0, self._prompt_len, self.completion_tokens,
+                 f" ({error})" if error else "")  # fmt: skip
         return Finish(reason, self._prompt_len, self.completion_tokens, error)
 
     async def events(self, disconnected: Callable[[], Awaitable[bool]] | None = None) -> AsyncIterator[Delta | Finish]:
@@ -289,7 +328,7 @@ class Stream:
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0:
                     self.handle.cancel()
-                    rt.events.add("warning", f"request {self.handle.id} timed out after {rt.request_timeout_s:g} s")
+                    rt.events.add("warning", f"request {self.name} timed out after {rt.request_timeout_s:g} s")
                     yield self._finish("timeout", f"the request took longer than {rt.request_timeout_s:g} s")
                     return
                 wait = min(remaining, DISCONNECT_CHECK_S) if disconnected is not None else remaining
@@ -302,28 +341,37 @@ class Stream:
                     continue
                 if isinstance(item, int):
                     now = time.perf_counter()
-                    rt.on_token_latency("ttft" if last is None else "itl", now - (self._t0 if last is None else last))
+                    if last is None:
+                        rt.observer.first_token(now - self._t0, self._prompt_len)
+                    else:
+                        rt.observer.next_token(now - last)
                     last = now
                     self.completion_tokens += 1
                     if item in rt.eos_ids:
                         continue
                     text = self._stop.feed(self._det.add(item))
+                    delta = Delta(text, int(item), getattr(item, "logprobs", None))
                     if self._stop.matched is not None:
-                        if text:
-                            yield Delta(text)
+                        if text or delta.logprobs is not None:
+                            yield delta
                         self.handle.cancel()
                         yield self._finish("stop")
                         return
-                    yield Delta(text)  # one event per token: "" while a character or a possible stop is held back
+                    yield delta  # one event per token: "" while a character or a possible stop is held back
                     continue
                 tail = self._stop.feed(self._det.flush()) + self._stop.flush()
                 if tail:
                     yield Delta(tail)
                 reason = "stop" if self._stop.matched is not None else str(item.finish_reason)
                 if reason == "error":
-                    rt.events.add("warning", f"request {self.handle.id} failed: {item.error}")
+                    rt.events.add("warning", f"request {self.name} failed: {item.error}")
                 yield self._finish(reason, item.error)
                 return
         finally:
+            if not self._ended:
+                rt.observer.finished("disconnected", self._prompt_len, self.completion_tokens,
+                                     time.perf_counter() - self._t0)  # fmt: skip
+                log.info("request %s: the client left after %.2f s, %d completion tokens", self.name,
+                         time.perf_counter() - self._t0, self.completion_tokens)  # fmt: skip
             self.handle.cancel()  # no-op once finished; frees the sequence when the client went away
             rt._active.pop(self.handle.id, None)

@@ -224,7 +224,7 @@ class SwitchingPipeline:
     def _token(self, t: Ticket, tok: int) -> None:
         t.tokens.append(int(tok))
         if t.on_token is not None:
-            t.on_token(int(tok))
+            t.on_token(tok)  # as it came: a SampledToken keeps its log probabilities
 
     def _done(self, t: Ticket, comp: Completion, pipe: Any) -> None:
         with self._lock:

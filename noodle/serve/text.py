@@ -1,4 +1,4 @@
-"""Token ids -> text as they arrive: incremental detokenization and stop strings.
+"""Token ids -> text as they arrive: incremental detokenization, stop strings, single tokens' text.
 
 Decoding each token alone breaks multi-byte characters and merges that depend on the
 previous token, so :class:`Detokenizer` decodes a short window (the approach of TGI and
@@ -7,6 +7,7 @@ tokens added, held back while it ends in an incomplete character (U+FFFD).
 
 :class:`StopMatcher` finds stop strings across token boundaries: it releases text only
 once no stop string can start in it, and cuts the text before a matched stop.
+:class:`TokenPieces` spells single tokens the way log probabilities list them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["Detokenizer", "StopMatcher"]
+__all__ = ["Detokenizer", "StopMatcher", "TokenPieces"]
 
 
 class Detokenizer:
@@ -90,3 +91,43 @@ class StopMatcher:
         """At the end of generation: the held-back text (it never became a stop)."""
         out, self._buf = ("" if self.matched is not None else self._buf), ""
         return out
+
+
+def _byte_level_chars(tokenizer: Any) -> dict[str, int] | None:
+    """Character -> byte of a byte-level BPE vocabulary (GPT-2, Llama 3, SmolLM2), else ``None``."""
+    from tokenizers.decoders import ByteLevel  # transformers' own dependency
+
+    if not isinstance(getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None), ByteLevel):
+        return None
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {ch: b for b, ch in bytes_to_unicode().items()}
+
+
+class TokenPieces:
+    """Each token id as log probabilities show it: ``(text, bytes)``, cached (at most the vocabulary).
+
+    A byte-level vocabulary spells bytes as characters; they are mapped back, so a token holding
+    part of a UTF-8 character gives its real bytes and a text such as ``"\\xe6"``, and the texts of
+    a response's tokens add up to its text. Other tokenizers give each token decoded alone.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tok = tokenizer
+        self._chars = _byte_level_chars(tokenizer)
+        self._cache: dict[int, tuple[str, list[int]]] = {}
+
+    def __call__(self, token_id: int) -> tuple[str, list[int]]:
+        hit = self._cache.get(token_id)
+        if hit is None:
+            hit = self._cache[token_id] = self._piece(token_id)
+        return hit
+
+    def _piece(self, token_id: int) -> tuple[str, list[int]]:
+        if self._chars is not None:
+            spelled = self._tok.convert_ids_to_tokens(int(token_id))
+            if isinstance(spelled, str) and spelled and all(ch in self._chars for ch in spelled):
+                raw = bytes(self._chars[ch] for ch in spelled)
+                return raw.decode("utf-8", errors="backslashreplace"), list(raw)
+        text = str(self._tok.decode([int(token_id)], skip_special_tokens=False))
+        return text, list(text.encode("utf-8", errors="surrogatepass"))

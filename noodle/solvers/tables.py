@@ -130,7 +130,8 @@ def _build_default(problem: Problem) -> CostTables:
     nodes = tuple(problem.usable_nodes())
     n, m = problem.num_units, len(nodes)
     per_token = problem.workload.context_tokens * problem.workload.sequences
-    lat = np.array([0.0, *itertools.accumulate(u.latency_ms for u in problem.units)])
+    b = problem.workload.batch_size
+    lat = np.array([0.0, *itertools.accumulate(u.latency_at(b) for u in problem.units)])
     mem = np.array(
         [0, *itertools.accumulate(u.param_bytes + u.kv_bytes_per_token * per_token for u in problem.units)],
         dtype=np.int64,

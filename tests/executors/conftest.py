@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from .conformance import FAMILIES
+from .procs import spawner as spawner  # the fixture that lets a test spawn worker processes
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -23,7 +23,7 @@ from noodle.executors.stage import StageRunner
 
 from .conformance import alone, plan_for, random_requests
 from .inprocess import Server
-from .procs import WorkerPool, children, spawner  # noqa: F401 - spawner is a fixture
+from .procs import WorkerPool, children
 
 TOKEN = "batch-token-5c1e"
 FAST = RetryPolicy(step_timeout_s=3.0, health_timeout_s=0.5, attempts=2, backoff_s=0.05)

@@ -24,7 +24,7 @@ from noodle.executors.grpc.server import serve
 from noodle.executors.grpc.worker import WorkerConfig
 
 from .conformance import CUTS, PROMPT_SETS, check_executor, plan_for, reference
-from .procs import WorkerPool, children, spawner  # noqa: F401 - spawner is a fixture
+from .procs import WorkerPool, children
 
 TOKEN = "test-token-3f9c"
 FAST = RetryPolicy(step_timeout_s=3.0, health_timeout_s=0.5, attempts=2, backoff_s=0.05)

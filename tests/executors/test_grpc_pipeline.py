@@ -11,7 +11,7 @@ from noodle.executors.failover import RetryPolicy
 from noodle.executors.grpc.coordinator import GrpcExecutor
 
 from .conformance import alone, plan_for, random_requests
-from .procs import WorkerPool, children, spawner  # noqa: F401 - spawner is a fixture
+from .procs import WorkerPool, children
 
 TOKEN = "pipe-token-77aa"
 FAST = RetryPolicy(step_timeout_s=3.0, health_timeout_s=0.5, attempts=2, backoff_s=0.05)

@@ -21,7 +21,7 @@ from noodle.executors.grpc.worker import WorkerConfig
 from noodle.plandoc import StageDoc
 
 from .conformance import CUTS, PROMPT_SETS, plan_for, reference
-from .procs import WorkerPool, children, spawner  # noqa: F401 - spawner is a fixture
+from .procs import WorkerPool, children
 
 TOKEN = "recovery-token-21b0"
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import safetensors
 import torch
 
 from noodle.errors import ExecutorError, ModelError

@@ -20,7 +20,7 @@ from noodle.executors.ring.coordinator import TorchRpcExecutor
 from noodle.executors.ring.wire import Flag, Op, WireChunk
 
 from .conformance import alone, plan_for, random_requests
-from .procs import children, spawner  # noqa: F401 - spawner is a fixture
+from .procs import children
 
 POLICY = RetryPolicy(step_timeout_s=20.0, health_timeout_s=1.0)
 CUTS = [0, 2, 4, 6]

@@ -18,7 +18,7 @@ from noodle.executors.failover import RetryPolicy
 from noodle.executors.ring.coordinator import TorchRpcExecutor
 
 from .conformance import CUTS, PROMPT_SETS, check_executor, plan_for, reference
-from .procs import SharedExecutor, children, spawner  # noqa: F401 - spawner is a fixture
+from .procs import SharedExecutor, children
 
 POLICY = RetryPolicy(step_timeout_s=20.0)
 

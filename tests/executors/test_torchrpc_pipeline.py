@@ -8,7 +8,6 @@ from noodle.executors.failover import RetryPolicy
 from noodle.executors.ring.coordinator import TorchRpcExecutor
 
 from .conformance import alone, plan_for, random_requests
-from .procs import spawner  # noqa: F401 - spawner is a fixture
 
 POLICY = RetryPolicy(step_timeout_s=20.0, health_timeout_s=1.0)
 

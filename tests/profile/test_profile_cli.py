@@ -101,12 +101,42 @@ def test_bench_profile_writes_results(tmp_path, capsys):
     assert main(["bench", "profile", "--rounds", "0"]) == 2
 
 
-def test_workload_longer_than_the_model_is_clamped_with_a_notice(tmp_path, capsys, caplog):
+def test_workload_longer_than_the_model_is_clamped_with_a_notice(tmp_path, capsys):
     out = tmp_path / "p"
-    with caplog.at_level("WARNING", logger="noodle.profile.engine"):
-        code = main(["profile", "--preset", "gpt2-tiny", "--prompt-tokens", "300", "--iterations", "1", "--warmup", "0",
-                     "--module-iterations", "0", "--no-dashboard", "--out", str(out)])  # fmt: skip
-    assert code == 0, capsys.readouterr().err
-    assert "300 + 16 = 316 exceeds the model's 256 positions; profiling 240 + 16 instead" in caplog.text
+    code = main(["profile", "--preset", "gpt2-tiny", "--prompt-tokens", "300", "--iterations", "1", "--warmup", "0",
+                 "--module-iterations", "0", "--no-dashboard", "--out", str(out)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "300 + 16 = 316 exceeds the model's 256 positions; profiling 240 + 16 instead" in err  # the CLI's log on stderr
     workload = json.loads((out / "profile_config.json").read_text())["config"]
     assert (workload["prompt_tokens"], workload["decode_tokens"]) == (240, 16)
+
+
+def test_default_counts_fit_the_time_budget_and_say_so(tmp_path, capsys):
+    out = tmp_path / "auto"
+    argv = ["profile", "--preset", "gpt2-tiny", "--out", str(out), "--no-dashboard", "--prompt-tokens", "8",
+            "--decode-tokens", "2", "--module-iterations", "0", "--time-budget", "1"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    saved = json.loads((out / "profile_config.json").read_text())
+    n = saved["run"]["iterations"]
+    assert 5 <= n <= 100 and saved["config"]["iterations"] == n and 2 <= saved["config"]["warmup"] <= 10
+    assert f"profiling {n} iteration(s) (prefill of 8 tokens + 2 decode steps" in err
+
+
+def test_automatic_count_needs_a_warm_up(capsys):
+    assert main(["profile", "--preset", "gpt2-tiny", "--warmup", "0"]) != 0
+    assert "--warmup 0 needs --iterations N" in capsys.readouterr().err
+    assert main(["profile", "--preset", "gpt2-tiny", "--time-budget", "nan"]) != 0
+    assert "--time-budget: must be between 1 and 86400 seconds, got nan" in capsys.readouterr().err
+
+
+def test_progress_off_a_terminal_is_a_log_line_with_what_is_left(caplog):
+    from noodle.profile.engine import progress_bar
+
+    with caplog.at_level("INFO", logger="noodle.profile.engine"):
+        with progress_bar(True, "m: profile", 3, every_s=0.0) as advance:
+            for _ in range(3):
+                advance()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and lines[0].startswith("m: profile: 1/3, about ") and lines[1].startswith("m: profile: 2/3")

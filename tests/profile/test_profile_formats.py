@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 from noodle.cli.main import main
 from noodle.profile import load_units

@@ -62,7 +62,10 @@ def test_corrected_estimate_converges_on_a_loopback_cluster(model_dir: Path, tmp
             steps = [h[i].factor for h in history if i in h]
             assert last.windows >= 4
             rec = next(r for r in reg.records() if r.id == last.node)
-            assert last.corrected_ms == pytest.approx(table_ms(rec, last.start, last.end) * last.factor)
+            # the table at the plan's step batch (continuous batching of 2 streams), along the model's batch curve
+            assert last.batch == (ctl.plan.current.predicted.step_batch or 1)
+            assert last.corrected_ms == pytest.approx(table_ms(rec, last.start, last.end, last.batch, ctl.units)
+                                                      * last.factor)  # fmt: skip
             assert rec.corrections[-1] == (last.start, last.end, pytest.approx(last.factor))
             print(f"stage {i}: factor {[round(f, 3) for f in steps]}, error vs table {first.corrected_error:+.1%}, "
                   f"corrected estimate error {[round(h[i].corrected_error, 3) for h in history if i in h]}")

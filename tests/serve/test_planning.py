@@ -26,7 +26,38 @@ def test_embedded_spec_uses_the_measurements(model_dir: Path) -> None:
     (node,) = spec["cluster"]["nodes"]
     assert node["compute_score"] == 1.0 and node["memory_gb"] == 3.0
     assert spec["model"]["reference"] == {"tflops": 0.25, "mem_bandwidth_gbps": 12.0}
-    assert spec["workload"] == {"prompt_tokens": 192, "max_new_tokens": 64, "batch_size": 4}  # 256 positions
+    # 256 positions; the serving default batches continuously: 4 streams
+    assert spec["workload"] == {"prompt_tokens": 192, "max_new_tokens": 64, "streams": 4}
+    for batching, key in (("continuous", "streams"), ("groups", "batch_size"), ("exact", "batch_size")):
+        spec = embedded_spec(model_dir, read_config(model_dir), concurrency=4, reference=ref, memory_bytes=3 * 2**30,
+                             batching=batching)  # fmt: skip
+        assert spec["workload"] == {"prompt_tokens": 192, "max_new_tokens": 64, key: 4}, batching
+
+
+def test_this_machine_predicts_the_batched_pipeline_and_shows_it(model_dir: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """16 streams on one stage: one step of all 16 per round, priced on the analytic batch curve."""
+    from types import SimpleNamespace
+
+    import noodle.serve.planning as planning
+    from noodle.serve.metrics import ServeMetrics, predicted_tps
+
+    monkeypatch.setattr(planning, "measure_reference", lambda seconds=0.15, device="cpu": ReferenceDevice(0.1, 10.0))
+    doc, _ = planning.plan_this_machine(model_dir, concurrency=16)
+    p = doc.predicted
+    (stage,) = doc.stages
+    assert (p.streams, p.step_batch) == (16, 16)
+    assert p.round_ms == pytest.approx(stage.compute_ms, rel=1e-9)  # one stage, no hops
+    assert p.pipeline_tokens_per_s == pytest.approx(16e3 / p.round_ms, rel=1e-9) == predicted_tps(doc)
+    one = planning.plan_this_machine(model_dir, concurrency=1)[0].stages[0].compute_ms
+    assert one < stage.compute_ms < 16 * one  # a batch of 16 costs more than one sequence, far less than 16 of them
+    groups, _ = planning.plan_this_machine(model_dir, concurrency=16, batching="groups")
+    assert groups.predicted.streams is None and groups.predicted.step_batch is None
+    rt = SimpleNamespace(stats=lambda: None, state="ready")
+    text = ServeMetrics(rt, doc).render().decode()
+    assert f"noodle_plan_predicted_tokens_per_second {float(p.pipeline_tokens_per_s)}" in text
+    assert "noodle_plan_streams 16.0" in text and "noodle_plan_step_batch 16.0" in text
+    assert "noodle_plan_streams 0.0" in ServeMetrics(rt, groups).render().decode()
 
 
 def test_plan_this_machine_is_one_stage_over_every_unit(plan_doc: PlanDoc) -> None:

@@ -75,7 +75,8 @@ class GrpcLane:
             self._take_limits(health)
         self._steps = 0
         self.last_hop_ms = 0.0
-        self.compute_ms: deque[float] = deque(maxlen=512)  # recent decode steps' compute (see _judged)
+        # recent decode steps: (their compute time in ms, see _judged; the sequences the step carried)
+        self.decode_log: deque[tuple[float, int]] = deque(maxlen=512)
         self.decode_steps = 0
 
     @property
@@ -106,8 +107,7 @@ class GrpcLane:
                 self._recover(exc)
         self._history[msg.session].append(req)
         if not msg.prefill:
-            self.compute_ms.append(self._judged(reply, (time.perf_counter() - t0) * 1e3))
-            self.decode_steps += 1
+            self._decoded(reply, (time.perf_counter() - t0) * 1e3, int(msg.data.shape[0]))
         data = from_proto(reply.data, field=f"{self.where}: reply data", max_bytes=self.ex.max_message_bytes)
         return StageOutput(msg.session, data, msg.attention_mask, is_logits=reply.is_logits)
 
@@ -127,12 +127,19 @@ class GrpcLane:
             except WorkerGone as exc:
                 self._recover(exc)
         self._seqs.record(msg)
-        one = msg.seqs[0]
-        if len(msg.seqs) == 1 and one.tokens == 1 and not one.start:  # a one-sequence decode: the drift figure
-            self.compute_ms.append(self._judged(reply, (time.perf_counter() - t0) * 1e3))
-            self.decode_steps += 1
+        if all(c.tokens == 1 and not c.start for c in msg.seqs):  # a decode step (no prompt chunk): the drift figure
+            wall_ms = (time.perf_counter() - t0) * 1e3
+            if msg.exact:  # each sequence ran alone: a one-sequence step's time, on average
+                self._decoded(reply, wall_ms, 1, len(msg.seqs))
+            else:
+                self._decoded(reply, wall_ms, len(msg.seqs))
         data = from_proto(reply.data, field=f"{self.where}: reply data", max_bytes=self.ex.max_message_bytes)
         return StageOutput(msg.session, data, None, is_logits=reply.is_logits, seqs=msg.seqs, exact=msg.exact)
+
+    def _decoded(self, reply: pb.ForwardReply, wall_ms: float, rows: int, runs: int = 1) -> None:
+        """Record a decode step: its compute time (:meth:`_judged`; per run when it ran ``runs`` times) and its batch."""
+        self.decode_log.append((self._judged(reply, wall_ms) / runs, rows))
+        self.decode_steps += 1
 
     def end(self, session: str) -> None:
         if self._seqs.end(session):  # one sequence of the packed steps: free its KV there

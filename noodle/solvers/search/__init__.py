@@ -1,4 +1,4 @@
-"""Search: the exact DP for a fixed node order and the iterated local search over orders (:mod:`.heuristic`),
+"""Search: the exact DP for a fixed node order (:mod:`.orderdp`) and the iterated local search over orders (:mod:`.heuristic`),
 seeded with the start orders of :mod:`.orders`.
 """
 

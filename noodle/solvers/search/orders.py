@@ -56,7 +56,7 @@ def start_orders(tables: CostTables, pinned: list[int], *, many: bool = False) -
     Pinned nodes (``pinned``, in the order of their pins along the chain) are placed at the
     front and also spread along the order where their pins fall. With ``many``, also every node
     (and, up to 10 nodes, every pair) in front of the speed order: they are cheap to evaluate
-    together (:func:`~noodle.solvers.search.heuristic.dp_values`) and let the search start near plans that lead with a slow node
+    together (:func:`~noodle.solvers.search.orderdp.dp_values`) and let the search start near plans that lead with a slow node
     holding much memory, or with a particular pair.
     """
     nodes = tables.nodes
