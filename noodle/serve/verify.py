@@ -18,7 +18,7 @@ With ``ratio = measured / claimed``: within ``[1/factor, factor]`` (:data:`FACTO
 trusted as it is; beyond, the node's whole table is scaled by ``ratio`` (a correction over all its
 units, as the drift feedback writes them: :func:`~noodle.serve.registry.corrected`), with one event
 line. A worker that cannot load or step the stage is refused: its heartbeats are answered 403 with
-the reason and it exits. The probe stage is unloaded afterwards. Only then does the node count as
+the reason and it exits. The probe stage is unloaded afterwards (unless the worker held it before). Only then does the node count as
 joined (the controller re-plans).
 """
 
@@ -83,26 +83,30 @@ def time_stage(address: str, model_dir: Path, unit: int, *, token: str | None, s
     client = WorkerClient(address, token=token)
     try:
         client.sync_clock(min(timeout_s, 5.0), rounds=PINGS, within_s=min(timeout_s, 5.0))
+        held = {st.stage_id for st in client.health(min(timeout_s, 5.0)).stages}  # not unloaded afterwards
         loaded = client.unary("LoadStage", pb.LoadStageRequest(start=unit, end=unit + 1, name=f"verify-{unit}"),
                               timeout_s, "verify")  # fmt: skip
         sid = loaded.stage.stage_id  # type: ignore[attr-defined]
         session = f"verify-{random.getrandbits(48):012x}"
         client.unary("CreateSession", pb.CreateSessionRequest(stage_id=sid, session=session), timeout_s, "verify")
         try:
+            states = _hidden(model_dir, PROMPT_TOKENS + steps)
             first = pb.ForwardRequest(session=session, prefill=True)
-            first.data.CopyFrom(to_proto(_hidden(model_dir, PROMPT_TOKENS)))
+            first.data.CopyFrom(to_proto(states[:, :PROMPT_TOKENS].contiguous()))
             client.unary("Forward", first, timeout_s, "verify")
             wall, reported = [], []
-            for _ in range(steps):
+            for i in range(PROMPT_TOKENS, PROMPT_TOKENS + steps):
                 req = pb.ForwardRequest(session=session)
-                req.data.CopyFrom(to_proto(_hidden(model_dir, 1)))
+                req.data.CopyFrom(to_proto(states[:, i : i + 1].contiguous()))
                 t0 = time.perf_counter()
                 reply: Any = client.unary("Forward", req, timeout_s, "verify")
                 wall.append((time.perf_counter() - t0) * 1e3)
                 reported.append(max(0, reply.t_out_ns - reply.t_in_ns) / 1e6)
         finally:
-            for method, request in (("CloseSession", pb.CloseSessionRequest(session=session)),
-                                    ("UnloadStage", pb.UnloadStageRequest(stage_id=sid))):  # fmt: skip
+            cleanup: list[tuple[str, Any]] = [("CloseSession", pb.CloseSessionRequest(session=session))]
+            if sid not in held:
+                cleanup.append(("UnloadStage", pb.UnloadStageRequest(stage_id=sid)))
+            for method, request in cleanup:
                 try:
                     client.unary(method, request, 5.0, "verify")
                 except Exception:  # noqa: BLE001 - best effort: the worker reaps idle sessions and stages itself

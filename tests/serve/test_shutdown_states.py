@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from .servers import ServeProc, start_serve, wait_ready
-from .test_cluster import TOKEN, _processes, _wait, _worker
+from .test_cluster import _processes, _wait, _worker
 from .test_shutdown import DRAIN_S, MODEL, _cluster_args, _ends_on_first
 
 
