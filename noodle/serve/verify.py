@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from noodle.errors import ExecutorError
+from noodle.executors.grpc.throttle import PROBE_PREFIX
 from noodle.serve.registry import ClusterRegistry, WorkerRecord
 
 __all__ = ["JoinVerifier", "StageTiming", "time_stage", "FACTOR", "STEPS", "PROMPT_TOKENS"]
@@ -87,7 +88,7 @@ def time_stage(address: str, model_dir: Path, unit: int, *, token: str | None, s
         loaded = client.unary("LoadStage", pb.LoadStageRequest(start=unit, end=unit + 1, name=f"verify-{unit}"),
                               timeout_s, "verify")  # fmt: skip
         sid = loaded.stage.stage_id  # type: ignore[attr-defined]
-        session = f"verify-{random.getrandbits(48):012x}"
+        session = f"{PROBE_PREFIX}{random.getrandbits(48):012x}"
         client.unary("CreateSession", pb.CreateSessionRequest(stage_id=sid, session=session), timeout_s, "verify")
         try:
             states = _hidden(model_dir, PROMPT_TOKENS + steps)
