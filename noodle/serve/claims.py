@@ -1,7 +1,7 @@
 """What a joining worker claims on the wire, and the bounds a claim must keep before it is planned.
 
 A worker's join (:class:`JoinRequest`) and heartbeats (:class:`Heartbeat`) are checked here, at the
-edge, against the limits the planner's spec applies (:mod:`noodle.spec`, :mod:`noodle.sizes`);
+edge, against the limits the planner's spec applies (:mod:`noodle.sizes`, as :mod:`noodle.spec` uses them);
 a claim outside them is refused with a 400 naming the field and the numbers instead of being
 planned (a worker claiming 8 PiB, or 0.00 ms per unit, used to be accepted):
 
@@ -29,8 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from noodle.errors import SpecError
 from noodle.profile.unitcosts import UNIT_COSTS_FORMAT
-from noodle.sizes import MAX_UNITS
-from noodle.spec import MAX_MEMORY_GB, MAX_MS, MAX_SCORE, MIN_SCORE
+from noodle.sizes import MAX_MEMORY_GB, MAX_MS, MAX_SCORE, MAX_UNITS, MIN_SCORE
 from noodle.types import NodeProfile
 
 __all__ = ["JoinRequest", "Heartbeat", "CostReport", "UnitCostReport", "StepOverheadReport", "DeviceReport",
