@@ -150,6 +150,9 @@ def serve_cmd(
                                           help="--cluster: re-plan when a stage's measured compute strays this far from its prediction"),
     replan_horizon: float = typer.Option(120.0, "--replan-horizon-s",
                                          help="--cluster: a switch must pay for moving its units within this many seconds"),
+    verify_factor: float = typer.Option(8.0, "--verify-factor",
+                                        help="--cluster: a joining worker's unit table is scaled when a stage step timed "
+                                             "on it is off by more than this factor"),
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming, metrics)."""
     require_exec("noodle serve")
@@ -174,6 +177,7 @@ def serve_cmd(
                        request_timeout=request_timeout, drain_timeout=drain_timeout, threads=threads,
                        max_request_bytes=max_request_bytes, edge=edge, names=names, min_workers=min_workers, replan_threshold=replan_threshold,
                        heartbeat_timeout=heartbeat_timeout, probe_interval=probe_interval, drift_threshold=drift_threshold, replan_horizon=replan_horizon, batching=batching,
+                       verify_factor=verify_factor,
                        max_batch_tokens=max_batch_tokens, conflicting={"--plan": plan, "--spec": spec,
                        "--workers": workers, "--emulate": emulate or None})  # fmt: skip
         return
@@ -210,7 +214,7 @@ def _serve_cluster(model: Path, *, token: str | None, host: str, port: int, api_
                    probe_interval: float = 60.0, drift_threshold: float = 0.15,
                    replan_horizon: float = 120.0, max_request_bytes: int = MAX_REQUEST_BYTES,
                    edge: dict[str, Any] | None = None, names: dict[str, Any] | None = None,
-                   batching: str = "auto", max_batch_tokens: int = 256) -> None:  # fmt: skip
+                   batching: str = "auto", max_batch_tokens: int = 256, verify_factor: float = 8.0) -> None:  # fmt: skip
     """``--cluster``: serve over workers that join; see docs/cluster.md."""
     from noodle.serve.build import build_cluster_server
 
@@ -227,6 +231,7 @@ def _serve_cluster(model: Path, *, token: str | None, host: str, port: int, api_
         raise SpecError(f"--probe-interval: must be 0 (no link probes) or 1 to 86400 seconds, got {probe_interval:g}")
     check_float("--drift-threshold", drift_threshold, gt=0, le=100)
     check_float("--replan-horizon-s", replan_horizon, gt=0, le=1e7)
+    check_float("--verify-factor", verify_factor, ge=1.5, le=1e6)
     if threads:
         import torch
 
@@ -239,7 +244,7 @@ def _serve_cluster(model: Path, *, token: str | None, host: str, port: int, api_
                                   concurrency=concurrency, max_queue=max_queue, request_timeout_s=request_timeout,
                                   drain_timeout_s=drain_timeout, api_key=api_key, model_id=served_model_name,
                                   probe_interval_s=probe_interval, max_request_bytes=max_request_bytes,
-                                  batching=batching, max_batch_tokens=max_batch_tokens,
+                                  batching=batching, max_batch_tokens=max_batch_tokens, verify_factor=verify_factor,
                                   **(names or {}))  # fmt: skip
     sock = bind_socket(host, port)
     bound = sock.getsockname()[1]

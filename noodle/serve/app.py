@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -152,8 +153,19 @@ class ServeApp:
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: FastAPI) -> AsyncIterator[None]:
-        quiet_accept_errors(asyncio.get_running_loop())
-        loader = asyncio.create_task(asyncio.to_thread(self.runtime.load))
+        loop = asyncio.get_running_loop()
+        quiet_accept_errors(loop)
+        loaded = asyncio.Event()
+
+        def load() -> None:
+            try:
+                self.runtime.load()
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+                    loop.call_soon_threadsafe(loaded.set)
+
+        # a daemon thread: a shutdown while stages load (a worker that hangs in LoadStage) does not wait for it
+        threading.Thread(target=load, name="noodle-load", daemon=True).start()
         watcher = asyncio.create_task(self._watch())
         try:
             yield
@@ -161,8 +173,11 @@ class ServeApp:
             watcher.cancel()
             if self.cluster is not None:  # first: its opener may be waiting for workers until it is stopped
                 await asyncio.to_thread(self.cluster.close)
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await loader
+            try:
+                await asyncio.wait_for(loaded.wait(), timeout=max(1.0, self.drain_timeout_s))
+            except (asyncio.TimeoutError, asyncio.CancelledError):
+                self.runtime.events.add("warning", f"stopping while the stages still load (over "
+                                        f"{max(1.0, self.drain_timeout_s):g} s); not waiting for them")  # fmt: skip
             self.runtime.cancel_all()
             await asyncio.to_thread(self.runtime.close, min(10.0, self.drain_timeout_s))
 

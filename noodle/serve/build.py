@@ -95,20 +95,25 @@ def build_cluster_server(
     origins: frozenset[str] = frozenset(),
     batching: str = "auto",
     max_batch_tokens: int = 256,
+    verify_factor: float = 8.0,
 ) -> ServeApp:
     """A :class:`ServeApp` over workers that join it (``noodle worker --join``); see :mod:`noodle.serve.controller`.
 
     ``probe_interval_s``: seconds between rounds of link probes (:mod:`noodle.serve.linkprobe`); 0: none.
     ``batching``: the engine's mode, which the plans are priced for (continuous: ``streams = concurrency``).
+    ``verify_factor``: how far a stage step timed on a joining worker may be off its table before the table is
+    scaled (:mod:`noodle.serve.verify`).
     """
     from noodle.serve.controller import ClusterController
-    from noodle.serve.joining import model_hash
+    from noodle.serve.joining import model_hash, weights_hash
     from noodle.serve.linkprobe import LinkProber, probe_sizes
     from noodle.serve.registry import ClusterRegistry
+    from noodle.serve.verify import JoinVerifier
 
     limits, eos_ids = _model_limits(model_dir)
     registry = ClusterRegistry(heartbeat_s=max(0.2, heartbeat_timeout_s / 4), heartbeat_timeout_s=heartbeat_timeout_s,
-                               model_hash=model_hash(model_dir), unit_names=tuple(unit_names_of(model_dir)))  # fmt: skip
+                               model_hash=model_hash(model_dir), unit_names=tuple(unit_names_of(model_dir)),
+                               weights_sha256=weights_hash(model_dir))  # fmt: skip
     holder: dict[str, ClusterController] = {}
     runtime = Runtime(lambda: holder["ctl"].opener(), tokenizer, limits, eos_ids=eos_ids,
                       request_timeout_s=request_timeout_s)  # fmt: skip
@@ -121,6 +126,8 @@ def build_cluster_server(
     ctl.prober = LinkProber(registry, probe_sizes(Path(model_dir)), token=token, events=runtime.events,
                             interval_s=probe_interval_s)  # fmt: skip
     ctl.prober.start()
+    ctl.verifier = JoinVerifier(registry, Path(model_dir), runtime.events, token=token,
+                                factor=verify_factor).start()
     return ServeApp(runtime, ctl.plan, model_id=model_id or Path(model_dir).resolve().name,  # type: ignore[arg-type]
                     backend="grpc", api_key=api_key, drain_timeout_s=drain_timeout_s, cluster=ctl,
                     cluster_token=token, max_request_bytes=max_request_bytes, hosts=hosts,

@@ -17,14 +17,14 @@ from typing import Any, TypeVar
 
 import yaml
 from fastapi import APIRouter, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ValidationError
 
+from noodle.serve.claims import ClaimRefused, Heartbeat, JoinRequest, field_message, unit_mismatch
 from noodle.serve.controller import ClusterController
 from noodle.serve.links import LINK_MODES
 from noodle.serve.protocol import ApiError
-from noodle.serve.registry import Heartbeat, JoinRequest, cluster_spec, unit_mismatch
+from noodle.serve.registry import cluster_spec
 
 __all__ = ["cluster_router"]
 
@@ -32,7 +32,7 @@ W = TypeVar("W", bound=BaseModel)
 
 
 def _parse(raw: bytes, model: type[W]) -> W:
-    """A wire body, or the 400 that names its field (a RequestValidationError, as FastAPI raises it)."""
+    """A wire body, or the 400 that names its field and the value it got."""
     try:
         data = json.loads(raw)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, an integer of 4,300+ digits
@@ -40,7 +40,8 @@ def _parse(raw: bytes, model: type[W]) -> W:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise RequestValidationError(exc.errors(include_url=False)) from None
+        param, message = field_message(exc)
+        raise ApiError(400, f"{param}: {message}", param=param, code="invalid_value") from None
 
 
 async def _body(request: Request, model: type[W]) -> W:
@@ -59,6 +60,11 @@ def cluster_router(ctl: ClusterController) -> APIRouter:
             raise ApiError(409, f"model_hash: the worker's model folder is {body.model_hash}, the coordinator serves "
                            f"{reg.model_hash}; give the worker a copy of the same model", param="model_hash",
                            code="model_mismatch")  # fmt: skip
+        if reg.weights_sha256 and body.weights_sha256 != reg.weights_sha256:
+            raise ApiError(409, f"weights_sha256: the worker's weights hash to {body.weights_sha256[:16]}..., the "
+                           f"coordinator's to {reg.weights_sha256[:16]}...: same config and file sizes, other weights; "
+                           "give the worker a byte-for-byte copy of the coordinator's model folder",
+                           param="weights_sha256", code="weights_mismatch")  # fmt: skip
         wrong = unit_mismatch(body.costs, reg.unit_names) if reg.unit_names else None
         if wrong:
             raise ApiError(400, f"costs.units: {wrong}; the worker measured another model "
@@ -66,17 +72,27 @@ def cluster_router(ctl: ClusterController) -> APIRouter:
                            code="invalid_value")  # fmt: skip
         if body.address.startswith(("0.0.0.0:", "[::]:")) and request.client is not None:  # listens everywhere
             body = body.model_copy(update={"address": f"{request.client.host}:{body.address.rsplit(':', 1)[1]}"})
-        rec = reg.join(body)
+        try:
+            rec = reg.join(body, verified=ctl.verifier is None)
+        except ClaimRefused as exc:
+            raise ApiError(exc.status, str(exc), param=exc.param, code=exc.code) from None
         ctl.events.add("info", f"node {rec.id} joined from {rec.address}: {rec.device_kind} ({rec.device_name}), "
                        f"{rec.free_memory_bytes / 2**30:.1f} GiB free, decode {rec.decode_ms:.2f} ms over "
                        f"{len(rec.profile.unit_names)} units"
-                       f"{' (cached)' if rec.cached else ''}")  # fmt: skip
-        return {"ok": True, "heartbeat_s": reg.heartbeat_s}
+                       f"{' (cached)' if rec.cached else ''}"
+                       f"{'' if rec.verified else '; timing a stage on it before it is planned'}")  # fmt: skip
+        if ctl.verifier is not None:
+            ctl.verifier.wake()
+        return {"ok": True, "heartbeat_s": reg.heartbeat_s, "secret": rec.secret}
 
     @router.post("/noodle/cluster/heartbeat")
     async def heartbeat(request: Request) -> dict[str, Any]:
         body = await _body(request, Heartbeat)
-        if not ctl.registry.heartbeat(body):
+        try:
+            known = ctl.registry.heartbeat(body)
+        except ClaimRefused as exc:
+            raise ApiError(exc.status, str(exc), param=exc.param, code=exc.code) from None
+        if not known:
             raise ApiError(404, f"id: node {body.id!r} is not joined (or was declared dead); join again",
                            param="id", code="not_joined")  # fmt: skip
         return {"ok": True}

@@ -56,6 +56,7 @@ __all__ = ["ClusterController", "predicted_tps", "plan_layout"]
 
 log = logging.getLogger(__name__)
 CONNECT_S = 2.0  # how long a re-plan's executor retries a worker's first health check
+CLOSE_S = 5.0  # how long close() waits for the watcher, the link prober and the join verifier together
 
 
 def plan_layout(plan: PlanDoc | None) -> str:
@@ -111,6 +112,7 @@ class ClusterController:
         self.drift = PredictionWatch(threshold=drift_threshold)
         self._drift_checked = 0.0
         self.prober: Any = None  # a noodle.serve.linkprobe.LinkProber, closed with the controller
+        self.verifier: Any = None  # a noodle.serve.verify.JoinVerifier (None: joins are planned as claimed)
         self._fed: tuple[Any, dict[int, int]] = (None, {})  # (executor, decode steps already fed per stage)
 
     # -- start-up (the runtime's opener) ------------------------------------------------------------
@@ -145,12 +147,16 @@ class ClusterController:
                 "are refused until one joins (`noodle worker --join`)", max(1, round(self.registry.heartbeat_s * 2)))
 
     def close(self) -> None:
-        """Stop waiting for workers (the opener raises), the watcher thread and the link prober; idempotent."""
+        """Stop waiting for workers (the opener raises), the watcher thread, the link prober and the join
+        verifier; idempotent."""
         self._stop.set()
-        if self.prober is not None:
-            self.prober.close()
-        if self._thread is not None:
-            self._thread.join(timeout=5.0)
+        # the helpers close side by side, on daemon threads: a probe stuck on a worker that hangs holds none of it
+        closers = [threading.Thread(target=h.close, daemon=True) for h in (self.prober, self.verifier) if h is not None]
+        for c in closers:
+            c.start()
+        deadline = time.monotonic() + CLOSE_S
+        for t in [*closers, *([self._thread] if self._thread is not None else [])]:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
 
     # -- planning -----------------------------------------------------------------------------------
     def problem(self, records: list[WorkerRecord]) -> Any:
@@ -199,7 +205,10 @@ class ClusterController:
         version = self.registry.version
         records = self.registry.records(alive_only=True)
         if not records:
-            self.events.add("warning", f"re-plan ({reason}): no live worker; requests wait for one to join")
+            failed = self.pipeline.fail_waiting(f"no live worker is left to finish this request ({reason}); retry "
+                                                "when a worker has joined (`noodle worker --join`)")  # fmt: skip
+            self.events.add("warning", f"re-plan ({reason}): no live worker; {failed} waiting request(s) ended with "
+                                       "an error, new ones are refused (503) until a worker joins")  # fmt: skip
             return False
         before = self.plan.current
         t0 = time.time()

@@ -36,7 +36,7 @@ from typing import Any
 from noodle.errors import ExecutorError
 from noodle.profile.unitcosts import UNIT_COSTS_FORMAT
 
-__all__ = ["model_hash", "device_info", "measure_model", "whole_model_ms", "self_report", "slowed_report", "Joiner",
+__all__ = ["model_hash", "weights_hash", "device_info", "measure_model", "whole_model_ms", "self_report", "slowed_report", "Joiner",
            "DEFAULT_CACHE_DIR"]
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,47 @@ def model_hash(model_dir: Path) -> str:
     for f in sorted(Path(model_dir).glob("*.safetensors")):
         h.update(f"{f.name}:{f.stat().st_size}".encode())
     return h.hexdigest()[:16]
+
+
+HASH_CHUNK = 8 * 2**20
+
+
+def _file_sha256(path: Path, cache: Path) -> str:
+    """sha256 of ``path``'s bytes, cached in ``cache`` under its resolved path, size and mtime (ns)."""
+    st = path.stat()
+    key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    entry = cache / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+    try:
+        known = json.loads(entry.read_text())
+        if isinstance(known, dict) and known.get("key") == key and isinstance(known.get("sha256"), str):
+            return str(known["sha256"])
+    except (OSError, ValueError):
+        pass
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(HASH_CHUNK):
+            h.update(chunk)
+    digest = h.hexdigest()
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        entry.write_text(json.dumps({"key": key, "sha256": digest}))
+    except OSError as exc:
+        log.warning("cannot cache the weights hash in %s (%s)", entry, exc.strerror)
+    return digest
+
+
+def weights_hash(model_dir: Path, cache_dir: Path | None = None) -> str:
+    """sha256 over the model folder's weights: each ``*.safetensors`` file's name and the sha256 of its bytes.
+
+    Coordinator and worker must agree on it: a folder with the same config and file sizes but other
+    weights is refused. Each file's hash is computed once and cached under ``<cache dir>/hashes/``,
+    keyed by its resolved path, size and mtime (a rewritten file is hashed again).
+    """
+    cache = (cache_dir or DEFAULT_CACHE_DIR).expanduser() / "hashes"
+    h = hashlib.sha256()
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        h.update(f"{f.name}:{_file_sha256(f, cache)}\n".encode())
+    return h.hexdigest()
 
 
 def device_info(device: str) -> dict[str, Any]:
@@ -170,7 +211,8 @@ def self_report(model_dir: Path, device: str, cache_dir: Path | None = None) -> 
         except OSError as exc:
             log.warning("cannot cache the measured costs in %s (%s)", path, exc.strerror)
         costs["cached"] = False
-    return {"device": info, "model_hash": mhash, "costs": costs, "cache_file": str(path)}
+    return {"device": info, "model_hash": mhash, "weights_sha256": weights_hash(model_dir, cache_dir), "costs": costs,
+            "cache_file": str(path)}
 
 
 def slowed_report(report: dict[str, Any], factor: float) -> dict[str, Any]:
@@ -190,6 +232,19 @@ def slowed_report(report: dict[str, Any], factor: float) -> dict[str, Any]:
         costs["step_overhead_ms"] = {k: float(v) * factor for k, v in costs["step_overhead_ms"].items()}
     costs["emulated_slowdown"] = factor
     return {**report, "costs": costs}
+
+
+class _NameInUse(Exception):
+    """The coordinator has a live node of this name (409 name_in_use): retried until the join gives up."""
+
+
+def _error(resp: Any) -> tuple[str, str]:
+    """(message, code) of a coordinator's error answer."""
+    try:
+        err = resp.json().get("error", {})
+        return str(err.get("message", resp.text)), str(err.get("code") or "")
+    except (ValueError, AttributeError):
+        return resp.text, ""
 
 
 class Joiner:
@@ -217,6 +272,7 @@ class Joiner:
         self.on_fail = on_fail or (lambda line: print(line, file=sys.stderr, flush=True))
         self.heartbeat_s = 2.0
         self.joined = threading.Event()
+        self.secret = ""  # issued by the coordinator at join; every heartbeat carries it
         self.failed: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -240,16 +296,17 @@ class Joiner:
         return {"id": self.node_id, "address": self.address, **self._report}
 
     def _join_once(self) -> None:
-        """One join; raises ExecutorError (refused: do not retry) or OSError-like httpx errors (retry)."""
+        """One join; raises ExecutorError (refused: do not retry), _NameInUse (retry) or httpx errors (retry)."""
         resp = self._post("/noodle/cluster/join", self._payload())
         if resp.status_code in (401, 403, 404, 409, 400, 422):
-            try:
-                msg = resp.json().get("error", {}).get("message", resp.text)
-            except ValueError:
-                msg = resp.text
+            msg, code = _error(resp)
+            if code == "name_in_use":
+                raise _NameInUse(msg)
             raise ExecutorError(f"--join {self.url}: the coordinator refused this worker ({resp.status_code}: {msg})")
         resp.raise_for_status()
-        self.heartbeat_s = float(resp.json().get("heartbeat_s", self.heartbeat_s))
+        answer = resp.json()
+        self.heartbeat_s = float(answer.get("heartbeat_s", self.heartbeat_s))
+        self.secret = str(answer.get("secret", ""))
         self.joined.set()
 
     def _run(self) -> None:
@@ -267,7 +324,7 @@ class Joiner:
               f"{'; step overhead %.3f ms' % c['step_overhead_ms']['decode_ms'] if c.get('step_overhead_ms') else ''}"
               + (f" (x{c['emulated_slowdown']:g}: emulated slowdown)" if c.get("emulated_slowdown") else ""),
               flush=True)  # fmt: skip
-        deadline, delay = time.monotonic() + self.give_up_s, 0.25
+        deadline, delay, said = time.monotonic() + self.give_up_s, 0.25, ""
         while not self._stop.is_set():
             try:
                 self._join_once()
@@ -275,11 +332,17 @@ class Joiner:
             except ExecutorError as exc:
                 self._fail(f"noodle worker: {exc}")
                 return
-            except httpx.HTTPError as exc:
+            except (httpx.HTTPError, _NameInUse) as exc:
                 if time.monotonic() + delay > deadline:
-                    self._fail(f"noodle worker: --join {self.url}: no coordinator answers after {self.give_up_s:g} s "
-                               f"({type(exc).__name__}: {exc}); start `noodle serve --cluster` there or fix the URL")
+                    why = (f"the coordinator refused this worker for {self.give_up_s:g} s (409: {exc})"
+                           if isinstance(exc, _NameInUse) else
+                           f"no coordinator answers after {self.give_up_s:g} s ({type(exc).__name__}: {exc}); start "
+                           "`noodle serve --cluster` there or fix the URL")  # fmt: skip
+                    self._fail(f"noodle worker: --join {self.url}: {why}")
                     return
+                if isinstance(exc, _NameInUse) and str(exc) != said:
+                    said = str(exc)
+                    print(f"noodle worker: --join {self.url}: {exc}; retrying for {self.give_up_s:g} s", flush=True)
                 self._stop.wait(delay)
                 delay = min(delay * 2, 5.0)
         print(f"noodle worker: joined {self.url} as {self.node_id} ({self.address})", flush=True)
@@ -293,14 +356,20 @@ class Joiner:
         proc.cpu_percent(None)
         warned = False
         while not self._stop.wait(self.heartbeat_s):
-            body = {"id": self.node_id, "load": proc.cpu_percent(None) / 100.0,
+            body = {"id": self.node_id, "load": proc.cpu_percent(None) / 100.0, "secret": self.secret,
                     "free_memory_bytes": int(psutil.virtual_memory().available)}  # fmt: skip
             try:
                 resp = self._post("/noodle/cluster/heartbeat", body)
-                if resp.status_code == 404:  # the coordinator restarted and forgot us: join again
+                if resp.status_code == 403 and _error(resp)[1] == "refused":
+                    self._fail(f"noodle worker: --join {self.url}: {_error(resp)[0]}")
+                    return
+                if resp.status_code in (403, 404):  # the coordinator restarted (or our record was replaced): join again
                     self._join_once()
                 warned = False
-            except (httpx.HTTPError, ExecutorError) as exc:
+            except (httpx.HTTPError, ExecutorError, _NameInUse) as exc:
+                if isinstance(exc, ExecutorError):
+                    self._fail(f"noodle worker: {exc}")
+                    return
                 if not warned:
                     log.warning("heartbeat to %s failed (%s); retrying every %.0f s", self.url, exc, self.heartbeat_s)
                     warned = True

@@ -37,6 +37,7 @@ import grpc
 from noodle.executors.grpc import stage_service_pb2 as pb
 from noodle.executors.grpc import stage_service_pb2_grpc as pb_grpc
 from noodle.executors.grpc.probe import MAX_PROBE_BYTES, PROBE_VERSION, ProbeRefused, measure, open_channel
+from noodle.serve.claims import link_problem
 from noodle.serve.links import COORDINATOR, LinkSample
 from noodle.serve.registry import ClusterRegistry, WorkerRecord
 
@@ -153,6 +154,11 @@ class LinkProber:
             else:
                 reply = self._ask(a, b)
                 rtt, up, down, nbytes, rounds = reply.rtt_ms, reply.up_gbps, reply.down_gbps, reply.bytes, reply.rounds
+                wrong = link_problem(rtt, up, down)
+                if wrong:  # a worker's own figures: kept only within the spec's link bounds
+                    self._failed(source, b.id, f"worker {a.id} reports figures out of the spec's bounds ({wrong}); "
+                                               "the link keeps the spec's default")  # fmt: skip
+                    return None
         except ProbeRefused as exc:
             self._failed(source, b.id, str(exc))
             return None

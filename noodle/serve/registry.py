@@ -1,9 +1,12 @@
 """The coordinator's registry of joined workers, and the spec their measured figures make.
 
-Workers register with ``POST /noodle/cluster/join`` (validated by :class:`JoinRequest`)
-and keep their record fresh with heartbeats; :class:`ClusterRegistry` holds one frozen
-:class:`WorkerRecord` per node id, thread-safe. A node whose last heartbeat is older
-than ``heartbeat_timeout_s`` is *dead* (:meth:`ClusterRegistry.reap`); it joins again by
+Workers register with ``POST /noodle/cluster/join`` (validated by :class:`JoinRequest`, bounded by
+:mod:`noodle.serve.claims`) and keep their record fresh with heartbeats; :class:`ClusterRegistry`
+holds one frozen :class:`WorkerRecord` per node id, thread-safe. A join gets a secret that its
+heartbeats must carry (a heartbeat speaks only for its own node), and an id held by a live node is
+refused. A node joined with ``verified=False`` is not planned until :meth:`ClusterRegistry.verify`
+(the coordinator timed a stage on it: :mod:`noodle.serve.verify`). A node whose last heartbeat is
+older than ``heartbeat_timeout_s`` is *dead* (:meth:`ClusterRegistry.reap`); it joins again by
 sending a new join.
 
 :func:`cluster_spec` turns the live records into a spec (a mapping for
@@ -22,132 +25,27 @@ written by :func:`noodle.cluster.export_spec` (the shared exporter), from
 
 from __future__ import annotations
 
+import hmac
+import secrets
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated, Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from typing import Any
 
 from noodle.cluster import LinkMeasurement
 from noodle.graph.pernode import profile_decode_ms
+from noodle.serve.claims import (ClaimRefused, CostReport, Heartbeat, JoinRequest, StepOverheadReport, UnitCostReport,
+                                 unit_mismatch)
 from noodle.serve.links import LinkSample, LinkTable
-from noodle.profile.unitcosts import UNIT_COSTS_FORMAT
-from noodle.sizes import MAX_UNITS
+from noodle.sizes import size_problem
 from noodle.types import NodeProfile, Unit
 
 __all__ = ["JoinRequest", "Heartbeat", "CostReport", "UnitCostReport", "StepOverheadReport", "WorkerRecord", "ClusterRegistry",
            "cluster_spec", "unit_mismatch", "corrected", "shared_bias", "table_ms", "PLAN_BATCH"]
 
-MAX_WIRE_MS = 1e7  # per unit and step: about 2.8 hours
-MAX_WIRE_BYTES = 2**50
-MAX_BATCH_SIZES = 16
 PLAN_BATCH = 1  # sequences per group of a groups-priced cluster plan (noodle serve --cluster --batching groups)
-
-
-class _Wire(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="ignore", allow_inf_nan=False)
-
-
-class DeviceReport(_Wire):
-    kind: str = Field(min_length=1, max_length=32)
-    name: str = Field("", max_length=200)
-    total_memory_bytes: int = Field(gt=0)
-    free_memory_bytes: int = Field(ge=0)
-    threads: int = Field(ge=1, le=100_000)
-
-
-class UnitCostReport(_Wire):
-    """One placement unit timed on the worker: decode ms per batch size, prefill ms per token, bytes."""
-
-    name: str = Field(min_length=1, max_length=200)
-    decode_ms: dict[Annotated[int, Field(ge=1, le=2**16)], Annotated[float, Field(gt=0, le=MAX_WIRE_MS)]] = Field(
-        min_length=1, max_length=MAX_BATCH_SIZES)
-    prefill_ms_per_token: float = Field(gt=0, le=MAX_WIRE_MS)
-    param_bytes: int = Field(ge=0, le=MAX_WIRE_BYTES)
-    kv_bytes_per_token: int = Field(ge=0, le=MAX_WIRE_BYTES)
-
-
-class StepOverheadReport(_Wire):
-    """The stage runner's fixed work per step that the unit table misses (:func:`~noodle.profile.unitcosts.measure_step_overhead`)."""
-
-    decode_ms: float = Field(ge=0, le=MAX_WIRE_MS)
-    prefill_ms: float = Field(ge=0, le=MAX_WIRE_MS)
-
-
-class CostReport(_Wire):
-    """The model's units timed on the worker's own device (:func:`~noodle.profile.unitcosts.measure_unit_costs`).
-
-    ``step_overhead_ms`` is absent in reports of workers from before it was measured: their stages cost no overhead.
-    """
-
-    format: Literal["noodle.unit-costs/1"]
-    batch_size: int = Field(ge=1, le=2**16)
-    prompt_tokens: int = Field(ge=1, le=2**24)
-    dtype: str = Field("float32", max_length=32)
-    cached: bool = False
-    units: list[UnitCostReport] = Field(min_length=1, max_length=MAX_UNITS)
-    step_overhead_ms: StepOverheadReport | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _not_whole_model(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "units" not in data and "decode_ms" in data:
-            raise ValueError("this worker reports one whole-model decode time (an older noodle worker); the "
-                             f"coordinator needs per-unit costs ({UNIT_COSTS_FORMAT}): upgrade noodle on the worker")
-        return data
-
-    @model_validator(mode="after")
-    def _same_batches(self) -> CostReport:
-        sizes = sorted(self.units[0].decode_ms)
-        if self.batch_size not in sizes:
-            raise ValueError(f"batch_size {self.batch_size} has no decode_ms in units[0] (it has {sizes})")
-        for i, u in enumerate(self.units):
-            if sorted(u.decode_ms) != sizes:
-                raise ValueError(f"units[{i}].decode_ms: batch sizes {sorted(u.decode_ms)} differ from units[0]'s {sizes}")
-        return self
-
-    def profile(self, source: str) -> NodeProfile:
-        """The report as a :class:`~noodle.types.NodeProfile` (chain order as sent)."""
-        b = self.batch_size
-        others = sorted(k for k in self.units[0].decode_ms if k != b)
-        return NodeProfile(
-            unit_names=tuple(u.name for u in self.units), latency_ms=tuple(u.decode_ms[b] for u in self.units),
-            batch_size=b, decode_ms=tuple((k, tuple(u.decode_ms[k] for u in self.units)) for k in others),
-            param_bytes=tuple(u.param_bytes for u in self.units),
-            kv_bytes_per_token=tuple(u.kv_bytes_per_token for u in self.units),
-            prefill_ms_per_token=tuple(u.prefill_ms_per_token for u in self.units), source=source,
-            step_overhead_ms=self.step_overhead_ms.decode_ms if self.step_overhead_ms else 0.0,
-            prefill_overhead_ms=self.step_overhead_ms.prefill_ms if self.step_overhead_ms else None,
-        )  # fmt: skip
-
-
-def unit_mismatch(report: CostReport, names: list[str] | tuple[str, ...]) -> str | None:
-    """Words for how ``report``'s units differ from the model's ``names``; None when they agree."""
-    if len(report.units) != len(names):
-        return f"{len(report.units)} units measured, the coordinator's model has {len(names)}"
-    for i, (u, name) in enumerate(zip(report.units, names)):
-        if u.name != name:
-            return f"units[{i}].name is {u.name!r}, the coordinator's model has {name!r} there"
-    return None
-
-
-class JoinRequest(_Wire):
-    """What a joining worker sends."""
-
-    id: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.@:-]+$")
-    address: str = Field(min_length=3, max_length=300, pattern=r"^[^\s/]+:\d{1,5}$")
-    device: DeviceReport
-    model_hash: str = Field(min_length=1, max_length=64)
-    costs: CostReport
-
-
-class Heartbeat(_Wire):
-    id: str = Field(min_length=1, max_length=100)
-    load: float = Field(0.0, ge=0, le=1e6)
-    free_memory_bytes: int = Field(ge=0)
 
 
 @dataclass(frozen=True)
@@ -170,6 +68,9 @@ class WorkerRecord:
     load: float = 0.0
     alive: bool = True
     corrections: tuple[tuple[int, int, float], ...] = ()  # (start, end, measured / table), oldest first
+    secret: str = ""  # issued at join; its heartbeats must carry it
+    verified: bool = True  # False until its claimed table was timed on it (noodle.serve.verify); only verified nodes are planned
+    refused: str = ""  # why the coordinator refused it after it joined (its heartbeats are answered 403 with this)
 
     @property
     def decode_ms(self) -> float:
@@ -187,7 +88,7 @@ class WorkerRecord:
 
     def as_dict(self, now: float | None = None) -> dict[str, Any]:
         d = dict(self.__dict__)
-        del d["profile"]
+        del d["profile"], d["secret"]
         d["units"] = len(self.profile.unit_names)
         d["corrections"] = [{"start": a, "end": b, "factor": f} for a, b, f in self.corrections]
         d["correction"] = self.correction
@@ -200,10 +101,11 @@ class ClusterRegistry:
     """Thread-safe: joined workers by id, with their last heartbeat (wall-clock seconds)."""
 
     def __init__(self, *, heartbeat_s: float = 1.0, heartbeat_timeout_s: float = 5.0, model_hash: str = "",
-                 unit_names: tuple[str, ...] = ()) -> None:  # fmt: skip
+                 unit_names: tuple[str, ...] = (), weights_sha256: str = "") -> None:  # fmt: skip
         self.heartbeat_s = heartbeat_s
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.model_hash = model_hash
+        self.weights_sha256 = weights_sha256  # the served weights' content hash (empty: not checked)
         self.unit_names = tuple(unit_names)  # the served model's units (empty: not checked)
         self._lock = threading.Lock()
         self._nodes: dict[str, WorkerRecord] = {}
@@ -212,7 +114,12 @@ class ClusterRegistry:
         self.changed = threading.Event()
         self.links = LinkTable()  # measured by noodle.serve.linkprobe
 
-    def join(self, req: JoinRequest) -> WorkerRecord:
+    def join(self, req: JoinRequest, *, verified: bool = True) -> WorkerRecord:
+        """Record ``req``'s node with a fresh secret; ``verified=False``: not planned until :meth:`verify`.
+
+        Raises :class:`~noodle.serve.claims.ClaimRefused`: 409 while a live node holds the same id (its last
+        heartbeat within ``heartbeat_timeout_s``), 400 when one more node would pass :mod:`noodle.sizes`.
+        """
         now = time.time()
         prof = req.costs.profile("measured on join")
         rec = WorkerRecord(
@@ -220,12 +127,52 @@ class ClusterRegistry:
             total_memory_bytes=req.device.total_memory_bytes, free_memory_bytes=req.device.free_memory_bytes,
             threads=req.device.threads, profile=prof, measured_prompt_tokens=req.costs.prompt_tokens,
             dtype=req.costs.dtype, cached=req.costs.cached, joined_at=now, last_heartbeat=now,
+            secret=secrets.token_urlsafe(24), verified=verified,
         )  # fmt: skip
         with self._lock:
+            live = [r for r in self._nodes.values() if r.alive and now - r.last_heartbeat <= self.heartbeat_timeout_s]
+            old = self._nodes.get(req.id)
+            if old is not None and old in live:
+                raise ClaimRefused(409, "id", f"a live node is named {req.id!r} (at {old.address}, last heartbeat "
+                                   f"{now - old.last_heartbeat:.1f} s ago); give this worker another --name, or "
+                                   f"stop the other one (its name frees {self.heartbeat_timeout_s:g} s after its "
+                                   "last heartbeat)", code="name_in_use")  # fmt: skip
+            too_big = size_problem(len(prof.unit_names), len(live) + 1)
+            if too_big:
+                raise ClaimRefused(400, "id", f"{len(live)} live nodes and this one make {too_big} "
+                                   "(see noodle/sizes.py)", code="too_many_nodes")  # fmt: skip
             self._nodes[req.id] = rec
-            self._bump(f"{req.id} joined")
+            if verified:
+                self._bump(f"{req.id} joined")
         self.changed.set()
         return rec
+
+    def verify(self, node_id: str, secret: str, factor: float | None = None) -> bool:
+        """Plan the node in: its table was timed on it; ``factor`` scales its whole table (measured / claimed).
+        False when the node joined again (another secret) or died meanwhile."""
+        with self._lock:
+            rec = self._nodes.get(node_id)
+            if rec is None or rec.secret != secret or not rec.alive:
+                return False
+            n = len(rec.profile.unit_names)
+            self._nodes[node_id] = replace(rec, verified=True,
+                                           corrections=rec.corrections if factor is None else ((0, n, float(factor)),))
+            self._bump(f"{node_id} joined")
+        self.changed.set()
+        return True
+
+    def refuse(self, node_id: str, secret: str, why: str) -> None:
+        """The node failed its check: dead to the planner; its heartbeats are answered 403 with ``why``."""
+        with self._lock:
+            rec = self._nodes.get(node_id)
+            if rec is not None and rec.secret == secret:
+                self._nodes[node_id] = replace(rec, alive=False, refused=why)
+
+    def pending(self) -> list[WorkerRecord]:
+        """Live nodes not yet verified, oldest join first."""
+        with self._lock:
+            recs = [r for r in self._nodes.values() if r.alive and not r.verified]
+        return sorted(recs, key=lambda r: r.joined_at)
 
     def _bump(self, what: str) -> None:
         """One change (under the lock): the version moves and ``what`` is kept for the re-plan's reason."""
@@ -239,11 +186,26 @@ class ClusterRegistry:
         return out
 
     def heartbeat(self, hb: Heartbeat) -> bool:
-        """Refresh a node; False when it is unknown or was declared dead (it must join again)."""
+        """Refresh a node; False when it is unknown or was declared dead (it must join again).
+
+        Raises :class:`~noodle.serve.claims.ClaimRefused`: 403 when ``hb.secret`` is not the one its join got
+        (a heartbeat speaks only for its own node) or the node was refused; 400 when it claims more free
+        memory than its total.
+        """
         with self._lock:
             rec = self._nodes.get(hb.id)
-            if rec is None or not rec.alive:
+            if rec is None:
                 return False
+            if not hmac.compare_digest(rec.secret.encode(), hb.secret.encode()):
+                raise ClaimRefused(403, "secret", f"not the secret node {hb.id!r} was given when it joined; a "
+                                   "heartbeat speaks only for its own node", code="forbidden")  # fmt: skip
+            if rec.refused:
+                raise ClaimRefused(403, "id", f"node {hb.id!r} was refused: {rec.refused}", code="refused")
+            if not rec.alive:
+                return False
+            if hb.free_memory_bytes > rec.total_memory_bytes:
+                raise ClaimRefused(400, "free_memory_bytes", f"{hb.free_memory_bytes} free is more than the node's "
+                                   f"total_memory_bytes {rec.total_memory_bytes}")  # fmt: skip
             self._nodes[hb.id] = replace(rec, last_heartbeat=time.time(), load=hb.load,
                                          free_memory_bytes=hb.free_memory_bytes)  # fmt: skip
             return True
@@ -294,9 +256,10 @@ class ClusterRegistry:
         return material
 
     def records(self, *, alive_only: bool = False) -> list[WorkerRecord]:
+        """Every record; ``alive_only``: the nodes the planner may use (alive and verified)."""
         with self._lock:
             recs = list(self._nodes.values())
-        return [r for r in recs if r.alive] if alive_only else recs
+        return [r for r in recs if r.alive and r.verified] if alive_only else recs
 
     def alive_count(self) -> int:
         return len(self.records(alive_only=True))

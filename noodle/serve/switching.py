@@ -70,11 +70,14 @@ class Ticket:
     retries: int = 0
     t_submit: float = field(default_factory=time.monotonic)
     finished: threading.Event = field(default_factory=threading.Event)
+    on_cancel_held: Callable[[Ticket], None] | None = None  # ends it at once while it waits for a plan
 
     def cancel(self) -> None:
         self.cancelled = True
         if self.inner is not None:
             self.inner.cancel()
+        elif self.on_cancel_held is not None:
+            self.on_cancel_held(self)
 
     def done(self) -> bool:
         return self.finished.is_set()
@@ -93,6 +96,7 @@ class SwitchingPipeline:
         self._held: collections.deque[Ticket] = collections.deque()
         self._active: dict[str, Ticket] = {}
         self._closed = False
+        self._unavailable: str | None = None  # set by fail_waiting: no plan can serve; cleared by a switch
         self.requeued = 0
 
     # -- the Pipeline surface the runtime uses ------------------------------------------------------
@@ -106,7 +110,8 @@ class SwitchingPipeline:
     def submit(self, prompt: Sequence[int], *, max_new_tokens: int, sampling: Sampling = Sampling(),
                on_token: Callable[[int], None] | None = None,
                on_done: Callable[[Completion], None] | None = None) -> Ticket:  # fmt: skip
-        t = Ticket(f"c{next(_ids)}", [int(x) for x in prompt], int(max_new_tokens), sampling, on_token, on_done)
+        t = Ticket(f"c{next(_ids)}", [int(x) for x in prompt], int(max_new_tokens), sampling, on_token, on_done,
+                   on_cancel_held=self._cancel_held)  # fmt: skip
         with self._lock:
             if self._closed:
                 raise ExecutorError("pipeline: not accepting requests (shutting down)")
@@ -137,6 +142,25 @@ class SwitchingPipeline:
     def __exit__(self, *exc: object) -> None:
         self.close(0.0)
 
+    def _cancel_held(self, t: Ticket) -> None:
+        """A held request was cancelled (client gone, drain timeout): it ends now, not when a plan opens."""
+        with self._lock:
+            if t not in self._held:
+                return
+            self._held.remove(t)
+        self._finish(t, "cancelled", None)
+
+    def fail_waiting(self, error: str) -> int:
+        """No plan can be served now (no live worker): finish every held request with ``error`` at once, and every
+        one that would be held from now until the next switch, instead of leaving it to its request timeout.
+        Returns how many were held."""
+        with self._lock:
+            self._unavailable = error
+            held, self._held = list(self._held), collections.deque()
+        for t in held:
+            self._finish(t, "error", error)
+        return len(held)
+
     @property
     def executor(self) -> Any:
         return self._exec
@@ -151,6 +175,7 @@ class SwitchingPipeline:
         t0 = time.monotonic()
         with self._lock:
             self._holding = True
+            self._unavailable = None
         deadline = t0 + max(0.0, drain_s)
         while self._active and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -208,6 +233,10 @@ class SwitchingPipeline:
             broken = comp.finish_reason == "error"
             again = (not t.cancelled and not self._closed and t.retries < MAX_RETRIES and len(t.tokens) < t.max_new
                      and (broken or (switching and comp.finish_reason == "cancelled")))  # fmt: skip
+            gone = self._unavailable if again and (switching or broken) else None
+            if gone is not None:  # nothing will serve it: end it now, saying why
+                again = False
+                comp = dataclasses.replace(comp, finish_reason="error", error=gone)
             if again:
                 t.retries += 1
                 t.inner = None

@@ -43,6 +43,21 @@ def test_throttle_sleeps_factor_minus_one_times_the_step_after_the_delay(capsys)
     assert len(slept) == 2 and not off.enabled
 
 
+def test_the_coordinators_join_probe_does_not_start_a_mid_run_throttle() -> None:
+    clock, slept = Clock(), []
+    later = Throttle(4.0, 10.0, clock=clock, sleep=slept.append)
+    later.after_step(0.002, starts_clock=False)  # the timed probe at join
+    clock.t += 20.0
+    later.after_step(0.002)  # the first served step starts the 10 s now
+    assert slept == [] and not later.active()
+    clock.t += 10.0
+    later.after_step(0.002, starts_clock=False)  # once on, the probe is slowed like any step
+    assert slept == pytest.approx([0.006])
+    at_once = Throttle(4.0, 0.0, clock=clock, sleep=slept.append)
+    at_once.after_step(0.002, starts_clock=False)  # a slow device from the start is slow in the probe too
+    assert slept == pytest.approx([0.006, 0.006])
+
+
 @pytest.mark.parametrize(("factor", "after", "message"), [
     (0.5, 0.0, "--emulate-slowdown: must be a finite factor in [1, 1000]"),
     (math.nan, 0.0, "--emulate-slowdown"),

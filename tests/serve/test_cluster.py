@@ -28,12 +28,13 @@ TOKEN = "cluster-test-token"
 PROMPT = "The planner measures"
 
 
-def _worker(model_dir: Path, base: str, name: str, cache: Path, log: Path) -> subprocess.Popen[bytes]:
+def _worker(model_dir: Path, base: str, name: str, cache: Path, log: Path, join_timeout_s: float = 60,
+            extra: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NOODLE_TOKEN": TOKEN}
     with open(log, "wb") as fh:
         return subprocess.Popen([sys.executable, "-m", "noodle.cli.main", "worker", "--model", str(model_dir), "--port", "0",
                                  "--join", base, "--name", name, "--cache-dir", str(cache), "--threads", "1",
-                                 "--join-timeout", "60"],
+                                 "--join-timeout", str(join_timeout_s), *extra],
                                 stdout=fh, stderr=subprocess.STDOUT, env=env)  # fmt: skip
 
 

@@ -212,11 +212,12 @@ def test_allow_host_and_allow_origin_flags(model_dir: Path, plan_file: Path) -> 
 
 
 def test_cluster_views_need_the_key_or_the_token(cluster: ServeProc, model_dir: Path) -> None:
-    from noodle.serve.joining import model_hash
+    from noodle.serve.joining import model_hash, weights_hash
 
     from .test_registry import _body
 
-    joined = httpx.post(f"{cluster.base}/noodle/cluster/join", json={**_body("w1", 0.6), "model_hash": model_hash(model_dir)},
+    body = {**_body("w1", 0.6), "model_hash": model_hash(model_dir), "weights_sha256": weights_hash(model_dir)}
+    joined = httpx.post(f"{cluster.base}/noodle/cluster/join", json=body,
                         headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)  # fmt: skip
     assert joined.status_code == 200, joined.text
     address = _body("w1", 0.6)["address"]

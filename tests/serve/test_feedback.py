@@ -81,3 +81,51 @@ def test_corrected_estimate_converges_on_a_loopback_cluster(model_dir: Path, tmp
             ctl.pipeline.executor.__exit__(None, None, None)
         for s in servers:
             s.stop(0)
+
+
+def test_a_worker_reporting_itself_faster_than_it_answers_is_judged_by_what_is_observed(model_dir: Path,
+                                                                                        tmp_path: Path) -> None:  # fmt: skip
+    """The worker's replies claim 1 us of compute per step; the coordinator's own clock sees the step take far
+    longer, and the node's table is corrected by that, not by the report (issue 24, item 1)."""
+    from noodle.executors.grpc.config import WorkerConfig
+    from noodle.executors.grpc.server import serve
+    from noodle.executors.slicing import unit_names_of
+    from noodle.serve.controller import ClusterController
+    from noodle.serve.joining import self_report
+    from noodle.serve.registry import ClusterRegistry, JoinRequest
+    from noodle.serve.runtime import Events
+
+    report = self_report(model_dir, "cpu", tmp_path)
+    reg = ClusterRegistry(heartbeat_timeout_s=3600, unit_names=tuple(unit_names_of(model_dir)))
+    ctl = ClusterController(reg, model_dir, Events(), token=None, concurrency=1, min_workers=1, drift_threshold=50.0,
+                            gain_threshold=50.0)  # fmt: skip
+    ctl.drift.min_steps = 10
+    server, servicer, port = serve(WorkerConfig(model_dir=model_dir, port=0))
+    honest_forward = servicer._forward
+
+    def lying_forward(req: Any) -> Any:
+        reply = honest_forward(req)
+        time.sleep(0.004)  # a step that really takes 4 ms more than it says
+        reply.t_out_ns = reply.t_in_ns + 1000
+        return reply
+
+    servicer._forward = lying_forward  # type: ignore[method-assign]
+    try:
+        reg.join(JoinRequest.model_validate({"id": "w0", "address": f"127.0.0.1:{port}", **report}))
+        pipe, _ = ctl.opener()
+        for _ in range(3):
+            ticket = pipe.submit([11, 22, 33, 44], max_new_tokens=24, sampling=Sampling())
+            assert ticket.finished.wait(120)
+            time.sleep(1.1)  # one feedback look per request
+        rec = reg.records()[0]
+        assert rec.corrections, "no feedback window was taken"
+        table = sum(rec.profile.latency_ms) + rec.profile.step_overhead_ms
+        factor = rec.corrections[-1][2]
+        print(f"table {table:.3f} ms, corrected x{factor:.2f} to {table * factor:.3f} ms (reported: 0.001 ms)")
+        assert table * factor >= 4.0 * 0.9  # at least the 4 ms it hid, not 0.001 ms x the table's units
+    finally:
+        ctl.pipeline.close(5.0)
+        ctl.close()
+        if ctl.pipeline.executor is not None:
+            ctl.pipeline.executor.__exit__(None, None, None)
+        server.stop(0)

@@ -22,16 +22,16 @@ WEIRD: list[Any] = [None, True, -1, 0, 10**40, 1e308, "", "x" * 5000, [], [None]
 @pytest.fixture(scope="module")
 def client(model_dir: Path, tokenizer: Any) -> Iterator[tuple[TestClient, Any]]:
     from noodle.serve.build import build_cluster_server
-    from noodle.serve.joining import model_hash
+    from noodle.serve.joining import model_hash, weights_hash
 
     served = build_cluster_server(model_dir, tokenizer, token=TOKEN, min_workers=1000)
     with TestClient(served.app, base_url="http://127.0.0.1", raise_server_exceptions=False) as tc:  # no lifespan: nothing is planned
-        yield tc, model_hash(model_dir)
+        yield tc, (model_hash(model_dir), weights_hash(model_dir))
         served.cluster.close()
 
 
-def _valid(mhash: str, node: str = "w1") -> dict[str, Any]:
-    return {**_body(node, 0.6), "model_hash": mhash}
+def _valid(hashes: tuple[str, str], node: str = "w1") -> dict[str, Any]:
+    return {**_body(node, 0.6), "model_hash": hashes[0], "weights_sha256": hashes[1]}
 
 
 def _post(tc: TestClient, body: Any) -> Any:
@@ -58,11 +58,19 @@ def _unit_edit(mhash: str, key: str, value: Any, index: int = 2) -> dict[str, An
     (lambda b: b["costs"].update(units=b["costs"]["units"][:5]), "costs.units", "5 units measured, the coordinator's model has 6"),
     (lambda b: b["costs"]["units"][1].update(name="block.9"), "costs.units", "units[1].name is 'block.9'"),
     (lambda b: b["costs"].update(units=b["costs"]["units"] * 300), "costs.units", "at most 1024"),
-    (lambda b: b["costs"]["units"][2].update(decode_ms={"1": -0.5}), "costs.units.2.decode_ms.1", "greater than 0"),
+    (lambda b: b["costs"]["units"][2].update(decode_ms={"1": -0.5}), "costs.units.2.decode_ms.1",
+     "greater than or equal to 0.001, got -0.5"),
+    (lambda b: b["costs"]["units"][2].update(decode_ms={"1": 1e-9}), "costs.units.2.decode_ms.1",
+     "greater than or equal to 0.001, got 1e-09"),
+    (lambda b: b["device"].update(total_memory_bytes=8 * 2**50), "device.total_memory_bytes",
+     "less than or equal to 1125899906842624, got 9007199254740992 (8 PiB)"),
+    (lambda b: b["device"].update(free_memory_bytes=9 * 2**30), "device.free_memory_bytes",
+     "9663676416 free is more than the 8589934592 total_memory_bytes"),
     (lambda b: b["costs"]["units"][2].update(decode_ms={str(i): 1.0 for i in range(1, 40)}), "costs.units.2.decode_ms",
      "at most 16"),
     (lambda b: b["costs"]["units"][3].update(decode_ms={"1": 1.0, "4": 2.0}), "costs", "differ from units[0]'s [1]"),
-    (lambda b: b["costs"]["units"][0].update(prefill_ms_per_token=0), "costs.units.0.prefill_ms_per_token", "greater than 0"),
+    (lambda b: b["costs"]["units"][0].update(prefill_ms_per_token=0), "costs.units.0.prefill_ms_per_token",
+     "greater than or equal to 0.000001, got 0"),
     (lambda b: b["costs"]["units"][0].update(param_bytes=2**60), "costs.units.0.param_bytes", "less than or equal"),
     (lambda b: b["costs"].update(format="noodle.unit-costs/9"), "costs.format", "noodle.unit-costs/1"),
     (lambda b: b.update(costs={"decode_ms": 3.0, "prefill_ms_per_token": 0.1, "prompt_tokens": 32}), "costs",
@@ -107,3 +115,37 @@ def test_fuzzed_reports_never_500(client: tuple[TestClient, Any]) -> None:
             assert resp.status_code in (200, 400, 409, 422), (where, key, value, resp.status_code, resp.text)
             assert resp.status_code == 200 or "error" in resp.json()
     assert 400 in seen
+
+
+def test_other_weights_with_the_same_config_and_sizes_are_refused(client: tuple[TestClient, Any]) -> None:
+    tc, hashes = client
+    body = {**_valid(hashes, "other-weights"), "weights_sha256": "ab" * 32}
+    resp = _post(tc, body)
+    err = resp.json()["error"]
+    assert resp.status_code == 409 and err["code"] == "weights_mismatch", resp.text
+    assert err["message"].startswith("weights_sha256: the worker's weights hash to abababababababab..., the "
+                                     f"coordinator's to {hashes[1][:16]}...: same config and file sizes, other weights")
+
+
+def test_a_heartbeat_needs_its_own_nodes_secret(client: tuple[TestClient, Any]) -> None:
+    tc, hashes = client
+    secrets = {}
+    for node in ("hb1", "hb2"):
+        resp = _post(tc, _valid(hashes, node))
+        assert resp.status_code == 200, resp.text
+        secrets[node] = resp.json()["secret"]
+
+    def beat(node: str, secret: str | None, free: int = 2**30) -> Any:
+        body = {"id": node, "load": 0.1, "free_memory_bytes": free, **({"secret": secret} if secret else {})}
+        return tc.post("/noodle/cluster/heartbeat", json=body, headers=AUTH)
+
+    assert beat("hb1", secrets["hb1"]).status_code == 200
+    for secret in (secrets["hb2"], None, "x" * 32):  # another node's secret, none, a guess
+        resp = beat("hb1", secret, free=10**15)
+        assert resp.status_code == 403 and resp.json()["error"]["param"] == "secret", resp.text
+    resp = beat("hb1", secrets["hb1"], free=10**40)
+    assert resp.status_code == 400 and "free_memory_bytes: Input should be less than or equal to" in resp.text
+    nodes = {n["id"]: n for n in tc.get("/noodle/cluster", headers=AUTH).json()["nodes"]}
+    assert nodes["hb1"]["free_memory_bytes"] == 2**30 and "secret" not in nodes["hb1"]
+    resp = _post(tc, _valid(hashes, "hb1"))  # the live name is not taken over
+    assert resp.status_code == 409 and resp.json()["error"]["code"] == "name_in_use", resp.text

@@ -39,7 +39,7 @@ class Events:
 
 def _join(node: str, address: str) -> JoinRequest:
     return JoinRequest.model_validate({
-        "id": node, "address": address, "model_hash": "abc",
+        "id": node, "address": address, "model_hash": "abc", "weights_sha256": "0" * 64,
         "device": {"kind": "cpu", "name": "x", "total_memory_bytes": 8 * 2**30, "free_memory_bytes": 4 * 2**30, "threads": 1},
         "costs": unit_costs(1.0),
     })  # fmt: skip
@@ -187,3 +187,30 @@ def test_an_old_worker_is_one_clear_event(model_dir: Path, workers: list[Any]) -
         assert cluster_spec(reg.records(), model_dir, links=reg.links.measurements())["cluster"]["links"]["pairs"] == []
     finally:
         old.stop(0)
+
+
+def test_a_workers_link_figures_out_of_the_spec_bounds_are_not_kept(model_dir: Path, workers: list[Any]) -> None:
+    def rogue_probe(req: Any, ctx: Any) -> Any:
+        return pb.ProbeReply(peer=req.peer, rtt_ms=0.001, bandwidth_gbps=1e15, up_gbps=1e15, down_gbps=1e15,
+                             bytes=req.large_bytes, rounds=req.rounds, seconds=0.01, version=req.version)
+
+    handlers = {"Probe": grpc.unary_unary_rpc_method_handler(rogue_probe, request_deserializer=pb.ProbeRequest.FromString,
+                                                             response_serializer=pb.ProbeReply.SerializeToString)}  # fmt: skip
+    rogue = grpc.server(futures.ThreadPoolExecutor(2))
+    rogue.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("noodle.stage.v1.StageService", handlers),))
+    port = rogue.add_insecure_port("127.0.0.1:0")
+    rogue.start()
+    try:
+        reg = ClusterRegistry()
+        reg.join(_join("new", f"127.0.0.1:{workers[0][2]}"))
+        reg.join(_join("rogue", f"127.0.0.1:{port}"))
+        events = Events()
+        prober = LinkProber(reg, probe_sizes(model_dir), token=TOKEN, events=events, interval_s=60)
+        done = prober.step(now=0.0)
+        assert ("rogue", "new") not in [(s.source, s.target) for s in done]
+        text = "\n".join(t for _, t in events.items)
+        assert "worker rogue reports figures out of the spec's bounds (up_gbps 1e+15 is outside [1e-06, 1e+06])" in text
+        pairs = cluster_spec(reg.records(), model_dir, links=reg.links.measurements())["cluster"]["links"]["pairs"]
+        assert all(p["bandwidth_gbps"] <= 1e6 for p in pairs), pairs
+    finally:
+        rogue.stop(0)

@@ -23,7 +23,7 @@ def _costs(unit_ms: float | list[float], names: tuple[str, ...] = NAMES, batches
 
 
 def _body(node: str, decode_ms: float | list[float], free_gib: float = 4.0) -> dict:
-    return {"id": node, "address": f"127.0.0.1:{5000 + len(node)}", "model_hash": "abc",
+    return {"id": node, "address": f"127.0.0.1:{5000 + len(node)}", "model_hash": "abc", "weights_sha256": "0" * 64,
             "device": {"kind": "cpu", "name": "x", "total_memory_bytes": 8 * 2**30,
                        "free_memory_bytes": int(free_gib * 2**30), "threads": 1},
             "costs": _costs(decode_ms)}  # fmt: skip
@@ -35,19 +35,59 @@ def _join(node: str, decode_ms: float | list[float], free_gib: float = 4.0) -> J
 
 def test_heartbeats_keep_nodes_alive_and_silence_kills_them() -> None:
     reg = ClusterRegistry(heartbeat_timeout_s=0.3)
-    reg.join(_join("a", 1.0))
-    reg.join(_join("b", 1.0))
+    a = reg.join(_join("a", 1.0)).secret
+    b = reg.join(_join("b", 1.0)).secret
     v = reg.version
     time.sleep(0.2)
-    assert reg.heartbeat(Heartbeat(id="a", load=0.5, free_memory_bytes=123))
+    assert reg.heartbeat(Heartbeat(id="a", load=0.5, free_memory_bytes=123, secret=a))
     time.sleep(0.2)
     assert reg.reap() == ["b"] and reg.version == v + 1
     assert [r.id for r in reg.records(alive_only=True)] == ["a"]
     assert reg.records(alive_only=True)[0].free_memory_bytes == 123
-    assert not reg.heartbeat(Heartbeat(id="b", free_memory_bytes=1))  # dead: must join again
+    assert not reg.heartbeat(Heartbeat(id="b", free_memory_bytes=1, secret=b))  # dead: must join again
     assert not reg.heartbeat(Heartbeat(id="zz", free_memory_bytes=1))
     reg.join(_join("b", 1.0))
     assert reg.alive_count() == 2
+
+
+def test_a_heartbeat_speaks_only_for_its_own_node_and_a_live_name_is_not_taken_over() -> None:
+    from noodle.serve.claims import ClaimRefused
+
+    reg = ClusterRegistry(heartbeat_timeout_s=0.3)
+    a, b = reg.join(_join("a", 1.0)).secret, reg.join(_join("b", 1.0)).secret
+    assert a != b and len(a) >= 32
+    with pytest.raises(ClaimRefused, match="secret: not the secret node 'a' was given") as refused:
+        reg.heartbeat(Heartbeat(id="a", free_memory_bytes=10**12, secret=b))  # b's secret does not speak for a
+    assert refused.value.status == 403
+    with pytest.raises(ClaimRefused) as refused:
+        reg.heartbeat(Heartbeat(id="a", free_memory_bytes=10**12))
+    assert refused.value.status == 403
+    with pytest.raises(ClaimRefused, match=r"free_memory_bytes: 9663676416 free is more than the node's total") as big:
+        reg.heartbeat(Heartbeat(id="a", free_memory_bytes=9 * 2**30, secret=a))
+    assert big.value.status == 400
+    assert reg.records()[0].free_memory_bytes == 4 * 2**30  # nothing of it was kept
+    with pytest.raises(ClaimRefused, match="a live node is named 'a'") as dup:
+        reg.join(_join("a", 0.5))
+    assert dup.value.status == 409 and dup.value.code == "name_in_use"
+    assert reg.heartbeat(Heartbeat(id="a", free_memory_bytes=1, secret=a))  # the first one keeps its record
+    time.sleep(0.4)  # silent past the timeout: the name is free again, even before the controller reaps it
+    c = reg.join(_join("a", 0.5)).secret
+    with pytest.raises(ClaimRefused):
+        reg.heartbeat(Heartbeat(id="a", free_memory_bytes=1, secret=a))  # the old one's heartbeats no longer count
+    assert reg.heartbeat(Heartbeat(id="a", free_memory_bytes=1, secret=c))
+
+
+def test_the_node_count_is_bounded_at_join() -> None:
+    from noodle.serve.claims import ClaimRefused
+    from noodle.sizes import MAX_NODES
+
+    reg = ClusterRegistry(heartbeat_timeout_s=3600)
+    for i in range(MAX_NODES):
+        reg.join(_join(f"n{i}", 1.0))
+    with pytest.raises(ClaimRefused, match=f"{MAX_NODES} live nodes and this one make {MAX_NODES + 1} nodes, "
+                                           f"at most {MAX_NODES}") as refused:
+        reg.join(_join("one-more", 1.0))
+    assert refused.value.status == 400
 
 
 def test_join_keeps_the_unit_costs_as_the_node_profile() -> None:

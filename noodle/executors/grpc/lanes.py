@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 
 __all__ = ["GrpcLane", "grpc_pipeline"]
 
+OBSERVED_FACTOR = 4.0  # an honest worker's reported compute is well within this of the coordinator's view
 _PACKED = "packed"  # the pipeline-side name of the lane's one worker session for packed steps
 
 
@@ -74,7 +75,7 @@ class GrpcLane:
             self._take_limits(health)
         self._steps = 0
         self.last_hop_ms = 0.0
-        # recent decode steps: (the worker's own compute time in ms, the sequences the step carried)
+        # recent decode steps: (their compute time in ms, see _judged; the sequences the step carried)
         self.decode_log: deque[tuple[float, int]] = deque(maxlen=512)
         self.decode_steps = 0
 
@@ -99,13 +100,14 @@ class GrpcLane:
             try:
                 if msg.session not in self._sessions:
                     self._create(msg.session)
+                t0 = time.perf_counter()
                 reply = self._send(msg.session, req)
                 break
             except WorkerGone as exc:
                 self._recover(exc)
         self._history[msg.session].append(req)
         if not msg.prefill:
-            self._decoded(reply, int(msg.data.shape[0]))
+            self._decoded(reply, (time.perf_counter() - t0) * 1e3, int(msg.data.shape[0]))
         data = from_proto(reply.data, field=f"{self.where}: reply data", max_bytes=self.ex.max_message_bytes)
         return StageOutput(msg.session, data, msg.attention_mask, is_logits=reply.is_logits)
 
@@ -119,22 +121,24 @@ class GrpcLane:
             try:
                 if _PACKED not in self._sessions:
                     self._create(_PACKED)
+                t0 = time.perf_counter()
                 reply = self._send(_PACKED, req)
                 break
             except WorkerGone as exc:
                 self._recover(exc)
         self._seqs.record(msg)
         if all(c.tokens == 1 and not c.start for c in msg.seqs):  # a decode step (no prompt chunk): the drift figure
+            wall_ms = (time.perf_counter() - t0) * 1e3
             if msg.exact:  # each sequence ran alone: a one-sequence step's time, on average
-                self._decoded(reply, 1, len(msg.seqs))
+                self._decoded(reply, wall_ms, 1, len(msg.seqs))
             else:
-                self._decoded(reply, len(msg.seqs))
+                self._decoded(reply, wall_ms, len(msg.seqs))
         data = from_proto(reply.data, field=f"{self.where}: reply data", max_bytes=self.ex.max_message_bytes)
         return StageOutput(msg.session, data, None, is_logits=reply.is_logits, seqs=msg.seqs, exact=msg.exact)
 
-    def _decoded(self, reply: pb.ForwardReply, rows: int, runs: int = 1) -> None:
-        """Record a decode step: the worker's own compute time (per run when it ran ``runs`` times) and its batch."""
-        self.decode_log.append(((reply.t_out_ns - reply.t_in_ns) / 1e6 / runs, rows))
+    def _decoded(self, reply: pb.ForwardReply, wall_ms: float, rows: int, runs: int = 1) -> None:
+        """Record a decode step: its compute time (:meth:`_judged`; per run when it ran ``runs`` times) and its batch."""
+        self.decode_log.append((self._judged(reply, wall_ms) / runs, rows))
         self.decode_steps += 1
 
     def end(self, session: str) -> None:
@@ -174,6 +178,16 @@ class GrpcLane:
             self._load_on(self.client)
             self.client.unary("CreateSession", pb.CreateSessionRequest(stage_id=self.stage_id, session=wsid), timeout, self.where)
         self._sessions[session] = wsid
+
+    def _judged(self, reply: pb.ForwardReply, wall_ms: float) -> float:
+        """A decode step's compute for the drift feedback: the worker's own figure, unless what the coordinator
+        saw (the step's wall time less the link's ping) is over ``OBSERVED_FACTOR`` x it; then the observed one.
+
+        A worker cannot report itself faster than it answers: its table is corrected by what is observed.
+        """
+        reported = max(0, reply.t_out_ns - reply.t_in_ns) / 1e6
+        observed = wall_ms - (self.client.ping_ms or 0.0)
+        return observed if observed > OBSERVED_FACTOR * reported else reported
 
     def _send(self, session: str, req: pb.ForwardRequest) -> pb.ForwardReply:
         req.session = self._sessions[session]

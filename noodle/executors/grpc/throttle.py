@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from noodle.errors import SpecError
 
-__all__ = ["Throttle", "check_slowdown"]
+__all__ = ["Throttle", "check_slowdown", "PROBE_PREFIX"]
 
 
 def check_slowdown(factor: float, after_s: float) -> None:
@@ -26,6 +26,9 @@ def check_slowdown(factor: float, after_s: float) -> None:
         raise SpecError(f"--emulate-slowdown: must be a finite factor in [1, 1000] (1: no slowdown), got {factor:g}")
     if not (math.isfinite(after_s) and 0.0 <= after_s <= 1e6):
         raise SpecError(f"--slowdown-after-s: must be a finite number of seconds in [0, 1e6], got {after_s:g}")
+
+
+PROBE_PREFIX = "verify-"  # sessions of the coordinator's timed join probe (noodle.serve.verify)
 
 
 class Throttle:
@@ -50,12 +53,18 @@ class Throttle:
         """True once ``after_s`` seconds have passed since the first step."""
         return self.enabled and self._first is not None and self._clock() - self._first >= self.after_s
 
-    def extra_s(self, compute_s: float) -> float:
-        """Seconds a step that computed for ``compute_s`` must still sleep now (0 when not active)."""
+    def extra_s(self, compute_s: float, *, starts_clock: bool = True) -> float:
+        """Seconds a step that computed for ``compute_s`` must still sleep now (0 when not active).
+
+        ``starts_clock`` False (a coordinator's timed join probe, :data:`PROBE_PREFIX`): the step does not start
+        the ``after_s`` clock, so a throttle set for mid-run begins after serving starts, not at the join.
+        """
         if not self.enabled:
             return 0.0
         with self._lock:
             if self._first is None:
+                if not starts_clock and self.after_s > 0:
+                    return 0.0
                 self._first = self._clock()
             if not self.active():
                 return 0.0
@@ -65,9 +74,9 @@ class Throttle:
                       f"time ({self.after_s:g} s after the first step; unix time {time.time():.3f})", flush=True)  # fmt: skip
         return (self.factor - 1.0) * max(0.0, compute_s)
 
-    def after_step(self, compute_s: float) -> None:
+    def after_step(self, compute_s: float, *, starts_clock: bool = True) -> None:
         """Sleep what :meth:`extra_s` says (call it right after the step, inside the compute lock)."""
-        extra = self.extra_s(compute_s)
+        extra = self.extra_s(compute_s, starts_clock=starts_clock)
         if extra > 0:
             self._sleep(extra)
 

@@ -51,7 +51,7 @@ from noodle.executors.grpc.edge import (PackedLimits, Refused, admit_packed, che
                                         check_packed, seq_key)  # fmt: skip
 from noodle.executors.grpc.gate import CallGate, CallLimits
 from noodle.executors.grpc.probe import LinkProbes, ProbeRefused
-from noodle.executors.grpc.throttle import Throttle
+from noodle.executors.grpc.throttle import PROBE_PREFIX, Throttle
 from noodle.executors.grpc.wire import from_proto, to_proto
 from noodle.executors.kvbudget import max_positions
 from noodle.executors.messages import SeqChunk, StageInput, StageOutput
@@ -208,7 +208,7 @@ class StageServicer(pb_grpc.StageServiceServicer):
             out = stage.step(msg)
         except ExecutorError as exc:  # StageRunner's own checks on the message
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-        self.throttle.after_step(time.perf_counter() - t_step)
+        self.throttle.after_step(time.perf_counter() - t_step, starts_clock=not msg.session.startswith(PROBE_PREFIX))
         return out
 
     def _step_batch(self, req: pb.ForwardRequest, entry: _SessionEntry, stage: StageRunner, data: torch.Tensor,
