@@ -133,7 +133,8 @@ def _wait_ready(proc: subprocess.Popen, cmd: str, deadline_s: float) -> None:
     port, end = _port_of(cmd), time.monotonic() + deadline_s
     while time.monotonic() < end:
         if proc.poll() is not None:
-            raise AssertionError(f"background command exited with {proc.returncode}: {cmd}")
+            err = proc.stderr.read().decode(errors="replace")[-3000:] if proc.stderr else ""
+            raise AssertionError(f"background command exited with {proc.returncode}: {cmd}\n{err}")
         try:
             if " serve" in cmd:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
@@ -210,7 +211,10 @@ def _run_page(page: Path, work: Path, env: dict[str, str], skipped: list[str]) -
 
 def test_every_fenced_command_runs(world: Path) -> None:
     """Each page's shell blocks run in order in the fresh folder; marked blocks are counted and printed."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    # the repo's noodle first on the path: the folder holds a bare noodle/executors/grpc for the protoc line,
+    # which a spawned worker (cwd on its path) would otherwise import as a namespace package
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "OMP_NUM_THREADS": "1", "NOODLE_CACHE": str(world / "cache")}
     skipped: list[str] = []
     ran = sum(_run_page(page, world, env, skipped) for page in PAGES)

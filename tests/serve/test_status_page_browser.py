@@ -63,7 +63,8 @@ def test_status_page_after_a_kill_in_chromium(model_dir: Path, tmp_path: Path) -
     assert float(re.search(r'<div class="v" id="done">([0-9.,]+)</div>', dom).group(1).replace(",", "")) >= finished
     row = _row_of(dom, victim)
     assert "dead" in row and "spare" not in row and "none (dead)" in row, row
-    assert "spare" not in _row_of(dom, next(n for n in ("w1", "w2", "w3") if n != victim))
+    # a live worker is never shown dead (the re-plan may leave one spare: on two nodes the model can fit on one)
+    assert "dead" not in _row_of(dom, next(n for n in ("w1", "w2", "w3") if n != victim))
     # each stage's hop is measured over gRPC (the call's round trip beyond the worker's compute), not 0.000
     stage_rows = re.findall(r"<tr>(.*?)</tr>", re.search(r'<tbody id="stages">(.*?)</tbody>', dom, re.S).group(1), re.S)
     hops = [float(re.findall(r"<td[^>]*>([^<]*)</td>", r)[6]) for r in stage_rows]
