@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from noodle.cli.checks import MAX_SEED, check_int
-from noodle.cli.output import stderr_console, stdout_console
+from noodle.cli.output import stdout_console
 from noodle.errors import SpecError
 from noodle.extras import require_exec
 
@@ -55,8 +55,7 @@ def import_cmd(
     if dtype not in DTYPES:
         raise SpecError(f"--dtype: {dtype!r} is not a dtype; use one of {', '.join(DTYPES)}")
     quiet_transformers()
-    with stderr_console().status(f"importing {file}"):
-        result = import_gguf(file, out, dtype=dtype, progress=False)
+    result = import_gguf(file, out, dtype=dtype, progress=True)
     stdout_console().print(
         f"wrote {result.out}: {result.model_class} ({result.architecture}), {result.parameters / 1e6:.1f}M parameters, "
         f"{result.dtype}, tokenizer {'with' if result.chat_template else 'without'} a chat template",

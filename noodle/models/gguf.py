@@ -10,14 +10,17 @@ writes config.json, safetensors in the chosen dtype and the tokenizer files with
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from noodle.errors import ModelError, SpecError
+from noodle.progress import progress_bar
+
+_log = logging.getLogger(__name__)
 
 __all__ = ["DTYPES", "GgufInfo", "ImportResult", "gguf_info", "import_gguf"]
 
@@ -95,23 +98,30 @@ def _check_architecture(file: Path, info: GgufInfo) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_dequantize(progress: bool) -> Iterator[None]:
-    """transformers' GGUF dequantization draws its own tqdm bar, outside its progress-bar switch."""
-    if progress:
-        yield
-        return
+def _dequantize_progress(progress: bool, label: str) -> Iterator[None]:
+    """transformers' GGUF dequantization draws its own tqdm bar: report it through :func:`progress_bar` instead."""
     from unittest import mock
 
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
 
-    with mock.patch.object(gguf_utils, "tqdm", functools.partial(gguf_utils.tqdm, disable=True)):
+    def tensors(iterable: Any, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        items = list(iterable)
+        with progress_bar(progress, label, len(items)) as advance:
+            for item in items:
+                yield item
+                advance()
+
+    if not hasattr(gguf_utils, "tqdm"):  # another transformers: its loop reports nothing, so neither do we
+        yield
+        return
+    with mock.patch.object(gguf_utils, "tqdm", tensors):
         yield
 
 
 def import_gguf(file: str | Path, out: str | Path, *, dtype: str = "float32", progress: bool = True) -> ImportResult:
     """Write ``out`` (config.json, model.safetensors in ``dtype``, tokenizer files) from a GGUF file.
 
-    ``progress=False`` hides transformers' dequantization bar.
+    ``progress`` reports the dequantization per tensor on stderr (a bar, or log lines off a terminal).
 
     Raises:
         SpecError: ``dtype`` is not one of :data:`DTYPES`.
@@ -127,8 +137,10 @@ def import_gguf(file: str | Path, out: str | Path, *, dtype: str = "float32", pr
     _check_architecture(file, info)
     kwargs = {"gguf_file": file.name, "local_files_only": True}
     try:
+        _log.info("reading %s (%s, %.0f MB): tokenizer", file.name, info.architecture, file.stat().st_size / 1e6)
         tokenizer = AutoTokenizer.from_pretrained(file.parent, **kwargs)
-        with _quiet_dequantize(progress):
+        _log.info("reading %s: config and weights (the GGUF metadata is parsed twice; dequantizing follows)", file.name)
+        with _dequantize_progress(progress, f"dequantizing {file.name}"):
             model = AutoModelForCausalLM.from_pretrained(file.parent, dtype=getattr(torch, dtype), **kwargs)
     except (ValueError, KeyError, OSError, NotImplementedError, RuntimeError) as exc:
         raise ModelError(
@@ -144,6 +156,7 @@ def import_gguf(file: str | Path, out: str | Path, *, dtype: str = "float32", pr
     layout_of(model, verified=False)  # a folder noodle can split; profile/exec refuse unverified architectures
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    _log.info("writing %s (%s)", out, dtype)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     record = {"source": str(file), "architecture": info.architecture, "name": info.name, "dtype": dtype}

@@ -17,16 +17,15 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from noodle.errors import SpecError
 from noodle.models import layout_of
+from noodle.progress import progress_bar
 from noodle.profile.hooks import STRATEGIES, Clock, MemoryProbe, NullHooks, TimingHooks, TraceHooks, TraceRecord
 from noodle.profile.report import ProfileReport, RunData, build_report
 from noodle.profile.system import system_info
@@ -101,41 +100,6 @@ class ProfileInputs:
     @property
     def batch_size(self) -> int:
         return int(self.input_ids.shape[0])
-
-
-@contextmanager
-def progress_bar(enabled: bool, label: str, total: int, every_s: float = 5.0) -> Iterator[Callable[[], None]]:
-    """Progress on stderr: a rich bar on a terminal, else a log line every ``every_s`` seconds (or nothing).
-
-    Yields a function that advances it by one.
-    """
-    if not enabled:
-        yield lambda: None
-        return
-    import sys
-
-    if not sys.stderr.isatty():
-        t0 = last = time.monotonic()
-        done = 0
-
-        def advance() -> None:
-            nonlocal done, last
-            done += 1
-            now = time.monotonic()
-            if now - last >= every_s and done < total:
-                last = now
-                left = (now - t0) / done * (total - done)
-                _log.info("%s: %d/%d, about %.0f s left", label, done, total, left)
-
-        yield advance
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True)) as bar:
-        task = bar.add_task(label, total=total)
-        yield lambda: bar.advance(task)
 
 
 def _resolve_device(name: str) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -80,3 +81,17 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys, monkeypatch, args, nee
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "Traceback" not in err
     assert len(err.splitlines()) == 1 and err.startswith("noodle: error: ") and needle in err, err
+
+
+def test_dequantization_reports_progress_through_noodle(caplog, monkeypatch):
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    from noodle.models import gguf as module
+
+    monkeypatch.setattr("noodle.progress.sys.stderr", io.StringIO())  # not a terminal: log lines
+    real = module.progress_bar
+    monkeypatch.setattr(module, "progress_bar", lambda *a, **k: real(*a, **{**k, "every_s": 0.0}))
+    with caplog.at_level("INFO", logger="noodle.progress"), module._dequantize_progress(True, "dequantizing x.gguf"):
+        items = list(gguf_utils.tqdm(["a", "b", "c"], desc="Converting and de-quantizing GGUF tensors..."))
+    assert items == ["a", "b", "c"]
+    assert [r.getMessage().split(",")[0] for r in caplog.records] == ["dequantizing x.gguf: 1/3", "dequantizing x.gguf: 2/3"]

@@ -129,14 +129,3 @@ def test_automatic_count_needs_a_warm_up(capsys):
     assert "--warmup 0 needs --iterations N" in capsys.readouterr().err
     assert main(["profile", "--preset", "gpt2-tiny", "--time-budget", "nan"]) != 0
     assert "--time-budget: must be between 1 and 86400 seconds, got nan" in capsys.readouterr().err
-
-
-def test_progress_off_a_terminal_is_a_log_line_with_what_is_left(caplog):
-    from noodle.profile.engine import progress_bar
-
-    with caplog.at_level("INFO", logger="noodle.profile.engine"):
-        with progress_bar(True, "m: profile", 3, every_s=0.0) as advance:
-            for _ in range(3):
-                advance()
-    lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 2 and lines[0].startswith("m: profile: 1/3, about ") and lines[1].startswith("m: profile: 2/3")
