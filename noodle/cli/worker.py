@@ -66,6 +66,12 @@ def worker_cmd(
                                          help="--join: host:port the coordinator reaches this worker at (default: --host:port)"),
     cache_dir: Path = typer.Option(Path("~/.cache/noodle"), "--cache-dir", help="--join: where measured costs are cached"),
     join_timeout: float = typer.Option(60.0, "--join-timeout", help="--join: seconds to retry an unreachable coordinator"),
+    ready_file: Path | None = typer.Option(None, "--ready-file",
+                                           help="--join: create this file once joined, remove it on leaving (for a "
+                                                "readiness probe: `test -f FILE`)"),
+    leave_timeout: float = typer.Option(20.0, "--leave-timeout",
+                                        help="--join: on SIGTERM, keep serving until the coordinator re-planned without "
+                                             "this worker, at most this many seconds (0: stop at once)"),
     emulate_slowdown: float = typer.Option(1.0, "--emulate-slowdown",
                                            help="grpc, tests and demos only: emulate throttling, each stage step takes FACTOR x its compute time"),
     slowdown_after_s: float = typer.Option(0.0, "--slowdown-after-s",
@@ -114,6 +120,7 @@ def worker_cmd(
     check_float("--stream-idle-timeout", stream_idle_timeout, gt=0, le=1e7)
     check_float("--emulate-slowdown", emulate_slowdown, ge=1, le=1000)
     check_float("--slowdown-after-s", slowdown_after_s, ge=0, le=1e6)
+    check_float("--leave-timeout", leave_timeout, ge=0, le=600)
     from noodle.executors.grpc.server import run_forever
     from noodle.executors.grpc.worker import WorkerConfig
 
@@ -126,11 +133,25 @@ def worker_cmd(
         max_calls_per_peer=max_calls_per_caller, insecure=insecure, emulate_slowdown=emulate_slowdown,
         slowdown_after_s=slowdown_after_s,
     )  # fmt: skip
+    if ready_file is not None and join is None:
+        raise SpecError("--ready-file: needs --join (the file says the coordinator accepted this worker)")
+    if ready_file is not None and not ready_file.parent.is_dir():
+        raise SpecError(f"--ready-file: {ready_file.parent} is not a folder")
     if join is None:
         raise typer.Exit(run_forever(config))
     slow_from_start = emulate_slowdown if slowdown_after_s == 0 else 1.0  # measures itself slowed (see slowed_report)
-    joiner = _joiner(join, token, name, advertise, host, model, device, cache_dir, join_timeout, slow_from_start)
-    code = run_forever(config, on_started=lambda bound: joiner(bound).start())
+    make_joiner = _joiner(join, token, name, advertise, host, model, device, cache_dir, join_timeout, slow_from_start,
+                          ready_file)
+    joined: list[Any] = []
+
+    def leave() -> None:
+        if joined and not _JOIN_FAILED:
+            if leave_timeout > 0:
+                print("noodle worker: stopping: leaving the cluster first (--leave-timeout "
+                      f"{leave_timeout:g} s)", file=sys.stderr, flush=True)  # fmt: skip
+            print(f"noodle worker: {joined[0].leave(leave_timeout)}", file=sys.stderr, flush=True)
+
+    code = run_forever(config, on_started=lambda bound: joined.append(make_joiner(bound).start()), on_stopping=leave)
     raise typer.Exit(1 if _JOIN_FAILED else code)
 
 
@@ -138,7 +159,8 @@ _JOIN_FAILED: list[str] = []
 
 
 def _joiner(url: str, token: str | None, name: str | None, advertise: str | None, host: str, model: Path,
-            device: str, cache_dir: Path, join_timeout: float, slowdown: float = 1.0) -> Callable[[int], Any]:  # fmt: skip
+            device: str, cache_dir: Path, join_timeout: float, slowdown: float = 1.0,
+            ready_file: Path | None = None) -> Callable[[int], Any]:  # fmt: skip
     """Checks the --join flags now; returns ``port -> Joiner`` to start once the gRPC server listens.
 
     ``slowdown``: the ``--emulate-slowdown`` factor when it applies from the first step; the join report's
@@ -167,7 +189,7 @@ def _joiner(url: str, token: str | None, name: str | None, advertise: str | None
         address = advertise or f"{'0.0.0.0' if host in ('0.0.0.0', '::', '') else host}:{port}"  # coordinator fills it in
         node = name or f"{socket.gethostname()}-{port}"
         report = lambda: slowed_report(self_report(model, device, cache_dir), slowdown)  # noqa: E731
-        return Joiner(url, token, node, address, report, give_up_s=join_timeout,
+        return Joiner(url, token, node, address, report, give_up_s=join_timeout, ready_file=ready_file,
                       on_fail=fail)  # fmt: skip
 
     return make

@@ -31,6 +31,8 @@ TOKEN_DIR = "/var/run/secrets/noodle"
 TOKEN_KEY = "token"
 API_KEY_KEY = "api-key"
 CACHE_DIR = "/var/cache/noodle"
+READY_FILE = "/tmp/noodle-ready"  # the worker creates it once the coordinator accepted its join
+LEAVE_TIMEOUT_S = 20  # SIGTERM: the worker serves until the coordinator re-planned without it (< the 30 s grace)
 JOIN_TIMEOUT_S = 600  # a worker waits this long for the coordinator's pod (image pulls) before it restarts
 UID = 10001  # the image's non-root user
 
@@ -150,7 +152,8 @@ def worker_args(dep: Deployment, pool: Pool) -> list[str]:
     args = ["worker", "--model", dep.model.path, "--host", "0.0.0.0", "--port", port, "--join", join_url(dep),
             "--device", pool.device, "--name", "$(POD_NAME)", "--advertise", f"$(POD_IP):{port}",
             "--token-file", f"{TOKEN_DIR}/{TOKEN_KEY}", "--cache-dir", CACHE_DIR,
-            "--join-timeout", str(JOIN_TIMEOUT_S)]  # fmt: skip
+            "--join-timeout", str(JOIN_TIMEOUT_S), "--ready-file", READY_FILE,
+            "--leave-timeout", str(LEAVE_TIMEOUT_S)]  # fmt: skip
     if pool.threads:
         args += ["--threads", str(pool.threads)]
     return args
@@ -201,8 +204,10 @@ def _coordinator(dep: Deployment) -> Obj:
 def _pool(dep: Deployment, pool: Pool) -> list[Obj]:
     env = [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
            {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]  # fmt: skip
-    # The worker's gRPC service asks the cluster token of every call, so the probes only check that it listens.
-    probes = {"readinessProbe": {"tcpSocket": {"port": "grpc"}, "periodSeconds": 5, "failureThreshold": 2},
+    # Ready = the coordinator accepted the join (the file; a rolling update waits for it, not for the port);
+    # alive = it listens (every gRPC call needs the cluster token, so the probe cannot call it).
+    probes = {"readinessProbe": {"exec": {"command": ["test", "-f", READY_FILE]}, "periodSeconds": 5,
+                                 "failureThreshold": 2},
               "livenessProbe": {"tcpSocket": {"port": "grpc"}, "initialDelaySeconds": 10, "periodSeconds": 10,
                                 "failureThreshold": 6}}  # fmt: skip
     volumes, mounts = _volumes(dep, CACHE_DIR)

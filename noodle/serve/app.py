@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 _STATUS_HTML = Path(__file__).with_name("status.html")
 _ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/responses", "/metrics", "/health",
               "/healthz", "/readyz", "/",
-              "/noodle/status", "/noodle/cluster", "/noodle/cluster/join", "/noodle/cluster/heartbeat",
+              "/noodle/status", "/noodle/cluster", "/noodle/cluster/join", "/noodle/cluster/heartbeat", "/noodle/cluster/leave",
               "/noodle/cluster/export")  # fmt: skip
 
 

@@ -158,6 +158,14 @@ class Heartbeat(_Wire):
     secret: str = Field("", max_length=128, description="the node's secret, issued by its join")
 
 
+class Leave(_Wire):
+    """A worker leaving on purpose (SIGTERM: a pod stopped, a rolling update); the coordinator re-plans without it."""
+
+    id: str = Field(min_length=1, max_length=100)
+    secret: str = Field("", max_length=128, description="the node's secret, issued by its join")
+    wait_s: float = Field(30.0, ge=0, le=600, description="how long to hold the answer until no stage runs on it")
+
+
 class ClaimRefused(SpecError):
     """A join or heartbeat the coordinator refuses: ``status`` (400, 403, 409) and the field it names."""
 

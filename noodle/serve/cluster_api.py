@@ -1,12 +1,16 @@
-"""HTTP routes of ``noodle serve --cluster``: join, heartbeat, cluster status and export.
+"""HTTP routes of ``noodle serve --cluster``: join, heartbeat, leave, cluster status and export.
 
-``POST /noodle/cluster/join`` and ``POST /noodle/cluster/heartbeat`` need
+``POST /noodle/cluster/join``, ``/heartbeat`` and ``/leave`` need
 ``Authorization: Bearer <cluster token>`` (the workers' gRPC token: one secret for the
 cluster). ``GET /noodle/cluster`` (nodes, plan, re-plans) and ``GET /noodle/cluster/export``
 (the measured spec, YAML; ``?links=relay`` prices each hop through the coordinator, default
 ``direct``) show worker addresses and the model's path: they need the API key or the cluster
 token. :class:`~noodle.serve.guard.Guard` checks all of it (and the body's size) before a body
 is read; bodies are parsed off the event loop.
+
+``/leave`` is a worker stopping on purpose (SIGTERM): it is dead to the planner at once, and the
+answer waits (up to the body's ``wait_s``) until the served plan holds no stage on it, so the
+worker keeps computing the steps in flight while the coordinator drains and re-plans around it.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ValidationError
 
-from noodle.serve.claims import ClaimRefused, Heartbeat, JoinRequest, field_message, unit_mismatch
+from noodle.serve.claims import ClaimRefused, Heartbeat, JoinRequest, Leave, field_message, unit_mismatch
 from noodle.serve.controller import ClusterController
 from noodle.serve.links import LINK_MODES
 from noodle.serve.protocol import ApiError
@@ -96,6 +100,27 @@ def cluster_router(ctl: ClusterController) -> APIRouter:
             raise ApiError(404, f"id: node {body.id!r} is not joined (or was declared dead); join again",
                            param="id", code="not_joined")  # fmt: skip
         return {"ok": True}
+
+    @router.post("/noodle/cluster/leave")
+    async def leave(request: Request) -> dict[str, Any]:
+        body = await _body(request, Leave)
+        try:
+            live = ctl.registry.leave(body.id, body.secret)
+        except ClaimRefused as exc:
+            raise ApiError(exc.status, str(exc), param=exc.param, code=exc.code) from None
+        if not live:
+            return {"ok": True, "left": False, "in_plan": False, "waited_s": 0.0}
+        ctl.events.add("info", f"node {body.id} is leaving (stopped on purpose): re-planning without it")
+        loop, t0 = asyncio.get_running_loop(), asyncio.get_running_loop().time()
+
+        def holds() -> bool:
+            plan = ctl.plan.current
+            return (plan is not None and any(s.node == body.id for s in plan.stages)
+                    and ctl.registry.alive_count() > 0)  # fmt: skip
+
+        while holds() and loop.time() - t0 < body.wait_s:
+            await asyncio.sleep(0.1)
+        return {"ok": True, "left": True, "in_plan": holds(), "waited_s": loop.time() - t0}
 
     @router.get("/noodle/cluster")
     async def status() -> dict[str, Any]:

@@ -9,7 +9,7 @@ Per request, in this order, before the app sees it:
    ``--allow-origin`` -> 403: a foreign page's "simple" cross-origin POST (``text/plain``, no
    preflight) is refused rather than served;
 3. the credentials the route needs (``Authorization: Bearer``): ``/v1/*`` the API key,
-   ``/noodle/cluster/join`` and ``/heartbeat`` the cluster token, ``/noodle/cluster`` and
+   ``/noodle/cluster/join``, ``/heartbeat`` and ``/leave`` the cluster token, ``/noodle/cluster`` and
    ``/noodle/cluster/export`` (worker addresses, the model's path) either of them -> 401;
 4. ``Content-Length`` against the route's body limit -> 413, nothing read;
 5. then the body as it streams: bytes are counted (chunked bodies too) and the request is cut
@@ -40,7 +40,7 @@ JOIN_BYTES = 4 << 20  # a join: one cost row per placement unit (at most 1024 un
 SMALL_BYTES = 64 << 10  # a heartbeat, and anything sent to another route
 BODY_TIMEOUT_S = 60.0  # the whole body must arrive within this long
 _BODY_ROUTES = ("/v1/completions", "/v1/chat/completions")
-_CLUSTER_WRITES = ("/noodle/cluster/join", "/noodle/cluster/heartbeat")
+_CLUSTER_WRITES = ("/noodle/cluster/join", "/noodle/cluster/heartbeat", "/noodle/cluster/leave")
 _CLUSTER_READS = ("/noodle/cluster", "/noodle/cluster/export")
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 _WILDCARDS = frozenset({"", "0.0.0.0", "::", "*"})

@@ -258,11 +258,13 @@ class Joiner:
         report: :func:`self_report`'s figures (or a function computing them).
         give_up_s: how long to retry the first join before failing.
         on_fail: called with a one-line error when the first join fails for good.
+        ready_file: created once the coordinator accepted the join, removed when the worker leaves (a
+            Kubernetes readiness probe tests it: a rolling update waits for the join, not for the port).
     """
 
     def __init__(self, url: str, token: str, node_id: str, address: str,
                  report: dict[str, Any] | Callable[[], dict[str, Any]], *, give_up_s: float = 60.0,
-                 on_fail: Callable[[str], None] | None = None) -> None:  # fmt: skip
+                 on_fail: Callable[[str], None] | None = None, ready_file: Path | None = None) -> None:  # fmt: skip
         self.url = url.rstrip("/")
         self.token = token
         self.node_id = node_id
@@ -276,6 +278,9 @@ class Joiner:
         self.failed: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.ready_file = ready_file
+        if ready_file is not None:
+            ready_file.unlink(missing_ok=True)  # a restarted container finds its predecessor's
 
     def start(self) -> Joiner:
         self._thread = threading.Thread(target=self._run, name="noodle-join", daemon=True)
@@ -285,10 +290,34 @@ class Joiner:
     def stop(self) -> None:
         self._stop.set()
 
-    def _post(self, path: str, body: dict[str, Any]) -> Any:
+    def _post(self, path: str, body: dict[str, Any], timeout_s: float = 10.0) -> Any:
         import httpx
 
-        return httpx.post(f"{self.url}{path}", json=body, headers={"Authorization": f"Bearer {self.token}"}, timeout=10.0)
+        return httpx.post(f"{self.url}{path}", json=body, headers={"Authorization": f"Bearer {self.token}"},
+                          timeout=timeout_s)  # fmt: skip
+
+    def leave(self, wait_s: float) -> str:
+        """Stop heartbeating and tell the coordinator this worker leaves; returns once it serves without it (or
+        ``wait_s`` passed), so the steps in flight here finish. One line on what happened."""
+        import httpx
+
+        self._stop.set()
+        if self.ready_file is not None:
+            self.ready_file.unlink(missing_ok=True)
+        if not self.joined.is_set() or wait_s <= 0:
+            return "not leaving the cluster (not joined)" if wait_s > 0 else "leaving without telling the coordinator"
+        t0 = time.monotonic()
+        try:
+            resp = self._post("/noodle/cluster/leave", {"id": self.node_id, "secret": self.secret, "wait_s": wait_s},
+                              timeout_s=wait_s + 10.0)  # fmt: skip
+        except httpx.HTTPError as exc:
+            return f"could not tell {self.url} this worker leaves ({type(exc).__name__}: {exc}); it will find out"
+        if resp.status_code != 200:
+            return f"{self.url} refused the leave ({resp.status_code}: {_error(resp)[0]})"
+        answer = resp.json()
+        if answer.get("in_plan"):
+            return f"left {self.url}, but it still served a plan with this worker after {wait_s:g} s"
+        return f"left {self.url}: it serves without this worker ({time.monotonic() - t0:.2f} s)"
 
     def _payload(self) -> dict[str, Any]:
         if callable(self._report):
@@ -308,6 +337,8 @@ class Joiner:
         self.heartbeat_s = float(answer.get("heartbeat_s", self.heartbeat_s))
         self.secret = str(answer.get("secret", ""))
         self.joined.set()
+        if self.ready_file is not None:
+            self.ready_file.write_text(f"{self.node_id} joined {self.url}\n")
 
     def _run(self) -> None:
         import httpx

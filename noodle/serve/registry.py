@@ -225,6 +225,23 @@ class ClusterRegistry:
             self.changed.set()
         return dead
 
+    def leave(self, node_id: str, secret: str) -> bool:
+        """The node leaves on purpose: dead to the planner now (not after missed heartbeats); False when it was
+        not live. Raises :class:`~noodle.serve.claims.ClaimRefused` (403) when ``secret`` is not its join's."""
+        with self._lock:
+            rec = self._nodes.get(node_id)
+            if rec is None:
+                return False
+            if not hmac.compare_digest(rec.secret.encode(), secret.encode()):
+                raise ClaimRefused(403, "secret", f"not the secret node {node_id!r} was given when it joined; only "
+                                   "the node itself can say it leaves", code="forbidden")  # fmt: skip
+            if not rec.alive:
+                return False
+            self._nodes[node_id] = replace(rec, alive=False)
+            self._bump(f"{node_id} left")
+        self.changed.set()
+        return True
+
     def mark_dead(self, node_id: str) -> None:
         with self._lock:
             rec = self._nodes.get(node_id)

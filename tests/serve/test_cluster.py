@@ -180,3 +180,20 @@ def test_cluster_flags_fail_in_one_line(model_dir: Path, args: list[str], messag
     out = subprocess.run(cmd, capture_output=True, timeout=120, env=env)
     err = out.stderr.decode()
     assert out.returncode != 0 and message in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--ready-file", "ready"], "--ready-file: needs --join"),
+    (["--join", "http://127.0.0.1:9", "--token", "t", "--ready-file", "/no/such/dir/ready"],
+     "--ready-file: /no/such/dir is not a folder"),
+    (["--join", "http://127.0.0.1:9", "--token", "t", "--leave-timeout", "-1"], "--leave-timeout: must be"),
+    (["--join", "http://127.0.0.1:9", "--token", "t", "--leave-timeout", "nan"], "--leave-timeout: must be"),
+    (["--join", "http://127.0.0.1:9", "--token", "t", "--leave-timeout", "601"], "--leave-timeout: must be"),
+])  # fmt: skip
+def test_worker_leave_flags_fail_in_one_line(model_dir: Path, capsys: pytest.CaptureFixture[str], args: list[str],
+                                             message: str) -> None:  # fmt: skip
+    from noodle.cli.main import main
+
+    assert main(["worker", "--model", str(model_dir), "--port", "0", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err

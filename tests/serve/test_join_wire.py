@@ -149,3 +149,37 @@ def test_a_heartbeat_needs_its_own_nodes_secret(client: tuple[TestClient, Any]) 
     assert nodes["hb1"]["free_memory_bytes"] == 2**30 and "secret" not in nodes["hb1"]
     resp = _post(tc, _valid(hashes, "hb1"))  # the live name is not taken over
     assert resp.status_code == 409 and resp.json()["error"]["code"] == "name_in_use", resp.text
+
+
+def test_leave_needs_the_nodes_secret_and_a_valid_body(client: tuple[TestClient, Any]) -> None:
+    tc, hashes = client
+    secrets = {}
+    for node in ("lv1", "lv2"):
+        resp = _post(tc, _valid(hashes, node))
+        assert resp.status_code == 200, resp.text
+        secrets[node] = resp.json()["secret"]
+
+    def leave(body: Any, auth: dict[str, str] = AUTH) -> Any:
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return tc.post("/noodle/cluster/leave", content=raw, headers={**auth, "content-type": "application/json"})
+
+    assert leave({"id": "lv1", "secret": secrets["lv1"]}, auth={}).status_code == 401
+    for secret in (secrets["lv2"], "", "x" * 32):  # another node's secret, none, a guess: lv1 stays
+        resp = leave({"id": "lv1", "secret": secret, "wait_s": 0})
+        assert resp.status_code == 403 and resp.json()["error"]["param"] == "secret", resp.text
+    bodies: list[Any] = [b"{", b"", [], {"secret": secrets["lv1"]},
+                         *({"id": "lv1", "secret": secrets["lv1"], "wait_s": w} for w in (-1, 601, "soon", None, [1])),
+                         *({"id": v, "secret": "s"} for v in WEIRD if not isinstance(v, str) or not v)]
+    for body in bodies:
+        resp = leave(body)
+        assert resp.status_code == 400, (body, resp.text)
+        assert "Traceback" not in resp.text and resp.json()["error"]["message"]
+    alive = {n["id"]: n["alive"] for n in tc.get("/noodle/cluster", headers=AUTH).json()["nodes"]}
+    assert alive["lv1"] and alive["lv2"]
+    resp = leave({"id": "lv1", "secret": secrets["lv1"], "wait_s": 0})  # no plan is served: answered at once
+    assert resp.status_code == 200 and resp.json()["left"] and not resp.json()["in_plan"], resp.text
+    assert leave({"id": "lv1", "secret": secrets["lv1"], "wait_s": 0}).json()["left"] is False  # once
+    assert leave({"id": "nobody", "secret": "s", "wait_s": 0}).json()["left"] is False
+    alive = {n["id"]: n["alive"] for n in tc.get("/noodle/cluster", headers=AUTH).json()["nodes"]}
+    assert not alive["lv1"] and alive["lv2"]
+    assert _post(tc, _valid(hashes, "lv1")).status_code == 200  # its name is free again at once: a restarted pod

@@ -50,6 +50,24 @@ def test_heartbeats_keep_nodes_alive_and_silence_kills_them() -> None:
     assert reg.alive_count() == 2
 
 
+def test_a_node_that_leaves_is_out_at_once_and_its_name_is_free() -> None:
+    from noodle.serve.claims import ClaimRefused
+
+    reg = ClusterRegistry(heartbeat_timeout_s=60)
+    a = reg.join(_join("a", 1.0)).secret
+    b = reg.join(_join("b", 1.0)).secret
+    reg.take_changes()
+    with pytest.raises(ClaimRefused, match="secret: not the secret node 'a' was given"):
+        reg.leave("a", b)
+    v = reg.version
+    assert reg.leave("a", a) and reg.version == v + 1 and reg.take_changes() == ["a left"]
+    assert [r.id for r in reg.records(alive_only=True)] == ["b"]
+    assert not reg.leave("a", a) and not reg.leave("zz", "") and reg.version == v + 1
+    assert not reg.heartbeat(Heartbeat(id="a", free_memory_bytes=1, secret=a))  # it must join again
+    reg.join(_join("a", 1.0))  # long before its heartbeat timeout
+    assert reg.alive_count() == 2
+
+
 def test_a_heartbeat_speaks_only_for_its_own_node_and_a_live_name_is_not_taken_over() -> None:
     from noodle.serve.claims import ClaimRefused
 

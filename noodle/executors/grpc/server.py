@@ -80,13 +80,15 @@ def _start(config: WorkerConfig) -> tuple[grpc.Server, StageServicer, int, futur
     return server, servicer, port, pool
 
 
-def run_forever(config: WorkerConfig, on_started: Callable[[int], None] | None = None) -> int:
+def run_forever(config: WorkerConfig, on_started: Callable[[int], None] | None = None,
+                on_stopping: Callable[[], None] | None = None) -> int:
     """Serve until SIGTERM/SIGINT (main thread only); the first stdout line says where it listens.
 
     Stopping is bounded: calls get ``STOP_GRACE_S`` to finish, the server ``STOP_WAIT_S`` more to end
     them; a handler thread still stuck after that (a caller that never sends) does not keep the
     process alive: it exits without waiting for it. ``on_started(port)`` runs once it listens
-    (``noodle worker --join`` registers with its coordinator there).
+    (``noodle worker --join`` registers with its coordinator there); ``on_stopping()`` runs on the signal while
+    the server still serves (a joined worker leaves its cluster there, so the steps in flight finish).
     """
     server, servicer, port, pool = _start(config)
     stop = threading.Event()
@@ -103,6 +105,8 @@ def run_forever(config: WorkerConfig, on_started: Callable[[int], None] | None =
         on_started(port)
     try:
         stop.wait()
+        if on_stopping is not None:
+            on_stopping()
     finally:
         done = server.stop(grace=STOP_GRACE_S).wait(timeout=STOP_GRACE_S + STOP_WAIT_S)
         servicer.close()
