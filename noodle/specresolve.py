@@ -46,8 +46,8 @@ def resolve_units(spec: Spec, base: Path, workload: Workload, source: str, *, mo
 
         units, _meta = load_units(base / m.profile)
         return tuple(units)
-    from noodle.graph.analytic import ReferenceDevice, analytic_units
-    from noodle.graph.paramcount import facts_of
+    from noodle.models.analytic import ReferenceDevice, analytic_units
+    from noodle.models.paramcount import facts_of
 
     path = base / str(m.hf_config)
     try:
