@@ -1,6 +1,6 @@
 """Seeded placement instances: real architectures on heterogeneous clusters.
 
-Units come from :func:`noodle.graph.analytic.analytic_units` on published configs
+Units come from :func:`noodle.models.analytic.analytic_units` on published configs
 (GPT-2 small/XL, Llama-2 7B/13B/70B, and a GPT-3-175B-shaped GPT-2 with 96 blocks)
 in float16. Nodes are drawn from a catalogue of real devices (GPUs, integrated GPUs,
 CPU servers and desktops); ``compute_score`` follows memory bandwidth (decode is
@@ -75,7 +75,7 @@ DEVICES: tuple[DeviceType, ...] = (
 @functools.lru_cache(maxsize=32)
 def model_units(arch: str, prompt_tokens: int = 512, max_new_tokens: int = 256, batch_size: int = 1) -> tuple[Unit, ...]:
     """Analytic float16 units of a catalogue architecture (cached)."""
-    from noodle.graph.analytic import analytic_units
+    from noodle.models.analytic import analytic_units
     from noodle.models.loading import load_config
 
     if arch not in ARCHITECTURES:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from noodle.docfile import load_document
 from noodle.errors import DependencyMissing, NoodleError, SpecError
 from noodle.extras import require_exec
-from noodle.graph.pernode import profile_decode_ms
+from noodle.profile.pernode import profile_decode_ms
 from noodle.sizes import MAX_BATCH, MAX_SCORE, MIN_SCORE
 from noodle.types import Cluster, Constraints, Link, Node, NodeProfile, Pin, Unit, Workload
 
@@ -46,8 +46,8 @@ def resolve_units(spec: Spec, base: Path, workload: Workload, source: str, *, mo
 
         units, _meta = load_units(base / m.profile)
         return tuple(units)
-    from noodle.graph.analytic import ReferenceDevice, analytic_units
-    from noodle.graph.paramcount import facts_of
+    from noodle.models.analytic import ReferenceDevice, analytic_units
+    from noodle.models.paramcount import facts_of
 
     path = base / str(m.hf_config)
     try:

@@ -72,7 +72,7 @@ class Unit:
 class NodeProfile:
     """Unit costs measured on one node itself, in the model's unit chain order.
 
-    Read by :class:`~noodle.graph.pernode.PerNodeCostModel` instead of scaling the model's
+    Read by :class:`~noodle.profile.pernode.PerNodeCostModel` instead of scaling the model's
     profile by ``compute_score``.
 
     Attributes:

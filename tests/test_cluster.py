@@ -10,7 +10,7 @@ import yaml
 
 from noodle import SpecError, load_spec, solve
 from noodle.cluster import LinkMeasurement, NodeRecord, export_spec
-from noodle.graph.pernode import PerNodeCostModel
+from noodle.profile.pernode import PerNodeCostModel
 from noodle.types import GIB, NodeProfile, Workload
 
 ROOT = Path(__file__).resolve().parents[1]

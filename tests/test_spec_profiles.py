@@ -11,7 +11,7 @@ import yaml
 
 from noodle import SpecError, load_spec, plan_document, solve
 from noodle.graph.costmodel import DefaultCostModel, evaluate
-from noodle.graph.pernode import PerNodeCostModel
+from noodle.profile.pernode import PerNodeCostModel
 from noodle.spec import spec_json_schema
 from tests.test_spec import BASE
 

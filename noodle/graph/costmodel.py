@@ -20,7 +20,7 @@ priced at the batch a stage steps: ``c_k(b)`` from the node's per-unit ``decode_
 (interpolated, :meth:`~noodle.types.NodeProfile.decode_latency_ms`), or from the unit's batch curve where
 the node has none measured (an analytic model's roofline, :class:`~noodle.types.BatchCurve`: the weights
 read once per step, each sequence's FLOPs and KV reads on top; a node profiled at one batch size scales its
-figures along it; see :mod:`noodle.graph.pernode`). Only a unit with neither (a ``layers`` or ``profile``
+figures along it; see :mod:`noodle.profile.pernode`). Only a unit with neither (a ``layers`` or ``profile``
 model on a node measured at one batch) costs the same at any ``b``. Hops carry ``b`` rows of activations
 (``activation_bytes * b``), memory holds all ``C`` sequences' KV on every stage. With
 ``t_k = c_k(b) + out_k(b)``::
@@ -43,7 +43,7 @@ Any object with the four methods of :class:`CostModel` can replace it; exact
 solvers precompute every (node, range) cost from it, so a custom model needs no
 special structure (see ``examples/custom_cost_model.py``). Nodes that carry their own
 measured unit costs (``Node.profile``) are priced by
-:class:`~noodle.graph.pernode.PerNodeCostModel`; :func:`cost_model_for` picks it.
+:class:`~noodle.profile.pernode.PerNodeCostModel`; :func:`cost_model_for` picks it.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ import itertools
 from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
-from noodle.graph.pernode import PerNodeCostModel
+from noodle.profile.pernode import PerNodeCostModel
 from noodle.types import Node, Plan, Problem
 
 __all__ = ["CostModel", "DefaultCostModel", "PerNodeCostModel", "StageCost", "Evaluation", "evaluate",
@@ -122,7 +122,7 @@ def cost_model_for(problem: Problem) -> CostModel:
     """The model a problem is priced with when none is given.
 
     :class:`~noodle.graph.formats.FormatCostModel` when the problem lets the planner choose weight formats,
-    :class:`~noodle.graph.pernode.PerNodeCostModel` when some usable node carries its own profile, else :class:`DefaultCostModel` (the two agree on nodes without a profile).
+    :class:`~noodle.profile.pernode.PerNodeCostModel` when some usable node carries its own profile, else :class:`DefaultCostModel` (the two agree on nodes without a profile).
     """
     if problem.formats is not None:
         from noodle.graph.formats import FormatCostModel  # formats builds on pernode, as this module does

@@ -4,7 +4,7 @@ A problem with :class:`~noodle.types.Formats` gives every node a set of allowed 
 ``F_v`` (already filtered by the spec's accuracy budget and by what the node's device can
 run), and per format ``f`` the unit costs ``d_v^f(i)`` and ``bytes_v^f(i)`` (the node's own
 profile in that format, else the format's model profile over ``compute_score``, exactly as
-:class:`~noodle.graph.pernode.PerNodeCostModel` prices one format). The extended model lets
+:class:`~noodle.profile.pernode.PerNodeCostModel` prices one format). The extended model lets
 a plan choose, per stage ``k``, a *virtual* node ``(v_k, f_k)`` with ``f_k in F_{v_k}``; each
 physical node still holds at most one stage, hence one format.
 
@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from noodle.graph.pernode import PerNodeCostModel
+from noodle.profile.pernode import PerNodeCostModel
 from noodle.errors import SpecError
 from noodle.types import GIB, FormatOption, Formats, Node, Plan, Problem
 

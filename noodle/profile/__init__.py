@@ -1,7 +1,8 @@
 """Profile a causal LM unit by unit: hooks, metrics, JSONL log, engine, dashboard.
 
 The output folder feeds the planner through :func:`load_units`. Names are imported on first use, so
-reading a profile (:mod:`noodle.profile.units`, what planning needs) never imports torch or the engine.
+reading a profile (:mod:`noodle.profile.units`, and :mod:`noodle.profile.pernode`, which prices stages with
+each node's own profile: what planning needs) never imports torch or the engine.
 """
 
 from __future__ import annotations

@@ -76,7 +76,7 @@ class UnitCostReport(_Wire):
 
 
 class StepOverheadReport(_Wire):
-    """The stage runner's fixed work per step that the unit table misses (:func:`~noodle.profile.unitcosts.measure_step_overhead`)."""
+    """The stage runner's fixed work per step that the unit table misses (:func:`~noodle.executors.overhead.measure_step_overhead`)."""
 
     decode_ms: float = Field(ge=0, le=MAX_WIRE_MS)
     prefill_ms: float = Field(ge=0, le=MAX_WIRE_MS)

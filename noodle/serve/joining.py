@@ -5,7 +5,7 @@ placement units timed on the worker's own device by the profiler engine (decode 
 unit at the planner's batch sizes, prefill per token per unit, weight and KV bytes per
 unit: :func:`~noodle.profile.unitcosts.measure_unit_costs`, a short run: one warm-up
 iteration, then medians over a few; then the stage runner's fixed work per step beyond
-those units: :func:`~noodle.profile.overhead.measure_step_overhead`), its total and
+those units: :func:`~noodle.executors.overhead.measure_step_overhead`), its total and
 free memory and its torch threads. The figures are cached as JSON (format
 ``noodle.unit-costs/1``; an older cache file, or one without the step overhead, is
 measured again) under
@@ -127,7 +127,7 @@ def measure_model(model_dir: Path, device: str = "cpu", *, batch_sizes: tuple[in
 
     from noodle.executors.kvbudget import max_positions
     from noodle.executors.slicing import read_config
-    from noodle.profile.overhead import measure_step_overhead
+    from noodle.executors.overhead import measure_step_overhead
     from noodle.profile.unitcosts import measure_unit_costs
 
     config = read_config(model_dir)

@@ -3,7 +3,7 @@
 The embedded default (only ``--model``) measures this machine instead of trusting
 hand-written numbers: its free memory from psutil, and its matmul throughput and
 memory bandwidth with two short torch timings; those become the reference device
-(``compute_score`` 1.0) of the analytic unit costs (:mod:`noodle.graph.analytic`).
+(``compute_score`` 1.0) of the analytic unit costs (:mod:`noodle.models.analytic`).
 The workload is the model's context: 3/4 of its positions for the prompt, the rest
 for new tokens, ``concurrency`` sequences at once: under continuous batching (``--batching``
 ``auto`` or ``continuous``, the serving default) as ``workload.streams``, so the plan is priced
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from noodle.errors import SpecError
-from noodle.graph.analytic import ReferenceDevice
+from noodle.models.analytic import ReferenceDevice
 from noodle.plandoc import PlanDoc, load_plan, plan_document
 from noodle.solvers import solve
 from noodle.spec import load_spec, parse_spec

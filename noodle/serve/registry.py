@@ -15,7 +15,7 @@ joined worker reports its own unit costs (:class:`CostReport`, format
 ``noodle.unit-costs/1``: the model's units timed on its device by the profiler engine); the
 registry keeps them as the node's :class:`~noodle.types.NodeProfile` and the spec carries it
 as the node's inline ``profile:``, so the planner prices every (node, unit) pair with
-:class:`~noodle.graph.pernode.PerNodeCostModel` (no ``compute_score``). The profile is
+:class:`~noodle.profile.pernode.PerNodeCostModel` (no ``compute_score``). The profile is
 corrected by what the served stages measured (:func:`corrected`, fed by
 :mod:`noodle.serve.drift`): a factor per (node, unit range) the node ran.
 ``memory_gb`` is the free memory the worker reported at its last heartbeat. The document is
@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from noodle.cluster import LinkMeasurement
-from noodle.graph.pernode import profile_decode_ms
+from noodle.profile.pernode import profile_decode_ms
 from noodle.serve.claims import (ClaimRefused, CostReport, Heartbeat, JoinRequest, StepOverheadReport, UnitCostReport,
                                  unit_mismatch)
 from noodle.serve.links import LinkSample, LinkTable
@@ -335,7 +335,7 @@ def shared_bias(records: list[WorkerRecord]) -> dict[str, float]:
 def table_ms(rec: WorkerRecord, start: int, end: int, batch_size: int = PLAN_BATCH,
              units: Sequence[Unit] | None = None) -> float:  # fmt: skip
     """The node's join-time (uncorrected) decode cost of units ``[start, end)`` at ``batch_size`` plus its step overhead,
-    as the planner prices it (:func:`~noodle.graph.pernode.profile_decode_ms`; along the ``units``' batch curves)."""
+    as the planner prices it (:func:`~noodle.profile.pernode.profile_decode_ms`; along the ``units``' batch curves)."""
     per_unit = profile_decode_ms(rec.profile, units, batch_size) if units else rec.profile.decode_latency_ms(batch_size)
     return float(sum(per_unit[start:end])) + rec.profile.step_overhead_ms
 

@@ -5,10 +5,10 @@ cost model (additive or not) is solved exactly. ``INF`` marks a segment that may
 not exist (over memory, or against a pin).
 
 For :class:`~noodle.graph.costmodel.DefaultCostModel` and
-:class:`~noodle.graph.pernode.PerNodeCostModel` (exactly those classes, not subclasses)
+:class:`~noodle.profile.pernode.PerNodeCostModel` (exactly those classes, not subclasses)
 the tables are built with numpy from (per-node) prefix sums, in the same floating-point
 operations as the model's own methods, so the arrays are identical to the generic
-loop (``tests/solvers/test_tables.py`` and ``tests/graph/test_pernode.py`` check it); any
+loop (``tests/solvers/test_tables.py`` and ``tests/profile/test_pernode.py`` check it); any
 other cost model is called once per (node, range), hop and return.
 
 Structure the solvers may exploit is recorded, never assumed:
@@ -31,7 +31,7 @@ import numpy as np
 
 from noodle.errors import InfeasibleError, SpecError
 from noodle.graph.costmodel import CostModel, DefaultCostModel
-from noodle.graph.pernode import PerNodeCostModel, node_overhead_ms, node_prefixes
+from noodle.profile.pernode import PerNodeCostModel, node_overhead_ms, node_prefixes
 from noodle.sizes import size_problem
 from noodle.types import GIB, Node, Plan, Problem
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from noodle.graph.costmodel import DefaultCostModel, evaluate
-from noodle.graph.pernode import PerNodeCostModel, profile_decode_ms
+from noodle.profile.pernode import PerNodeCostModel, profile_decode_ms
 from noodle.solvers.tables import _build_generic, build_tables
 from noodle.spec import parse_spec
 from noodle.types import Plan, Problem, Stage

@@ -90,7 +90,7 @@ def test_relay_links_compose_the_coordinators_legs() -> None:
 
 
 def test_the_relay_spec_prices_a_hop_through_the_coordinator(model_dir: Path) -> None:
-    from noodle.graph.pernode import PerNodeCostModel
+    from noodle.profile.pernode import PerNodeCostModel
 
     reg = ClusterRegistry()
     for node in ("a", "b"):

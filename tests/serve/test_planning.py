@@ -8,7 +8,7 @@ import psutil
 import pytest
 
 from noodle.errors import SpecError
-from noodle.graph.analytic import ReferenceDevice
+from noodle.models.analytic import ReferenceDevice
 from noodle.plandoc import PlanDoc
 from noodle.serve.planning import embedded_spec, measure_reference, resolve_plan
 

@@ -130,7 +130,7 @@ def test_spec_carries_each_nodes_profile_and_solves(model_dir: Path) -> None:
     spec = parse_spec(data, source="test")
     problem = spec.to_problem(model_dir, source="test")
     from noodle.graph.costmodel import cost_model_for, evaluate
-    from noodle.graph.pernode import PerNodeCostModel
+    from noodle.profile.pernode import PerNodeCostModel
     from noodle.solvers import solve
 
     assert isinstance(cost_model_for(problem), PerNodeCostModel)

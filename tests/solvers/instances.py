@@ -98,7 +98,7 @@ def brute_force(problem: Problem, cm: CostModel | None = None) -> float | None:
 def llama_like_units(n_blocks: int, *, block_ms: float = 34.3, block_gib: float = 1.59) -> tuple[Unit, ...]:
     """A real-architecture-shaped chain (embed, identical blocks, head) without transformers.
 
-    Defaults follow Llama-2-70B in float16 as :mod:`noodle.graph.analytic` profiles it.
+    Defaults follow Llama-2-70B in float16 as :mod:`noodle.models.analytic` profiles it.
     """
     embed = Unit("embed", 0.0, int(0.49 * GIB), 16384, 0)
     blocks = [Unit(f"block.{i}", block_ms, int(block_gib * GIB), 16384, 4096) for i in range(n_blocks)]

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from noodle import InfeasibleError, NoodleError, evaluate, solve
-from noodle.graph.pernode import PerNodeCostModel
+from noodle.profile.pernode import PerNodeCostModel
 from noodle.solvers.batched import batched_parts
 from noodle.types import Cluster, Link, Node, NodeProfile, Plan, Problem, Unit, Workload
 from tests.solvers.instances import all_plans, is_feasible, random_pernode_problem

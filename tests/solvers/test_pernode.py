@@ -8,7 +8,7 @@ import pytest
 
 from noodle import InfeasibleError, NoodleError, solve
 from noodle.graph.costmodel import evaluate
-from noodle.graph.pernode import PerNodeCostModel
+from noodle.profile.pernode import PerNodeCostModel
 from noodle.solvers import SOLVERS
 from noodle.types import GIB, Cluster, Link, Node, NodeProfile, Problem, Unit, Workload
 from tests.solvers.instances import brute_force, is_feasible, random_pernode_problem, true_objective

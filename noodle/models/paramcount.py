@@ -4,7 +4,7 @@ For the families whose layout is fixed and well known (GPT-2; the Llama family: 
 qwen2) the counts follow from the config's sizes, the same numbers building the model on the
 ``meta`` device gives (a test compares them on every family and on the published configs in
 ``shared/model-configs``). Other model types return ``None`` here and are counted by building the
-model (:func:`noodle.graph.analytic.analytic_units`, which needs the ``exec`` extra).
+model (:func:`noodle.models.analytic.analytic_units`, which needs the ``exec`` extra).
 
 Units as :func:`noodle.models.layout_of` names them: ``embed`` (token and position tables),
 ``block.i``, ``lm_head`` (final norm + output projection; a tied projection is charged in full).

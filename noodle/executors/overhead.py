@@ -28,6 +28,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from noodle.executors.devices import make_stage, parse_device, warm_up
+from noodle.executors.messages import StageInput
+
 __all__ = ["measure_step_overhead", "overhead_ranges"]
 
 
@@ -41,11 +46,6 @@ def overhead_ranges(n: int) -> list[tuple[int, int]]:
 def _time_range(model_dir: Path, start: int, end: int, device: str, prompt_tokens: int, decode_tokens: int,
                 repeats: int) -> tuple[float, float]:  # fmt: skip
     """(median decode step ms, median prefill ms) of the stage runner on units ``[start, end)``."""
-    import torch
-
-    from noodle.executors.devices import make_stage, parse_device, warm_up
-    from noodle.executors.messages import StageInput
-
     dev = parse_device(device, field="--device")
     stage = make_stage(model_dir, start, end, name=f"overhead[{start},{end})", device=dev)
     warm_up(stage)

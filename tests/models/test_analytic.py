@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from noodle.graph.analytic import ReferenceDevice, analytic_units
+from noodle.models.analytic import ReferenceDevice, analytic_units
 from noodle.models import load_config
 from noodle.types import Workload
 
@@ -65,8 +65,8 @@ FAMILY_CASES = [
 @pytest.mark.parametrize("raw", FAMILY_CASES + [f.name for f in sorted(CONFIGS.glob("*.json"))], ids=str)
 def test_counts_from_the_config_alone_equal_the_model_built_on_meta(raw):
     """The torch-free count (paramcount) and the meta-device build agree unit by unit."""
-    from noodle.graph.analytic import _count_on_meta
-    from noodle.graph.paramcount import facts_of, unit_params
+    from noodle.models.analytic import _count_on_meta
+    from noodle.models.paramcount import facts_of, unit_params
     from noodle.models.loading import check_config_file
 
     data = dict(check_config_file(CONFIGS / raw)) if isinstance(raw, str) else dict(raw)
@@ -81,7 +81,7 @@ def test_counts_from_the_config_alone_equal_the_model_built_on_meta(raw):
 
 def test_other_families_need_the_model_built_and_say_so():
     from noodle.errors import ModelError
-    from noodle.graph.paramcount import facts_of
+    from noodle.models.paramcount import facts_of
 
     raw = {"model_type": "gemma", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
            "intermediate_size": 96, "vocab_size": 300}  # fmt: skip

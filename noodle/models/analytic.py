@@ -1,7 +1,7 @@
 """Analytic unit profiles from a transformers config, without weights.
 
 Each unit's parameters are counted exactly: from the config's sizes alone for the families
-:mod:`noodle.graph.paramcount` knows (GPT-2, Llama, Mistral, Qwen2; no torch needed), else by
+:mod:`noodle.models.paramcount` knows (GPT-2, Llama, Mistral, Qwen2; no torch needed), else by
 instantiating the model on PyTorch's ``meta`` device (no memory, no weights) and mapping it onto
 placement units with :func:`noodle.models.layout_of`. Per decode step, for a workload with ``B`` sequences
 and an average context of ``T = prompt_tokens + max_new_tokens / 2`` tokens:
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from noodle.errors import ModelError
-from noodle.graph.paramcount import UnitParams, facts_of, unit_params
+from noodle.models.paramcount import UnitParams, facts_of, unit_params
 from noodle.sizes import MAX_UNITS
 from noodle.types import BatchCurve, Unit, Workload
 
@@ -80,7 +80,7 @@ def analytic_units(
     """Build the unit chain of ``config`` for ``workload``.
 
     ``config`` is a config.json object (a dict) or a transformers ``PretrainedConfig``. The families
-    :mod:`noodle.graph.paramcount` knows are counted from the config alone (no torch); any other is built
+    :mod:`noodle.models.paramcount` knows are counted from the config alone (no torch); any other is built
     on the ``meta`` device, which needs torch and transformers (the ``exec`` extra) and a ``PretrainedConfig``.
     """
     raw = config if isinstance(config, dict) else config.to_dict()

@@ -9,7 +9,7 @@ import pytest
 
 from noodle import NodeProfile, SpecError
 from noodle.graph.costmodel import DefaultCostModel, cost_model_for, evaluate
-from noodle.graph.pernode import PerNodeCostModel
+from noodle.profile.pernode import PerNodeCostModel
 from noodle.solvers.tables import _build_generic, build_tables
 from noodle.types import Constraints, Pin, Plan
 from tests.solvers.instances import random_pernode_problem, random_problem, true_objective
