@@ -121,8 +121,9 @@ def load_joint_plan(path: str | Path) -> JointPlanDoc:
     path = Path(path)
     data = load_document(path, "plan")
     if not isinstance(data, dict) or data.get("kind") != "joint":
-        raise SpecError(f"{path}: kind: a plan of one model; serving several models takes a joint plan (kind: joint, "
-                        "from `noodle solve` on a spec with models:)")  # fmt: skip
+        what = "a spec (give it with --spec)" if isinstance(data, dict) and "cluster" in data else "not a joint plan"
+        raise SpecError(f"{path}: kind: {what}; serving several models takes a joint plan (kind: joint, from "
+                        "`noodle solve` on a spec with models:)")  # fmt: skip
     try:
         doc = JointPlanDoc.model_validate(data)
     except ValidationError as exc:
