@@ -8,18 +8,23 @@ file, unchanged). ``kind: joint`` tells the two apart; ``objective_ms`` is the r
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from noodle.docfile import load_document, validation_message
+from noodle.errors import SpecError
 
 from noodle.graph.costmodel import cost_model_for, evaluate
 from noodle.joint import JointProblem
-from noodle.plandoc import SolverInfo
+from noodle.plandoc import NodeDoc, PlanDoc, Predicted, SolverInfo, StageDoc, check_consistent
 from noodle.solvers.joint.run import JointResult
 from noodle.types import GIB
 
-__all__ = ["JointStageDoc", "JointModelDoc", "JointNodeDoc", "JointPlanDoc", "joint_document", "dump_joint_plan"]
+__all__ = ["JointStageDoc", "JointModelDoc", "JointNodeDoc", "JointPlanDoc", "joint_document", "dump_joint_plan",
+           "load_joint_plan", "model_plans"]
 
 
 class _Frozen(BaseModel):
@@ -55,6 +60,7 @@ class JointNodeDoc(_Frozen):
     round_ms: float = Field(ge=0, description="sum of the round shares of the stages it holds")
     memory_used_mb: float
     memory_available_mb: float
+    compute_score: float = Field(1.0, gt=0, description="its speed relative to the reference (the spec's)")
 
 
 class JointPlanDoc(_Frozen):
@@ -94,7 +100,7 @@ def joint_document(jp: JointProblem, result: JointResult) -> JointPlanDoc:
                                     workload={"prompt_tokens": w.prompt_tokens, "max_new_tokens": w.max_new_tokens,
                                               "batch_size": w.batch_size, "concurrency": w.concurrency}))
     nodes = [JointNodeDoc(id=nd.id, device=nd.device, round_ms=round_ms.get(nd.id, 0.0),
-                          memory_used_mb=used.get(nd.id, 0) / 2**20, memory_available_mb=nd.memory_gb * GIB / 2**20)
+                          memory_used_mb=used.get(nd.id, 0) / 2**20, memory_available_mb=nd.memory_gb * GIB / 2**20, compute_score=nd.compute_score)
              for nd in jp.cluster.nodes]
     info = SolverInfo(name=result.solver, status=result.status, solve_time_s=result.solve_time_s, gap=result.gap,
                       bound_ms=result.bound_ms, note=result.note)
@@ -108,3 +114,55 @@ def dump_joint_plan(doc: JointPlanDoc, fmt: str = "json") -> str:
     if fmt == "yaml":
         return yaml.safe_dump(data, sort_keys=False)
     return json.dumps(data, indent=2) + "\n"
+
+
+def load_joint_plan(path: str | Path) -> JointPlanDoc:
+    """Read and validate a joint plan file (``kind: joint``, from ``noodle solve`` on a spec with ``models:``)."""
+    path = Path(path)
+    data = load_document(path, "plan")
+    if not isinstance(data, dict) or data.get("kind") != "joint":
+        what = "a spec (give it with --spec)" if isinstance(data, dict) and "cluster" in data else "not a joint plan"
+        raise SpecError(f"{path}: kind: {what}; serving several models takes a joint plan (kind: joint, from "
+                        "`noodle solve` on a spec with models:)")  # fmt: skip
+    try:
+        doc = JointPlanDoc.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(validation_message(str(path), exc)) from None
+    model_plans(doc, str(path))  # every model's stages chain its units on the plan's nodes
+    return doc
+
+
+def model_plans(doc: JointPlanDoc, where: str = "plan") -> dict[str, PlanDoc]:
+    """Each model's own pipeline as a one-model plan (what an executor runs), by model name.
+
+    A stage keeps its step and hop; the predicted tokens/s is the model's rate in the joint plan (its share of the
+    shared nodes' time), not what the pipeline would reach alone.
+    """
+    nodes = {n.id: n for n in doc.nodes}
+    out = {}
+    for m in doc.models:
+        stages = []
+        for st in (s for s in doc.stages if s.model == m.name):
+            node = nodes.get(st.node)
+            if node is None:
+                raise SpecError(f"{where}: stages: {m.name} stage {st.stage_id}: node {st.node!r} is not in the "
+                                f"plan's nodes ({', '.join(nodes) or 'none'})")  # fmt: skip
+            stages.append(StageDoc(
+                stage_id=st.stage_id, node=st.node, device=st.device, layers=st.layers, start=st.start, end=st.end,
+                compute_ms=st.compute_ms, hop_ms=st.hop_ms, expected_latency_ms=st.compute_ms + st.hop_ms,
+                memory_required_mb=st.memory_required_mb, memory_available_mb=node.memory_available_mb,
+                rationale=f"joint plan {doc.name}: {st.round_share_ms:.3f} ms of {st.node}'s {node.round_ms:.3f} ms "
+                          "round, shared with the other models placed there"))  # fmt: skip
+        if not stages:
+            raise SpecError(f"{where}: stages: none for model {m.name!r}")
+        steps = [s.expected_latency_ms for s in stages]
+        plan = PlanDoc(
+            name=f"{doc.name}/{m.name}", objective=doc.objective, objective_ms=doc.objective_ms, cost_model="joint",
+            solver=doc.solver, stages=stages, units=m.units, workload=m.workload,
+            predicted=Predicted(token_latency_ms=sum(steps), bottleneck_ms=max(steps), tokens_per_s=m.tokens_per_s,
+                                pipeline_tokens_per_s=m.tokens_per_s),
+            nodes=[NodeDoc(id=n.id, device=n.device, memory_gb=max(n.memory_available_mb, 1e-6) / 1024,
+                           compute_score=n.compute_score) for n in doc.nodes])  # fmt: skip
+        check_consistent(plan, f"{where}: model {m.name}")
+        out[m.name] = plan
+    return out

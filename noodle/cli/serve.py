@@ -1,5 +1,8 @@
 """``noodle serve --model DIR``: the coordinator as a service, with an OpenAI-compatible API.
 
+Several ``--model NAME=DIR`` serve several models at once on the local executor, each with its own engine,
+stages and metrics; a request's ``model`` picks one (:mod:`noodle.cli.serve_models`, :mod:`noodle.serve.multiplan`).
+
 Plans (a plan file, a spec solved now, or this machine alone), loads the stages on the
 chosen backend, and serves ``/v1/completions``, ``/v1/chat/completions``, ``/metrics`` and
 a status page with uvicorn. The first SIGTERM/SIGINT drains (new requests get 503,
@@ -20,6 +23,7 @@ import typer
 
 from noodle.cli.checks import check_float, check_int, check_threads, read_token_file
 from noodle.cli.output import stderr_console
+from noodle.cli.serve_models import check_several, parse_models
 from noodle.errors import ModelError, SpecError
 from noodle.extras import require_exec
 from noodle.serve.guard import MAX_REQUEST_BYTES, allowed_hosts
@@ -109,8 +113,10 @@ def _check_batching(batching: str, max_batch_tokens: int) -> None:
 
 
 def serve_cmd(
-    model: Path = typer.Option(..., "--model", "-m", help="model folder (config, weights, tokenizer)"),
-    plan: Path | None = typer.Option(None, "--plan", help="serve this plan (from `noodle solve`)"),
+    model: list[str] = typer.Option(..., "--model", "-m", metavar="DIR|NAME=DIR", help="model folder (config, weights, tokenizer), or "
+                                    "NAME=FOLDER; repeat to serve several models (local executor)"),
+    plan: Path | None = typer.Option(None, "--plan", help="serve this plan (from `noodle solve`; several models: "
+                                     "a joint plan)"),
     spec: Path | None = typer.Option(None, "--spec", help="solve this spec at start-up and serve its plan"),
     backend: str = typer.Option("local", "--backend", "-b", help="executor: local, torchrpc or grpc"),
     workers: str | None = typer.Option(None, "--workers", envvar="NOODLE_WORKERS", help="grpc: node=host:port,..."),
@@ -171,8 +177,24 @@ def serve_cmd(
     check_float("--header-timeout", header_timeout, gt=0, le=3600)
     edge = {"max_connections": max_connections, "header_timeout_s": header_timeout}
     names = {"hosts": allowed_hosts(host, tuple(allow_host)), "origins": _origins(allow_origin)}
+    given = parse_models(model)
+    if len(given) > 1:
+        several = check_several(given, served_model_name=served_model_name, backend=backend, cluster=cluster,
+                                emulate=emulate, workers=workers)  # fmt: skip
+        _serve_several(several, plan=plan, spec=spec, host=host, port=port, chat_template=chat_template,
+                       threads=threads, edge=edge, concurrency=concurrency, batching=batching,
+                       build={"max_queue": max_queue, "request_timeout_s": request_timeout,
+                              "drain_timeout_s": drain_timeout, "api_key": api_key,
+                              "max_batch_tokens": max_batch_tokens, "max_request_bytes": max_request_bytes,
+                              **names})  # fmt: skip
+        return
+    name, model_dir = given[0]
+    if name is not None:
+        if served_model_name is not None:
+            raise SpecError(f"--served-model-name: --model {name}=... names the model already; give one of them")
+        served_model_name = name
     if cluster:
-        _serve_cluster(model, token=token, host=host, port=port, api_key=api_key, served_model_name=served_model_name,
+        _serve_cluster(model_dir, token=token, host=host, port=port, api_key=api_key, served_model_name=served_model_name,
                        chat_template=chat_template, concurrency=concurrency, max_queue=max_queue,
                        request_timeout=request_timeout, drain_timeout=drain_timeout, threads=threads,
                        max_request_bytes=max_request_bytes, edge=edge, names=names, min_workers=min_workers, replan_threshold=replan_threshold,
@@ -186,14 +208,14 @@ def serve_cmd(
 
         torch.set_num_threads(threads)
     err = stderr_console()
-    tokenizer = load_tokenizer(model, chat_template)
+    tokenizer = load_tokenizer(model_dir, chat_template)
     with err.status("planning"):
-        doc, source = resolve_plan(model, plan=plan, spec=spec, concurrency=concurrency, batching=batching)
-    check_plan(doc, unit_names_of(model), where=str(plan or spec or "plan"))
+        doc, source = resolve_plan(model_dir, plan=plan, spec=spec, concurrency=concurrency, batching=batching)
+    check_plan(doc, unit_names_of(model_dir), where=str(plan or spec or "plan"))
     err.print(f"plan: {source}", highlight=False)
     render_table(doc, err)
     options = backend_options(backend, workers=workers, spare=None, token=token, tls_ca=None, step_timeout=None)
-    served = build_server(model, doc, tokenizer, backend=backend, backend_options=options, emulate=emulate,
+    served = build_server(model_dir, doc, tokenizer, backend=backend, backend_options=options, emulate=emulate,
                           concurrency=concurrency, max_queue=max_queue, request_timeout_s=request_timeout,
                           drain_timeout_s=drain_timeout, api_key=api_key, model_id=served_model_name,
                           batching=batching, max_batch_tokens=max_batch_tokens,
@@ -203,6 +225,37 @@ def serve_cmd(
     bound = sock.getsockname()[1]
     print(f"noodle serve: {model_id!r} ({backend}{', emulated' if emulate else ''}) on http://{host}:{bound}/v1 "
           f"- status page http://{host}:{bound}/ - loading stages...", file=sys.stderr, flush=True)  # fmt: skip
+    _run(served, sock, **edge)
+    err.print("noodle serve: stopped", highlight=False)
+
+
+def _serve_several(models: list[tuple[str, Path]], *, plan: Path | None, spec: Path | None, host: str, port: int,
+                   chat_template: str | None, threads: int, edge: dict[str, Any], concurrency: int, batching: str,
+                   build: dict[str, Any]) -> None:  # fmt: skip
+    """Several ``--model``: one plan for all (a joint plan, a ``models:`` spec, or this machine), one local engine
+    per model."""
+    from noodle.cli.solve import render_table
+    from noodle.serve.build import build_multi_server
+    from noodle.serve.multiplan import plan_models
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    err = stderr_console()
+    tokenizers = {name: load_tokenizer(folder, chat_template) for name, folder in models}
+    with err.status("planning"):
+        plans, source = plan_models(models, plan=plan, spec=spec, concurrency=concurrency, batching=batching)
+    err.print(f"plans: {source}", highlight=False)
+    for name, doc in plans.items():
+        err.print(f"model {name}:", highlight=False)
+        render_table(doc, err)
+    served = build_multi_server([(name, folder, plans[name], tokenizers[name]) for name, folder in models],
+                                concurrency=concurrency, batching=batching, **build)  # fmt: skip
+    sock = bind_socket(host, port)
+    bound = sock.getsockname()[1]
+    print(f"noodle serve: {', '.join(repr(name) for name, _ in models)} (local) on http://{host}:{bound}/v1 - status "
+          f"page http://{host}:{bound}/ - loading stages...", file=sys.stderr, flush=True)  # fmt: skip
     _run(served, sock, **edge)
     err.print("noodle serve: stopped", highlight=False)
 

@@ -7,6 +7,9 @@
 * :class:`~noodle.serve.requestid.RequestId` is outermost: every response echoes ``X-Request-Id``.
 * Every error is OpenAI's error JSON; an unexpected exception is a 500 with a
   generic message (logged server-side), never a traceback.
+* Several models (``more_models``): each has its own runtime (engine, scheduler, stages), plan and
+  metrics; a request's ``model`` picks one, ``/metrics`` labels every series with ``model_name``,
+  ``/noodle/status?model=ID`` shows one, ``/readyz`` is 200 once every model is ready.
 * The stages load on a thread after start-up, so ``/healthz`` answers at once and
   ``/readyz`` (and vLLM's ``/health``) turns 200 when the pipeline runs.
   :meth:`ServeApp.begin_drain` (called on SIGTERM/SIGINT) refuses new requests with 503, waits up
@@ -20,13 +23,15 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -34,14 +39,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from noodle.plandoc import PlanDoc
 from noodle.serve.guard import LOCAL_HOSTS, MAX_REQUEST_BYTES, EdgePolicy, Guard, authorized
 from noodle.serve.limits import quiet_accept_errors
-from noodle.serve.metrics import CONTENT_TYPE, ServeMetrics, stage_rows
-from noodle.serve.openai_api import ServedModel, openai_router
+from noodle.serve.metrics import CONTENT_TYPE, ServeMetrics, merged_registry, stage_rows
+from noodle.serve.openai_api import ServedModel, ServedModels, openai_router
 from noodle.serve.protocol import ApiError, error_body
 from noodle.serve.reference import ReferenceCheck
 from noodle.serve.requestid import RequestId
 from noodle.serve.runtime import Runtime
 
-__all__ = ["ServeApp", "create_app"]
+__all__ = ["ModelEntry", "ServeApp", "create_app"]
 
 log = logging.getLogger(__name__)
 _STATUS_HTML = Path(__file__).with_name("status.html")
@@ -81,8 +86,28 @@ class _CountRequests:
             self.metrics.requests.labels(endpoint=endpoint, status=str(status["code"])).inc()
 
 
+@dataclass(frozen=True)
+class ModelEntry:
+    """One more model a server answers: its id in the API, its runtime and the plan it runs."""
+
+    model_id: str
+    runtime: Runtime
+    plan: PlanDoc
+
+
+@dataclass
+class _Served:
+    model: ServedModel
+    plan: Any
+    metrics: ServeMetrics
+    reference: ReferenceCheck
+
+
 class ServeApp:
-    """The app plus what the CLI needs to run it: the runtime, metrics and the drain control."""
+    """The app plus what the CLI needs to run it: the runtime(s), metrics and the drain control.
+
+    ``runtime``, ``plan``, ``model`` and ``metrics`` are the first model's; ``more_models`` adds others.
+    """
 
     def __init__(
         self,
@@ -100,6 +125,7 @@ class ServeApp:
         max_request_bytes: int = MAX_REQUEST_BYTES,
         hosts: frozenset[str] | None = LOCAL_HOSTS,
         origins: frozenset[str] = frozenset(),
+        more_models: Sequence[ModelEntry] = (),
     ) -> None:
         self.runtime = runtime
         self.plan = plan
@@ -120,15 +146,38 @@ class ServeApp:
             self.metrics.registry.register(ClusterCollector(cluster))
         runtime.observer = self.metrics
         self._drain_started: float | None = None
-        self._reference = ReferenceCheck(lambda msg: self.runtime.events.add("warning", msg))
+        self.served = [_Served(self.model, plan, self.metrics, ReferenceCheck(self._warner(runtime)))]
+        for entry in more_models:
+            metrics = ServeMetrics(entry.runtime, entry.plan, model_name=entry.model_id)
+            entry.runtime.observer = metrics
+            self.served.append(_Served(ServedModel(entry.runtime, entry.model_id), entry.plan, metrics,
+                                       ReferenceCheck(self._warner(entry.runtime))))  # fmt: skip
+        self.models = ServedModels([s.model for s in self.served])
+        # one model: its own registry, as ever; several: one exposition, every series labelled model_name
+        self._exposition = self.metrics.registry if not more_models else merged_registry(
+            [(s.model.model_id, s.metrics.registry) for s in self.served])  # fmt: skip
         self.app = self._build()
+
+    @staticmethod
+    def _warner(runtime: Runtime) -> Callable[[str], None]:
+        return lambda msg: runtime.events.add("warning", msg)
+
+    @property
+    def runtimes(self) -> list[Runtime]:
+        """Every served model's runtime, the first model's first."""
+        return [s.model.runtime for s in self.served]
+
+    @property
+    def in_flight(self) -> int:
+        return sum(rt.in_flight for rt in self.runtimes)
 
     # -- draining ------------------------------------------------------------------------------
     def begin_drain(self) -> None:
         """Refuse new requests from now on; safe to call from a signal handler (sets flags only)."""
         if self._drain_started is None:
             self._drain_started = time.monotonic()
-            self.runtime.drain()
+            for rt in self.runtimes:
+                rt.drain()
 
     async def _watch(self) -> None:
         """Background task: sample the status history; finish a drain when in-flight requests are done."""
@@ -137,19 +186,21 @@ class ServeApp:
             await asyncio.sleep(0.1)
             if self._drain_started is not None:
                 waited = time.monotonic() - self._drain_started
-                if self.runtime.in_flight == 0 or waited > self.drain_timeout_s:
-                    if self.runtime.in_flight:
-                        self.runtime.events.add("warning", f"drain: cancelling {self.runtime.in_flight} request(s) "
+                if self.in_flight == 0 or waited > self.drain_timeout_s:
+                    if self.in_flight:
+                        self.runtime.events.add("warning", f"drain: cancelling {self.in_flight} request(s) "
                                                 f"still running after {self.drain_timeout_s:g} s")  # fmt: skip
-                        self.runtime.cancel_all()
+                        for rt in self.runtimes:
+                            rt.cancel_all()
                         await asyncio.sleep(0.2)  # let the cancelled streams send their last events
                     self.on_drained()
                     return
             if time.monotonic() - last_sample >= 1.0:
                 last_sample = time.monotonic()
-                self.runtime.sample()
-                if getattr(self.plan, "current", self.plan) is not None:
-                    self._reference.observe(self.plan, stage_rows(self.runtime.stats(), self.plan))
+                for s in self.served:
+                    s.model.runtime.sample()
+                    if getattr(s.plan, "current", s.plan) is not None:
+                        s.reference.observe(s.plan, stage_rows(s.model.runtime.stats(), s.plan))
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: FastAPI) -> AsyncIterator[None]:
@@ -159,7 +210,8 @@ class ServeApp:
 
         def load() -> None:
             try:
-                self.runtime.load()
+                for rt in self.runtimes:  # one after another: loading is memory-bound, not worth racing
+                    rt.load()
             finally:
                 with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
                     loop.call_soon_threadsafe(loaded.set)
@@ -178,17 +230,21 @@ class ServeApp:
             except (asyncio.TimeoutError, asyncio.CancelledError):
                 self.runtime.events.add("warning", f"stopping while the stages still load (over "
                                         f"{max(1.0, self.drain_timeout_s):g} s); not waiting for them")  # fmt: skip
-            self.runtime.cancel_all()
-            await asyncio.to_thread(self.runtime.close, min(10.0, self.drain_timeout_s))
+            for rt in self.runtimes:
+                rt.cancel_all()
+            for rt in self.runtimes:
+                await asyncio.to_thread(rt.close, min(10.0, self.drain_timeout_s))
 
     # -- the app -------------------------------------------------------------------------------
-    def status(self) -> dict[str, Any]:
-        """What the status page shows, as JSON."""
-        rt, plan = self.runtime, self.plan
+    def status(self, model_id: str | None = None) -> dict[str, Any]:
+        """What the status page shows, as JSON: of ``model_id`` (default: the first model)."""
+        served = self.served[0] if model_id is None else next(s for s in self.served if s.model.model_id == model_id)
+        rt, plan, metrics = served.model.runtime, served.plan, served.metrics
         stats = rt.stats()
         sv = getattr(plan, "solver", None)
         return {
-            "model": self.model.model_id,
+            "model": served.model.model_id,
+            "models": list(self.models.by_id),
             "backend": self.backend,
             "emulated": self.emulate,
             "state": rt.state,
@@ -203,7 +259,7 @@ class ServeApp:
             "stages": stage_rows(stats, plan),
             "pipeline": None if stats is None else {
                 **{k: float(getattr(stats, k, 0) or 0) for k in ("queue_depth", "in_flight", "tokens_generated", "tokens_per_s")},
-                "completed": float(self.metrics.completed),  # since the server started, across re-plans
+                "completed": float(metrics.completed),  # since the server started, across re-plans
             },  # fmt: skip
             "in_flight_requests": rt.in_flight,
             "requests": self.metrics.request_counts(),
@@ -215,7 +271,7 @@ class ServeApp:
     def _build(self) -> FastAPI:
         app = FastAPI(title="noodle", lifespan=self._lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
-        app.include_router(openai_router(self.model))  # credentials: checked by the Guard, before any body
+        app.include_router(openai_router(self.models))  # credentials: checked by the Guard, before any body
         if self.cluster is not None:
             from noodle.serve.cluster_api import cluster_router
 
@@ -227,21 +283,28 @@ class ServeApp:
 
         @app.get("/readyz")
         async def readyz() -> JSONResponse:
-            rt = self.runtime
-            down = rt.unavailable() if rt.state == "ready" else None
+            # several models: the first one not ready speaks (its id leads its error)
+            for rt in self.runtimes:
+                down = rt.unavailable() if rt.state == "ready" else None
+                if rt.state != "ready" or down is not None:
+                    break
+            error = down[0] if down else rt.error
+            if error and len(self.runtimes) > 1:
+                error = f"{self.served[self.runtimes.index(rt)].model.model_id}: {error}"
             ok = rt.state == "ready" and down is None
-            return JSONResponse({"ready": ok, "state": rt.state, "error": down[0] if down else rt.error},
-                                status_code=200 if ok else 503)  # fmt: skip
+            return JSONResponse({"ready": ok, "state": rt.state, "error": error}, status_code=200 if ok else 503)
 
         app.add_api_route("/health", readyz, methods=["GET"])  # vLLM's probe: 200 once requests can be served
 
         @app.get("/metrics")
         async def metrics() -> Response:
-            return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+            return Response(generate_latest(self._exposition), media_type=CONTENT_TYPE)
 
         @app.get("/noodle/status")
-        async def status(request: Request) -> dict[str, Any]:
-            out = self.status()
+        async def status(request: Request, model: str | None = None) -> dict[str, Any]:
+            if model is not None and model not in self.models.by_id:
+                self.models.get(model)  # the 404 naming the served ids
+            out = self.status(model)
             secrets = self.policy.secrets_for("/noodle/cluster")
             if out["cluster"] is not None and secrets and not authorized(request.headers.get("authorization"), secrets):
                 for node in out["cluster"]["nodes"]:  # addresses are for the key or token holders (/noodle/cluster)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -9,11 +10,11 @@ from noodle.executors import EXECUTORS
 from noodle.executors.kvbudget import max_positions
 from noodle.executors.slicing import read_config, unit_names_of
 from noodle.plandoc import PlanDoc
-from noodle.serve.app import ServeApp
+from noodle.serve.app import ModelEntry, ServeApp
 from noodle.serve.guard import LOCAL_HOSTS, MAX_REQUEST_BYTES
 from noodle.serve.runtime import Limits, Runtime
 
-__all__ = ["build_server", "build_cluster_server"]
+__all__ = ["build_runtime", "build_server", "build_multi_server", "build_cluster_server"]
 
 
 def build_server(
@@ -43,6 +44,20 @@ def build_server(
     ``batching``: the engine's mode (:func:`noodle.executors.batching.make_pipeline`; ``auto`` batches
     every running sequence in one step per stage where the backend's stages take packed steps).
     """
+    runtime = build_runtime(model_dir, plan, tokenizer, backend=backend, backend_options=backend_options,
+                            emulate=emulate, concurrency=concurrency, max_queue=max_queue,
+                            request_timeout_s=request_timeout_s, batching=batching,
+                            max_batch_tokens=max_batch_tokens)  # fmt: skip
+    return ServeApp(runtime, plan, model_id=model_id or Path(model_dir).resolve().name, backend=backend,
+                    emulate=emulate, api_key=api_key, drain_timeout_s=drain_timeout_s,
+                    max_request_bytes=max_request_bytes, hosts=hosts, origins=origins)  # fmt: skip
+
+
+def build_runtime(model_dir: Path, plan: PlanDoc, tokenizer: Any, *, backend: str = "local",
+                  backend_options: dict[str, Any] | None = None, emulate: bool = False, concurrency: int = 8,
+                  max_queue: int = 64, request_timeout_s: float = 300.0, batching: str = "auto",
+                  max_batch_tokens: int = 256) -> Runtime:  # fmt: skip
+    """One model's :class:`Runtime`: its executor is built (the plan checked) now, entered when the app starts."""
     executor = EXECUTORS.get(backend)(plan, model_dir, emulate=emulate, **(backend_options or {}))
 
     def opener() -> tuple[Any, Any]:
@@ -55,10 +70,33 @@ def build_server(
             raise
 
     limits, eos_ids = _model_limits(model_dir)
-    runtime = Runtime(opener, tokenizer, limits, eos_ids=eos_ids, request_timeout_s=request_timeout_s)
-    return ServeApp(runtime, plan, model_id=model_id or Path(model_dir).resolve().name, backend=backend,
-                    emulate=emulate, api_key=api_key, drain_timeout_s=drain_timeout_s,
-                    max_request_bytes=max_request_bytes, hosts=hosts, origins=origins)  # fmt: skip
+    return Runtime(opener, tokenizer, limits, eos_ids=eos_ids, request_timeout_s=request_timeout_s)
+
+
+def build_multi_server(
+    models: Sequence[tuple[str, Path, PlanDoc, Any]],
+    *,
+    concurrency: int = 8,
+    max_queue: int = 64,
+    request_timeout_s: float = 300.0,
+    drain_timeout_s: float = 30.0,
+    api_key: str | None = None,
+    batching: str = "auto",
+    max_batch_tokens: int = 256,
+    max_request_bytes: int = MAX_REQUEST_BYTES,
+    hosts: frozenset[str] | None = LOCAL_HOSTS,
+    origins: frozenset[str] = frozenset(),
+) -> ServeApp:
+    """A :class:`ServeApp` of several models (``(model_id, folder, plan, tokenizer)``), each on its own ``local``
+    executor, engine and scheduler in this process; ``concurrency`` and ``max_queue`` hold for each model."""
+    entries = [ModelEntry(name, build_runtime(folder, plan, tok, concurrency=concurrency, max_queue=max_queue,
+                                              request_timeout_s=request_timeout_s, batching=batching,
+                                              max_batch_tokens=max_batch_tokens), plan)
+               for name, folder, plan, tok in models]  # fmt: skip
+    first = entries[0]
+    return ServeApp(first.runtime, first.plan, model_id=first.model_id, backend="local", api_key=api_key,
+                    drain_timeout_s=drain_timeout_s, max_request_bytes=max_request_bytes, hosts=hosts,
+                    origins=origins, more_models=entries[1:])  # fmt: skip
 
 
 def _model_limits(model_dir: Path) -> tuple[Limits, list[int]]:

@@ -9,11 +9,15 @@ Beside noodle's own ``noodle_*`` series, the request-level series also go out un
 names (``vllm:time_to_first_token_seconds``, ``vllm:num_requests_running``, ... labelled
 ``model_name``; names, kinds and buckets as ``vllm/v1/metrics/loggers.py`` has them, the latency
 buckets extended below 10 ms for CPU-sized models), so dashboards written for vLLM read them.
+
+A server of several models keeps one :class:`ServeMetrics` per model and renders them as one exposition
+(:func:`merged_registry`): every series of a model carries its ``model_name`` (the ``noodle_*`` ones too),
+each metric family once, as Prometheus wants it; ``noodle_requests`` (HTTP, by endpoint) is the server's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -22,7 +26,7 @@ from prometheus_client.registry import Collector
 
 from noodle.serve.runtime import RequestObserver
 
-__all__ = ["ServeMetrics", "stage_rows", "field_of", "predicted_tps", "count_buckets", "CONTENT_TYPE"]
+__all__ = ["ServeMetrics", "merged_registry", "stage_rows", "field_of", "predicted_tps", "count_buckets", "CONTENT_TYPE"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -276,3 +280,32 @@ class ServeMetrics(RequestObserver):
                 if s.name.endswith("_total"):
                     out[f"{s.labels['endpoint']} {s.labels['status']}"] = int(s.value)
         return out
+
+
+_SERVER_FAMILIES = frozenset({"noodle_requests"})  # counted once for the server (the first model's registry)
+
+
+class _Merged(Collector):
+    def __init__(self, registries: Sequence[tuple[str, CollectorRegistry]]) -> None:
+        self._registries = list(registries)
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+        for i, (model, registry) in enumerate(self._registries):
+            for fam in registry.collect():
+                if fam.name in _SERVER_FAMILIES:
+                    if i == 0:
+                        families[fam.name] = fam
+                    continue
+                out = families.setdefault(fam.name, Metric(fam.name, fam.documentation, fam.type, fam.unit))
+                for sample in fam.samples:
+                    labels = sample.labels if "model_name" in sample.labels else {"model_name": model, **sample.labels}
+                    out.samples.append(sample._replace(labels=labels))
+        yield from families.values()
+
+
+def merged_registry(registries: Sequence[tuple[str, CollectorRegistry]]) -> CollectorRegistry:
+    """One registry rendering several models' registries (``(model_name, registry)``) as one exposition."""
+    out = CollectorRegistry(auto_describe=False)
+    out.register(_Merged(registries))
+    return out

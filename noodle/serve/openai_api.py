@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -31,7 +31,7 @@ from noodle.serve.text import TokenPieces
 from noodle.serve.tools import (ParsedCall, forced_call_schema, might_be_tool_call, parse_tool_calls, template_knows_tools,
                                 template_messages, tools_for_template)  # fmt: skip
 
-__all__ = ["ServedModel", "openai_router", "COMPLETIONS_DEFAULT_MAX_TOKENS"]
+__all__ = ["ServedModel", "ServedModels", "openai_router", "COMPLETIONS_DEFAULT_MAX_TOKENS"]
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy completions endpoint
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -69,10 +69,23 @@ class ServedModel:
         return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "noodle",
                 "max_model_len": ctx, "context_length": ctx}  # fmt: skip
 
-    def check_model(self, name: str) -> None:
-        if name != self.model_id:
-            raise ApiError(404, f"model: {name!r} is not served here; this server serves {self.model_id!r}",
+
+class ServedModels:
+    """The models one server answers, by id, in the order ``/v1/models`` lists them."""
+
+    def __init__(self, models: Sequence[ServedModel]) -> None:
+        self.by_id = {m.model_id: m for m in models}
+        if len(self.by_id) != len(models) or not models:
+            raise ValueError("served models need distinct ids, at least one")  # the CLI checks names first
+
+    def get(self, name: str) -> ServedModel:
+        """The model a request's ``model`` names; a 404 ``model_not_found`` listing the served ids otherwise."""
+        sm = self.by_id.get(name)
+        if sm is None:
+            ids = ", ".join(repr(i) for i in self.by_id)
+            raise ApiError(404, f"model: {name!r} is not served here; this server serves {ids}",
                            param="model", code="model_not_found")  # fmt: skip
+        return sm
 
 
 def _sampling(body: Any, constraint: TokenConstraint | None = None) -> Sampling:
@@ -342,34 +355,33 @@ async def _respond(sm: ServedModel, request: Request, body: Any, prompt_ids: lis
     return JSONResponse({**base, "object": obj, "choices": [choice], "usage": _usage(fin)})
 
 
-def openai_router(sm: ServedModel) -> APIRouter:
-    """The ``/v1`` routes for one served model."""
+def openai_router(models: ServedModels) -> APIRouter:
+    """The ``/v1`` routes; a request's ``model`` picks the served model (and so its pipeline)."""
     router = APIRouter(prefix="/v1")
 
     @router.get("/models")
-    async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [sm.card()]}
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [sm.card() for sm in models.by_id.values()]}
 
     @router.get("/models/{model_id:path}")
     async def model(model_id: str) -> dict[str, Any]:
-        sm.check_model(model_id)
-        return sm.card()
+        return models.get(model_id).card()
 
-    def prepare_completion(raw: bytes) -> tuple[CompletionRequest, list[int], int]:
+    def prepare_completion(raw: bytes) -> tuple[ServedModel, CompletionRequest, list[int], int]:
         body = parse_body(raw, CompletionRequest)
-        sm.check_model(body.model)
+        sm = models.get(body.model)
         sm.runtime.check_ready()
         ids = _completion_prompt(sm, body)
-        return body, ids, _max_tokens(sm, body, len(ids), COMPLETIONS_DEFAULT_MAX_TOKENS, "max_tokens", "prompt")
+        return sm, body, ids, _max_tokens(sm, body, len(ids), COMPLETIONS_DEFAULT_MAX_TOKENS, "max_tokens", "prompt")
 
-    def prepare_chat(raw: bytes) -> tuple[ChatCompletionRequest, list[int], int, TokenConstraint | None]:
+    def prepare_chat(raw: bytes) -> tuple[ServedModel, ChatCompletionRequest, list[int], int, TokenConstraint | None]:
         body = parse_body(raw, ChatCompletionRequest)
-        sm.check_model(body.model)
+        sm = models.get(body.model)
         sm.runtime.check_ready()
         constraint = _constraint(sm, body)
         ids = _chat_prompt(sm, body)
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-        return body, ids, _max_tokens(sm, body, len(ids), None, param, "messages"), constraint
+        return sm, body, ids, _max_tokens(sm, body, len(ids), None, param, "messages"), constraint
 
     @router.api_route("/responses", methods=["GET", "POST", "DELETE"])
     @router.api_route("/responses/{rest:path}", methods=["GET", "POST", "DELETE"])
@@ -379,12 +391,12 @@ def openai_router(sm: ServedModel) -> APIRouter:
 
     @router.post("/completions")
     async def completions(request: Request) -> Any:
-        body, ids, n = await asyncio.to_thread(prepare_completion, await request.body())  # JSON, tokenizer: off the loop
+        sm, body, ids, n = await asyncio.to_thread(prepare_completion, await request.body())  # JSON, tokenizer: off the loop
         return await _respond(sm, request, body, ids, n, chat=False)
 
     @router.post("/chat/completions")
     async def chat_completions(request: Request) -> Any:
-        body, ids, n, constraint = await asyncio.to_thread(prepare_chat, await request.body())
+        sm, body, ids, n, constraint = await asyncio.to_thread(prepare_chat, await request.body())
         return await _respond(sm, request, body, ids, n, chat=True, constraint=constraint)
 
     return router
