@@ -1,16 +1,13 @@
-"""Structured output and tool calling through the ``openai`` client against a real ``noodle serve``.
+"""Structured output and tool calling through the ``openai`` client against a real one-stage ``noodle serve``.
 
-The model is the random-weight gpt2-tiny with its config's EOS set to the tokenizer's ``<|endoftext|>``
-(init_model's config names id 2, which this tokenizer spells ``"``: every JSON string would end the
-reply). Constrained decoding must make its output valid anyway; the schemas bound their strings and
-numbers so that a random model finishes within ``max_tokens``.
+The model and schemas are :mod:`tests.serve.grammar_model`'s; ``test_grammar_pipeline`` serves the
+same requests through a three-stage plan.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,28 +20,10 @@ import pytest
 from noodle.plandoc import dump_plan
 
 from .conftest import API_KEY
+from .grammar_model import MODEL, PERSON, TIME, USER, WEATHER, json_model, schema_format
 from .servers import ServeProc, start_serve
 
 pytest.importorskip("xgrammar")
-
-MODEL = "gpt2-tiny"
-TOOL_TEMPLATE = (
-    "{% if tools %}<|system|>tools:{% for t in tools %}{{ t.function.name }},{% endfor %}\n{% endif %}"
-    "{% for m in messages %}{% if m.role == 'tool' %}<|tool|>{{ m.tool_call_id }}={{ m.content }}\n"
-    "{% elif m.tool_calls %}<|assistant|>{% for c in m.tool_calls %}<tool_call>{{ c.function | tojson }}</tool_call>"
-    "{% endfor %}\n{% else %}<|{{ m.role }}|>{{ m.content }}\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-PERSON = {"type": "object", "properties": {
-    "name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 0, "maximum": 120},
-    "ok": {"type": "boolean"}, "kind": {"enum": ["cat", "dog"]}},
-    "required": ["name", "age", "ok", "kind"], "additionalProperties": False}  # fmt: skip
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string", "maxLength": 10}, "unit": {"enum": ["c", "f"]}},
-    "required": ["city", "unit"], "additionalProperties": False}}}  # fmt: skip
-TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
-    "type": "object", "properties": {"zone": {"enum": ["utc", "cet"]}}, "required": ["zone"]}}}  # fmt: skip
-USER = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 @pytest.fixture(scope="module")
@@ -52,15 +31,9 @@ def json_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     from noodle.serve.planning import plan_this_machine
 
     root = tmp_path_factory.mktemp("json-serve")
-    model = shutil.copytree(model_dir, root / "gpt2-tiny")
-    cfg = json.loads((model / "config.json").read_text())
-    (model / "config.json").write_text(json.dumps({**cfg, "eos_token_id": 0, "bos_token_id": 0}))
-    gen = model / "generation_config.json"
-    if gen.exists():
-        gen.write_text(json.dumps({**json.loads(gen.read_text()), "eos_token_id": 0, "bos_token_id": 0}))
+    model = json_model(model_dir, root)
     doc, _ = plan_this_machine(model, concurrency=8)
     (root / "plan.json").write_text(dump_plan(doc))
-    (root / "chat.jinja").write_text(TOOL_TEMPLATE)
     args = ["--model", str(model), "--plan", str(root / "plan.json"), "--api-key", API_KEY,
             "--chat-template", str(root / "chat.jinja"), "--concurrency", "8"]  # fmt: skip
     with start_serve(args) as sp:
@@ -69,10 +42,6 @@ def json_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
 
 def client(server: ServeProc) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.base}/v1", api_key=API_KEY, max_retries=0, timeout=120)
-
-
-def schema_format(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"type": "json_schema", "json_schema": {"name": "person", "schema": schema}}
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
