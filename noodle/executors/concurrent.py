@@ -9,6 +9,7 @@ that configuration, and per-request time to first token and inter-token latency.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -85,7 +86,7 @@ def run_concurrent(
 
     handles = []
     for i, p in enumerate(prompts):
-        s = sampling if sampling.greedy else Sampling(sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed + i)
+        s = sampling if sampling.greedy else replace(sampling, seed=sampling.seed + i)
         handles.append(pipe.submit(p, max_new_tokens=max_new_tokens, sampling=s, on_done=done))
     t0 = time.perf_counter()
     with pipe:

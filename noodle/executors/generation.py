@@ -91,6 +91,12 @@ class Sampling:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def argmax_only(self) -> bool:
+        """Whether the sampler needs only each row's argmax (greedy, no log probabilities, no grammar mask):
+        a distributed last stage may then send token ids instead of logits."""
+        return self.greedy and self.logprobs is None and self.constraint is None
+
 
 @dataclass(frozen=True)
 class TokenLogprobs:

@@ -7,6 +7,11 @@ Grammars are compiled with compact separators and no free whitespace, so even a 
 cannot wander in whitespace; and since compact JSON never holds a raw control character, tokens that
 spell one are masked too (xgrammar's string rule lets a tab through, which ``json.loads`` refuses). Each request gets its own matcher (:class:`XgrammarConstraint`), which
 the sampler applies to that request's row only (:mod:`noodle.executors.constraint`).
+
+A grammar also carries a lower bound on the tokens any complete reply takes
+(:mod:`noodle.serve.schemabound`): a request whose ``max_tokens`` is below it gets a 400 naming that
+field (:meth:`XgrammarConstraint.check_room`). One that passes may still run out of tokens: it ends
+with ``finish_reason: "length"`` and the text so far, which is not complete JSON.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any
 import torch
 
 from noodle.serve.protocol import ApiError
+from noodle.serve.schemabound import min_json_chars, min_tokens
 
 __all__ = ["Grammars", "XgrammarConstraint", "check_schema", "MAX_SCHEMA_CHARS"]
 
@@ -74,13 +80,35 @@ class _State:
 
 
 class XgrammarConstraint:
-    """A compiled grammar; :meth:`start` gives each sequence its own matcher."""
+    """A compiled grammar; :meth:`start` gives each sequence its own matcher.
 
-    def __init__(self, compiled: Any, vocab_size: int, stop_ids: Sequence[int], banned: torch.Tensor) -> None:
+    ``min_chars``: characters every complete reply has at least; ``longest``: bytes of the longest token
+    the grammar can emit; ``source``: the request field the grammar came from.
+    """
+
+    def __init__(self, compiled: Any, vocab_size: int, stop_ids: Sequence[int], banned: torch.Tensor, *,
+                 min_chars: int = 1, longest: int = 1, source: str = "response_format") -> None:  # fmt: skip
         self.compiled = compiled
         self.vocab_size = vocab_size
         self.stop_ids = tuple(stop_ids)
         self.banned = banned  # token ids that spell a control character
+        self.min_chars, self.longest, self.source = min_chars, longest, source
+
+    @property
+    def min_tokens(self) -> int:
+        """Tokens any complete reply takes at least."""
+        return min_tokens(self.min_chars, self.longest)
+
+    def check_room(self, max_tokens: int, param: str, requested: bool = True) -> None:
+        """A 400 naming ``param`` when ``max_tokens`` cannot hold any reply the grammar allows."""
+        need = self.min_tokens
+        if max_tokens >= need:
+            return
+        given = f"{max_tokens} tokens" if requested else f"{max_tokens} tokens (what the context leaves after the prompt)"
+        raise ApiError(400, f"{param}: {given} cannot hold any reply that {self.source} allows: its shortest JSON "
+                       f"is {self.min_chars} characters, at least {need} tokens of this tokenizer (whose longest "
+                       f"token is {self.longest} bytes); raise {param} to at least {need}", param=param,
+                       code="invalid_value")  # fmt: skip
 
     def start(self) -> _State:
         return _State(self)
@@ -95,6 +123,7 @@ class Grammars:
         self._stop = tuple(int(i) for i in stop_ids)
         self._compiler: Any = None
         self._banned = torch.zeros(0, dtype=torch.long)
+        self._longest = 1
         self._lock = threading.Lock()
 
     @staticmethod
@@ -114,6 +143,8 @@ class Grammars:
                                                           stop_token_ids=list(self._stop) or None)  # fmt: skip
                 self._banned = torch.tensor([i for i, t in enumerate(info.decoded_vocab)
                                              if i not in self._stop and any(b < 0x20 for b in t)], dtype=torch.long)  # fmt: skip
+                silent = {*self._stop, *info.special_token_ids}  # tokens the grammar never lets spell text
+                self._longest = max((len(t) for i, t in enumerate(info.decoded_vocab) if i not in silent), default=1)
                 self._compiler = xgr.GrammarCompiler(info, max_threads=1)
             return self._compiler
 
@@ -125,7 +156,8 @@ class Grammars:
         except Exception as exc:  # noqa: BLE001 - xgrammar raises RuntimeError/ValueError for unsupported schemas
             raise ApiError(400, f"{param}: the schema cannot be compiled to a grammar ({str(exc)[:200]})",
                            param=param, code="invalid_value") from None  # fmt: skip
-        return XgrammarConstraint(compiled, self._vocab, self._stop, self._banned)
+        return XgrammarConstraint(compiled, self._vocab, self._stop, self._banned, min_chars=min_json_chars(schema),
+                                  longest=self._longest, source=param)  # fmt: skip
 
     def json_object(self, param: str) -> XgrammarConstraint:
         """The grammar of any JSON object."""

@@ -86,6 +86,12 @@ def _plan_gauges(plan: Any) -> Iterator[Metric]:
         g = GaugeMetricFamily(name, doc)
         g.add_metric([], float(value))
         yield g
+    gap = getattr(getattr(plan, "solver", None), "gap", None)
+    if gap is not None:  # a heuristic's plan has no proven bound, so no gap to export
+        g = GaugeMetricFamily("noodle_plan_optimality_gap", "the solver's relative gap between the served plan's "
+                              "objective and its proven lower bound, (objective - bound) / objective (0: proven optimal)")  # fmt: skip
+        g.add_metric([], float(gap))
+        yield g
 
 
 def stage_rows(stats: Any, plan: Any) -> list[dict[str, Any]]:

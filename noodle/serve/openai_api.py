@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from noodle.executors.constraint import TokenConstraint
 from noodle.executors.generation import Sampling
-from noodle.serve.grammar import Grammars, check_schema
+from noodle.serve.grammar import Grammars, XgrammarConstraint, check_schema
 from noodle.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, parse_body
 from noodle.serve.requestid import request_id_of
 from noodle.serve.runtime import Delta, Finish, Runtime, Stream
@@ -94,7 +94,7 @@ def _sampling(body: Any, constraint: TokenConstraint | None = None) -> Sampling:
                     constraint=constraint)  # fmt: skip
 
 
-def _constraint(sm: ServedModel, body: ChatCompletionRequest) -> TokenConstraint | None:
+def _constraint(sm: ServedModel, body: ChatCompletionRequest) -> XgrammarConstraint | None:
     """The grammar a chat request's reply must follow (``response_format`` or a forced tool call), checked."""
     for i, tool in enumerate(body.tools or []):
         if tool.function.parameters is not None:
@@ -381,7 +381,10 @@ def openai_router(models: ServedModels) -> APIRouter:
         constraint = _constraint(sm, body)
         ids = _chat_prompt(sm, body)
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-        return sm, body, ids, _max_tokens(sm, body, len(ids), None, param, "messages"), constraint
+        n = _max_tokens(sm, body, len(ids), None, param, "messages")
+        if constraint is not None:
+            constraint.check_room(n, param, requested=body.requested_tokens() is not None)
+        return sm, body, ids, n, constraint
 
     @router.api_route("/responses", methods=["GET", "POST", "DELETE"])
     @router.api_route("/responses/{rest:path}", methods=["GET", "POST", "DELETE"])

@@ -328,7 +328,9 @@ def parse_body(raw: bytes, model: type[_Body]) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors(include_url=False)[0]
+        errors = exc.errors(include_url=False)
+        # of a union's branches, the one that got furthest into the value names the field best
+        err = max(errors, key=lambda e: sum(c in ".[" for c in _param(e["loc"])))
         param = _param(err["loc"])
         msg = str(err["msg"]).removeprefix("Value error, ")
         if err["type"] == "value_error" and ":" in msg.split(" ")[0]:

@@ -26,7 +26,8 @@ from noodle.executors.generation import token_ids_of
 from noodle.executors.slicing import read_config, unit_names_of
 from noodle.plandoc import LinkDoc, NodeDoc, PlanDoc, Predicted, SolverInfo, StageDoc
 
-__all__ = ["CUTS", "PROMPT_SETS", "FAMILIES", "make_plan", "plan_for", "reference", "check_executor", "random_requests", "alone"]
+__all__ = ["CUTS", "PROMPT_SETS", "FAMILIES", "make_plan", "plan_for", "reference", "check_executor", "random_requests", "alone",
+           "check_greedy_constrained"]
 
 # Unit boundaries for a 4-block model (units: embed, block.0..3, lm_head = 6 units).
 CUTS: dict[str, list[int]] = {
@@ -158,3 +159,35 @@ def alone(model_dir: str | Path, prompt: Sequence[int], new: int) -> list[int]:
     cut = next((i for i, t in enumerate(want) if t in stops), None)
     return want if cut is None else want[: cut + 1]
 
+
+
+class _Banned:
+    """A grammar stand-in: never the tokens in ``banned`` (for executors that may send argmax ids only)."""
+
+    def __init__(self, banned: set[int]) -> None:
+        self.banned = sorted(banned)
+
+    def start(self) -> _Banned:
+        return self
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        out = logits.detach().float().clone()
+        out[:, self.banned] = float("-inf")
+        return out
+
+    def accept(self, token: int) -> None:
+        assert token not in self.banned
+
+
+def check_greedy_constrained(ex: Any, model_dir: str | Path, prompt: Sequence[int], new: int = 5) -> None:
+    """Greedy decoding with a constraint that bans every token the unconstrained greedy run picks: ``ex`` must give
+    the local executor's tokens, none banned (the mask needs the logits, not only the last stage's argmax)."""
+    from noodle.executors import EXECUTORS
+    from noodle.executors.generation import Sampling
+
+    banned = set(reference(model_dir, [prompt], new)[0][0])
+    sampling = Sampling(constraint=_Banned(banned))
+    with EXECUTORS.get("local")(ex.plan, model_dir) as local:
+        want = local.generate([list(prompt)], max_new_tokens=new, sampling=sampling).tokens
+    got = ex.generate([list(prompt)], max_new_tokens=new, sampling=sampling).tokens
+    assert got == want and not banned & set(got[0]), (got, want, banned)

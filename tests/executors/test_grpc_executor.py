@@ -23,7 +23,7 @@ from noodle.executors.grpc.coordinator import GrpcExecutor
 from noodle.executors.grpc.server import serve
 from noodle.executors.grpc.worker import WorkerConfig
 
-from .conformance import CUTS, PROMPT_SETS, check_executor, plan_for, reference
+from .conformance import CUTS, PROMPT_SETS, check_executor, check_greedy_constrained, plan_for, reference
 from .procs import WorkerPool, children
 
 TOKEN = "test-token-3f9c"
@@ -50,6 +50,13 @@ def test_conformance_llama_three_stages_on_worker_processes(tiny_models, pool):
     factory = partial(GrpcExecutor, workers=workers_for(addrs), token=TOKEN)
     check_executor(factory, tiny_models["llama"], CUTS["3-stages"], PROMPT_SETS["padded"])
     check_executor(factory, tiny_models["llama"], CUTS["embed|rest"], PROMPT_SETS["batch1"])
+
+
+def test_greedy_with_a_grammar_gets_logits_not_argmax_ids(tiny_models, pool):
+    model = tiny_models["llama"]
+    addrs = workers_for([w.address for w in pool.workers[:3]])
+    with GrpcExecutor(plan_for(model, CUTS["3-stages"]), model, workers=addrs, token=TOKEN) as ex:
+        check_greedy_constrained(ex, model, PROMPT_SETS["batch1"][0])
 
 
 def test_conformance_gpt2_two_stages(tiny_models):

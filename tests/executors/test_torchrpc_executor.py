@@ -17,7 +17,7 @@ from noodle.executors import EXECUTORS
 from noodle.executors.failover import RetryPolicy
 from noodle.executors.ring.coordinator import TorchRpcExecutor
 
-from .conformance import CUTS, PROMPT_SETS, check_executor, plan_for, reference
+from .conformance import CUTS, PROMPT_SETS, check_executor, check_greedy_constrained, plan_for, reference
 from .procs import SharedExecutor, children
 
 POLICY = RetryPolicy(step_timeout_s=20.0)
@@ -41,6 +41,10 @@ def test_conformance_llama_three_stages(tiny_models, llama_ring):
     shared = SharedExecutor(llama_ring, CUTS["3-stages"])
     check_executor(shared, tiny_models["llama"], CUTS["3-stages"], PROMPT_SETS["padded"])
     check_executor(shared, tiny_models["llama"], CUTS["3-stages"], PROMPT_SETS["batch1"])
+
+
+def test_greedy_with_a_grammar_gets_logits_not_argmax_ids(tiny_models, llama_ring):
+    check_greedy_constrained(llama_ring, tiny_models["llama"], PROMPT_SETS["batch1"][0])
 
 
 def test_report_measures_the_ring(llama_ring):

@@ -1,16 +1,13 @@
-"""Structured output and tool calling through the ``openai`` client against a real ``noodle serve``.
+"""Structured output and tool calling through the ``openai`` client against a real one-stage ``noodle serve``.
 
-The model is the random-weight gpt2-tiny with its config's EOS set to the tokenizer's ``<|endoftext|>``
-(init_model's config names id 2, which this tokenizer spells ``"``: every JSON string would end the
-reply). Constrained decoding must make its output valid anyway; the schemas bound their strings and
-numbers so that a random model finishes within ``max_tokens``.
+The model and schemas are :mod:`tests.serve.grammar_model`'s; ``test_grammar_pipeline`` serves the
+same requests through a three-stage plan.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,28 +20,10 @@ import pytest
 from noodle.plandoc import dump_plan
 
 from .conftest import API_KEY
+from .grammar_model import MODEL, PERSON, TIME, USER, WEATHER, json_model, schema_format
 from .servers import ServeProc, start_serve
 
 pytest.importorskip("xgrammar")
-
-MODEL = "gpt2-tiny"
-TOOL_TEMPLATE = (
-    "{% if tools %}<|system|>tools:{% for t in tools %}{{ t.function.name }},{% endfor %}\n{% endif %}"
-    "{% for m in messages %}{% if m.role == 'tool' %}<|tool|>{{ m.tool_call_id }}={{ m.content }}\n"
-    "{% elif m.tool_calls %}<|assistant|>{% for c in m.tool_calls %}<tool_call>{{ c.function | tojson }}</tool_call>"
-    "{% endfor %}\n{% else %}<|{{ m.role }}|>{{ m.content }}\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-PERSON = {"type": "object", "properties": {
-    "name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 0, "maximum": 120},
-    "ok": {"type": "boolean"}, "kind": {"enum": ["cat", "dog"]}},
-    "required": ["name", "age", "ok", "kind"], "additionalProperties": False}  # fmt: skip
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string", "maxLength": 10}, "unit": {"enum": ["c", "f"]}},
-    "required": ["city", "unit"], "additionalProperties": False}}}  # fmt: skip
-TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
-    "type": "object", "properties": {"zone": {"enum": ["utc", "cet"]}}, "required": ["zone"]}}}  # fmt: skip
-USER = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 @pytest.fixture(scope="module")
@@ -52,15 +31,9 @@ def json_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     from noodle.serve.planning import plan_this_machine
 
     root = tmp_path_factory.mktemp("json-serve")
-    model = shutil.copytree(model_dir, root / "gpt2-tiny")
-    cfg = json.loads((model / "config.json").read_text())
-    (model / "config.json").write_text(json.dumps({**cfg, "eos_token_id": 0, "bos_token_id": 0}))
-    gen = model / "generation_config.json"
-    if gen.exists():
-        gen.write_text(json.dumps({**json.loads(gen.read_text()), "eos_token_id": 0, "bos_token_id": 0}))
+    model = json_model(model_dir, root)
     doc, _ = plan_this_machine(model, concurrency=8)
     (root / "plan.json").write_text(dump_plan(doc))
-    (root / "chat.jinja").write_text(TOOL_TEMPLATE)
     args = ["--model", str(model), "--plan", str(root / "plan.json"), "--api-key", API_KEY,
             "--chat-template", str(root / "chat.jinja"), "--concurrency", "8"]  # fmt: skip
     with start_serve(args) as sp:
@@ -69,10 +42,6 @@ def json_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
 
 def client(server: ServeProc) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.base}/v1", api_key=API_KEY, max_retries=0, timeout=120)
-
-
-def schema_format(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"type": "json_schema", "json_schema": {"name": "person", "schema": schema}}
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
@@ -165,3 +134,92 @@ def test_tool_choice_none_answers_in_text(json_server: ServeProc) -> None:
     res = client(json_server).chat.completions.create(model=MODEL, messages=USER, tools=[WEATHER], tool_choice="none",
                                                       max_tokens=8)  # fmt: skip
     assert res.choices[0].message.tool_calls is None and res.choices[0].finish_reason in ("stop", "length")
+
+
+LONG = {"type": "object", "properties": {"s": {"type": "string", "minLength": 500}}, "required": ["s"]}
+# shortest reply 48 characters: 6 tokens of at most 8 bytes (the tokenizer's longest entry that is not EOS)
+ROOMY = {"type": "object", "properties": {"s": {"type": "string", "minLength": 40}}, "required": ["s"]}
+
+
+def test_a_reply_that_cannot_fit_max_tokens_is_a_400_naming_it(json_server: ServeProc) -> None:
+    c = client(json_server)
+    for field in ("max_tokens", "max_completion_tokens"):
+        with pytest.raises(openai.BadRequestError) as err:
+            c.chat.completions.create(model=MODEL, messages=USER, response_format=schema_format(LONG), **{field: 5})
+        msg = err.value.message
+        assert f"- {field}: 5 tokens" in msg and (f"{field}: 5 tokens cannot hold any reply that response_format.json_schema.schema "
+                              "allows: its shortest JSON is 508 characters, at least 64 tokens") in msg, msg  # fmt: skip
+    tool = {"type": "function", "function": {"name": "essay", "parameters": LONG}}
+    with pytest.raises(openai.BadRequestError) as err:
+        c.chat.completions.create(model=MODEL, messages=USER, tools=[tool], tool_choice="required", max_tokens=20)  # type: ignore[list-item]
+    assert "- max_tokens: 20 tokens cannot hold any reply that tool_choice allows" in err.value.message
+    res = c.chat.completions.create(model=MODEL, messages=USER, response_format=schema_format(ROOMY), max_tokens=6)
+    assert res.choices[0].finish_reason == "length"  # 6 tokens may hold it: not refused, but runs out
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_reply_cut_by_max_tokens_says_length_and_is_not_claimed_complete(json_server: ServeProc, stream: bool) -> None:
+    c = client(json_server)
+    kw: dict[str, Any] = dict(model=MODEL, messages=USER, max_tokens=10, temperature=0.0)
+    tool = {"type": "function", "function": {"name": "essay", "parameters": ROOMY}}
+    for extra in ({"response_format": schema_format(ROOMY)}, {"tools": [tool], "tool_choice": "required"}):
+        if stream:  # the client's stream helper refuses to parse a reply cut by length, and says why
+            with pytest.raises(openai.LengthFinishReasonError) as cut, c.chat.completions.stream(**kw, **extra) as s:
+                s.get_final_completion()
+            res = cut.value.completion
+        else:
+            res = c.chat.completions.create(**kw, **extra)
+        choice = res.choices[0]
+        assert choice.finish_reason == "length" and not choice.message.tool_calls, choice
+        text = choice.message.content or ""
+        assert text.startswith('{"') and len(text) < 48
+        with pytest.raises(ValueError):
+            json.loads(text)
+        if not stream:
+            assert res.usage is not None and res.usage.completion_tokens == 10
+
+
+JUNK: list[Any] = [None, True, -1, 0, 3.5, "", "x" * 300, [], [None], {}, {"a": 1}, {"type": "banana"},
+                   {"type": "object", "properties": 3}, {"$ref": "#/nowhere"}, {"type": "string", "pattern": "("},
+                   {"minLength": -1}, {"enum": []}, {"function": {"name": "get_weather"}}, "get_weather", "auto"]  # fmt: skip
+
+
+def _set(body: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    """``body`` with the dotted ``path`` (``[0]`` for a list index) set to ``value``."""
+    out = json.loads(json.dumps(body))
+    keys: list[Any] = [int(k[1:-1]) if k.startswith("[") else k for k in path.replace("[", ".[").split(".") if k]
+    at = out
+    for k in keys[:-1]:
+        at = at[k]
+    at[keys[-1]] = value
+    return out
+
+
+def test_fuzzed_tools_and_response_formats_are_400s_naming_their_field(json_server: ServeProc) -> None:
+    """Each field of ``tools``, ``tool_choice`` and ``response_format`` set to junk: a 400 naming one of them
+    (or ``max_tokens``, for a schema no 40-token reply fits), or a reply, never a 500."""
+    tools = {"model": MODEL, "messages": USER, "max_tokens": 40, "temperature": 0.0, "tools": [WEATHER, TIME],
+             "tool_choice": {"type": "function", "function": {"name": "get_time"}}}  # fmt: skip
+    fmt = {"model": MODEL, "messages": USER, "max_tokens": 40, "temperature": 0.0, "response_format": schema_format(PERSON)}
+    cases = [(tools, p) for p in ("tools", "tools[0]", "tools[0].type", "tools[0].function", "tools[0].function.name",
+                                  "tools[0].function.parameters", "tools[1].function.parameters.properties",
+                                  "tool_choice", "tool_choice.function", "tool_choice.function.name",
+                                  "parallel_tool_calls")]  # fmt: skip
+    cases += [(fmt, p) for p in ("response_format", "response_format.type", "response_format.json_schema",
+                                 "response_format.json_schema.name", "response_format.json_schema.schema",
+                                 "response_format.json_schema.schema.properties.age")]  # fmt: skip
+    seen: dict[int, int] = {}
+    with httpx.Client(base_url=json_server.base, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as http:
+        for body, path in cases:
+            named = ("response_format", "max_tokens") if body is fmt else (
+                "tools", "tool_choice", "parallel_tool_calls", "max_tokens")  # fmt: skip
+            for value in JUNK:
+                r = http.post("/v1/chat/completions", json=_set(body, path, value))
+                seen[r.status_code] = seen.get(r.status_code, 0) + 1
+                assert r.status_code in (200, 400), (path, value, r.text)
+                if r.status_code == 400:
+                    msg = r.json()["error"]["message"]
+                    assert msg.startswith(named) and "Traceback" not in msg, (path, value, msg)
+                else:
+                    assert r.json()["choices"][0]["finish_reason"] in ("stop", "length", "tool_calls")
+    assert seen[400] >= len(cases) * len(JUNK) // 2, seen

@@ -286,7 +286,7 @@ class GrpcExecutor(Recovery, ClosesOnExit):
         if not self._slots:
             raise ExecutorError("grpc executor: use it as a context manager (`with GrpcExecutor(...) as ex:`)")
         check_workload(self.plan, prompts, max_new_tokens)
-        top1 = sampling.greedy and not keep_logits
+        top1 = sampling.argmax_only and not keep_logits
         book = TraceBook(self.plan, relayed=True)
         first_event = len(self.failovers)
         steps = 0

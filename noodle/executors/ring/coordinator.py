@@ -336,7 +336,7 @@ class TorchRpcExecutor(ClosesOnExit):
         if self._ring is None:
             raise ExecutorError("torchrpc executor: use it as a context manager (`with TorchRpcExecutor(...) as ex:`)")
         check_workload(self.plan, prompts, max_new_tokens)
-        top1 = sampling.greedy and not keep_logits
+        top1 = sampling.argmax_only and not keep_logits
         book = TraceBook(self.plan, relayed=False)
         first_event = len(self.failovers)
         history: list[StageInput] = []
