@@ -40,6 +40,7 @@ from noodle.serve.protocol import ApiError, error_body
 from noodle.serve.reference import ReferenceCheck
 from noodle.serve.requestid import RequestId
 from noodle.serve.runtime import Runtime
+from noodle.serve.switching import LivePlan
 
 __all__ = ["ServeApp", "create_app"]
 
@@ -87,7 +88,7 @@ class ServeApp:
     def __init__(
         self,
         runtime: Runtime,
-        plan: PlanDoc,
+        plan: PlanDoc | LivePlan,
         *,
         model_id: str,
         backend: str = "local",
@@ -148,7 +149,7 @@ class ServeApp:
             if time.monotonic() - last_sample >= 1.0:
                 last_sample = time.monotonic()
                 self.runtime.sample()
-                if getattr(self.plan, "current", self.plan) is not None:
+                if self._current_plan() is not None:
                     self._reference.observe(self.plan, stage_rows(self.runtime.stats(), self.plan))
 
     @contextlib.asynccontextmanager
@@ -182,11 +183,14 @@ class ServeApp:
             await asyncio.to_thread(self.runtime.close, min(10.0, self.drain_timeout_s))
 
     # -- the app -------------------------------------------------------------------------------
+    def _current_plan(self) -> PlanDoc | None:
+        """The plan served now; a cluster's :class:`LivePlan` has none until its first plan."""
+        return self.plan.current if isinstance(self.plan, LivePlan) else self.plan
+
     def status(self) -> dict[str, Any]:
         """What the status page shows, as JSON."""
-        rt, plan = self.runtime, self.plan
+        rt, plan = self.runtime, self._current_plan()
         stats = rt.stats()
-        sv = getattr(plan, "solver", None)
         return {
             "model": self.model.model_id,
             "backend": self.backend,
@@ -195,12 +199,12 @@ class ServeApp:
             "error": rt.error,
             "uptime_s": time.time() - rt.started_at,
             "limits": {"prompt_tokens": rt.limits.prompt_tokens, "context_tokens": rt.limits.context_tokens},
-            "plan": None if getattr(plan, "current", plan) is None else {
-                "name": plan.name, "objective": plan.objective, "solver": sv.name, "status": sv.status,
+            "plan": None if plan is None else {
+                "name": plan.name, "objective": plan.objective, "solver": plan.solver.name, "status": plan.solver.status,
                 "predicted": plan.predicted.model_dump(), "units": len(plan.units),
                 "nodes": [n.model_dump() for n in plan.nodes],
             },  # fmt: skip
-            "stages": stage_rows(stats, plan),
+            "stages": stage_rows(stats, self.plan),
             "pipeline": None if stats is None else {
                 **{k: float(getattr(stats, k, 0) or 0) for k in ("queue_depth", "in_flight", "tokens_generated", "tokens_per_s")},
                 "completed": float(self.metrics.completed),  # since the server started, across re-plans
