@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +42,7 @@ def read_accuracy(path: Path, where: str) -> dict[str, dict[str, Any]]:
     return {str(k): v for k, v in figs.items() if isinstance(v, dict)}
 
 
-def _budget(spec: Spec, base: Path, source: str, wanted: list[str]) -> tuple[set[str], dict[str, str]]:
+def _budget(spec: Spec, base: Path, source: str, wanted: Sequence[str]) -> tuple[set[str], dict[str, str]]:
     """Formats that meet the accuracy budget, and a note per format on what was measured."""
     acc = spec.accuracy
     notes: dict[str, str] = {}
