@@ -63,6 +63,7 @@ demo-plan: setup
 
 test: setup
 	$(VENV)/bin/ruff check noodle tests bench
+	$(VENV)/bin/mypy noodle
 	$(PY) -m pytest
 
 # A couple of minutes: the planning core, the exact executors' conformance (local; one case each over

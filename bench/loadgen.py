@@ -120,7 +120,7 @@ def run_level(base_url: str, model: str, concurrency: int, *, duration_s: float,
 
 def _pcts(values: list[float]) -> tuple[float, float, float]:
     if not values:
-        return (float("nan"),) * 3  # type: ignore[return-value]
+        return float("nan"), float("nan"), float("nan")
     p = np.percentile(np.asarray(values) * 1e3, [50, 95, 99])
     return float(p[0]), float(p[1]), float(p[2])
 

@@ -70,7 +70,7 @@ def run_benchmark(
     for s in solvers:
         SOLVERS.get(s)  # unknown names fail before any work
     points: list[GridPoint | Problem] = list(problems) if problems is not None else (
-        grid if grid is not None else bench_grid(size, seeds))
+        list(grid) if grid is not None else list(bench_grid(size, seeds)))
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
     bar = None
@@ -284,7 +284,9 @@ def run_targets(*, seeds: int = 10, big_seeds: int = 5, time_limit_s: float = 10
                 r = solve(p, solver="heuristic", time_limit_s=time_limit_s)
                 tables = build_tables(p, DefaultCostModel())
                 opt, _ = solve_subset_dp(tables, obj)
-                row.update(time_s=r.solve_time_s, gap_to_optimum=r.objective_ms / opt - 1)
+                # no plan where the set DP found one: infinitely far from the optimum
+                gap = r.objective_ms / opt - 1 if r.objective_ms is not None else math.inf
+                row.update(time_s=r.solve_time_s, gap_to_optimum=gap)
             rows.append(row)
             if bar is not None:
                 bar.advance(task)

@@ -142,7 +142,7 @@ def _links_doc(records: Sequence[NodeRecord]) -> dict[str, Any]:
             pairs[key] = link if seen is None else Link(min(seen.bandwidth_gbps, link.bandwidth_gbps),
                                                         max(seen.latency_ms, link.latency_ms))
     order = {r.id: i for i, r in enumerate(records)}
-    out = []
+    out: list[dict[str, Any]] = []
     for key, link in pairs.items():
         a, b = sorted(key, key=order.__getitem__)
         out.append({"a": a, "b": b, "bandwidth_gbps": link.bandwidth_gbps, "latency_ms": link.latency_ms})

@@ -57,7 +57,7 @@ def _check_duplicates(node: yaml.MappingNode) -> None:
         seen[key] = line
 
 
-class _Loader(_BASE):  # type: ignore[misc, valid-type]
+class _Loader(_BASE):
     """SafeLoader that refuses duplicate keys (and, in pure Python, deep nesting while composing)."""
 
     _depth = 0

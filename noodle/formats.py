@@ -6,12 +6,14 @@ How a stage applies a format, and what each one runs on, is in :mod:`noodle.mode
 from __future__ import annotations
 
 import importlib.util
+from typing import Literal
 
 from noodle.errors import ExecutorError, SpecError
 
-__all__ = ["FORMATS", "HEAD_FORMAT", "INT4_GROUP", "kernel_fits", "device_kind", "format_problem", "check_format", "linear_bytes"]
+__all__ = ["FormatName", "FORMATS", "HEAD_FORMAT", "INT4_GROUP", "kernel_fits", "device_kind", "format_problem", "check_format", "linear_bytes"]
 
-FORMATS: tuple[str, ...] = ("float32", "bfloat16", "int8", "int4")
+FormatName = Literal["float32", "bfloat16", "int8", "int4"]
+FORMATS: tuple[FormatName, ...] = ("float32", "bfloat16", "int8", "int4")
 INT4_GROUP = 64
 HEAD_FORMAT = {"int4": "int8"}  # the LM head's format where it differs from the stage's (noodle.models.quant)
 _RUNS_ON: dict[str, tuple[str, ...]] = {

@@ -16,11 +16,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from noodle.errors import SpecError
-from noodle.formats import FORMATS, format_problem
+from noodle.formats import FORMATS, FormatName, format_problem
 from noodle.types import FormatOption, Formats, NodeProfile, Problem, Unit
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ def read_accuracy(path: Path, where: str) -> dict[str, dict[str, Any]]:
     return {str(k): v for k, v in figs.items() if isinstance(v, dict)}
 
 
-def _budget(spec: Spec, base: Path, source: str, wanted: list[str]) -> tuple[set[str], dict[str, str]]:
+def _budget(spec: Spec, base: Path, source: str, wanted: Sequence[str]) -> tuple[set[str], dict[str, str]]:
     """Formats that meet the accuracy budget, and a note per format on what was measured."""
     acc = spec.accuracy
     notes: dict[str, str] = {}
@@ -79,10 +80,12 @@ def _budget(spec: Spec, base: Path, source: str, wanted: list[str]) -> tuple[set
     return ok, notes
 
 
-def _format_units(spec: Spec, problem: Problem, base: Path, source: str, fmt: str) -> tuple[Unit, ...]:
+def _format_units(spec: Spec, problem: Problem, base: Path, source: str, fmt: FormatName) -> tuple[Unit, ...]:
     if fmt == "float32":
         return problem.units
     m = spec.model
+    if m is None:  # to_problem refuses a joint spec (models:) before it resolves formats
+        raise SpecError(f"{source}: formats: weight formats are chosen for one model (model:), not for models:")
     if m.layers is not None:
         missing = [layer.name for layer in m.layers if fmt not in layer.formats]
         if missing:
@@ -137,8 +140,8 @@ def resolve_formats(spec: Spec, problem: Problem, base: Path, source: str) -> Fo
     allowed: dict[str, list[str]] = {}
     for i, n in enumerate(spec.cluster.nodes):
         if n.formats is not None:
-            for j, fmt in enumerate(n.formats):
-                wrong = format_problem(fmt, n.device)
+            for j, asked in enumerate(n.formats):
+                wrong = format_problem(asked, n.device)
                 if wrong:
                     raise SpecError(f"{source}: cluster.nodes[{i}].formats[{j}]: {wrong}")
             allowed[n.id] = list(dict.fromkeys(n.formats))

@@ -22,6 +22,7 @@ from pydantic import (
 
 from noodle.docfile import load_document, validation_message
 from noodle.errors import SpecError
+from noodle.formats import FormatName
 from noodle.sizes import (
     MAX_BATCH, MAX_BYTES, MAX_MEMORY_GB, MAX_MS, MAX_NODES, MAX_SCORE, MAX_TIME_LIMIT_S, MAX_TOKENS, MAX_UNITS, MIN_SCORE,
     size_problem,
@@ -36,12 +37,8 @@ SOLVER_DEFAULT_TIME_LIMIT_S = 10.0
 MAX_MODELS = 64  # models in one spec placed jointly
 
 
-
 class _Strict(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
-
-
-FormatName = Literal["float32", "bfloat16", "int8", "int4"]
 
 
 class LayerFormatSpec(_Strict):

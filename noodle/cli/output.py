@@ -56,7 +56,7 @@ class _StderrHandler(RichHandler):
         super().emit(record)
 
 
-class _PlainStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class _PlainStderrHandler(logging.StreamHandler):
     """Plain lines (no padding to the console's width) to whatever ``sys.stderr`` is: logs, pipes, files."""
 
     def emit(self, record: logging.LogRecord) -> None:

@@ -83,10 +83,8 @@ def _render(report: Any, out: Path, console: Console) -> None:
                   + (", dashboard.html, summary.png)" if (out / "dashboard.html").exists() else ")"))
 
 
-def _output_folder(out: Path | None) -> Path | None:
+def _output_folder(out: Path) -> Path:
     """``--out`` as a folder that exists and takes files; checked before any model is built."""
-    if out is None:
-        return None
     if out.exists() and not out.is_dir():
         raise SpecError(f"--out: {out} is an existing file; give a folder for the profile (metrics.jsonl, units.json, ...)")
     try:
@@ -142,7 +140,8 @@ def profile_cmd(
     if iterations is None and warmup == 0:
         raise SpecError("--warmup 0 needs --iterations N (the automatic count is timed on warm-up iterations)")
     fmts = _formats(formats, device)
-    out = _output_folder(out)
+    if out is not None:
+        out = _output_folder(out)
     if threads is not None:
         if threads < 1:
             raise SpecError(f"--threads: must be at least 1, got {threads}")
@@ -153,9 +152,9 @@ def profile_cmd(
     quiet_transformers()
     lm, model_name, source = open_model(model, config, preset, seed)
     cfg = replace(cfg, model_name=name or model_name, source=source)
-    out = out or _output_folder(Path("runs") / "profile" / cfg.model_name)
+    folder = out or _output_folder(Path("runs") / "profile" / cfg.model_name)
     console = stdout_console()
-    engine = ObservabilityEngine(lm, out, cfg)
+    engine = ObservabilityEngine(lm, folder, cfg)
     with engine:
         inputs = engine.make_inputs()
         n, warmed = _warm_and_count(engine, inputs, warmup, iterations, time_budget, cfg)
@@ -163,9 +162,9 @@ def profile_cmd(
         report = engine.profile(inputs, n)
         if dashboard:
             engine.save_dashboard(f"noodle profile: {cfg.model_name}")
-    _render(report, out, console)
+    _render(report, folder, console)
     if fmts:
-        _profile_formats(fmts, lm, model, config, preset, seed, cfg, out, console)
+        _profile_formats(fmts, lm, model, config, preset, seed, cfg, folder, console)
 
 
 def _warm_and_count(engine: Any, inputs: Any, warmup: int | None, iterations: int | None, budget_s: float,

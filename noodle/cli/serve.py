@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import socket
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -26,7 +27,7 @@ from noodle.cli.output import stderr_console
 from noodle.cli.serve_models import check_several, parse_models
 from noodle.errors import ModelError, SpecError
 from noodle.extras import require_exec
-from noodle.serve.guard import MAX_REQUEST_BYTES, allowed_hosts
+from noodle.serve.guard import LOCAL_HOSTS, MAX_REQUEST_BYTES, allowed_hosts
 from noodle.serve.limits import HEADER_TIMEOUT_S, MAX_CONNECTIONS
 
 __all__ = ["register", "load_tokenizer", "bind_socket"]
@@ -175,8 +176,7 @@ def serve_cmd(
     check_int("--max-request-bytes", max_request_bytes, ge=1024, le=1 << 30)
     check_int("--max-connections", max_connections, ge=16, le=1 << 20)
     check_float("--header-timeout", header_timeout, gt=0, le=3600)
-    edge = {"max_connections": max_connections, "header_timeout_s": header_timeout}
-    names = {"hosts": allowed_hosts(host, tuple(allow_host)), "origins": _origins(allow_origin)}
+    edge = _Edge(allowed_hosts(host, tuple(allow_host)), _origins(allow_origin), max_connections, header_timeout)
     given = parse_models(model)
     if len(given) > 1:
         several = check_several(given, served_model_name=served_model_name, backend=backend, cluster=cluster,
@@ -186,7 +186,7 @@ def serve_cmd(
                        build={"max_queue": max_queue, "request_timeout_s": request_timeout,
                               "drain_timeout_s": drain_timeout, "api_key": api_key,
                               "max_batch_tokens": max_batch_tokens, "max_request_bytes": max_request_bytes,
-                              **names})  # fmt: skip
+                              "hosts": edge.hosts, "origins": edge.origins})  # fmt: skip
         return
     name, model_dir = given[0]
     if name is not None:
@@ -197,7 +197,7 @@ def serve_cmd(
         _serve_cluster(model_dir, token=token, host=host, port=port, api_key=api_key, served_model_name=served_model_name,
                        chat_template=chat_template, concurrency=concurrency, max_queue=max_queue,
                        request_timeout=request_timeout, drain_timeout=drain_timeout, threads=threads,
-                       max_request_bytes=max_request_bytes, edge=edge, names=names, min_workers=min_workers, replan_threshold=replan_threshold,
+                       max_request_bytes=max_request_bytes, edge=edge, min_workers=min_workers, replan_threshold=replan_threshold,
                        heartbeat_timeout=heartbeat_timeout, probe_interval=probe_interval, drift_threshold=drift_threshold, replan_horizon=replan_horizon, batching=batching,
                        verify_factor=verify_factor,
                        max_batch_tokens=max_batch_tokens, conflicting={"--plan": plan, "--spec": spec,
@@ -219,18 +219,18 @@ def serve_cmd(
                           concurrency=concurrency, max_queue=max_queue, request_timeout_s=request_timeout,
                           drain_timeout_s=drain_timeout, api_key=api_key, model_id=served_model_name,
                           batching=batching, max_batch_tokens=max_batch_tokens,
-                          max_request_bytes=max_request_bytes, **names)  # fmt: skip
+                          max_request_bytes=max_request_bytes, hosts=edge.hosts, origins=edge.origins)  # fmt: skip
     model_id = served.model.model_id
     sock = bind_socket(host, port)
     bound = sock.getsockname()[1]
     print(f"noodle serve: {model_id!r} ({backend}{', emulated' if emulate else ''}) on http://{host}:{bound}/v1 "
           f"- status page http://{host}:{bound}/ - loading stages...", file=sys.stderr, flush=True)  # fmt: skip
-    _run(served, sock, **edge)
+    _run(served, sock, edge)
     err.print("noodle serve: stopped", highlight=False)
 
 
 def _serve_several(models: list[tuple[str, Path]], *, plan: Path | None, spec: Path | None, host: str, port: int,
-                   chat_template: str | None, threads: int, edge: dict[str, Any], concurrency: int, batching: str,
+                   chat_template: str | None, threads: int, edge: _Edge, concurrency: int, batching: str,
                    build: dict[str, Any]) -> None:  # fmt: skip
     """Several ``--model``: one plan for all (a joint plan, a ``models:`` spec, or this machine), one local engine
     per model."""
@@ -256,7 +256,7 @@ def _serve_several(models: list[tuple[str, Path]], *, plan: Path | None, spec: P
     bound = sock.getsockname()[1]
     print(f"noodle serve: {', '.join(repr(name) for name, _ in models)} (local) on http://{host}:{bound}/v1 - status "
           f"page http://{host}:{bound}/ - loading stages...", file=sys.stderr, flush=True)  # fmt: skip
-    _run(served, sock, **edge)
+    _run(served, sock, edge)
     err.print("noodle serve: stopped", highlight=False)
 
 
@@ -266,11 +266,12 @@ def _serve_cluster(model: Path, *, token: str | None, host: str, port: int, api_
                    replan_threshold: float, heartbeat_timeout: float, conflicting: dict[str, Any],
                    probe_interval: float = 60.0, drift_threshold: float = 0.15,
                    replan_horizon: float = 120.0, max_request_bytes: int = MAX_REQUEST_BYTES,
-                   edge: dict[str, Any] | None = None, names: dict[str, Any] | None = None,
+                   edge: _Edge | None = None,
                    batching: str = "auto", max_batch_tokens: int = 256, verify_factor: float = 8.0) -> None:  # fmt: skip
     """``--cluster``: serve over workers that join; see docs/cluster.md."""
     from noodle.serve.build import build_cluster_server
 
+    edge = edge or _Edge()
     given = [flag for flag, value in conflicting.items() if value]
     if given:
         raise SpecError(f"--cluster: plans over the workers that join; drop {', '.join(given)}")
@@ -298,22 +299,32 @@ def _serve_cluster(model: Path, *, token: str | None, host: str, port: int, api_
                                   drain_timeout_s=drain_timeout, api_key=api_key, model_id=served_model_name,
                                   probe_interval_s=probe_interval, max_request_bytes=max_request_bytes,
                                   batching=batching, max_batch_tokens=max_batch_tokens, verify_factor=verify_factor,
-                                  **(names or {}))  # fmt: skip
+                                  hosts=edge.hosts, origins=edge.origins)  # fmt: skip
     sock = bind_socket(host, port)
     bound = sock.getsockname()[1]
     print(f"noodle serve: {served.model.model_id!r} (cluster) on http://{host}:{bound}/v1 - status page "
           f"http://{host}:{bound}/ - workers join with `noodle worker --join http://{host}:{bound} --token ...`; "
           f"waiting for {min_workers}", file=sys.stderr, flush=True)  # fmt: skip
-    _run(served, sock, **(edge or {}))
+    _run(served, sock, edge)
     stderr_console().print("noodle serve: stopped", highlight=False)
 
 
-def _run(served: Any, sock: socket.socket, *, max_connections: int = MAX_CONNECTIONS,
-         header_timeout_s: float = HEADER_TIMEOUT_S) -> None:  # fmt: skip
+@dataclass(frozen=True)
+class _Edge:
+    """The HTTP edge's flags: the hosts and origins it answers, and its connection limits."""
+
+    hosts: frozenset[str] | None = LOCAL_HOSTS
+    origins: frozenset[str] = frozenset()
+    max_connections: int = MAX_CONNECTIONS
+    header_timeout_s: float = HEADER_TIMEOUT_S
+
+
+def _run(served: Any, sock: socket.socket, edge: _Edge) -> None:
     import uvicorn
 
     from noodle.serve.limits import connection_budget, raise_nofile, uvicorn_config
 
+    max_connections, header_timeout_s = edge.max_connections, edge.header_timeout_s
     nofile = raise_nofile()
     held = connection_budget(max_connections, nofile)
     if held < max_connections:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -93,7 +94,7 @@ def render_joint(doc: JointPlanDoc, console: Console) -> None:
 
 
 def _solve_joint(spec: Path, jp: JointProblem, name: str, limit: float, out: Path | None, fmt: str,
-                 flags: dict[str, object]) -> None:
+                 flags: Mapping[str, object]) -> None:
     """``noodle solve`` for a spec with ``models:``."""
     for flag, value in flags.items():
         if value is not None:

@@ -84,11 +84,11 @@ def _volumes(dep: Deployment, cache: str | None = None) -> tuple[list[Obj], list
     """The pod's volumes and the container's mounts: model (read-only), token file, /tmp, and ``cache``."""
     source: Obj = ({"persistentVolumeClaim": {"claimName": dep.model.claim, "readOnly": True}} if dep.model.claim
                    else {"hostPath": {"path": dep.model.host_path, "type": "Directory"}})  # fmt: skip
-    volumes = [{"name": "model", **source},
+    volumes: list[Obj] = [{"name": "model", **source},
                {"name": "token", "secret": {"secretName": dep.secrets.token,
                                             "items": [{"key": TOKEN_KEY, "path": TOKEN_KEY}], "defaultMode": 0o440}},
                {"name": "tmp", "emptyDir": {}}]  # fmt: skip
-    mounts = [{"name": "model", "mountPath": dep.model.mount_path, "readOnly": True},
+    mounts: list[Obj] = [{"name": "model", "mountPath": dep.model.mount_path, "readOnly": True},
               {"name": "token", "mountPath": TOKEN_DIR, "readOnly": True},
               {"name": "tmp", "mountPath": "/tmp"}]  # fmt: skip
     if cache is not None:  # measured unit costs; a restarted container keeps them, a new pod measures again

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -23,6 +23,9 @@ from noodle.errors import SpecError
 from noodle.executors.generation import Sampling
 from noodle.formats import check_format
 from noodle.plandoc import PlanDoc
+
+if TYPE_CHECKING:
+    from noodle.executors.scheduler import Pipeline
 
 __all__ = [
     "check_formats",
@@ -199,6 +202,20 @@ class Executor(Protocol):
         ``keep_logits`` returns every step's last-position logits in ``RunResult.logits``;
         ``on_step(n)`` is called after step ``n`` (1-based) for progress displays.
         """
+        ...
+
+    def pipeline(
+        self,
+        *,
+        concurrency: int = ...,
+        micro_batch: int = ...,
+        prefill_chunk: int = ...,
+        max_queue: int = ...,
+        batching: str = ...,
+        max_batch_tokens: int = ...,
+    ) -> Pipeline:
+        """The pipelined engine over the entered executor's stages (call ``start()``); see
+        :func:`noodle.executors.batching.make_pipeline`. Each backend keeps its own defaults."""
         ...
 
 

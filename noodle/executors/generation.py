@@ -50,8 +50,8 @@ def token_ids_of(config: object) -> tuple[int | list[int] | None, int]:
     """``(eos_token_id, pad_token_id)`` of a config the way ``generate`` falls back: pad = eos when unset."""
     eos = getattr(config, "eos_token_id", None)
     pad = getattr(config, "pad_token_id", None)
-    if pad is None:
-        pad = eos[0] if isinstance(eos, list) and eos else eos
+    if pad is None:  # an empty eos list gives no pad id (0), where int([]) raised before
+        pad = (eos[0] if eos else None) if isinstance(eos, list) else eos
     return eos, int(pad) if pad is not None else 0
 
 

@@ -14,6 +14,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -183,7 +184,7 @@ class LocalExecutor(ClosesOnExit):
         n = len(self.stages)
         refs: list[float | None] = list(self._decode_ref) or [None] * n  # timed only when emulating
         return [
-            LocalLane(stage, doc, score=self._scores.get(doc.node, 1.0), hop_ms=lambda b, i=i: self._hop_ms(i, b),
+            LocalLane(stage, doc, score=self._scores.get(doc.node, 1.0), hop_ms=partial(self._hop_ms, i),
                       emulate=self.emulate, last=i == n - 1, decode_ref_s=ref)  # fmt: skip
             for i, (stage, doc, ref) in enumerate(zip(self.stages, self.plan.stages, refs))
         ]

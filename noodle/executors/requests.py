@@ -20,7 +20,7 @@ from noodle.executors.generation import Sampler
 from noodle.executors.messages import StageInput, StageOutput
 
 if TYPE_CHECKING:
-    from noodle.executors.scheduler import Pipeline
+    from noodle.executors.pipecore import PipelineCore
 
 __all__ = ["QueueFull", "Lane", "Completion", "LaneStats", "PipelineStats", "RequestHandle"]
 
@@ -94,7 +94,7 @@ class PipelineStats:
 class RequestHandle:
     """A submitted request: cancel it, or wait for its :class:`Completion`."""
 
-    def __init__(self, pipe: Pipeline, rid: str) -> None:
+    def __init__(self, pipe: PipelineCore, rid: str) -> None:
         self._pipe = pipe
         self.id = rid
         self._done = threading.Event()

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -27,6 +27,10 @@ from noodle.errors import ModelError
 from noodle.models.adapter import UnitLayout, layout_of
 from noodle.models.loading import causal_lm_from_config, check_config_file, config_errors
 from noodle.models.weights import read_index, weight_files
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+    from transformers.core_model_loading import WeightRenaming
 
 __all__ = ["ModelSlice", "load_slice", "read_config", "unit_names_of", "weight_index"]
 
@@ -112,7 +116,7 @@ def weight_index(folder: str | Path) -> dict[str, Path]:
     return out
 
 
-def _skeleton(config: Any) -> nn.Module:
+def _skeleton(config: Any) -> PreTrainedModel:
     # on meta, in the checkpoint's dtype as from_pretrained makes it
     dtype = getattr(config, "dtype", None)
     if isinstance(dtype, str):
@@ -149,7 +153,7 @@ def _rotary_copy(rotary: nn.Module, config: Any) -> nn.Module:
         raise ModelError(f"cannot rebuild shared helper {type(rotary).__name__} from the config ({exc})") from None
 
 
-def _checkpoint_keys(model: nn.Module, index: dict[str, Path], wanted: Callable[[str], bool]) -> tuple[list[str], list[Any]]:
+def _checkpoint_keys(model: PreTrainedModel, index: dict[str, Path], wanted: Callable[[str], bool]) -> tuple[list[str], list[Any]]:
     """Checkpoint keys whose converted name's module is ``wanted``, and the model's weight conversions.
 
     transformers' own conversion rules (renamed keys, fused experts, old layouts) give each
@@ -160,7 +164,8 @@ def _checkpoint_keys(model: nn.Module, index: dict[str, Path], wanted: Callable[
 
     mapping = get_model_conversion_mapping(model, None, None)
     converters = [m for m in mapping if isinstance(m, WeightConverter)]
-    renamings = [m for m in mapping if not isinstance(m, WeightConverter)]
+    # transformers has two kinds of WeightTransform: what is not a converter is a renaming
+    renamings = cast("list[WeightRenaming]", [m for m in mapping if not isinstance(m, WeightConverter)])
     meta = dict.fromkeys(model.state_dict())
     prefix = getattr(model, "base_model_prefix", None)
     keys = []
@@ -171,7 +176,7 @@ def _checkpoint_keys(model: nn.Module, index: dict[str, Path], wanted: Callable[
     return keys, mapping
 
 
-def _load_converted(model: nn.Module, keys: list[str], index: dict[str, Path], mapping: list[Any], folder: Path) -> None:
+def _load_converted(model: PreTrainedModel, keys: list[str], index: dict[str, Path], mapping: list[Any], folder: Path) -> None:
     """Read ``keys`` from the safetensors files and load them through transformers' conversion."""
     from contextlib import ExitStack
 
@@ -227,8 +232,8 @@ def load_slice(folder: str | Path, start: int, end: int) -> ModelSlice:
     with torch.no_grad():
         _load_converted(model, keys, index, mapping, folder)
         if layout.tied and holds_head:
-            emb = model.get_submodule(layout.input_embedding)
-            model.get_submodule(head_path).weight = emb.weight
+            embedding = model.get_submodule(layout.input_embedding)
+            model.get_submodule(head_path).weight = embedding.weight
         for unit in units:
             for path in layout.unit_modules()[unit]:
                 module = model.get_submodule(path)

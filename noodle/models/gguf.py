@@ -147,7 +147,7 @@ def import_gguf(file: str | Path, out: str | Path, *, dtype: str = "float32", pr
             f"{file}: transformers cannot load this {info.architecture} GGUF ({str(exc).splitlines()[0][:200]})"
         ) from None
     # The weights are dequantized already; drop the GGUF quantizer so the folder saves as plain tensors.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # PreTrainedModel sets it without declaring it (Module.__getattr__)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model = model.to(getattr(torch, dtype)).eval()

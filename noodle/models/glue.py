@@ -99,13 +99,16 @@ def logits_glue(config: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
     ops: list[Callable[[torch.Tensor], torch.Tensor]] = []
     scaling = getattr(config, "logits_scaling", None)  # Granite divides
     if scaling not in (None, 1, 1.0):
-        ops.append(lambda x, s=float(scaling): x / s)
+        divisor = float(scaling)
+        ops.append(lambda x: x / divisor)
     scale = getattr(config, "logit_scale", None)  # Cohere multiplies
     if isinstance(scale, (int, float)) and scale != 1:
-        ops.append(lambda x, s=float(scale): x * s)
+        factor = float(scale)
+        ops.append(lambda x: x * factor)
     cap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3
     if cap:
-        ops.append(lambda x, c=float(cap): torch.tanh(x / c) * c)
+        c = float(cap)
+        ops.append(lambda x: torch.tanh(x / c) * c)
     if not ops:
         return None
 

@@ -163,9 +163,10 @@ def load_model(path: str | Path, *, dtype: Any = None, verified: bool = True) ->
 
     if any(path.glob("*.safetensors")):
         weight_files(path)  # truncated or garbage files, an index pointing outside the folder: one line
+    load_errors: tuple[type[BaseException], ...] = (*config_errors(), SafetensorError)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
-    except (*config_errors(), SafetensorError) as exc:
+    except load_errors as exc:
         raise ModelError(f"{path}: cannot load model ({str(exc).splitlines()[0]})") from None
     from noodle.models.adapter import layout_of
 

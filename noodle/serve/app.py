@@ -45,6 +45,7 @@ from noodle.serve.protocol import ApiError, error_body
 from noodle.serve.reference import ReferenceCheck
 from noodle.serve.requestid import RequestId
 from noodle.serve.runtime import Runtime
+from noodle.serve.switching import LivePlan
 
 __all__ = ["ModelEntry", "ServeApp", "create_app"]
 
@@ -95,10 +96,15 @@ class ModelEntry:
     plan: PlanDoc
 
 
+def _plan_now(plan: PlanDoc | LivePlan) -> PlanDoc | None:
+    """The plan served now; a cluster's :class:`LivePlan` has none until its first plan."""
+    return plan.current if isinstance(plan, LivePlan) else plan
+
+
 @dataclass
 class _Served:
     model: ServedModel
-    plan: Any
+    plan: PlanDoc | LivePlan
     metrics: ServeMetrics
     reference: ReferenceCheck
 
@@ -112,7 +118,7 @@ class ServeApp:
     def __init__(
         self,
         runtime: Runtime,
-        plan: PlanDoc,
+        plan: PlanDoc | LivePlan,
         *,
         model_id: str,
         backend: str = "local",
@@ -199,7 +205,7 @@ class ServeApp:
                 last_sample = time.monotonic()
                 for s in self.served:
                     s.model.runtime.sample()
-                    if getattr(s.plan, "current", s.plan) is not None:
+                    if _plan_now(s.plan) is not None:
                         s.reference.observe(s.plan, stage_rows(s.model.runtime.stats(), s.plan))
 
     @contextlib.asynccontextmanager
@@ -239,9 +245,8 @@ class ServeApp:
     def status(self, model_id: str | None = None) -> dict[str, Any]:
         """What the status page shows, as JSON: of ``model_id`` (default: the first model)."""
         served = self.served[0] if model_id is None else next(s for s in self.served if s.model.model_id == model_id)
-        rt, plan, metrics = served.model.runtime, served.plan, served.metrics
+        rt, plan, metrics = served.model.runtime, _plan_now(served.plan), served.metrics
         stats = rt.stats()
-        sv = getattr(plan, "solver", None)
         return {
             "model": served.model.model_id,
             "models": list(self.models.by_id),
@@ -251,12 +256,12 @@ class ServeApp:
             "error": rt.error,
             "uptime_s": time.time() - rt.started_at,
             "limits": {"prompt_tokens": rt.limits.prompt_tokens, "context_tokens": rt.limits.context_tokens},
-            "plan": None if getattr(plan, "current", plan) is None else {
-                "name": plan.name, "objective": plan.objective, "solver": sv.name, "status": sv.status,
+            "plan": None if plan is None else {
+                "name": plan.name, "objective": plan.objective, "solver": plan.solver.name, "status": plan.solver.status,
                 "predicted": plan.predicted.model_dump(), "units": len(plan.units),
                 "nodes": [n.model_dump() for n in plan.nodes],
             },  # fmt: skip
-            "stages": stage_rows(stats, plan),
+            "stages": stage_rows(stats, served.plan),
             "pipeline": None if stats is None else {
                 **{k: float(getattr(stats, k, 0) or 0) for k in ("queue_depth", "in_flight", "tokens_generated", "tokens_per_s")},
                 "completed": float(metrics.completed),  # since the server started, across re-plans

@@ -166,7 +166,7 @@ def build_cluster_server(
     ctl.prober.start()
     ctl.verifier = JoinVerifier(registry, Path(model_dir), runtime.events, token=token,
                                 factor=verify_factor).start()
-    return ServeApp(runtime, ctl.plan, model_id=model_id or Path(model_dir).resolve().name,  # type: ignore[arg-type]
+    return ServeApp(runtime, ctl.plan, model_id=model_id or Path(model_dir).resolve().name,
                     backend="grpc", api_key=api_key, drain_timeout_s=drain_timeout_s, cluster=ctl,
                     cluster_token=token, max_request_bytes=max_request_bytes, hosts=hosts,
                     origins=origins)  # fmt: skip

@@ -335,14 +335,14 @@ class ClusterController:
         for (node, start, end), factor in updates.items():
             self.registry.correct(node, start, end, factor)
         if drifted and self.registry.version == self._considered:  # a change of nodes is weighed first, as itself
-            self._drift(max(drifted, key=lambda e: abs(e.error)))
+            self._drift(plan, max(drifted, key=lambda e: abs(e.error)))
 
     def _repriced(self, plan: PlanDoc) -> PlanDoc:
         """``plan``'s layout with its predictions under the corrected costs (the layout is kept as it is)."""
         return layout_under(self.problem(self.registry.records(alive_only=True)), plan) or plan
 
-    def _drift(self, err: StageError) -> None:
-        """A stage's measured compute left its prediction: re-solve with the corrected costs.
+    def _drift(self, current: PlanDoc, err: StageError) -> None:
+        """A stage of ``current`` (the plan served) computes off its prediction: re-solve with the corrected costs.
 
         Switch when the layout changes and the new plan beats the served layout, re-priced with the same
         corrections, by more than ``gain_threshold``; otherwise keep the layout with corrected predictions.
@@ -350,7 +350,6 @@ class ClusterController:
         reason = (f"drift: stage {err.index} on {err.node} computes in {err.measured_ms:.3f} ms, predicted "
                   f"{err.predicted_ms:.3f} ms ({err.error:+.0%})")  # fmt: skip
         new = self.solve(self.registry.records(alive_only=True))
-        current = self.plan.current
         if plan_layout(new) != plan_layout(current) and self._replan(reason, plan=new):
             return  # switched: the move paid (see _weigh)
         kept = self._repriced(current)
@@ -402,6 +401,6 @@ class ClusterCollector(Collector):
         yield last
         err = GaugeMetricFamily("noodle_stage_prediction_error", "measured / predicted stage compute - 1, last window",
                                 labels=["stage", "node"])  # fmt: skip
-        for i, e in sorted(self._ctl.drift.errors.items()):
-            err.add_metric([str(i), e.node], e.error)
+        for i, stage_err in sorted(self._ctl.drift.errors.items()):
+            err.add_metric([str(i), stage_err.node], stage_err.error)
         yield err

@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from noodle.errors import ExecutorError
 from noodle.profile.unitcosts import UNIT_COSTS_FORMAT
@@ -166,7 +166,7 @@ def stale_reason(costs: dict[str, Any], *, now: float, load: float) -> str | Non
     return None
 
 
-def _valid_cache(costs: Any) -> bool:
+def _valid_cache(costs: object) -> TypeGuard[dict[str, Any]]:
     """A cached report in the current format (an older whole-model one, or one without the step overhead, is
     measured again)."""
     return (isinstance(costs, dict) and costs.get("format") == UNIT_COSTS_FORMAT and isinstance(costs.get("units"), list)

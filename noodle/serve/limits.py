@@ -94,11 +94,11 @@ def _guarded_h11(max_connections: int, header_timeout_s: float) -> type:
     """uvicorn's h11 protocol with a header deadline and idle eviction (see the module docstring)."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    class GuardedH11(H11Protocol):  # type: ignore[misc]
+    class GuardedH11(H11Protocol):
         _header_timer: Any = None
         _idle_since: float = 0.0
 
-        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             self._await_headers()
             if len(self.connections) > max_connections:

@@ -130,7 +130,7 @@ class LinkProber:
 
     def probe(self, live: list[WorkerRecord], only: set[str] | None = None) -> list[LinkSample]:
         """Probe the pairs among ``live`` (those touching ``only``, when given) and the coordinator's links."""
-        done = []
+        done: list[LinkSample] = []
         for a in [None, *live]:
             for b in live:
                 touches = only is None or b.id in only or (a is not None and a.id in only)

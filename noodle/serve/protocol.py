@@ -8,7 +8,7 @@ are ignored, as OpenAI-compatible servers do, but known options that noodle cann
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -179,9 +179,11 @@ class CompletionRequest(_Sampling):
 
     def single_prompt(self) -> str | list[int]:
         p = self.prompt
-        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
-            return p[0]  # type: ignore[return-value]
-        return p  # type: ignore[return-value]
+        if isinstance(p, str):
+            return p
+        if p and isinstance(p[0], (str, list)):
+            return p[0]
+        return cast("list[int]", p)  # a list of token ids: mypy cannot narrow a list's type by its first item
 
     def logprobs_count(self) -> int | None:
         return self.logprobs

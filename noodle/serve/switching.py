@@ -32,6 +32,7 @@ from typing import Any
 from noodle.errors import ExecutorError, NoodleError
 from noodle.executors.generation import Sampling
 from noodle.executors.scheduler import Completion, QueueFull
+from noodle.plandoc import PlanDoc
 
 __all__ = ["SwitchingPipeline", "Ticket", "LivePlan", "MAX_RETRIES"]
 
@@ -43,7 +44,7 @@ class LivePlan:
     """The plan being served; attributes read through to the current :class:`~noodle.plandoc.PlanDoc`."""
 
     def __init__(self) -> None:
-        self.current: Any = None
+        self.current: PlanDoc | None = None
 
     def __getattr__(self, name: str) -> Any:
         cur = self.__dict__.get("current")

@@ -61,7 +61,9 @@ class AutoSolver(SolverBase):
         deadline = t0 + time_limit_s
         obj = problem.objective
         m, n = len(tables.nodes), tables.n
-        val, seg, bound, how, stopped = INF, [], None, "heuristic", False
+        val, how, stopped = INF, "heuristic", False
+        seg: list[tuple[int, int, int]] = []
+        bound: float | None = None
         pinned = _pinned(problem, tables)
 
         def search(seconds: float, patience: int) -> None:
@@ -91,7 +93,7 @@ class AutoSolver(SolverBase):
             budget = min(0.3 * time_limit_s, default_budget(m, n))
             heur = HeuristicSolver(prove=False).solve(problem, tables, time_limit_s=budget, hint=hint)
             stopped = heur.interrupted
-            if heur.plan is not None:
+            if heur.plan is not None and heur.objective_ms is not None:  # a plan always comes with its value
                 val, seg = heur.objective_ms, plan_segments(tables, heur.plan)
                 if heur.status == "optimal":  # the heuristic ran the exact set DP (small instance)
                     bound, how = val, "dp"

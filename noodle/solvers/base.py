@@ -62,12 +62,20 @@ def relative_gap(objective: float, bound: float) -> float:
 
 
 class Solver(Protocol):
-    """A placement solver. ``solve`` never mutates its inputs."""
+    """A placement solver. ``solve`` never mutates its inputs. Its attributes are read-only here, so class
+    attributes (as :class:`SolverBase` declares them) and instance attributes both satisfy it."""
 
-    name: str
-    exact: bool
-    requires: tuple[str, ...]
-    options: Mapping[str, OptionSpec]
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def exact(self) -> bool: ...
+
+    @property
+    def requires(self) -> tuple[str, ...]: ...
+
+    @property
+    def options(self) -> Mapping[str, OptionSpec]: ...
 
     def is_installed(self) -> bool:
         """Whether a module of ``requires`` can be imported (always, when it requires none)."""

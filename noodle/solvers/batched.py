@@ -127,7 +127,8 @@ def solve_batched(problem: Problem, cost_model: CostModel, solve_part: SolvePart
         note = "interrupted before any plan was found" if stopped else f"no plan found within {time_limit_s:g} s"
         return SolveResult("batched", "unknown", None, None, None, elapsed, note, interrupted=stopped), base
     val, res, part = best
-    bound = min(bounds) if done and all(b is not None for b in bounds) else None
+    known = [b for b in bounds if b is not None]
+    bound = min(known) if done and len(known) == len(bounds) else None
     if bound is not None:
         bound = min(bound, val)
     status = "optimal" if done and proven else "feasible" if bound is not None else "heuristic"

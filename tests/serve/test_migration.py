@@ -123,7 +123,7 @@ def test_a_pending_join_is_weighed_before_drift_and_drift_waits_for_it(model_dir
     ctl.drift.observe = lambda windows, factors: ({}, [err])  # type: ignore[method-assign]
     calls: list[str] = []
     ctl._replan = lambda reason, **kw: calls.append(reason) or False  # type: ignore[method-assign,assignment,func-returns-value]
-    ctl._drift = lambda e: calls.append(f"drift {e.node}")  # type: ignore[method-assign]
+    ctl._drift = lambda plan, e: calls.append(f"drift {e.node}")  # type: ignore[method-assign]
     reg.join(_join("w4", 1.0))
     ctl._last_switch = time.monotonic()  # within the cooldown: the join waits, and so does drift
     ctl._tick()

@@ -52,6 +52,7 @@ from noodle.executors.batching import DEFAULT_MAX_BATCH_TOKENS, make_pipeline, r
 from noodle.executors.kvbudget import kv_capacity_tokens, max_positions, stage_layers
 from noodle.executors.messages import SeqChunk, StageInput, StageOutput
 from noodle.executors.netreport import FailoverEvent
+from noodle.executors.requests import Lane
 from noodle.executors.ring.transport import NO_REPLACEMENT, Ring
 from noodle.executors.ring.wire import Flag, Op, RingHeader, WireChunk, step_flags
 from noodle.executors.scheduler import Pipeline
@@ -166,7 +167,8 @@ class RingDriver:
                     with self.lock:
                         self._pop(session, None, None, ())
                     raise err
-                data, chunks = None, ()
+                data: torch.Tensor | None = None
+                chunks: tuple[WireChunk, ...] = ()
                 if head.op != Op.END:
                     data, _, chunks = ring.recv_data(head, got, self.ex.world - 1, self.ex.policy.step_timeout_s)
             except RuntimeError as exc:
@@ -323,7 +325,7 @@ def ring_pipeline(ex: TorchRpcExecutor, *, concurrency: int, micro_batch: int, p
     driver = RingDriver(ex, max_batch_tokens=max_batch_tokens)
     stages = ex.plan.stages
     caps = kv_capacity_tokens(ex.plan, ex.config, ex.param_bytes, [stage_layers(s.layers) for s in stages])
-    lanes = [SendLane(driver, f"ring -> {stages[0].node}"), RecvLane(driver, f"{stages[-1].node} -> ring")]
+    lanes: list[Lane] = [SendLane(driver, f"ring -> {stages[0].node}"), RecvLane(driver, f"{stages[-1].node} -> ring")]
     slots = {"slots": len(stages)} if resolve_batching(batching, lanes) in ("continuous", "exact") else {}
     return make_pipeline(
         lanes, batching=batching, max_batch_tokens=max_batch_tokens, eos_token_id=ex.eos_token_id, pad_token_id=ex.pad_token_id, concurrency=concurrency,

@@ -71,7 +71,7 @@ def make_group(store: Any, rank: int, world: int, backend: str, timeout_s: float
         opts = dist.ProcessGroupNCCL.Options()
         opts._timeout = timeout
         return dist.ProcessGroupNCCL(store, rank, world, opts)
-    opts = dist.ProcessGroupGloo._Options()
+    opts = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]  # torch binds it in C++ but declares no stub
     opts._timeout = timeout
     gloo = dist.ProcessGroupGloo
     if host:

@@ -117,14 +117,14 @@ class MilpSolver(SolverBase):
             if hint_seg:  # the reductions keep the hint, so this cannot happen; report the hint
                 return SolveResult(name, "optimal", hint, upper, upper, elapsed, "the start plan is optimal")
             return SolveResult(name, "infeasible", None, None, None, elapsed)
-        if x is None:
+        if x is None or value is None:  # the backends give a value with every incumbent
             if hint_seg:
                 return SolveResult(name, "feasible", hint, upper, max(lower, bound or 0.0), elapsed,
                                    f"{backend} found nothing better than the start plan", interrupted=interrupted)
             return SolveResult(name, status, None, None, None, elapsed, f"{backend} found no plan in {time_limit_s:g} s",
                                interrupted=interrupted)
         S = len(model.seg)
-        chosen = [tuple(int(v) for v in model.seg[i]) for i in np.flatnonzero(x[:S] > 0.5)]
+        chosen = [(int(j), int(s), int(e)) for j, s, e in (model.seg[i] for i in np.flatnonzero(x[:S] > 0.5))]
         plan = plan_from_segments(tables, chosen)
         bound = value if status == "optimal" else max(lower, bound if bound is not None else -INF)
         note = "interrupted (Ctrl-C): best plan so far" if interrupted else ""

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Mapping
-from dataclasses import replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -40,6 +40,15 @@ class SearchResult(NamedTuple):
     interrupted: bool = False
 
 
+@dataclass
+class _Best:
+    """The best plan the search has recorded so far (mutated by its ``record`` callback)."""
+
+    val: float
+    seg: list[tuple[int, int, int]]
+    order: list[int]
+
+
 DP_MAX_NODES = 16  # above this the set DP is out of reach anyway (grouping nodes into classes costs ~0.6 s at 128)
 DP_BUDGET_FACTOR = 2.0  # run the exact set DP when its (pessimistic) estimate is within this x the search budget
 
@@ -52,7 +61,7 @@ def default_budget(m: int, n: int) -> float:
 def _neighbours(order: list[int], used: int, frozen: int) -> np.ndarray:
     """Orders one swap or one move away, skipping changes confined to the unused tail."""
     m = len(order)
-    out = []
+    out: list[np.ndarray] = []
     base = np.array(order)
     for a in range(frozen, m):
         for b in range(frozen, m):
@@ -63,9 +72,9 @@ def _neighbours(order: list[int], used: int, frozen: int) -> np.ndarray:
                 cand[a], cand[b] = cand[b], cand[a]
                 out.append(cand)
             if abs(a - b) > 1 or a < b:  # adjacent moves equal swaps
-                cand = list(order)
-                cand.insert(b, cand.pop(a))
-                out.append(np.array(cand))
+                moved = list(order)
+                moved.insert(b, moved.pop(a))
+                out.append(np.array(moved))
     return np.array(out, dtype=np.int64).reshape(-1, m)
 
 
@@ -74,12 +83,12 @@ def _local_search(
     objective: str,
     order: list[int],
     val: float,
-    seg: list,
+    seg: list[tuple[int, int, int]],
     deadline: float,
     frozen: int,
     rng: random.Random,
-    record=None,
-) -> tuple[float, list, list[int]]:
+    record: Callable[[float, list[tuple[int, int, int]], list[int]], None] | None = None,
+) -> tuple[float, list[tuple[int, int, int]], list[int]]:
     """Swaps and moves until none helps: the neighbourhood is scanned in shuffled chunks, numpy-vectorised,
     and the best improvement of the first improving chunk is taken (whole-neighbourhood best improvement
     when it fits in one chunk)."""
@@ -134,11 +143,11 @@ def search_orders(
     seeds = seed_orders or start_orders(tables, pinned, many=True)
     m = len(seeds[0])
     patience = patience if patience is not None else 2 + m // 2
-    best = {"val": INF, "seg": [], "order": seeds[0]}
+    best = _Best(INF, [], seeds[0])
 
-    def record(val: float, seg: list, order: list[int]) -> None:
-        if seg and val < best["val"] - 1e-9 * max(1.0, abs(best["val"]) if np.isfinite(best["val"]) else 1.0):
-            best.update(val=val, seg=seg, order=order)
+    def record(val: float, seg: list[tuple[int, int, int]], order: list[int]) -> None:
+        if seg and val < best.val - 1e-9 * max(1.0, abs(best.val) if np.isfinite(best.val) else 1.0):
+            best.val, best.seg, best.order = val, seg, order
 
     rng = random.Random(seed)
     interrupted = False
@@ -155,18 +164,17 @@ def search_orders(
         for val, seg, order in starts:
             record(*_local_search(tables, objective, order, val, seg, deadline, frozen, rng, record))
         stale = 0
-        reached = lambda: best["val"] <= target * (1 + 2e-6) + 1e-12  # noqa: E731  (bounds come within 1e-6)
-        while best["seg"] and stale < patience and time.perf_counter() < deadline and m >= 3 and not reached():
-            before = best["val"]
-            cand = _perturb(best["order"], len(best["seg"]), frozen, rng)
+        reached = lambda: best.val <= target * (1 + 2e-6) + 1e-12  # noqa: E731  (bounds come within 1e-6)
+        while best.seg and stale < patience and time.perf_counter() < deadline and m >= 3 and not reached():
+            before = best.val
+            cand = _perturb(best.order, len(best.seg), frozen, rng)
             val, seg = dp_order(tables, cand, objective)
             if seg:
                 record(*_local_search(tables, objective, cand, val, seg, deadline, frozen, rng, record))
-            stale = 0 if best["val"] < before else stale + 1
+            stale = 0 if best.val < before else stale + 1
     except KeyboardInterrupt:
         interrupted = True
-    best_val, best_seg = best["val"], best["seg"]
-    return SearchResult(best_val, best_seg, interrupted)
+    return SearchResult(best.val, best.seg, interrupted)
 
 
 def _perturb(order: list[int], used: int, frozen: int, rng: random.Random) -> list[int]:
@@ -251,7 +259,7 @@ class HeuristicSolver(SolverBase):
                 return replace(exact, solver=f"{self.name}/{exact.solver}", solve_time_s=time.perf_counter() - t0)
         return self._result(tables, val, seg, t0, "")
 
-    def _result(self, tables: CostTables, val: float, seg: list, t0: float, note: str, *,
+    def _result(self, tables: CostTables, val: float, seg: list[tuple[int, int, int]], t0: float, note: str, *,
                 status: str = "heuristic", interrupted: bool = False) -> SolveResult:
         elapsed = time.perf_counter() - t0
         if not seg:

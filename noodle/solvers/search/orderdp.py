@@ -122,7 +122,7 @@ def dp_values(
     n = tables.n
     per = max(1, chunk_elems // ((n + 1) * (n + 1)))
     if k_all > per:
-        parts = []
+        parts: list[np.ndarray] = []
         for i in range(0, k_all, per):
             if deadline is not None and parts and time.perf_counter() > deadline:
                 parts.append(np.full(min(per, k_all - i), INF))
