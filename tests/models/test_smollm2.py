@@ -77,3 +77,63 @@ def test_two_stages_answer_like_generate(smollm2, tmp_path, capsys):
     assert got[:n] == want
     text = tokenizer.decode(want, skip_special_tokens=True)
     assert "Paris" in text, text
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city now",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                                             "unit": {"enum": ["celsius", "fahrenheit"]}},
+                          "required": ["city", "unit"], "additionalProperties": False}}}  # fmt: skip
+CAPITAL = {"type": "object", "properties": {"country": {"type": "string", "maxLength": 20},
+                                            "capital": {"type": "string", "maxLength": 20}},
+           "required": ["country", "capital"], "additionalProperties": False}  # fmt: skip
+
+
+def test_tools_and_json_schema_on_the_demo_model(smollm2):
+    """The openai client's tools flow and json_schema output against `noodle serve` on the real SmolLM2."""
+    pytest.importorskip("xgrammar")
+    import jsonschema
+    import openai
+
+    from ..serve.servers import start_serve
+
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    with start_serve(["--model", str(smollm2), "--served-model-name", "smollm2", "--concurrency", "2"]) as sp:
+        client = openai.OpenAI(base_url=f"{sp.base}/v1", api_key="unused", max_retries=0, timeout=600)
+        calls = []
+        for stream in (False, True):
+            kw = {"model": "smollm2", "messages": ask, "tools": [WEATHER], "tool_choice": "required", "max_tokens": 48,
+                  "temperature": 0}  # fmt: skip
+            if stream:
+                chunks = list(client.chat.completions.create(**kw, stream=True))
+                deltas = [tc for ch in chunks if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])]
+                name = "".join(d.function.name or "" for d in deltas if d.function)
+                args = "".join(d.function.arguments or "" for d in deltas if d.function)
+                finish = next(ch.choices[0].finish_reason for ch in reversed(chunks) if ch.choices)
+            else:
+                msg = client.chat.completions.create(**kw).choices[0]
+                name, args, finish = msg.message.tool_calls[0].function.name, msg.message.tool_calls[0].function.arguments, msg.finish_reason
+            assert finish == "tool_calls" and name == "get_weather", (finish, name, args)
+            jsonschema.validate(json.loads(args), WEATHER["function"]["parameters"])
+            calls.append((name, json.loads(args)))
+        assert calls[0] == calls[1]  # greedy: streamed and not agree
+        # the round trip: the tool's result goes back, the model answers in text
+        follow = [*ask, {"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function", "function": {
+                      "name": "get_weather", "arguments": json.dumps(calls[0][1])}}]},
+                  {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees and sunny"}]  # fmt: skip
+        answer = client.chat.completions.create(model="smollm2", messages=follow, tools=[WEATHER], max_tokens=24,
+                                                temperature=0).choices[0]  # fmt: skip
+        assert answer.finish_reason in ("stop", "length") and answer.message.content, answer
+        fmt = {"type": "json_schema", "json_schema": {"name": "capital", "schema": CAPITAL, "strict": True}}
+        texts = []
+        for stream in (False, True):
+            kw = {"model": "smollm2", "messages": [{"role": "user", "content": "The capital of France, as JSON."}],
+                  "response_format": fmt, "max_tokens": 40, "temperature": 0}  # fmt: skip
+            if stream:
+                text = "".join(ch.choices[0].delta.content or ""
+                               for ch in client.chat.completions.create(**kw, stream=True) if ch.choices)
+            else:
+                text = client.chat.completions.create(**kw).choices[0].message.content or ""
+            jsonschema.validate(json.loads(text), CAPITAL)
+            texts.append(text)
+        assert texts[0] == texts[1]
+        print(f"\nSmolLM2 tool call: {calls[0]}; after the tool result: {answer.message.content!r}; JSON: {texts[0]}")
