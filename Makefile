@@ -65,6 +65,7 @@ test: setup
 	$(VENV)/bin/ruff check noodle tests bench
 	$(VENV)/bin/mypy noodle
 	$(PY) -m pytest
+	$(MAKE) test-planning
 
 # A couple of minutes: the planning core, the exact executors' conformance (local; one case each over
 # gRPC workers and the torchrpc ring), continuous batching, the OpenAI API with the official client.
