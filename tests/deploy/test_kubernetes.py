@@ -95,7 +95,7 @@ def test_the_rendered_command_lines_parse_with_the_real_cli(path: Path) -> None:
     assert params["port"] == dep.coordinator.port == c["ports"][0]["containerPort"]
     assert str(params["token_file"]) == f"{TOKEN_DIR}/{TOKEN_KEY}"
     assert params["token"] is None
-    assert str(params["model"]) == f"{dep.model.mount_path.rstrip('/')}/{dep.model.folder}"
+    assert [str(m) for m in params["model"]] == [f"{dep.model.mount_path.rstrip('/')}/{dep.model.folder}"]
     for sts, pool in zip(_of(objects, "StatefulSet"), dep.pools, strict=True):
         w = _container(sts)
         assert w["command"] == ["noodle"] and w["args"][0] == "worker"
@@ -105,6 +105,10 @@ def test_the_rendered_command_lines_parse_with_the_real_cli(path: Path) -> None:
         assert params["port"] == dep.worker_port == w["ports"][0]["containerPort"]
         assert params["threads"] == pool.threads
         assert str(params["token_file"]) == f"{TOKEN_DIR}/{TOKEN_KEY}"
+        # ready once joined (the readiness probe tests the file), and a stop is a leave within the grace period
+        probe = w["readinessProbe"]["exec"]["command"]
+        assert probe == ["test", "-f", str(params["ready_file"])]
+        assert 0 < params["leave_timeout"] < sts["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] - 5
         # the variables the args use are the pod's own name and IP
         env = {e["name"]: e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") for e in w["env"]}
         assert env["POD_NAME"] == "metadata.name" and env["POD_IP"] == "status.podIP"
