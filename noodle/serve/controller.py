@@ -187,7 +187,7 @@ class ClusterController:
         used = {s.node for s in plan.stages}
         workers = {r.id: r.address for r in records}
         spares = [r.address for r in records if r.id not in used]
-        ex = GrpcExecutor(plan, self.model_dir, workers=workers, spares=spares, token=self.token,
+        ex = GrpcExecutor(plan, self.card, workers=workers, spares=spares, token=self.token,
                           log=lambda line: self.events.add("warning", line))  # fmt: skip
         ex.policy = dataclasses.replace(ex.policy, connect_s=CONNECT_S)  # they answered a heartbeat just now
         ex.__enter__()

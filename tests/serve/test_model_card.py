@@ -42,16 +42,27 @@ def _count_opens(monkeypatch: pytest.MonkeyPatch, folder: Path) -> Counter[str]:
 
 def test_cluster_serve_reads_config_once_through_start_up_and_a_replan(model_dir: Path, tokenizer: Any,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    from noodle.executors.grpc.coordinator import GrpcExecutor
     from noodle.serve.build import build_cluster_server
 
+    class Opened(Exception):
+        pass
+
+    def no_workers(self: GrpcExecutor) -> GrpcExecutor:  # the executor is built (config, units, plan checked)
+        raise Opened(self.vocab_size)
+
     opened = _count_opens(monkeypatch, model_dir)
+    monkeypatch.setattr(GrpcExecutor, "__enter__", no_workers)
     served = build_cluster_server(model_dir, tokenizer, token="t", min_workers=1000)
     ctl = served.cluster
     try:
         for node in ("w1", "w2"):
             ctl.registry.join(_join(node, 1.0))
-        plan = ctl.solve(ctl.registry.records())  # the re-plan the watcher makes when workers join
-        ctl.solve(ctl.registry.records())
+        records = ctl.registry.records()
+        plan = ctl.solve(records)  # the re-plan the watcher makes when workers join, then the switch's executor
+        with pytest.raises(Opened, match=str(ctl.card.vocab_size)):
+            ctl._open(plan, records)
+        ctl.solve(records)
     finally:
         ctl.close()
     assert {s.node for s in plan.stages} <= {"w1", "w2"} and plan.stages[-1].end == len(NAMES)
