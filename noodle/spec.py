@@ -252,14 +252,19 @@ class Spec(_Strict):
                                  f"give {n.id!r} a compute_score instead with models")
         return self
 
-    def to_problem(self, base_dir: str | Path = ".", *, source: str = "spec") -> Problem:
-        """Resolve the model source and build the solver-facing Problem (checks cross-references)."""
+    def to_problem(self, base_dir: str | Path = ".", *, source: str = "spec",
+                   hf_config: dict[str, Any] | None = None) -> Problem:  # fmt: skip
+        """Resolve the model source and build the solver-facing Problem (checks cross-references).
+
+        ``hf_config``: the parsed object of the model's ``hf_config`` file, when the caller read it already
+        (:attr:`noodle.models.card.ModelCard.config`): it is used instead of reading the file again.
+        """
         if self.models is not None:
             raise SpecError(f"{source}: models: {len(self.models)} models are placed jointly: plan them with "
                             f"`noodle solve` (or give one model)")
         workload = Workload(**self.workload.model_dump())
         _check_counts(self, source)  # before anything that grows with them (links are nodes^2)
-        units = resolve_units(self, Path(base_dir), workload, source)
+        units = resolve_units(self, Path(base_dir), workload, source, hf_config=hf_config)
         too_big = size_problem(len(units), len(self.cluster.nodes))
         if too_big:
             raise SpecError(f"{source}: model, cluster.nodes: {too_big} (see noodle/sizes.py)")

@@ -11,7 +11,7 @@ in turn; weight formats are :mod:`noodle.formatspec`'s.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from noodle.docfile import load_document
 from noodle.errors import DependencyMissing, NoodleError, SpecError
@@ -27,10 +27,11 @@ __all__ = ["resolve_units", "resolve_cluster", "resolve_constraints"]
 
 
 def resolve_units(spec: Spec, base: Path, workload: Workload, source: str, *, model: ModelSpec | None = None,
-                  field: str = "model") -> tuple[Unit, ...]:
+                  field: str = "model", hf_config: dict[str, Any] | None = None) -> tuple[Unit, ...]:
     """The model's unit chain: its ``layers``, its ``profile``, or the analytic estimate of its ``hf_config``.
 
     ``model``: one entry of ``models:`` (named ``field`` in errors) instead of the spec's ``model``.
+    ``hf_config``: the ``hf_config`` file's parsed object when the caller read it already (not read again).
     """
     m = model if model is not None else spec.model
     if m is None:
@@ -51,7 +52,8 @@ def resolve_units(spec: Spec, base: Path, workload: Workload, source: str, *, mo
 
     path = base / str(m.hf_config)
     try:
-        raw = load_document(path / "config.json" if path.is_dir() else path, f"{field}.hf_config")
+        raw = hf_config if hf_config is not None else \
+            load_document(path / "config.json" if path.is_dir() else path, f"{field}.hf_config")
         ref = ReferenceDevice(**m.reference.model_dump()) if m.reference else ReferenceDevice()
         if isinstance(raw, dict) and facts_of(raw) is not None:  # counted from the config alone: no torch
             return analytic_units(raw, workload, dtype=m.dtype, reference=ref).units
@@ -59,7 +61,8 @@ def resolve_units(spec: Spec, base: Path, workload: Workload, source: str, *, mo
         require_exec(f"{source}: {field}.hf_config of model_type {kind!r} (counted by building the model on the meta device)")
         from noodle.models.loading import load_config
 
-        return analytic_units(load_config(path), workload, dtype=m.dtype, reference=ref).units
+        parsed = load_config(dict(raw) if hf_config is not None and isinstance(raw, dict) else path)
+        return analytic_units(parsed, workload, dtype=m.dtype, reference=ref).units
     except DependencyMissing:
         raise
     except NoodleError as exc:

@@ -35,12 +35,16 @@ __all__ = ["register", "load_tokenizer", "bind_socket"]
 log = logging.getLogger(__name__)
 
 
-def load_tokenizer(model: Path, chat_template: str | None) -> Any:
-    """The model folder's tokenizer (required: the API speaks text), with an optional chat template."""
+def load_tokenizer(model: Path, chat_template: str | None, *, config: Any = None) -> Any:
+    """The model folder's tokenizer (required: the API speaks text), with an optional chat template.
+
+    ``config``: the model's transformers config when the caller has it (``ModelCard.hf_config``): config.json is
+    then not read again."""
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(model, local_files_only=True)
+        extra = {} if config is None else {"config": config}
+        tok = AutoTokenizer.from_pretrained(model, local_files_only=True, **extra)
     except (OSError, ValueError) as exc:
         raise ModelError(f"{model}: no usable tokenizer ({str(exc).splitlines()[0][:200]}); the API needs one to "
                          "read and write text (`noodle model init` saves one)") from None  # fmt: skip
@@ -269,6 +273,7 @@ def _serve_cluster(model: Path, *, token: str | None, host: str, port: int, api_
                    edge: _Edge | None = None,
                    batching: str = "auto", max_batch_tokens: int = 256, verify_factor: float = 8.0) -> None:  # fmt: skip
     """``--cluster``: serve over workers that join; see docs/cluster.md."""
+    from noodle.models.card import read_card
     from noodle.serve.build import build_cluster_server
 
     edge = edge or _Edge()
@@ -290,8 +295,9 @@ def _serve_cluster(model: Path, *, token: str | None, host: str, port: int, api_
         import torch
 
         torch.set_num_threads(threads)
-    tokenizer = load_tokenizer(model, chat_template)
-    served = build_cluster_server(model, tokenizer, token=token, min_workers=min_workers,
+    card = read_card(model)  # the folder's config is read here, once; everything below takes the card
+    tokenizer = load_tokenizer(model, chat_template, config=card.hf_config)
+    served = build_cluster_server(card, tokenizer, token=token, min_workers=min_workers,
                                   gain_threshold=replan_threshold, heartbeat_timeout_s=heartbeat_timeout,
                                   drift_threshold=drift_threshold,
                                   horizon_s=replan_horizon,

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from noodle.errors import SpecError
+from noodle.models.card import token_ids_of
 from noodle.sizes import MAX_LOGPROBS
 from noodle.executors.messages import StageInput
 
@@ -44,15 +45,6 @@ _session_counter = itertools.count()
 def new_session_id(prefix: str = "s") -> str:
     """A process-unique session id."""
     return f"{prefix}{next(_session_counter)}"
-
-
-def token_ids_of(config: object) -> tuple[int | list[int] | None, int]:
-    """``(eos_token_id, pad_token_id)`` of a config the way ``generate`` falls back: pad = eos when unset."""
-    eos = getattr(config, "eos_token_id", None)
-    pad = getattr(config, "pad_token_id", None)
-    if pad is None:  # an empty eos list gives no pad id (0), where int([]) raised before
-        pad = (eos[0] if eos else None) if isinstance(eos, list) else eos
-    return eos, int(pad) if pad is not None else 0
 
 
 @dataclass(frozen=True)

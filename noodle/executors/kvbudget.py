@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from noodle.models.card import max_positions
 from noodle.plandoc import PlanDoc
 
 __all__ = ["kv_bytes_per_token_per_layer", "max_positions", "kv_capacity_tokens", "stage_layers"]
@@ -21,15 +22,6 @@ def kv_bytes_per_token_per_layer(config: Any, element_size: int = 4) -> int:
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or 0
     head_dim = getattr(config, "head_dim", None) or (hidden // heads if heads else 0)
     return 2 * int(kv_heads) * int(head_dim) * element_size
-
-
-def max_positions(config: Any) -> int | None:
-    """The longest sequence the model's positions allow (``None`` when the config does not say)."""
-    for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def stage_layers(units: Sequence[str]) -> int:

@@ -76,10 +76,10 @@ def config_errors() -> tuple[type[BaseException], ...]:
     return (*errors, StrictDataclassError)
 
 
-def check_config_file(path: Path) -> dict[str, Any]:
-    """The JSON object of a config.json, or a ModelError naming the file (bytes, nesting, type)."""
+def check_config_file(path: Path, raw: bytes | None = None) -> dict[str, Any]:
+    """The JSON object of a config.json (or of its bytes ``raw``, read already), or a ModelError naming the file."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(raw.decode("utf-8") if raw is not None else path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelError(f"{path}: not a readable JSON config ({exc})") from None
     except RecursionError:

@@ -7,8 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from noodle.executors import EXECUTORS
-from noodle.executors.kvbudget import max_positions
-from noodle.executors.slicing import read_config, unit_names_of
+from noodle.models.card import ModelCard, read_card
 from noodle.plandoc import PlanDoc
 from noodle.serve.app import ModelEntry, ServeApp
 from noodle.serve.guard import LOCAL_HOSTS, MAX_REQUEST_BYTES
@@ -69,7 +68,7 @@ def build_runtime(model_dir: Path, plan: PlanDoc, tokenizer: Any, *, backend: st
             executor.__exit__(None, None, None)
             raise
 
-    limits, eos_ids = _model_limits(model_dir)
+    limits, eos_ids = _model_limits(read_card(model_dir))
     return Runtime(opener, tokenizer, limits, eos_ids=eos_ids, request_timeout_s=request_timeout_s)
 
 
@@ -99,19 +98,19 @@ def build_multi_server(
                     origins=origins, more_models=entries[1:])  # fmt: skip
 
 
-def _model_limits(model_dir: Path) -> tuple[Limits, list[int]]:
+def _model_limits(card: ModelCard) -> tuple[Limits, list[int]]:
     """The request limits of the model's context and vocabulary, and its end-of-sequence ids."""
-    from noodle.executors.generation import token_ids_of
+    from noodle.errors import ModelError
 
-    config = read_config(model_dir)
-    eos, _pad = token_ids_of(config)
-    context = max_positions(config) or 2048
-    limits = Limits(prompt_tokens=context - 1, context_tokens=context, vocab_size=int(config.vocab_size))
-    return limits, [eos] if isinstance(eos, int) else list(eos or [])
+    if card.vocab_size is None:
+        raise ModelError(f"{card.config_path}: vocab_size: missing; the server bounds token ids with it")
+    context = card.context_tokens or 2048
+    limits = Limits(prompt_tokens=context - 1, context_tokens=context, vocab_size=card.vocab_size)
+    return limits, list(card.eos_ids)
 
 
 def build_cluster_server(
-    model_dir: Path,
+    model_dir: Path | ModelCard,
     tokenizer: Any,
     *,
     token: str | None,
@@ -141,32 +140,34 @@ def build_cluster_server(
     ``batching``: the engine's mode, which the plans are priced for (continuous: ``streams = concurrency``).
     ``verify_factor``: how far a stage step timed on a joining worker may be off its table before the table is
     scaled (:mod:`noodle.serve.verify`).
+    ``model_dir``: the model folder, or its card (:func:`noodle.models.card.read_card`) when the caller read it
+    already: the folder's config is read once and every part below takes the card.
     """
     from noodle.serve.controller import ClusterController
-    from noodle.serve.joining import model_hash, weights_hash
     from noodle.serve.linkprobe import LinkProber, probe_sizes
     from noodle.serve.registry import ClusterRegistry
     from noodle.serve.verify import JoinVerifier
 
-    limits, eos_ids = _model_limits(model_dir)
+    card = model_dir if isinstance(model_dir, ModelCard) else read_card(model_dir)
+    limits, eos_ids = _model_limits(card)
     registry = ClusterRegistry(heartbeat_s=max(0.2, heartbeat_timeout_s / 4), heartbeat_timeout_s=heartbeat_timeout_s,
-                               model_hash=model_hash(model_dir), unit_names=tuple(unit_names_of(model_dir)),
-                               weights_sha256=weights_hash(model_dir))  # fmt: skip
+                               model_hash=card.model_hash, unit_names=card.unit_names,
+                               weights_sha256=card.weights_sha256)  # fmt: skip
     holder: dict[str, ClusterController] = {}
     runtime = Runtime(lambda: holder["ctl"].opener(), tokenizer, limits, eos_ids=eos_ids,
                       request_timeout_s=request_timeout_s)  # fmt: skip
-    ctl = ClusterController(registry, Path(model_dir), runtime.events, token=token, concurrency=concurrency,
+    ctl = ClusterController(registry, card, runtime.events, token=token, concurrency=concurrency,
                             max_queue=max_queue, min_workers=min_workers, gain_threshold=gain_threshold,
                             drain_s=drain_s, drift_threshold=drift_threshold, horizon_s=horizon_s,
                             batching=batching, max_batch_tokens=max_batch_tokens)  # fmt: skip
     holder["ctl"] = ctl
     runtime.unavailable = ctl.unavailable
-    ctl.prober = LinkProber(registry, probe_sizes(Path(model_dir)), token=token, events=runtime.events,
+    ctl.prober = LinkProber(registry, probe_sizes(card), token=token, events=runtime.events,
                             interval_s=probe_interval_s)  # fmt: skip
     ctl.prober.start()
-    ctl.verifier = JoinVerifier(registry, Path(model_dir), runtime.events, token=token,
+    ctl.verifier = JoinVerifier(registry, card, runtime.events, token=token,
                                 factor=verify_factor).start()
-    return ServeApp(runtime, ctl.plan, model_id=model_id or Path(model_dir).resolve().name,
+    return ServeApp(runtime, ctl.plan, model_id=model_id or card.folder.name,
                     backend="grpc", api_key=api_key, drain_timeout_s=drain_timeout_s, cluster=ctl,
                     cluster_token=token, max_request_bytes=max_request_bytes, hosts=hosts,
                     origins=origins)  # fmt: skip

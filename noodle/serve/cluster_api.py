@@ -134,7 +134,7 @@ def cluster_router(ctl: ClusterController) -> APIRouter:
         records = ctl.registry.records(alive_only=True)
         if not records:
             raise ApiError(409, "no live worker has joined; nothing to export", code="no_workers")
-        data = cluster_spec(records, ctl.model_dir, concurrency=ctl.concurrency, continuous=ctl.continuous,
+        data = cluster_spec(records, ctl.card, concurrency=ctl.concurrency, continuous=ctl.continuous,
                             links=ctl.registry.links.measurements(mode=links))
         head = "# measured by noodle serve --cluster; solve with `noodle solve FILE`\n"
         return PlainTextResponse(head + yaml.safe_dump(data, sort_keys=False), media_type="application/yaml")

@@ -44,6 +44,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from noodle.errors import ExecutorError, NoodleError
+from noodle.models.card import ModelCard, read_card
 from noodle.plandoc import PlanDoc, plan_document
 from noodle.serve.drift import PredictionWatch, StageError, StageWindow, fresh_window
 from noodle.serve.metrics import predicted_tps
@@ -79,13 +80,14 @@ def change_reason(changes: list[str], alive: int) -> str:
 class ClusterController:
     """Plans and re-plans ``noodle serve`` over joined workers (see the module docstring)."""
 
-    def __init__(self, registry: ClusterRegistry, model_dir: Path, events: Any, *, token: str | None,
+    def __init__(self, registry: ClusterRegistry, model: Path | ModelCard, events: Any, *, token: str | None,
                  concurrency: int = 8, max_queue: int = 64, min_workers: int = 1, gain_threshold: float = 0.10,
                  cooldown_s: float = 5.0, drain_s: float = 10.0, tick_s: float = 0.25,
                  solve_time_limit_s: float = 5.0, drift_threshold: float = 0.15, horizon_s: float = 120.0,
                  batching: str = "auto", max_batch_tokens: int = 256) -> None:  # fmt: skip
         self.registry = registry
-        self.model_dir = Path(model_dir)
+        self.card = model if isinstance(model, ModelCard) else read_card(model)  # the folder is read once
+        self.model_dir = self.card.folder
         self.events = events
         self.token = token
         self.concurrency = concurrency
@@ -164,10 +166,11 @@ class ClusterController:
         --links relay``: the grpc executor this coordinator runs relays every hop through itself)."""
         from noodle.spec import parse_spec
 
-        data = cluster_spec(records, self.model_dir, concurrency=self.concurrency, continuous=self.continuous,
+        data = cluster_spec(records, self.card, concurrency=self.concurrency, continuous=self.continuous,
                             time_limit_s=self.solve_time_limit_s, links=self.registry.links.measurements(mode="relay"))
         spec = parse_spec(data, source="noodle serve --cluster")
-        problem = spec.to_problem(self.model_dir, source="noodle serve --cluster")
+        # the spec names the card's config.json; its object is passed along, so a re-plan reads no file
+        problem = spec.to_problem(self.model_dir, source="noodle serve --cluster", hf_config=self.card.config)
         self.units = problem.units
         return problem
 
@@ -184,7 +187,7 @@ class ClusterController:
         used = {s.node for s in plan.stages}
         workers = {r.id: r.address for r in records}
         spares = [r.address for r in records if r.id not in used]
-        ex = GrpcExecutor(plan, self.model_dir, workers=workers, spares=spares, token=self.token,
+        ex = GrpcExecutor(plan, self.card, workers=workers, spares=spares, token=self.token,
                           log=lambda line: self.events.add("warning", line))  # fmt: skip
         ex.policy = dataclasses.replace(ex.policy, connect_s=CONNECT_S)  # they answered a heartbeat just now
         ex.__enter__()

@@ -22,7 +22,6 @@ heartbeat the coordinator does not recognise (it restarted) joins again.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -34,6 +33,8 @@ from pathlib import Path
 from typing import Any, TypeGuard
 
 from noodle.errors import ExecutorError
+from noodle.models.card import DEFAULT_CACHE_DIR, weights_hash
+from noodle.models.card import folder_hash as model_hash
 from noodle.profile.unitcosts import UNIT_COSTS_FORMAT
 
 __all__ = ["model_hash", "weights_hash", "device_info", "measure_model", "whole_model_ms", "self_report", "slowed_report", "Joiner",
@@ -41,58 +42,8 @@ __all__ = ["model_hash", "weights_hash", "device_info", "measure_model", "whole_
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CACHE_DIR = Path("~/.cache/noodle")
 MEASURE_PROMPT_TOKENS = 32
 MEASURE_BATCH_SIZES = (1,)  # the batch sizes the planner prices: noodle serve --cluster steps one sequence per group
-
-
-def model_hash(model_dir: Path) -> str:
-    """A short hash of the model folder: config.json's bytes and each weights file's name and size."""
-    h = hashlib.sha256((Path(model_dir) / "config.json").read_bytes())
-    for f in sorted(Path(model_dir).glob("*.safetensors")):
-        h.update(f"{f.name}:{f.stat().st_size}".encode())
-    return h.hexdigest()[:16]
-
-
-HASH_CHUNK = 8 * 2**20
-
-
-def _file_sha256(path: Path, cache: Path) -> str:
-    """sha256 of ``path``'s bytes, cached in ``cache`` under its resolved path, size and mtime (ns)."""
-    st = path.stat()
-    key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-    entry = cache / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
-    try:
-        known = json.loads(entry.read_text())
-        if isinstance(known, dict) and known.get("key") == key and isinstance(known.get("sha256"), str):
-            return str(known["sha256"])
-    except (OSError, ValueError):
-        pass
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(HASH_CHUNK):
-            h.update(chunk)
-    digest = h.hexdigest()
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-        entry.write_text(json.dumps({"key": key, "sha256": digest}))
-    except OSError as exc:
-        log.warning("cannot cache the weights hash in %s (%s)", entry, exc.strerror)
-    return digest
-
-
-def weights_hash(model_dir: Path, cache_dir: Path | None = None) -> str:
-    """sha256 over the model folder's weights: each ``*.safetensors`` file's name and the sha256 of its bytes.
-
-    Coordinator and worker must agree on it: a folder with the same config and file sizes but other
-    weights is refused. Each file's hash is computed once and cached under ``<cache dir>/hashes/``,
-    keyed by its resolved path, size and mtime (a rewritten file is hashed again).
-    """
-    cache = (cache_dir or DEFAULT_CACHE_DIR).expanduser() / "hashes"
-    h = hashlib.sha256()
-    for f in sorted(Path(model_dir).glob("*.safetensors")):
-        h.update(f"{f.name}:{_file_sha256(f, cache)}\n".encode())
-    return h.hexdigest()
 
 
 def device_info(device: str) -> dict[str, Any]:

@@ -37,6 +37,7 @@ import grpc
 from noodle.executors.grpc import stage_service_pb2 as pb
 from noodle.executors.grpc import stage_service_pb2_grpc as pb_grpc
 from noodle.executors.grpc.probe import MAX_PROBE_BYTES, PROBE_VERSION, ProbeRefused, measure, open_channel
+from noodle.models.card import ModelCard, read_card
 from noodle.serve.claims import link_problem
 from noodle.serve.links import COORDINATOR, LinkSample
 from noodle.serve.registry import ClusterRegistry, WorkerRecord
@@ -54,14 +55,12 @@ class ProbeSizes:
     large: int
 
 
-def probe_sizes(model_dir: Path) -> ProbeSizes:
-    """A decode hop's and a prefill hop's activation in float32 for ``model_dir`` (see the module docstring)."""
-    from noodle.executors.kvbudget import max_positions
-    from noodle.executors.slicing import read_config
-
-    config = read_config(Path(model_dir))
-    hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or 4096)
-    prompt = max(1, (max_positions(config) or 2048) * 3 // 4)
+def probe_sizes(model: Path | ModelCard) -> ProbeSizes:
+    """A decode hop's and a prefill hop's activation in float32 for ``model`` (a folder or its card; see the
+    module docstring)."""
+    card = model if isinstance(model, ModelCard) else read_card(model)
+    hidden = card.hidden_size or 4096
+    prompt = max(1, (card.context_tokens or 2048) * 3 // 4)
     small = hidden * 4
     return ProbeSizes(small=small, large=max(min(hidden * prompt * 4, MAX_PROBE_BYTES), 2 * small))
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from noodle.cluster import LinkMeasurement
+from noodle.models.card import ModelCard, read_card
 from noodle.profile.pernode import profile_decode_ms
 from noodle.serve.claims import (ClaimRefused, CostReport, Heartbeat, JoinRequest, StepOverheadReport, UnitCostReport,
                                  unit_mismatch)
@@ -340,10 +341,11 @@ def table_ms(rec: WorkerRecord, start: int, end: int, batch_size: int = PLAN_BAT
     return float(sum(per_unit[start:end])) + rec.profile.step_overhead_ms
 
 
-def cluster_spec(records: list[WorkerRecord], model_dir: Path, *, concurrency: int = 8, continuous: bool = False,
+def cluster_spec(records: list[WorkerRecord], model: Path | ModelCard, *, concurrency: int = 8, continuous: bool = False,
                  name: str | None = None, time_limit_s: float = 5.0,
                  links: Mapping[str, tuple[LinkMeasurement, ...]] | None = None) -> dict[str, Any]:  # fmt: skip
-    """A spec (mapping) for ``records`` serving ``model_dir``: each node's memory, its measured unit costs and links.
+    """A spec (mapping) for ``records`` serving ``model`` (a folder or its card): each node's memory, its measured
+    unit costs and links.
 
     The workload is the model's context (3/4 prompt, 1/4 new tokens) with ``concurrency`` sequences in flight,
     as ``noodle serve`` runs them: ``continuous`` (its engine batches every running sequence per step) as
@@ -351,15 +353,11 @@ def cluster_spec(records: list[WorkerRecord], model_dir: Path, *, concurrency: i
     of the model's config, so the document solves from any folder. ``links``: what each node measured
     to its peers (:meth:`LinkTable.measurements`), written to ``links.pairs``.
     """
-    from noodle.executors.kvbudget import max_positions
-    from noodle.executors.slicing import read_config
-
     from noodle.cluster import NodeRecord, export_spec
     from noodle.types import Workload
 
-    model_dir = Path(model_dir).resolve()
-    config = read_config(model_dir)
-    positions = max_positions(config) or 2048
+    card = model if isinstance(model, ModelCard) else read_card(model)
+    positions = card.context_tokens or 2048
     prompt = max(1, positions * 3 // 4)
     nodes = []
     priors = shared_bias(records)
@@ -371,7 +369,7 @@ def cluster_spec(records: list[WorkerRecord], model_dir: Path, *, concurrency: i
         nodes = [replace(n, links=tuple(links.get(n.id, ()))) for n in nodes]
     sizes = {"streams": concurrency} if continuous else {"batch_size": PLAN_BATCH, "concurrency": concurrency}
     workload = Workload(prompt_tokens=prompt, max_new_tokens=max(1, positions - prompt), **sizes)
-    doc = export_spec(nodes, {"hf_config": str(model_dir / "config.json")}, workload,
-                      name=name or f"cluster-{model_dir.name}")  # fmt: skip
+    doc = export_spec(nodes, {"hf_config": str(card.config_path)}, workload,
+                      name=name or f"cluster-{card.folder.name}")  # fmt: skip
     doc["solver"] = {"name": "auto", "time_limit_s": time_limit_s}
     return doc

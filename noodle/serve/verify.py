@@ -34,6 +34,7 @@ from typing import Any
 
 from noodle.errors import ExecutorError
 from noodle.executors.grpc.throttle import PROBE_PREFIX
+from noodle.models.card import ModelCard, read_card
 from noodle.serve.registry import ClusterRegistry, WorkerRecord
 
 __all__ = ["JoinVerifier", "StageTiming", "time_stage", "FACTOR", "STEPS", "PROMPT_TOKENS"]
@@ -61,26 +62,25 @@ class StageTiming:
         return max(min(self.wall_ms) - self.ping_ms, min(self.reported_ms))
 
 
-def _hidden(model_dir: Path, tokens: int) -> Any:
+def _hidden(card: ModelCard, tokens: int) -> Any:
     """Random hidden states (1, tokens, hidden) in the checkpoint's dtype, as a block stage takes them."""
     import torch
 
-    from noodle.executors.slicing import read_config
-
-    config = read_config(model_dir)
+    config = card.hf_config
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype.removeprefix("torch."), None)
     return torch.randn(1, tokens, int(config.hidden_size)).to(dtype if isinstance(dtype, torch.dtype) else torch.float32)
 
 
-def time_stage(address: str, model_dir: Path, unit: int, *, token: str | None, steps: int = STEPS,
+def time_stage(address: str, model: Path | ModelCard, unit: int, *, token: str | None, steps: int = STEPS,
                timeout_s: float = 60.0) -> StageTiming:  # fmt: skip
     """Load units ``[unit, unit + 1)`` on the worker at ``address``, time ``steps`` decode steps, unload."""
     from noodle.executors.grpc import stage_service_pb2 as pb
     from noodle.executors.grpc.client import WorkerClient
     from noodle.executors.grpc.wire import to_proto
 
+    card = model if isinstance(model, ModelCard) else read_card(model)
     client = WorkerClient(address, token=token)
     try:
         client.sync_clock(min(timeout_s, 5.0), rounds=PINGS, within_s=min(timeout_s, 5.0))
@@ -91,7 +91,7 @@ def time_stage(address: str, model_dir: Path, unit: int, *, token: str | None, s
         session = f"{PROBE_PREFIX}{random.getrandbits(48):012x}"
         client.unary("CreateSession", pb.CreateSessionRequest(stage_id=sid, session=session), timeout_s, "verify")
         try:
-            states = _hidden(model_dir, PROMPT_TOKENS + steps)
+            states = _hidden(card, PROMPT_TOKENS + steps)
             first = pb.ForwardRequest(session=session, prefill=True)
             first.data.CopyFrom(to_proto(states[:, :PROMPT_TOKENS].contiguous()))
             client.unary("Forward", first, timeout_s, "verify")
@@ -120,10 +120,10 @@ def time_stage(address: str, model_dir: Path, unit: int, *, token: str | None, s
 class JoinVerifier:
     """Times a stage on every pending node, then verifies, scales or refuses it (see the module docstring)."""
 
-    def __init__(self, registry: ClusterRegistry, model_dir: Path, events: Any, *, token: str | None,
+    def __init__(self, registry: ClusterRegistry, model: Path | ModelCard, events: Any, *, token: str | None,
                  factor: float = FACTOR, steps: int = STEPS, timeout_s: float = 60.0) -> None:  # fmt: skip
         self.registry = registry
-        self.model_dir = Path(model_dir)
+        self.card = model if isinstance(model, ModelCard) else read_card(model)
         self.events = events
         self.token = token
         self.factor = factor
@@ -168,7 +168,7 @@ class JoinVerifier:
         blocks = [i for i in range(len(names)) if 0 < i < len(names) - 1] or list(range(len(names)))
         unit = self._rng.choice(blocks)
         try:
-            timing = time_stage(rec.address, self.model_dir, unit, token=self.token, steps=self.steps,
+            timing = time_stage(rec.address, self.card, unit, token=self.token, steps=self.steps,
                                 timeout_s=self.timeout_s)  # fmt: skip
         except ExecutorError as exc:
             why = f"a timed stage step on it failed ({str(exc).splitlines()[0]})"

@@ -68,6 +68,7 @@ from noodle.executors.netreport import FailoverEvent, TraceBook
 from noodle.executors.remote import Call, one_hot_logits, star_trace, units_label
 from noodle.executors.scheduler import Pipeline
 from noodle.executors.slicing import read_config, unit_names_of
+from noodle.models.card import ModelCard
 from noodle.plandoc import PlanDoc, StageDoc
 
 __all__ = ["GrpcExecutor", "step_timeout", "STEP_TIMEOUT_FLOOR_S", "STEP_TIMEOUT_FACTOR"]
@@ -79,7 +80,8 @@ class GrpcExecutor(Recovery, ClosesOnExit):
 
     Args:
         plan: the plan; each stage's node needs an address (``workers`` or the plan's ``address``).
-        model_dir: the model folder (the coordinator reads its config; workers read their own copy).
+        model_dir: the model folder (the coordinator reads its config; workers read their own copy), or its card
+            (:class:`~noodle.models.card.ModelCard`, read already: the folder is not read again).
         workers: ``{node: "host:port"}`` or ``"node=host:port,..."`` (else each plan node's ``address``).
         spares: addresses of idle workers to move a dead node's stage to.
         token: the workers' shared token.
@@ -96,7 +98,7 @@ class GrpcExecutor(Recovery, ClosesOnExit):
     def __init__(
         self,
         plan: PlanDoc,
-        model_dir: str | Path,
+        model_dir: str | Path | ModelCard,
         *,
         emulate: bool = False,
         workers: Mapping[str, str] | str | None = None,
@@ -112,10 +114,13 @@ class GrpcExecutor(Recovery, ClosesOnExit):
         if emulate:
             raise SpecError("--emulate: the grpc backend measures real workers; emulation is for --backend local")
         self.plan = plan
-        self.model_dir = Path(model_dir)
-        config = read_config(self.model_dir)
+        if isinstance(model_dir, ModelCard):
+            self.model_dir, config, names = model_dir.folder, model_dir.hf_config, list(model_dir.unit_names)
+        else:
+            self.model_dir = Path(model_dir)
+            config, names = read_config(self.model_dir), unit_names_of(self.model_dir)
         self.config = config
-        check_plan(plan, unit_names_of(self.model_dir))
+        check_plan(plan, names)
         check_formats(plan, "grpc")
         self.eos_token_id, self.pad_token_id = token_ids_of(config)
         self.vocab_size = int(config.vocab_size)
